@@ -1,0 +1,255 @@
+//! Element types of safetensors files and the one place where stored values become f32 and f32 become stored values.
+//!
+//! Reading widens F16/BF16/F64 to f32; writing narrows f32 with round-to-nearest-even (the `half` crate's conversions
+//! and Rust's `as f32` both round that way). Other dtypes are opaque bytes that pass through untouched.
+
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Dtype {
+    Bool,
+    U8,
+    I8,
+    F8E4M3,
+    F8E5M2,
+    I16,
+    U16,
+    F16,
+    BF16,
+    I32,
+    U32,
+    F32,
+    I64,
+    U64,
+    F64,
+}
+
+impl Dtype {
+    pub const ALL: [Dtype; 15] = [
+        Dtype::Bool,
+        Dtype::U8,
+        Dtype::I8,
+        Dtype::F8E4M3,
+        Dtype::F8E5M2,
+        Dtype::I16,
+        Dtype::U16,
+        Dtype::F16,
+        Dtype::BF16,
+        Dtype::I32,
+        Dtype::U32,
+        Dtype::F32,
+        Dtype::I64,
+        Dtype::U64,
+        Dtype::F64,
+    ];
+
+    /// The name used in safetensors headers (`"BF16"`, `"F8_E4M3"`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::Bool => "BOOL",
+            Dtype::U8 => "U8",
+            Dtype::I8 => "I8",
+            Dtype::F8E4M3 => "F8_E4M3",
+            Dtype::F8E5M2 => "F8_E5M2",
+            Dtype::I16 => "I16",
+            Dtype::U16 => "U16",
+            Dtype::F16 => "F16",
+            Dtype::BF16 => "BF16",
+            Dtype::I32 => "I32",
+            Dtype::U32 => "U32",
+            Dtype::F32 => "F32",
+            Dtype::I64 => "I64",
+            Dtype::U64 => "U64",
+            Dtype::F64 => "F64",
+        }
+    }
+
+    pub fn from_header_name(s: &str) -> Option<Dtype> {
+        Dtype::ALL.into_iter().find(|d| d.name() == s)
+    }
+
+    /// Parses a user-facing dtype (`bf16`, `bfloat16`, `float32`, `F16`, ...), as mergekit configs and flags spell them.
+    pub fn parse_user(s: &str) -> Option<Dtype> {
+        match s.to_ascii_lowercase().as_str() {
+            "bf16" | "bfloat16" => Some(Dtype::BF16),
+            "f16" | "fp16" | "float16" | "half" => Some(Dtype::F16),
+            "f32" | "fp32" | "float32" | "float" => Some(Dtype::F32),
+            "f64" | "fp64" | "float64" | "double" => Some(Dtype::F64),
+            other => Dtype::from_header_name(&other.to_ascii_uppercase()),
+        }
+    }
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::Bool | Dtype::U8 | Dtype::I8 | Dtype::F8E4M3 | Dtype::F8E5M2 => 1,
+            Dtype::I16 | Dtype::U16 | Dtype::F16 | Dtype::BF16 => 2,
+            Dtype::I32 | Dtype::U32 | Dtype::F32 => 4,
+            Dtype::I64 | Dtype::U64 | Dtype::F64 => 8,
+        }
+    }
+
+    /// Whether graft computes on this dtype (widened to f32). FP8 is stored opaquely: it carries per-tensor scales in
+    /// side tensors that a plain conversion would ignore, so it passes through like integers.
+    pub fn is_float(self) -> bool {
+        matches!(self, Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64)
+    }
+}
+
+impl std::fmt::Display for Dtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Elements converted per step when widening: small enough to stay in L1/L2, large enough to amortise the call.
+pub const CONVERT_CHUNK: usize = 16 * 1024;
+
+/// Widens little-endian `bytes` of a float dtype into `out` (`out.len()` elements). Panics only on a programming
+/// error (wrong lengths or a non-float dtype), never on data.
+pub fn to_f32(dtype: Dtype, bytes: &[u8], out: &mut [f32]) {
+    assert!(dtype.is_float(), "to_f32 on non-float dtype {dtype}");
+    assert_eq!(bytes.len(), out.len() * dtype.size(), "to_f32 length mismatch");
+    match dtype {
+        Dtype::F32 => match bytemuck::try_cast_slice::<u8, f32>(bytes) {
+            Ok(src) if cfg!(target_endian = "little") => out.copy_from_slice(src),
+            _ => {
+                for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                    *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
+            }
+        },
+        Dtype::BF16 => match bytemuck::try_cast_slice::<u8, bf16>(bytes) {
+            Ok(src) if cfg!(target_endian = "little") => src.convert_to_f32_slice(out),
+            _ => {
+                for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *o = bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
+                }
+            }
+        },
+        Dtype::F16 => match bytemuck::try_cast_slice::<u8, f16>(bytes) {
+            Ok(src) if cfg!(target_endian = "little") => src.convert_to_f32_slice(out),
+            _ => {
+                for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *o = f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
+                }
+            }
+        },
+        Dtype::F64 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(8)) {
+                *o = f64::from_le_bytes(b.try_into().unwrap()) as f32;
+            }
+        }
+        _ => unreachable!(),
+    }
+}
+
+/// Widens a whole float tensor to a fresh f32 vector, converting in cache-sized chunks.
+pub fn to_f32_vec(dtype: Dtype, bytes: &[u8]) -> Vec<f32> {
+    let n = bytes.len() / dtype.size();
+    let mut out = vec![0f32; n];
+    let step = CONVERT_CHUNK;
+    for (o, b) in out.chunks_mut(step).zip(bytes.chunks(step * dtype.size())) {
+        to_f32(dtype, b, o);
+    }
+    out
+}
+
+/// Narrows f32 values to `dtype` (round to nearest even), appending little-endian bytes to `out`.
+pub fn from_f32(dtype: Dtype, src: &[f32], out: &mut Vec<u8>) {
+    assert!(dtype.is_float(), "from_f32 to non-float dtype {dtype}");
+    let start = out.len();
+    out.resize(start + src.len() * dtype.size(), 0);
+    let dst = &mut out[start..];
+    match dtype {
+        Dtype::F32 => {
+            for (d, s) in dst.chunks_exact_mut(4).zip(src) {
+                d.copy_from_slice(&s.to_le_bytes());
+            }
+        }
+        Dtype::BF16 | Dtype::F16 => {
+            let mut tmp = vec![0u16; CONVERT_CHUNK.min(src.len())];
+            for (d, s) in dst.chunks_mut(CONVERT_CHUNK * 2).zip(src.chunks(CONVERT_CHUNK)) {
+                let t = &mut tmp[..s.len()];
+                if dtype == Dtype::BF16 {
+                    bytemuck::cast_slice_mut::<u16, bf16>(t).convert_from_f32_slice(s);
+                } else {
+                    bytemuck::cast_slice_mut::<u16, f16>(t).convert_from_f32_slice(s);
+                }
+                for (db, v) in d.chunks_exact_mut(2).zip(t.iter()) {
+                    db.copy_from_slice(&v.to_le_bytes());
+                }
+            }
+        }
+        Dtype::F64 => {
+            for (d, s) in dst.chunks_exact_mut(8).zip(src) {
+                d.copy_from_slice(&(*s as f64).to_le_bytes());
+            }
+        }
+        _ => unreachable!(),
+    }
+}
+
+/// Narrows f32 values to a fresh byte vector of `dtype`.
+pub fn from_f32_vec(dtype: Dtype, src: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(src.len() * dtype.size());
+    from_f32(dtype, src, &mut out);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_round_trip_is_exact_for_representable_values() {
+        // bf16 keeps the top 16 bits of an f32: these values have zero low halves.
+        let vals = [0.0f32, -0.0, 1.0, -2.5, 3.140625, 1.0e-3_f32, f32::INFINITY];
+        let bits: Vec<f32> = vals.iter().map(|v| f32::from_bits(v.to_bits() & 0xffff_0000)).collect();
+        let bytes = from_f32_vec(Dtype::BF16, &bits);
+        assert_eq!(to_f32_vec(Dtype::BF16, &bytes), bits);
+    }
+
+    #[test]
+    fn bf16_rounds_to_nearest_even() {
+        // 1 + 2^-8 lies exactly halfway between bf16 neighbours 1 and 1 + 2^-7: ties go to the even mantissa (1.0).
+        let halfway = 1.0f32 + 2f32.powi(-8);
+        // 1 + 3 * 2^-8 lies halfway between 1 + 2^-7 (odd) and 1 + 2^-6 (even): goes up.
+        let halfway_up = 1.0f32 + 3.0 * 2f32.powi(-8);
+        let just_above = f32::from_bits(halfway.to_bits() + 1);
+        let out = to_f32_vec(Dtype::BF16, &from_f32_vec(Dtype::BF16, &[halfway, halfway_up, just_above]));
+        assert_eq!(out, vec![1.0, 1.0 + 2f32.powi(-6), 1.0 + 2f32.powi(-7)]);
+    }
+
+    #[test]
+    fn f16_and_f64_conversions() {
+        let v = [0.5f32, -1.25, 65504.0];
+        assert_eq!(to_f32_vec(Dtype::F16, &from_f32_vec(Dtype::F16, &v)), v);
+        assert_eq!(to_f32_vec(Dtype::F64, &from_f32_vec(Dtype::F64, &v)), v);
+        // f64 -> f32 rounds to nearest: 1 + 2^-24 is halfway between 1 and 1 + 2^-23 and goes to even (1.0).
+        let b = (1.0f64 + 2f64.powi(-24)).to_le_bytes();
+        assert_eq!(to_f32_vec(Dtype::F64, &b), vec![1.0]);
+    }
+
+    #[test]
+    fn unaligned_input_converts_correctly() {
+        let v = [1.5f32, -2.0, 7.25];
+        let mut bytes = vec![0u8];
+        bytes.extend(from_f32_vec(Dtype::F32, &v));
+        assert_eq!(to_f32_vec(Dtype::F32, &bytes[1..]), v);
+        let mut b16 = vec![0u8];
+        b16.extend(from_f32_vec(Dtype::BF16, &v));
+        assert_eq!(to_f32_vec(Dtype::BF16, &b16[1..]), v);
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for d in Dtype::ALL {
+            assert_eq!(Dtype::from_header_name(d.name()), Some(d));
+        }
+        assert_eq!(Dtype::parse_user("bfloat16"), Some(Dtype::BF16));
+        assert_eq!(Dtype::parse_user("float16"), Some(Dtype::F16));
+        assert_eq!(Dtype::from_header_name("Q4"), None);
+    }
+}

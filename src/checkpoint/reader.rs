@@ -1,0 +1,353 @@
+//! Opening checkpoints: one `.safetensors` file, or a directory with `model.safetensors` or shards plus
+//! `model.safetensors.index.json`. Every file is memory-mapped; tensors are exposed as zero-copy views.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+
+use super::dtype::{self, Dtype};
+use super::header;
+use crate::error::{Error, Result};
+
+pub const INDEX_NAME: &str = "model.safetensors.index.json";
+pub const SINGLE_NAME: &str = "model.safetensors";
+
+/// A zero-copy view of one tensor inside a memory-mapped file.
+#[derive(Clone, Copy, Debug)]
+pub struct TensorView<'a> {
+    pub name: &'a str,
+    pub dtype: Dtype,
+    pub shape: &'a [usize],
+    pub data: &'a [u8],
+    pub file: &'a Path,
+}
+
+impl<'a> TensorView<'a> {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn is_float(&self) -> bool {
+        self.dtype.is_float()
+    }
+
+    /// The whole tensor widened to f32. Errors for non-float dtypes, naming file and tensor.
+    pub fn to_f32(&self) -> Result<Vec<f32>> {
+        self.check_float()?;
+        Ok(dtype::to_f32_vec(self.dtype, self.data))
+    }
+
+    /// Elements `range` widened to f32 into `out` (`out.len() == range.len()`).
+    pub fn read_f32_range(&self, range: std::ops::Range<usize>, out: &mut [f32]) -> Result<()> {
+        self.check_float()?;
+        let s = self.dtype.size();
+        if range.end > self.numel() || out.len() != range.len() {
+            return Err(Error::tensor(self.file, self.name, format!("element range {range:?} outside the tensor")));
+        }
+        dtype::to_f32(self.dtype, &self.data[range.start * s..range.end * s], out);
+        Ok(())
+    }
+
+    /// Elements `range` widened to a fresh f32 vector.
+    pub fn f32_range(&self, range: std::ops::Range<usize>) -> Result<Vec<f32>> {
+        let mut out = vec![0f32; range.len()];
+        self.read_f32_range(range, &mut out)?;
+        Ok(out)
+    }
+
+    fn check_float(&self) -> Result<()> {
+        if self.dtype.is_float() {
+            Ok(())
+        } else {
+            Err(Error::tensor(self.file, self.name, format!("dtype {} is not a float type", self.dtype)))
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Shard {
+    path: PathBuf,
+    map: Mmap,
+    data_start: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct TensorInfo {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    shard: usize,
+    begin: usize,
+    end: usize,
+}
+
+impl TensorInfo {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+    pub fn nbytes(&self) -> usize {
+        self.end - self.begin
+    }
+}
+
+/// An opened, validated checkpoint. Tensors are ordered by (shard, offset): the order in which streaming them
+/// reads each file front to back.
+#[derive(Debug)]
+pub struct Checkpoint {
+    path: PathBuf,
+    dir: Option<PathBuf>,
+    index: Option<PathBuf>,
+    shards: Vec<Shard>,
+    tensors: Vec<TensorInfo>,
+    by_name: HashMap<String, usize>,
+    metadata: BTreeMap<String, String>,
+}
+
+impl Checkpoint {
+    /// Opens a `.safetensors` file, an index file, or a checkpoint directory.
+    pub fn open(path: impl AsRef<Path>) -> Result<Checkpoint> {
+        let path = path.as_ref();
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        if meta.is_dir() {
+            let index = path.join(INDEX_NAME);
+            if index.is_file() {
+                return Self::open_index(path, &index);
+            }
+            let single = path.join(SINGLE_NAME);
+            if single.is_file() {
+                return Self::open_files(path, Some(path.to_path_buf()), None, vec![single], None);
+            }
+            let mut found: Vec<PathBuf> = std::fs::read_dir(path)
+                .map_err(|e| Error::io(path, e))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+                .collect();
+            found.sort();
+            return match found.len() {
+                1 => Self::open_files(path, Some(path.to_path_buf()), None, found, None),
+                0 => Err(Error::format(path, format!("directory holds neither {SINGLE_NAME} nor {INDEX_NAME}"))),
+                n => Err(Error::format(
+                    path,
+                    format!("directory holds {n} .safetensors files but no {INDEX_NAME} saying how they fit together"),
+                )),
+            };
+        }
+        if path.to_string_lossy().ends_with(".index.json") {
+            let dir = path.parent().map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p });
+            return Self::open_index(dir.unwrap_or(Path::new(".")), path);
+        }
+        Self::open_files(path, None, None, vec![path.to_path_buf()], None)
+    }
+
+    fn open_index(dir: &Path, index: &Path) -> Result<Checkpoint> {
+        let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::format(index, format!("index is not valid JSON: {e}")))?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| Error::format(index, "index has no \"weight_map\" object"))?;
+        let mut shard_names: Vec<String> = Vec::new();
+        let mut expected: BTreeMap<String, String> = BTreeMap::new();
+        for (tensor, file) in map {
+            let file = file.as_str().ok_or_else(|| {
+                Error::format(index, format!("weight_map entry for tensor '{tensor}' is not a file name"))
+            })?;
+            if file.contains('/') || file.contains('\\') || file == ".." {
+                return Err(Error::format(
+                    index,
+                    format!("weight_map places tensor '{tensor}' in '{file}', outside the directory"),
+                ));
+            }
+            if !shard_names.iter().any(|s| s == file) {
+                shard_names.push(file.to_string());
+            }
+            expected.insert(tensor.clone(), file.to_string());
+        }
+        if shard_names.is_empty() {
+            return Err(Error::format(index, "index weight_map is empty"));
+        }
+        shard_names.sort();
+        let mut files = Vec::new();
+        for s in &shard_names {
+            let p = dir.join(s);
+            if !p.is_file() {
+                let tensor = expected.iter().find(|(_, f)| *f == s).map(|(t, _)| t.as_str()).unwrap_or("?");
+                return Err(Error::format(
+                    index,
+                    format!(
+                        "index names shard '{s}' (for tensor '{tensor}' and others) but {} does not exist",
+                        p.display()
+                    ),
+                ));
+            }
+            files.push(p);
+        }
+        Self::open_files(dir, Some(dir.to_path_buf()), Some(index.to_path_buf()), files, Some(expected))
+    }
+
+    fn open_files(
+        path: &Path,
+        dir: Option<PathBuf>,
+        index: Option<PathBuf>,
+        files: Vec<PathBuf>,
+        expected: Option<BTreeMap<String, String>>,
+    ) -> Result<Checkpoint> {
+        let mut ck = Checkpoint {
+            path: path.to_path_buf(),
+            dir,
+            index: index.clone(),
+            shards: Vec::new(),
+            tensors: Vec::new(),
+            by_name: HashMap::new(),
+            metadata: BTreeMap::new(),
+        };
+        for (si, file) in files.iter().enumerate() {
+            let f = File::open(file).map_err(|e| Error::io(file, e))?;
+            let len = f.metadata().map_err(|e| Error::io(file, e))?.len();
+            if len < 8 {
+                return Err(Error::format(
+                    file,
+                    format!("file is {len} bytes, too short for the 8-byte safetensors header length"),
+                ));
+            }
+            // SAFETY: the map is read-only; graft never writes to its inputs (the writer refuses them as outputs).
+            // Another process truncating the file while we read is outside what any mmap-based reader can guard.
+            let map = unsafe { Mmap::map(&f) }.map_err(|e| Error::io(file, e))?;
+            let h = header::parse(file, &map)?;
+            for (k, v) in &h.metadata {
+                ck.metadata.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+            for e in h.entries {
+                if let Some(&prev) = ck.by_name.get(&e.name) {
+                    let other = &ck.shards[ck.tensors[prev].shard].path;
+                    return Err(Error::tensor(file, &e.name, format!("also present in {}", other.display())));
+                }
+                if let Some(exp) = &expected {
+                    let fname = file.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default();
+                    match exp.get(&e.name) {
+                        Some(s) if *s == fname => {}
+                        Some(s) => {
+                            return Err(Error::tensor(
+                                file,
+                                &e.name,
+                                format!("the index places it in '{s}', not in this shard"),
+                            ))
+                        }
+                        None => {
+                            return Err(Error::tensor(file, &e.name, "present in the shard but missing from the index"))
+                        }
+                    }
+                }
+                ck.by_name.insert(e.name.clone(), ck.tensors.len());
+                ck.tensors.push(TensorInfo {
+                    name: e.name,
+                    dtype: e.dtype,
+                    shape: e.shape,
+                    shard: si,
+                    begin: e.begin,
+                    end: e.end,
+                });
+            }
+            ck.shards.push(Shard { path: file.clone(), map, data_start: h.data_start });
+        }
+        if let (Some(exp), Some(index)) = (&expected, &index) {
+            if let Some((t, s)) = exp.iter().find(|(t, _)| !ck.by_name.contains_key(*t)) {
+                return Err(Error::tensor(
+                    index,
+                    t,
+                    format!("the index places it in '{s}' but that shard has no such tensor"),
+                ));
+            }
+        }
+        Ok(ck)
+    }
+
+    /// The path the checkpoint was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The checkpoint directory, where config and tokenizer files live (None for a bare file).
+    pub fn dir(&self) -> Option<&Path> {
+        self.dir.as_deref()
+    }
+
+    /// Every file this checkpoint consists of (shards and index), for refusing to overwrite inputs.
+    pub fn files(&self) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = self.shards.iter().map(|s| s.path.clone()).collect();
+        v.extend(self.index.clone());
+        v
+    }
+
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// The `__metadata__` string map (merged over shards, the first shard winning).
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.metadata
+    }
+
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    /// Tensor descriptions in storage order.
+    pub fn infos(&self) -> &[TensorInfo] {
+        &self.tensors
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.iter().map(|t| t.name.as_str())
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.by_name.contains_key(name)
+    }
+
+    pub fn info(&self, name: &str) -> Option<&TensorInfo> {
+        self.by_name.get(name).map(|&i| &self.tensors[i])
+    }
+
+    pub fn get(&self, name: &str) -> Option<TensorView<'_>> {
+        self.by_name.get(name).map(|&i| self.view(i))
+    }
+
+    /// The view of `name`, or an error naming this checkpoint and the missing tensor.
+    pub fn tensor(&self, name: &str) -> Result<TensorView<'_>> {
+        self.get(name).ok_or_else(|| Error::tensor(&self.path, name, "no such tensor in this checkpoint"))
+    }
+
+    /// The view of the i-th tensor in storage order.
+    pub fn view(&self, i: usize) -> TensorView<'_> {
+        let t = &self.tensors[i];
+        let s = &self.shards[t.shard];
+        TensorView {
+            name: &t.name,
+            dtype: t.dtype,
+            shape: &t.shape,
+            data: &s.map[s.data_start + t.begin..s.data_start + t.end],
+            file: &s.path,
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = TensorView<'_>> {
+        (0..self.tensors.len()).map(|i| self.view(i))
+    }
+
+    /// Sum of tensor data bytes.
+    pub fn total_bytes(&self) -> u64 {
+        self.tensors.iter().map(|t| t.nbytes() as u64).sum()
+    }
+
+    pub fn total_params(&self) -> u64 {
+        self.tensors.iter().map(|t| t.numel() as u64).sum()
+    }
+}

@@ -1,0 +1,114 @@
+//! `graft inspect PATH...`: tensors, per-type summary, totals and metadata of each checkpoint, as tables or JSON lines.
+
+use std::fmt::Write;
+use std::path::PathBuf;
+
+use super::{emit, human_bytes, human_count, regex_arg, table, Global};
+use crate::checkpoint::Checkpoint;
+use crate::error::{Error, Result};
+use crate::inspect::{report, Report};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Checkpoints: `.safetensors` files, index files, or checkpoint directories.
+    #[arg(required = true)]
+    paths: Vec<PathBuf>,
+    /// Print one JSON document per checkpoint, one per line (schema in the README).
+    #[arg(long)]
+    json: bool,
+    /// Only tensors whose name matches this regular expression.
+    #[arg(long)]
+    filter: Option<String>,
+    /// Leave out the per-tensor table (summary, totals and metadata only).
+    #[arg(long)]
+    summary: bool,
+}
+
+pub fn run(args: Args, _global: &Global) -> Result<()> {
+    let filter = args.filter.as_deref().map(|f| regex_arg("--filter", f)).transpose()?;
+    let mut failures = 0usize;
+    let mut last_error = None;
+    for path in &args.paths {
+        match Checkpoint::open(path) {
+            Ok(ck) => {
+                let r = report(&ck, filter.as_ref());
+                if args.json {
+                    emit(&(serde_json::to_string(&r).unwrap() + "\n"))?;
+                } else {
+                    emit(&render(&r, args.summary))?;
+                }
+            }
+            // With several checkpoints a bad one must not hide the others: report it and go on.
+            Err(e) if args.paths.len() > 1 => {
+                failures += 1;
+                if args.json {
+                    let rec = serde_json::json!({ "path": path.display().to_string(), "error": e.to_string() });
+                    emit(&(rec.to_string() + "\n"))?;
+                }
+                eprintln!("graft: error: {e}");
+                last_error = Some(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    match (failures, last_error) {
+        (0, _) => Ok(()),
+        (1, Some(e)) if args.paths.len() == 1 => Err(e),
+        (n, _) => Err(Error::invalid(format!("{n} of {} checkpoints could not be read", args.paths.len()))),
+    }
+}
+
+fn render(r: &Report, summary_only: bool) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "{}  ({} file{})", r.path, r.files.len(), if r.files.len() == 1 { "" } else { "s" });
+    if !summary_only {
+        let mut t = table(&["tensor", "dtype", "shape", "params", "bytes"]);
+        for row in &r.tensors {
+            t.add_row(vec![
+                row.name.clone(),
+                row.dtype.clone(),
+                format!("{:?}", row.shape),
+                row.params.to_string(),
+                row.bytes.to_string(),
+            ]);
+        }
+        let _ = writeln!(s, "{t}");
+    }
+    let mut t = table(&["layer type", "tensors", "layers", "params", "bytes"]);
+    for ty in &r.types {
+        let layers = match (ty.layers.first(), ty.layers.last()) {
+            (Some(a), Some(b)) if a != b => format!("{a}..{b} ({})", ty.layers.len()),
+            (Some(a), _) => a.to_string(),
+            _ => "-".into(),
+        };
+        t.add_row(vec![
+            ty.layer_type.clone(),
+            ty.tensors.to_string(),
+            layers,
+            human_count(ty.params),
+            human_bytes(ty.bytes),
+        ]);
+    }
+    let _ = writeln!(s, "{t}");
+    let dt: Vec<String> =
+        r.dtypes.iter().map(|(d, x)| format!("{d}: {} tensors, {}", x.tensors, human_count(x.params))).collect();
+    let _ = writeln!(
+        s,
+        "total: {} tensors, {} parameters ({}), {}{}",
+        r.totals.tensors,
+        r.totals.params,
+        human_count(r.totals.params),
+        human_bytes(r.totals.bytes),
+        r.filter.as_ref().map(|f| format!(" matching /{f}/")).unwrap_or_default()
+    );
+    let _ = writeln!(s, "dtypes: {}", dt.join("; "));
+    if r.metadata.is_empty() {
+        let _ = writeln!(s, "metadata: none");
+    } else {
+        let _ = writeln!(s, "metadata:");
+        for (k, v) in &r.metadata {
+            let _ = writeln!(s, "  {k}: {v}");
+        }
+    }
+    s
+}

@@ -1,0 +1,149 @@
+//! The command line: one file per subcommand, each with its clap arguments and a `run` that calls the library and
+//! prints. No algorithm lives here.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+
+use clap::{Parser, Subcommand};
+
+use crate::checkpoint::{parse_size, WriterOptions, DEFAULT_MAX_SHARD_SIZE};
+use crate::error::{Error, Result};
+
+mod inspect;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "graft",
+    version,
+    about = "Offline model surgery on safetensors checkpoints",
+    propagate_version = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Worker threads (default: all cores). Results are identical for any value.
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// List a checkpoint's tensors, a summary per layer type, totals and metadata.
+    Inspect(inspect::Args),
+}
+
+/// Settings every subcommand may use.
+pub struct Global {
+    pub threads: Option<usize>,
+}
+
+pub fn run() -> Result<()> {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            // clap renders help/version (exit 0) and usage errors (exit 2) itself.
+            let _ = e.print();
+            std::process::exit(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    let global = Global { threads: cli.threads };
+    if global.threads == Some(0) {
+        return Err(Error::usage("--threads must be at least 1"));
+    }
+    match cli.command {
+        Command::Inspect(a) => inspect::run(a, &global),
+    }
+}
+
+/// Output options shared by every command that writes a checkpoint.
+#[derive(clap::Args, Debug, Clone)]
+pub struct OutputArgs {
+    /// Output: a directory (Hugging Face layout) or a single `.safetensors` file.
+    #[arg(short = 'o', long = "output")]
+    pub output: std::path::PathBuf,
+    /// Shard size limit, e.g. 5GB (default, as Hugging Face), 500MB, 2GiB.
+    #[arg(long, value_parser = parse_shard_size, default_value_t = DEFAULT_MAX_SHARD_SIZE)]
+    pub max_shard_size: u64,
+    /// Replace a checkpoint already at the output path.
+    #[arg(long)]
+    pub force: bool,
+}
+
+fn parse_shard_size(s: &str) -> std::result::Result<u64, String> {
+    parse_size(s).ok_or_else(|| format!("'{s}' is not a size (examples: 5GB, 500MB, 2GiB, 1000000)"))
+}
+
+impl OutputArgs {
+    /// Writer options with the provenance entry and `inputs` protected from being overwritten.
+    pub fn writer_options(&self, inputs: Vec<std::path::PathBuf>) -> WriterOptions {
+        WriterOptions {
+            max_shard_size: self.max_shard_size,
+            metadata: provenance(),
+            carry_from: None,
+            inputs,
+            overwrite: self.force,
+        }
+    }
+}
+
+/// The `graft` provenance entry for `__metadata__`: version and command line.
+pub fn provenance() -> BTreeMap<String, String> {
+    let args: Vec<String> = std::env::args().collect();
+    let v = serde_json::json!({ "version": env!("CARGO_PKG_VERSION"), "command": args });
+    BTreeMap::from([("graft".to_string(), v.to_string())])
+}
+
+/// Writes to stdout; a closed pipe (`graft ... | head`) ends the program quietly instead of panicking.
+pub fn emit(text: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => Err(Error::io("<stdout>", e)),
+    }
+}
+
+/// Compiles a user-supplied regular expression, naming the flag in the error.
+pub fn regex_arg(flag: &str, pattern: &str) -> Result<regex::Regex> {
+    regex::Regex::new(pattern)
+        .map_err(|e| Error::usage(format!("{flag} '{pattern}' is not a valid regular expression: {e}")))
+}
+
+/// A table in graft's one text style.
+pub fn table(header: &[&str]) -> comfy_table::Table {
+    let mut t = comfy_table::Table::new();
+    t.load_preset(comfy_table::presets::UTF8_BORDERS_ONLY);
+    t.set_content_arrangement(comfy_table::ContentArrangement::Disabled);
+    t.set_header(header.iter().copied());
+    t
+}
+
+/// Human-readable byte counts (decimal units, as Hugging Face writes sizes).
+pub fn human_bytes(n: u64) -> String {
+    let units = ["B", "KB", "MB", "GB", "TB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u + 1 < units.len() {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.2} {}", units[u])
+    }
+}
+
+/// Parameter counts with a magnitude suffix (1.54B, 22.7M).
+pub fn human_count(n: u64) -> String {
+    let v = n as f64;
+    if v >= 1e9 {
+        format!("{:.2}B", v / 1e9)
+    } else if v >= 1e6 {
+        format!("{:.2}M", v / 1e6)
+    } else if v >= 1e3 {
+        format!("{:.1}K", v / 1e3)
+    } else {
+        n.to_string()
+    }
+}

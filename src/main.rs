@@ -1,0 +1,12 @@
+//! The `graft` binary: runs the CLI and turns an error into one line on stderr and a non-zero exit code.
+
+fn main() {
+    let code = match graft::cli::run() {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("graft: error: {e}");
+            e.exit_code()
+        }
+    };
+    std::process::exit(code);
+}
