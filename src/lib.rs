@@ -10,6 +10,7 @@ pub mod cli;
 pub mod error;
 pub mod exec;
 pub mod inspect;
+pub mod merge;
 pub mod names;
 pub mod rng;
 
