@@ -89,7 +89,6 @@ pub struct Ctx<'e> {
     pub exec: &'e Executor,
     /// Seed of the random methods (DARE, DELLA).
     pub seed: u64,
-    pub arithmetic: Arithmetic,
     /// TIES variant: mergekit's per-tensor rule, or the paper's global trim (statistics gathered beforehand).
     pub ties_paper: Option<std::sync::Arc<super::ties::PaperStats>>,
 }
@@ -203,7 +202,7 @@ pub(crate) mod testing {
             .map(|d| TensorView { name: "t", dtype: Dtype::F32, shape, data: d, file: Path::new("test") })
             .collect();
         let exec = Executor::new(Some(threads))?.quiet();
-        let ctx = Ctx { exec: &exec, seed, arithmetic, ties_paper: None };
+        let ctx = Ctx { exec: &exec, seed, ties_paper: None };
         let ti = TensorInputs { name: "t".into(), shape: shape.to_vec(), views, base, arithmetic };
         let n = ti.numel();
         let k = method.prepare(ti, p, &ctx)?;

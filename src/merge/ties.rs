@@ -367,7 +367,7 @@ mod tests {
         let stats = paper_stats(&exec, &tensors).unwrap();
         // Model A keys: 4,1,3,2 -> kth = 4 - 2 = 2nd smallest = 2. Model C: 1,1,1,0.5 -> 2nd smallest = 1.
         assert_eq!(stats.thresholds, vec![Some(2f32.to_bits()), Some(1f32.to_bits())]);
-        let ctx = Ctx { exec: &exec, seed: 0, arithmetic: Arithmetic::F32, ties_paper: Some(Arc::new(stats)) };
+        let ctx = Ctx { exec: &exec, seed: 0, ties_paper: Some(Arc::new(stats)) };
         let out: Vec<Vec<f32>> = (0..2)
             .map(|k| Ties.prepare(mk(k), &p, &ctx).unwrap().compute(0..2).unwrap())
             .collect();
