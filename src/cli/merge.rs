@@ -166,9 +166,26 @@ fn build_config(a: &Args) -> Result<MergeConfig> {
         shared.push(("filter_wise".into(), Setting::bool(true)));
     }
     let mut per_model = Vec::new();
-    let linear_like = matches!(method.as_str(), "linear" | "task_arithmetic" | "ties" | "dare_ties" | "dare_linear" | "breadcrumbs" | "breadcrumbs_ties" | "della" | "della_linear");
+    let linear_like = matches!(
+        method.as_str(),
+        "linear"
+            | "task_arithmetic"
+            | "ties"
+            | "dare_ties"
+            | "dare_linear"
+            | "breadcrumbs"
+            | "breadcrumbs_ties"
+            | "della"
+            | "della_linear"
+    );
     let weight = if a.weight.is_empty() && linear_like { vec![1.0] } else { a.weight.clone() };
-    for (name, v) in [("weight", weight), ("density", a.density.clone()), ("gamma", a.gamma.clone()), ("epsilon", a.epsilon.clone()), ("scale", a.scale.clone())] {
+    for (name, v) in [
+        ("weight", weight),
+        ("density", a.density.clone()),
+        ("gamma", a.gamma.clone()),
+        ("epsilon", a.epsilon.clone()),
+        ("scale", a.scale.clone()),
+    ] {
         if !v.is_empty() {
             per_model.push((name.to_string(), v));
         }
@@ -265,7 +282,8 @@ fn render_plan(plan: &Plan) -> String {
                         format!("m{}{}{renamed}", src.model, if Some(k) == *base { "*" } else { "" })
                     })
                     .collect();
-                let mut ps: Vec<String> = params.shared.iter().map(|(k, v)| format!("{k}={}", scalar_text(v))).collect();
+                let mut ps: Vec<String> =
+                    params.shared.iter().map(|(k, v)| format!("{k}={}", scalar_text(v))).collect();
                 let mut names: Vec<&String> = params.inputs.iter().flat_map(|m| m.keys()).collect();
                 names.sort();
                 names.dedup();

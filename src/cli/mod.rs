@@ -32,7 +32,7 @@ enum Command {
     /// List a checkpoint's tensors, a summary per layer type, totals and metadata.
     Inspect(inspect::Args),
     /// Merge models with mergekit's methods (flags or a mergekit YAML config), optionally only the top SNR layers.
-    Merge(merge::Args),
+    Merge(Box<merge::Args>),
 }
 
 /// Settings every subcommand may use.
@@ -55,7 +55,7 @@ pub fn run() -> Result<()> {
     }
     match cli.command {
         Command::Inspect(a) => inspect::run(a, &global),
-        Command::Merge(a) => merge::run(a, &global),
+        Command::Merge(a) => merge::run(*a, &global),
     }
 }
 

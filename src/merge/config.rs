@@ -244,7 +244,8 @@ impl Parser<'_> {
                         let sm = self.mapping(s, &what)?;
                         self.check_keys(sm, &what, &["model", "layer_range", "parameters"], &[])?;
                         let model = sm.get("model").ok_or_else(|| self.err(format!("{what} has no 'model'")))?;
-                        let range = sm.get("layer_range").ok_or_else(|| self.err(format!("{what} has no 'layer_range'")))?;
+                        let range =
+                            sm.get("layer_range").ok_or_else(|| self.err(format!("{what} has no 'layer_range'")))?;
                         Ok(SliceSource {
                             model: self.model(model, &format!("{what}.model"))?,
                             layer_range: self.layer_range(range, &what)?,
@@ -254,7 +255,10 @@ impl Parser<'_> {
                     .collect::<Result<Vec<_>>>()?;
                 Ok(SliceDef {
                     sources,
-                    base_model: m.get("base_model").map(|b| self.model(b, &format!("{what}.base_model"))).transpose()?,
+                    base_model: m
+                        .get("base_model")
+                        .map(|b| self.model(b, &format!("{what}.base_model")))
+                        .transpose()?,
                     parameters: self.settings(m.get("parameters"), &format!("{what}.parameters"))?,
                 })
             })
@@ -317,7 +321,9 @@ impl Parser<'_> {
         match v {
             Yaml::Sequence(list) if !list.is_empty() => {
                 let items = list.iter().map(|x| self.scalar(x, what)).collect::<Result<Option<Vec<_>>>>()?;
-                items.map(Value::Gradient).ok_or_else(|| self.err(format!("{what}: a gradient must be a list of scalars")))
+                items
+                    .map(Value::Gradient)
+                    .ok_or_else(|| self.err(format!("{what}: a gradient must be a list of scalars")))
             }
             _ => Err(self.err(format!("{what}: expected a scalar or a non-empty list of scalars"))),
         }
@@ -381,10 +387,9 @@ impl Flags {
         let (base_model, reference) = if m.name() == "slerp" {
             (Some(self.models[0].clone()), self.base.clone())
         } else if base_relative {
-            let b = self
-                .base
-                .clone()
-                .ok_or_else(|| Error::usage(format!("--method {} needs --base (the model task vectors are taken against)", m.name())))?;
+            let b = self.base.clone().ok_or_else(|| {
+                Error::usage(format!("--method {} needs --base (the model task vectors are taken against)", m.name()))
+            })?;
             (Some(b), None)
         } else {
             (None, self.base.clone())
@@ -501,12 +506,16 @@ tokenizer_source: base
             (format!("{base}foo: 1\n"), "unknown key 'foo'"),
             (format!("{base}modules: {{}}\n"), "'modules'"),
             ("merge_method: nuslerp\nmodels: [{model: a}]\n".to_string(), "unsupported merge method 'nuslerp'"),
-            ("merge_method: linear\nmodels:\n  - model: a\n    weight: 1\n".to_string(), "unknown key 'weight' in models[0]"),
+            (
+                "merge_method: linear\nmodels:\n  - model: a\n    weight: 1\n".to_string(),
+                "unknown key 'weight' in models[0]",
+            ),
             (format!("{base}tokenizer_source: union\n"), "union"),
             (format!("{base}dtype: int8\n"), "not a float dtype"),
             ("merge_method: linear\n".to_string(), "give 'models' or 'slices'"),
             (
-                "merge_method: slerp\nslices:\n  - sources:\n      - model: a\n        layer_range: [3, 1]\n".to_string(),
+                "merge_method: slerp\nslices:\n  - sources:\n      - model: a\n        layer_range: [3, 1]\n"
+                    .to_string(),
                 "layer_range",
             ),
             (format!("{base}parameters:\n  t: [{{filter: a, value: 1}}, 2]\n"), "mixes filters"),

@@ -119,7 +119,9 @@ pub fn carried(cfg: &MergeConfig, plan: &Plan, models: &[Checkpoint]) -> Option<
             let i = plan.models.iter().position(|m| m == p);
             let dir = match i {
                 Some(i) => dir_of(i),
-                None => Some(if p.is_dir() { p.clone() } else { p.parent().map(Path::to_path_buf).unwrap_or_default() }),
+                None => {
+                    Some(if p.is_dir() { p.clone() } else { p.parent().map(Path::to_path_buf).unwrap_or_default() })
+                }
             };
             dir.map(|d| (d, false))
         }
@@ -143,7 +145,9 @@ pub fn execute(
         return Err(Error::usage("--ties-variant applies to --method ties only"));
     }
     if run.ties_paper && run.compat {
-        return Err(Error::usage("--compat mergekit reproduces mergekit's TIES; it does not combine with --ties-variant paper"));
+        return Err(Error::usage(
+            "--compat mergekit reproduces mergekit's TIES; it does not combine with --ties-variant paper",
+        ));
     }
     let single_file = out.extension().is_some_and(|e| e == "safetensors");
     let carry = if single_file { None } else { carried(cfg, plan, models) };
@@ -159,9 +163,11 @@ pub fn execute(
         let t = &plan.tensors[i];
         let Op::Merge { inputs, base, params } = &t.op else { return Ok(None) };
         let views = inputs.iter().map(|s| models[s.model].tensor(&s.tensor)).collect::<Result<Vec<_>>>()?;
-        let arithmetic =
-            if run.compat { Arithmetic::Mergekit(plan.working_dtype(models, i)) } else { Arithmetic::F32 };
-        Ok(Some((TensorInputs { name: t.name.clone(), shape: t.shape.clone(), views, base: *base, arithmetic }, params)))
+        let arithmetic = if run.compat { Arithmetic::Mergekit(plan.working_dtype(models, i)) } else { Arithmetic::F32 };
+        Ok(Some((
+            TensorInputs { name: t.name.clone(), shape: t.shape.clone(), views, base: *base, arithmetic },
+            params,
+        )))
     };
     let ties_paper = if run.ties_paper {
         let mut all = Vec::new();

@@ -1,5 +1,6 @@
 //! Linear merge (model soup): `sum_i w_i x_i`, divided by `sum_i w_i` when `normalize` (default true). mergekit
-//! computes it in f32 (f64 for f64 inputs) whatever the working dtype; so does graft.
+//! computes it in f32 whatever the working dtype, accumulating with torch's fused multiply-add (one rounding per
+//! model); graft does the same, so results agree bit for bit before the final rounding.
 
 use std::ops::Range;
 
@@ -26,8 +27,10 @@ impl Kernel for LinearKernel<'_> {
         let mut acc = vec![0f32; range.len()];
         for (i, &w) in self.weights.iter().enumerate() {
             let x = self.inputs.read(i, range.clone())?;
+            // One rounding per step, as torch's fused addcmul does (the f64 product of two f32 is exact).
+            let w = w as f64;
             for (a, v) in acc.iter_mut().zip(&x) {
-                *a += v * w;
+                *a = (*a as f64 + *v as f64 * w) as f32;
             }
         }
         if let Some(d) = self.divisor {
@@ -105,9 +108,12 @@ mod tests {
         let other = randn(4, 5000, 3.0);
         let p = params(&[("normalize", Scalar::Bool(false))], vec![vec![("weight", 1.0)], vec![("weight", 0.0)]]);
         let got = run(&Linear, &[x.clone(), other], None, &p);
-        assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), x.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+        assert_eq!(
+            got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            x.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
         let p = params(&[("normalize", Scalar::Bool(true))], vec![vec![("weight", 1.0)]]);
-        assert_eq!(run(&Linear, &[x.clone()], None, &p), x);
+        assert_eq!(run(&Linear, std::slice::from_ref(&x), None, &p), x);
     }
 
     #[test]

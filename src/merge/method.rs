@@ -186,6 +186,7 @@ pub(crate) mod testing {
     }
 
     /// Runs `method` on `inputs` (f32 data of shape `shape`) and returns the merged tensor.
+    #[allow(clippy::too_many_arguments)]
     pub fn run_full(
         method: &dyn MergeMethod,
         inputs: &[Vec<f32>],
@@ -213,12 +214,7 @@ pub(crate) mod testing {
         Ok(out)
     }
 
-    pub fn run(
-        method: &dyn MergeMethod,
-        inputs: &[Vec<f32>],
-        base: Option<usize>,
-        p: &TensorParams,
-    ) -> Vec<f32> {
+    pub fn run(method: &dyn MergeMethod, inputs: &[Vec<f32>], base: Option<usize>, p: &TensorParams) -> Vec<f32> {
         let n = inputs[0].len();
         run_full(method, inputs, &[n], base, p, Arithmetic::F32, 0, 2).unwrap()
     }

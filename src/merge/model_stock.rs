@@ -155,8 +155,9 @@ mod tests {
         let (rows, cols) = (7, 300);
         let n = rows * cols;
         let w0 = randn(1, n, 1.0);
-        let ws: Vec<Vec<f32>> =
-            (2..5).map(|s| w0.iter().zip(randn(s, n, 0.1)).zip(randn(9, n, 0.1)).map(|((x, d), c)| x + d + c).collect()).collect();
+        let ws: Vec<Vec<f32>> = (2..5)
+            .map(|s| w0.iter().zip(randn(s, n, 0.1)).zip(randn(9, n, 0.1)).map(|((x, d), c)| x + d + c).collect())
+            .collect();
         let mut inputs = vec![w0.clone()];
         inputs.extend(ws.iter().cloned());
         for filter_wise in [false, true] {

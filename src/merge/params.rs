@@ -210,7 +210,9 @@ pub fn resolve(def: &ParamDef, scopes: &[Option<&Settings>], tensor: &str, t: f6
         }
     }
     match def.default {
-        Default::Required => Err(Error::usage(format!("missing required parameter '{}' for tensor '{tensor}'", def.name))),
+        Default::Required => {
+            Err(Error::usage(format!("missing required parameter '{}' for tensor '{tensor}'", def.name)))
+        }
         _ => Ok(def.default_value()),
     }
 }
@@ -292,7 +294,10 @@ mod tests {
         let s = Setting::Filtered(vec![
             Conditional { filter: Some("self_attn".into()), value: Value::Scalar(Scalar::Num(0.1)) },
             Conditional { filter: Some("attn".into()), value: Value::Scalar(Scalar::Num(0.2)) },
-            Conditional { filter: Some("mlp".into()), value: Value::Gradient(vec![Scalar::Num(0.0), Scalar::Num(1.0)]) },
+            Conditional {
+                filter: Some("mlp".into()),
+                value: Value::Gradient(vec![Scalar::Num(0.0), Scalar::Num(1.0)]),
+            },
         ]);
         assert_eq!(evaluate(&T, &s, "model.layers.0.self_attn.q_proj.weight", 0.0).unwrap(), Some(Scalar::Num(0.1)));
         assert_eq!(evaluate(&T, &s, "model.layers.1.mlp.up_proj.weight", 0.5).unwrap(), Some(Scalar::Num(0.5)));

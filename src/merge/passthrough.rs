@@ -60,8 +60,8 @@ mod tests {
     #[test]
     fn copies_or_scales() {
         let x = randn(1, 100, 1.0);
-        assert_eq!(run(&Passthrough, &[x.clone()], None, &params(&[], vec![vec![]])), x);
-        let got = run(&Passthrough, &[x.clone()], None, &params(&[], vec![vec![("scale", 0.5)]]));
+        assert_eq!(run(&Passthrough, std::slice::from_ref(&x), None, &params(&[], vec![vec![]])), x);
+        let got = run(&Passthrough, std::slice::from_ref(&x), None, &params(&[], vec![vec![("scale", 0.5)]]));
         assert_eq!(got, x.iter().map(|v| v * 0.5).collect::<Vec<_>>());
     }
 }

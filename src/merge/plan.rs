@@ -84,7 +84,9 @@ impl Plan {
             return d;
         }
         match &self.tensors[i].op {
-            Op::Merge { inputs, .. } => promote(inputs.iter().filter_map(|s| models[s.model].info(&s.tensor).map(|t| t.dtype))),
+            Op::Merge { inputs, .. } => {
+                promote(inputs.iter().filter_map(|s| models[s.model].info(&s.tensor).map(|t| t.dtype)))
+            }
             Op::Copy { .. } => self.tensors[i].dtype,
         }
     }
@@ -124,8 +126,17 @@ pub fn rename_layer(name: &str, index: usize) -> String {
 /// provide it when slices stack layers. Everything else outside layers (embeddings) comes before.
 pub fn is_post_layer(name: &str) -> bool {
     const POST: &[&str] = &[
-        "lm_head", "norm", "ln_f", "final_layernorm", "final_layer_norm", "final_norm", "head", "classifier",
-        "score", "pooler", "output",
+        "lm_head",
+        "norm",
+        "ln_f",
+        "final_layernorm",
+        "final_layer_norm",
+        "final_norm",
+        "head",
+        "classifier",
+        "score",
+        "pooler",
+        "output",
     ];
     name.split('.').any(|p| POST.contains(&p))
 }
@@ -216,7 +227,10 @@ impl Builder<'_> {
         let c = self.method.contract();
         let name = self.method.name();
         if n_inputs < c.min_inputs {
-            return Err(Error::usage(format!("{name} needs at least {} input models{what}; got {n_inputs}", c.min_inputs)));
+            return Err(Error::usage(format!(
+                "{name} needs at least {} input models{what}; got {n_inputs}",
+                c.min_inputs
+            )));
         }
         if let Some(max) = c.max_inputs {
             if n_inputs > max {
@@ -224,7 +238,9 @@ impl Builder<'_> {
             }
         }
         if c.base == BasePolicy::Required && base.is_none() {
-            return Err(Error::usage(format!("{name} needs a base model among its inputs{what} (base_model / --base)")));
+            return Err(Error::usage(format!(
+                "{name} needs a base model among its inputs{what} (base_model / --base)"
+            )));
         }
         Ok(())
     }
@@ -273,7 +289,11 @@ impl Builder<'_> {
 
     fn copy(&self, name: &str, from: Source, reason: &str, t: f64) -> PlannedTensor {
         let info = self.models[from.model].info(&from.tensor).expect("checked");
-        let dtype = if info.dtype.is_float() { self.cfg.out_dtype.or(self.cfg.dtype).unwrap_or(info.dtype) } else { info.dtype };
+        let dtype = if info.dtype.is_float() {
+            self.cfg.out_dtype.or(self.cfg.dtype).unwrap_or(info.dtype)
+        } else {
+            info.dtype
+        };
         PlannedTensor {
             name: name.to_string(),
             dtype,
@@ -296,7 +316,9 @@ impl Builder<'_> {
         t: f64,
     ) -> Result<PlannedTensor> {
         let infos: Vec<_> = inputs.iter().map(|s| self.models[s.model].info(&s.tensor).expect("checked")).collect();
-        if infos.iter().any(|i| !i.dtype.is_float()) || !self.models[copy_from.model].info(&copy_from.tensor).is_some_and(|i| i.dtype.is_float()) {
+        if infos.iter().any(|i| !i.dtype.is_float())
+            || !self.models[copy_from.model].info(&copy_from.tensor).is_some_and(|i| i.dtype.is_float())
+        {
             return Ok(self.copy(out_name, copy_from, "not a float tensor", t));
         }
         let params = self.resolve(out_name, inputs, scopes, base, slice, t)?;
@@ -375,7 +397,9 @@ impl Builder<'_> {
             seen.push(i);
         }
         let base_pos = match self.method.contract().base {
-            BasePolicy::Required => self.cfg.base_model.as_ref().map(|b| inputs.iter().position(|&i| i == self.index(b)).unwrap()),
+            BasePolicy::Required => {
+                self.cfg.base_model.as_ref().map(|b| inputs.iter().position(|&i| i == self.index(b)).unwrap())
+            }
             BasePolicy::Ignored => None,
         };
         self.check_contract(inputs.len(), base_pos, "")?;
@@ -565,7 +589,11 @@ mod tests {
     fn layer_renaming_and_classification() {
         assert_eq!(rename_layer("model.layers.3.mlp.up_proj.weight", 11), "model.layers.11.mlp.up_proj.weight");
         assert_eq!(rename_layer("lm_head.weight", 2), "lm_head.weight");
-        assert!(is_post_layer("lm_head.weight") && is_post_layer("model.norm.weight") && is_post_layer("transformer.ln_f.bias"));
+        assert!(
+            is_post_layer("lm_head.weight")
+                && is_post_layer("model.norm.weight")
+                && is_post_layer("transformer.ln_f.bias")
+        );
         assert!(!is_post_layer("model.embed_tokens.weight"));
         assert_eq!(promote([Dtype::BF16, Dtype::BF16].into_iter()), Dtype::BF16);
         assert_eq!(promote([Dtype::BF16, Dtype::F16].into_iter()), Dtype::F32);

@@ -271,13 +271,23 @@ fn simple(lo: usize, hi: usize, n: usize) -> RankWindow {
     RankWindow { lo, hi: hi.min(n), window }
 }
 
-/// The random stream for block `block` of input `input` of tensor `tensor`.
-pub fn block_rng(seed: u64, tensor: &str, input: usize, block: usize) -> Rng {
-    Rng::for_label(seed, &format!("{tensor}\u{1f}{input}\u{1f}{block}"))
+/// Identifies the random streams of one input's mask within one tensor.
+#[derive(Clone, Copy, Debug)]
+pub struct Streams<'a> {
+    pub seed: u64,
+    pub tensor: &'a str,
+    pub input: usize,
+}
+
+impl Streams<'_> {
+    /// The stream of block `block`.
+    pub fn block(&self, block: usize) -> Rng {
+        Rng::for_label(self.seed, &format!("{}\u{1f}{}\u{1f}{block}", self.tensor, self.input))
+    }
 }
 
 /// DARE's Bernoulli keep mask: zeroes entries of `d` (elements `range`) not drawn with probability `density`.
-pub fn bernoulli(seed: u64, tensor: &str, input: usize, density: f64, range: Range<usize>, d: &mut [f32]) {
+pub fn bernoulli(streams: Streams, density: f64, range: Range<usize>, d: &mut [f32]) {
     if density >= 1.0 {
         return;
     }
@@ -286,7 +296,7 @@ pub fn bernoulli(seed: u64, tensor: &str, input: usize, density: f64, range: Ran
     while pos < range.end {
         let block = pos / RNG_BLOCK;
         let block_end = ((block + 1) * RNG_BLOCK).min(range.end);
-        let mut rng = block_rng(seed, tensor, input, block);
+        let mut rng = streams.block(block);
         for _ in block * RNG_BLOCK..pos {
             rng.next_u64();
         }
@@ -325,16 +335,7 @@ impl Lines {
 
 /// DELLA's magnitude-ranked random keep mask over whole blocks: `d` holds blocks `first_block..` (whole blocks), and
 /// entries not drawn are zeroed.
-pub fn della_mask(
-    seed: u64,
-    tensor: &str,
-    input: usize,
-    density: f64,
-    epsilon: f64,
-    lines: Lines,
-    first_block: usize,
-    d: &mut [f32],
-) {
+pub fn della_mask(streams: Streams, density: f64, epsilon: f64, lines: Lines, first_block: usize, d: &mut [f32]) {
     let bs = lines.block();
     let mut order: Vec<u32> = Vec::with_capacity(lines.len);
     let mut rank = vec![0usize; lines.len];
@@ -352,7 +353,7 @@ pub fn della_mask(
                 prob[i * lines.inner + j] = density - epsilon + norm * 2.0 * epsilon;
             }
         }
-        let mut rng = block_rng(seed, tensor, input, first_block + b);
+        let mut rng = streams.block(first_block + b);
         for (x, &p) in block.iter_mut().zip(&prob) {
             if rng.next_f64() >= p {
                 *x = 0.0;
@@ -399,7 +400,7 @@ mod tests {
         for w in [magnitude_window(n, 0.5), magnitude_window(n, 0.01), outlier_window(n, 0.3, 0.05), (17, 18)] {
             let got = windows_of(&v, w, 2);
             assert_eq!(got, reference(&v, w), "window {w:?}");
-            assert_eq!(got.iter().zip(&v).filter(|(g, x)| g == x && **x != 0.0).count() <= w.1 - w.0, true);
+            assert!(got.iter().zip(&v).filter(|(g, x)| g == x && **x != 0.0).count() <= w.1 - w.0);
         }
         assert_eq!(windows_of(&v, magnitude_window(n, 0.5), 1), windows_of(&v, magnitude_window(n, 0.5), 2));
     }
@@ -423,13 +424,13 @@ mod tests {
         let n = 3 * RNG_BLOCK + 123;
         let whole = {
             let mut d = vec![1f32; n];
-            bernoulli(9, "w", 1, 0.3, 0..n, &mut d);
+            bernoulli(Streams { seed: 9, tensor: "w", input: 1 }, 0.3, 0..n, &mut d);
             d
         };
         let mut parts = Vec::new();
         for r in [0..1000, 1000..RNG_BLOCK + 7, RNG_BLOCK + 7..n] {
             let mut d = vec![1f32; r.len()];
-            bernoulli(9, "w", 1, 0.3, r, &mut d);
+            bernoulli(Streams { seed: 9, tensor: "w", input: 1 }, 0.3, r, &mut d);
             parts.extend(d);
         }
         assert_eq!(whole, parts);
@@ -448,7 +449,7 @@ mod tests {
         let trials = 20000;
         for s in 0..trials {
             let mut d = row.to_vec();
-            della_mask(s, "t", 0, density, eps, Lines::of_shape(&[1, 5]), 0, &mut d);
+            della_mask(Streams { seed: s, tensor: "t", input: 0 }, density, eps, Lines::of_shape(&[1, 5]), 0, &mut d);
             for (k, x) in kept.iter_mut().zip(&d) {
                 *k += (*x != 0.0) as usize;
             }

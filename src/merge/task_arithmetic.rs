@@ -105,6 +105,10 @@ struct GtaKernel<'a> {
 }
 
 impl GtaKernel<'_> {
+    fn streams(&self, j: usize) -> sparsify::Streams<'_> {
+        sparsify::Streams { seed: self.seed, tensor: &self.inputs.name, input: self.series[j].input }
+    }
+
     /// The task vector of series `j` over `range`, using `base` when it is already read for that range.
     fn delta(&self, j: usize, range: Range<usize>, base: Option<&[f32]>) -> Result<Vec<f32>> {
         let mut x = self.inputs.read(self.series[j].input, range.clone())?;
@@ -129,15 +133,16 @@ impl GtaKernel<'_> {
             Sparse::Zero => Ok(vec![0.0; range.len()]),
             Sparse::Window(w) => {
                 let mut d = self.delta(j, range.clone(), base)?;
-                let prefix =
-                    |q: Range<usize>| -> Result<Vec<u32>> { Ok(self.delta(j, q, None)?.iter().map(|&x| sparsify::key(x)).collect()) };
+                let prefix = |q: Range<usize>| -> Result<Vec<u32>> {
+                    Ok(self.delta(j, q, None)?.iter().map(|&x| sparsify::key(x)).collect())
+                };
                 w.apply(range, &mut d, &prefix)?;
                 Ok(d)
             }
             Sparse::Pending(_) => unreachable!("rank windows are computed before the kernel runs"),
             Sparse::Random(density) => {
                 let mut d = self.delta(j, range.clone(), base)?;
-                sparsify::bernoulli(self.seed, &self.inputs.name, self.series[j].input, *density, range, &mut d);
+                sparsify::bernoulli(self.streams(j), *density, range, &mut d);
                 Ok(d)
             }
             Sparse::Della { density, epsilon } => {
@@ -145,8 +150,7 @@ impl GtaKernel<'_> {
                 let first = range.start / bs;
                 let ext = first * bs..(range.end.div_ceil(bs) * bs).min(self.inputs.numel());
                 let mut d = self.delta(j, ext.clone(), None)?;
-                let input = self.series[j].input;
-                sparsify::della_mask(self.seed, &self.inputs.name, input, *density, *epsilon, self.lines, first, &mut d);
+                sparsify::della_mask(self.streams(j), *density, *epsilon, self.lines, first, &mut d);
                 Ok(d[range.start - ext.start..range.end - ext.start].to_vec())
             }
         }
@@ -351,7 +355,11 @@ pub(crate) mod tests {
         let x1 = randn(2, 2000, 1.0);
         let x2 = randn(3, 2000, 1.0);
         let (w1, w2, lambda) = (0.7, 0.4, 0.8);
-        let p = gta_params(false, lambda, vec![vec![], vec![("weight", w1), ("density", 1.0)], vec![("weight", w2), ("density", 1.0)]]);
+        let p = gta_params(
+            false,
+            lambda,
+            vec![vec![], vec![("weight", w1), ("density", 1.0)], vec![("weight", w2), ("density", 1.0)]],
+        );
         let got = run(&TASK_ARITHMETIC, &[b.clone(), x1.clone(), x2.clone()], Some(0), &p);
         for e in 0..2000 {
             let (bb, a, c) = (b[e] as f64, x1[e] as f64, x2[e] as f64);
@@ -359,7 +367,11 @@ pub(crate) mod tests {
             assert!((got[e] as f64 - r).abs() <= 2e-6 * (1.0 + r.abs()), "{e}");
         }
         // normalize divides the weighted sum by the weight sum.
-        let p = gta_params(true, 1.0, vec![vec![], vec![("weight", w1), ("density", 1.0)], vec![("weight", w2), ("density", 1.0)]]);
+        let p = gta_params(
+            true,
+            1.0,
+            vec![vec![], vec![("weight", w1), ("density", 1.0)], vec![("weight", w2), ("density", 1.0)]],
+        );
         let got = run(&TASK_ARITHMETIC, &[b.clone(), x1.clone(), x2.clone()], Some(0), &p);
         for e in 0..2000 {
             let (bb, a, c) = (b[e] as f64, x1[e] as f64, x2[e] as f64);

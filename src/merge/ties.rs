@@ -44,7 +44,12 @@ pub struct PaperStats {
 pub type PaperTensor<'a> = (TensorInputs<'a>, TensorParams);
 
 /// Weighted, trimmed task vectors of one tensor over `range` (threshold None keeps all).
-fn trimmed(inputs: &TensorInputs, weights: &[f32], thresholds: &[Option<u32>], range: Range<usize>) -> Result<Vec<Vec<f32>>> {
+fn trimmed(
+    inputs: &TensorInputs,
+    weights: &[f32],
+    thresholds: &[Option<u32>],
+    range: Range<usize>,
+) -> Result<Vec<Vec<f32>>> {
     let base_i = inputs.base_index()?;
     let b = inputs.read(base_i, range.clone())?;
     inputs
@@ -80,7 +85,10 @@ pub fn paper_stats(exec: &Executor, tensors: &[PaperTensor]) -> Result<PaperStat
     }
     for (ti, p) in tensors {
         if ti.non_base().len() != series {
-            return Err(Error::invalid(format!("tensor '{}': the paper variant needs the same inputs for every tensor", ti.name)));
+            return Err(Error::invalid(format!(
+                "tensor '{}': the paper variant needs the same inputs for every tensor",
+                ti.name
+            )));
         }
         for (j, &i) in ti.non_base().iter().enumerate() {
             if p.input_f64(i, "density")? != densities[j] {
@@ -150,7 +158,9 @@ pub fn paper_stats(exec: &Executor, tensors: &[PaperTensor]) -> Result<PaperStat
                 .iter()
                 .enumerate()
                 .map(|(j, v)| match buckets[j] {
-                    Some((b, _)) => v.iter().map(|&x| sparsify::key(x)).filter(|k| k >> 16 == b).map(|k| k as u16).collect(),
+                    Some((b, _)) => {
+                        v.iter().map(|&x| sparsify::key(x)).filter(|k| k >> 16 == b).map(|k| k as u16).collect()
+                    }
                     None => Vec::new(),
                 })
                 .collect::<Vec<Vec<u16>>>())
@@ -362,15 +372,18 @@ mod tests {
             base: Some(0),
             arithmetic: Arithmetic::F32,
         };
-        let p = gta_params(true, 1.0, vec![vec![], vec![("weight", 1.0), ("density", 0.5)], vec![("weight", 1.0), ("density", 0.5)]]);
+        let p = gta_params(
+            true,
+            1.0,
+            vec![vec![], vec![("weight", 1.0), ("density", 0.5)], vec![("weight", 1.0), ("density", 0.5)]],
+        );
         let tensors = vec![(mk(0), p.clone()), (mk(1), p.clone())];
         let stats = paper_stats(&exec, &tensors).unwrap();
         // Model A keys: 4,1,3,2 -> kth = 4 - 2 = 2nd smallest = 2. Model C: 1,1,1,0.5 -> 2nd smallest = 1.
         assert_eq!(stats.thresholds, vec![Some(2f32.to_bits()), Some(1f32.to_bits())]);
         let ctx = Ctx { exec: &exec, seed: 0, ties_paper: Some(Arc::new(stats)) };
-        let out: Vec<Vec<f32>> = (0..2)
-            .map(|k| Ties.prepare(mk(k), &p, &ctx).unwrap().compute(0..2).unwrap())
-            .collect();
+        let out: Vec<Vec<f32>> =
+            (0..2).map(|k| Ties.prepare(mk(k), &p, &ctx).unwrap().compute(0..2).unwrap()).collect();
         // t1[0]: A 4, C -1 -> sum 3 > 0: mean of positive entries = 4. t1[1]: A trimmed (1 < 2), C 1 -> 1.
         // t2[0]: A -3, C 1 -> sum -2: mean of negatives = -3. t2[1]: A 2, C trimmed (0.5 < 1) -> 2.
         assert_eq!(out, vec![vec![4.0, 1.0], vec![-3.0, 2.0]]);
