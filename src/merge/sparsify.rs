@@ -393,11 +393,11 @@ mod tests {
 
     #[test]
     fn rank_window_matches_a_sort_with_ties_and_chunks() {
-        // Values on a coarse grid make many ties; 2.5 chunks exercise the per-chunk tie counts.
-        let n = CHUNK_ELEMS * 2 + CHUNK_ELEMS / 2;
+        // Values on a coarse grid make many ties; a second chunk exercises the per-chunk tie counts.
+        let n = CHUNK_ELEMS + CHUNK_ELEMS / 8;
         let mut r = Rng::new(5);
         let v: Vec<f32> = (0..n).map(|_| ((r.normal() * 8.0).round() / 8.0) as f32).collect();
-        for w in [magnitude_window(n, 0.5), magnitude_window(n, 0.01), outlier_window(n, 0.3, 0.05), (17, 18)] {
+        for w in [magnitude_window(n, 0.5), outlier_window(n, 0.3, 0.05), (17, 18)] {
             let got = windows_of(&v, w, 2);
             assert_eq!(got, reference(&v, w), "window {w:?}");
             assert!(got.iter().zip(&v).filter(|(g, x)| g == x && **x != 0.0).count() <= w.1 - w.0);
