@@ -7,6 +7,7 @@
 
 pub mod checkpoint;
 pub mod cli;
+pub mod convert;
 pub mod error;
 pub mod exec;
 pub mod inspect;

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use crate::checkpoint::{parse_size, WriterOptions, DEFAULT_MAX_SHARD_SIZE};
 use crate::error::{Error, Result};
 
+mod convert;
 mod inspect;
 
 #[derive(Parser, Debug)]
@@ -30,6 +31,8 @@ pub struct Cli {
 enum Command {
     /// List a checkpoint's tensors, a summary per layer type, totals and metadata.
     Inspect(inspect::Args),
+    /// Re-shard a checkpoint and/or change the dtype of its float tensors.
+    Convert(convert::Args),
 }
 
 /// Settings every subcommand may use.
@@ -52,6 +55,7 @@ pub fn run() -> Result<()> {
     }
     match cli.command {
         Command::Inspect(a) => inspect::run(a, &global),
+        Command::Convert(a) => convert::run(a, &global),
     }
 }
 
