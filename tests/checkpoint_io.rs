@@ -155,6 +155,24 @@ fn dropping_an_unfinished_writer_leaves_nothing_behind() {
 }
 
 #[test]
+fn a_killed_writers_temporaries_are_swept_by_the_next_write() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    // What a SIGKILLed writer leaves: a hidden temporary named after a process that no longer exists (pid_max on
+    // Linux is at most 2^22, so this pid cannot be alive), and one of a live process (ours) that must stay.
+    let dead = out.join(".model.safetensors.graft-tmp-99999999");
+    let alive = out.join(format!(".model-00001-of-00002.safetensors.graft-tmp-{}", std::process::id()));
+    std::fs::write(&dead, b"half").unwrap();
+    std::fs::write(&alive, b"busy").unwrap();
+    assert!(Checkpoint::open(&out).is_err(), "temporaries must never look like a checkpoint");
+    let exec = Executor::new(Some(1)).unwrap().quiet();
+    convert(&Checkpoint::open(fixture("mlp/base")).unwrap(), &out, None, WriterOptions::default(), &exec).unwrap();
+    assert!(!dead.exists());
+    assert!(alive.exists());
+}
+
+#[test]
 fn writer_rejects_out_of_order_and_wrong_sized_data() {
     let tmp = tempfile::tempdir().unwrap();
     let decls = vec![TensorDecl::new("a", Dtype::F32, vec![2]), TensorDecl::new("b", Dtype::BF16, vec![2])];

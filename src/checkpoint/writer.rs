@@ -211,6 +211,7 @@ impl CheckpointWriter {
         w.check_destination()?;
         w.created_dir = !w.dir.exists();
         std::fs::create_dir_all(&w.dir).map_err(|e| Error::io(&w.dir, e))?;
+        sweep_dead_temporaries(&w.dir);
         w.skip_empty();
         Ok(w)
     }
@@ -495,6 +496,24 @@ impl Drop for CheckpointWriter {
                 // Only succeeds when empty: nothing else is ever removed.
                 let _ = std::fs::remove_dir(&self.dir);
             }
+        }
+    }
+}
+
+/// Removes temporaries left by writers that were killed (SIGKILL, power loss) before their `Drop` could run. Only
+/// files named like ours whose process no longer exists are touched; without `/proc` nothing is removed.
+fn sweep_dead_temporaries(dir: &Path) {
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    for entry in rd.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        let Some(pid) = name.strip_prefix('.').and_then(|n| n.rsplit_once(".graft-tmp-")).map(|(_, pid)| pid) else {
+            continue;
+        };
+        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_file(entry.path());
         }
     }
 }
