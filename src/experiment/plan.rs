@@ -148,14 +148,14 @@ impl Plan {
         if let Some(c) = self.expert_a.iter().find(|c| self.expert_b.contains(c)) {
             return Err(format!("class {c} is in both expert_a and expert_b; the experts' classes must be disjoint"));
         }
-        if let Some(p) = self.top_p.iter().find(|p| !(**p > 0.0 && **p <= 1.0)) {
+        if let Some(p) = self.top_p.iter().find(|p| p.is_nan() || **p <= 0.0 || **p > 1.0) {
             return Err(format!("top_p {p} is not in (0, 1]"));
         }
         if self.seeds.is_empty() || self.methods.is_empty() || self.top_p.is_empty() || self.freeze.is_empty() {
             return Err("seeds, methods, top_p and freeze must not be empty".into());
         }
         for s in [&self.base, &self.experts, &self.finetune] {
-            if s.epochs == 0 || s.batch == 0 || !(s.lr > 0.0) {
+            if s.epochs == 0 || s.batch == 0 || s.lr.is_nan() || s.lr <= 0.0 {
                 return Err("every stage needs epochs >= 1, batch >= 1 and lr > 0".into());
             }
         }
