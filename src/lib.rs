@@ -11,6 +11,7 @@ pub mod error;
 pub mod exec;
 pub mod inspect;
 pub mod names;
+pub mod report;
 pub mod rng;
 
 pub use error::{Error, Result};
