@@ -291,22 +291,6 @@ where
                 PathElement::new(vec![(bar.value + bar.err, y - 0.15), (bar.value + bar.err, y + 0.15)], err_style),
             ])?;
         }
-        let value_text = if b.signed {
-            format!("{:+.*}{}", b.decimals, bar.value, b.suffix)
-        } else {
-            format!("{:.*}{}", b.decimals, bar.value, b.suffix)
-        };
-        // Labels sit past the end of the bar (and its error bar), on whichever side the bar points.
-        let (end, anchor, dx) = if bar.value >= 0.0 {
-            (bar.value + bar.err, HPos::Left, 5)
-        } else {
-            (bar.value - bar.err, HPos::Right, -5)
-        };
-        let (px, py) = chart.backend_coord(&(end, y));
-        root.draw(&Text::new(value_text, (px + dx, py), text_style(12).pos(Pos::new(anchor, VPos::Center))))?;
-        let (lx, ly) = chart.backend_coord(&(lo, y));
-        let label = fit(&bar.label, label_size, label_width - 16);
-        root.draw(&Text::new(label, (lx - 8, ly), text_style(label_size).pos(Pos::new(HPos::Right, VPos::Center))))?;
     }
     if b.signed {
         chart.draw_series(std::iter::once(PathElement::new(
@@ -321,6 +305,29 @@ where
             5,
             BASELINE_COLOR.stroke_width(2),
         ))?;
+    }
+    // Text last, value labels on a white ground, so lines never run through them.
+    for (i, bar) in b.bars.iter().enumerate() {
+        let y = ys[i];
+        let value_text = if b.signed {
+            format!("{:+.*}{}", b.decimals, bar.value, b.suffix)
+        } else {
+            format!("{:.*}{}", b.decimals, bar.value, b.suffix)
+        };
+        // Past the end of the bar and its error bar, on whichever side the bar points.
+        let (end, anchor, dx) = if bar.value >= 0.0 {
+            (bar.value + bar.err, HPos::Left, 5)
+        } else {
+            (bar.value - bar.err, HPos::Right, -5)
+        };
+        let (px, py) = chart.backend_coord(&(end, y));
+        let tw = text_width(&value_text, 12) as i32;
+        let x0 = if dx > 0 { px + dx - 2 } else { px + dx - tw - 2 };
+        root.draw(&Rectangle::new([(x0, py - 8), (x0 + tw + 4, py + 8)], WHITE.mix(0.85).filled()))?;
+        root.draw(&Text::new(value_text, (px + dx, py), text_style(12).pos(Pos::new(anchor, VPos::Center))))?;
+        let (lx, ly) = chart.backend_coord(&(lo, y));
+        let label = fit(&bar.label, label_size, label_width - 16);
+        root.draw(&Text::new(label, (lx - 8, ly), text_style(label_size).pos(Pos::new(HPos::Right, VPos::Center))))?;
     }
     let (left, _) = chart.backend_coord(&(lo, 0.0));
     draw_legend(&lower, &legend, left)?;
