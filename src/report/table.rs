@@ -327,6 +327,30 @@ mod tests {
     }
 
     #[test]
+    fn barrier_markdown_golden() {
+        let curve = |e: &str, m: &str, b: Option<Cell>| Curve {
+            experiment: e.into(),
+            metric: m.into(),
+            points: vec![],
+            barrier: b,
+        };
+        let curves = vec![
+            curve("A-B aligned", "loss", Some(cell(0.0543, 0.0041, 3, true))),
+            curve("A-B aligned", "accuracy", Some(cell(0.0242, 0.003, 3, true))),
+            curve("A-B naive", "loss", Some(cell(0.3081, 0.0022, 3, false))),
+            curve("A-B naive", "accuracy", None),
+        ];
+        let want = "\
+| interpolation | accuracy barrier | loss barrier |
+| --- | ---: | ---: |
+| A-B aligned | **0.024 +- 0.003 (n=3)** | **0.054 +- 0.004 (n=3)** |
+| A-B naive | - | 0.308 +- 0.002 (n=3) |
+";
+        assert_eq!(markdown_barriers(&curves).unwrap(), want);
+        assert_eq!(markdown_barriers(&curves[3..]), None);
+    }
+
+    #[test]
     fn column_formats() {
         let f = |key: &str, means: &[f64]| ColumnFormat::for_column(&MetricSpec::for_key(key), means.iter().copied());
         assert_eq!(f("accuracy", &[0.5]).number(0.65649), "0.656");
