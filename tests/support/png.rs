@@ -91,32 +91,50 @@ pub fn decode(bytes: &[u8]) -> Result<Image, String> {
         return Err(format!("decompressed {} bytes, expected {}", raw.len(), height as usize * (stride + 1)));
     }
     let mut pixels = vec![0u8; height as usize * stride];
+    let zero_row = vec![0u8; stride];
     for y in 0..height as usize {
         let filter = raw[y * (stride + 1)];
         let line = &raw[y * (stride + 1) + 1..(y + 1) * (stride + 1)];
-        for x in 0..stride {
-            let a = if x >= channels { pixels[y * stride + x - channels] as i32 } else { 0 };
-            let b = if y > 0 { pixels[(y - 1) * stride + x] as i32 } else { 0 };
-            let c = if y > 0 && x >= channels { pixels[(y - 1) * stride + x - channels] as i32 } else { 0 };
-            let predictor = match filter {
-                0 => 0,
-                1 => a,
-                2 => b,
-                3 => (a + b) / 2,
-                4 => {
+        let (done, rest) = pixels.split_at_mut(y * stride);
+        let prev: &[u8] = if y > 0 { &done[(y - 1) * stride..] } else { &zero_row };
+        let cur = &mut rest[..stride];
+        match filter {
+            0 => cur.copy_from_slice(line),
+            1 => {
+                cur[..channels].copy_from_slice(&line[..channels]);
+                for x in channels..stride {
+                    cur[x] = line[x].wrapping_add(cur[x - channels]);
+                }
+            }
+            2 => {
+                for x in 0..stride {
+                    cur[x] = line[x].wrapping_add(prev[x]);
+                }
+            }
+            3 => {
+                for x in 0..stride {
+                    let a = if x >= channels { cur[x - channels] as u16 } else { 0 };
+                    cur[x] = line[x].wrapping_add(((a + prev[x] as u16) / 2) as u8);
+                }
+            }
+            4 => {
+                for x in 0..stride {
+                    let (a, c) =
+                        if x >= channels { (cur[x - channels] as i16, prev[x - channels] as i16) } else { (0, 0) };
+                    let b = prev[x] as i16;
                     let p = a + b - c;
                     let (pa, pb, pc) = ((p - a).abs(), (p - b).abs(), (p - c).abs());
-                    if pa <= pb && pa <= pc {
+                    let predictor = if pa <= pb && pa <= pc {
                         a
                     } else if pb <= pc {
                         b
                     } else {
                         c
-                    }
+                    };
+                    cur[x] = line[x].wrapping_add(predictor as u8);
                 }
-                f => return Err(format!("bad filter type {f}")),
-            };
-            pixels[y * stride + x] = (line[x] as i32 + predictor) as u8;
+            }
+            f => return Err(format!("bad filter type {f}")),
         }
     }
     Ok(Image { width, height, channels, pixels })
@@ -127,10 +145,15 @@ fn zlib_decompress(data: &[u8]) -> Result<Vec<u8>, String> {
         return Err("bad zlib header".into());
     }
     let out = inflate(&data[2..])?;
+    // Adler-32, reducing modulo 65521 once per 5552 bytes (the most that cannot overflow u32).
     let (mut a, mut b) = (1u32, 0u32);
-    for &x in &out {
-        a = (a + x as u32) % 65521;
-        b = (b + a) % 65521;
+    for block in out.chunks(5552) {
+        for &x in block {
+            a += x as u32;
+            b += a;
+        }
+        a %= 65521;
+        b %= 65521;
     }
     if (b << 16 | a) != be32(&data[data.len() - 4..]) {
         return Err("bad Adler-32".into());
@@ -146,6 +169,16 @@ struct Bits<'a> {
 }
 
 impl Bits<'_> {
+    /// The next `n` bits without consuming them (zeros past the end of the input; `count` tells how many are real).
+    fn peek(&mut self, n: u32) -> u32 {
+        while self.count < n && self.pos < self.data.len() {
+            self.buf |= (self.data[self.pos] as u32) << self.count;
+            self.pos += 1;
+            self.count += 8;
+        }
+        self.buf & ((1u32 << n) - 1)
+    }
+
     fn bits(&mut self, n: u32) -> Result<u32, String> {
         while self.count < n {
             let byte = *self.data.get(self.pos).ok_or("inflate: out of input")?;
@@ -160,11 +193,16 @@ impl Bits<'_> {
     }
 }
 
-/// Canonical Huffman code as counts per length and symbols in code order.
+/// Canonical Huffman code as counts per length and symbols in code order, plus a lookup table for codes of up to
+/// `FAST_BITS` bits (the bit-by-bit walk alone is slow in unoptimised test builds).
 struct Huffman {
     count: [i32; 16],
     symbol: Vec<u16>,
+    /// Indexed by the next FAST_BITS input bits (first bit lowest): (symbol, code length), length 0 = not in table.
+    fast: Vec<(u16, u8)>,
 }
+
+const FAST_BITS: u32 = 9;
 
 impl Huffman {
     fn new(lengths: &[u8]) -> Huffman {
@@ -184,10 +222,35 @@ impl Huffman {
                 offs[l as usize] += 1;
             }
         }
-        Huffman { count, symbol }
+        let mut fast = vec![(0u16, 0u8); 1 << FAST_BITS];
+        // Canonical codes: walk lengths in order, codes increase by one within a length.
+        let (mut code, mut index) = (0u32, 0usize);
+        for len in 1..16u32 {
+            for _ in 0..count[len as usize] {
+                if len <= FAST_BITS {
+                    // Codes are sent most significant bit first; the table is indexed by bits in arrival order.
+                    let reversed = (0..len).fold(0u32, |r, b| r | ((code >> b) & 1) << (len - 1 - b));
+                    let mut fill = reversed;
+                    while fill < (1 << FAST_BITS) {
+                        fast[fill as usize] = (symbol[index], len as u8);
+                        fill += 1 << len;
+                    }
+                }
+                code += 1;
+                index += 1;
+            }
+            code <<= 1;
+        }
+        Huffman { count, symbol, fast }
     }
 
     fn decode(&self, bits: &mut Bits) -> Result<u16, String> {
+        let (sym, len) = self.fast[bits.peek(FAST_BITS) as usize];
+        if len > 0 && (len as u32) <= bits.count {
+            bits.buf >>= len;
+            bits.count -= len as u32;
+            return Ok(sym);
+        }
         let (mut code, mut first, mut index) = (0i32, 0i32, 0i32);
         for len in 1..16 {
             code |= bits.bits(1)? as i32;
@@ -306,8 +369,12 @@ fn codes(bits: &mut Bits, out: &mut Vec<u8>, lit: &Huffman, dist: &Huffman) -> R
                     return Err("inflate: distance too far back".into());
                 }
                 let start = out.len() - distance;
-                for k in 0..len {
-                    out.push(out[start + k]);
+                if distance >= len {
+                    out.extend_from_within(start..start + len);
+                } else {
+                    for k in 0..len {
+                        out.push(out[start + k]);
+                    }
                 }
             }
         }
