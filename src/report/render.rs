@@ -107,8 +107,12 @@ fn legend_layout(entries: &[(String, Mark)], width: u32) -> Vec<Vec<(u32, usize)
     rows
 }
 
-fn legend_height(entries: &[(String, Mark)], width: u32) -> u32 {
-    let rows = legend_layout(entries, width).len() as u32;
+/// Legends start this far from the left edge and span the canvas width less twice this.
+const LEGEND_INSET: u32 = 24;
+
+/// Height of the legend strip of a canvas `canvas_width` pixels wide.
+fn legend_height(entries: &[(String, Mark)], canvas_width: u32) -> u32 {
+    let rows = legend_layout(entries, canvas_width - 2 * LEGEND_INSET).len() as u32;
     if rows == 0 {
         0
     } else {
@@ -116,13 +120,13 @@ fn legend_height(entries: &[(String, Mark)], width: u32) -> u32 {
     }
 }
 
-fn draw_legend<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, entries: &[(String, Mark)], left: i32) -> DrawResult
+fn draw_legend<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, entries: &[(String, Mark)]) -> DrawResult
 where
     DB::ErrorType: 'static,
 {
     let (w, _) = area.dim_in_pixel();
-    let width = w.saturating_sub(left as u32 + 20).max(200);
-    for (r, row) in legend_layout(entries, width).iter().enumerate() {
+    let left = LEGEND_INSET as i32;
+    for (r, row) in legend_layout(entries, w - 2 * LEGEND_INSET).iter().enumerate() {
         let y = 6 + (r as u32 * LEGEND_ROW + LEGEND_ROW / 2) as i32;
         for &(x, i) in row {
             let x = left + x as i32;
@@ -329,8 +333,7 @@ where
         let label = fit(&bar.label, label_size, label_width - 16);
         root.draw(&Text::new(label, (lx - 8, ly), text_style(label_size).pos(Pos::new(HPos::Right, VPos::Center))))?;
     }
-    let (left, _) = chart.backend_coord(&(lo, 0.0));
-    draw_legend(&lower, &legend, left)?;
+    draw_legend(&lower, &legend)?;
     Ok(())
 }
 
@@ -387,8 +390,7 @@ where
         }
         chart.draw_series(s.points.iter().map(|&(x, y, _)| Circle::new((x, y), 4, c.filled())))?;
     }
-    let (left, _) = chart.backend_coord(&(x_lo, y_lo));
-    draw_legend(&lower, &legend, left)?;
+    draw_legend(&lower, &legend)?;
     Ok(())
 }
 
