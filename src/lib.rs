@@ -13,6 +13,7 @@ pub mod exec;
 pub mod experiment;
 pub mod inspect;
 pub mod names;
+pub mod report;
 pub mod rng;
 
 pub use error::{Error, Result};

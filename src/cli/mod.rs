@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 
 mod convert;
 mod inspect;
+mod report;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -33,6 +34,8 @@ enum Command {
     Inspect(inspect::Args),
     /// Re-shard a checkpoint and/or change the dtype of its float tensors.
     Convert(convert::Args),
+    /// Tables with bootstrap mean +- standard error, charts and an HTML page from results files.
+    Report(report::Args),
 }
 
 /// Settings every subcommand may use.
@@ -56,6 +59,7 @@ pub fn run() -> Result<()> {
     match cli.command {
         Command::Inspect(a) => inspect::run(a, &global),
         Command::Convert(a) => convert::run(a, &global),
+        Command::Report(a) => report::run(a, &global),
     }
 }
 
