@@ -7,11 +7,14 @@
 
 pub mod checkpoint;
 pub mod cli;
+pub mod convert;
 pub mod error;
 pub mod exec;
+pub mod experiment;
 pub mod inspect;
 pub mod merge;
 pub mod names;
+pub mod report;
 pub mod rng;
 
 pub use error::{Error, Result};

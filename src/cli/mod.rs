@@ -9,8 +9,10 @@ use clap::{Parser, Subcommand};
 use crate::checkpoint::{parse_size, WriterOptions, DEFAULT_MAX_SHARD_SIZE};
 use crate::error::{Error, Result};
 
+mod convert;
 mod inspect;
 mod merge;
+mod report;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -33,6 +35,10 @@ enum Command {
     Inspect(inspect::Args),
     /// Merge models with mergekit's methods (flags or a mergekit YAML config), optionally only the top SNR layers.
     Merge(Box<merge::Args>),
+    /// Re-shard a checkpoint and/or change the dtype of its float tensors.
+    Convert(convert::Args),
+    /// Tables with bootstrap mean +- standard error, charts and an HTML page from results files.
+    Report(report::Args),
 }
 
 /// Settings every subcommand may use.
@@ -56,6 +62,8 @@ pub fn run() -> Result<()> {
     match cli.command {
         Command::Inspect(a) => inspect::run(a, &global),
         Command::Merge(a) => merge::run(*a, &global),
+        Command::Convert(a) => convert::run(a, &global),
+        Command::Report(a) => report::run(a, &global),
     }
 }
 
