@@ -10,6 +10,7 @@ use crate::checkpoint::{parse_size, WriterOptions, DEFAULT_MAX_SHARD_SIZE};
 use crate::error::{Error, Result};
 
 mod inspect;
+mod snr;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -30,6 +31,8 @@ pub struct Cli {
 enum Command {
     /// List a checkpoint's tensors, a summary per layer type, totals and metadata.
     Inspect(inspect::Args),
+    /// Spectrum's per-matrix SNR: rankings per layer type, top-percent selection, Spectrum/axolotl files.
+    Snr(snr::Args),
 }
 
 /// Settings every subcommand may use.
@@ -52,6 +55,7 @@ pub fn run() -> Result<()> {
     }
     match cli.command {
         Command::Inspect(a) => inspect::run(a, &global),
+        Command::Snr(a) => snr::run(a, &global),
     }
 }
 

@@ -48,12 +48,25 @@ pub enum SnrStatus {
     /// The noise sum is exactly zero (the matrix is exactly low rank): the score is infinite and ranks first.
     NoiseZero,
     /// A 1-D (or 0-D) tensor, not scored (it would score exactly 1.0); `--include-vectors` scores it.
+    #[serde(rename = "skipped_1d")]
     Skipped1d,
     /// A tensor with no elements: no score.
     Empty,
 }
 
 impl SnrStatus {
+    /// The name used in JSON and tables.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SnrStatus::Ok => "ok",
+            SnrStatus::AllZero => "all_zero",
+            SnrStatus::NonFinite => "non_finite",
+            SnrStatus::NoiseZero => "noise_zero",
+            SnrStatus::Skipped1d => "skipped_1d",
+            SnrStatus::Empty => "empty",
+        }
+    }
+
     /// Whether the tensor takes part in rankings (a finite or infinite score).
     pub fn is_scored(self) -> bool {
         matches!(self, SnrStatus::Ok | SnrStatus::NoiseZero)
