@@ -16,5 +16,6 @@ pub mod merge;
 pub mod names;
 pub mod report;
 pub mod rng;
+pub mod snr;
 
 pub use error::{Error, Result};

@@ -13,6 +13,7 @@ mod convert;
 mod inspect;
 mod merge;
 mod report;
+mod snr;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -39,6 +40,8 @@ enum Command {
     Convert(convert::Args),
     /// Tables with bootstrap mean +- standard error, charts and an HTML page from results files.
     Report(report::Args),
+    /// Spectrum's per-matrix SNR: rankings per layer type, top-percent selection, Spectrum/axolotl files.
+    Snr(snr::Args),
 }
 
 /// Settings every subcommand may use.
@@ -64,6 +67,7 @@ pub fn run() -> Result<()> {
         Command::Merge(a) => merge::run(*a, &global),
         Command::Convert(a) => convert::run(a, &global),
         Command::Report(a) => report::run(a, &global),
+        Command::Snr(a) => snr::run(a, &global),
     }
 }
 
