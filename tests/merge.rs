@@ -381,3 +381,134 @@ fn model_stock_and_paper_ties_run_and_summarise() {
         serde_json::from_str(&Checkpoint::open(&o2).unwrap().metadata()["graft.merge"]).unwrap();
     assert_eq!(meta["ties_variant"], "paper");
 }
+
+/// name -> SNR of every scored matrix of `model`, from `graft snr` (the SNR library's own tests check the values).
+fn snr_scores(model: &str) -> std::collections::HashMap<String, f64> {
+    let o = ok(&["snr", model, "--jsonl"]);
+    let d: serde_json::Value = serde_json::from_str(o.lines().next().unwrap()).unwrap();
+    d["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["status"] == "ok")
+        .map(|t| (t["name"].as_str().unwrap().to_string(), t["snr"].as_f64().unwrap()))
+        .collect()
+}
+
+#[test]
+fn snr_selection_merges_only_the_top_matrices_and_what_follows_them() {
+    let d = tempfile::tempdir().unwrap();
+    let o = out(&d, "sel");
+    let (base, a, b) = (fx("sepcnn/base"), fx("sepcnn/ft_a"), fx("sepcnn/ft_b"));
+    ok(&[
+        "merge",
+        "--method",
+        "linear",
+        "--base",
+        &base,
+        "--weight",
+        "0.5",
+        &a,
+        &b,
+        "--snr-select",
+        "top-p=0.2",
+        "-o",
+        &o,
+    ]);
+    let scores = snr_scores(&base);
+    let mut ranked: Vec<(&String, &f64)> = scores.iter().collect();
+    ranked.sort_by(|x, y| y.1.partial_cmp(x.1).unwrap());
+    let k = (0.2 * ranked.len() as f64).ceil() as usize;
+    let selected: Vec<&str> = ranked[..k].iter().map(|(n, _)| n.as_str()).collect();
+    let (cb, ca, cc, m) = (
+        Checkpoint::open(&base).unwrap(),
+        Checkpoint::open(&a).unwrap(),
+        Checkpoint::open(&b).unwrap(),
+        Checkpoint::open(&o).unwrap(),
+    );
+    let merged_list: Vec<String> = serde_json::from_str(&m.metadata()["graft.merged_tensors"]).unwrap();
+    for t in cb.iter() {
+        let got = m.tensor(t.name).unwrap();
+        let matrix = t.is_float() && t.shape.len() >= 2;
+        let module = t.name.rsplit_once('.').unwrap().0;
+        let merged = if matrix {
+            selected.contains(&t.name)
+        } else if t.name.ends_with("running_mean") || t.name.ends_with("running_var") || !t.is_float() {
+            false
+        } else {
+            // Biases follow their own matrix; BatchNorm vectors the matrices of their block.
+            let own = format!("{module}.weight");
+            if scores.contains_key(&own) {
+                selected.contains(&own.as_str())
+            } else {
+                let block = module.rsplit_once('.').map(|p| p.0).unwrap_or("");
+                selected.iter().any(|s| !block.is_empty() && s.starts_with(&format!("{block}.")))
+            }
+        };
+        assert_eq!(merged_list.contains(&t.name.to_string()), merged, "{}", t.name);
+        if merged {
+            let want: Vec<f32> = ca
+                .tensor(t.name)
+                .unwrap()
+                .to_f32()
+                .unwrap()
+                .iter()
+                .zip(cc.tensor(t.name).unwrap().to_f32().unwrap())
+                .map(|(x, y)| x * 0.5 + y * 0.5)
+                .collect();
+            assert_eq!(got.to_f32().unwrap(), want, "{}", t.name);
+        } else {
+            assert_eq!(got.data, t.data, "{} should be the base's", t.name);
+        }
+    }
+    assert!(merged_list.len() > k, "biases and norms follow the selected matrices");
+    let meta: serde_json::Value = serde_json::from_str(&m.metadata()["graft.merge"]).unwrap();
+    assert_eq!(meta["selection"]["selected"].as_u64(), Some(k as u64));
+}
+
+#[test]
+fn snr_alpha_weights_each_layer_by_the_experts_snrs() {
+    let d = tempfile::tempdir().unwrap();
+    let (base, a, b) = (fx("llama/base"), fx("llama/ft_a"), fx("llama/ft_b"));
+    let o = out(&d, "alpha");
+    ok(&[
+        "merge",
+        "--method",
+        "linear",
+        "--base",
+        &base,
+        &a,
+        &b,
+        "--snr-select",
+        "top-p=0.5",
+        "--snr-from",
+        "avg",
+        "--alpha",
+        "snr",
+        "-o",
+        &o,
+    ]);
+    let (sa, sb) = (snr_scores(&a), snr_scores(&b));
+    // avg ranking: the top half of the matrices by (snr_A + snr_B) / 2.
+    let mut ranked: Vec<(&String, f64)> = sa.keys().map(|n| (n, (sa[n] + sb[n]) / 2.0)).collect();
+    ranked.sort_by(|x, y| y.1.partial_cmp(&x.1).unwrap());
+    let k = (0.5 * ranked.len() as f64).ceil() as usize;
+    let m = Checkpoint::open(&o).unwrap();
+    for (i, (name, _)) in ranked.iter().enumerate() {
+        let got = m.tensor(name).unwrap().to_f32().unwrap();
+        if i >= k {
+            assert_eq!(got, f32s(&base, name), "{name} not selected");
+            continue;
+        }
+        let alpha = sb[*name] / (sa[*name] + sb[*name]);
+        let (xa, xb) = (f32s(&a, name), f32s(&b, name));
+        for e in 0..got.len() {
+            let r = (1.0 - alpha) * xa[e] as f64 + alpha * xb[e] as f64;
+            assert!((got[e] as f64 - r).abs() <= r.abs() / 256.0 + 1e-12, "{name}[{e}]: {} vs {r}", got[e]);
+        }
+    }
+    // The final norm is outside every layer: always the reference's.
+    assert_eq!(f32s(&o, "model.norm.weight"), f32s(&base, "model.norm.weight"));
+    let (code, e) = fail(&["merge", "--method", "linear", &a, &b, "--alpha", "snr", "-o", &out(&d, "x")]);
+    assert!(code == 2 && e.contains("--snr-select"), "{e}");
+}

@@ -12,6 +12,7 @@ use crate::merge::config::{self, Flags, MergeConfig};
 use crate::merge::execute::{self, RunOptions, Summary};
 use crate::merge::params::{Scalar, Setting};
 use crate::merge::plan::{self, Op, Plan};
+use crate::merge::select::{self, Alpha, SelectOptions, SelectionReport, SnrSource};
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 enum TiesVariant {
@@ -25,6 +26,12 @@ enum TiesVariant {
 enum Compat {
     /// Round every step to mergekit's working dtype as mergekit does.
     Mergekit,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum AlphaArg {
+    Fixed,
+    Snr,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -93,6 +100,16 @@ pub struct Args {
     /// Where tensors that are not merged come from.
     #[arg(long, value_enum)]
     reference: Option<Reference>,
+    /// Merge only the top fraction of weight matrices by SNR: `top-p=P` (P in [0, 1]); the rest is copied from the
+    /// reference.
+    #[arg(long, value_name = "top-p=P")]
+    snr_select: Option<String>,
+    /// SNRs to rank by: `base` (the reference model), `avg` (mean over the experts) or a `graft snr` selection file.
+    #[arg(long, default_value = "base", value_name = "base|avg|FILE")]
+    snr_from: String,
+    /// Interpolation weight of each merged layer: `fixed` (the configured weights/t) or `snr` (snr_B / (snr_A + snr_B)).
+    #[arg(long, value_enum, default_value = "fixed")]
+    alpha: AlphaArg,
     /// Print the plan (which tensor from which models with which parameters) and write nothing.
     #[arg(long)]
     dry_run: bool,
@@ -207,19 +224,52 @@ pub fn run(a: Args, global: &Global) -> Result<()> {
     let started = Instant::now();
     let cfg = build_config(&a)?;
     let models: Vec<Checkpoint> = cfg.model_paths().iter().map(Checkpoint::open).collect::<Result<_>>()?;
-    let plan = plan::build(&cfg, &models)?;
+    let mut plan = plan::build(&cfg, &models)?;
+    let exec = Executor::new(global.threads)?;
+    let selection = match &a.snr_select {
+        Some(s) => {
+            let opts = SelectOptions {
+                top_p: select::parse_top_p(s)?,
+                from: SnrSource::parse(&a.snr_from),
+                alpha: if a.alpha == AlphaArg::Snr { Alpha::Snr } else { Alpha::Fixed },
+            };
+            Some(select::apply(&mut plan, &models, &exec, &opts)?)
+        }
+        None => {
+            if a.alpha == AlphaArg::Snr || a.snr_from != "base" {
+                return Err(Error::usage("--alpha and --snr-from need --snr-select"));
+            }
+            None
+        }
+    };
     if a.dry_run {
-        return if a.json { emit(&(serde_json::to_string(&plan).unwrap() + "\n")) } else { emit(&render_plan(&plan)) };
+        return if a.json {
+            let mut v = serde_json::to_value(&plan).unwrap();
+            if let Some(s) = &selection {
+                v["selection"] = serde_json::to_value(s).unwrap();
+            }
+            emit(&(v.to_string() + "\n"))
+        } else {
+            let mut text = render_plan(&plan);
+            if let Some(s) = &selection {
+                text.push_str(&render_selection(s));
+            }
+            emit(&text)
+        };
     }
     let run = RunOptions {
         seed: a.seed,
         compat: a.compat == Some(Compat::Mergekit),
         ties_paper: a.ties_variant == TiesVariant::Paper,
     };
-    let exec = Executor::new(global.threads)?;
     let inputs: Vec<PathBuf> = models.iter().flat_map(|m| m.files()).collect();
     let mut opts = a.output.writer_options(inputs);
-    opts.metadata.extend(execute::merge_metadata(&plan, &cfg, &run, None));
+    opts.metadata.extend(execute::merge_metadata(
+        &plan,
+        &cfg,
+        &run,
+        selection.as_ref().map(|s| serde_json::to_value(s).unwrap()),
+    ));
     let written = execute::execute(&plan, &cfg, &models, &exec, &a.output.output, opts, &run)?;
     let merged = plan.merged_count();
     let summary = Summary {
@@ -312,4 +362,25 @@ fn render_plan(plan: &Plan) -> String {
         if plan.models.len() > 1 { " (* marks the base)" } else { "" }
     );
     s
+}
+
+fn render_selection(s: &SelectionReport) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "SNR selection: top-p {} of {} candidate matrices -> {} selected ({} tensors merged), SNR from {:?}, alpha {:?}",
+        s.top_p, s.candidates, s.selected, s.merged_tensors, s.from, s.alpha
+    );
+    let mut t = table(&["rank", "matrix", "snr", "selected", "alpha"]);
+    for r in &s.ranking {
+        t.add_row(vec![
+            r.rank.to_string(),
+            r.name.clone(),
+            if r.snr.is_finite() { format!("{:.6}", r.snr) } else { "inf".into() },
+            if r.selected { "yes".into() } else { String::new() },
+            r.alpha.map(|a| format!("{a:.4}")).unwrap_or_default(),
+        ]);
+    }
+    let _ = writeln!(out, "{t}");
+    out
 }

@@ -16,6 +16,7 @@ pub mod model_stock;
 pub mod params;
 pub mod passthrough;
 pub mod plan;
+pub mod select;
 pub mod slerp;
 pub mod sparsify;
 pub mod task_arithmetic;
