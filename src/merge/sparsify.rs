@@ -180,30 +180,37 @@ pub fn rank_windows(
     if windows.iter().all(|&w| trivial(w)) {
         return Ok(windows.iter().map(|&(lo, hi)| simple(lo, hi, n)).collect());
     }
-    // Pass one: histogram of the high 16 bits per series.
+    // Pass one, per chunk and series: histogram of the high 16 bits, and which buckets hold keys with nonzero low
+    // bits. Differences of bf16 values mostly have zero low halves, so the wanted bucket is usually "pure" (a
+    // single key) and pass two is skipped.
     let parts = exec.chunked(n, |r| {
         let vs = values(r)?;
-        let mut h = vec![vec![0u32; 1 << 16]; s];
+        let mut h = vec![(vec![0u32; 1 << 16], vec![0u8; 1 << 16]); s];
         for (j, v) in vs.iter().enumerate() {
             if trivial(windows[j]) {
                 continue;
             }
-            let hj = &mut h[j];
+            let (hj, mixed) = &mut h[j];
             for &x in v.iter() {
-                hj[(key(x) >> 16) as usize] += 1;
+                let k = key(x);
+                hj[(k >> 16) as usize] += 1;
+                mixed[(k >> 16) as usize] |= (k & 0xffff != 0) as u8;
             }
         }
         Ok(h)
     })?;
     let mut hist = vec![vec![0u64; 1 << 16]; s];
+    let mut mixed = vec![vec![0u8; 1 << 16]; s];
     for p in &parts {
         for j in 0..s {
-            for (t, &c) in hist[j].iter_mut().zip(&p[j]) {
+            for (t, &c) in hist[j].iter_mut().zip(&p[j].0) {
                 *t += c as u64;
+            }
+            for (t, &m) in mixed[j].iter_mut().zip(&p[j].1) {
+                *t |= m;
             }
         }
     }
-    drop(parts);
     // For each series, the buckets holding rank lo and rank hi - 1, and how many elements lie below each bucket.
     let locate = |h: &[u64], rank: usize| -> (u32, usize) {
         let mut below = 0usize;
@@ -221,23 +228,33 @@ pub fn rank_windows(
         .map(|(j, &w)| (!trivial(w)).then(|| [locate(&hist[j], w.0), locate(&hist[j], w.1 - 1)]))
         .collect();
     drop(hist);
-    // Pass two: the low 16 bits of the elements inside those buckets, kept per chunk to count ties per chunk.
-    let parts = exec.chunked(n, |r| {
-        let vs = values(r)?;
-        let mut out: Vec<[Vec<u16>; 2]> = vec![[Vec::new(), Vec::new()]; s];
-        for (j, v) in vs.iter().enumerate() {
-            let Some(t) = &targets[j] else { continue };
-            for x in v.iter().map(|&x| key(x)) {
-                let hi = x >> 16;
-                for (e, &(b, _)) in t.iter().enumerate() {
-                    if hi == b {
-                        out[j][e].push(x as u16);
+    let pure = |j: usize, b: u32| mixed[j][b as usize] == 0;
+    // Pass two (only for impure buckets): the low 16 bits of the elements inside them, per chunk.
+    let impure: Vec<[bool; 2]> = targets
+        .iter()
+        .enumerate()
+        .map(|(j, t)| t.map_or([false; 2], |t| [!pure(j, t[0].0), !pure(j, t[1].0)]))
+        .collect();
+    let low_parts: Vec<Vec<[Vec<u16>; 2]>> = if impure.iter().any(|i| i[0] || i[1]) {
+        exec.chunked(n, |r| {
+            let vs = values(r)?;
+            let mut out: Vec<[Vec<u16>; 2]> = vec![[Vec::new(), Vec::new()]; s];
+            for (j, v) in vs.iter().enumerate() {
+                let Some(t) = &targets[j] else { continue };
+                for x in v.iter().map(|&x| key(x)) {
+                    let hi = x >> 16;
+                    for (e, &(b, _)) in t.iter().enumerate() {
+                        if impure[j][e] && hi == b {
+                            out[j][e].push(x as u16);
+                        }
                     }
                 }
             }
-        }
-        Ok(out)
-    })?;
+            Ok(out)
+        })?
+    } else {
+        Vec::new()
+    };
     let mut result = Vec::with_capacity(s);
     for (j, &(lo, hi)) in windows.iter().enumerate() {
         let Some(t) = &targets[j] else {
@@ -246,8 +263,19 @@ pub fn rank_windows(
         };
         let mut bounds = Vec::with_capacity(2);
         for (e, (&(bucket, below), rank)) in t.iter().zip([lo, hi - 1]).enumerate() {
+            let mut eq_before = Vec::with_capacity(parts.len());
+            let mut acc = 0usize;
+            if !impure[j][e] {
+                // Every key in the bucket is `bucket << 16`: its rank range starts at `below`.
+                for p in &parts {
+                    eq_before.push(acc);
+                    acc += p[j].0[bucket as usize] as usize;
+                }
+                bounds.push(Boundary { key: bucket << 16, less: below, eq_before });
+                continue;
+            }
             let mut low = vec![0u64; 1 << 16];
-            for p in &parts {
+            for p in &low_parts {
                 for &v in &p[j][e] {
                     low[v as usize] += 1;
                 }
@@ -261,14 +289,11 @@ pub fn rank_windows(
                 }
                 less += c as usize;
             }
-            let key = (bucket << 16) | found;
-            let mut eq_before = Vec::with_capacity(parts.len());
-            let mut acc = 0usize;
-            for p in &parts {
+            for p in &low_parts {
                 eq_before.push(acc);
                 acc += p[j][e].iter().filter(|&&v| v as u32 == found).count();
             }
-            bounds.push(Boundary { key, less, eq_before });
+            bounds.push(Boundary { key: (bucket << 16) | found, less, eq_before });
         }
         let upper = bounds.pop().unwrap();
         let lower = bounds.pop().unwrap();
@@ -415,6 +440,11 @@ mod tests {
             assert!(got.iter().zip(&v).filter(|(g, x)| g == x && **x != 0.0).count() <= w.1 - w.0);
         }
         assert_eq!(windows_of(&v, magnitude_window(n, 0.5), 1), windows_of(&v, magnitude_window(n, 0.5), 2));
+        // Continuous values: the boundary buckets hold several keys, so the low-bit pass decides.
+        let v: Vec<f32> = (0..n).map(|_| r.normal() as f32).collect();
+        for w in [magnitude_window(n, 0.3), outlier_window(n, 0.5, 0.01)] {
+            assert_eq!(windows_of(&v, w, 2), reference(&v, w), "window {w:?}");
+        }
     }
 
     #[test]
