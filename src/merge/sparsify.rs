@@ -67,28 +67,48 @@ pub struct RankWindow {
     window: Window,
 }
 
+/// Where a sequential walk through a rank window stands: how many elements equal to each boundary key lie before it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Cursor {
+    seen_lo: usize,
+    seen_hi: usize,
+}
+
 impl RankWindow {
     /// Zeroes the entries of `d` (elements `range` of the series) outside the window. `prefix` supplies the values
     /// of `[chunk start, range.start)` when `range` does not start on a chunk boundary.
     pub fn apply(&self, range: Range<usize>, d: &mut [f32], prefix: &dyn Fn(Range<usize>) -> Result<Buf>) -> Result<()> {
+        let mut cur = self.cursor(range.start, prefix)?;
+        self.apply_at(&mut cur, d);
+        Ok(())
+    }
+
+    /// The cursor at element `start` (`prefix` as for `apply`).
+    pub fn cursor(&self, start: usize, prefix: &dyn Fn(Range<usize>) -> Result<Buf>) -> Result<Cursor> {
+        let Window::Bounded { lower, upper } = &self.window else { return Ok(Cursor::default()) };
+        let chunk = start / CHUNK_ELEMS;
+        let mut cur = Cursor { seen_lo: lower.eq_before[chunk], seen_hi: upper.eq_before[chunk] };
+        let chunk_start = chunk * CHUNK_ELEMS;
+        if start > chunk_start {
+            for k in prefix(chunk_start..start)?.iter().map(|&x| key(x)) {
+                cur.seen_lo += (k == lower.key) as usize;
+                cur.seen_hi += (k == upper.key) as usize;
+            }
+        }
+        Ok(cur)
+    }
+
+    /// Zeroes the entries of `d` outside the window, `d` being the elements at `cur`; advances `cur` past them.
+    pub fn apply_at(&self, cur: &mut Cursor, d: &mut [f32]) {
         let (lower, upper) = match &self.window {
-            Window::All => return Ok(()),
+            Window::All => return,
             Window::Nothing => {
                 d.fill(0.0);
-                return Ok(());
+                return;
             }
             Window::Bounded { lower, upper } => (lower, upper),
         };
-        let chunk = range.start / CHUNK_ELEMS;
-        let mut seen_lo = lower.eq_before[chunk];
-        let mut seen_hi = upper.eq_before[chunk];
-        let chunk_start = chunk * CHUNK_ELEMS;
-        if range.start > chunk_start {
-            for k in prefix(chunk_start..range.start)?.iter().map(|&x| key(x)) {
-                seen_lo += (k == lower.key) as usize;
-                seen_hi += (k == upper.key) as usize;
-            }
-        }
+        let (mut seen_lo, mut seen_hi) = (cur.seen_lo, cur.seen_hi);
         let (lk, uk) = (lower.key, upper.key);
         let (lo, hi) = (self.lo, self.hi);
         // Equal keys have rank `less + ordinal among the equal ones`. bf16 task vectors put a large share of their
@@ -131,7 +151,8 @@ impl RankWindow {
                 *x = if keep { *x } else { 0.0 };
             }
         }
-        Ok(())
+        cur.seen_lo = seen_lo;
+        cur.seen_hi = seen_hi;
     }
 
     /// The number of elements kept.
@@ -185,25 +206,28 @@ pub fn rank_windows(
     // order inside every bucket without a second pass; a chunk with too many of them (f32 data) asks for pass two.
     let parts = exec.chunked(n, |r| {
         let cap = r.len() / 64 + 16;
-        let vs = values(r)?;
-        let mut h: Vec<Option<HighPass>> = (0..s).map(|_| None).collect();
-        for (j, v) in vs.iter().enumerate() {
-            if trivial(windows[j]) {
-                continue;
-            }
-            let mut p = HighPass { hist: vec![0u32; 1 << 16], odd: Vec::new(), overflow: false };
-            for &x in v.iter() {
-                let k = key(x);
-                p.hist[(k >> 16) as usize] += 1;
-                if k & 0xffff != 0 {
-                    if p.odd.len() < cap {
-                        p.odd.push(k);
-                    } else {
-                        p.overflow = true;
+        let mut h: Vec<Option<HighPass>> = (0..s)
+            .map(|j| {
+                (!trivial(windows[j])).then(|| HighPass { hist: vec![0u32; 1 << 16], odd: Vec::new(), overflow: false })
+            })
+            .collect();
+        // Cache-sized blocks: the values of a block are still in cache when they are counted.
+        for b in blocks(r) {
+            let vs = values(b)?;
+            for (v, p) in vs.iter().zip(h.iter_mut()) {
+                let Some(p) = p else { continue };
+                for &x in v.iter() {
+                    let k = key(x);
+                    p.hist[(k >> 16) as usize] += 1;
+                    if k & 0xffff != 0 {
+                        if p.odd.len() < cap {
+                            p.odd.push(k);
+                        } else {
+                            p.overflow = true;
+                        }
                     }
                 }
             }
-            h[j] = Some(p);
         }
         Ok(h)
     })?;
@@ -314,6 +338,14 @@ pub fn rank_windows(
         result.push(RankWindow { lo, hi, window: Window::Bounded { lower, upper } });
     }
     Ok(result)
+}
+
+/// Elements per cache-sized block of a chunk (64 KiB of f32 per buffer).
+pub const BLOCK: usize = 1 << 14;
+
+/// `r` cut into `BLOCK`-sized pieces.
+pub fn blocks(r: Range<usize>) -> impl Iterator<Item = Range<usize>> {
+    (r.start..r.end).step_by(BLOCK).map(move |s| s..(s + BLOCK).min(r.end))
 }
 
 /// Pass one of `rank_windows` over one chunk of one series.

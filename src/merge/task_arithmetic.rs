@@ -17,7 +17,7 @@ use std::ops::Range;
 
 use super::method::{Arithmetic, BasePolicy, Buf, Contract, Ctx, Kernel, MergeMethod, TensorInputs};
 use super::params::{Default, Kind, ParamDef, Scope, TensorParams};
-use super::sparsify::{self, Lines, RankWindow};
+use super::sparsify::{self, Cursor, Lines, RankWindow};
 use crate::error::{Error, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -125,15 +125,27 @@ impl GtaKernel<'_> {
         Ok(x)
     }
 
-    /// The sparsified (not yet rescaled) task vector of series `j` over `range`.
-    fn sparse_delta(&self, j: usize, range: Range<usize>, base: Option<&[f32]>) -> Result<Buf> {
+    /// The sparsified (not yet rescaled) task vector of series `j` over `range`; `cursor` carries a rank window's
+    /// position between consecutive ranges.
+    fn sparse_delta(
+        &self,
+        j: usize,
+        range: Range<usize>,
+        base: Option<&[f32]>,
+        cursor: Option<&mut Cursor>,
+    ) -> Result<Buf> {
         match &self.series[j].sparse {
             Sparse::Keep => self.delta(j, range, base),
             Sparse::Zero => Ok(Buf::zeroed(range.len())),
             Sparse::Window(w) => {
                 let mut d = self.delta(j, range.clone(), base)?;
-                let prefix = |q: Range<usize>| -> Result<Buf> { self.delta(j, q, None) };
-                w.apply(range, &mut d, &prefix)?;
+                match cursor {
+                    Some(cur) => w.apply_at(cur, &mut d),
+                    None => {
+                        let prefix = |q: Range<usize>| -> Result<Buf> { self.delta(j, q, None) };
+                        w.apply(range, &mut d, &prefix)?;
+                    }
+                }
                 Ok(d)
             }
             Sparse::Pending(_) => unreachable!("rank windows are computed before the kernel runs"),
@@ -152,17 +164,16 @@ impl GtaKernel<'_> {
             }
         }
     }
-}
 
-impl Kernel for GtaKernel<'_> {
-    fn compute(&self, range: Range<usize>) -> Result<Vec<f32>> {
+    /// One cache-sized block of the merged tensor.
+    fn block(&self, range: Range<usize>, cursors: &mut [Option<Cursor>]) -> Result<Buf> {
         // Whole-slice steps (vectorisable); in mergekit mode each step is followed by its rounding.
         let ar = self.ar;
         let n = range.len();
         let base = self.inputs.read(self.base, range.clone())?;
         let mut e: Vec<Buf> = Vec::with_capacity(self.series.len());
         for (j, s) in self.series.iter().enumerate() {
-            let mut d = self.sparse_delta(j, range.clone(), Some(&base))?;
+            let mut d = self.sparse_delta(j, range.clone(), Some(&base), cursors[j].as_mut())?;
             if let Some(scale) = s.scale {
                 d.iter_mut().for_each(|v| *v *= scale);
                 ar.round(&mut d);
@@ -215,7 +226,33 @@ impl Kernel for GtaKernel<'_> {
         let mut out = base;
         out.iter_mut().zip(mixed.iter()).for_each(|(o, m)| *o += m);
         ar.round(&mut out);
-        Ok(out.into_vec())
+        Ok(out)
+    }
+}
+
+impl Kernel for GtaKernel<'_> {
+    fn compute(&self, range: Range<usize>) -> Result<Vec<f32>> {
+        // Cache-sized blocks keep the intermediate vectors out of main memory; DELLA ranks whole rows, so its
+        // blocks are the whole range.
+        let della = self.series.iter().any(|s| matches!(s.sparse, Sparse::Della { .. }));
+        let mut cursors = Vec::with_capacity(self.series.len());
+        for (j, s) in self.series.iter().enumerate() {
+            cursors.push(match &s.sparse {
+                Sparse::Window(w) => {
+                    let prefix = |q: Range<usize>| -> Result<Buf> { self.delta(j, q, None) };
+                    Some(w.cursor(range.start, &prefix)?)
+                }
+                _ => None,
+            });
+        }
+        if della {
+            return Ok(self.block(range, &mut cursors)?.into_vec());
+        }
+        let mut out = Vec::with_capacity(range.len());
+        for b in sparsify::blocks(range) {
+            out.extend_from_slice(&self.block(b, &mut cursors)?);
+        }
+        Ok(out)
     }
 }
 
@@ -303,7 +340,7 @@ impl Gta {
                         .map(|&j| {
                             let before: f64 = k.delta(j, r.clone(), Some(&b))?.iter().map(|&x| x.abs() as f64).sum();
                             let after: f64 =
-                                k.sparse_delta(j, r.clone(), Some(&b))?.iter().map(|&x| x.abs() as f64).sum();
+                                k.sparse_delta(j, r.clone(), Some(&b), None)?.iter().map(|&x| x.abs() as f64).sum();
                             Ok([before, after])
                         })
                         .collect::<Result<Vec<_>>>()

@@ -331,6 +331,27 @@ mod tests {
     }
 
     #[test]
+    fn matches_the_reference_across_chunks_and_blocks_with_tied_magnitudes() {
+        // Deltas on a coarse grid (many equal magnitudes) over more than one executor chunk: the rank window's
+        // tie bookkeeping must carry across cache blocks and chunks.
+        let n = crate::exec::CHUNK_ELEMS + 40_000;
+        let b = vec![0f32; n];
+        let grid = |s: u64| -> Vec<f32> { randn(s, n, 4.0).iter().map(|x| x.round() / 64.0).collect() };
+        let xs = [grid(2), grid(3)];
+        // Weights in an irrational ratio: no weighted sum of grid values cancels exactly, so the elected sign does
+        // not depend on f32 versus f64 rounding.
+        let w = [0.618034, 0.381966];
+        let mut per = vec![vec![]];
+        per.extend(w.iter().map(|&wi| vec![("weight", wi), ("density", 0.3)]));
+        let p = gta_params(true, 1.0, per);
+        let got = run_full(&Ties, &[b.clone(), xs[0].clone(), xs[1].clone()], &[n], Some(0), &p, Arithmetic::F32, 0, 2)
+            .unwrap();
+        for (e, (g, r)) in got.iter().zip(reference(&b, &xs, &w, 0.3, true, 1.0)).enumerate() {
+            assert!((*g as f64 - r).abs() <= 1e-6 * (1.0 + r.abs()), "{e}: {g} vs {r}");
+        }
+    }
+
+    #[test]
     fn density_one_with_one_model_equals_task_arithmetic() {
         let b = randn(1, 500, 1.0);
         let x: Vec<f32> = b.iter().zip(randn(2, 500, 0.1)).map(|(a, d)| a + d).collect();
