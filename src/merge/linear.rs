@@ -4,7 +4,7 @@
 
 use std::ops::Range;
 
-use super::method::{Arithmetic, BasePolicy, Buf, Contract, Ctx, Kernel, MergeMethod, TensorInputs};
+use super::method::{blocked, Arithmetic, BasePolicy, Contract, Ctx, Kernel, MergeMethod, TensorInputs};
 use super::params::{Default, Kind, ParamDef, Scope, TensorParams};
 use crate::error::{Error, Result};
 
@@ -15,6 +15,28 @@ const PARAMS: &[ParamDef] = &[
     ParamDef::new("normalize", Kind::Bool, Scope::Shared, Default::Bool(true), "divide by the sum of the weights"),
 ];
 
+/// `acc += x * w` with one rounding per element (a fused multiply-add), as torch's `addcmul` computes it. Uses the
+/// CPU's FMA instructions where it has them; `f32::mul_add` is exact everywhere, so results never depend on it.
+pub fn fused_accumulate(acc: &mut [f32], x: &[f32], w: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the features this function is compiled for were just detected.
+        unsafe { fused_accumulate_fma(acc, x, w) };
+        return;
+    }
+    for (a, v) in acc.iter_mut().zip(x) {
+        *a = v.mul_add(w, *a);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fused_accumulate_fma(acc: &mut [f32], x: &[f32], w: f32) {
+    for (a, v) in acc.iter_mut().zip(x) {
+        *a = v.mul_add(w, *a);
+    }
+}
+
 struct LinearKernel<'a> {
     inputs: TensorInputs<'a>,
     weights: Vec<f32>,
@@ -24,22 +46,17 @@ struct LinearKernel<'a> {
 
 impl Kernel for LinearKernel<'_> {
     fn compute(&self, range: Range<usize>) -> Result<Vec<f32>> {
-        let mut acc = Buf::zeroed(range.len());
-        for (i, &w) in self.weights.iter().enumerate() {
-            let x = self.inputs.read(i, range.clone())?;
-            // One rounding per step, as torch's fused addcmul does (the f64 product of two f32 is exact).
-            let w = w as f64;
-            for (a, v) in acc.iter_mut().zip(&x) {
-                *a = (*a as f64 + *v as f64 * w) as f32;
+        blocked(range, |r, acc| {
+            for (i, &w) in self.weights.iter().enumerate() {
+                let x = self.inputs.read(i, r.clone())?;
+                fused_accumulate(acc, &x, w);
             }
-        }
-        if let Some(d) = self.divisor {
-            for a in acc.iter_mut() {
-                *a /= d;
+            if let Some(d) = self.divisor {
+                acc.iter_mut().for_each(|a| *a /= d);
             }
-        }
-        self.arithmetic.round(&mut acc);
-        Ok(acc.into_vec())
+            self.arithmetic.round(acc);
+            Ok(())
+        })
     }
 }
 

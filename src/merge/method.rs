@@ -213,6 +213,13 @@ impl<'a> TensorInputs<'a> {
         Ok(v)
     }
 
+    /// Elements `range` of input `i` into `out` (rounded to the working dtype in mergekit mode).
+    pub fn read_into(&self, i: usize, range: Range<usize>, out: &mut [f32]) -> Result<()> {
+        self.views[i].read_f32_range(range, out)?;
+        self.arithmetic.round(out);
+        Ok(())
+    }
+
     /// The inputs other than the base, in input order.
     pub fn non_base(&self) -> Vec<usize> {
         (0..self.views.len()).filter(|&i| Some(i) != self.base).collect()
@@ -222,6 +229,18 @@ impl<'a> TensorInputs<'a> {
     pub fn base_index(&self) -> Result<usize> {
         self.base.ok_or_else(|| Error::invalid(format!("tensor '{}': this method needs a base model", self.name)))
     }
+}
+
+/// Runs `block(r, out)` over cache-sized pieces `r` of `range`, each filling its piece `out` of the result: the
+/// intermediate vectors of an elementwise kernel then stay in cache instead of streaming through memory per step.
+pub fn blocked(range: Range<usize>, mut block: impl FnMut(Range<usize>, &mut [f32]) -> Result<()>) -> Result<Vec<f32>> {
+    let start = range.start;
+    let mut out = vec![0f32; range.len()];
+    for b in super::sparsify::blocks(range) {
+        let dst = &mut out[b.start - start..b.end - start];
+        block(b, dst)?;
+    }
+    Ok(out)
 }
 
 /// Computes any element range of one merged tensor.

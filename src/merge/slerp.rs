@@ -6,7 +6,7 @@
 
 use std::ops::Range;
 
-use super::method::{BasePolicy, Contract, Ctx, Kernel, MergeMethod, TensorInputs};
+use super::method::{blocked, BasePolicy, Contract, Ctx, Kernel, MergeMethod, TensorInputs};
 use super::params::{Default, Kind, ParamDef, Scope, TensorParams};
 use crate::error::Result;
 
@@ -41,24 +41,22 @@ struct SlerpKernel<'a> {
 
 impl Kernel for SlerpKernel<'_> {
     fn compute(&self, range: Range<usize>) -> Result<Vec<f32>> {
-        let mut x = self.inputs.read(self.a, range.clone())?;
-        // t = 0 and t = 1 must return an input exactly, whatever the other holds.
-        if self.s1 != 0.0 {
-            let y = self.inputs.read(self.b, range)?;
-            if self.s0 == 0.0 {
-                x.iter_mut().zip(&y).for_each(|(u, v)| *u = v * self.s1);
-            } else {
-                for (u, v) in x.iter_mut().zip(&y) {
-                    *u = self.s0 * *u + self.s1 * v;
+        blocked(range, |r, x| {
+            self.inputs.read_into(self.a, r.clone(), x)?;
+            // t = 0 and t = 1 must return an input exactly, whatever the other holds.
+            if self.s1 != 0.0 {
+                let y = self.inputs.read(self.b, r)?;
+                if self.s0 == 0.0 {
+                    x.iter_mut().zip(&y).for_each(|(u, v)| *u = v * self.s1);
+                } else {
+                    x.iter_mut().zip(&y).for_each(|(u, v)| *u = self.s0 * *u + self.s1 * v);
                 }
+            } else if self.s0 != 1.0 {
+                x.iter_mut().for_each(|u| *u *= self.s0);
             }
-        } else if self.s0 != 1.0 {
-            for u in x.iter_mut() {
-                *u *= self.s0;
-            }
-        }
-        self.inputs.arithmetic.round(&mut x);
-        Ok(x.into_vec())
+            self.inputs.arithmetic.round(x);
+            Ok(())
+        })
     }
 }
 
@@ -83,14 +81,16 @@ impl MergeMethod for Slerp {
         let a = inputs.base_index()?;
         let b = 1 - a;
         let parts = ctx.chunked(inputs.numel(), |r| {
-            let x = inputs.read(a, r.clone())?;
-            let y = inputs.read(b, r)?;
             let (mut aa, mut bb, mut ab) = (0f64, 0f64, 0f64);
-            for (&u, &v) in x.iter().zip(&y) {
-                let (u, v) = (u as f64, v as f64);
-                aa += u * u;
-                bb += v * v;
-                ab += u * v;
+            for r in super::sparsify::blocks(r) {
+                let x = inputs.read(a, r.clone())?;
+                let y = inputs.read(b, r)?;
+                for (&u, &v) in x.iter().zip(&y) {
+                    let (u, v) = (u as f64, v as f64);
+                    aa += u * u;
+                    bb += v * v;
+                    ab += u * v;
+                }
             }
             Ok([aa, bb, ab])
         })?;
