@@ -4,5 +4,6 @@
 
 pub mod plan;
 pub mod runner;
+pub mod steps;
 
 pub use plan::{Freeze, Plan, Stage};
