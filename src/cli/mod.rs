@@ -10,6 +10,7 @@ use crate::checkpoint::{parse_size, WriterOptions, DEFAULT_MAX_SHARD_SIZE};
 use crate::error::{Error, Result};
 
 mod convert;
+mod experiment;
 mod inspect;
 mod report;
 
@@ -36,6 +37,10 @@ enum Command {
     Convert(convert::Args),
     /// Tables with bootstrap mean +- standard error, charts and an HTML page from results files.
     Report(report::Args),
+    /// Run the SNR-selective merging study described by a plan file, resumably, and report it.
+    Experiment(experiment::Args),
+    /// Run a small version of the whole study on real digits shipped with graft (about a minute on 2 cores).
+    Demo(experiment::DemoArgs),
 }
 
 /// Settings every subcommand may use.
@@ -60,6 +65,8 @@ pub fn run() -> Result<()> {
         Command::Inspect(a) => inspect::run(a, &global),
         Command::Convert(a) => convert::run(a, &global),
         Command::Report(a) => report::run(a, &global),
+        Command::Experiment(a) => experiment::run(a, &global),
+        Command::Demo(a) => experiment::demo(a, &global),
     }
 }
 
