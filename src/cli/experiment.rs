@@ -68,7 +68,7 @@ fn study(plan: &Plan, rundir: &Path, report: bool) -> Result<()> {
     );
     if report && summary.lines > 0 {
         let r = generate(
-            &[summary.results.clone()],
+            std::slice::from_ref(&summary.results),
             &rundir.join("report"),
             &Options { seed: 0, resamples: DEFAULT_RESAMPLES },
         )?;
