@@ -60,9 +60,9 @@ impl Rng {
         (self.next_u64() >> 40) as f32 * (1.0 / (1u32 << 24) as f32)
     }
 
-    /// Uniform integer in [0, n) (Lemire's multiply-shift; the bias is below 2^-32 for any n used here).
+    /// Uniform integer in [0, n) (Lemire's multiply-shift on all 64 bits; the bias is at most n / 2^64).
     pub fn below(&mut self, n: usize) -> usize {
-        ((self.next_u64() >> 32).wrapping_mul(n as u64) >> 32) as usize
+        ((self.next_u64() as u128 * n as u128) >> 64) as usize
     }
 
     /// Standard normal (Box-Muller).

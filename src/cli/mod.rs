@@ -9,7 +9,10 @@ use clap::{Parser, Subcommand};
 use crate::checkpoint::{parse_size, WriterOptions, DEFAULT_MAX_SHARD_SIZE};
 use crate::error::{Error, Result};
 
+mod convert;
+mod experiment;
 mod inspect;
+mod report;
 mod snr;
 
 #[derive(Parser, Debug)]
@@ -33,6 +36,14 @@ enum Command {
     Inspect(inspect::Args),
     /// Spectrum's per-matrix SNR: rankings per layer type, top-percent selection, Spectrum/axolotl files.
     Snr(snr::Args),
+    /// Re-shard a checkpoint and/or change the dtype of its float tensors.
+    Convert(convert::Args),
+    /// Tables with bootstrap mean +- standard error, charts and an HTML page from results files.
+    Report(report::Args),
+    /// Run the SNR-selective merging study described by a plan file, resumably, and report it.
+    Experiment(experiment::Args),
+    /// Run a small version of the whole study on real digits shipped with graft (about a minute on 2 cores).
+    Demo(experiment::DemoArgs),
 }
 
 /// Settings every subcommand may use.
@@ -56,6 +67,10 @@ pub fn run() -> Result<()> {
     match cli.command {
         Command::Inspect(a) => inspect::run(a, &global),
         Command::Snr(a) => snr::run(a, &global),
+        Command::Convert(a) => convert::run(a, &global),
+        Command::Report(a) => report::run(a, &global),
+        Command::Experiment(a) => experiment::run(a, &global),
+        Command::Demo(a) => experiment::demo(a, &global),
     }
 }
 

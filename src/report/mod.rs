@@ -1,0 +1,225 @@
+//! `graft report`: results lines -> tables with bootstrap statistics, charts and a static HTML page.
+//!
+//! `results` reads and validates the JSONL files, `summary` groups lines into experiments and runs and computes the
+//! estimates (`bootstrap`), `table` prints them (markdown, CSV), `plots` decides the charts, `render` draws them
+//! (PNG + SVG), `html` makes the page. This module writes the report directory, all at once: everything is built in
+//! a sibling staging directory first and moved into place at the end, so a failure never leaves a half report.
+
+pub mod bootstrap;
+pub mod html;
+pub mod plots;
+pub mod render;
+pub mod results;
+pub mod summary;
+pub mod table;
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use plots::{Chart, Section};
+use summary::Summary;
+
+/// The marker `summary.json` carries, by which a later run recognises a report directory it may replace.
+pub const GENERATOR: &str = "graft report";
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub seed: u64,
+    pub resamples: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { seed: 0, resamples: bootstrap::DEFAULT_RESAMPLES }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PlotFiles {
+    pub name: String,
+    pub title: String,
+    pub section: Section,
+    pub png: String,
+    pub svg: String,
+}
+
+/// `summary.json`: the summary with everything needed to find the files (paths relative to the report directory).
+#[derive(Serialize)]
+pub struct Document<'a> {
+    pub generator: &'static str,
+    pub version: &'static str,
+    pub inputs: &'a [String],
+    #[serde(flatten)]
+    pub summary: &'a Summary,
+    pub plots: &'a [PlotFiles],
+    pub files: &'a [String],
+}
+
+/// A written report.
+pub struct Report {
+    pub dir: PathBuf,
+    pub summary: Summary,
+    pub markdown: String,
+    pub plots: Vec<PlotFiles>,
+    /// Files written, relative to `dir`.
+    pub files: Vec<String>,
+    pub inputs: Vec<String>,
+    /// (replaced line, replacing line) as `FILE:LINE`.
+    pub superseded: Vec<(String, String)>,
+}
+
+impl Report {
+    pub fn document(&self) -> Document<'_> {
+        Document {
+            generator: GENERATOR,
+            version: env!("CARGO_PKG_VERSION"),
+            inputs: &self.inputs,
+            summary: &self.summary,
+            plots: &self.plots,
+            files: &self.files,
+        }
+    }
+}
+
+/// Reads `inputs`, computes the summary and writes the report directory `out`.
+pub fn generate(inputs: &[PathBuf], out: &Path, options: &Options) -> Result<Report> {
+    if options.resamples < 2 {
+        return Err(Error::usage("--resamples must be at least 2"));
+    }
+    check_output(out)?;
+    let set = results::read_files(inputs)?;
+    let summary = summary::summarize(&set, options.seed, options.resamples);
+    let charts = plots::plan(&summary);
+    let markdown = table::markdown(&summary);
+    let inputs: Vec<String> = inputs.iter().map(|p| p.display().to_string()).collect();
+    let superseded = set.superseded.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
+    let mut report =
+        Report { dir: out.to_path_buf(), summary, markdown, plots: Vec::new(), files: Vec::new(), inputs, superseded };
+
+    let staging = sibling(out, "graft-tmp")?;
+    let written = write_all(&staging, &mut report, &charts);
+    if let Err(e) = written {
+        let _ = std::fs::remove_dir_all(&staging);
+        return Err(e);
+    }
+    swap_into_place(&staging, out)?;
+    Ok(report)
+}
+
+fn write_all(dir: &Path, report: &mut Report, charts: &[Chart]) -> Result<()> {
+    let plots_dir = dir.join("plots");
+    std::fs::create_dir_all(&plots_dir).map_err(|e| Error::io(&plots_dir, e))?;
+    for chart in charts {
+        render::render(chart, &plots_dir)?;
+        report.plots.push(PlotFiles {
+            name: chart.name.clone(),
+            title: chart.title.clone(),
+            section: chart.section,
+            png: format!("plots/{}.png", chart.name),
+            svg: format!("plots/{}.svg", chart.name),
+        });
+    }
+    let mut files: Vec<(String, String)> = Vec::new();
+    let mut md = format!("# graft report\n\nInputs: {}\n\n{}", report.inputs.join(", "), report.markdown);
+    if !charts.is_empty() {
+        md.push_str("\n## Charts\n\n");
+        for c in charts {
+            md.push_str(&format!("![{}](plots/{}.png)\n\n", c.title, c.name));
+        }
+    }
+    files.push(("report.md".into(), md));
+    files.push(("summary.csv".into(), table::csv(&report.summary)));
+    if report.summary.curves.iter().any(|c| c.barrier.is_some()) {
+        files.push(("barriers.csv".into(), table::barriers_csv(&report.summary.curves)));
+    }
+    files.push(("index.html".into(), html::page(&report.summary, charts, &report.inputs)));
+    let mut names: Vec<String> = files.iter().map(|(n, _)| n.clone()).collect();
+    names.push("summary.json".into());
+    for p in &report.plots {
+        names.push(p.png.clone());
+        names.push(p.svg.clone());
+    }
+    report.files = names;
+    let json = serde_json::to_string_pretty(&report.document()).map_err(|e| Error::invalid(e.to_string()))? + "\n";
+    files.push(("summary.json".into(), json));
+    for (name, text) in files {
+        let path = dir.join(&name);
+        std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
+    }
+    Ok(())
+}
+
+/// The output may be new, an empty directory, or an earlier graft report (replaced whole); anything else is refused
+/// rather than mixed with or deleted.
+fn check_output(out: &Path) -> Result<()> {
+    if !out.exists() {
+        return Ok(());
+    }
+    if !out.is_dir() {
+        return Err(Error::usage(format!(
+            "{}: exists and is not a directory; -o takes a report directory",
+            out.display()
+        )));
+    }
+    let mut entries = std::fs::read_dir(out).map_err(|e| Error::io(out, e))?;
+    if entries.next().is_none() || is_report_dir(out) {
+        return Ok(());
+    }
+    Err(Error::usage(format!(
+        "{}: directory exists and is not a graft report (no summary.json from graft report); choose a new -o",
+        out.display()
+    )))
+}
+
+fn is_report_dir(dir: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(dir.join("summary.json")) else { return false };
+    serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| v.get("generator").and_then(|g| g.as_str()).map(|g| g == GENERATOR))
+        .unwrap_or(false)
+}
+
+/// A fresh path next to `out` (same filesystem, so renames are atomic).
+fn sibling(out: &Path, tag: &str) -> Result<PathBuf> {
+    let name = out
+        .file_name()
+        .ok_or_else(|| Error::usage(format!("{}: not a usable report directory name", out.display())))?
+        .to_string_lossy()
+        .to_string();
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+    let mut i = 0u32;
+    loop {
+        let p = parent.join(format!(".{name}.{tag}-{}-{i}", std::process::id()));
+        if !p.exists() {
+            return Ok(p);
+        }
+        i += 1;
+    }
+}
+
+fn swap_into_place(staging: &Path, out: &Path) -> Result<()> {
+    let old = if out.exists() {
+        let old = sibling(out, "graft-old")?;
+        std::fs::rename(out, &old).map_err(|e| Error::io(out, e))?;
+        Some(old)
+    } else {
+        None
+    };
+    if let Err(e) = std::fs::rename(staging, out) {
+        if let Some(old) = &old {
+            let _ = std::fs::rename(old, out);
+        }
+        let _ = std::fs::remove_dir_all(staging);
+        return Err(Error::io(out, e));
+    }
+    if let Some(old) = old {
+        std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+    }
+    Ok(())
+}

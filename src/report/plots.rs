@@ -1,0 +1,582 @@
+//! Which charts a report has, as plain data: grouped bar charts per metric with the baseline as a dashed line,
+//! efficiency charts against the baseline, metric-vs-parameter line plots (numeric parameters) and box plots
+//! (categorical parameters), and metric-vs-lambda curves of interpolations. `render` draws them; keeping the
+//! planning separate lets tests check the numbers a chart shows without reading pixels.
+//!
+//! Values are in the units the tables print (fractions, seconds, KB/MB/GB), so a chart and its table agree.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use super::results::Kind;
+use super::summary::{Curve, KindTable, MetricSpec, Param, Row, Summary, Unit};
+use super::table::ColumnFormat;
+
+/// Where a chart goes on the page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Section {
+    Bars,
+    Efficiency,
+    Numeric,
+    Categorical,
+    Interpolation,
+}
+
+impl Section {
+    pub fn title(self) -> &'static str {
+        match self {
+            Section::Bars => "Metrics per experiment",
+            Section::Efficiency => "Efficiency against the baseline",
+            Section::Numeric => "Metrics against numeric parameters",
+            Section::Categorical => "Metrics by category",
+            Section::Interpolation => "Interpolation curves",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Chart {
+    /// File stem under plots/ (unique in a report).
+    pub name: String,
+    pub title: String,
+    pub section: Section,
+    pub body: Body,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Body {
+    Bars(BarChart),
+    Lines(LineChart),
+    Boxes(BoxChart),
+}
+
+/// Horizontal bars, one per experiment, coloured and separated by group (method).
+#[derive(Clone, Debug, PartialEq)]
+pub struct BarChart {
+    pub value_label: String,
+    pub bars: Vec<Bar>,
+    /// The baseline, drawn as a dashed line.
+    pub reference: Option<Reference>,
+    /// Efficiency charts: a solid line at 0 and signed value labels.
+    pub signed: bool,
+    pub decimals: usize,
+    /// Appended to value labels ("%" on efficiency charts).
+    pub suffix: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Bar {
+    pub label: String,
+    pub group: String,
+    pub value: f64,
+    /// Standard error, drawn as an error bar.
+    pub err: f64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Reference {
+    pub label: String,
+    pub value: f64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct LineChart {
+    pub x_label: String,
+    pub y_label: String,
+    pub series: Vec<Series>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Series {
+    pub label: String,
+    /// (x, mean, standard error), sorted by x.
+    pub points: Vec<(f64, f64, f64)>,
+    /// Individual runs, drawn faint behind the means.
+    pub runs: Vec<(f64, f64)>,
+    /// A dashed straight line (interpolation curves: between the endpoints, what "no barrier" would be).
+    pub chord: Option<[(f64, f64); 2]>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct BoxChart {
+    pub x_label: String,
+    pub y_label: String,
+    pub categories: Vec<Category>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Category {
+    pub label: String,
+    /// One value per run.
+    pub values: Vec<f64>,
+}
+
+/// Metrics that get a bar chart, in order.
+const BAR_METRICS: &[&str] =
+    &["accuracy", "f1_weighted", "f1_macro", "zero_shot_accuracy", "time_s", "peak_memory_bytes"];
+/// Metrics compared with the baseline: quality as percentage change, cost as percentage saved.
+const CHANGE_METRICS: &[&str] = &["accuracy", "f1_weighted", "f1_macro", "zero_shot_accuracy"];
+const SAVING_METRICS: &[&str] = &["time_s", "peak_memory_bytes"];
+/// Metrics plotted against parameters.
+const PARAM_METRICS: &[&str] = &["accuracy", "f1_weighted", "zero_shot_accuracy", "time_s", "peak_memory_bytes"];
+/// Categorical parameters with more values than this are identifiers, not factors.
+const MAX_CATEGORIES: usize = 12;
+
+/// Every chart of a report, in page order.
+pub fn plan(summary: &Summary) -> Vec<Chart> {
+    let mut charts = Vec::new();
+    let several_kinds = summary.tables.len() > 1;
+    for t in &summary.tables {
+        let prefix = if several_kinds { format!("{}_", t.kind.as_str()) } else { String::new() };
+        charts.extend(bar_charts(t, &prefix));
+        charts.extend(efficiency_charts(t, &prefix));
+        charts.extend(numeric_charts(t, &prefix));
+        charts.extend(categorical_charts(t, &prefix));
+    }
+    charts.extend(interpolation_charts(&summary.curves));
+    charts.sort_by_key(|c| c.section);
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    for c in &mut charts {
+        let n = seen.entry(c.name.clone()).or_insert(0);
+        *n += 1;
+        if *n > 1 {
+            c.name = format!("{}_{}", c.name, n);
+        }
+    }
+    charts
+}
+
+/// A file-name-safe form of a label.
+pub fn slug(s: &str) -> String {
+    let mut out = String::new();
+    for ch in s.chars() {
+        if ch.is_ascii_alphanumeric() {
+            out.push(ch.to_ascii_lowercase());
+        } else if !out.ends_with('_') {
+            out.push('_');
+        }
+    }
+    let out = out.trim_matches('_').to_string();
+    if out.is_empty() {
+        "x".into()
+    } else {
+        out
+    }
+}
+
+fn metric_title(kind: Kind, m: &MetricSpec) -> String {
+    match (kind, m.key.as_str()) {
+        (_, "zero_shot_accuracy") => "Zero-shot accuracy".into(),
+        (Kind::Train, "time_s") => "Training time".into(),
+        (Kind::Train, _) if m.unit == Unit::Fraction => format!("Fine-tuned {}", m.label),
+        _ => capitalize(&m.label),
+    }
+}
+
+fn capitalize(s: &str) -> String {
+    let mut c = s.chars();
+    match c.next() {
+        Some(f) => f.to_uppercase().chain(c).collect(),
+        None => String::new(),
+    }
+}
+
+fn axis_label(m: &MetricSpec, fmt: &ColumnFormat) -> String {
+    fmt.header(&m.label)
+}
+
+fn spec<'a>(t: &'a KindTable, key: &str) -> Option<&'a MetricSpec> {
+    t.metrics.iter().find(|m| m.key == key)
+}
+
+fn bar_charts(t: &KindTable, prefix: &str) -> Vec<Chart> {
+    let mut out = Vec::new();
+    for key in BAR_METRICS {
+        let Some(m) = spec(t, key) else { continue };
+        let fmt = t.format(m);
+        let bars: Vec<Bar> = t
+            .rows
+            .iter()
+            .filter(|r| !r.baseline)
+            .filter_map(|r| {
+                let c = r.cell(key)?;
+                Some(Bar {
+                    label: r.experiment.clone(),
+                    group: r.group.clone(),
+                    value: c.estimate.mean / fmt.scale,
+                    err: c.estimate.se / fmt.scale,
+                })
+            })
+            .collect();
+        if bars.is_empty() {
+            continue;
+        }
+        let reference = t.baseline().and_then(|b| {
+            let c = b.cell(key)?;
+            let value = c.estimate.mean / fmt.scale;
+            Some(Reference { label: format!("baseline ({}): {}", b.experiment, fmt.number(c.estimate.mean)), value })
+        });
+        out.push(Chart {
+            name: format!("{prefix}bars_{key}"),
+            title: metric_title(t.kind, m),
+            section: Section::Bars,
+            body: Body::Bars(BarChart {
+                value_label: axis_label(m, &fmt),
+                bars,
+                reference,
+                signed: false,
+                decimals: fmt.decimals,
+                suffix: String::new(),
+            }),
+        });
+    }
+    out
+}
+
+/// Percentage change of quality metrics, (x - b) / b, and percentage saved of cost metrics, (b - x) / b, against the
+/// baseline row b. Error bars are the row's standard error relative to the baseline mean (the baseline's own
+/// uncertainty is left out: it is the same for every bar and shows in the table).
+fn efficiency_charts(t: &KindTable, prefix: &str) -> Vec<Chart> {
+    let Some(base) = t.baseline() else { return Vec::new() };
+    let mut out = Vec::new();
+    for key in CHANGE_METRICS.iter().chain(SAVING_METRICS) {
+        let Some(m) = spec(t, key) else { continue };
+        let Some(b) = base.cell(key).map(|c| c.estimate.mean).filter(|&b| b != 0.0) else { continue };
+        let saving = SAVING_METRICS.contains(key);
+        let bars: Vec<Bar> = t
+            .rows
+            .iter()
+            .filter(|r| !r.baseline)
+            .filter_map(|r| {
+                let c = r.cell(key)?;
+                let x = c.estimate.mean;
+                let value = if saving { (b - x) / b * 100.0 } else { (x - b) / b * 100.0 };
+                Some(Bar {
+                    label: r.experiment.clone(),
+                    group: r.group.clone(),
+                    value,
+                    err: c.estimate.se / b.abs() * 100.0,
+                })
+            })
+            .collect();
+        if bars.is_empty() {
+            continue;
+        }
+        let (name, title, axis) = if saving {
+            let what = if *key == "time_s" { "training time" } else { "peak memory" };
+            (format!("{prefix}saving_{key}"), format!("Saving of {what} vs baseline"), format!("{what} saved (%)"))
+        } else {
+            (
+                format!("{prefix}change_{key}"),
+                format!("Change of {} vs baseline", m.label),
+                format!("{} change (%)", m.label),
+            )
+        };
+        out.push(Chart {
+            name,
+            title: format!("{title} ({})", base.experiment),
+            section: Section::Efficiency,
+            body: Body::Bars(BarChart {
+                value_label: axis,
+                bars,
+                reference: None,
+                signed: true,
+                decimals: 1,
+                suffix: "%".into(),
+            }),
+        });
+    }
+    out
+}
+
+/// Parameters with at least two values among `rows`; numeric when every value is a number.
+fn varying_params(rows: &[&Row]) -> Vec<(String, bool)> {
+    let mut keys: Vec<String> = Vec::new();
+    for r in rows {
+        for k in r.params.keys() {
+            if !keys.contains(k) {
+                keys.push(k.clone());
+            }
+        }
+    }
+    keys.sort();
+    keys.into_iter()
+        .filter_map(|k| {
+            let values: Vec<&Param> = rows.iter().filter_map(|r| r.params.get(&k)).collect();
+            let mut distinct: Vec<&Param> = Vec::new();
+            for v in &values {
+                if !distinct.contains(v) {
+                    distinct.push(v);
+                }
+            }
+            let numeric = values.iter().all(|v| v.as_number().is_some());
+            (distinct.len() >= 2).then_some((k, numeric))
+        })
+        .collect()
+}
+
+fn param_text(r: &Row, key: &str) -> String {
+    r.params.get(key).map(Param::display).unwrap_or_else(|| "-".into())
+}
+
+/// Lines of a metric against a numeric parameter, one series per combination of the other parameters that vary
+/// among the plotted rows (method, freeze...). Parameters that differ on every row identify rows rather than
+/// group them, and are left out of the series key.
+fn numeric_charts(t: &KindTable, prefix: &str) -> Vec<Chart> {
+    let all: Vec<&Row> = t.rows.iter().collect();
+    let mut out = Vec::new();
+    for (param, numeric) in varying_params(&all) {
+        if !numeric {
+            continue;
+        }
+        for key in PARAM_METRICS {
+            let Some(m) = spec(t, key) else { continue };
+            let fmt = t.format(m);
+            let rows: Vec<&Row> =
+                t.rows.iter().filter(|r| r.params.contains_key(&param) && r.cell(key).is_some()).collect();
+            let mut xs: Vec<f64> = rows.iter().filter_map(|r| r.params[&param].as_number()).collect();
+            xs.sort_by(f64::total_cmp);
+            xs.dedup();
+            if xs.len() < 2 {
+                continue;
+            }
+            let series_keys: Vec<String> = varying_params(&rows)
+                .into_iter()
+                .map(|(k, _)| k)
+                .filter(|k| *k != param)
+                .filter(|k| {
+                    let mut d: Vec<String> = rows.iter().map(|r| param_text(r, k)).collect();
+                    d.sort();
+                    d.dedup();
+                    d.len() < rows.len()
+                })
+                .collect();
+            let mut series: Vec<Series> = Vec::new();
+            for r in &rows {
+                let label = if series_keys.is_empty() {
+                    "all runs".to_string()
+                } else {
+                    series_keys.iter().map(|k| format!("{k}={}", param_text(r, k))).collect::<Vec<_>>().join(", ")
+                };
+                let x = r.params[&param].as_number().unwrap();
+                let c = r.cell(key).unwrap();
+                let idx = match series.iter().position(|s| s.label == label) {
+                    Some(i) => i,
+                    None => {
+                        series.push(Series { label, points: vec![], runs: vec![], chord: None });
+                        series.len() - 1
+                    }
+                };
+                let s = &mut series[idx];
+                s.points.push((x, c.estimate.mean / fmt.scale, c.estimate.se / fmt.scale));
+                s.runs.extend(c.values.iter().map(|v| (x, v / fmt.scale)));
+            }
+            for s in &mut series {
+                s.points.sort_by(|a, b| a.0.total_cmp(&b.0));
+            }
+            out.push(Chart {
+                name: format!("{prefix}{key}_vs_{}", slug(&param)),
+                title: format!("{} vs {param}", metric_title(t.kind, m)),
+                section: Section::Numeric,
+                body: Body::Lines(LineChart { x_label: param.clone(), y_label: axis_label(m, &fmt), series }),
+            });
+        }
+    }
+    out
+}
+
+/// Box plots of a metric's runs per value of a categorical parameter.
+fn categorical_charts(t: &KindTable, prefix: &str) -> Vec<Chart> {
+    let all: Vec<&Row> = t.rows.iter().collect();
+    let mut out = Vec::new();
+    for (param, numeric) in varying_params(&all) {
+        if numeric {
+            continue;
+        }
+        for key in PARAM_METRICS {
+            let Some(m) = spec(t, key) else { continue };
+            let fmt = t.format(m);
+            let mut categories: Vec<Category> = Vec::new();
+            for r in &t.rows {
+                let (Some(p), Some(c)) = (r.params.get(&param), r.cell(key)) else { continue };
+                let label = p.display();
+                let values = c.values.iter().map(|v| v / fmt.scale);
+                match categories.iter_mut().find(|c| c.label == label) {
+                    Some(cat) => cat.values.extend(values),
+                    None => categories.push(Category { label, values: values.collect() }),
+                }
+            }
+            if categories.len() < 2 || categories.len() > MAX_CATEGORIES {
+                continue;
+            }
+            out.push(Chart {
+                name: format!("{prefix}{key}_by_{}", slug(&param)),
+                title: format!("{} by {param}", metric_title(t.kind, m)),
+                section: Section::Categorical,
+                body: Body::Boxes(BoxChart { x_label: param.clone(), y_label: axis_label(m, &fmt), categories }),
+            });
+        }
+    }
+    out
+}
+
+/// A metric against lambda, one series per interpolate experiment, with the straight line between the endpoints.
+fn interpolation_charts(curves: &[Curve]) -> Vec<Chart> {
+    let mut metrics: Vec<String> = Vec::new();
+    for c in curves {
+        if !metrics.contains(&c.metric) {
+            metrics.push(c.metric.clone());
+        }
+    }
+    let mut out = Vec::new();
+    for key in metrics {
+        let m = MetricSpec::for_key(&key);
+        let of_metric: Vec<&Curve> = curves.iter().filter(|c| c.metric == key).collect();
+        let fmt = ColumnFormat::for_column(&m, of_metric.iter().flat_map(|c| c.points.iter().map(|p| p.estimate.mean)));
+        let series = of_metric
+            .iter()
+            .map(|c| {
+                let points: Vec<(f64, f64, f64)> = c
+                    .points
+                    .iter()
+                    .map(|p| (p.lambda, p.estimate.mean / fmt.scale, p.estimate.se / fmt.scale))
+                    .collect();
+                let at = |l: f64| points.iter().find(|p| (p.0 - l).abs() < 1e-9).map(|p| (p.0, p.1));
+                let chord = at(0.0).zip(at(1.0)).map(|(a, b)| [a, b]);
+                let runs =
+                    c.points.iter().flat_map(|p| p.values.iter().map(move |v| (p.lambda, v / fmt.scale))).collect();
+                Series { label: c.experiment.clone(), points, runs, chord }
+            })
+            .collect();
+        out.push(Chart {
+            name: format!("interpolate_{}", slug(&key)),
+            title: format!("{} along the interpolation path", capitalize(&m.label)),
+            section: Section::Interpolation,
+            body: Body::Lines(LineChart { x_label: "lambda".into(), y_label: axis_label(&m, &fmt), series }),
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::results::{parse_lines, supersede};
+    use crate::report::summary::summarize;
+    use std::path::Path;
+
+    fn summary(lines: &[(&str, &str, &str, &str, bool)]) -> Summary {
+        let text: Vec<String> = lines
+            .iter()
+            .enumerate()
+            .map(|(i, (exp, run, config, metrics, baseline))| {
+                format!(
+                    r#"{{"kind":"train","run_id":"{run}","experiment":"{exp}","seed":{i},"config":{config},"metrics":{metrics},"baseline":{baseline}}}"#
+                )
+            })
+            .collect();
+        summarize(&supersede(parse_lines(Path::new("t"), text.join("\n").as_bytes()).unwrap()), 0, 500)
+    }
+
+    fn find<'a>(charts: &'a [Chart], name: &str) -> &'a Chart {
+        charts
+            .iter()
+            .find(|c| c.name == name)
+            .unwrap_or_else(|| panic!("no chart {name} in {:?}", charts.iter().map(|c| &c.name).collect::<Vec<_>>()))
+    }
+
+    #[test]
+    fn bars_efficiency_and_parameter_charts() {
+        let s = summary(&[
+            ("base", "b", r#"{"freeze":"full"}"#, r#"{"accuracy":0.80,"time_s":100,"peak_memory_bytes":2e9}"#, true),
+            (
+                "lerp 10% head",
+                "l1",
+                r#"{"method":"lerp","top_p":0.1,"freeze":"head"}"#,
+                r#"{"accuracy":0.76,"time_s":40,"peak_memory_bytes":5e8}"#,
+                false,
+            ),
+            (
+                "lerp 20% head",
+                "l2",
+                r#"{"method":"lerp","top_p":0.2,"freeze":"head"}"#,
+                r#"{"accuracy":0.78,"time_s":45,"peak_memory_bytes":5e8}"#,
+                false,
+            ),
+            (
+                "ties 10% full",
+                "t1",
+                r#"{"method":"ties","top_p":0.1,"freeze":"full"}"#,
+                r#"{"accuracy":0.84,"time_s":100,"peak_memory_bytes":2e9}"#,
+                false,
+            ),
+            (
+                "ties 20% full",
+                "t2",
+                r#"{"method":"ties","top_p":0.2,"freeze":"full"}"#,
+                r#"{"accuracy":0.82,"time_s":110,"peak_memory_bytes":2e9}"#,
+                false,
+            ),
+        ]);
+        let charts = plan(&s);
+        let Body::Bars(acc) = &find(&charts, "bars_accuracy").body else { panic!() };
+        assert_eq!(
+            acc.bars.iter().map(|b| b.label.as_str()).collect::<Vec<_>>(),
+            ["lerp 10% head", "lerp 20% head", "ties 10% full", "ties 20% full"]
+        );
+        assert_eq!(acc.bars[2].group, "ties");
+        let r = acc.reference.as_ref().unwrap();
+        assert!((r.value - 0.80).abs() < 1e-12);
+        assert_eq!(r.label, "baseline (base): 0.800");
+        let Body::Bars(mem) = &find(&charts, "bars_peak_memory_bytes").body else { panic!() };
+        assert_eq!(mem.value_label, "peak memory (GB)");
+        assert!((mem.bars[0].value - 0.5).abs() < 1e-12);
+        // Efficiency: (0.76 - 0.80) / 0.80 = -5%; time saved (100 - 40) / 100 = 60%; memory saved 75%.
+        let Body::Bars(change) = &find(&charts, "change_accuracy").body else { panic!() };
+        assert!((change.bars[0].value - -5.0).abs() < 1e-9 && (change.bars[2].value - 5.0).abs() < 1e-9);
+        let Body::Bars(time) = &find(&charts, "saving_time_s").body else { panic!() };
+        assert!((time.bars[0].value - 60.0).abs() < 1e-9 && (time.bars[3].value - -10.0).abs() < 1e-9);
+        let Body::Bars(memsave) = &find(&charts, "saving_peak_memory_bytes").body else { panic!() };
+        assert!((memsave.bars[1].value - 75.0).abs() < 1e-9);
+        // Accuracy vs top_p: series by method (freeze is tied to method here, so it is part of the key too).
+        let Body::Lines(vs) = &find(&charts, "accuracy_vs_top_p").body else { panic!() };
+        let labels: Vec<&str> = vs.series.iter().map(|s| s.label.as_str()).collect();
+        assert_eq!(labels, ["freeze=head, method=lerp", "freeze=full, method=ties"]);
+        let pts: Vec<(f64, f64)> = vs.series[0].points.iter().map(|p| (p.0, p.1)).collect();
+        assert_eq!(pts.len(), 2);
+        assert!(
+            pts[0].0 == 0.1 && (pts[0].1 - 0.76).abs() < 1e-12 && pts[1].0 == 0.2 && (pts[1].1 - 0.78).abs() < 1e-12
+        );
+        // Box plot by freeze: the baseline has freeze=full too.
+        let Body::Boxes(by) = &find(&charts, "accuracy_by_freeze").body else { panic!() };
+        assert_eq!(by.categories.iter().map(|c| c.label.as_str()).collect::<Vec<_>>(), ["full", "head"]);
+        assert_eq!(by.categories[0].values, [0.80, 0.84, 0.82]);
+        let Body::Boxes(by_method) = &find(&charts, "accuracy_by_method").body else { panic!() };
+        assert_eq!(by_method.categories.len(), 2);
+        // Sections in page order.
+        let sections: Vec<Section> = charts.iter().map(|c| c.section).collect();
+        assert!(sections.windows(2).all(|w| w[0] <= w[1]));
+    }
+
+    #[test]
+    fn no_baseline_no_efficiency_and_identifiers_are_not_categories() {
+        let s = summary(&[
+            ("a", "a", r#"{"tag":"x1"}"#, r#"{"accuracy":0.5}"#, false),
+            ("b", "b", r#"{"tag":"x2"}"#, r#"{"accuracy":0.6}"#, false),
+        ]);
+        let charts = plan(&s);
+        assert!(charts.iter().all(|c| c.section != Section::Efficiency));
+        let Body::Bars(b) = &find(&charts, "bars_accuracy").body else { panic!() };
+        assert!(b.reference.is_none());
+        // Two categories of one row each still make a (small) box plot.
+        assert!(charts.iter().any(|c| c.name == "accuracy_by_tag"));
+    }
+
+    #[test]
+    fn slugs() {
+        assert_eq!(slug("Top-P (%)"), "top_p");
+        assert_eq!(slug("λ"), "x");
+    }
+}

@@ -1,0 +1,499 @@
+//! Drawing the planned charts with plotters, to PNG (bitmap backend) and SVG, with the DejaVu Sans font embedded in
+//! the binary (registered with plotters' ab_glyph font table): no system font is ever looked up, so charts render the
+//! same on every machine.
+
+use std::error::Error as StdError;
+use std::path::Path;
+use std::sync::OnceLock;
+
+use plotters::coord::Shift;
+use plotters::element::DashedPathElement;
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
+
+use super::bootstrap::percentile;
+use super::plots::{BarChart, Body, BoxChart, Chart, LineChart};
+use crate::error::{Error, Result};
+
+const FONT: &str = "sans-serif";
+static FONT_BYTES: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
+
+type DrawResult = std::result::Result<(), Box<dyn StdError>>;
+
+/// Registers the embedded font under every family name plotters may ask for. Idempotent.
+fn ensure_font() -> Result<()> {
+    static REGISTERED: OnceLock<bool> = OnceLock::new();
+    let ok = *REGISTERED.get_or_init(|| {
+        ["sans-serif", "serif", "monospace"].iter().all(|family| {
+            plotters::style::register_font(family, FontStyle::Normal, FONT_BYTES).is_ok()
+                && plotters::style::register_font(family, FontStyle::Bold, FONT_BYTES).is_ok()
+        })
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid("the embedded chart font could not be loaded"))
+    }
+}
+
+/// Tableau 10 without its red, which marks the baseline.
+const PALETTE: [RGBColor; 10] = [
+    RGBColor(0x4E, 0x79, 0xA7),
+    RGBColor(0xF2, 0x8E, 0x2B),
+    RGBColor(0x59, 0xA1, 0x4F),
+    RGBColor(0x76, 0xB7, 0xB2),
+    RGBColor(0xB0, 0x7A, 0xA1),
+    RGBColor(0xED, 0xC9, 0x48),
+    RGBColor(0x9C, 0x75, 0x5F),
+    RGBColor(0xFF, 0x9D, 0xA7),
+    RGBColor(0x17, 0xBE, 0xCF),
+    RGBColor(0xBA, 0xB0, 0xAC),
+];
+const BASELINE_COLOR: RGBColor = RGBColor(0xC8, 0x1E, 0x1E);
+const GRID_COLOR: RGBColor = RGBColor(0xDD, 0xDD, 0xDD);
+
+fn colour(i: usize) -> RGBColor {
+    PALETTE[i % PALETTE.len()]
+}
+
+fn text_style(size: u32) -> TextStyle<'static> {
+    TextStyle::from((FONT, size).into_font()).color(&BLACK)
+}
+
+fn text_width(text: &str, size: u32) -> u32 {
+    (FONT, size).into_font().box_size(text).map(|(w, _)| w).unwrap_or(text.len() as u32 * size / 2)
+}
+
+/// Shortens `text` with an ellipsis until it fits in `max` pixels.
+fn fit(text: &str, size: u32, max: u32) -> String {
+    if text_width(text, size) <= max {
+        return text.to_string();
+    }
+    let mut chars: Vec<char> = text.chars().collect();
+    while !chars.is_empty() {
+        chars.pop();
+        let s: String = chars.iter().collect::<String>() + "…";
+        if text_width(&s, size) <= max {
+            return s;
+        }
+    }
+    "…".into()
+}
+
+/// A legend entry's mark.
+#[derive(Clone, Copy)]
+enum Mark {
+    Swatch(RGBColor),
+    Line(RGBColor),
+    Dashed(RGBColor),
+}
+
+const LEGEND_SIZE: u32 = 13;
+const LEGEND_ROW: u32 = 20;
+
+/// Legend entries laid out left to right in rows below the chart: returns the rows of (x offset, entry index).
+fn legend_layout(entries: &[(String, Mark)], width: u32) -> Vec<Vec<(u32, usize)>> {
+    let mut rows: Vec<Vec<(u32, usize)>> = Vec::new();
+    let mut x = 0u32;
+    for (i, (label, _)) in entries.iter().enumerate() {
+        let w = 28 + text_width(label, LEGEND_SIZE) + 18;
+        if rows.is_empty() || (x + w > width && x > 0) {
+            rows.push(Vec::new());
+            x = 0;
+        }
+        rows.last_mut().unwrap().push((x, i));
+        x += w;
+    }
+    rows
+}
+
+/// Legends start this far from the left edge and span the canvas width less twice this.
+const LEGEND_INSET: u32 = 24;
+
+/// Height of the legend strip of a canvas `canvas_width` pixels wide.
+fn legend_height(entries: &[(String, Mark)], canvas_width: u32) -> u32 {
+    let rows = legend_layout(entries, canvas_width - 2 * LEGEND_INSET).len() as u32;
+    if rows == 0 {
+        0
+    } else {
+        rows * LEGEND_ROW + 12
+    }
+}
+
+fn draw_legend<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, entries: &[(String, Mark)]) -> DrawResult
+where
+    DB::ErrorType: 'static,
+{
+    let (w, _) = area.dim_in_pixel();
+    let left = LEGEND_INSET as i32;
+    for (r, row) in legend_layout(entries, w - 2 * LEGEND_INSET).iter().enumerate() {
+        let y = 6 + (r as u32 * LEGEND_ROW + LEGEND_ROW / 2) as i32;
+        for &(x, i) in row {
+            let x = left + x as i32;
+            let (label, mark) = &entries[i];
+            match *mark {
+                Mark::Swatch(c) => area.draw(&Rectangle::new([(x, y - 6), (x + 20, y + 6)], c.filled()))?,
+                Mark::Line(c) => {
+                    area.draw(&PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)))?;
+                    area.draw(&Circle::new((x + 10, y), 3, c.filled()))?;
+                }
+                Mark::Dashed(c) => {
+                    area.draw(&DashedPathElement::new(vec![(x, y), (x + 22, y)], 5, 3, c.stroke_width(2)))?
+                }
+            }
+            let style = text_style(LEGEND_SIZE).pos(Pos::new(HPos::Left, VPos::Center));
+            area.draw(&Text::new(label.clone(), (x + 28, y), style))?;
+        }
+    }
+    Ok(())
+}
+
+/// Pixel size of a chart.
+pub fn size(chart: &Chart) -> (u32, u32) {
+    match &chart.body {
+        Body::Bars(b) => {
+            let groups = distinct_groups(b).len() as u32;
+            let plot = b.bars.len() as u32 * 26 + groups.saturating_sub(1) * 12 + 30;
+            let legend = legend_height(&bar_legend(b), 1000);
+            (1000, (plot + 130 + legend).max(320))
+        }
+        Body::Lines(l) => (900, 560 + legend_height(&line_legend(l), 900)),
+        Body::Boxes(_) => (900, 560),
+    }
+}
+
+/// Renders a chart as `<dir>/<name>.png` and `<dir>/<name>.svg`.
+pub fn render(chart: &Chart, dir: &Path) -> Result<()> {
+    ensure_font()?;
+    let dims = size(chart);
+    let png = dir.join(format!("{}.png", chart.name));
+    {
+        let root = BitMapBackend::new(&png, dims).into_drawing_area();
+        draw(&root, chart).and_then(|_| Ok(root.present()?)).map_err(|e| plot_error(chart, &png, e))?;
+    }
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, dims).into_drawing_area();
+        draw(&root, chart).and_then(|_| Ok(root.present()?)).map_err(|e| plot_error(chart, &png, e))?;
+    }
+    let svg_path = dir.join(format!("{}.svg", chart.name));
+    std::fs::write(&svg_path, svg).map_err(|e| Error::io(&svg_path, e))
+}
+
+fn plot_error(chart: &Chart, path: &Path, e: Box<dyn StdError>) -> Error {
+    Error::invalid(format!("{}: drawing chart '{}' failed: {e}", path.display(), chart.title))
+}
+
+fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, chart: &Chart) -> DrawResult
+where
+    DB::ErrorType: 'static,
+{
+    root.fill(&WHITE)?;
+    match &chart.body {
+        Body::Bars(b) => draw_bars(root, &chart.title, b),
+        Body::Lines(l) => draw_lines(root, &chart.title, l),
+        Body::Boxes(b) => draw_boxes(root, &chart.title, b),
+    }
+}
+
+/// A value range covering `values` with a margin, always including `include` (0 for bars).
+fn padded_range(values: impl Iterator<Item = f64>, include: Option<f64>) -> (f64, f64) {
+    let (mut lo, mut hi) =
+        values.filter(|v| v.is_finite()).fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| (lo.min(v), hi.max(v)));
+    if let Some(z) = include {
+        lo = lo.min(z);
+        hi = hi.max(z);
+    }
+    if !lo.is_finite() || !hi.is_finite() {
+        return (0.0, 1.0);
+    }
+    let span = if hi > lo { hi - lo } else { hi.abs().max(1.0) };
+    let lo = if include == Some(lo) { lo } else { lo - 0.08 * span };
+    let hi = if include == Some(hi) && hi != lo { hi } else { hi + 0.08 * span };
+    (lo, hi)
+}
+
+fn distinct_groups(b: &BarChart) -> Vec<String> {
+    let mut groups: Vec<String> = Vec::new();
+    for bar in &b.bars {
+        if !groups.contains(&bar.group) {
+            groups.push(bar.group.clone());
+        }
+    }
+    groups
+}
+
+fn bar_legend(b: &BarChart) -> Vec<(String, Mark)> {
+    let groups = distinct_groups(b);
+    let mut entries: Vec<(String, Mark)> = Vec::new();
+    if groups.len() > 1 || groups.iter().any(|g| !g.is_empty()) {
+        for (i, g) in groups.iter().enumerate() {
+            let label = if g.is_empty() { "(no method)".to_string() } else { g.clone() };
+            entries.push((label, Mark::Swatch(colour(i))));
+        }
+    }
+    if let Some(r) = &b.reference {
+        entries.push((r.label.clone(), Mark::Dashed(BASELINE_COLOR)));
+    }
+    entries
+}
+
+fn draw_bars<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, title: &str, b: &BarChart) -> DrawResult
+where
+    DB::ErrorType: 'static,
+{
+    let (w, h) = root.dim_in_pixel();
+    let legend = bar_legend(b);
+    let (upper, lower) = root.split_vertically(h - legend_height(&legend, w));
+    let groups = distinct_groups(b);
+    // Bars top to bottom, a gap between groups; plotters' y grows upwards, so positions are flipped.
+    let mut pos = Vec::with_capacity(b.bars.len());
+    let mut y = 0.0;
+    for (i, bar) in b.bars.iter().enumerate() {
+        if i > 0 && bar.group != b.bars[i - 1].group {
+            y += 0.5;
+        }
+        pos.push(y);
+        y += 1.0;
+    }
+    let top = y - 1.0;
+    let ys: Vec<f64> = pos.iter().map(|p| top - p).collect();
+
+    let label_size = 13;
+    let label_width =
+        b.bars.iter().map(|bar| text_width(&bar.label, label_size)).max().unwrap_or(0).min(w * 2 / 5) + 16;
+    let ends = b.bars.iter().flat_map(|bar| [bar.value - bar.err, bar.value + bar.err]);
+    let (lo, mut hi) = padded_range(ends.chain(b.reference.as_ref().map(|r| r.value)), Some(0.0));
+    hi += 0.10 * (hi - lo); // room for the value labels
+    let mut chart = ChartBuilder::on(&upper)
+        .caption(title, text_style(20))
+        .margin(14)
+        .x_label_area_size(44)
+        .y_label_area_size(label_width)
+        .build_cartesian_2d(lo..hi, -0.7..top + 0.7)?;
+    chart
+        .configure_mesh()
+        .disable_y_mesh()
+        .y_labels(0)
+        .y_label_formatter(&|_| String::new())
+        .light_line_style(TRANSPARENT)
+        .bold_line_style(GRID_COLOR)
+        .x_desc(b.value_label.as_str())
+        .label_style(text_style(12))
+        .axis_desc_style(text_style(14))
+        .draw()?;
+
+    for (i, bar) in b.bars.iter().enumerate() {
+        let c = colour(groups.iter().position(|g| *g == bar.group).unwrap_or(0));
+        let y = ys[i];
+        chart.draw_series(std::iter::once(Rectangle::new([(0.0, y - 0.38), (bar.value, y + 0.38)], c.filled())))?;
+        if bar.err > 0.0 {
+            let err_style = BLACK.stroke_width(1);
+            chart.draw_series([
+                PathElement::new(vec![(bar.value - bar.err, y), (bar.value + bar.err, y)], err_style),
+                PathElement::new(vec![(bar.value - bar.err, y - 0.15), (bar.value - bar.err, y + 0.15)], err_style),
+                PathElement::new(vec![(bar.value + bar.err, y - 0.15), (bar.value + bar.err, y + 0.15)], err_style),
+            ])?;
+        }
+    }
+    if b.signed {
+        chart.draw_series(std::iter::once(PathElement::new(
+            vec![(0.0, -0.7), (0.0, top + 0.7)],
+            BLACK.stroke_width(1),
+        )))?;
+    }
+    if let Some(r) = &b.reference {
+        chart.draw_series(DashedLineSeries::new(
+            vec![(r.value, -0.7), (r.value, top + 0.7)],
+            8,
+            5,
+            BASELINE_COLOR.stroke_width(2),
+        ))?;
+    }
+    // Text last, value labels on a white ground, so lines never run through them.
+    for (i, bar) in b.bars.iter().enumerate() {
+        let y = ys[i];
+        let value_text = if b.signed {
+            format!("{:+.*}{}", b.decimals, bar.value, b.suffix)
+        } else {
+            format!("{:.*}{}", b.decimals, bar.value, b.suffix)
+        };
+        // Past the end of the bar and its error bar, on whichever side the bar points.
+        let (end, anchor, dx) = if bar.value >= 0.0 {
+            (bar.value + bar.err, HPos::Left, 5)
+        } else {
+            (bar.value - bar.err, HPos::Right, -5)
+        };
+        let (px, py) = chart.backend_coord(&(end, y));
+        let tw = text_width(&value_text, 12) as i32;
+        let x0 = if dx > 0 { px + dx - 2 } else { px + dx - tw - 2 };
+        root.draw(&Rectangle::new([(x0, py - 8), (x0 + tw + 4, py + 8)], WHITE.mix(0.85).filled()))?;
+        root.draw(&Text::new(value_text, (px + dx, py), text_style(12).pos(Pos::new(anchor, VPos::Center))))?;
+        let (lx, ly) = chart.backend_coord(&(lo, y));
+        let label = fit(&bar.label, label_size, label_width - 16);
+        root.draw(&Text::new(label, (lx - 8, ly), text_style(label_size).pos(Pos::new(HPos::Right, VPos::Center))))?;
+    }
+    draw_legend(&lower, &legend)?;
+    Ok(())
+}
+
+fn line_legend(l: &LineChart) -> Vec<(String, Mark)> {
+    let mut entries: Vec<(String, Mark)> =
+        l.series.iter().enumerate().map(|(i, s)| (s.label.clone(), Mark::Line(colour(i)))).collect();
+    if l.series.iter().any(|s| s.chord.is_some()) {
+        entries.push(("straight line between the endpoints".into(), Mark::Dashed(RGBColor(0x55, 0x55, 0x55))));
+    }
+    entries
+}
+
+fn draw_lines<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, title: &str, l: &LineChart) -> DrawResult
+where
+    DB::ErrorType: 'static,
+{
+    let (w, h) = root.dim_in_pixel();
+    let legend = line_legend(l);
+    let (upper, lower) = root.split_vertically(h - legend_height(&legend, w));
+    let xs = l.series.iter().flat_map(|s| s.points.iter().map(|p| p.0));
+    let (x_lo, x_hi) = padded_range(xs, None);
+    let ys = l
+        .series
+        .iter()
+        .flat_map(|s| s.points.iter().flat_map(|p| [p.1 - p.2, p.1 + p.2]).chain(s.runs.iter().map(|r| r.1)));
+    let (y_lo, y_hi) = padded_range(ys, None);
+    let mut chart = ChartBuilder::on(&upper)
+        .caption(title, text_style(20))
+        .margin(14)
+        .x_label_area_size(48)
+        .y_label_area_size(70)
+        .build_cartesian_2d(x_lo..x_hi, y_lo..y_hi)?;
+    chart
+        .configure_mesh()
+        .light_line_style(TRANSPARENT)
+        .bold_line_style(GRID_COLOR)
+        .x_desc(l.x_label.as_str())
+        .y_desc(l.y_label.as_str())
+        .label_style(text_style(12))
+        .axis_desc_style(text_style(14))
+        .draw()?;
+    for (i, s) in l.series.iter().enumerate() {
+        let c = colour(i);
+        chart.draw_series(s.runs.iter().map(|&(x, y)| Circle::new((x, y), 3, c.mix(0.35).filled())))?;
+        if let Some([a, b]) = s.chord {
+            chart.draw_series(DashedLineSeries::new(vec![a, b], 6, 4, c.mix(0.8).stroke_width(1)))?;
+        }
+        chart.draw_series(LineSeries::new(s.points.iter().map(|p| (p.0, p.1)), c.stroke_width(2)))?;
+        for &(x, y, e) in &s.points {
+            if e > 0.0 {
+                chart
+                    .draw_series(std::iter::once(PathElement::new(vec![(x, y - e), (x, y + e)], c.stroke_width(1))))?;
+            }
+        }
+        chart.draw_series(s.points.iter().map(|&(x, y, _)| Circle::new((x, y), 4, c.filled())))?;
+    }
+    draw_legend(&lower, &legend)?;
+    Ok(())
+}
+
+/// Quartiles (numpy's linear interpolation) and Tukey whiskers (the furthest runs within 1.5 IQR of the box).
+pub fn box_stats(values: &[f64]) -> Option<[f64; 5]> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut s = values.to_vec();
+    s.sort_by(f64::total_cmp);
+    let (q1, median, q3) = (percentile(&s, 0.25), percentile(&s, 0.5), percentile(&s, 0.75));
+    let iqr = q3 - q1;
+    let low = s.iter().copied().find(|&v| v >= q1 - 1.5 * iqr).unwrap_or(q1);
+    let high = s.iter().rev().copied().find(|&v| v <= q3 + 1.5 * iqr).unwrap_or(q3);
+    Some([low, q1, median, q3, high])
+}
+
+fn draw_boxes<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, title: &str, b: &BoxChart) -> DrawResult
+where
+    DB::ErrorType: 'static,
+{
+    let k = b.categories.len();
+    let values = b.categories.iter().flat_map(|c| c.values.iter().copied());
+    let (y_lo, y_hi) = padded_range(values, None);
+    let mut chart = ChartBuilder::on(root)
+        .caption(title, text_style(20))
+        .margin(14)
+        .x_label_area_size(56)
+        .y_label_area_size(70)
+        .build_cartesian_2d(-0.6..k as f64 - 0.4, y_lo..y_hi)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(0)
+        .x_label_formatter(&|_| String::new())
+        .light_line_style(TRANSPARENT)
+        .bold_line_style(GRID_COLOR)
+        .x_desc(b.x_label.as_str())
+        .y_desc(b.y_label.as_str())
+        .label_style(text_style(12))
+        .axis_desc_style(text_style(14))
+        .draw()?;
+    let (w, _) = root.dim_in_pixel();
+    let slot = (w.saturating_sub(120) / k.max(1) as u32).max(40) - 8;
+    for (i, cat) in b.categories.iter().enumerate() {
+        let x = i as f64;
+        let c = colour(i);
+        if let Some([low, q1, median, q3, high]) = box_stats(&cat.values) {
+            let line = c.stroke_width(2);
+            chart.draw_series([
+                PathElement::new(vec![(x, low), (x, q1)], line),
+                PathElement::new(vec![(x, q3), (x, high)], line),
+                PathElement::new(vec![(x - 0.12, low), (x + 0.12, low)], line),
+                PathElement::new(vec![(x - 0.12, high), (x + 0.12, high)], line),
+            ])?;
+            chart.draw_series(std::iter::once(Rectangle::new([(x - 0.3, q1), (x + 0.3, q3)], c.mix(0.25).filled())))?;
+            chart.draw_series(std::iter::once(Rectangle::new([(x - 0.3, q1), (x + 0.3, q3)], line)))?;
+            chart.draw_series(std::iter::once(PathElement::new(
+                vec![(x - 0.3, median), (x + 0.3, median)],
+                BLACK.stroke_width(3),
+            )))?;
+        }
+        // Every run as a point, spread sideways by a fixed low-discrepancy sequence (deterministic jitter).
+        chart.draw_series(cat.values.iter().enumerate().map(|(j, &v)| {
+            let jitter = ((j as f64 * 0.618_033_988_75).fract() - 0.5) * 0.36;
+            Circle::new((x + jitter, v), 3, BLACK.mix(0.6).filled())
+        }))?;
+        let (px, py) = chart.backend_coord(&(x, y_lo));
+        let label = fit(&format!("{} (n={})", cat.label, cat.values.len()), 12, slot);
+        root.draw(&Text::new(label, (px, py + 6), text_style(12).pos(Pos::new(HPos::Center, VPos::Top))))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn box_stats_by_hand() {
+        // Sorted: 1 2 3 4 100. q1 = 2, median 3, q3 = 4, IQR 2: whiskers stop at 1 and 4 (100 is an outlier).
+        assert_eq!(box_stats(&[4.0, 1.0, 100.0, 3.0, 2.0]).unwrap(), [1.0, 2.0, 3.0, 4.0, 4.0]);
+        assert_eq!(box_stats(&[0.5]).unwrap(), [0.5; 5]);
+        assert!(box_stats(&[]).is_none());
+    }
+
+    #[test]
+    fn long_labels_are_shortened_to_fit() {
+        ensure_font().unwrap();
+        let long = "a very long experiment name that will not fit in the space a bar chart leaves for labels";
+        let short = fit(long, 13, 150);
+        assert!(short.ends_with('…') && short.len() < long.len());
+        assert!(text_width(&short, 13) <= 150);
+        assert_eq!(fit("lerp", 13, 150), "lerp");
+    }
+
+    #[test]
+    fn padded_ranges() {
+        assert_eq!(padded_range([1.0, 2.0].into_iter(), Some(0.0)), (0.0, 2.16));
+        let (lo, hi) = padded_range([-1.0, 1.0].into_iter(), Some(0.0));
+        assert!((lo + 1.16).abs() < 1e-12 && (hi - 1.16).abs() < 1e-12);
+        assert_eq!(padded_range(std::iter::empty(), None), (0.0, 1.0));
+        let (lo, hi) = padded_range([5.0].into_iter(), None);
+        assert!(lo < 5.0 && hi > 5.0);
+    }
+}

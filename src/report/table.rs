@@ -1,0 +1,390 @@
+//! Rendering the summary as text: markdown tables (`0.656 +- 0.008 (n=3)`, best value per column in bold) and CSV.
+//! Also owns how a metric column is printed (scale, unit, decimals), which the best-value mark uses too, so that
+//! "best" always means "best as printed".
+
+use std::fmt::Write;
+
+use super::results::Kind;
+use super::summary::{Cell, Curve, KindTable, MetricSpec, Summary, Unit};
+
+/// How one column prints: values are divided by `scale` and shown with `decimals` decimals; `unit` goes in the header.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ColumnFormat {
+    pub scale: f64,
+    pub unit: &'static str,
+    pub decimals: usize,
+}
+
+impl ColumnFormat {
+    /// Fractions (accuracy, F1) print with 3 decimals, as the reference studies do. Other columns get enough decimals
+    /// for 3 significant digits of their largest mean (at least 2, at most 6); bytes are scaled to B/KB/MB/GB/TB
+    /// (decimal, as `graft inspect` and Hugging Face write sizes) by the column's largest mean.
+    pub fn for_column(metric: &MetricSpec, means: impl Iterator<Item = f64>) -> ColumnFormat {
+        let max = means.map(f64::abs).filter(|v| v.is_finite()).fold(0.0, f64::max);
+        match metric.unit {
+            Unit::Fraction => ColumnFormat { scale: 1.0, unit: "", decimals: 3 },
+            Unit::Seconds => ColumnFormat { scale: 1.0, unit: "s", decimals: decimals_for(max) },
+            Unit::Plain => ColumnFormat { scale: 1.0, unit: "", decimals: decimals_for(max) },
+            Unit::Bytes => {
+                let (scale, unit) = [(1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "KB")]
+                    .into_iter()
+                    .find(|&(s, _)| max >= s)
+                    .unwrap_or((1.0, "B"));
+                ColumnFormat { scale, unit, decimals: decimals_for(max / scale) }
+            }
+        }
+    }
+
+    /// The value as the table shows it (scaled and rounded), for comparisons.
+    pub fn rounded(&self, v: f64) -> f64 {
+        let p = 10f64.powi(self.decimals as i32);
+        (v / self.scale * p).round() / p
+    }
+
+    pub fn number(&self, v: f64) -> String {
+        format!("{:.*}", self.decimals, v / self.scale)
+    }
+
+    pub fn header(&self, label: &str) -> String {
+        if self.unit.is_empty() {
+            label.to_string()
+        } else {
+            format!("{label} ({})", self.unit)
+        }
+    }
+
+    /// `mean +- se (n=N)`.
+    pub fn cell(&self, cell: &Cell) -> String {
+        let e = &cell.estimate;
+        format!("{} +- {} (n={})", self.number(e.mean), self.number(e.se), e.n)
+    }
+}
+
+fn decimals_for(max: f64) -> usize {
+    if max <= 0.0 || !max.is_finite() {
+        return 2;
+    }
+    let integer_digits = max.log10().floor() as i64 + 1;
+    (3 - integer_digits).clamp(2, 6) as usize
+}
+
+/// A table's heading in the markdown document.
+pub fn kind_title(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Train => "Fine-tuning runs (train)",
+        Kind::Eval => "Evaluations (eval)",
+        Kind::Interpolate => "Interpolations",
+    }
+}
+
+/// The row label: the experiment name, with "(baseline)" on baseline rows.
+pub fn row_label(experiment: &str, baseline: bool) -> String {
+    if baseline {
+        format!("{experiment} (baseline)")
+    } else {
+        experiment.to_string()
+    }
+}
+
+fn md_escape(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('|', "\\|").replace(['\n', '\r'], " ")
+}
+
+/// One kind's table in markdown.
+pub fn markdown_table(table: &KindTable) -> String {
+    let formats: Vec<ColumnFormat> = table.metrics.iter().map(|m| table.format(m)).collect();
+    let mut s = String::from("| experiment |");
+    for (m, f) in table.metrics.iter().zip(&formats) {
+        let _ = write!(s, " {} |", md_escape(&f.header(&m.label)));
+    }
+    s.push_str("\n| --- |");
+    s.push_str(&" ---: |".repeat(table.metrics.len()));
+    s.push('\n');
+    for row in &table.rows {
+        let _ = write!(s, "| {} |", md_escape(&row_label(&row.experiment, row.baseline)));
+        for (m, f) in table.metrics.iter().zip(&formats) {
+            match row.cell(&m.key) {
+                Some(c) if c.best => {
+                    let _ = write!(s, " **{}** |", f.cell(c));
+                }
+                Some(c) => {
+                    let _ = write!(s, " {} |", f.cell(c));
+                }
+                None => s.push_str(" - |"),
+            }
+        }
+        s.push('\n');
+    }
+    s
+}
+
+/// The metrics that have curves, in column order.
+pub fn curve_metrics(curves: &[Curve]) -> Vec<MetricSpec> {
+    let mut keys: Vec<MetricSpec> = Vec::new();
+    for c in curves {
+        if c.barrier.is_some() && !keys.iter().any(|k| k.key == c.metric) {
+            keys.push(MetricSpec::for_key(&c.metric));
+        }
+    }
+    let known = ["zero_shot_accuracy", "accuracy", "f1_weighted", "f1_macro", "loss"];
+    keys.sort_by_key(|m| (known.iter().position(|k| *k == m.key).unwrap_or(known.len()), m.key.clone()));
+    keys
+}
+
+fn barrier_format(curves: &[Curve], metric: &MetricSpec) -> ColumnFormat {
+    let means = curves.iter().filter(|c| c.metric == metric.key).filter_map(|c| c.barrier.as_ref());
+    ColumnFormat::for_column(metric, means.map(|b| b.estimate.mean))
+}
+
+/// Interpolation barriers: one row per interpolate experiment, one column per metric.
+pub fn markdown_barriers(curves: &[Curve]) -> Option<String> {
+    let metrics = curve_metrics(curves);
+    if metrics.is_empty() {
+        return None;
+    }
+    let formats: Vec<ColumnFormat> = metrics.iter().map(|m| barrier_format(curves, m)).collect();
+    let mut s = String::from("| interpolation |");
+    for (m, f) in metrics.iter().zip(&formats) {
+        let _ = write!(s, " {} |", md_escape(&f.header(&format!("{} barrier", m.label))));
+    }
+    s.push_str("\n| --- |");
+    s.push_str(&" ---: |".repeat(metrics.len()));
+    s.push('\n');
+    let mut experiments: Vec<&str> = Vec::new();
+    for c in curves {
+        if !experiments.contains(&c.experiment.as_str()) {
+            experiments.push(&c.experiment);
+        }
+    }
+    for e in experiments {
+        let _ = write!(s, "| {} |", md_escape(e));
+        for (m, f) in metrics.iter().zip(&formats) {
+            match curves.iter().find(|c| c.experiment == e && c.metric == m.key).and_then(|c| c.barrier.as_ref()) {
+                Some(b) if b.best => {
+                    let _ = write!(s, " **{}** |", f.cell(b));
+                }
+                Some(b) => {
+                    let _ = write!(s, " {} |", f.cell(b));
+                }
+                None => s.push_str(" - |"),
+            }
+        }
+        s.push('\n');
+    }
+    Some(s)
+}
+
+/// The whole markdown document: a section per table, the barriers, and a line saying how the numbers were made.
+pub fn markdown(summary: &Summary) -> String {
+    let mut s = String::new();
+    for t in &summary.tables {
+        let _ = writeln!(s, "## {}\n\n{}", kind_title(t.kind), markdown_table(t));
+    }
+    if let Some(b) = markdown_barriers(&summary.curves) {
+        let _ = writeln!(
+            s,
+            "## Interpolation barriers\n\nLargest excess over the straight line between the endpoints (loss above it, \
+             accuracy/F1 below it); 0 or less: no barrier.\n\n{b}"
+        );
+    }
+    let _ = writeln!(
+        s,
+        "mean +- bootstrap standard error over runs (n = runs), {} balanced resamples, seed {}; best per column in bold.",
+        summary.resamples, summary.seed
+    );
+    s
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+/// All tables in one CSV, values in base units (fractions, seconds, bytes) at full precision: a row per experiment
+/// and kind, and per metric its mean, standard error, number of runs and best mark (empty where not measured).
+pub fn csv(summary: &Summary) -> String {
+    let mut metrics: Vec<MetricSpec> = Vec::new();
+    for t in &summary.tables {
+        for m in &t.metrics {
+            if !metrics.iter().any(|k| k.key == m.key) {
+                metrics.push(m.clone());
+            }
+        }
+    }
+    let mut s = String::from("kind,experiment,baseline,group,runs");
+    for m in &metrics {
+        let k = csv_field(&m.key);
+        let _ = write!(s, ",{k}_mean,{k}_se,{k}_n,{k}_best");
+    }
+    s.push('\n');
+    for t in &summary.tables {
+        for r in &t.rows {
+            let _ = write!(
+                s,
+                "{},{},{},{},{}",
+                t.kind.as_str(),
+                csv_field(&r.experiment),
+                r.baseline,
+                csv_field(&r.group),
+                r.runs.len()
+            );
+            for m in &metrics {
+                match r.cell(&m.key) {
+                    Some(c) => {
+                        let _ = write!(s, ",{},{},{},{}", c.estimate.mean, c.estimate.se, c.estimate.n, c.best);
+                    }
+                    None => s.push_str(",,,,"),
+                }
+            }
+            s.push('\n');
+        }
+    }
+    s
+}
+
+/// Interpolation barriers as CSV (base units): experiment, metric, mean, se, n, best.
+pub fn barriers_csv(curves: &[Curve]) -> String {
+    let mut s = String::from("experiment,metric,barrier_mean,barrier_se,barrier_n,best\n");
+    for c in curves {
+        if let Some(b) = &c.barrier {
+            let e = &b.estimate;
+            let _ = writeln!(
+                s,
+                "{},{},{},{},{},{}",
+                csv_field(&c.experiment),
+                csv_field(&c.metric),
+                e.mean,
+                e.se,
+                e.n,
+                b.best
+            );
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::bootstrap::Estimate;
+    use crate::report::summary::{Direction, Row};
+    use std::collections::BTreeMap;
+
+    fn cell(mean: f64, se: f64, n: usize, best: bool) -> Cell {
+        let estimate = Estimate { n, mean, sample_mean: mean, se, sd: 0.0, ci95: [mean, mean] };
+        Cell { values: vec![mean; n], estimate, best }
+    }
+
+    fn row(name: &str, baseline: bool, cells: &[(&str, Cell)]) -> Row {
+        Row {
+            experiment: name.into(),
+            baseline,
+            group: String::new(),
+            runs: vec!["r".into()],
+            params: BTreeMap::new(),
+            cells: cells.iter().map(|(k, c)| (k.to_string(), c.clone())).collect(),
+        }
+    }
+
+    #[test]
+    fn markdown_golden() {
+        let table = KindTable {
+            kind: Kind::Train,
+            metrics: ["accuracy", "time_s", "peak_memory_bytes"].iter().map(|k| MetricSpec::for_key(k)).collect(),
+            rows: vec![
+                row(
+                    "base + full FT",
+                    true,
+                    &[
+                        ("accuracy", cell(0.81961, 0.0041, 3, false)),
+                        ("time_s", cell(104.3, 2.25, 3, false)),
+                        ("peak_memory_bytes", cell(13.18e9, 0.011e9, 3, false)),
+                    ],
+                ),
+                row(
+                    "lerp 15% | head",
+                    false,
+                    &[
+                        ("accuracy", cell(0.7894, 0.0082, 3, false)),
+                        ("time_s", cell(45.25, 1.0, 3, true)),
+                        ("peak_memory_bytes", cell(1.38e9, 0.004e9, 2, true)),
+                    ],
+                ),
+                row("lerp 15% / full", false, &[("accuracy", cell(0.8166, 0.0051, 3, false))]),
+            ],
+        };
+        let want = "\
+| experiment | accuracy | time (s) | peak memory (GB) |
+| --- | ---: | ---: | ---: |
+| base + full FT (baseline) | 0.820 +- 0.004 (n=3) | 104.30 +- 2.25 (n=3) | 13.18 +- 0.01 (n=3) |
+| lerp 15% \\| head | 0.789 +- 0.008 (n=3) | **45.25 +- 1.00 (n=3)** | **1.38 +- 0.00 (n=2)** |
+| lerp 15% / full | 0.817 +- 0.005 (n=3) | - | - |
+";
+        assert_eq!(markdown_table(&table), want);
+    }
+
+    #[test]
+    fn barrier_markdown_golden() {
+        let curve = |e: &str, m: &str, b: Option<Cell>| Curve {
+            experiment: e.into(),
+            metric: m.into(),
+            points: vec![],
+            barrier: b,
+        };
+        let curves = vec![
+            curve("A-B aligned", "loss", Some(cell(0.0543, 0.0041, 3, true))),
+            curve("A-B aligned", "accuracy", Some(cell(0.0242, 0.003, 3, true))),
+            curve("A-B naive", "loss", Some(cell(0.3081, 0.0022, 3, false))),
+            curve("A-B naive", "accuracy", None),
+        ];
+        let want = "\
+| interpolation | accuracy barrier | loss barrier |
+| --- | ---: | ---: |
+| A-B aligned | **0.024 +- 0.003 (n=3)** | **0.054 +- 0.004 (n=3)** |
+| A-B naive | - | 0.308 +- 0.002 (n=3) |
+";
+        assert_eq!(markdown_barriers(&curves).unwrap(), want);
+        assert_eq!(markdown_barriers(&curves[3..]), None);
+    }
+
+    #[test]
+    fn column_formats() {
+        let f = |key: &str, means: &[f64]| ColumnFormat::for_column(&MetricSpec::for_key(key), means.iter().copied());
+        assert_eq!(f("accuracy", &[0.5]).number(0.65649), "0.656");
+        assert_eq!(f("time_s", &[0.0512]).number(0.0512), "0.0512");
+        assert_eq!(f("time_s", &[12.34, 3.0]).number(3.0), "3.00");
+        assert_eq!(f("loss", &[0.5234]).number(0.5234), "0.523");
+        let mem = f("peak_memory_bytes", &[2.5e6, 9.9e5]);
+        assert_eq!((mem.unit, mem.number(9.9e5)), ("MB", "0.99".to_string()));
+        assert_eq!(f("peak_memory_bytes", &[512.0]).header("peak memory"), "peak memory (B)");
+        assert_eq!(f("accuracy", &[0.5]).rounded(0.8004), 0.8);
+        assert_eq!(MetricSpec::for_key("time_s").direction, Direction::Lower);
+    }
+
+    #[test]
+    fn csv_quotes_and_leaves_missing_cells_empty() {
+        let summary = Summary {
+            seed: 0,
+            resamples: 10,
+            lines_read: 2,
+            superseded: 0,
+            tables: vec![KindTable {
+                kind: Kind::Eval,
+                metrics: vec![MetricSpec::for_key("accuracy"), MetricSpec::for_key("loss")],
+                rows: vec![
+                    row("a, \"quoted\"", false, &[("accuracy", cell(0.5, 0.25, 2, true))]),
+                    row("b", true, &[("loss", cell(1.5, 0.0, 1, false))]),
+                ],
+            }],
+            curves: vec![],
+        };
+        let want = "kind,experiment,baseline,group,runs,accuracy_mean,accuracy_se,accuracy_n,accuracy_best,loss_mean,loss_se,loss_n,loss_best
+eval,\"a, \"\"quoted\"\"\",false,,1,0.5,0.25,2,true,,,,
+eval,b,true,,1,,,,,1.5,0,1,false
+";
+        assert_eq!(csv(&summary), want);
+    }
+}
