@@ -10,6 +10,7 @@ use crate::checkpoint::{parse_size, WriterOptions, DEFAULT_MAX_SHARD_SIZE};
 use crate::error::{Error, Result};
 
 mod convert;
+mod experiment;
 mod inspect;
 mod merge;
 mod report;
@@ -36,12 +37,16 @@ enum Command {
     Inspect(inspect::Args),
     /// Merge models with mergekit's methods (flags or a mergekit YAML config), optionally only the top SNR layers.
     Merge(Box<merge::Args>),
+    /// Spectrum's per-matrix SNR: rankings per layer type, top-percent selection, Spectrum/axolotl files.
+    Snr(snr::Args),
     /// Re-shard a checkpoint and/or change the dtype of its float tensors.
     Convert(convert::Args),
     /// Tables with bootstrap mean +- standard error, charts and an HTML page from results files.
     Report(report::Args),
-    /// Spectrum's per-matrix SNR: rankings per layer type, top-percent selection, Spectrum/axolotl files.
-    Snr(snr::Args),
+    /// Run the SNR-selective merging study described by a plan file, resumably, and report it.
+    Experiment(experiment::Args),
+    /// Run a small version of the whole study on real digits shipped with graft (about a minute on 2 cores).
+    Demo(experiment::DemoArgs),
 }
 
 /// Settings every subcommand may use.
@@ -68,6 +73,8 @@ pub fn run() -> Result<()> {
         Command::Convert(a) => convert::run(a, &global),
         Command::Report(a) => report::run(a, &global),
         Command::Snr(a) => snr::run(a, &global),
+        Command::Experiment(a) => experiment::run(a, &global),
+        Command::Demo(a) => experiment::demo(a, &global),
     }
 }
 

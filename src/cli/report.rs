@@ -39,11 +39,16 @@ pub fn run(args: Args, _global: &Global) -> Result<()> {
         }
         return emit(&(doc.to_string() + "\n"));
     }
+    emit(&render_text(&report))
+}
+
+/// The report as the terminal shows it: the markdown tables and where the files are.
+pub fn render_text(report: &crate::report::Report) -> String {
     let dir = report.dir.display();
     let mut text = report.markdown.clone();
     text.push_str(&format!(
         "\nreport: {dir}/index.html\ntables: {dir}/report.md, {dir}/summary.csv, {dir}/summary.json\nplots: {} charts (PNG + SVG) in {dir}/plots\n",
         report.plots.len()
     ));
-    emit(&text)
+    text
 }

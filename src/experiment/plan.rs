@@ -1,7 +1,7 @@
 //! The experiment plan: a YAML file describing the SNR-selective merging study (the reference study's workflow), with
 //! defaults that reproduce it at a CPU-friendly scale. Unknown keys are errors, never silently ignored.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
@@ -164,10 +164,9 @@ impl Plan {
 
     /// The plan `graft demo` runs: the whole study on the digits shipped in fixtures/, small enough for 2 cores.
     pub fn demo(data_dir: &Path) -> Plan {
-        let data = data_dir.join("digits-images-idx3-ubyte");
         Plan {
             name: "demo: SNR-selective merging on 8x8 digits".into(),
-            data: format!("idx:{}", PathBuf::from(&data).display()),
+            data: format!("idx:{}", data_dir.display()),
             arch: "mlp".into(),
             arch_options: [("hidden".to_string(), serde_json::json!("64,64,64"))].into_iter().collect(),
             expert_a: default_expert_a(),

@@ -141,7 +141,7 @@ pub fn decode(bytes: &[u8]) -> Result<Image, String> {
 }
 
 fn zlib_decompress(data: &[u8]) -> Result<Vec<u8>, String> {
-    if data.len() < 6 || data[0] & 0x0F != 8 || ((data[0] as u16) << 8 | data[1] as u16) % 31 != 0 {
+    if data.len() < 6 || data[0] & 0x0F != 8 || !((data[0] as u16) << 8 | data[1] as u16).is_multiple_of(31) {
         return Err("bad zlib header".into());
     }
     let out = inflate(&data[2..])?;

@@ -1,0 +1,269 @@
+//! Expanding a plan into steps: the graft subcommands that train the base and the experts, align the experts, scan
+//! SNR, merge, measure consistency and fine-tune every merged model under every freeze policy, per seed.
+//!
+//! Steps come in two phases: the second (merging and everything after it) is planned once the first has run,
+//! because whether the naive (unaligned) merges are needed depends on whether alignment changed anything.
+
+use std::path::{Path, PathBuf};
+
+use super::plan::{Freeze, Plan};
+use super::runner::Step;
+
+/// The directory of one seed's artefacts.
+pub fn seed_dir(rundir: &Path, seed: u64) -> PathBuf {
+    rundir.join(format!("seed-{seed}"))
+}
+
+/// Where a fine-tuning step's results line goes (collected into RUNDIR/results.jsonl afterwards).
+pub fn results_file(rundir: &Path, seed: u64, id: &str) -> PathBuf {
+    seed_dir(rundir, seed).join("results").join(format!("{id}.jsonl"))
+}
+
+fn s(v: impl ToString) -> String {
+    v.to_string()
+}
+
+fn path(p: &Path) -> String {
+    p.display().to_string()
+}
+
+fn common(plan: &Plan, seed: u64) -> Vec<String> {
+    let mut a = vec![s("--data"), plan.data.clone(), s("--seed"), s(seed)];
+    if let Some(t) = plan.threads {
+        a.extend([s("--threads"), s(t)]);
+    }
+    a
+}
+
+fn stage_args(stage: &super::plan::Stage, lr: f64) -> Vec<String> {
+    vec![s("--epochs"), s(stage.epochs), s("--lr"), s(lr), s("--batch"), s(stage.batch), s("--quiet")]
+}
+
+fn classes(c: &[usize]) -> String {
+    c.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",")
+}
+
+/// Training of the base and experts, alignment and SNR scans.
+pub fn phase_one(plan: &Plan, rundir: &Path) -> Vec<Step> {
+    let mut steps = Vec::new();
+    for &seed in &plan.seeds {
+        let dir = seed_dir(rundir, seed);
+        let id = |x: &str| format!("seed{seed}/{x}");
+        let base = dir.join("base");
+        let mut args = vec![s("train"), s("--arch"), plan.arch.clone()];
+        for (k, v) in &plan.arch_options {
+            args.push(format!("--{}", k.replace('_', "-")));
+            args.push(v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()));
+        }
+        args.extend(common(plan, seed));
+        args.extend(stage_args(&plan.base, plan.base.lr));
+        args.extend([s("-o"), path(&base), s("--force")]);
+        steps.push(Step { id: id("base"), args, outputs: vec![base.clone()], after: vec![], stdout_to: None });
+
+        for (name, cls) in [("expert-a", &plan.expert_a), ("expert-b", &plan.expert_b)] {
+            let out = dir.join(name);
+            let mut args = vec![s("train"), s("--transfer-body"), path(&base), s("--classes"), classes(cls)];
+            args.extend(common(plan, seed));
+            args.extend(stage_args(&plan.experts, plan.experts.lr));
+            args.extend([s("-o"), path(&out), s("--force")]);
+            steps.push(Step { id: id(name), args, outputs: vec![out], after: vec![id("base")], stdout_to: None });
+        }
+        if plan.align {
+            for e in ["a", "b"] {
+                let out = dir.join(format!("aligned-{e}"));
+                let mut args = vec![s("align"), path(&base), path(&dir.join(format!("expert-{e}")))];
+                args.extend([s("--seed"), s(seed), s("-o"), path(&out), s("--force"), s("--json")]);
+                steps.push(Step {
+                    id: id(&format!("align-{e}")),
+                    args,
+                    outputs: vec![out],
+                    after: vec![id(&format!("expert-{e}"))],
+                    stdout_to: Some(dir.join(format!("align-{e}.json"))),
+                });
+            }
+        }
+        for m in ["base", "expert-a", "expert-b"] {
+            let after = vec![id(m)];
+            steps.push(Step {
+                id: id(&format!("snr-{m}")),
+                args: vec![s("snr"), path(&dir.join(m)), s("--json")],
+                outputs: vec![],
+                after,
+                stdout_to: Some(dir.join(format!("snr-{m}.json"))),
+            });
+        }
+    }
+    steps
+}
+
+/// One merged model of the study.
+#[derive(Clone, Debug)]
+pub struct MergeSpec {
+    pub method: String,
+    pub top_p: f64,
+    /// "base" or "avg": whose SNR ranks the layers.
+    pub snr_from: &'static str,
+    /// Merge the aligned experts (false: the naive merge of the unaligned ones).
+    pub aligned: bool,
+}
+
+impl MergeSpec {
+    pub fn id(&self) -> String {
+        let mut id = format!("{}-p{}", self.method, self.top_p);
+        if self.snr_from == "avg" {
+            id.push_str("-snravg");
+        }
+        if !self.aligned {
+            id.push_str("-naive");
+        }
+        id
+    }
+
+    /// The experiment name in reports, e.g. `lerp top-15%` or `lerp all layers (naive)`.
+    pub fn label(&self) -> String {
+        let p =
+            if self.top_p >= 1.0 { "all layers".to_string() } else { format!("top-{}%", (self.top_p * 100.0).round()) };
+        let mut l = format!("{} {p}", self.method);
+        if self.snr_from == "avg" {
+            l.push_str(" (SNR avg)");
+        }
+        if !self.aligned {
+            l.push_str(" (naive)");
+        }
+        l
+    }
+}
+
+/// The merges of the study: every method at every top-p, the SNR-average ranking variant, and (when alignment
+/// changed something) the naive merges of the unaligned experts at every top-p with the first method.
+pub fn merges(plan: &Plan, alignment_changed: bool) -> Vec<MergeSpec> {
+    let mut v = Vec::new();
+    for m in &plan.methods {
+        for &p in &plan.top_p {
+            v.push(MergeSpec { method: m.clone(), top_p: p, snr_from: "base", aligned: plan.align });
+        }
+    }
+    if plan.snr_average_variant {
+        for &p in plan.top_p.iter().filter(|p| **p < 1.0) {
+            v.push(MergeSpec { method: plan.methods[0].clone(), top_p: p, snr_from: "avg", aligned: plan.align });
+        }
+    }
+    if plan.align && alignment_changed {
+        for &p in &plan.top_p {
+            v.push(MergeSpec { method: plan.methods[0].clone(), top_p: p, snr_from: "base", aligned: false });
+        }
+    }
+    v
+}
+
+/// graft merge's method for a study method: the study's LERP is mergekit's linear; its TIES is sign election and
+/// disjoint averaging without trimming (density 1).
+fn merge_method_args(method: &str) -> Vec<String> {
+    match method {
+        "lerp" | "linear" => vec![s("--method"), s("linear")],
+        "ties" => vec![s("--method"), s("ties"), s("--density"), s("1")],
+        other => vec![s("--method"), s(other)],
+    }
+}
+
+/// Merging, consistency, baseline and fine-tuning steps for one seed.
+pub fn phase_two(plan: &Plan, rundir: &Path, seed: u64, merges: &[MergeSpec]) -> Vec<Step> {
+    let dir = seed_dir(rundir, seed);
+    let id = |x: &str| format!("seed{seed}/{x}");
+    let base = dir.join("base");
+    let mut steps = Vec::new();
+    let finetune = |steps: &mut Vec<Step>,
+                    key: &str,
+                    label: &str,
+                    init: &Path,
+                    freeze: Freeze,
+                    lr: f64,
+                    baseline: bool,
+                    after: String,
+                    config: &[(&str, String)]| {
+        let step_id = id(&format!("ft-{key}-{}", freeze.label()));
+        let results = results_file(rundir, seed, &format!("ft-{key}-{}", freeze.label()));
+        let freeze_arg = match freeze {
+            Freeze::Head => s("all-but-head"),
+            Freeze::Selected => format!("selected:{}", path(init)),
+            Freeze::Full => s("none"),
+        };
+        let mut args = vec![s("train"), s("--init"), path(init), s("--freeze"), freeze_arg];
+        args.extend(common(plan, seed));
+        args.extend(stage_args(&plan.finetune, lr));
+        args.extend([s("--results"), path(&results), s("--experiment"), format!("{label} / {}", freeze.label())]);
+        for (k, v) in config {
+            args.extend([s("--config"), format!("{k}={v}")]);
+        }
+        if baseline {
+            args.push(s("--baseline"));
+        }
+        steps.push(Step { id: step_id, args, outputs: vec![results], after: vec![after], stdout_to: None });
+    };
+    finetune(
+        &mut steps,
+        "base",
+        "base",
+        &base,
+        Freeze::Full,
+        plan.baseline_lr,
+        true,
+        id("base"),
+        &[("method", s("none"))],
+    );
+    for m in merges {
+        let out = dir.join(format!("merge-{}", m.id()));
+        let (a, b, prefix) =
+            if m.aligned { ("aligned-a", "aligned-b", "align") } else { ("expert-a", "expert-b", "expert") };
+        let mut args = vec![s("merge")];
+        args.extend(merge_method_args(&m.method));
+        args.extend([path(&dir.join(a)), path(&dir.join(b)), s("--base"), path(&base)]);
+        args.extend([s("--snr-select"), format!("top-p={}", m.top_p), s("--snr-from"), s(m.snr_from)]);
+        args.extend([
+            s("--alpha"),
+            s("snr"),
+            s("--reference"),
+            s("base"),
+            s("-o"),
+            path(&out),
+            s("--force"),
+            s("--json"),
+        ]);
+        let merge_id = id(&format!("merge-{}", m.id()));
+        steps.push(Step {
+            id: merge_id.clone(),
+            args,
+            outputs: vec![out.clone()],
+            after: vec![id(&format!("{prefix}-a")), id(&format!("{prefix}-b"))],
+            stdout_to: Some(dir.join(format!("merge-{}.json", m.id()))),
+        });
+        steps.push(Step {
+            id: id(&format!("consistency-{}", m.id())),
+            args: vec![
+                s("similarity"),
+                s("--merged"),
+                path(&out),
+                s("--experts"),
+                path(&dir.join(a)),
+                path(&dir.join(b)),
+                s("--base"),
+                path(&base),
+                s("--only-merged"),
+                s("--json"),
+            ],
+            outputs: vec![],
+            after: vec![merge_id.clone()],
+            stdout_to: Some(dir.join(format!("consistency-{}.json", m.id()))),
+        });
+        let config = [
+            ("method", m.method.clone()),
+            ("top_p", s(m.top_p)),
+            ("snr_from", s(m.snr_from)),
+            ("aligned", s(m.aligned)),
+        ];
+        for &f in &plan.freeze {
+            finetune(&mut steps, &m.id(), &m.label(), &out, f, plan.finetune.lr, false, merge_id.clone(), &config);
+        }
+    }
+    steps
+}
