@@ -15,5 +15,6 @@ pub mod inspect;
 pub mod names;
 pub mod report;
 pub mod rng;
+pub mod snr;
 
 pub use error::{Error, Result};

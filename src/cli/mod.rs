@@ -13,6 +13,7 @@ mod convert;
 mod experiment;
 mod inspect;
 mod report;
+mod snr;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -41,6 +42,8 @@ enum Command {
     Experiment(experiment::Args),
     /// Run a small version of the whole study on real digits shipped with graft (about a minute on 2 cores).
     Demo(experiment::DemoArgs),
+    /// Spectrum's per-matrix SNR: rankings per layer type, top-percent selection, Spectrum/axolotl files.
+    Snr(snr::Args),
 }
 
 /// Settings every subcommand may use.
@@ -67,6 +70,7 @@ pub fn run() -> Result<()> {
         Command::Report(a) => report::run(a, &global),
         Command::Experiment(a) => experiment::run(a, &global),
         Command::Demo(a) => experiment::demo(a, &global),
+        Command::Snr(a) => snr::run(a, &global),
     }
 }
 
