@@ -12,6 +12,7 @@ pub mod error;
 pub mod exec;
 pub mod experiment;
 pub mod inspect;
+pub mod merge;
 pub mod names;
 pub mod report;
 pub mod rng;

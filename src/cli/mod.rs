@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 mod convert;
 mod experiment;
 mod inspect;
+mod merge;
 mod report;
 mod snr;
 
@@ -34,6 +35,8 @@ pub struct Cli {
 enum Command {
     /// List a checkpoint's tensors, a summary per layer type, totals and metadata.
     Inspect(inspect::Args),
+    /// Merge models with mergekit's methods (flags or a mergekit YAML config), optionally only the top SNR layers.
+    Merge(Box<merge::Args>),
     /// Re-shard a checkpoint and/or change the dtype of its float tensors.
     Convert(convert::Args),
     /// Tables with bootstrap mean +- standard error, charts and an HTML page from results files.
@@ -70,6 +73,9 @@ pub fn run() -> Result<()> {
         Command::Report(a) => report::run(a, &global),
         Command::Experiment(a) => experiment::run(a, &global),
         Command::Demo(a) => experiment::demo(a, &global),
+        Command::Merge(a) => merge::run(*a, &global),
+        Command::Convert(a) => convert::run(a, &global),
+        Command::Report(a) => report::run(a, &global),
         Command::Snr(a) => snr::run(a, &global),
     }
 }

@@ -1,0 +1,554 @@
+//! What to merge, from a mergekit YAML file or from command-line flags.
+//!
+//! The YAML schema is mergekit's for the methods graft has: `merge_method`, `base_model`, `models` (each `model` and
+//! optional `parameters`) or `slices` (each `sources` of `model` + `layer_range` + optional `parameters`, optional
+//! `base_model` and `parameters`), top-level `parameters` (scalars, gradients, filter lists), `dtype`, `out_dtype`,
+//! `tokenizer_source: base` (or a model path). Unknown keys, mergekit keys graft does not implement (`modules`,
+//! `tokenizer`, `chat_template`, `residual_weight`, `tokenizer_source: union`) and unknown methods are errors that
+//! name the key; nothing is silently ignored. Model paths are taken relative to the working directory, then to the
+//! config file's directory.
+
+use std::path::{Path, PathBuf};
+
+use yaml_serde::{Mapping, Value as Yaml};
+
+use super::params::{Conditional, Scalar, Setting, Settings, Value};
+use crate::checkpoint::Dtype;
+use crate::error::{Error, Result};
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelEntry {
+    pub model: PathBuf,
+    pub parameters: Settings,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct SliceSource {
+    pub model: PathBuf,
+    pub layer_range: (usize, usize),
+    pub parameters: Settings,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct SliceDef {
+    pub sources: Vec<SliceSource>,
+    pub base_model: Option<PathBuf>,
+    pub parameters: Settings,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Inputs {
+    Models(Vec<ModelEntry>),
+    Slices(Vec<SliceDef>),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum TokenizerSource {
+    /// Config and tokenizer files from the base model (or the first model without a base).
+    Base,
+    /// From this model's directory.
+    Model(PathBuf),
+}
+
+/// One merge, however it was described.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MergeConfig {
+    pub method: String,
+    pub base_model: Option<PathBuf>,
+    pub inputs: Inputs,
+    pub parameters: Settings,
+    /// mergekit's working dtype: graft computes in f32 regardless (except in mergekit mode), but it is the output dtype
+    /// when `out_dtype` is absent.
+    pub dtype: Option<Dtype>,
+    pub out_dtype: Option<Dtype>,
+    pub tokenizer_source: Option<TokenizerSource>,
+    /// The model that tensors left unmerged are copied from (graft's addition; default: the base, else the first model).
+    pub reference: Option<PathBuf>,
+}
+
+impl MergeConfig {
+    /// Every model path the merge reads, in first-mention order (models or slice sources, then the base and reference).
+    pub fn model_paths(&self) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = Vec::new();
+        let mut add = |p: &PathBuf| {
+            if !v.contains(p) {
+                v.push(p.clone());
+            }
+        };
+        match &self.inputs {
+            Inputs::Models(ms) => ms.iter().for_each(|m| add(&m.model)),
+            Inputs::Slices(ss) => ss.iter().flat_map(|s| s.sources.iter()).for_each(|s| add(&s.model)),
+        }
+        if let Inputs::Slices(ss) = &self.inputs {
+            ss.iter().filter_map(|s| s.base_model.as_ref()).for_each(&mut add);
+        }
+        if let Some(b) = &self.base_model {
+            add(b);
+        }
+        if let Some(r) = &self.reference {
+            add(r);
+        }
+        v
+    }
+}
+
+/// Reads and parses a mergekit YAML config file.
+pub fn load(path: &Path) -> Result<MergeConfig> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    parse(&text, path, &dir)
+}
+
+/// Parses YAML `text` (`file` names it in errors; relative model paths may resolve against `dir`).
+pub fn parse(text: &str, file: &Path, dir: &Path) -> Result<MergeConfig> {
+    let p = Parser { file, dir };
+    let doc: Yaml = yaml_serde::from_str(text).map_err(|e| p.err(format!("not valid YAML: {e}")))?;
+    let top = p.mapping(&doc, "the config")?;
+    p.check_keys(
+        top,
+        "the config",
+        &["merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source"],
+        &[
+            ("modules", "multi-module configs"),
+            ("tokenizer", "tokenizer merging (use tokenizer_source: base)"),
+            ("chat_template", "chat templates"),
+        ],
+    )?;
+    let method = match top.get("merge_method") {
+        Some(Yaml::String(s)) => s.clone(),
+        Some(_) => return Err(p.err("'merge_method' must be a string")),
+        None => return Err(p.err("'merge_method' is missing")),
+    };
+    super::method(&method).map_err(|e| p.err(e.to_string()))?;
+    let base_model = top.get("base_model").map(|v| p.model(v, "base_model")).transpose()?;
+    let inputs = match (top.get("models"), top.get("slices")) {
+        (Some(_), Some(_)) => return Err(p.err("give either 'models' or 'slices', not both")),
+        (None, None) => return Err(p.err("give 'models' or 'slices'")),
+        (Some(m), None) => Inputs::Models(p.models(m)?),
+        (None, Some(s)) => Inputs::Slices(p.slices(s)?),
+    };
+    let parameters = p.settings(top.get("parameters"), "parameters")?;
+    let dtype = p.dtype(top.get("dtype"), "dtype")?;
+    let out_dtype = p.dtype(top.get("out_dtype"), "out_dtype")?;
+    let tokenizer_source = match top.get("tokenizer_source") {
+        None | Some(Yaml::Null) => None,
+        Some(Yaml::String(s)) if s == "base" => Some(TokenizerSource::Base),
+        Some(Yaml::String(s)) if s == "union" => {
+            return Err(p.err("tokenizer_source: union (building a merged vocabulary) is not supported by graft"))
+        }
+        Some(v) => Some(TokenizerSource::Model(p.model(v, "tokenizer_source")?)),
+    };
+    Ok(MergeConfig { method, base_model, inputs, parameters, dtype, out_dtype, tokenizer_source, reference: None })
+}
+
+struct Parser<'a> {
+    file: &'a Path,
+    dir: &'a Path,
+}
+
+impl Parser<'_> {
+    fn err(&self, msg: impl Into<String>) -> Error {
+        Error::usage(format!("{}: {}", self.file.display(), msg.into()))
+    }
+
+    fn mapping<'v>(&self, v: &'v Yaml, what: &str) -> Result<&'v Mapping> {
+        match v {
+            Yaml::Mapping(m) => Ok(m),
+            _ => Err(self.err(format!("{what} must be a mapping"))),
+        }
+    }
+
+    fn sequence<'v>(&self, v: &'v Yaml, what: &str) -> Result<&'v [Yaml]> {
+        match v {
+            Yaml::Sequence(s) => Ok(s),
+            _ => Err(self.err(format!("'{what}' must be a list"))),
+        }
+    }
+
+    fn check_keys(&self, m: &Mapping, what: &str, allowed: &[&str], unsupported: &[(&str, &str)]) -> Result<()> {
+        for k in m.keys() {
+            let Yaml::String(k) = k else {
+                return Err(self.err(format!("{what} has a key that is not a string: {k:?}")));
+            };
+            if allowed.contains(&k.as_str()) {
+                continue;
+            }
+            if let Some((_, feature)) = unsupported.iter().find(|(u, _)| u == k) {
+                return Err(self.err(format!("'{k}' in {what}: {feature} are not supported by graft")));
+            }
+            return Err(self.err(format!("unknown key '{k}' in {what} (allowed: {})", allowed.join(", "))));
+        }
+        Ok(())
+    }
+
+    fn model(&self, v: &Yaml, what: &str) -> Result<PathBuf> {
+        let Yaml::String(s) = v else {
+            return Err(self.err(format!("'{what}' must be a model path")));
+        };
+        let p = PathBuf::from(s);
+        if p.exists() || p.is_absolute() {
+            return Ok(p);
+        }
+        let rel = self.dir.join(&p);
+        Ok(if rel.exists() { rel } else { p })
+    }
+
+    fn models(&self, v: &Yaml) -> Result<Vec<ModelEntry>> {
+        let list = self.sequence(v, "models")?;
+        if list.is_empty() {
+            return Err(self.err("'models' is empty"));
+        }
+        list.iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let what = format!("models[{i}]");
+                let m = self.mapping(e, &what)?;
+                self.check_keys(m, &what, &["model", "parameters"], &[])?;
+                let model = m.get("model").ok_or_else(|| self.err(format!("{what} has no 'model'")))?;
+                Ok(ModelEntry {
+                    model: self.model(model, &format!("{what}.model"))?,
+                    parameters: self.settings(m.get("parameters"), &format!("{what}.parameters"))?,
+                })
+            })
+            .collect()
+    }
+
+    fn slices(&self, v: &Yaml) -> Result<Vec<SliceDef>> {
+        let list = self.sequence(v, "slices")?;
+        if list.is_empty() {
+            return Err(self.err("'slices' is empty"));
+        }
+        list.iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let what = format!("slices[{i}]");
+                let m = self.mapping(e, &what)?;
+                self.check_keys(
+                    m,
+                    &what,
+                    &["sources", "base_model", "parameters"],
+                    &[("residual_weight", "residual weights")],
+                )?;
+                let sources = self.sequence(
+                    m.get("sources").ok_or_else(|| self.err(format!("{what} has no 'sources'")))?,
+                    &format!("{what}.sources"),
+                )?;
+                if sources.is_empty() {
+                    return Err(self.err(format!("{what}.sources is empty")));
+                }
+                let sources = sources
+                    .iter()
+                    .enumerate()
+                    .map(|(j, s)| {
+                        let what = format!("{what}.sources[{j}]");
+                        let sm = self.mapping(s, &what)?;
+                        self.check_keys(sm, &what, &["model", "layer_range", "parameters"], &[])?;
+                        let model = sm.get("model").ok_or_else(|| self.err(format!("{what} has no 'model'")))?;
+                        let range =
+                            sm.get("layer_range").ok_or_else(|| self.err(format!("{what} has no 'layer_range'")))?;
+                        Ok(SliceSource {
+                            model: self.model(model, &format!("{what}.model"))?,
+                            layer_range: self.layer_range(range, &what)?,
+                            parameters: self.settings(sm.get("parameters"), &format!("{what}.parameters"))?,
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(SliceDef {
+                    sources,
+                    base_model: m
+                        .get("base_model")
+                        .map(|b| self.model(b, &format!("{what}.base_model")))
+                        .transpose()?,
+                    parameters: self.settings(m.get("parameters"), &format!("{what}.parameters"))?,
+                })
+            })
+            .collect()
+    }
+
+    fn layer_range(&self, v: &Yaml, what: &str) -> Result<(usize, usize)> {
+        let bad = || self.err(format!("{what}.layer_range must be [start, end] with 0 <= start < end"));
+        let s = self.sequence(v, &format!("{what}.layer_range"))?;
+        if s.len() != 2 {
+            return Err(bad());
+        }
+        let n = |x: &Yaml| x.as_u64().map(|v| v as usize).ok_or_else(bad);
+        let (a, b) = (n(&s[0])?, n(&s[1])?);
+        if a >= b {
+            return Err(bad());
+        }
+        Ok((a, b))
+    }
+
+    fn dtype(&self, v: Option<&Yaml>, what: &str) -> Result<Option<Dtype>> {
+        match v {
+            None | Some(Yaml::Null) => Ok(None),
+            Some(Yaml::String(s)) => match Dtype::parse_user(s.trim_start_matches("torch.")) {
+                Some(d) if d.is_float() => Ok(Some(d)),
+                _ => Err(self.err(format!("'{what}: {s}' is not a float dtype (bfloat16, float16, float32, float64)"))),
+            },
+            Some(_) => Err(self.err(format!("'{what}' must be a dtype name"))),
+        }
+    }
+
+    fn settings(&self, v: Option<&Yaml>, what: &str) -> Result<Settings> {
+        let mut out = Settings::new();
+        let Some(v) = v else { return Ok(out) };
+        if matches!(v, Yaml::Null) {
+            return Ok(out);
+        }
+        for (k, s) in self.mapping(v, &format!("'{what}'"))? {
+            let Yaml::String(name) = k else {
+                return Err(self.err(format!("{what} has a key that is not a string")));
+            };
+            out.insert(name.clone(), self.setting(s, &format!("{what}.{name}"))?);
+        }
+        Ok(out)
+    }
+
+    fn scalar(&self, v: &Yaml, what: &str) -> Result<Option<Scalar>> {
+        Ok(match v {
+            Yaml::Bool(b) => Some(Scalar::Bool(*b)),
+            Yaml::Number(n) => Some(Scalar::Num(n.as_f64().ok_or_else(|| self.err(format!("{what}: bad number")))?)),
+            Yaml::String(s) => Some(Scalar::Str(s.clone())),
+            _ => None,
+        })
+    }
+
+    fn value(&self, v: &Yaml, what: &str) -> Result<Value> {
+        if let Some(s) = self.scalar(v, what)? {
+            return Ok(Value::Scalar(s));
+        }
+        match v {
+            Yaml::Sequence(list) if !list.is_empty() => {
+                let items = list.iter().map(|x| self.scalar(x, what)).collect::<Result<Option<Vec<_>>>>()?;
+                items
+                    .map(Value::Gradient)
+                    .ok_or_else(|| self.err(format!("{what}: a gradient must be a list of scalars")))
+            }
+            _ => Err(self.err(format!("{what}: expected a scalar or a non-empty list of scalars"))),
+        }
+    }
+
+    fn setting(&self, v: &Yaml, what: &str) -> Result<Setting> {
+        match v {
+            Yaml::Mapping(m) => Ok(Setting::Filtered(vec![self.conditional(m, what)?])),
+            Yaml::Sequence(list) if !list.is_empty() && list.iter().all(|x| matches!(x, Yaml::Mapping(_))) => {
+                let conds = list
+                    .iter()
+                    .enumerate()
+                    .map(|(i, x)| self.conditional(self.mapping(x, what)?, &format!("{what}[{i}]")))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(Setting::Filtered(conds))
+            }
+            Yaml::Sequence(list) if list.iter().any(|x| matches!(x, Yaml::Mapping(_))) => {
+                Err(self.err(format!("{what}: a list mixes filters ({{filter, value}}) and plain values")))
+            }
+            _ => Ok(Setting::Value(self.value(v, what)?)),
+        }
+    }
+
+    fn conditional(&self, m: &Mapping, what: &str) -> Result<Conditional> {
+        self.check_keys(m, what, &["filter", "value"], &[])?;
+        let filter = match m.get("filter") {
+            None | Some(Yaml::Null) => None,
+            Some(Yaml::String(s)) => Some(s.clone()),
+            Some(_) => return Err(self.err(format!("{what}.filter must be a string"))),
+        };
+        let value = m.get("value").ok_or_else(|| self.err(format!("{what} has a filter but no 'value'")))?;
+        Ok(Conditional { filter, value: self.value(value, &format!("{what}.value"))? })
+    }
+}
+
+/// A merge described by command-line flags.
+#[derive(Clone, Debug, Default)]
+pub struct Flags {
+    pub method: String,
+    pub models: Vec<PathBuf>,
+    pub base: Option<PathBuf>,
+    /// Shared parameters (a list of several values is a layer gradient).
+    pub shared: Vec<(String, Setting)>,
+    /// Per-model parameters: one value for every model, or one per model (non-base models for base-relative methods).
+    pub per_model: Vec<(String, Vec<f64>)>,
+    pub dtype: Option<Dtype>,
+    pub out_dtype: Option<Dtype>,
+    /// Copy unmerged tensors from the first model instead of the base.
+    pub reference_first: bool,
+}
+
+impl Flags {
+    pub fn into_config(self) -> Result<MergeConfig> {
+        let m = super::method(&self.method)?;
+        if self.models.is_empty() {
+            return Err(Error::usage("give the models to merge (or a YAML config)"));
+        }
+        let base_relative = m.contract().base == super::method::BasePolicy::Required;
+        // slerp interpolates between its two inputs, the first being t = 0; a --base is then only the reference for
+        // unmerged tensors (SNR-selective merging). Other base-relative methods take task vectors against --base.
+        let (base_model, reference) = if m.name() == "slerp" {
+            (Some(self.models[0].clone()), self.base.clone())
+        } else if base_relative {
+            let b = self.base.clone().ok_or_else(|| {
+                Error::usage(format!("--method {} needs --base (the model task vectors are taken against)", m.name()))
+            })?;
+            (Some(b), None)
+        } else {
+            (None, self.base.clone())
+        };
+        let reference = if self.reference_first { Some(self.models[0].clone()) } else { reference };
+        let weighted: Vec<&PathBuf> =
+            self.models.iter().filter(|p| !base_relative || Some(*p) != base_model.as_ref()).collect();
+        let mut entries: Vec<ModelEntry> =
+            self.models.iter().map(|p| ModelEntry { model: p.clone(), parameters: Settings::new() }).collect();
+        for (name, values) in &self.per_model {
+            if values.len() != 1 && values.len() != weighted.len() {
+                return Err(Error::usage(format!(
+                    "--{} has {} values; give one, or one per model ({})",
+                    name.replace('_', "-"),
+                    values.len(),
+                    weighted.len()
+                )));
+            }
+            for (k, p) in weighted.iter().enumerate() {
+                let v = if values.len() == 1 { values[0] } else { values[k] };
+                let e = entries.iter_mut().find(|e| &&e.model == p).unwrap();
+                e.parameters.insert(name.clone(), Setting::num(v));
+            }
+        }
+        Ok(MergeConfig {
+            method: self.method,
+            base_model,
+            inputs: Inputs::Models(entries),
+            parameters: self.shared.into_iter().collect(),
+            dtype: self.dtype,
+            out_dtype: self.out_dtype,
+            tokenizer_source: Some(TokenizerSource::Base),
+            reference,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_str(s: &str) -> Result<MergeConfig> {
+        parse(s, Path::new("c.yml"), Path::new("."))
+    }
+
+    #[test]
+    fn parses_mergekit_examples() {
+        let c = parse_str(
+            r#"
+models:
+  - model: a
+    parameters:
+      density: [1, 0.7, 0.1]
+      weight: 1.0
+  - model: b
+    parameters:
+      density: 0.5
+      weight:
+        - filter: mlp
+          value: 0.5
+        - value: 0
+merge_method: ties
+base_model: base
+parameters:
+  normalize: true
+  int8_mask: true
+dtype: float16
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.method, "ties");
+        assert_eq!(c.base_model, Some(PathBuf::from("base")));
+        assert_eq!(c.dtype, Some(Dtype::F16));
+        let Inputs::Models(m) = &c.inputs else { panic!() };
+        assert_eq!(m.len(), 2);
+        assert_eq!(
+            m[0].parameters["density"],
+            Setting::Value(Value::Gradient(vec![Scalar::Num(1.0), Scalar::Num(0.7), Scalar::Num(0.1)]))
+        );
+        let Setting::Filtered(f) = &m[1].parameters["weight"] else { panic!() };
+        assert_eq!(f[0].filter.as_deref(), Some("mlp"));
+        assert_eq!(f[1].filter, None);
+        assert_eq!(c.model_paths(), vec![PathBuf::from("a"), PathBuf::from("b"), PathBuf::from("base")]);
+
+        let c = parse_str(
+            r#"
+slices:
+  - sources:
+      - model: a
+        layer_range: [0, 2]
+      - model: b
+        layer_range: [0, 2]
+merge_method: slerp
+base_model: a
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - value: 0.5
+tokenizer_source: base
+"#,
+        )
+        .unwrap();
+        let Inputs::Slices(s) = &c.inputs else { panic!() };
+        assert_eq!(s[0].sources[1].layer_range, (0, 2));
+        assert_eq!(c.tokenizer_source, Some(TokenizerSource::Base));
+    }
+
+    #[test]
+    fn unknown_or_unsupported_is_an_error() {
+        let base = "merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1}\n";
+        assert!(parse_str(base).is_ok());
+        let cases = [
+            (format!("{base}foo: 1\n"), "unknown key 'foo'"),
+            (format!("{base}modules: {{}}\n"), "'modules'"),
+            ("merge_method: nuslerp\nmodels: [{model: a}]\n".to_string(), "unsupported merge method 'nuslerp'"),
+            (
+                "merge_method: linear\nmodels:\n  - model: a\n    weight: 1\n".to_string(),
+                "unknown key 'weight' in models[0]",
+            ),
+            (format!("{base}tokenizer_source: union\n"), "union"),
+            (format!("{base}dtype: int8\n"), "not a float dtype"),
+            ("merge_method: linear\n".to_string(), "give 'models' or 'slices'"),
+            (
+                "merge_method: slerp\nslices:\n  - sources:\n      - model: a\n        layer_range: [3, 1]\n"
+                    .to_string(),
+                "layer_range",
+            ),
+            (format!("{base}parameters:\n  t: [{{filter: a, value: 1}}, 2]\n"), "mixes filters"),
+            (format!("{base}parameters:\n  t: {{filter: a, valeu: 1}}\n"), "unknown key 'valeu'"),
+        ];
+        for (text, want) in cases {
+            let e = parse_str(&text).unwrap_err().to_string();
+            assert!(e.contains(want), "{want:?} not in {e:?}");
+            assert!(e.starts_with("c.yml: "), "{e}");
+        }
+    }
+
+    #[test]
+    fn flags_map_to_a_config() {
+        let f = Flags {
+            method: "ties".into(),
+            models: vec!["a".into(), "b".into()],
+            base: Some("base".into()),
+            per_model: vec![("weight".into(), vec![0.3, 0.7]), ("density".into(), vec![0.5])],
+            ..Default::default()
+        };
+        let c = f.into_config().unwrap();
+        let Inputs::Models(m) = &c.inputs else { panic!() };
+        assert_eq!(m[1].parameters["weight"], Setting::num(0.7));
+        assert_eq!(m[0].parameters["density"], Setting::num(0.5));
+        let f = Flags { method: "ties".into(), models: vec!["a".into()], ..Default::default() };
+        assert!(f.into_config().unwrap_err().to_string().contains("--base"));
+        let f = Flags {
+            method: "linear".into(),
+            models: vec!["a".into(), "b".into()],
+            per_model: vec![("weight".into(), vec![0.3, 0.7, 1.0])],
+            ..Default::default()
+        };
+        assert!(f.into_config().unwrap_err().to_string().contains("3 values"));
+    }
+}

@@ -1,0 +1,256 @@
+//! Streams a merge plan through the shared executor and writer: each output tensor's inputs are read from their
+//! memory maps, merged in f32 chunk by chunk (after the method's pre-passes), narrowed to the output dtype and
+//! written in order. Input pages are released as soon as a tensor is written, so peak memory is a few tensors, not
+//! the models.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use super::config::{MergeConfig, TokenizerSource};
+use super::method::{Arithmetic, Ctx, TensorInputs};
+use super::plan::{Op, Plan};
+use crate::checkpoint::{Checkpoint, CheckpointWriter, TensorDecl, WriterOptions, Written};
+use crate::error::{Error, Result};
+use crate::exec::{Executor, Produce};
+
+/// How to compute, beyond what the config says.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Seed of DARE/DELLA masks.
+    pub seed: u64,
+    /// Reproduce mergekit's arithmetic in its working dtype.
+    pub compat: bool,
+    /// TIES per the paper's reference code (global trim) instead of mergekit's per-tensor rule.
+    pub ties_paper: bool,
+}
+
+/// What a merge wrote (the `--json` summary).
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    pub output: PathBuf,
+    pub method: String,
+    pub models: Vec<PathBuf>,
+    pub tensors: usize,
+    pub merged: usize,
+    pub copied: usize,
+    pub bytes: u64,
+    pub files: Vec<PathBuf>,
+    pub seconds: f64,
+}
+
+/// Unmaps the input tensors' pages once the closure holding this guard (one output tensor) is dropped.
+struct Release<'a>(Vec<(&'a Checkpoint, String)>);
+
+impl Drop for Release<'_> {
+    fn drop(&mut self) {
+        for (ck, name) in &self.0 {
+            ck.release(name);
+        }
+    }
+}
+
+/// The `__metadata__` entries recording the merge: `graft.merge` (method, models, parameters, options) and
+/// `graft.merged_tensors` (a JSON array of the tensors the method computed; the others were copied).
+pub fn merge_metadata(
+    plan: &Plan,
+    cfg: &MergeConfig,
+    run: &RunOptions,
+    selection: Option<serde_json::Value>,
+) -> BTreeMap<String, String> {
+    let merged: Vec<&str> =
+        plan.tensors.iter().filter(|t| matches!(t.op, Op::Merge { .. })).map(|t| t.name.as_str()).collect();
+    let mut m = serde_json::json!({
+        "method": plan.method,
+        "models": plan.models,
+        "base": plan.base.map(|b| &plan.models[b]),
+        "reference": &plan.models[plan.reference],
+        "parameters": cfg.parameters,
+        "model_parameters": model_parameters(cfg),
+        "dtype": cfg.dtype.map(|d| d.name()),
+        "out_dtype": cfg.out_dtype.map(|d| d.name()),
+        "seed": run.seed,
+        "arithmetic": if run.compat { "mergekit" } else { "f32" },
+    });
+    if plan.method == "ties" {
+        m["ties_variant"] = serde_json::json!(if run.ties_paper { "paper" } else { "mergekit" });
+    }
+    if let Some(s) = selection {
+        m["selection"] = s;
+    }
+    BTreeMap::from([
+        ("graft.merge".to_string(), m.to_string()),
+        ("graft.merged_tensors".to_string(), serde_json::to_string(&merged).unwrap()),
+    ])
+}
+
+fn model_parameters(cfg: &MergeConfig) -> serde_json::Value {
+    use super::config::Inputs;
+    match &cfg.inputs {
+        Inputs::Models(ms) => serde_json::Value::Array(
+            ms.iter().map(|m| serde_json::json!({ "model": m.model, "parameters": m.parameters })).collect(),
+        ),
+        Inputs::Slices(ss) => serde_json::Value::Array(
+            ss.iter()
+                .map(|s| {
+                    serde_json::json!({
+                        "sources": s.sources.iter().map(|src| serde_json::json!({
+                            "model": src.model, "layer_range": [src.layer_range.0, src.layer_range.1],
+                            "parameters": src.parameters })).collect::<Vec<_>>(),
+                        "base_model": s.base_model,
+                        "parameters": s.parameters,
+                    })
+                })
+                .collect(),
+        ),
+    }
+}
+
+/// The directory whose config and tokenizer files go with the output, and whether only `config.json` is taken
+/// (mergekit writes the base's config always, tokenizer files only with `tokenizer_source`).
+pub fn carried(cfg: &MergeConfig, plan: &Plan, models: &[Checkpoint]) -> Option<(PathBuf, bool)> {
+    let dir_of = |i: usize| models[i].dir().map(Path::to_path_buf);
+    let primary = plan.base.unwrap_or(plan.reference);
+    match &cfg.tokenizer_source {
+        Some(TokenizerSource::Base) => dir_of(primary).map(|d| (d, false)),
+        Some(TokenizerSource::Model(p)) => {
+            let i = plan.models.iter().position(|m| m == p);
+            let dir = match i {
+                Some(i) => dir_of(i),
+                None => {
+                    Some(if p.is_dir() { p.clone() } else { p.parent().map(Path::to_path_buf).unwrap_or_default() })
+                }
+            };
+            dir.map(|d| (d, false))
+        }
+        None => dir_of(primary).map(|d| (d, true)),
+    }
+}
+
+/// Runs the merge: creates the writer with `opts` (metadata already included), streams every tensor, then fixes up
+/// the carried `config.json` when slices changed the layer count.
+pub fn execute(
+    plan: &Plan,
+    cfg: &MergeConfig,
+    models: &[Checkpoint],
+    exec: &Executor,
+    out: &Path,
+    mut opts: WriterOptions,
+    run: &RunOptions,
+) -> Result<Written> {
+    let method = super::method(&plan.method)?;
+    if run.ties_paper && plan.method != "ties" {
+        return Err(Error::usage("--ties-variant applies to --method ties only"));
+    }
+    if run.ties_paper && run.compat {
+        return Err(Error::usage(
+            "--compat mergekit reproduces mergekit's TIES; it does not combine with --ties-variant paper",
+        ));
+    }
+    let single_file = out.extension().is_some_and(|e| e == "safetensors");
+    let carry = if single_file { None } else { carried(cfg, plan, models) };
+    let config_only = match &carry {
+        Some((dir, true)) => Some(dir.clone()),
+        Some((dir, false)) => {
+            opts.carry_from = Some(dir.clone());
+            None
+        }
+        None => None,
+    };
+    let inputs_of = |i: usize| -> Result<Option<(TensorInputs, &super::params::TensorParams)>> {
+        let t = &plan.tensors[i];
+        let Op::Merge { inputs, base, params } = &t.op else { return Ok(None) };
+        let views = inputs.iter().map(|s| models[s.model].tensor(&s.tensor)).collect::<Result<Vec<_>>>()?;
+        let arithmetic = if run.compat { Arithmetic::Mergekit(plan.working_dtype(models, i)) } else { Arithmetic::F32 };
+        Ok(Some((
+            TensorInputs { name: t.name.clone(), shape: t.shape.clone(), views, base: *base, arithmetic },
+            params,
+        )))
+    };
+    let ties_paper = if run.ties_paper {
+        let mut all = Vec::new();
+        for i in 0..plan.tensors.len() {
+            if let Some((ti, p)) = inputs_of(i)? {
+                all.push((ti, p.clone()));
+            }
+        }
+        let stats = super::ties::paper_stats(exec, &all)?;
+        drop(all);
+        for t in &plan.tensors {
+            if let Op::Merge { inputs, .. } = &t.op {
+                inputs.iter().for_each(|s| models[s.model].release(&s.tensor));
+            }
+        }
+        Some(Arc::new(stats))
+    } else {
+        None
+    };
+    let ctx = Ctx { exec, seed: run.seed, ties_paper };
+    let decls: Vec<TensorDecl> =
+        plan.tensors.iter().map(|t| TensorDecl::new(t.name.clone(), t.dtype, t.shape.clone())).collect();
+    let writer = CheckpointWriter::create(out, decls, opts)?;
+    let written = exec.write(writer, "merge", |i, decl| {
+        let t = &plan.tensors[i];
+        match &t.op {
+            Op::Copy { from, .. } => {
+                let ck = &models[from.model];
+                let v = ck.tensor(&from.tensor)?;
+                if v.dtype == decl.dtype {
+                    let bytes = v.data.to_vec();
+                    ck.release(&from.tensor);
+                    Ok(Produce::Owned(bytes))
+                } else {
+                    let guard = Release(vec![(ck, from.tensor.clone())]);
+                    Ok(Produce::Elementwise(Box::new(move |r| {
+                        let _keep = &guard;
+                        v.f32_range(r)
+                    })))
+                }
+            }
+            Op::Merge { inputs, .. } => {
+                let (ti, params) = inputs_of(i)?.expect("a merge op");
+                let kernel = method.prepare(ti, params, &ctx)?;
+                let guard = Release(inputs.iter().map(|s| (&models[s.model], s.tensor.clone())).collect());
+                Ok(Produce::Elementwise(Box::new(move |r| {
+                    let _keep = &guard;
+                    kernel.compute(r)
+                })))
+            }
+        }
+    })?;
+    if !single_file && (config_only.is_some() || plan.new_layer_count.is_some()) {
+        let src = config_only.or_else(|| carry.as_ref().map(|c| c.0.clone()));
+        if let Some(src) = src {
+            write_config(&src.join("config.json"), &out.join("config.json"), plan.new_layer_count)?;
+        }
+    }
+    Ok(written)
+}
+
+/// Copies `from` to `to` (temp file + rename), setting `num_hidden_layers` when the layer count changed.
+fn write_config(from: &Path, to: &Path, layers: Option<usize>) -> Result<()> {
+    if !from.is_file() {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(from).map_err(|e| Error::io(from, e))?;
+    let text = match layers {
+        None => text,
+        Some(n) => {
+            let mut v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| Error::format(from, format!("not valid JSON: {e}")))?;
+            if let Some(o) = v.as_object_mut() {
+                for key in ["num_hidden_layers", "n_layer", "num_layers"] {
+                    if o.contains_key(key) {
+                        o.insert(key.to_string(), serde_json::json!(n));
+                    }
+                }
+            }
+            serde_json::to_string_pretty(&v).unwrap() + "\n"
+        }
+    };
+    let tmp = to.with_file_name(format!(".config.json.graft-tmp-{}", std::process::id()));
+    std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, to).map_err(|e| Error::io(to, e))
+}

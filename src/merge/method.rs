@@ -1,0 +1,227 @@
+//! The merge-method interface: what a method is called, which parameters it takes, which inputs it needs, and how it
+//! merges one tensor.
+//!
+//! A method merges one output tensor at a time from the input tensors' views. `prepare` runs whatever whole-tensor
+//! statistics the method needs (slerp's norms and dot product, TIES's magnitude thresholds, model stock's cosines) as
+//! pre-passes over fixed chunks with f64 accumulation, and returns a `Kernel` that computes any element range in f32.
+//! Purely elementwise methods (linear, task arithmetic, DARE) skip the pre-pass. The executor then calls the kernel
+//! chunk by chunk, so no method ever holds a whole large tensor in memory.
+
+use std::ops::Range;
+
+use half::{bf16, f16};
+
+use super::params::{ParamDef, TensorParams};
+use crate::checkpoint::{Dtype, TensorView};
+use crate::error::{Error, Result};
+use crate::exec::Executor;
+
+/// Whether a method takes a base model among its inputs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BasePolicy {
+    /// The base is one of the inputs and plays a distinguished role (task vectors are taken against it).
+    Required,
+    /// Every input is treated alike; a configured base model is just one more input.
+    Ignored,
+}
+
+/// Structural requirements on a method's inputs (per output tensor).
+#[derive(Clone, Copy, Debug)]
+pub struct Contract {
+    pub base: BasePolicy,
+    pub min_inputs: usize,
+    pub max_inputs: Option<usize>,
+}
+
+/// How graft computes: in f32 (default), or reproducing mergekit's arithmetic in its working dtype.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Arithmetic {
+    #[default]
+    F32,
+    /// mergekit's working dtype (the config's `dtype`, else the inputs' promoted dtype): inputs are rounded to it and,
+    /// for the methods that mergekit computes in that dtype, so is every intermediate step.
+    Mergekit(Dtype),
+}
+
+impl Arithmetic {
+    /// Rounds `v` to the working dtype (no-op in f32 mode or for a working dtype of f32 and wider).
+    pub fn round(self, v: &mut [f32]) {
+        if let Arithmetic::Mergekit(d) = self {
+            round_slice(d, v);
+        }
+    }
+
+    /// One value rounded to the working dtype.
+    #[inline]
+    pub fn r(self, x: f32) -> f32 {
+        match self {
+            Arithmetic::Mergekit(d) => round_to(d, x),
+            Arithmetic::F32 => x,
+        }
+    }
+
+    pub fn is_compat(self) -> bool {
+        matches!(self, Arithmetic::Mergekit(_))
+    }
+}
+
+/// `x` rounded to nearest even in `dtype` and widened back.
+#[inline]
+pub fn round_to(dtype: Dtype, x: f32) -> f32 {
+    match dtype {
+        Dtype::BF16 => bf16::from_f32(x).to_f32(),
+        Dtype::F16 => f16::from_f32(x).to_f32(),
+        _ => x,
+    }
+}
+
+pub fn round_slice(dtype: Dtype, v: &mut [f32]) {
+    if matches!(dtype, Dtype::BF16 | Dtype::F16) {
+        for x in v {
+            *x = round_to(dtype, *x);
+        }
+    }
+}
+
+/// Everything a method may consult besides the tensor itself.
+pub struct Ctx<'e> {
+    /// For chunked pre-passes (their results come back in chunk order whatever the thread count).
+    pub exec: &'e Executor,
+    /// Seed of the random methods (DARE, DELLA).
+    pub seed: u64,
+    /// TIES variant: mergekit's per-tensor rule, or the paper's global trim (statistics gathered beforehand).
+    pub ties_paper: Option<std::sync::Arc<super::ties::PaperStats>>,
+}
+
+impl Ctx<'_> {
+    /// Runs `f` over the fixed chunks of `0..n` in parallel; results in chunk order.
+    pub fn chunked<T: Send>(&self, n: usize, f: impl Fn(Range<usize>) -> Result<T> + Sync) -> Result<Vec<T>> {
+        self.exec.chunked(n, f)
+    }
+}
+
+/// The input tensors of one output tensor.
+pub struct TensorInputs<'a> {
+    /// The output tensor's name (used in messages and to derive random streams).
+    pub name: String,
+    pub shape: Vec<usize>,
+    /// One view per input, in input order.
+    pub views: Vec<TensorView<'a>>,
+    /// Which input is the base, if the method has one.
+    pub base: Option<usize>,
+    pub arithmetic: Arithmetic,
+}
+
+impl<'a> TensorInputs<'a> {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn len(&self) -> usize {
+        self.views.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.views.is_empty()
+    }
+
+    /// Elements `range` of input `i` as f32 (rounded to the working dtype in mergekit mode).
+    pub fn read(&self, i: usize, range: Range<usize>) -> Result<Vec<f32>> {
+        let mut v = self.views[i].f32_range(range)?;
+        self.arithmetic.round(&mut v);
+        Ok(v)
+    }
+
+    /// The inputs other than the base, in input order.
+    pub fn non_base(&self) -> Vec<usize> {
+        (0..self.views.len()).filter(|&i| Some(i) != self.base).collect()
+    }
+
+    /// The base input's index, or an error naming the tensor.
+    pub fn base_index(&self) -> Result<usize> {
+        self.base.ok_or_else(|| Error::invalid(format!("tensor '{}': this method needs a base model", self.name)))
+    }
+}
+
+/// Computes any element range of one merged tensor.
+pub trait Kernel: Send + Sync {
+    fn compute(&self, range: Range<usize>) -> Result<Vec<f32>>;
+}
+
+/// One merge method. Implementations are stateless; per-tensor state lives in the kernel `prepare` returns.
+pub trait MergeMethod: Send + Sync {
+    /// The name used by `--method` and by mergekit's `merge_method`.
+    fn name(&self) -> &'static str;
+    /// One line for `--help` and docs.
+    fn about(&self) -> &'static str;
+    /// Accepted parameters (mergekit's names, scopes and defaults).
+    fn params(&self) -> &'static [ParamDef];
+    fn contract(&self) -> Contract;
+    /// True when any element range can be computed without whole-tensor statistics.
+    fn elementwise(&self) -> bool;
+    /// Gathers the tensor's statistics (if any) and returns the kernel that computes its elements.
+    fn prepare<'a>(&self, inputs: TensorInputs<'a>, params: &TensorParams, ctx: &Ctx) -> Result<Box<dyn Kernel + 'a>>;
+}
+
+/// Test helpers: run a method on plain f32 vectors.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+    use crate::merge::params::{Scalar, TensorParams};
+    use std::collections::BTreeMap;
+    use std::path::Path;
+
+    pub fn bytes(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    pub fn params(shared: &[(&str, Scalar)], inputs: Vec<Vec<(&str, f64)>>) -> TensorParams {
+        TensorParams {
+            shared: shared.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+            inputs: inputs
+                .into_iter()
+                .map(|m| m.into_iter().map(|(k, v)| (k.to_string(), Scalar::Num(v))).collect::<BTreeMap<_, _>>())
+                .collect(),
+        }
+    }
+
+    /// Runs `method` on `inputs` (f32 data of shape `shape`) and returns the merged tensor.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_full(
+        method: &dyn MergeMethod,
+        inputs: &[Vec<f32>],
+        shape: &[usize],
+        base: Option<usize>,
+        p: &TensorParams,
+        arithmetic: Arithmetic,
+        seed: u64,
+        threads: usize,
+    ) -> Result<Vec<f32>> {
+        let data: Vec<Vec<u8>> = inputs.iter().map(|v| bytes(v)).collect();
+        let views: Vec<TensorView> = data
+            .iter()
+            .map(|d| TensorView { name: "t", dtype: Dtype::F32, shape, data: d, file: Path::new("test") })
+            .collect();
+        let exec = Executor::new(Some(threads))?.quiet();
+        let ctx = Ctx { exec: &exec, seed, ties_paper: None };
+        let ti = TensorInputs { name: "t".into(), shape: shape.to_vec(), views, base, arithmetic };
+        let n = ti.numel();
+        let k = method.prepare(ti, p, &ctx)?;
+        let mut out = Vec::with_capacity(n);
+        for r in crate::exec::chunk_ranges(n) {
+            out.extend(k.compute(r)?);
+        }
+        Ok(out)
+    }
+
+    pub fn run(method: &dyn MergeMethod, inputs: &[Vec<f32>], base: Option<usize>, p: &TensorParams) -> Vec<f32> {
+        let n = inputs[0].len();
+        run_full(method, inputs, &[n], base, p, Arithmetic::F32, 0, 2).unwrap()
+    }
+
+    /// Deterministic pseudo-random test vectors.
+    pub fn randn(seed: u64, n: usize, std: f64) -> Vec<f32> {
+        let mut r = crate::rng::Rng::new(seed);
+        (0..n).map(|_| (r.normal() * std) as f32).collect()
+    }
+}

@@ -1,0 +1,405 @@
+//! Generalized task arithmetic, the engine behind task_arithmetic, TIES, DARE, breadcrumbs and DELLA (mergekit's
+//! `GeneralizedTaskArithmeticMerge`), and the `task_arithmetic` method itself.
+//!
+//! Per tensor, with base `b` and task vectors `d_i = x_i - b`:
+//! 1. sparsify each `d_i` (none, magnitude, magnitude outliers, random, DELLA; see `sparsify`), and with `rescale`
+//!    multiply the kept entries by `|d_i|_1 / |kept d_i|_1` (mergekit's L1 rescale, skipped when either is < 1e-7);
+//! 2. weight: `e_i = w_i d_i`;
+//! 3. without consensus: `m = sum_i e_i`, divisor `sum_i w_i` (1 when |.| < 1e-8); with sign consensus: the elected
+//!    sign is that of `sum_i e_i` (zero counts as +), `m = sum` of the `e_i` whose sign equals it (zeros never agree),
+//!    divisor `sum` of their `w_i` (1 when 0);
+//! 4. `m /= divisor` when `normalize`; `m *= lambda`; result `b + m`.
+//!
+//! graft computes in f32 with f64 reductions. In mergekit mode every step is rounded to the working dtype as torch
+//! does when mergekit computes in bf16/f16 (sums accumulate in f32 and round once).
+
+use std::ops::Range;
+
+use super::method::{Arithmetic, BasePolicy, Contract, Ctx, Kernel, MergeMethod, TensorInputs};
+use super::params::{Default, Kind, ParamDef, Scope, TensorParams};
+use super::sparsify::{self, Lines, RankWindow};
+use crate::error::{Error, Result};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sparsification {
+    None,
+    Magnitude,
+    Outliers,
+    Random,
+    Della,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Consensus {
+    None,
+    Sum,
+}
+
+/// One generalized-task-arithmetic method: a name, its sparsification and consensus, its parameter defaults.
+pub struct Gta {
+    pub name: &'static str,
+    pub about: &'static str,
+    pub sparsification: Sparsification,
+    pub consensus: Consensus,
+    pub params: &'static [ParamDef],
+}
+
+/// The parameters every generalized-task-arithmetic method takes, with its `normalize`/`rescale` defaults.
+macro_rules! gta_params {
+    ($normalize:expr, $rescale:expr $(, $extra:expr)*) => {
+        &[
+            ParamDef::new("weight", Kind::Float, Scope::NonBase, Default::Required, "weight of each task vector"),
+            ParamDef::new("density", Kind::Float, Scope::NonBase, Default::Float(1.0), "fraction of each task vector kept"),
+            ParamDef::new("normalize", Kind::Bool, Scope::Shared, Default::Bool($normalize), "divide by the sum of the (agreeing) weights"),
+            ParamDef::new("rescale", Kind::Bool, Scope::Shared, Default::Bool($rescale), "restore each sparsified task vector's L1 norm"),
+            ParamDef::new("lambda", Kind::Float, Scope::Shared, Default::Float(1.0), "scale of the merged task vector"),
+            ParamDef::new("int8_mask", Kind::Bool, Scope::Shared, Default::Bool(false), "accepted for compatibility; no effect on results"),
+            $($extra,)*
+        ]
+    };
+}
+pub(crate) use gta_params;
+
+pub const GAMMA: ParamDef =
+    ParamDef::new("gamma", Kind::Float, Scope::NonBase, Default::Float(0.01), "fraction of largest magnitudes removed");
+pub const EPSILON: ParamDef =
+    ParamDef::new("epsilon", Kind::Float, Scope::NonBase, Default::Float(0.15), "spread of DELLA's keep probabilities");
+
+pub const TASK_ARITHMETIC: Gta = Gta {
+    name: "task_arithmetic",
+    about: "base + lambda * sum of weighted task vectors",
+    sparsification: Sparsification::None,
+    consensus: Consensus::None,
+    params: gta_params!(false, false),
+};
+
+enum Sparse {
+    Keep,
+    Zero,
+    Window(RankWindow),
+    Pending((usize, usize)),
+    Random(f64),
+    Della { density: f64, epsilon: f64 },
+}
+
+struct Series {
+    input: usize,
+    weight: f32,
+    sparse: Sparse,
+    /// L1 rescale factor (1 when not rescaling).
+    scale: Option<f32>,
+}
+
+struct GtaKernel<'a> {
+    inputs: TensorInputs<'a>,
+    base: usize,
+    series: Vec<Series>,
+    consensus: Consensus,
+    normalize: bool,
+    lambda: f32,
+    /// Non-consensus divisor: sum of all weights.
+    weight_sum: f32,
+    seed: u64,
+    lines: Lines,
+    ar: Arithmetic,
+}
+
+impl GtaKernel<'_> {
+    fn streams(&self, j: usize) -> sparsify::Streams<'_> {
+        sparsify::Streams { seed: self.seed, tensor: &self.inputs.name, input: self.series[j].input }
+    }
+
+    /// The task vector of series `j` over `range`, using `base` when it is already read for that range.
+    fn delta(&self, j: usize, range: Range<usize>, base: Option<&[f32]>) -> Result<Vec<f32>> {
+        let mut x = self.inputs.read(self.series[j].input, range.clone())?;
+        let owned;
+        let b = match base {
+            Some(b) => b,
+            None => {
+                owned = self.inputs.read(self.base, range)?;
+                &owned
+            }
+        };
+        for (v, &bv) in x.iter_mut().zip(b) {
+            *v = self.ar.r(*v - bv);
+        }
+        Ok(x)
+    }
+
+    /// The sparsified (not yet rescaled) task vector of series `j` over `range`.
+    fn sparse_delta(&self, j: usize, range: Range<usize>, base: Option<&[f32]>) -> Result<Vec<f32>> {
+        match &self.series[j].sparse {
+            Sparse::Keep => self.delta(j, range, base),
+            Sparse::Zero => Ok(vec![0.0; range.len()]),
+            Sparse::Window(w) => {
+                let mut d = self.delta(j, range.clone(), base)?;
+                let prefix = |q: Range<usize>| -> Result<Vec<u32>> {
+                    Ok(self.delta(j, q, None)?.iter().map(|&x| sparsify::key(x)).collect())
+                };
+                w.apply(range, &mut d, &prefix)?;
+                Ok(d)
+            }
+            Sparse::Pending(_) => unreachable!("rank windows are computed before the kernel runs"),
+            Sparse::Random(density) => {
+                let mut d = self.delta(j, range.clone(), base)?;
+                sparsify::bernoulli(self.streams(j), *density, range, &mut d);
+                Ok(d)
+            }
+            Sparse::Della { density, epsilon } => {
+                let bs = self.lines.block();
+                let first = range.start / bs;
+                let ext = first * bs..(range.end.div_ceil(bs) * bs).min(self.inputs.numel());
+                let mut d = self.delta(j, ext.clone(), None)?;
+                sparsify::della_mask(self.streams(j), *density, *epsilon, self.lines, first, &mut d);
+                Ok(d[range.start - ext.start..range.end - ext.start].to_vec())
+            }
+        }
+    }
+}
+
+impl Kernel for GtaKernel<'_> {
+    fn compute(&self, range: Range<usize>) -> Result<Vec<f32>> {
+        let ar = self.ar;
+        let base = self.inputs.read(self.base, range.clone())?;
+        let mut e: Vec<Vec<f32>> = Vec::with_capacity(self.series.len());
+        for (j, s) in self.series.iter().enumerate() {
+            let mut d = self.sparse_delta(j, range.clone(), Some(&base))?;
+            if let Some(scale) = s.scale {
+                for v in d.iter_mut() {
+                    *v = ar.r(*v * scale);
+                }
+            }
+            for v in d.iter_mut() {
+                *v = ar.r(*v * s.weight);
+            }
+            e.push(d);
+        }
+        let mut out = base;
+        for (k, o) in out.iter_mut().enumerate() {
+            let (mut mixed, divisor) = match self.consensus {
+                Consensus::Sum => {
+                    let total: f32 = ar.r(e.iter().map(|d| d[k]).sum());
+                    let positive = total >= 0.0;
+                    let (mut m, mut w) = (0f32, 0f32);
+                    for (d, s) in e.iter().zip(&self.series) {
+                        let v = d[k];
+                        if (positive && v > 0.0) || (!positive && v < 0.0) {
+                            m += v;
+                            w += s.weight;
+                        }
+                    }
+                    let w = ar.r(w);
+                    (ar.r(m), if w == 0.0 { 1.0 } else { w })
+                }
+                Consensus::None => (ar.r(e.iter().map(|d| d[k]).sum()), self.weight_sum),
+            };
+            if self.normalize {
+                mixed = ar.r(mixed / divisor);
+            }
+            if self.lambda != 1.0 {
+                mixed = ar.r(mixed * self.lambda);
+            }
+            *o = ar.r(*o + mixed);
+        }
+        Ok(out)
+    }
+}
+
+impl Gta {
+    fn build<'a>(&self, inputs: TensorInputs<'a>, p: &TensorParams, ctx: &Ctx) -> Result<GtaKernel<'a>> {
+        let base = inputs.base_index()?;
+        let n = inputs.numel();
+        let ar = inputs.arithmetic;
+        let mut series = Vec::new();
+        for i in inputs.non_base() {
+            let weight = ar.r(p.input_f64(i, "weight")? as f32);
+            let density = p.input_f64(i, "density")?;
+            let sparse = if self.sparsification == Sparsification::None || density >= 1.0 {
+                Sparse::Keep
+            } else {
+                match self.sparsification {
+                    Sparsification::Magnitude => Sparse::Pending(sparsify::magnitude_window(n, density)),
+                    Sparsification::Outliers => {
+                        Sparse::Pending(sparsify::outlier_window(n, density, p.input_f64(i, "gamma")?))
+                    }
+                    Sparsification::Random => Sparse::Random(density),
+                    Sparsification::Della if density <= 0.0 => Sparse::Zero,
+                    Sparsification::Della => {
+                        let epsilon = p.input_f64(i, "epsilon")?;
+                        if density + epsilon >= 1.0 || density - epsilon <= 0.0 {
+                            return Err(Error::usage(format!(
+                                "tensor '{}': DELLA needs density +/- epsilon inside (0, 1); got density {density}, \
+                                 epsilon {epsilon}",
+                                inputs.name
+                            )));
+                        }
+                        Sparse::Della { density, epsilon }
+                    }
+                    Sparsification::None => unreachable!(),
+                }
+            };
+            series.push(Series { input: i, weight, sparse, scale: None });
+        }
+        let weight_sum = {
+            let s = ar.r(series.iter().map(|s| s.weight).sum());
+            if s.abs() < 1e-8 {
+                1.0
+            } else {
+                s
+            }
+        };
+        let lines = Lines::of_shape(&inputs.shape);
+        let mut k = GtaKernel {
+            inputs,
+            base,
+            series,
+            consensus: self.consensus,
+            normalize: p.bool("normalize")?,
+            lambda: p.f64("lambda")? as f32,
+            weight_sum,
+            seed: ctx.seed,
+            lines,
+            ar,
+        };
+        let pending: Vec<(usize, (usize, usize))> = k
+            .series
+            .iter()
+            .enumerate()
+            .filter_map(|(j, s)| if let Sparse::Pending(w) = s.sparse { Some((j, w)) } else { None })
+            .collect();
+        if !pending.is_empty() {
+            let windows: Vec<(usize, usize)> = pending.iter().map(|p| p.1).collect();
+            let keys = |r: Range<usize>| -> Result<Vec<Vec<u32>>> {
+                let b = k.inputs.read(k.base, r.clone())?;
+                pending
+                    .iter()
+                    .map(|&(j, _)| Ok(k.delta(j, r.clone(), Some(&b))?.iter().map(|&x| sparsify::key(x)).collect()))
+                    .collect()
+            };
+            let found = sparsify::rank_windows(ctx.exec, n, &windows, &keys)?;
+            for ((j, _), w) in pending.iter().zip(found) {
+                k.series[*j].sparse = Sparse::Window(w);
+            }
+        }
+        if p.bool("rescale")? {
+            let targets: Vec<usize> =
+                (0..k.series.len()).filter(|&j| !matches!(k.series[j].sparse, Sparse::Keep)).collect();
+            if !targets.is_empty() {
+                let parts = ctx.chunked(n, |r| {
+                    let b = k.inputs.read(k.base, r.clone())?;
+                    targets
+                        .iter()
+                        .map(|&j| {
+                            let before: f64 = k.delta(j, r.clone(), Some(&b))?.iter().map(|&x| x.abs() as f64).sum();
+                            let after: f64 =
+                                k.sparse_delta(j, r.clone(), Some(&b))?.iter().map(|&x| x.abs() as f64).sum();
+                            Ok([before, after])
+                        })
+                        .collect::<Result<Vec<_>>>()
+                })?;
+                for (t, &j) in targets.iter().enumerate() {
+                    let before = ar.r(parts.iter().map(|p| p[t][0]).sum::<f64>() as f32);
+                    let after = ar.r(parts.iter().map(|p| p[t][1]).sum::<f64>() as f32);
+                    if before >= 1e-7 && after >= 1e-7 {
+                        k.series[j].scale = Some(ar.r(before / after));
+                    }
+                }
+            }
+        }
+        Ok(k)
+    }
+}
+
+impl MergeMethod for Gta {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn about(&self) -> &'static str {
+        self.about
+    }
+    fn params(&self) -> &'static [ParamDef] {
+        self.params
+    }
+    fn contract(&self) -> Contract {
+        Contract { base: BasePolicy::Required, min_inputs: 1, max_inputs: None }
+    }
+    fn elementwise(&self) -> bool {
+        matches!(self.sparsification, Sparsification::None | Sparsification::Random)
+    }
+    fn prepare<'a>(&self, inputs: TensorInputs<'a>, p: &TensorParams, ctx: &Ctx) -> Result<Box<dyn Kernel + 'a>> {
+        Ok(Box::new(self.build(inputs, p, ctx)?))
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::merge::method::testing::*;
+    use crate::merge::params::Scalar;
+
+    pub fn gta_params(normalize: bool, lambda: f64, per: Vec<Vec<(&str, f64)>>) -> TensorParams {
+        params(
+            &[
+                ("normalize", Scalar::Bool(normalize)),
+                ("rescale", Scalar::Bool(false)),
+                ("lambda", Scalar::Num(lambda)),
+                ("int8_mask", Scalar::Bool(false)),
+            ],
+            per,
+        )
+    }
+
+    #[test]
+    fn task_arithmetic_matches_an_f64_reference() {
+        let b = randn(1, 2000, 1.0);
+        let x1 = randn(2, 2000, 1.0);
+        let x2 = randn(3, 2000, 1.0);
+        let (w1, w2, lambda) = (0.7, 0.4, 0.8);
+        let p = gta_params(
+            false,
+            lambda,
+            vec![vec![], vec![("weight", w1), ("density", 1.0)], vec![("weight", w2), ("density", 1.0)]],
+        );
+        let got = run(&TASK_ARITHMETIC, &[b.clone(), x1.clone(), x2.clone()], Some(0), &p);
+        for e in 0..2000 {
+            let (bb, a, c) = (b[e] as f64, x1[e] as f64, x2[e] as f64);
+            let r = bb + lambda * (w1 * (a - bb) + w2 * (c - bb));
+            assert!((got[e] as f64 - r).abs() <= 2e-6 * (1.0 + r.abs()), "{e}");
+        }
+        // normalize divides the weighted sum by the weight sum.
+        let p = gta_params(
+            true,
+            1.0,
+            vec![vec![], vec![("weight", w1), ("density", 1.0)], vec![("weight", w2), ("density", 1.0)]],
+        );
+        let got = run(&TASK_ARITHMETIC, &[b.clone(), x1.clone(), x2.clone()], Some(0), &p);
+        for e in 0..2000 {
+            let (bb, a, c) = (b[e] as f64, x1[e] as f64, x2[e] as f64);
+            let r = bb + (w1 * (a - bb) + w2 * (c - bb)) / (w1 + w2);
+            assert!((got[e] as f64 - r).abs() <= 2e-6 * (1.0 + r.abs()), "{e}");
+        }
+    }
+
+    #[test]
+    fn bf16_mode_rounds_every_step() {
+        // base 1, model 1 + 2^-7 (one bf16 ulp), weight 0.3: delta 2^-7, weighted 0.3 * 2^-7 rounded to bf16, then
+        // 1 + that rounded: in f32 the sum is 1.00234375; in bf16 steps it rounds back to 1.0 (below half an ulp).
+        let b = vec![1.0f32];
+        let x = vec![1.0f32 + 2f32.powi(-7)];
+        let p = gta_params(false, 1.0, vec![vec![], vec![("weight", 0.3), ("density", 1.0)]]);
+        let f = run_full(&TASK_ARITHMETIC, &[b.clone(), x.clone()], &[1], Some(0), &p, Arithmetic::F32, 0, 1).unwrap();
+        assert!((f[0] - (1.0 + 0.3 * 2f32.powi(-7))).abs() < 1e-7);
+        let m = run_full(
+            &TASK_ARITHMETIC,
+            &[b, x],
+            &[1],
+            Some(0),
+            &p,
+            Arithmetic::Mergekit(crate::checkpoint::Dtype::BF16),
+            0,
+            1,
+        )
+        .unwrap();
+        assert_eq!(m[0], 1.0);
+    }
+}
