@@ -9,7 +9,9 @@ use clap::{Parser, Subcommand};
 use crate::checkpoint::{parse_size, WriterOptions, DEFAULT_MAX_SHARD_SIZE};
 use crate::error::{Error, Result};
 
+mod eval;
 mod inspect;
+mod train;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -30,6 +32,10 @@ pub struct Cli {
 enum Command {
     /// List a checkpoint's tensors, a summary per layer type, totals and metadata.
     Inspect(inspect::Args),
+    /// Fine-tune a model on local data with a freezing policy; write the checkpoint and a results line.
+    Train(train::Args),
+    /// Accuracy, F1, loss and confusion matrix of a checkpoint on local data.
+    Eval(eval::Args),
 }
 
 /// Settings every subcommand may use.
@@ -52,6 +58,8 @@ pub fn run() -> Result<()> {
     }
     match cli.command {
         Command::Inspect(a) => inspect::run(a, &global),
+        Command::Train(a) => train::run(a, &global),
+        Command::Eval(a) => eval::run(a, &global),
     }
 }
 
@@ -67,6 +75,22 @@ pub struct OutputArgs {
     /// Replace a checkpoint already at the output path.
     #[arg(long)]
     pub force: bool,
+}
+
+/// Runs `f` on a pool of `--threads` workers (all cores by default), where rayon and candle's kernels run.
+pub fn with_threads<R: Send>(global: &Global, f: impl FnOnce() -> Result<R> + Send) -> Result<R> {
+    match global.threads {
+        None => f(),
+        Some(n) => rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build()
+            .map_err(|e| Error::invalid(format!("cannot start {n} worker threads: {e}")))?
+            .install(f),
+    }
+}
+
+pub(crate) fn parse_shard_size_arg(s: &str) -> std::result::Result<u64, String> {
+    parse_shard_size(s)
 }
 
 fn parse_shard_size(s: &str) -> std::result::Result<u64, String> {

@@ -160,7 +160,7 @@ impl BertClassifier {
             let k = split(l.key.forward(&h)?)?;
             let v = split(l.value.forward(&h)?)?;
             let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias)?;
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let probs = ops::softmax_last_dim(&scores)?;
             let ctx = probs.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((n, len, hidden))?;
             let a = l.attn_ln.forward(&(l.attn_out.forward(&ctx)? + &h)?)?;
             let i = l.inter.forward(&a)?.gelu_erf()?;

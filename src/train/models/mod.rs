@@ -173,3 +173,6 @@ pub fn build(spec: &ArchSpec, store: ParamStore) -> Result<Box<dyn Model>> {
 pub fn scaled(base: usize, width: f64) -> usize {
     ((base as f64 * width).round() as usize).max(1)
 }
+
+#[cfg(test)]
+mod tests;
