@@ -281,7 +281,9 @@ pub fn run_train(o: &TrainOptions) -> Result<TrainOutcome> {
     } else {
         (splits.train.clone(), splits.val.clone(), splits.test.clone(), norm)
     };
-    let zero_shot = if o.init.is_some() && !test_p.is_empty() {
+    // Zero-shot accuracy means something only when the checkpoint brought its own head.
+    let head_loaded = o.init.is_some() && ck.as_ref().is_some_and(|c| c.get("classifier.out.weight").is_some() || !matches!(spec, ArchSpec::Bert { .. }));
+    let zero_shot = if head_loaded && !test_p.is_empty() {
         Some(trainer::evaluate(&*model, &test_p, &norm, o.train.eval_batch)?.accuracy)
     } else {
         None
