@@ -280,3 +280,74 @@ fn bad_inputs_fail_with_one_line() {
     std::fs::write(bad.join("train-labels-idx1-ubyte"), idx::encode(&[9], &[0; 9])).unwrap();
     assert!(fails(&["train", "--arch", "mlp", "--data", bad.to_str().unwrap()]).contains("need 9 data bytes"));
 }
+
+/// A WordPiece `tokenizer.json` for the bert fixture's 96-token vocabulary: specials, 40 words, 8 suffixes.
+fn tiny_tokenizer(words: &[&str]) -> String {
+    let mut vocab = serde_json::Map::new();
+    for (i, t) in ["[PAD]", "[UNK]", "[CLS]", "[SEP]"].iter().enumerate() {
+        vocab.insert(t.to_string(), i.into());
+    }
+    for w in words {
+        let n = vocab.len();
+        vocab.insert(w.to_string(), n.into());
+    }
+    let special = |t: &str| serde_json::json!({"SpecialToken": {"id": t, "type_id": 0}});
+    serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": {"type": "BertNormalizer", "clean_text": true, "handle_chinese_chars": true,
+                       "strip_accents": null, "lowercase": true},
+        "pre_tokenizer": {"type": "BertPreTokenizer"},
+        "post_processor": {"type": "TemplateProcessing",
+            "single": [special("[CLS]"), {"Sequence": {"id": "A", "type_id": 0}}, special("[SEP]")],
+            "pair": [special("[CLS]"), {"Sequence": {"id": "A", "type_id": 0}}, special("[SEP]"),
+                     {"Sequence": {"id": "B", "type_id": 1}}, special("[SEP]")],
+            "special_tokens": {"[CLS]": {"id": "[CLS]", "ids": [2], "tokens": ["[CLS]"]},
+                               "[SEP]": {"id": "[SEP]", "ids": [3], "tokens": ["[SEP]"]}}},
+        "decoder": null,
+        "model": {"type": "WordPiece", "unk_token": "[UNK]", "continuing_subword_prefix": "##",
+                  "max_input_chars_per_word": 100, "vocab": vocab}
+    })
+    .to_string()
+}
+
+/// The text path end to end: tab-separated data, the tokenizer of the checkpoint directory, the bert fixture as a
+/// frozen encoder (feature extraction), a new head; the encoder comes back bit for bit, the tokenizer is carried.
+#[test]
+fn bert_feature_extraction_on_tab_separated_text() {
+    let t = tempfile::tempdir().unwrap();
+    let words = ["good", "great", "fine", "nice", "superb", "bad", "awful", "poor", "dull", "weak", "movie", "film",
+        "plot", "the", "a", "was", "is", "very", "##ness", "##ly"];
+    let enc = t.path().join("encoder");
+    std::fs::create_dir_all(&enc).unwrap();
+    for f in ["model.safetensors", "config.json"] {
+        std::fs::copy(fixture("bert/base").join(f), enc.join(f)).unwrap();
+    }
+    std::fs::write(enc.join("tokenizer.json"), tiny_tokenizer(&words)).unwrap();
+    let mut r = Rng::new(5);
+    let mut lines = String::new();
+    for _ in 0..240 {
+        let pos = r.below(2) == 1;
+        let adj = if pos { &words[0..5] } else { &words[5..10] };
+        let text = format!("The {} was {} {}", words[10 + r.below(3)], adj[r.below(5)], adj[r.below(5)]);
+        lines.push_str(&format!("{}\t{text}\n", if pos { "positive" } else { "negative" }));
+    }
+    let data = t.path().join("sentiment.tsv");
+    std::fs::write(&data, lines).unwrap();
+    let out = t.path().join("clf");
+    let v = json(&run(&["train", "--init", enc.to_str().unwrap(), "--data", data.to_str().unwrap(), "--freeze",
+        "all-but-head", "--pooling", "max", "--epochs", "30", "--lr", "0.01", "--batch", "16", "--json", "--quiet",
+        "-o", out.to_str().unwrap()]));
+    assert_eq!(v["feature_extraction"], true);
+    assert_eq!(v["classes"], serde_json::json!(["negative", "positive"]));
+    assert!(v["test"]["accuracy"].as_f64().unwrap() >= 0.9, "{}", v["test"]);
+    let ck = Checkpoint::open(&out).unwrap();
+    let base = Checkpoint::open(fixture("bert/base")).unwrap();
+    for info in base.infos().iter().filter(|i| i.name != "embeddings.position_ids") {
+        assert_eq!(tensor_bytes(&ck, &info.name), tensor_bytes(&base, &info.name), "{}", info.name);
+    }
+    assert!(out.join("tokenizer.json").is_file());
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!((cfg["model_type"].as_str(), cfg["graft_arch"].as_str(), cfg["pooling"].as_str()), (Some("bert"), Some("bert"), Some("max")));
+    let e = json(&run(&["eval", out.to_str().unwrap(), "--data", data.to_str().unwrap(), "--json"]));
+    assert_eq!(e["accuracy"], v["test"]["accuracy"]);
+}
