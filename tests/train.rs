@@ -85,13 +85,27 @@ fn mlp_reaches_full_accuracy_on_separable_data() {
     let data = t.path().join("data");
     separable_idx(&data, 500, 200);
     let out = run(&[
-        "train", "--arch", "mlp", "--hidden", "32", "--data", data.to_str().unwrap(), "--epochs", "4", "--lr", "0.01",
-        "--batch", "32", "--json", "--quiet",
+        "train",
+        "--arch",
+        "mlp",
+        "--hidden",
+        "32",
+        "--data",
+        data.to_str().unwrap(),
+        "--epochs",
+        "4",
+        "--lr",
+        "0.01",
+        "--batch",
+        "32",
+        "--json",
+        "--quiet",
     ]);
     let v = json(&out);
     assert_eq!(v["test"]["accuracy"], 1.0, "{v}");
     assert_eq!(v["samples"]["test"], 200);
-    let losses: Vec<f64> = v["report"]["epochs"].as_array().unwrap().iter().map(|e| e["train_loss"].as_f64().unwrap()).collect();
+    let losses: Vec<f64> =
+        v["report"]["epochs"].as_array().unwrap().iter().map(|e| e["train_loss"].as_f64().unwrap()).collect();
     assert!(losses[losses.len() - 1] < losses[0], "{losses:?}");
 }
 
@@ -105,8 +119,22 @@ fn frozen_tensors_stay_bit_identical() {
 
     // Head only.
     let out = t.path().join("head");
-    run(&["train", "--init", base.to_str().unwrap(), "--data", data.to_str().unwrap(), "--freeze", "all-but-head",
-        "--epochs", "1", "--lr", "0.01", "--quiet", "-o", out.to_str().unwrap()]);
+    run(&[
+        "train",
+        "--init",
+        base.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--freeze",
+        "all-but-head",
+        "--epochs",
+        "1",
+        "--lr",
+        "0.01",
+        "--quiet",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
     let ck = Checkpoint::open(&out).unwrap();
     for n in ["layers.0.weight", "layers.0.bias", "layers.1.weight", "layers.1.bias"] {
         assert_eq!(tensor_bytes(&ck, n), tensor_bytes(&base_ck, n), "{n} must not change");
@@ -119,8 +147,23 @@ fn frozen_tensors_stay_bit_identical() {
     let sel = t.path().join("sel.json");
     std::fs::write(&sel, r#"{"selected": [{"name": "layers.1.weight"}, "layers.1.bias"]}"#).unwrap();
     let out = t.path().join("sel");
-    let v = json(&run(&["train", "--init", base.to_str().unwrap(), "--data", data.to_str().unwrap(), "--freeze",
-        &format!("selected:{}", sel.display()), "--epochs", "1", "--lr", "0.01", "--quiet", "--json", "-o", out.to_str().unwrap()]));
+    let v = json(&run(&[
+        "train",
+        "--init",
+        base.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--freeze",
+        &format!("selected:{}", sel.display()),
+        "--epochs",
+        "1",
+        "--lr",
+        "0.01",
+        "--quiet",
+        "--json",
+        "-o",
+        out.to_str().unwrap(),
+    ]));
     assert_eq!(v["freeze"]["trainable_tensors"], 4);
     assert_eq!(v["freeze"]["trainable_params"], 64 * 64 + 64 + 10 * 64 + 10);
     let ck = Checkpoint::open(&out).unwrap();
@@ -141,9 +184,23 @@ fn sepcnn_batchnorm_statistics_follow_the_policy() {
     for (policy, frozen_stats_move) in [("freeze", false), ("update", true)] {
         let out = t.path().join(policy);
         let stderr = graft()
-            .args(["train", "--init", base.to_str().unwrap(), "--data", data.to_str().unwrap(), "--freeze",
-                &format!("regex:{}", yaml.display()), "--bn-stats", policy, "--epochs", "1", "--batch", "32",
-                "-o", out.to_str().unwrap()])
+            .args([
+                "train",
+                "--init",
+                base.to_str().unwrap(),
+                "--data",
+                data.to_str().unwrap(),
+                "--freeze",
+                &format!("regex:{}", yaml.display()),
+                "--bn-stats",
+                policy,
+                "--epochs",
+                "1",
+                "--batch",
+                "32",
+                "-o",
+                out.to_str().unwrap(),
+            ])
             .output()
             .unwrap();
         assert!(stderr.status.success(), "{}", String::from_utf8_lossy(&stderr.stderr));
@@ -153,7 +210,8 @@ fn sepcnn_batchnorm_statistics_follow_the_policy() {
             let n = &info.name;
             let same = tensor_bytes(&ck, n) == tensor_bytes(&base_ck, n);
             let trains = n.starts_with("stage3.") || n.starts_with("mlp.") || n.starts_with("classifier");
-            let is_stat = n.ends_with("running_mean") || n.ends_with("running_var") || n.ends_with("num_batches_tracked");
+            let is_stat =
+                n.ends_with("running_mean") || n.ends_with("running_var") || n.ends_with("num_batches_tracked");
             if trains {
                 assert!(!same, "{n} should change");
             } else if is_stat {
@@ -174,8 +232,22 @@ fn results_are_identical_for_any_thread_count() {
     let mut files = Vec::new();
     for threads in ["1", "2"] {
         let out = t.path().join(format!("t{threads}.safetensors"));
-        run(&["--threads", threads, "train", "--init", base.to_str().unwrap(), "--data", data.to_str().unwrap(),
-            "--epochs", "1", "--batch", "16", "--quiet", "-o", out.to_str().unwrap()]);
+        run(&[
+            "--threads",
+            threads,
+            "train",
+            "--init",
+            base.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--epochs",
+            "1",
+            "--batch",
+            "16",
+            "--quiet",
+            "-o",
+            out.to_str().unwrap(),
+        ]);
         let ck = Checkpoint::open(&out).unwrap();
         files.push(ck.iter().map(|v| v.data.to_vec()).collect::<Vec<_>>());
     }
@@ -200,7 +272,8 @@ fn eval_json_matches_a_plain_forward_pass() {
         let mut h: Vec<f64> = px[s * 784..(s + 1) * 784].iter().map(|&p| (p as f64 / 255.0 - 0.5) / 0.5).collect();
         for l in 0..3 {
             let (wt, b) = (w(&format!("layers.{l}.weight")), w(&format!("layers.{l}.bias")));
-            let mut o: Vec<f64> = (0..b.len()).map(|r| b[r] + (0..h.len()).map(|k| wt[r * h.len() + k] * h[k]).sum::<f64>()).collect();
+            let mut o: Vec<f64> =
+                (0..b.len()).map(|r| b[r] + (0..h.len()).map(|k| wt[r * h.len() + k] * h[k]).sum::<f64>()).collect();
             if l < 2 {
                 o.iter_mut().for_each(|x| *x = x.max(0.0));
             }
@@ -227,16 +300,45 @@ fn transfer_body_sizes_a_new_head_and_writes_results_lines() {
     let base = fixture("mlp/base");
     let out = t.path().join("expert");
     let results = t.path().join("results.jsonl");
-    let v = json(&run(&["train", "--transfer-body", base.to_str().unwrap(), "--data", data.to_str().unwrap(),
-        "--classes", "0,1,8,9", "--epochs", "2", "--lr", "0.01", "--seed", "3", "--quiet", "--json",
-        "-o", out.to_str().unwrap(), "--results", results.to_str().unwrap(), "--experiment", "expert A"]));
+    let v = json(&run(&[
+        "train",
+        "--transfer-body",
+        base.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--classes",
+        "0,1,8,9",
+        "--epochs",
+        "2",
+        "--lr",
+        "0.01",
+        "--seed",
+        "3",
+        "--quiet",
+        "--json",
+        "-o",
+        out.to_str().unwrap(),
+        "--results",
+        results.to_str().unwrap(),
+        "--experiment",
+        "expert A",
+    ]));
     assert_eq!(v["classes"], serde_json::json!(["0", "1", "8", "9"]));
     let ck = Checkpoint::open(&out).unwrap();
     assert_eq!(ck.tensor("layers.2.weight").unwrap().shape, &[4, 64]);
     assert!(ck.metadata().contains_key("graft.arch"));
     // The output evaluates without flags (architecture from its metadata), on the same class subset.
-    let e = json(&run(&["eval", out.to_str().unwrap(), "--data", data.to_str().unwrap(), "--classes", "0,1,8,9",
-        "--json", "--results", results.to_str().unwrap()]));
+    let e = json(&run(&[
+        "eval",
+        out.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--classes",
+        "0,1,8,9",
+        "--json",
+        "--results",
+        results.to_str().unwrap(),
+    ]));
     assert_eq!(e["accuracy"], v["test"]["accuracy"]);
     let lines: Vec<serde_json::Value> =
         std::fs::read_to_string(&results).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
@@ -315,8 +417,10 @@ fn tiny_tokenizer(words: &[&str]) -> String {
 #[test]
 fn bert_feature_extraction_on_tab_separated_text() {
     let t = tempfile::tempdir().unwrap();
-    let words = ["good", "great", "fine", "nice", "superb", "bad", "awful", "poor", "dull", "weak", "movie", "film",
-        "plot", "the", "a", "was", "is", "very", "##ness", "##ly"];
+    let words = [
+        "good", "great", "fine", "nice", "superb", "bad", "awful", "poor", "dull", "weak", "movie", "film", "plot",
+        "the", "a", "was", "is", "very", "##ness", "##ly",
+    ];
     let enc = t.path().join("encoder");
     std::fs::create_dir_all(&enc).unwrap();
     for f in ["model.safetensors", "config.json"] {
@@ -334,9 +438,27 @@ fn bert_feature_extraction_on_tab_separated_text() {
     let data = t.path().join("sentiment.tsv");
     std::fs::write(&data, lines).unwrap();
     let out = t.path().join("clf");
-    let v = json(&run(&["train", "--init", enc.to_str().unwrap(), "--data", data.to_str().unwrap(), "--freeze",
-        "all-but-head", "--pooling", "max", "--epochs", "30", "--lr", "0.01", "--batch", "16", "--json", "--quiet",
-        "-o", out.to_str().unwrap()]));
+    let v = json(&run(&[
+        "train",
+        "--init",
+        enc.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--freeze",
+        "all-but-head",
+        "--pooling",
+        "max",
+        "--epochs",
+        "30",
+        "--lr",
+        "0.01",
+        "--batch",
+        "16",
+        "--json",
+        "--quiet",
+        "-o",
+        out.to_str().unwrap(),
+    ]));
     assert_eq!(v["feature_extraction"], true);
     assert_eq!(v["classes"], serde_json::json!(["negative", "positive"]));
     assert!(v["test"]["accuracy"].as_f64().unwrap() >= 0.9, "{}", v["test"]);
@@ -346,8 +468,12 @@ fn bert_feature_extraction_on_tab_separated_text() {
         assert_eq!(tensor_bytes(&ck, &info.name), tensor_bytes(&base, &info.name), "{}", info.name);
     }
     assert!(out.join("tokenizer.json").is_file());
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
-    assert_eq!((cfg["model_type"].as_str(), cfg["graft_arch"].as_str(), cfg["pooling"].as_str()), (Some("bert"), Some("bert"), Some("max")));
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(
+        (cfg["model_type"].as_str(), cfg["graft_arch"].as_str(), cfg["pooling"].as_str()),
+        (Some("bert"), Some("bert"), Some("max"))
+    );
     let e = json(&run(&["eval", out.to_str().unwrap(), "--data", data.to_str().unwrap(), "--json"]));
     assert_eq!(e["accuracy"], v["test"]["accuracy"]);
 }

@@ -11,7 +11,8 @@ fn data_dir() -> PathBuf {
 }
 
 fn train(args: &[&str]) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_graft")).arg("train").args(args).args(["--json", "--quiet"]).output().unwrap();
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_graft")).arg("train").args(args).args(["--json", "--quiet"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
 }
@@ -20,11 +21,28 @@ fn train(args: &[&str]) -> serde_json::Value {
 #[ignore = "needs tools/fetch-data fashion-mnist"]
 fn fashion_mnist_mlp_reaches_85_percent_in_two_epochs() {
     let d = data_dir().join("fashion-mnist");
-    let v = train(&["--arch", "mlp", "--hidden", "256,128", "--data", d.to_str().unwrap(), "--epochs", "2", "--lr", "1e-3",
-        "--batch", "128"]);
+    let v = train(&[
+        "--arch",
+        "mlp",
+        "--hidden",
+        "256,128",
+        "--data",
+        d.to_str().unwrap(),
+        "--epochs",
+        "2",
+        "--lr",
+        "1e-3",
+        "--batch",
+        "128",
+    ]);
     for e in v["report"]["epochs"].as_array().unwrap() {
-        eprintln!("epoch {}: {:.2} s, {:.0} samples/s, val accuracy {}", e["epoch"], e["time_s"].as_f64().unwrap(),
-            e["samples_per_s"].as_f64().unwrap(), e["val_accuracy"]);
+        eprintln!(
+            "epoch {}: {:.2} s, {:.0} samples/s, val accuracy {}",
+            e["epoch"],
+            e["time_s"].as_f64().unwrap(),
+            e["samples_per_s"].as_f64().unwrap(),
+            e["val_accuracy"]
+        );
     }
     let acc = v["test"]["accuracy"].as_f64().unwrap();
     eprintln!("Fashion-MNIST MLP test accuracy {acc:.4}");
@@ -35,9 +53,26 @@ fn fashion_mnist_mlp_reaches_85_percent_in_two_epochs() {
 #[ignore = "needs tools/fetch-data minilm spam-assassin"]
 fn minilm_features_classify_spam_assassin() {
     let d = data_dir();
-    let v = train(&["--init", d.join("minilm-l6").to_str().unwrap(), "--data",
-        &format!("spam:{}", d.join("spam-assassin").display()), "--freeze", "all-but-head", "--pooling", "mean",
-        "--epochs", "10", "--lr", "5e-4", "--batch", "32", "--max-len", "128", "--eval-batch", "64"]);
+    let v = train(&[
+        "--init",
+        d.join("minilm-l6").to_str().unwrap(),
+        "--data",
+        &format!("spam:{}", d.join("spam-assassin").display()),
+        "--freeze",
+        "all-but-head",
+        "--pooling",
+        "mean",
+        "--epochs",
+        "10",
+        "--lr",
+        "5e-4",
+        "--batch",
+        "32",
+        "--max-len",
+        "128",
+        "--eval-batch",
+        "64",
+    ]);
     assert_eq!(v["feature_extraction"], true);
     let acc = v["test"]["accuracy"].as_f64().unwrap();
     eprintln!("SpamAssassin MiniLM mean-pooled features: test accuracy {acc:.4}, f1 macro {}", v["test"]["f1_macro"]);

@@ -60,7 +60,15 @@ pub fn run(a: Args, global: &Global) -> Result<()> {
     }
     let m = &out.metrics;
     let mut s = String::new();
-    let _ = writeln!(s, "{}  ({} on {} split of {}, {} samples)", out.checkpoint.display(), out.arch["graft_arch"].as_str().unwrap_or("?"), out.split, out.data, m.samples);
+    let _ = writeln!(
+        s,
+        "{}  ({} on {} split of {}, {} samples)",
+        out.checkpoint.display(),
+        out.arch["graft_arch"].as_str().unwrap_or("?"),
+        out.split,
+        out.data,
+        m.samples
+    );
     let _ = writeln!(
         s,
         "accuracy {:.4}  f1 weighted {:.4}  f1 macro {:.4}  loss {:.4}",
@@ -78,7 +86,12 @@ pub fn run(a: Args, global: &Global) -> Result<()> {
         let mut cells: Vec<String> = vec![out.classes.get(i).cloned().unwrap_or_else(|| i.to_string())];
         cells.extend(row.iter().map(|c| c.to_string()));
         let pc = &m.per_class[i];
-        cells.extend([format!("{:.4}", pc.precision), format!("{:.4}", pc.recall), format!("{:.4}", pc.f1), pc.support.to_string()]);
+        cells.extend([
+            format!("{:.4}", pc.precision),
+            format!("{:.4}", pc.recall),
+            format!("{:.4}", pc.f1),
+            pc.support.to_string(),
+        ]);
         t.add_row(cells);
     }
     let _ = writeln!(s, "{t}");

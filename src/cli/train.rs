@@ -161,7 +161,8 @@ pub fn run(a: Args, global: &Global) -> Result<()> {
         BnStatsArg::Freeze => BnStats::Freeze,
         BnStatsArg::Update => BnStats::Update,
     };
-    let out = OutputArgs { output: a.output.clone().unwrap_or_default(), max_shard_size: a.max_shard_size, force: a.force };
+    let out =
+        OutputArgs { output: a.output.clone().unwrap_or_default(), max_shard_size: a.max_shard_size, force: a.force };
     let opts = TrainOptions {
         arch: ArchOptions {
             arch: a.arch.clone(),
@@ -211,7 +212,13 @@ pub fn run(a: Args, global: &Global) -> Result<()> {
     let r = &outcome.report;
     let mut s = String::new();
     use std::fmt::Write;
-    let _ = writeln!(s, "run {}  arch {}  data {}", outcome.run_id, outcome.arch["graft_arch"].as_str().unwrap_or("?"), outcome.data);
+    let _ = writeln!(
+        s,
+        "run {}  arch {}  data {}",
+        outcome.run_id,
+        outcome.arch["graft_arch"].as_str().unwrap_or("?"),
+        outcome.data
+    );
     let _ = writeln!(
         s,
         "samples train {} / val {} / test {}, {} classes",
@@ -236,7 +243,11 @@ pub fn run(a: Args, global: &Global) -> Result<()> {
     }
     for e in &r.epochs {
         let val = e.val_accuracy.map(|v| format!("  val accuracy {v:.4}")).unwrap_or_default();
-        let _ = writeln!(s, "epoch {:>3}  train loss {:.4}{val}  {:.1} s  {:.0} samples/s", e.epoch, e.train_loss, e.time_s, e.samples_per_s);
+        let _ = writeln!(
+            s,
+            "epoch {:>3}  train loss {:.4}{val}  {:.1} s  {:.0} samples/s",
+            e.epoch, e.train_loss, e.time_s, e.samples_per_s
+        );
     }
     if let Some(b) = r.best_epoch {
         let _ = writeln!(s, "restored best epoch {b}");

@@ -127,7 +127,8 @@ pub fn save(
             config["architectures"] = serde_json::json!(["BertModel"]);
         }
         let path = out.join("config.json");
-        std::fs::write(&path, serde_json::to_string_pretty(&config).unwrap() + "\n").map_err(|e| Error::io(&path, e))?;
+        std::fs::write(&path, serde_json::to_string_pretty(&config).unwrap() + "\n")
+            .map_err(|e| Error::io(&path, e))?;
     }
     Ok(written)
 }
@@ -136,11 +137,13 @@ fn tensor_bytes(t: &Tensor, dt: Dtype, name: &str) -> Result<Vec<u8>> {
     let err = |e: candle_core::Error| Error::invalid(format!("tensor '{name}': {e}"));
     Ok(match dt {
         Dtype::F64 => {
-            let v = t.flatten_all().and_then(|t| t.to_dtype(DType::F64)).and_then(|t| t.to_vec1::<f64>()).map_err(err)?;
+            let v =
+                t.flatten_all().and_then(|t| t.to_dtype(DType::F64)).and_then(|t| t.to_vec1::<f64>()).map_err(err)?;
             bytemuck::cast_slice(&v).to_vec()
         }
         _ => {
-            let v = t.flatten_all().and_then(|t| t.to_dtype(DType::F32)).and_then(|t| t.to_vec1::<f32>()).map_err(err)?;
+            let v =
+                t.flatten_all().and_then(|t| t.to_dtype(DType::F32)).and_then(|t| t.to_vec1::<f32>()).map_err(err)?;
             bytemuck::cast_slice(&v).to_vec()
         }
     })

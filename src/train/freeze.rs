@@ -178,9 +178,10 @@ fn read_selection(path: &Path, as_regex: bool) -> Result<Selection> {
     if text.lines().any(|l| l.trim_start().starts_with("unfrozen_parameters")) {
         let v: serde_json::Value =
             yaml_serde::from_str(&text).map_err(|e| Error::format(path, format!("not valid YAML: {e}")))?;
-        let list = v.get("unfrozen_parameters").and_then(|l| l.as_array()).ok_or_else(|| {
-            Error::format(path, "'unfrozen_parameters' is not a list of regular expressions")
-        })?;
+        let list = v
+            .get("unfrozen_parameters")
+            .and_then(|l| l.as_array())
+            .ok_or_else(|| Error::format(path, "'unfrozen_parameters' is not a list of regular expressions"))?;
         let pats: Vec<String> = list
             .iter()
             .map(|x| x.as_str().map(str::to_string).ok_or_else(|| Error::format(path, "non-string pattern")))
@@ -208,7 +209,10 @@ fn names_from_json(v: &serde_json::Value, path: &Path) -> Result<Vec<String>> {
             match key.and_then(|k| o[k].as_array()) {
                 Some(a) => a,
                 None => {
-                    return Err(Error::format(path, "expected a JSON array of names or an object with a \"selected\" array"))
+                    return Err(Error::format(
+                        path,
+                        "expected a JSON array of names or an object with a \"selected\" array",
+                    ))
                 }
             }
         }

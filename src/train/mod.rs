@@ -194,7 +194,9 @@ fn resolve_arch(
         }
     }
     if spec.num_classes() != classes {
-        if transfer || matches!(spec, ArchSpec::Bert { .. }) && ck.is_some_and(|c| c.get("classifier.out.weight").is_none()) {
+        if transfer
+            || matches!(spec, ArchSpec::Bert { .. }) && ck.is_some_and(|c| c.get("classifier.out.weight").is_none())
+        {
             spec = spec.with_num_classes(classes);
         } else {
             return Err(Error::usage(format!(
@@ -237,7 +239,8 @@ pub fn build_model(
     let model = models::build(spec, store)?;
     if let Some(ck) = ck {
         // A pretrained encoder without graft's head gets a fresh head, as does every transfer.
-        let fresh_head = transfer || (matches!(spec, ArchSpec::Bert { .. }) && ck.get("classifier.out.weight").is_none());
+        let fresh_head =
+            transfer || (matches!(spec, ArchSpec::Bert { .. }) && ck.get("classifier.out.weight").is_none());
         let m = &*model;
         checkpoint_io::load(m.store(), ck, &|n| fresh_head && m.is_head(n))?;
     }
@@ -282,7 +285,10 @@ pub fn run_train(o: &TrainOptions) -> Result<TrainOutcome> {
         (splits.train.clone(), splits.val.clone(), splits.test.clone(), norm)
     };
     // Zero-shot accuracy means something only when the checkpoint brought its own head.
-    let head_loaded = o.init.is_some() && ck.as_ref().is_some_and(|c| c.get("classifier.out.weight").is_some() || !matches!(spec, ArchSpec::Bert { .. }));
+    let head_loaded = o.init.is_some()
+        && ck
+            .as_ref()
+            .is_some_and(|c| c.get("classifier.out.weight").is_some() || !matches!(spec, ArchSpec::Bert { .. }));
     let zero_shot = if head_loaded && !test_p.is_empty() {
         Some(trainer::evaluate(&*model, &test_p, &norm, o.train.eval_batch)?.accuracy)
     } else {
@@ -338,7 +344,8 @@ pub fn run_train(o: &TrainOptions) -> Result<TrainOutcome> {
     }
     if let Some(path) = &o.results {
         let experiment = o.experiment.clone().unwrap_or_else(|| format!("{} / {}", spec.name(), fsum.policy));
-        let line = results::train_line(&id, &experiment, o.train.seed, &config, &test, &report, peak, zero_shot, o.baseline);
+        let line =
+            results::train_line(&id, &experiment, o.train.seed, &config, &test, &report, peak, zero_shot, o.baseline);
         results::append(path, &line)?;
     }
     let mut samples = BTreeMap::new();

@@ -22,9 +22,8 @@ pub fn fused_available(t: &Tensor) -> bool {
 }
 
 fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str) -> CResult<&'a [T]> {
-    let (a, b) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("{op}: input is not contiguous")))?;
+    let (a, b) =
+        l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("{op}: input is not contiguous")))?;
     Ok(&s.as_slice::<T>()?[a..b])
 }
 
@@ -440,8 +439,7 @@ impl CustomOp3 for BatchNormTrain {
             let g = contiguous::<T>(gs, gl, "graft-batch-norm-train")?;
             let b = contiguous::<T>(bs, bl, "graft-batch-norm-train")?;
             let (mean, var) = channel_moments(x, n, c, s);
-            let scale: Vec<T> =
-                (0..c).map(|ch| T::from_f64(g[ch].to_f64() / (var[ch] + self.eps).sqrt())).collect();
+            let scale: Vec<T> = (0..c).map(|ch| T::from_f64(g[ch].to_f64() / (var[ch] + self.eps).sqrt())).collect();
             let shift: Vec<T> = (0..c).map(|ch| T::from_f64(b[ch].to_f64() - mean[ch] * scale[ch].to_f64())).collect();
             let y = channel_affine(x, c, s, &scale, &shift);
             *self.stats.lock().unwrap() = BatchStats { mean, var, count: n * s };
@@ -684,13 +682,11 @@ impl CustomOp1 for MaxPoolBackward {
         dispatch!(gs, "graft-max-pool-backward", |T| {
             let g = contiguous::<T>(gs, gl, "graft-max-pool-backward")?;
             let mut dx = vec![T::from_f64(0.0); self.in_shape.elem_count()];
-            dx.par_chunks_mut(h * w)
-                .zip(g.par_chunks(oh * ow).zip(arg.par_chunks(oh * ow)))
-                .for_each(|(d, (g, a))| {
-                    for (&g, &a) in g.iter().zip(a) {
-                        d[a as usize] += g;
-                    }
-                });
+            dx.par_chunks_mut(h * w).zip(g.par_chunks(oh * ow).zip(arg.par_chunks(oh * ow))).for_each(|(d, (g, a))| {
+                for (&g, &a) in g.iter().zip(a) {
+                    d[a as usize] += g;
+                }
+            });
             Ok((T::to_cpu_storage_owned(dx), self.in_shape.clone()))
         })
     }
@@ -744,7 +740,10 @@ mod tests {
             compare(
                 |t| depthwise_conv(&t[0], &t[1], &t[2]).unwrap(),
                 |t| {
-                    t[0].conv2d(&t[1], k / 2, 1, 1, 3).unwrap().broadcast_add(&t[2].reshape((1, 3, 1, 1)).unwrap()).unwrap()
+                    t[0].conv2d(&t[1], k / 2, 1, 1, 3)
+                        .unwrap()
+                        .broadcast_add(&t[2].reshape((1, 3, 1, 1)).unwrap())
+                        .unwrap()
                 },
                 &inputs,
                 1e-10,
@@ -794,8 +793,7 @@ mod tests {
         for p in 0..6 {
             for i in 0..2 {
                 for j in 0..3 {
-                    let cells: Vec<usize> =
-                        (0..4).map(|q| p * 24 + (2 * i + q / 2) * 6 + 2 * j + q % 2).collect();
+                    let cells: Vec<usize> = (0..4).map(|q| p * 24 + (2 * i + q / 2) * 6 + 2 * j + q % 2).collect();
                     let best = *cells.iter().max_by(|a, b| xv[**a].total_cmp(&xv[**b])).unwrap();
                     assert_eq!(yv[p * 6 + i * 3 + j], xv[best]);
                     want[best] += wv[p * 6 + i * 3 + j];

@@ -98,8 +98,7 @@ pub fn train(
         let mut order = train.indices.clone();
         Rng::for_label(cfg.seed, &format!("graft-train/epoch/{epoch}")).shuffle(&mut order);
         // A last batch of one sample cannot be batch-normalised (PyTorch raises); drop it.
-        let batches: Vec<&[usize]> =
-            order.chunks(cfg.batch.max(1)).filter(|b| !(has_bn && b.len() < 2)).collect();
+        let batches: Vec<&[usize]> = order.chunks(cfg.batch.max(1)).filter(|b| !(has_bn && b.len() < 2)).collect();
         let bar = progress_bar(cfg.progress, batches.len() as u64, epoch, cfg.epochs);
         let start = Instant::now();
         let (mut loss_sum, mut seen) = (0f64, 0usize);
@@ -174,9 +173,11 @@ fn progress_bar(on: bool, len: u64, epoch: usize, epochs: usize) -> ProgressBar 
     }
     let bar = ProgressBar::with_draw_target(Some(len), indicatif::ProgressDrawTarget::stderr());
     bar.set_style(
-        ProgressStyle::with_template(&format!("epoch {epoch}/{epochs} [{{bar:30}}] {{pos}}/{{len}} {{msg}} eta {{eta}}"))
-            .unwrap()
-            .progress_chars("=> "),
+        ProgressStyle::with_template(&format!(
+            "epoch {epoch}/{epochs} [{{bar:30}}] {{pos}}/{{len}} {{msg}} eta {{eta}}"
+        ))
+        .unwrap()
+        .progress_chars("=> "),
     );
     bar
 }

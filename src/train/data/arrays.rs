@@ -29,7 +29,8 @@ struct Meta {
 pub fn read_dir(dir: &Path) -> Result<(Dataset, Option<Dataset>)> {
     let mpath = dir.join(META);
     let text = std::fs::read_to_string(&mpath).map_err(|e| Error::io(&mpath, e))?;
-    let meta: Meta = serde_json::from_str(&text).map_err(|e| Error::format(&mpath, format!("invalid meta.json: {e}")))?;
+    let meta: Meta =
+        serde_json::from_str(&text).map_err(|e| Error::format(&mpath, format!("invalid meta.json: {e}")))?;
     if meta.shape.is_empty() || meta.shape.contains(&0) {
         return Err(Error::format(&mpath, format!("shape {:?} must be non-empty and positive", meta.shape)));
     }
@@ -56,7 +57,13 @@ fn read_split(dir: &Path, split: &str, meta: &Meta) -> Result<Option<Dataset>> {
     if data.len() != n * per * elem {
         return Err(Error::format(
             &bin,
-            format!("{} bytes: {n} labels of shape {:?} {} need {}", data.len(), meta.shape, meta.dtype, n * per * elem),
+            format!(
+                "{} bytes: {n} labels of shape {:?} {} need {}",
+                data.len(),
+                meta.shape,
+                meta.dtype,
+                n * per * elem
+            ),
         ));
     }
     let features = if elem == 1 {
@@ -68,7 +75,10 @@ fn read_split(dir: &Path, split: &str, meta: &Meta) -> Result<Option<Dataset>> {
     let class_names = if meta.classes.is_empty() {
         (0..max).map(|c| c.to_string()).collect()
     } else if max > meta.classes.len() {
-        return Err(Error::format(&lab, format!("label {} but meta.json names {} classes", max - 1, meta.classes.len())));
+        return Err(Error::format(
+            &lab,
+            format!("label {} but meta.json names {} classes", max - 1, meta.classes.len()),
+        ));
     } else {
         meta.classes.clone()
     };

@@ -31,16 +31,18 @@ pub fn parse(path: &Path, bytes: Vec<u8>) -> Result<(Vec<usize>, Vec<u8>)> {
         return Err(Error::format(path, "not an IDX file (the first two bytes must be zero)"));
     }
     if bytes[2] != 0x08 {
-        return Err(Error::format(path, format!("IDX element type 0x{:02x} is not supported (unsigned byte only)", bytes[2])));
+        return Err(Error::format(
+            path,
+            format!("IDX element type 0x{:02x} is not supported (unsigned byte only)", bytes[2]),
+        ));
     }
     let ndim = bytes[3] as usize;
     let header = 4 + 4 * ndim;
     if ndim == 0 || bytes.len() < header {
         return Err(Error::format(path, format!("IDX header declares {ndim} dimensions but the file is too short")));
     }
-    let dims: Vec<usize> = (0..ndim)
-        .map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().unwrap()) as usize)
-        .collect();
+    let dims: Vec<usize> =
+        (0..ndim).map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().unwrap()) as usize).collect();
     let n: usize = dims.iter().product();
     if bytes.len() - header != n {
         return Err(Error::format(

@@ -39,7 +39,10 @@ pub fn read_dir(dir: &Path) -> Result<(Dataset, Dataset)> {
     let lab_path = dir.join(LABELS);
     let (w, h, pixels) = decode_png(&img_path)?;
     if w != SIDE * SIDE {
-        return Err(Error::format(&img_path, format!("sprite is {w} pixels wide; expected {} (one image per row)", SIDE * SIDE)));
+        return Err(Error::format(
+            &img_path,
+            format!("sprite is {w} pixels wide; expected {} (one image per row)", SIDE * SIDE),
+        ));
     }
     let onehot = std::fs::read(&lab_path).map_err(|e| Error::io(&lab_path, e))?;
     if onehot.len() != h * CLASSES {
@@ -52,16 +55,20 @@ pub fn read_dir(dir: &Path) -> Result<(Dataset, Dataset)> {
         .chunks(CLASSES)
         .enumerate()
         .map(|(i, c)| {
-            c.iter().position(|&b| b == 1).map(|p| p as u32).ok_or_else(|| {
-                Error::format(&lab_path, format!("image {i}: label bytes {c:?} are not one-hot"))
-            })
+            c.iter()
+                .position(|&b| b == 1)
+                .map(|p| p as u32)
+                .ok_or_else(|| Error::format(&lab_path, format!("image {i}: label bytes {c:?} are not one-hot")))
         })
         .collect::<Result<_>>()?;
     let split = TRAIN_IMAGES.min(h);
     let per = SIDE * SIDE;
     let names: Vec<String> = (0..CLASSES).map(|c| c.to_string()).collect();
     let make = |r: std::ops::Range<usize>| Dataset {
-        samples: Samples::Dense { features: Features::U8(pixels[r.start * per..r.end * per].to_vec()), shape: vec![1, SIDE, SIDE] },
+        samples: Samples::Dense {
+            features: Features::U8(pixels[r.start * per..r.end * per].to_vec()),
+            shape: vec![1, SIDE, SIDE],
+        },
         labels: labels[r].to_vec(),
         class_names: names.clone(),
     };

@@ -27,7 +27,11 @@ impl Normalize {
     pub fn parse(s: &str) -> Result<Option<Normalize>> {
         let nums = |p: &str| -> Result<Vec<f32>> {
             p.split(',')
-                .map(|x| x.trim().parse::<f32>().map_err(|_| Error::usage(format!("--normalize '{s}': '{x}' is not a number"))))
+                .map(|x| {
+                    x.trim()
+                        .parse::<f32>()
+                        .map_err(|_| Error::usage(format!("--normalize '{s}': '{x}' is not a number")))
+                })
                 .collect()
         };
         match s {
@@ -121,7 +125,9 @@ impl Splits {
 pub fn parse_classes(s: &str) -> Result<Vec<u32>> {
     let v: Vec<u32> = s
         .split(',')
-        .map(|x| x.trim().parse::<u32>().map_err(|_| Error::usage(format!("--classes '{s}': '{x}' is not a class index"))))
+        .map(|x| {
+            x.trim().parse::<u32>().map_err(|_| Error::usage(format!("--classes '{s}': '{x}' is not a class index")))
+        })
         .collect::<Result<_>>()?;
     let mut seen = std::collections::BTreeSet::new();
     if let Some(d) = v.iter().find(|c| !seen.insert(**c)) {
@@ -224,7 +230,8 @@ mod tests {
     #[test]
     fn classes_are_remapped_in_the_given_order() {
         let labels: Vec<u32> = (0..100).map(|i| i % 10).collect();
-        let opts = SplitOptions { classes: Some(vec![8, 1]), val_fraction: 0.0, test_fraction: 0.0, seed: 1, limit: None };
+        let opts =
+            SplitOptions { classes: Some(vec![8, 1]), val_fraction: 0.0, test_fraction: 0.0, seed: 1, limit: None };
         let s = split(source(labels), &opts).unwrap();
         assert_eq!(s.class_names, vec!["8", "1"]);
         assert_eq!(s.train.len(), 20);
@@ -243,7 +250,8 @@ mod tests {
         let b = split(source(labels.clone()), &opts).unwrap();
         assert_eq!(a.train.indices, b.train.indices);
         assert_eq!((a.train.len(), a.val.len(), a.test.len()), (140, 20, 40));
-        let mut all: Vec<usize> = a.train.indices.iter().chain(&a.val.indices).chain(&a.test.indices).copied().collect();
+        let mut all: Vec<usize> =
+            a.train.indices.iter().chain(&a.val.indices).chain(&a.test.indices).copied().collect();
         all.sort();
         assert_eq!(all, (0..200).collect::<Vec<_>>());
         let c = split(source(labels), &SplitOptions { seed: 8, ..opts }).unwrap();

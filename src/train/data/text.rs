@@ -81,9 +81,7 @@ pub fn read_tsv(path: &Path) -> Result<(Dataset, Option<Dataset>)> {
         let (train, _) = label(vec![(path.to_path_buf(), rows)])?;
         return Ok((train, None));
     }
-    let pick = |stem: &str| {
-        ["tsv", "txt"].iter().map(|e| path.join(format!("{stem}.{e}"))).find(|p| p.is_file())
-    };
+    let pick = |stem: &str| ["tsv", "txt"].iter().map(|e| path.join(format!("{stem}.{e}"))).find(|p| p.is_file());
     let train = pick("train").ok_or_else(|| Error::format(path, "no train.tsv (or train.txt) in this directory"))?;
     let mut files = vec![(train.clone(), read_rows(&train)?)];
     if let Some(t) = pick("test") {

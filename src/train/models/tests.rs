@@ -54,7 +54,11 @@ fn check_gradients(m: &dyn Model, x: &Input, y: &Tensor, train: bool) {
                 eprintln!("{name}[{i}]: analytic {} vs finite difference {fd}", g[i]);
                 continue;
             }
-            assert!(err <= 1e-6 + 1e-5 * fd.abs().max(g[i].abs()), "{name}[{i}]: analytic {} vs finite difference {fd}", g[i]);
+            assert!(
+                err <= 1e-6 + 1e-5 * fd.abs().max(g[i].abs()),
+                "{name}[{i}]: analytic {} vs finite difference {fd}",
+                g[i]
+            );
             checked += 1;
         }
     }
@@ -71,7 +75,8 @@ fn mlp_gradients_match_finite_differences() {
 
 #[test]
 fn sepcnn_gradients_match_finite_differences() {
-    let spec = ArchSpec::Sepcnn { in_channels: 2, widths: vec![2, 3], depths: vec![1, 1], fc: vec![4, 3], num_classes: 3 };
+    let spec =
+        ArchSpec::Sepcnn { in_channels: 2, widths: vec![2, 3], depths: vec![1, 1], fc: vec![4, 3], num_classes: 3 };
     let m = model(&spec, DType::F64, 3);
     let x = Input::Dense(normal(&[4, 2, 4, 4], 4));
     let y = Tensor::new(&[0u32, 1, 2, 1], &Device::Cpu).unwrap();
@@ -175,7 +180,12 @@ fn sepcnn_fixture_forward_matches_plain_loops() {
     // Feature maps as (channels, h, w) per sample: Vec<Vec<f64>> planes.
     type Map = (usize, usize, usize, Vec<f64>);
     let bn = |m: &mut Map, name: &str| {
-        let (g, b, rm, rv) = (get(&format!("{name}.weight")), get(&format!("{name}.bias")), get(&format!("{name}.running_mean")), get(&format!("{name}.running_var")));
+        let (g, b, rm, rv) = (
+            get(&format!("{name}.weight")),
+            get(&format!("{name}.bias")),
+            get(&format!("{name}.running_mean")),
+            get(&format!("{name}.running_var")),
+        );
         let (c, hh, ww, v) = m;
         for ch in 0..*c {
             for p in 0..*hh * *ww {
@@ -264,10 +274,12 @@ fn sepcnn_fixture_forward_matches_plain_loops() {
         }
         let c = widths[widths.len() - 1];
         let plane = cur.1 * cur.2;
-        let mut f: Vec<f64> = (0..c).map(|ch| cur.3[ch * plane..(ch + 1) * plane].iter().sum::<f64>() / plane as f64).collect();
+        let mut f: Vec<f64> =
+            (0..c).map(|ch| cur.3[ch * plane..(ch + 1) * plane].iter().sum::<f64>() / plane as f64).collect();
         for (i, _) in fc.iter().enumerate() {
             let (lw, lb) = (get(&format!("mlp.{i}.linear.weight")), get(&format!("mlp.{i}.linear.bias")));
-            let mut o: Vec<f64> = (0..lb.len()).map(|r| lb[r] + (0..f.len()).map(|k| lw[r * f.len() + k] * f[k]).sum::<f64>()).collect();
+            let mut o: Vec<f64> =
+                (0..lb.len()).map(|r| lb[r] + (0..f.len()).map(|k| lw[r * f.len() + k] * f[k]).sum::<f64>()).collect();
             let mut om = (o.len(), 1, 1, std::mem::take(&mut o));
             bn(&mut om, &format!("mlp.{i}.bn"));
             f = om.3.into_iter().map(|v| v.max(0.0)).collect();
