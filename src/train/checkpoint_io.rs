@@ -68,12 +68,11 @@ pub fn load(store: &ParamStore, ck: &Checkpoint, skip: &dyn Fn(&str) -> bool) ->
 
 fn set_var(var: &candle_core::Var, view: &TensorView, store: &ParamStore) -> Result<()> {
     let values = view.to_f32()?;
-    let t = Tensor::from_vec(values, view.shape, &candle_core::Device::Cpu)
+    Tensor::from_vec(values, view.shape, &candle_core::Device::Cpu)
         .and_then(|t| t.to_dtype(store.dtype))
         .and_then(|t| t.to_device(&store.device))
         .and_then(|t| var.set(&t))
         .map_err(|e| Error::tensor(view.file, view.name, format!("cannot load: {e}")))?;
-    let _ = t;
     Ok(())
 }
 
@@ -119,7 +118,7 @@ pub fn save(
         w.write_tensor(&e.name, &bytes)?;
     }
     let written = w.finish()?;
-    if out.extension().is_none_or(|x| x != "safetensors") {
+    if !out.extension().is_some_and(|x| x == "safetensors") {
         let mut config = spec.to_json();
         if let ArchSpec::Bert { .. } = spec {
             // Hugging Face tools read the same file: keep it a valid BERT config.

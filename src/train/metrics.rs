@@ -38,6 +38,7 @@ pub fn compute(truth: &[u32], pred: &[u32], classes: usize, loss: Option<f64>) -
     let correct: u64 = (0..k).map(|c| confusion[c][c]).sum();
     let mut per_class = Vec::with_capacity(k);
     let (mut macro_sum, mut macro_n, mut weighted) = (0f64, 0usize, 0f64);
+    #[allow(clippy::needless_range_loop)] // c indexes rows and columns of the matrix alike
     for c in 0..k {
         let tp = confusion[c][c] as f64;
         let support: u64 = confusion[c].iter().sum();

@@ -305,7 +305,7 @@ impl CustomOp2 for DepthwiseConvParamGrad {
                             for i in i0..i1 {
                                 let gr = &gp[i * wd + j0..i * wd + j1];
                                 let xi = (i as isize + si) as usize;
-                                let xr = &xp[(xi * wd) as usize + (j0 as isize + sj) as usize..][..j1 - j0];
+                                let xr = &xp[xi * wd + (j0 as isize + sj) as usize..][..j1 - j0];
                                 let mut row = T::from_f64(0.0);
                                 for (&a, &b) in gr.iter().zip(xr) {
                                     row += a * b;
@@ -646,7 +646,7 @@ impl CustomOp1 for MaxPool {
                             for dj in 0..k {
                                 let at = (i * k + di) * w + j * k + dj;
                                 // First maximum wins, as PyTorch's CPU kernel picks it; NaN propagates.
-                                if inp[at] > inp[best] || (inp[at] != inp[at] && inp[best] == inp[best]) {
+                                if inp[at] > inp[best] || (inp[at].to_f64().is_nan() && !inp[best].to_f64().is_nan()) {
                                     best = at;
                                 }
                             }

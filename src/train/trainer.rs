@@ -141,7 +141,7 @@ pub fn train(
         on_epoch(&rec);
         if cfg.best_epoch {
             if let Some(acc) = rec.val_accuracy {
-                if best.as_ref().is_none_or(|(b, _, _)| acc > *b) {
+                if !best.as_ref().is_some_and(|(b, _, _)| acc <= *b) {
                     best = Some((acc, epoch, snapshot(model)?));
                 }
             }
