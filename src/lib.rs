@@ -17,5 +17,6 @@ pub mod names;
 pub mod report;
 pub mod rng;
 pub mod snr;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -15,6 +15,9 @@ mod inspect;
 mod merge;
 mod report;
 mod snr;
+mod eval;
+mod inspect;
+mod train;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -47,6 +50,10 @@ enum Command {
     Demo(experiment::DemoArgs),
     /// Spectrum's per-matrix SNR: rankings per layer type, top-percent selection, Spectrum/axolotl files.
     Snr(snr::Args),
+    /// Fine-tune a model on local data with a freezing policy; write the checkpoint and a results line.
+    Train(train::Args),
+    /// Accuracy, F1, loss and confusion matrix of a checkpoint on local data.
+    Eval(eval::Args),
 }
 
 /// Settings every subcommand may use.
@@ -77,6 +84,8 @@ pub fn run() -> Result<()> {
         Command::Convert(a) => convert::run(a, &global),
         Command::Report(a) => report::run(a, &global),
         Command::Snr(a) => snr::run(a, &global),
+        Command::Train(a) => train::run(a, &global),
+        Command::Eval(a) => eval::run(a, &global),
     }
 }
 
@@ -92,6 +101,22 @@ pub struct OutputArgs {
     /// Replace a checkpoint already at the output path.
     #[arg(long)]
     pub force: bool,
+}
+
+/// Runs `f` on a pool of `--threads` workers (all cores by default), where rayon and candle's kernels run.
+pub fn with_threads<R: Send>(global: &Global, f: impl FnOnce() -> Result<R> + Send) -> Result<R> {
+    match global.threads {
+        None => f(),
+        Some(n) => rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build()
+            .map_err(|e| Error::invalid(format!("cannot start {n} worker threads: {e}")))?
+            .install(f),
+    }
+}
+
+pub(crate) fn parse_shard_size_arg(s: &str) -> std::result::Result<u64, String> {
+    parse_shard_size(s)
 }
 
 fn parse_shard_size(s: &str) -> std::result::Result<u64, String> {
