@@ -5,11 +5,13 @@
 //! and return plain f32 slices and small structs, never files, so they can be tested with plain vectors; the CLI
 //! (`cli`) only parses arguments, calls the library and prints.
 
+pub mod align;
 pub mod checkpoint;
 pub mod cli;
 pub mod error;
 pub mod exec;
 pub mod inspect;
+pub mod interpolate;
 pub mod names;
 pub mod rng;
 

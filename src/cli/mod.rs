@@ -9,7 +9,9 @@ use clap::{Parser, Subcommand};
 use crate::checkpoint::{parse_size, WriterOptions, DEFAULT_MAX_SHARD_SIZE};
 use crate::error::{Error, Result};
 
+mod align;
 mod inspect;
+mod interpolate;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -30,6 +32,10 @@ pub struct Cli {
 enum Command {
     /// List a checkpoint's tensors, a summary per layer type, totals and metadata.
     Inspect(inspect::Args),
+    /// Align a model to a reference by permuting hidden units (Git Re-Basin weight matching).
+    Align(align::Args),
+    /// Write the checkpoints (1-l)A + lB along the straight path between two models.
+    Interpolate(interpolate::Args),
 }
 
 /// Settings every subcommand may use.
@@ -52,6 +58,8 @@ pub fn run() -> Result<()> {
     }
     match cli.command {
         Command::Inspect(a) => inspect::run(a, &global),
+        Command::Align(a) => align::run(a, &global),
+        Command::Interpolate(a) => interpolate::run(a, &global),
     }
 }
 
