@@ -565,3 +565,114 @@ fn interpolate_writes_the_path_with_exact_end_points() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no such tensor"));
 }
+
+// ------------------------------------------------------------------------------------------------------------
+// The cnn built-in beyond the fixture: residual shortcuts that change width, and a Linear over a flattened map.
+
+/// Writes a checkpoint of random tensors (BatchNorm variances positive) in name-sorted order, as safetensors
+/// writers store them, with a config.json.
+fn write_random_net(dir: &Path, tensors: &[(&str, Vec<usize>)], seed: u64) {
+    let mut rng = Rng::new(seed);
+    let mut sorted: Vec<&(&str, Vec<usize>)> = tensors.iter().collect();
+    sorted.sort_by_key(|t| t.0);
+    let decls: Vec<graft::checkpoint::TensorDecl> = sorted
+        .iter()
+        .map(|(n, s)| graft::checkpoint::TensorDecl::new(*n, graft::checkpoint::Dtype::F32, s.clone()))
+        .collect();
+    let mut w = CheckpointWriter::create(dir, decls, WriterOptions::default()).unwrap();
+    for (name, shape) in sorted {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                let x = rng.normal() as f32;
+                if name.ends_with("running_var") {
+                    0.5 + x.abs()
+                } else {
+                    x * 0.5
+                }
+            })
+            .collect();
+        w.write_f32(name, &v).unwrap();
+    }
+    w.finish().unwrap();
+    std::fs::write(dir.join("config.json"), "{\"graft_arch\": \"cnn\", \"in_channels\": 3}\n").unwrap();
+}
+
+fn bn(prefix: &str, c: usize) -> Vec<(String, Vec<usize>)> {
+    ["weight", "bias", "running_mean", "running_var"].iter().map(|p| (format!("{prefix}.{p}"), vec![c])).collect()
+}
+
+#[test]
+fn cnn_builtin_handles_resnet_shortcuts_and_flattened_linears() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut resnet: Vec<(String, Vec<usize>)> = vec![("conv1.weight".into(), vec![4, 3, 3, 3])];
+    resnet.extend(bn("bn1", 4));
+    for (p, cin, c, down) in [("layer1.0", 4, 4, false), ("layer2.0", 4, 6, true), ("layer2.1", 6, 6, false)] {
+        resnet.push((format!("{p}.conv1.weight"), vec![c, cin, 3, 3]));
+        resnet.extend(bn(&format!("{p}.bn1"), c));
+        resnet.push((format!("{p}.conv2.weight"), vec![c, c, 3, 3]));
+        resnet.extend(bn(&format!("{p}.bn2"), c));
+        if down {
+            resnet.push((format!("{p}.downsample.0.weight"), vec![c, cin, 1, 1]));
+            resnet.extend(bn(&format!("{p}.downsample.1"), c));
+        }
+    }
+    resnet.push(("fc.weight".into(), vec![5, 6]));
+    resnet.push(("fc.bias".into(), vec![5]));
+    let mut vgg: Vec<(String, Vec<usize>)> =
+        vec![("features.0.weight".into(), vec![4, 3, 3, 3]), ("features.0.bias".into(), vec![4])];
+    vgg.extend(bn("features.1", 4));
+    vgg.push(("features.3.weight".into(), vec![6, 4, 3, 3]));
+    vgg.push(("features.3.bias".into(), vec![6]));
+    vgg.extend(bn("features.4", 6));
+    vgg.extend([
+        ("classifier.0.weight".into(), vec![7, 6 * 2 * 2]),
+        ("classifier.0.bias".into(), vec![7]),
+        ("classifier.2.weight".into(), vec![3, 7]),
+        ("classifier.2.bias".into(), vec![3]),
+    ]);
+    type Forward = fn(&Weights, &Map) -> Vec<f64>;
+    let nets: [(&str, Vec<(String, Vec<usize>)>, Forward); 2] =
+        [("resnet", resnet, forward::resnet), ("vgg", vgg, forward::vgg)];
+    for (name, tensors, fwd) in nets {
+        let base = tmp.path().join(name);
+        let list: Vec<(&str, Vec<usize>)> = tensors.iter().map(|(n, s)| (n.as_str(), s.clone())).collect();
+        write_random_net(&base, &list, 1);
+        let ck = Checkpoint::open(&base).unwrap();
+        let res = spec(&ck, Arch::Cnn, false);
+        let group_of =
+            |t: &str, axis: usize| res.get(t).and_then(|p| p.axes[axis]).map(|a| res.groups[a.group].name.clone());
+        if name == "resnet" {
+            // The stem output is layer1's stream; the downsample maps it to layer2's stream, which layer2.0's conv2
+            // and layer2.1 share; each block's inner channels are a group of their own.
+            assert_eq!(group_of("conv1.weight", 0).as_deref(), Some("layer1.residual"));
+            assert_eq!(group_of("layer1.0.conv2.weight", 0).as_deref(), Some("layer1.residual"));
+            assert_eq!(group_of("layer2.0.downsample.0.weight", 1).as_deref(), Some("layer1.residual"));
+            for (t, axis) in [
+                ("layer2.0.downsample.0.weight", 0),
+                ("layer2.0.conv2.weight", 0),
+                ("layer2.1.conv1.weight", 1),
+                ("layer2.1.bn2.bias", 0),
+                ("fc.weight", 1),
+            ] {
+                assert_eq!(group_of(t, axis).as_deref(), Some("layer2.residual"), "{t}");
+            }
+            assert_eq!(group_of("layer2.0.conv1.weight", 1).as_deref(), Some("layer1.residual"));
+            assert_eq!(group_of("layer2.1.conv1.weight", 0).as_deref(), Some("layer2.1.conv1"));
+            assert_eq!(res.groups.len(), 5);
+        } else {
+            let p = res.get("classifier.0.weight").unwrap();
+            assert_eq!(p.axes[1].map(|a| a.block), Some(4), "flattened 6 x 2 x 2 map: channel blocks of 4");
+            assert_eq!(group_of("classifier.0.weight", 1).as_deref(), Some("features.3"));
+        }
+        let scrambled = tmp.path().join(format!("{name}-scrambled"));
+        scramble(&base, Arch::Cnn, false, 4, &scrambled);
+        let (w0, w1) = (Weights::load(&base), Weights::load(&scrambled));
+        let image = Map { c: 3, h: 4, w: 4, v: random_vec(&mut Rng::new(6), 48) };
+        let (a, b) = (fwd(&w0, &image), fwd(&w1, &image));
+        assert!(max_abs_diff(&a, &b) < TOL, "{name}: {a:?} vs {b:?}");
+        let out = tmp.path().join(format!("{name}-aligned"));
+        ok(&["align", s(&base), s(&scrambled), "-o", s(&out)]);
+        assert_bit_identical(&base, &out);
+    }
+}

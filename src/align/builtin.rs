@@ -608,14 +608,17 @@ fn bert(ck: &Checkpoint, opts: Options, b: &mut Builder) -> Result<()> {
     }
     let head_dim = hidden / heads;
     let r: G = opts.permute_residual.then(|| (b.group("residual", hidden), 1));
+    let has_pooler = ck.contains(&format!("{prefix}pooler.dense.weight"));
     let mut layers: HashMap<usize, (usize, usize)> = HashMap::new();
     let names: Vec<String> = ck.names().map(String::from).collect();
     for name in &names {
         let rank = shape_of(ck, name)?.len();
         let Some(rest) = name.strip_prefix(&prefix) else {
-            // Task heads outside the encoder: a classifier reads the pooler output, which stays fixed; a masked-LM
+            // Task heads outside the encoder: a BERT classifier reads the pooler output, which stays fixed; a masked-LM
             // head's transform lives in the residual space and its decoder may be tied to the word embeddings.
             let axes = match name.as_str() {
+                // RoBERTa-style classifiers have no pooler: their first layer reads the residual stream.
+                "classifier.dense.weight" if !has_pooler => vec![None, r],
                 "cls.predictions.transform.dense.weight" => vec![r, r],
                 "cls.predictions.transform.dense.bias"
                 | "cls.predictions.transform.LayerNorm.weight"

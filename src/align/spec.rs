@@ -9,7 +9,7 @@
 //! a spec against a checkpoint (`Spec::resolve`), which turns names into indices once so that matching and
 //! permuting never look a name up again. Built-in specs are inferred in `builtin`.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::fmt::Write;
 use std::path::Path;
 
@@ -337,11 +337,6 @@ impl Spec {
             return Err(usage(format!("group '{}' is declared but permutes no axis", groups[g].name)));
         }
         Ok(Resolved { source: self.source.clone(), groups, tensors, members, index })
-    }
-
-    /// Group names in declaration order, for reports.
-    pub fn group_names(&self) -> BTreeSet<&str> {
-        self.groups.iter().map(|g| g.name.as_str()).collect()
     }
 }
 

@@ -177,8 +177,10 @@ fn render_cycle(r: &align::CycleReport) -> String {
     let c = &r.cycle.composed;
     let _ = writeln!(
         s,
-        "loop {} -> back: {} of {} groups compose to the identity, {:.4} of units fixed, relative distance {:.3e}, mse sum {:.3e}",
+        "loop {} <- {}: {} of {} groups compose to the identity, {:.4} of units fixed, relative distance {:.3e}, \
+         mse sum {:.3e}",
         r.cycle.models.join(" <- "),
+        r.cycle.models[0],
         c.identity_groups,
         c.groups,
         c.fixed_units,

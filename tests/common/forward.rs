@@ -368,3 +368,81 @@ pub fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
 }
+
+// ------------------------------------------------------------------------------------------------------------
+// Generic conv nets for the cnn built-in's other shapes: a torchvision-style ResNet (BasicBlock, 1x1 conv +
+// BatchNorm downsample shortcut) and a VGG-style plain net whose classifier reads the flattened feature map.
+
+/// `name.weight` (out, in, k, k), stride 1, zero padding k/2, optional `name.bias`.
+pub fn conv2d(w: &Weights, name: &str, x: &Map) -> Map {
+    let wt = w.get(&format!("{name}.weight"));
+    let s = w.shape(&format!("{name}.weight"));
+    let (out, inp, k) = (s[0], s[1], s[2]);
+    assert_eq!(inp, x.c, "{name}");
+    let pad = (k / 2) as isize;
+    let bias = format!("{name}.bias");
+    let mut v = vec![0.0; out * x.h * x.w];
+    for o in 0..out {
+        for i in 0..x.h {
+            for j in 0..x.w {
+                let mut acc = if w.has(&bias) { w.get(&bias)[o] } else { 0.0 };
+                for c in 0..inp {
+                    for di in 0..k {
+                        for dj in 0..k {
+                            let wv = wt[((o * inp + c) * k + di) * k + dj];
+                            acc += wv * x.at(c, i as isize + di as isize - pad, j as isize + dj as isize - pad);
+                        }
+                    }
+                }
+                v[(o * x.h + i) * x.w + j] = acc;
+            }
+        }
+    }
+    Map { c: out, h: x.h, w: x.w, v }
+}
+
+pub fn batchnorm2d(w: &Weights, name: &str, x: &Map) -> Map {
+    let hw = x.h * x.w;
+    let v = x.v.iter().enumerate().map(|(k, &val)| batchnorm(w, name, k / hw, val)).collect();
+    Map { v, ..x.clone() }
+}
+
+/// conv1/bn1/relu, then `layer{s}.{i}` BasicBlocks, global average pool, `fc`.
+pub fn resnet(w: &Weights, image: &Map) -> Vec<f64> {
+    let mut x = batchnorm2d(w, "bn1", &conv2d(w, "conv1", image));
+    relu(&mut x.v);
+    let mut s = 1;
+    while w.has(&format!("layer{s}.0.conv1.weight")) {
+        let mut i = 0;
+        while w.has(&format!("layer{s}.{i}.conv1.weight")) {
+            let p = format!("layer{s}.{i}");
+            let mut h = batchnorm2d(w, &format!("{p}.bn1"), &conv2d(w, &format!("{p}.conv1"), &x));
+            relu(&mut h.v);
+            let h = batchnorm2d(w, &format!("{p}.bn2"), &conv2d(w, &format!("{p}.conv2"), &h));
+            let skip = if w.has(&format!("{p}.downsample.0.weight")) {
+                batchnorm2d(w, &format!("{p}.downsample.1"), &conv2d(w, &format!("{p}.downsample.0"), &x))
+            } else {
+                x.clone()
+            };
+            x = Map { v: h.v.iter().zip(&skip.v).map(|(a, b)| (a + b).max(0.0)).collect(), ..h };
+            i += 1;
+        }
+        s += 1;
+    }
+    let hw = x.h * x.w;
+    let pooled: Vec<f64> = (0..x.c).map(|c| x.v[c * hw..(c + 1) * hw].iter().sum::<f64>() / hw as f64).collect();
+    linear(w, "fc", &pooled)
+}
+
+/// features.0 conv, features.1 BN, ReLU, features.3 conv, features.4 BN, ReLU, max-pool 2x2, flatten (C, H, W),
+/// classifier.0 Linear, ReLU, classifier.2 Linear.
+pub fn vgg(w: &Weights, image: &Map) -> Vec<f64> {
+    let mut x = batchnorm2d(w, "features.1", &conv2d(w, "features.0", image));
+    relu(&mut x.v);
+    let mut x = batchnorm2d(w, "features.4", &conv2d(w, "features.3", &x));
+    relu(&mut x.v);
+    let x = maxpool2(&x);
+    let mut h = linear(w, "classifier.0", &x.v);
+    relu(&mut h);
+    linear(w, "classifier.2", &h)
+}
