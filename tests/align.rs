@@ -632,7 +632,8 @@ fn cnn_builtin_handles_resnet_shortcuts_and_flattened_linears() {
         ("classifier.2.bias".into(), vec![3]),
     ]);
     type Forward = fn(&Weights, &Map) -> Vec<f64>;
-    let nets: [(&str, Vec<(String, Vec<usize>)>, Forward); 2] =
+    type Tensors = Vec<(String, Vec<usize>)>;
+    let nets: [(&str, Tensors, Forward); 2] =
         [("resnet", resnet, forward::resnet), ("vgg", vgg, forward::vgg)];
     for (name, tensors, fwd) in nets {
         let base = tmp.path().join(name);

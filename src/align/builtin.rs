@@ -198,6 +198,15 @@ struct Module<'a> {
 }
 
 impl Module<'_> {
+    /// The parameter's name within the module (`weight`, `bias`, `running_mean`, ...).
+    fn leaf<'n>(&self, p: &'n TensorInfo) -> &'n str {
+        if self.name.is_empty() {
+            &p.name
+        } else {
+            &p.name[self.name.len() + 1..]
+        }
+    }
+
     /// Mixing layers start a new channel space. A conv with one input channel per group is depthwise (or the first
     /// layer of a one-channel input, which `walk` tells apart by the channel count).
     fn mixes(&self) -> bool {
@@ -380,7 +389,8 @@ impl<'a> Chain<'a> {
         last_mixing: Option<usize>,
     ) -> Result<()> {
         let m = &self.modules[i];
-        let weight_name = m.params.iter().find(|p| p.name.ends_with(".weight")).map(|p| p.name.as_str());
+        let weight = m.params.iter().find(|p| m.leaf(p) == "weight");
+        let weight_name = weight.map(|p| p.name.as_str());
         let any = weight_name.unwrap_or(&m.params[0].name);
         let output = |out: usize, b: &mut Builder| -> Result<Chan> {
             if let Some(f) = forced {
@@ -410,7 +420,7 @@ impl<'a> Chain<'a> {
                 // unless config.json says the input has one channel; either reading leaves the input fixed.
                 let first_depthwise = cur.is_none() && in_per_group == 1 && self.in_channels != Some(1);
                 let c = cur.unwrap_or(Chan { group: None, channels: if first_depthwise { out } else { in_per_group } });
-                let nd = m.params.iter().find(|p| p.name.ends_with(".weight")).unwrap().shape.len();
+                let nd = weight.map_or(4, |w| w.shape.len());
                 if in_per_group == c.channels && !first_depthwise && (in_per_group > 1 || out != c.channels) {
                     let o = output(out, b)?;
                     let mut w = vec![o.group.map(|g| (g, 1)), c.group.map(|g| (g, 1))];
@@ -457,7 +467,7 @@ impl<'a> Chain<'a> {
         for p in &m.params {
             let axes = if p.shape.is_empty() {
                 vec![]
-            } else if p.name.ends_with(".weight") {
+            } else if m.leaf(p) == "weight" {
                 in_axes.clone()
             } else {
                 // bias, running_mean, running_var: one value per output channel.

@@ -207,7 +207,8 @@ fn shortest_path(
             n_ready = lo;
             hi = lo + 1;
             let mut mind = d[cols[lo]];
-            for k in hi..n {
+            // `hi` grows inside the loop; the columns examined are those after the first, fixed at the start.
+            for k in lo + 1..n {
                 let j = cols[k];
                 if d[j] <= mind {
                     if d[j] < mind {
@@ -258,7 +259,8 @@ fn scan(
         let mind = d[j];
         let r = row(c, n, i);
         let h = r[j] - v[j] - mind;
-        for k in hi..n {
+        let todo = hi;
+        for k in todo..n {
             let j = cols[k];
             let cred = r[j] - v[j] - h;
             if cred < d[j] {
