@@ -633,8 +633,7 @@ fn cnn_builtin_handles_resnet_shortcuts_and_flattened_linears() {
     ]);
     type Forward = fn(&Weights, &Map) -> Vec<f64>;
     type Tensors = Vec<(String, Vec<usize>)>;
-    let nets: [(&str, Tensors, Forward); 2] =
-        [("resnet", resnet, forward::resnet), ("vgg", vgg, forward::vgg)];
+    let nets: [(&str, Tensors, Forward); 2] = [("resnet", resnet, forward::resnet), ("vgg", vgg, forward::vgg)];
     for (name, tensors, fwd) in nets {
         let base = tmp.path().join(name);
         let list: Vec<(&str, Vec<usize>)> = tensors.iter().map(|(n, s)| (n.as_str(), s.clone())).collect();
