@@ -32,8 +32,11 @@ pub const TOLERANCE: f64 = 1e-12;
 /// f64 elements per packed operand (32 MiB): bounds memory while keeping the GEMM's inner dimension large.
 const PACK_ELEMS: usize = 1 << 22;
 
-/// Rows of the accumulator one worker multiplies at a time.
-const ROW_BLOCK: usize = 64;
+/// Rows of the accumulator one worker multiplies at a time: about 64 blocks per matrix, so every thread has work,
+/// and at least 16 rows, so each block amortises packing the shared right-hand side. A function of `n` only.
+fn row_block(n: usize) -> usize {
+    n.div_ceil(64).clamp(16, 256)
+}
 
 #[derive(Clone, Copy, Debug)]
 pub struct Options {
@@ -253,6 +256,8 @@ struct Term {
     outer: usize,
     outer_tab: Vec<usize>,
     inner_tab: Vec<usize>,
+    /// f64 elements per packed operand (`PACK_ELEMS`; smaller in tests).
+    pack: usize,
 }
 
 impl Term {
@@ -274,7 +279,15 @@ impl Term {
         };
         let outer_tab = table(0..axis);
         let inner_tab = table(axis + 1..shape.len());
-        Term { n: shape[axis] / block, block, inner: inner_tab.len(), outer: outer_tab.len(), outer_tab, inner_tab }
+        Term {
+            n: shape[axis] / block,
+            block,
+            inner: inner_tab.len(),
+            outer: outer_tab.len(),
+            outer_tab,
+            inner_tab,
+            pack: PACK_ELEMS,
+        }
     }
 
     fn accumulate(&self, r: &TensorView, m: &TensorView, n: usize, acc: &mut [f64]) -> Result<()> {
@@ -286,7 +299,7 @@ impl Term {
         if rest == 0 || n == 0 {
             return Ok(());
         }
-        let cols = (PACK_ELEMS / n).clamp(1, rest);
+        let cols = (self.pack / n).clamp(1, rest);
         let mut x = vec![0f64; n * cols];
         let mut y = vec![0f64; n * cols];
         let (load_r, load_m) = (loader(r.dtype), loader(m.dtype));
@@ -305,17 +318,11 @@ impl Term {
             });
             let xm = MatRef::from_row_major_slice(&x[..n * c], n, c);
             let ym = MatRef::from_row_major_slice(&y[..n * c], n, c);
-            acc.par_chunks_mut(ROW_BLOCK * n).enumerate().for_each(|(b, dst)| {
+            let rb = row_block(n);
+            acc.par_chunks_mut(rb * n).enumerate().for_each(|(b, dst)| {
                 let rows = dst.len() / n;
                 let dst = MatMut::from_row_major_slice_mut(dst, rows, n);
-                faer::linalg::matmul::matmul(
-                    dst,
-                    Accum::Add,
-                    xm.subrows(b * ROW_BLOCK, rows),
-                    ym.transpose(),
-                    1.0,
-                    Par::Seq,
-                );
+                faer::linalg::matmul::matmul(dst, Accum::Add, xm.subrows(b * rb, rows), ym.transpose(), 1.0, Par::Seq);
             });
             c0 += c;
         }
@@ -382,6 +389,38 @@ mod tests {
             }
         }
         acc
+    }
+
+    #[test]
+    fn large_terms_are_chunked_deterministically() {
+        // n = 100 units of 500 elements, packed 20 columns at a time: 25 column chunks and seven row blocks.
+        let (n, rest) = (100usize, 500usize);
+        let mut rng = Rng::new(4);
+        let r: Vec<f32> = (0..n * rest).map(|_| rng.normal() as f32).collect();
+        let m: Vec<f32> = (0..n * rest).map(|_| rng.normal() as f32).collect();
+        let (rb, mb): (Vec<u8>, Vec<u8>) =
+            (r.iter().flat_map(|v| v.to_le_bytes()).collect(), m.iter().flat_map(|v| v.to_le_bytes()).collect());
+        let shape = [n, rest];
+        let file = std::path::Path::new("t");
+        let rv = TensorView { name: "t", dtype: Dtype::F32, shape: &shape, data: &rb, file };
+        let mv = TensorView { name: "t", dtype: Dtype::F32, shape: &shape, data: &mb, file };
+        assert!(n > row_block(n));
+        let run = |threads: usize| {
+            let exec = Executor::new(Some(threads)).unwrap();
+            let mut acc = vec![0f64; n * n];
+            let term = Term { pack: 20 * n, ..Term::new(&shape, 0, 1, vec![None, None]) };
+            exec.install(|| term.accumulate(&rv, &mv, n, &mut acc)).unwrap();
+            acc
+        };
+        let (one, three) = (run(1), run(3));
+        assert!(one.iter().zip(&three).all(|(a, b)| a.to_bits() == b.to_bits()));
+        // Row sums computed another way: sum_j A[i][j] = sum_k R[i][k] * (sum_j M[j][k]).
+        let col_sums: Vec<f64> = (0..rest).map(|k| (0..n).map(|j| m[j * rest + k] as f64).sum()).collect();
+        for i in 0..n {
+            let want: f64 = (0..rest).map(|k| r[i * rest + k] as f64 * col_sums[k]).sum();
+            let got: f64 = one[i * n..(i + 1) * n].iter().sum();
+            assert!((got - want).abs() < 1e-8 * want.abs().max(1.0), "row {i}: {got} vs {want}");
+        }
     }
 
     #[test]

@@ -138,6 +138,26 @@ impl Gather {
     /// Output elements `range` widened to f32.
     pub fn f32_range(&self, view: &TensorView, range: Range<usize>) -> Result<Vec<f32>> {
         let mut out = vec![0f32; range.len()];
+        let last = self.shape.len().wrapping_sub(1);
+        if let Some(Some(map)) = self.maps.get(last).filter(|_| self.run == 1) {
+            // The last axis is permuted, so contiguous pieces are single elements: widen each source row once
+            // and gather from it instead.
+            let width = self.shape[last];
+            let mut row = vec![0f32; width];
+            let mut pos = range.start;
+            while pos < range.end {
+                let (r, off) = (pos / width, pos % width);
+                let len = (width - off).min(range.end - pos);
+                let base = self.row_source(r * width) - self.strides[last] * map[0];
+                view.read_f32_range(base..base + width, &mut row)?;
+                let dst = &mut out[pos - range.start..pos - range.start + len];
+                for (d, &m) in dst.iter_mut().zip(&map[off..off + len]) {
+                    *d = row[m];
+                }
+                pos += len;
+            }
+            return Ok(out);
+        }
         let mut k = 0;
         self.segments(range, |s, len| {
             view.read_f32_range(s..s + len, &mut out[k..k + len])?;
@@ -219,6 +239,19 @@ mod tests {
                 })
                 .unwrap();
                 assert_eq!(pieces, got[1..n - 1]);
+                // The f32 path (row-wise when the last axis is permuted) gives the same values for any range.
+                let fbytes: Vec<u8> = src.iter().flat_map(|&v| (v as f32).to_le_bytes()).collect();
+                let view = TensorView {
+                    name: "t",
+                    dtype: crate::checkpoint::Dtype::F32,
+                    shape: &shape,
+                    data: &fbytes,
+                    file: std::path::Path::new("t"),
+                };
+                for r in [0..n, 1..n - 1, n / 3..n / 2 + 1] {
+                    let want: Vec<f32> = got[r.clone()].iter().map(|&v| v as f32).collect();
+                    assert_eq!(g.f32_range(&view, r).unwrap(), want, "shape {shape:?} mask {mask}");
+                }
             }
         }
     }
