@@ -5,6 +5,7 @@
 //! and return plain f32 slices and small structs, never files, so they can be tested with plain vectors; the CLI
 //! (`cli`) only parses arguments, calls the library and prints.
 
+pub mod align;
 pub mod checkpoint;
 pub mod cli;
 pub mod convert;
@@ -13,6 +14,7 @@ pub mod exec;
 pub mod experiment;
 pub mod inspect;
 pub mod merge;
+pub mod interpolate;
 pub mod names;
 pub mod report;
 pub mod rng;

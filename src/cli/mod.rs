@@ -18,6 +18,9 @@ mod snr;
 mod eval;
 mod inspect;
 mod train;
+mod align;
+mod inspect;
+mod interpolate;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -54,6 +57,10 @@ enum Command {
     Train(train::Args),
     /// Accuracy, F1, loss and confusion matrix of a checkpoint on local data.
     Eval(eval::Args),
+    /// Align a model to a reference by permuting hidden units (Git Re-Basin weight matching).
+    Align(align::Args),
+    /// Write the checkpoints (1-l)A + lB along the straight path between two models.
+    Interpolate(interpolate::Args),
 }
 
 /// Settings every subcommand may use.
@@ -86,6 +93,8 @@ pub fn run() -> Result<()> {
         Command::Snr(a) => snr::run(a, &global),
         Command::Train(a) => train::run(a, &global),
         Command::Eval(a) => eval::run(a, &global),
+        Command::Align(a) => align::run(a, &global),
+        Command::Interpolate(a) => interpolate::run(a, &global),
     }
 }
 
