@@ -12,5 +12,6 @@ pub mod exec;
 pub mod inspect;
 pub mod names;
 pub mod rng;
+pub mod taskvec;
 
 pub use error::{Error, Result};

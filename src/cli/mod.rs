@@ -9,7 +9,10 @@ use clap::{Parser, Subcommand};
 use crate::checkpoint::{parse_size, WriterOptions, DEFAULT_MAX_SHARD_SIZE};
 use crate::error::{Error, Result};
 
+mod apply;
+mod diff;
 mod inspect;
+mod similarity;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -30,6 +33,12 @@ pub struct Cli {
 enum Command {
     /// List a checkpoint's tensors, a summary per layer type, totals and metadata.
     Inspect(inspect::Args),
+    /// Write the task vector (fine-tuned minus base) of a fine-tuned model.
+    Diff(diff::Args),
+    /// Task arithmetic: add weighted task vectors (or fine-tuned deltas) to a base.
+    Apply(apply::Args),
+    /// Compare task vectors (cosine, norms, sign agreement), or analyse a merge's consistency with its experts.
+    Similarity(similarity::Args),
 }
 
 /// Settings every subcommand may use.
@@ -52,6 +61,9 @@ pub fn run() -> Result<()> {
     }
     match cli.command {
         Command::Inspect(a) => inspect::run(a, &global),
+        Command::Diff(a) => diff::run(a, &global),
+        Command::Apply(a) => apply::run(a, &global),
+        Command::Similarity(a) => similarity::run(a, &global),
     }
 }
 
