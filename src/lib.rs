@@ -7,8 +7,10 @@
 
 pub mod checkpoint;
 pub mod cli;
+pub mod convert;
 pub mod error;
 pub mod exec;
+pub mod experiment;
 pub mod inspect;
 pub mod names;
 pub mod rng;

@@ -123,6 +123,8 @@ pub struct CheckpointWriter {
     next: usize,
     remaining: u64,
     finished: bool,
+    /// The destination directory did not exist before: an unfinished writer removes it again.
+    created_dir: bool,
 }
 
 impl CheckpointWriter {
@@ -204,9 +206,12 @@ impl CheckpointWriter {
             next: 0,
             remaining: 0,
             finished: false,
+            created_dir: false,
         };
         w.check_destination()?;
+        w.created_dir = !w.dir.exists();
         std::fs::create_dir_all(&w.dir).map_err(|e| Error::io(&w.dir, e))?;
+        sweep_dead_temporaries(&w.dir);
         w.skip_empty();
         Ok(w)
     }
@@ -487,6 +492,28 @@ impl Drop for CheckpointWriter {
             for (_, tmp) in &self.temps {
                 let _ = std::fs::remove_file(tmp);
             }
+            if self.created_dir {
+                // Only succeeds when empty: nothing else is ever removed.
+                let _ = std::fs::remove_dir(&self.dir);
+            }
+        }
+    }
+}
+
+/// Removes temporaries left by writers that were killed (SIGKILL, power loss) before their `Drop` could run. Only
+/// files named like ours whose process no longer exists are touched; without `/proc` nothing is removed.
+fn sweep_dead_temporaries(dir: &Path) {
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    for entry in rd.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        let Some(pid) = name.strip_prefix('.').and_then(|n| n.rsplit_once(".graft-tmp-")).map(|(_, pid)| pid) else {
+            continue;
+        };
+        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_file(entry.path());
         }
     }
 }
@@ -511,7 +538,7 @@ fn build_header(decls: &[TensorDecl], shard: &ShardPlan, metadata: &BTreeMap<Str
     }
     let mut json = serde_json::to_vec(&serde_json::Value::Object(obj)).unwrap();
     // Pad with spaces so the data section starts 8-byte aligned, as the reference implementation does.
-    while (json.len() + 8) % 8 != 0 {
+    while !json.len().is_multiple_of(8) {
         json.push(b' ');
     }
     let mut out = (json.len() as u64).to_le_bytes().to_vec();

@@ -10,6 +10,7 @@ use crate::checkpoint::{parse_size, WriterOptions, DEFAULT_MAX_SHARD_SIZE};
 use crate::error::{Error, Result};
 
 mod apply;
+mod convert;
 mod diff;
 mod inspect;
 mod similarity;
@@ -39,6 +40,8 @@ enum Command {
     Apply(apply::Args),
     /// Compare task vectors (cosine, norms, sign agreement), or analyse a merge's consistency with its experts.
     Similarity(similarity::Args),
+    /// Re-shard a checkpoint and/or change the dtype of its float tensors.
+    Convert(convert::Args),
 }
 
 /// Settings every subcommand may use.
@@ -64,6 +67,7 @@ pub fn run() -> Result<()> {
         Command::Diff(a) => diff::run(a, &global),
         Command::Apply(a) => apply::run(a, &global),
         Command::Similarity(a) => similarity::run(a, &global),
+        Command::Convert(a) => convert::run(a, &global),
     }
 }
 

@@ -1,0 +1,211 @@
+//! Running an experiment's steps as child processes of the graft binary, resumably.
+//!
+//! Each step is one graft subcommand in its own process: a training run's peak memory is then that run's own (a
+//! process's peak RSS only grows, so in-process runs would report the largest so far), and a step that fails or
+//! crashes cannot take the others down. A step that succeeds leaves a marker in `RUNDIR/.steps/` recording its
+//! command; a rerun skips a step whose marker matches its command, whose outputs exist and none of whose
+//! dependencies ran again. A failed step is reported and only the steps that need it are skipped.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Step {
+    /// Unique, path-safe identifier (`seed0/merge-lerp-p0.15`).
+    pub id: String,
+    /// Arguments after the program.
+    pub args: Vec<String>,
+    /// Files or directories the step must leave behind to count as done.
+    pub outputs: Vec<PathBuf>,
+    /// Ids of the steps whose outputs this one reads.
+    pub after: Vec<String>,
+    /// Where the step's standard output is kept (its JSON report), if anywhere.
+    pub stdout_to: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Status {
+    Ran { secs: f64 },
+    AlreadyDone,
+    Failed { error: String },
+    Blocked { by: String },
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Outcome {
+    pub id: String,
+    #[serde(flatten)]
+    pub status: Status,
+}
+
+#[derive(Serialize, serde::Deserialize, PartialEq)]
+struct Marker {
+    args: Vec<String>,
+}
+
+/// Runs `steps` in order with `program` (normally the graft binary itself), keeping markers and logs under `rundir`.
+pub fn run(program: &Path, rundir: &Path, steps: &[Step], mut on_done: impl FnMut(&Outcome)) -> Result<Vec<Outcome>> {
+    let ids: BTreeSet<&str> = steps.iter().map(|s| s.id.as_str()).collect();
+    for (i, s) in steps.iter().enumerate() {
+        if let Some(d) = s.after.iter().find(|d| !steps[..i].iter().any(|p| &p.id == *d)) {
+            let why = if ids.contains(d.as_str()) { "comes later" } else { "does not exist" };
+            return Err(Error::invalid(format!("step '{}' needs step '{d}', which {why}", s.id)));
+        }
+    }
+    let markers = rundir.join(".steps");
+    let logs = rundir.join("logs");
+    for d in [&markers, &logs] {
+        std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
+    }
+    let mut index_of: BTreeMap<String, usize> = BTreeMap::new();
+    let mut outcomes: Vec<Outcome> = Vec::new();
+    for step in steps {
+        let marker_path = markers.join(format!("{}.json", file_safe(&step.id)));
+        let log_path = logs.join(format!("{}.log", file_safe(&step.id)));
+        let status_of = |d: &String| &outcomes[index_of[d]].status;
+        let blocked =
+            step.after.iter().find(|d| matches!(status_of(d), Status::Failed { .. } | Status::Blocked { .. }));
+        let deps_reran = step.after.iter().any(|d| matches!(status_of(d), Status::Ran { .. }));
+        let status = if let Some(b) = blocked {
+            Status::Blocked { by: b.clone() }
+        } else if !deps_reran && is_done(&marker_path, step) {
+            Status::AlreadyDone
+        } else {
+            let _ = std::fs::remove_file(&marker_path);
+            let t = Instant::now();
+            match run_one(program, step, &log_path) {
+                Ok(()) => {
+                    let m = serde_json::to_string(&Marker { args: step.args.clone() }).unwrap();
+                    std::fs::write(&marker_path, m).map_err(|e| Error::io(&marker_path, e))?;
+                    Status::Ran { secs: t.elapsed().as_secs_f64() }
+                }
+                Err(error) => Status::Failed { error },
+            }
+        };
+        let outcome = Outcome { id: step.id.clone(), status };
+        on_done(&outcome);
+        index_of.insert(step.id.clone(), outcomes.len());
+        outcomes.push(outcome);
+    }
+    Ok(outcomes)
+}
+
+fn is_done(marker: &Path, step: &Step) -> bool {
+    let Ok(text) = std::fs::read_to_string(marker) else { return false };
+    let Ok(m) = serde_json::from_str::<Marker>(&text) else { return false };
+    m.args == step.args && step.outputs.iter().all(|p| p.exists()) && step.stdout_to.as_ref().is_none_or(|p| p.exists())
+}
+
+fn run_one(program: &Path, step: &Step, log: &Path) -> std::result::Result<(), String> {
+    let log_file = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
+    let mut cmd = Command::new(program);
+    cmd.args(&step.args).stdin(Stdio::null()).stderr(Stdio::from(log_file));
+    cmd.stdout(if step.stdout_to.is_some() { Stdio::piped() } else { Stdio::null() });
+    let out = cmd.output().map_err(|e| format!("cannot start {}: {e}", program.display()))?;
+    if !out.status.success() {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let last = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no message").to_string();
+        return Err(format!("{} (exit {}; log {})", last, out.status.code().unwrap_or(-1), log.display()));
+    }
+    if let Some(to) = &step.stdout_to {
+        let tmp = to.with_extension("partial");
+        std::fs::write(&tmp, &out.stdout).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        std::fs::rename(&tmp, to).map_err(|e| format!("{}: {e}", to.display()))?;
+    }
+    if let Some(missing) = step.outputs.iter().find(|p| !p.exists()) {
+        return Err(format!("finished but left no {}", missing.display()));
+    }
+    Ok(())
+}
+
+fn file_safe(id: &str) -> String {
+    id.chars().map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') { c } else { '_' }).collect()
+}
+
+/// A one-line progress printer for steps on stderr (a bar when attached to a terminal).
+pub fn progress(total: usize) -> impl FnMut(&Outcome) {
+    let bar = if std::io::stderr().is_terminal() {
+        let b = indicatif::ProgressBar::new(total as u64);
+        b.set_style(indicatif::ProgressStyle::with_template("{pos}/{len} [{bar:30}] {elapsed} {msg}").unwrap());
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    move |o: &Outcome| {
+        let line = match &o.status {
+            Status::Ran { secs } => format!("done    {} ({secs:.1} s)", o.id),
+            Status::AlreadyDone => format!("skipped {} (already done)", o.id),
+            Status::Failed { error } => format!("FAILED  {}: {error}", o.id),
+            Status::Blocked { by } => format!("blocked {} (needs {by})", o.id),
+        };
+        bar.suspend(|| eprintln!("{line}"));
+        bar.inc(1);
+        bar.set_message(o.id.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sh(id: &str, script: &str, outputs: &[&Path], after: &[&str]) -> Step {
+        Step {
+            id: id.into(),
+            args: vec!["-c".into(), script.into()],
+            outputs: outputs.iter().map(|p| p.to_path_buf()).collect(),
+            after: after.iter().map(|s| s.to_string()).collect(),
+            stdout_to: None,
+        }
+    }
+
+    #[test]
+    fn reruns_skip_finished_steps_and_failures_block_only_dependents() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        let (a, b, c) = (d.join("a"), d.join("b"), d.join("c"));
+        let count = d.join("count");
+        let steps = vec![
+            sh("a", &format!("echo x >> {0}; touch {1}", count.display(), a.display()), &[&a], &[]),
+            sh("b", &format!("test -e {0} && touch {1}", d.join("go").display(), b.display()), &[&b], &["a"]),
+            sh("c", &format!("touch {}", c.display()), &[&c], &["b"]),
+            sh("d", "true", &[], &["a"]),
+        ];
+        let sh_path = Path::new("/bin/sh");
+        let first = run(sh_path, d, &steps, |_| {}).unwrap();
+        assert!(matches!(first[0].status, Status::Ran { .. }));
+        assert!(matches!(first[1].status, Status::Failed { .. }));
+        assert_eq!(first[2].status, Status::Blocked { by: "b".into() });
+        assert!(matches!(first[3].status, Status::Ran { .. }));
+
+        // "Interrupt", fix the cause, rerun: a is not redone; b and then c run.
+        std::fs::write(d.join("go"), "").unwrap();
+        let second = run(sh_path, d, &steps, |_| {}).unwrap();
+        assert_eq!(second[0].status, Status::AlreadyDone);
+        assert!(matches!(second[1].status, Status::Ran { .. }));
+        assert!(matches!(second[2].status, Status::Ran { .. }));
+        assert_eq!(second[3].status, Status::AlreadyDone);
+        assert_eq!(std::fs::read_to_string(&count).unwrap(), "x\n");
+
+        // A lost output reruns its step and everything downstream of it.
+        std::fs::remove_file(&a).unwrap();
+        let third = run(sh_path, d, &steps, |_| {}).unwrap();
+        assert!(third.iter().all(|o| matches!(o.status, Status::Ran { .. })), "{third:?}");
+        assert_eq!(std::fs::read_to_string(&count).unwrap(), "x\nx\n");
+    }
+
+    #[test]
+    fn a_dependency_on_an_unknown_step_is_an_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let steps = vec![sh("a", "true", &[], &["zzz"])];
+        let e = run(Path::new("/bin/sh"), tmp.path(), &steps, |_| {}).unwrap_err().to_string();
+        assert_eq!(e, "step 'a' needs step 'zzz', which does not exist");
+    }
+}
