@@ -20,5 +20,6 @@ pub mod report;
 pub mod rng;
 pub mod snr;
 pub mod train;
+pub mod taskvec;
 
 pub use error::{Error, Result};

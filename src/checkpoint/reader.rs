@@ -363,6 +363,28 @@ impl Checkpoint {
         (0..self.tensors.len()).map(|i| self.view(i))
     }
 
+    /// Drops this process's mapping of `bytes` (a sub-slice of one of this checkpoint's tensor views) once a
+    /// streaming pass is done with it. Without this, every page ever read stays mapped and counts towards resident
+    /// memory, so streaming a 3 GB checkpoint would show 3 GB of RSS. The pages stay in the page cache; touching them
+    /// again maps them again. Slices from elsewhere are ignored; failures are ignored (this is only advice).
+    pub fn release(&self, bytes: &[u8]) {
+        let (start, len) = (bytes.as_ptr() as usize, bytes.len());
+        if len == 0 {
+            return;
+        }
+        for s in &self.shards {
+            let base = s.map.as_ptr() as usize;
+            if start >= base && start + len <= base + s.map.len() {
+                // SAFETY: the mapping is read-only and shared with the file, so dropping its pages loses nothing:
+                // a later access re-reads the same bytes from the page cache or the file. memmap2 widens the range
+                // to whole pages; neighbouring data on those pages is re-read the same way.
+                #[cfg(unix)]
+                let _ = unsafe { s.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start - base, len) };
+                return;
+            }
+        }
+    }
+
     /// Sum of tensor data bytes.
     pub fn total_bytes(&self) -> u64 {
         self.tensors.iter().map(|t| t.nbytes() as u64).sum()

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use crate::checkpoint::{parse_size, WriterOptions, DEFAULT_MAX_SHARD_SIZE};
 use crate::error::{Error, Result};
 
+mod apply;
 mod convert;
 mod experiment;
 mod inspect;
@@ -21,6 +22,9 @@ mod train;
 mod align;
 mod inspect;
 mod interpolate;
+mod diff;
+mod inspect;
+mod similarity;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -43,6 +47,12 @@ enum Command {
     Inspect(inspect::Args),
     /// Merge models with mergekit's methods (flags or a mergekit YAML config), optionally only the top SNR layers.
     Merge(Box<merge::Args>),
+    /// Write the task vector (fine-tuned minus base) of a fine-tuned model.
+    Diff(diff::Args),
+    /// Task arithmetic: add weighted task vectors (or fine-tuned deltas) to a base.
+    Apply(apply::Args),
+    /// Compare task vectors (cosine, norms, sign agreement), or analyse a merge's consistency with its experts.
+    Similarity(similarity::Args),
     /// Re-shard a checkpoint and/or change the dtype of its float tensors.
     Convert(convert::Args),
     /// Tables with bootstrap mean +- standard error, charts and an HTML page from results files.
@@ -83,6 +93,9 @@ pub fn run() -> Result<()> {
     }
     match cli.command {
         Command::Inspect(a) => inspect::run(a, &global),
+        Command::Diff(a) => diff::run(a, &global),
+        Command::Apply(a) => apply::run(a, &global),
+        Command::Similarity(a) => similarity::run(a, &global),
         Command::Convert(a) => convert::run(a, &global),
         Command::Report(a) => report::run(a, &global),
         Command::Experiment(a) => experiment::run(a, &global),
