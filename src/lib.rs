@@ -13,13 +13,13 @@ pub mod error;
 pub mod exec;
 pub mod experiment;
 pub mod inspect;
-pub mod merge;
 pub mod interpolate;
+pub mod merge;
 pub mod names;
 pub mod report;
 pub mod rng;
 pub mod snr;
-pub mod train;
 pub mod taskvec;
+pub mod train;
 
 pub use error::{Error, Result};

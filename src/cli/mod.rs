@@ -9,22 +9,19 @@ use clap::{Parser, Subcommand};
 use crate::checkpoint::{parse_size, WriterOptions, DEFAULT_MAX_SHARD_SIZE};
 use crate::error::{Error, Result};
 
+mod align;
 mod apply;
 mod convert;
+mod diff;
+mod eval;
 mod experiment;
 mod inspect;
+mod interpolate;
 mod merge;
 mod report;
-mod snr;
-mod eval;
-mod inspect;
-mod train;
-mod align;
-mod inspect;
-mod interpolate;
-mod diff;
-mod inspect;
 mod similarity;
+mod snr;
+mod train;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -101,8 +98,6 @@ pub fn run() -> Result<()> {
         Command::Experiment(a) => experiment::run(a, &global),
         Command::Demo(a) => experiment::demo(a, &global),
         Command::Merge(a) => merge::run(*a, &global),
-        Command::Convert(a) => convert::run(a, &global),
-        Command::Report(a) => report::run(a, &global),
         Command::Snr(a) => snr::run(a, &global),
         Command::Train(a) => train::run(a, &global),
         Command::Eval(a) => eval::run(a, &global),

@@ -52,7 +52,7 @@ pub fn delta_range(ft: &TensorView, base: &TensorView, range: Range<usize>) -> R
 /// Releases the mapped pages of elements `range` of `view` (a tensor of `ck`) once a pass is done with them.
 pub(crate) fn release(ck: &Checkpoint, view: &TensorView, range: Range<usize>) {
     let s = view.dtype.size();
-    ck.release(&view.data[range.start * s..range.end * s]);
+    ck.release_bytes(&view.data[range.start * s..range.end * s]);
 }
 
 /// The path as recorded in metadata and compared across commands: absolute when it can be resolved.
