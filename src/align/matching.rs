@@ -66,6 +66,9 @@ pub struct GroupReport {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
+    /// Permuted tensors whose shapes differ between reference and model (e.g. task-specific heads): left out of the
+    /// objective, still permuted.
+    pub incomparable: Vec<String>,
     /// Passes run.
     pub iterations: usize,
     /// Whether the last pass improved nothing (false: stopped by `max_iter`).
@@ -86,7 +89,7 @@ pub fn weight_matching(
     opts: Options,
     exec: &Executor,
 ) -> Result<(Perms, Report)> {
-    spec.check_compatible(reference)?;
+    let incomparable = spec.incomparable(reference)?;
     spec.check_compatible(model)?;
     let mut perms = init.unwrap_or_else(|| super::permute::identity(spec));
     let before = tensor_objectives(reference, model, spec, &perms, exec)?;
@@ -130,6 +133,7 @@ pub fn weight_matching(
         })
         .collect();
     let report = Report {
+        incomparable,
         iterations,
         converged,
         objective_before: before.iter().sum(),
@@ -156,7 +160,7 @@ pub fn tensor_objectives(
         |i| {
             let t = &spec.tensors[i];
             let (r, m) = (reference.tensor(&t.name)?, model.tensor(&t.name)?);
-            if !r.is_float() || !m.is_float() {
+            if !r.is_float() || !m.is_float() || r.shape != m.shape {
                 return Ok(0.0);
             }
             let gather = Gather::new(&t.shape, axis_maps(t, perms, None));
@@ -236,7 +240,7 @@ pub fn cost_matrix(
     for &(ti, axis) in &spec.members[g] {
         let t = &spec.tensors[ti];
         let (r, m) = (reference.tensor(&t.name)?, model.tensor(&t.name)?);
-        if !r.is_float() || !m.is_float() {
+        if !r.is_float() || !m.is_float() || r.shape != m.shape {
             continue;
         }
         let block = t.axes[axis].map_or(1, |a| a.block);

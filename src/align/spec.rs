@@ -113,6 +113,21 @@ impl Resolved {
     }
 }
 
+impl Resolved {
+    /// Names of permuted tensors whose shape in `other` differs from the model's: a head trained for another task
+    /// (4 classes against 10) cannot be compared unit by unit, so it drops out of the matching objective while its
+    /// permuted axes are still applied. A missing tensor is an error.
+    pub fn incomparable(&self, other: &Checkpoint) -> Result<Vec<String>> {
+        let mut v = Vec::new();
+        for t in &self.tensors {
+            if other.tensor(&t.name)?.shape != t.shape.as_slice() {
+                v.push(t.name.clone());
+            }
+        }
+        Ok(v)
+    }
+}
+
 impl Spec {
     /// Reads a spec file: JSON when the name ends in `.json`, YAML otherwise.
     pub fn load(path: &Path) -> Result<Spec> {

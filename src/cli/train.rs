@@ -85,6 +85,9 @@ pub struct Args {
     /// Experiment name in the results line (default: "ARCH / FREEZE").
     #[arg(long)]
     experiment: Option<String>,
+    /// Extra KEY=VALUE entries for the results line's config (repeatable), e.g. --config method=lerp --config top_p=0.1.
+    #[arg(long = "config", value_name = "KEY=VALUE", value_parser = parse_tag)]
+    tags: Vec<(String, String)>,
     /// Mark the results line as the baseline experiment.
     #[arg(long)]
     baseline: bool,
@@ -194,6 +197,7 @@ pub fn run(a: Args, global: &Global) -> Result<()> {
         results: a.results.clone(),
         experiment: a.experiment.clone(),
         baseline: a.baseline,
+        tags: a.tags.clone(),
     };
     if !a.quiet {
         eprintln!(
@@ -273,4 +277,11 @@ pub fn run(a: Args, global: &Global) -> Result<()> {
         let _ = writeln!(s, "wrote {}", o.display());
     }
     emit(&s)
+}
+
+fn parse_tag(s: &str) -> std::result::Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
+        _ => Err(format!("'{s}' is not KEY=VALUE")),
+    }
 }

@@ -87,6 +87,9 @@ pub struct TrainOptions {
     pub results: Option<PathBuf>,
     pub experiment: Option<String>,
     pub baseline: bool,
+    /// Extra `key=value` entries for the results line's config (numbers when they parse as one), so reports can
+    /// plot metrics against parameters the trainer does not know (method, top-p of a merge).
+    pub tags: Vec<(String, String)>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -331,6 +334,15 @@ pub fn run_train(o: &TrainOptions) -> Result<TrainOutcome> {
         "time_with_eval": o.train.time_with_eval,
         "trainable_params": fsum.trainable_params,
     });
+    let mut config = config;
+    for (k, v) in &o.tags {
+        let value = v
+            .parse::<f64>()
+            .ok()
+            .filter(|x| x.is_finite())
+            .map_or_else(|| serde_json::json!(v), |x| serde_json::json!(x));
+        config[k.as_str()] = value;
+    }
     let id = run_id(&config, o.train.seed);
     if let Some(out) = &o.output {
         let mut meta = BTreeMap::new();
