@@ -156,3 +156,34 @@ pub struct TensorRecord {
     pub rank: Option<usize>,
     pub selected: bool,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn yaml_items_read_back_verbatim() {
+        #[derive(Deserialize)]
+        struct Doc {
+            items: Vec<String>,
+        }
+        let items = ["model.layers.0.mlp.down_proj", "^lm_head.weight$", "a: b", "#x", "true", "1.5", "it's", "-x"];
+        let mut text = String::from("items:\n");
+        for i in items {
+            text.push_str(&format!("- {}\n", yaml_scalar(i)));
+        }
+        let doc: Doc = yaml_serde::from_str(&text).unwrap();
+        assert_eq!(doc.items, items);
+        // What Spectrum writes bare stays bare.
+        assert_eq!(yaml_scalar("model.layers.0.mlp.down_proj"), "model.layers.0.mlp.down_proj");
+        assert_eq!(yaml_scalar("^lm_head.weight$"), "^lm_head.weight$");
+    }
+
+    #[test]
+    fn infinity_becomes_the_largest_number() {
+        assert_eq!(json_score(f64::INFINITY), f64::MAX);
+        assert_eq!(json_score(0.25), 0.25);
+        let v: f64 = serde_json::from_str(&serde_json::to_string(&json_score(f64::INFINITY)).unwrap()).unwrap();
+        assert_eq!(v, f64::MAX);
+    }
+}

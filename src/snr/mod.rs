@@ -13,6 +13,7 @@
 pub mod formats;
 mod rank;
 pub mod svals;
+pub mod symeig;
 
 use regex::Regex;
 use serde::{Deserialize, Serialize};

@@ -142,3 +142,79 @@ pub fn selected_count(len: usize, top_percent: f64) -> usize {
         0
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snr::{MatrixSnr, SnrStatus};
+
+    fn t(name: &str, snr: f64, status: SnrStatus) -> TensorSnr {
+        TensorSnr {
+            name: name.to_string(),
+            module: crate::snr::module_name(name).to_string(),
+            layer_type: crate::snr::layer_type(name).to_string(),
+            layer: crate::names::layer_of(name),
+            dtype: "F32".into(),
+            shape: vec![2, 2],
+            matrix: [2, 2],
+            result: MatrixSnr { snr, s_max: 1.0, sigma: 0.0, threshold: 0.0, n_signal: 1, ratio: snr, status },
+        }
+    }
+
+    #[test]
+    fn ranks_by_score_then_layer_order_and_selects_floor() {
+        use SnrStatus::*;
+        let scans = vec![
+            t("m.layers.10.mlp.up.weight", 0.5, Ok),
+            t("m.layers.2.mlp.up.weight", 0.5, Ok), // ties 10 and 9: layer order decides (2 < 9 < 10)
+            t("m.layers.9.mlp.up.weight", 0.5, Ok),
+            t("m.layers.3.mlp.up.weight", f64::INFINITY, NoiseZero),
+            t("m.layers.4.mlp.up.weight", f64::NAN, AllZero),
+            t("m.layers.0.mlp.up.weight", 0.7, Ok),
+            t("m.layers.0.attn.q.weight", 0.1, Ok),
+            t("m.layers.1.attn.q.weight", 0.2, Ok),
+            t("lm_head.weight", 3.0, Ok),
+        ];
+        let sel = rank_and_select(&scans, 60.0, None);
+        let types: Vec<&str> = sel.types.iter().map(|t| t.layer_type.as_str()).collect();
+        assert_eq!(types, ["attn.q", "lm_head", "mlp.up"]);
+        let mlp = &sel.types[2];
+        let order: Vec<Option<usize>> = mlp.ranked.iter().map(|r| r.layer).collect();
+        assert_eq!(order, [Some(3), Some(0), Some(2), Some(9), Some(10)]);
+        assert_eq!(mlp.n_selected, 3); // floor(5 * 60 / 100)
+        assert_eq!(mlp.unscored, ["m.layers.4.mlp.up.weight"]);
+        assert_eq!(sel.types[0].n_selected, 1); // floor(2 * 0.6)
+        assert_eq!(sel.types[1].n_selected, 0); // floor(1 * 0.6)
+        assert_eq!(
+            sel.selected_names(),
+            [
+                "m.layers.1.attn.q.weight",
+                "m.layers.3.mlp.up.weight",
+                "m.layers.0.mlp.up.weight",
+                "m.layers.2.mlp.up.weight"
+            ]
+        );
+        // Restricting to types keeps the others out entirely.
+        let only = rank_and_select(&scans, 100.0, Some(&["lm_head".to_string()]));
+        assert_eq!(only.selected_names(), ["lm_head.weight"]);
+        // The order of the scan does not matter.
+        let mut rev = scans.clone();
+        rev.reverse();
+        let a: Vec<String> = sel.selected_names();
+        let b: Vec<String> = rank_and_select(&rev, 60.0, None).selected_names();
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn spectrum_type_order_and_counts() {
+        let mut types: Vec<String> = ["mlp.x", "mlp-a.b", "attn.q", "mlp.a"].iter().map(|s| s.to_string()).collect();
+        sort_types(&mut types);
+        // Grouped by first component ("attn" < "mlp" < "mlp-a"), then sorted: plain sorting would put mlp-a first.
+        assert_eq!(types, ["attn.q", "mlp.a", "mlp.x", "mlp-a.b"]);
+        assert_eq!(selected_count(28, 50.0), 14);
+        assert_eq!(selected_count(28, 25.0), 7);
+        assert_eq!(selected_count(3, 33.3), 0);
+        assert_eq!(selected_count(10, 100.0), 10);
+        assert_eq!(selected_count(7, 0.0), 0);
+    }
+}
