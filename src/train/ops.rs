@@ -167,6 +167,174 @@ impl CustomOp2 for SoftmaxBackward {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// Pointwise (1x1) convolution with bias
+
+/// 1x1 convolution of `x` (N, Cin, H, W) with `w` (Cout, Cin, 1, 1) and bias `b` (Cout): one matrix product per
+/// sample, bias added in the same pass, and a backward pass that sums the bias gradient per channel directly.
+/// (Through candle's generic ops this is a reshape, a broadcast batched product, a broadcast bias add and another
+/// reshape, each a full-size gradient buffer in the backward pass, plus a slow strided reduction for the bias.)
+pub fn pointwise_conv(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    let (n, cin, h, wd) = x.dims4()?;
+    let cout = w.dim(0)?;
+    if w.elem_count() != cout * cin || b.elem_count() != cout {
+        candle_core::bail!("pointwise conv: weight {:?} / bias {:?} do not fit input {:?}", w.dims(), b.dims(), x.dims());
+    }
+    if !fused_available(x) {
+        let y = w.reshape((cout, cin))?.broadcast_left(n)?.matmul(&x.reshape((n, cin, h * wd))?)?;
+        return y.broadcast_add(&b.reshape((1, cout, 1))?)?.reshape((n, cout, h, wd));
+    }
+    x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, PointwiseConv)
+}
+
+struct PointwiseConv;
+
+/// `dst (m x n) = [dst +] lhs (m x k) * rhs (k x n)`, row-major with explicit row strides, single-threaded (the
+/// callers parallelise over samples, which keeps every result independent of the thread count).
+#[allow(clippy::too_many_arguments)]
+fn matmul<T: WithDType>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [T],
+    accumulate: bool,
+    lhs: &[T],
+    lhs_transposed: bool,
+    rhs: &[T],
+    rhs_transposed: bool,
+) {
+    // Strides (column, row) of a row-major matrix, or of the transpose of one.
+    let (lcs, lrs) = if lhs_transposed { (m as isize, 1) } else { (1, k as isize) };
+    let (rcs, rrs) = if rhs_transposed { (k as isize, 1) } else { (1, n as isize) };
+    assert!(dst.len() >= m * n && lhs.len() >= m * k && rhs.len() >= k * n);
+    // SAFETY: the slices hold the m x n, m x k and k x n matrices the strides describe (checked above); gemm reads
+    // lhs/rhs and writes dst only within those bounds, and dst does not alias the inputs (distinct borrows).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lcs,
+            lrs,
+            rhs.as_ptr(),
+            rcs,
+            rrs,
+            T::from_f64(1.0),
+            T::from_f64(1.0),
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+impl CustomOp3 for PointwiseConv {
+    fn name(&self) -> &'static str {
+        "graft-pointwise-conv"
+    }
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (n, cin, h, wd) = xl.shape().dims4()?;
+        let hw = h * wd;
+        dispatch!(xs, "graft-pointwise-conv", |T| {
+            let x = contiguous::<T>(xs, xl, "graft-pointwise-conv")?;
+            let w = contiguous::<T>(ws, wl, "graft-pointwise-conv")?;
+            let b = contiguous::<T>(bs, bl, "graft-pointwise-conv")?;
+            let cout = b.len();
+            let mut y = vec![T::from_f64(0.0); n * cout * hw];
+            y.par_chunks_mut(cout * hw).zip(x.par_chunks(cin * hw)).for_each(|(ys, xs)| {
+                for (c, row) in ys.chunks_mut(hw).enumerate() {
+                    row.fill(b[c]);
+                }
+                matmul(cout, hw, cin, ys, true, w, false, xs, false);
+            });
+            Ok((T::to_cpu_storage_owned(y), Shape::from((n, cout, h, wd))))
+        })
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let op = PointwiseConvBackward { param_grads: Mutex::new(None) };
+        let dx = x.apply_op3_no_bwd(&grad.contiguous()?, w, &op)?;
+        let (dw, db) = op.param_grads.lock().unwrap().take().expect("pointwise backward ran");
+        let dw = Tensor::from_vec(dw, w.shape(), w.device())?.to_dtype(w.dtype())?;
+        let db = Tensor::from_vec(db, w.dim(0)?, w.device())?.to_dtype(w.dtype())?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// dx_n = W^T g_n; dW = sum_n g_n x_n^T (per-sample partials summed in sample order); db = sum of g per channel.
+struct PointwiseConvBackward {
+    param_grads: Mutex<Option<(Vec<f64>, Vec<f64>)>>,
+}
+
+impl CustomOp3 for PointwiseConvBackward {
+    fn name(&self) -> &'static str {
+        "graft-pointwise-conv-backward"
+    }
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (n, cin, h, wd) = xl.shape().dims4()?;
+        let (_, cout, _, _) = gl.shape().dims4()?;
+        let hw = h * wd;
+        dispatch!(xs, "graft-pointwise-conv-backward", |T| {
+            let x = contiguous::<T>(xs, xl, "graft-pointwise-conv-backward")?;
+            let g = contiguous::<T>(gs, gl, "graft-pointwise-conv-backward")?;
+            let w = contiguous::<T>(ws, wl, "graft-pointwise-conv-backward")?;
+            let mut dx = vec![T::from_f64(0.0); x.len()];
+            let partial: Vec<(Vec<T>, Vec<f64>)> = dx
+                .par_chunks_mut(cin * hw)
+                .zip(g.par_chunks(cout * hw).zip(x.par_chunks(cin * hw)))
+                .map(|(dxs, (gs, xs))| {
+                    matmul(cin, hw, cout, dxs, false, w, true, gs, false);
+                    let mut dw = vec![T::from_f64(0.0); cout * cin];
+                    matmul(cout, cin, hw, &mut dw, false, gs, false, xs, true);
+                    let db: Vec<f64> = gs.chunks(hw).map(|r| r.iter().map(|v| v.to_f64()).sum()).collect();
+                    (dw, db)
+                })
+                .collect();
+            let mut dw = vec![0f64; cout * cin];
+            let mut db = vec![0f64; cout];
+            for (pw, pb) in &partial {
+                for (a, b) in dw.iter_mut().zip(pw) {
+                    *a += b.to_f64();
+                }
+                for (a, b) in db.iter_mut().zip(pb) {
+                    *a += b;
+                }
+            }
+            let _ = n;
+            *self.param_grads.lock().unwrap() = Some((dw, db));
+            Ok((T::to_cpu_storage_owned(dx), xl.shape().clone()))
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // Depthwise convolution (k x k, stride 1, "same" padding k/2, one filter per channel, with bias)
 
 /// Depthwise convolution of `x` (N, C, H, W) with `w` (C, 1, k, k) and bias `b` (C), stride 1, padding k/2.
@@ -749,6 +917,17 @@ mod tests {
                 1e-10,
             );
         }
+    }
+
+    #[test]
+    fn pointwise_conv_matches_candle_conv() {
+        let inputs = [rand_tensor(&[3, 4, 2, 5], 11), rand_tensor(&[6, 4, 1, 1], 12), rand_tensor(&[6], 13)];
+        compare(
+            |t| pointwise_conv(&t[0], &t[1], &t[2]).unwrap(),
+            |t| t[0].conv2d(&t[1], 0, 1, 1, 1).unwrap().broadcast_add(&t[2].reshape((1, 6, 1, 1)).unwrap()).unwrap(),
+            &inputs,
+            1e-10,
+        );
     }
 
     #[test]
