@@ -16,9 +16,16 @@ use rayon::prelude::*;
 
 type CResult<T> = candle_core::Result<T>;
 
+/// `GRAFT_GENERIC_OPS=1` makes every op (and AdamW) take candle's generic path on the CPU too: how
+/// `tools/bench-train` measures what the fused kernels gain, and a way to rule them out when debugging.
+pub fn generic_forced() -> bool {
+    static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FORCED.get_or_init(|| std::env::var_os("GRAFT_GENERIC_OPS").is_some_and(|v| v == "1"))
+}
+
 /// Whether the fused CPU kernels can run on `t` (CPU tensor of f32 or f64).
 pub fn fused_available(t: &Tensor) -> bool {
-    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
+    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64) && !generic_forced()
 }
 
 fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str) -> CResult<&'a [T]> {
@@ -385,6 +392,82 @@ fn dw_plane<T: WithDType>(inp: &[T], w: &[T], out: &mut [T], h: usize, wd: usize
     }
 }
 
+/// Copies a plane into a zero-bordered (h + 2) x (w + 2) buffer, so 3x3 windows need no bounds checks.
+fn pad1<T: WithDType>(inp: &[T], h: usize, wd: usize) -> Vec<T> {
+    let pw = wd + 2;
+    let mut p = vec![T::from_f64(0.0); (h + 2) * pw];
+    for i in 0..h {
+        p[(i + 1) * pw + 1..(i + 1) * pw + 1 + wd].copy_from_slice(&inp[i * wd..(i + 1) * wd]);
+    }
+    p
+}
+
+/// The 3x3 case in one pass per output row: all nine taps fused, every output written once.
+fn dw3_plane<T: WithDType>(inp: &[T], w: &[T], bias: T, out: &mut [T], h: usize, wd: usize) {
+    let pw = wd + 2;
+    let p = pad1(inp, h, wd);
+    let [w0, w1, w2, w3, w4, w5, w6, w7, w8] = [w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8]];
+    for i in 0..h {
+        let r0 = &p[i * pw..i * pw + pw];
+        let r1 = &p[(i + 1) * pw..(i + 1) * pw + pw];
+        let r2 = &p[(i + 2) * pw..(i + 2) * pw + pw];
+        let o = &mut out[i * wd..(i + 1) * wd];
+        for j in 0..wd {
+            o[j] = bias
+                + w0 * r0[j]
+                + w1 * r0[j + 1]
+                + w2 * r0[j + 2]
+                + w3 * r1[j]
+                + w4 * r1[j + 1]
+                + w5 * r1[j + 2]
+                + w6 * r2[j]
+                + w7 * r2[j + 1]
+                + w8 * r2[j + 2];
+        }
+    }
+}
+
+/// Lanes of independent partial sums: lets the compiler vectorise a reduction without reassociating it freely
+/// (the order is fixed by the lane count, so results stay deterministic).
+const LANES: usize = 8;
+
+/// Sum of `a[j] * b[j]` in f64 via `LANES` f32 partial sums per chunk of 64 (bounded f32 rounding, vectorised).
+fn dot_f64<T: WithDType>(a: &[T], b: &[T]) -> f64 {
+    let mut total = 0f64;
+    for (ca, cb) in a.chunks(64).zip(b.chunks(64)) {
+        let mut acc = [T::from_f64(0.0); LANES];
+        let mut ia = ca.chunks_exact(LANES);
+        let mut ib = cb.chunks_exact(LANES);
+        for (x, y) in (&mut ia).zip(&mut ib) {
+            for l in 0..LANES {
+                acc[l] += x[l] * y[l];
+            }
+        }
+        let mut s: f64 = acc.iter().map(|v| v.to_f64()).sum();
+        for (x, y) in ia.remainder().iter().zip(ib.remainder()) {
+            s += (*x * *y).to_f64();
+        }
+        total += s;
+    }
+    total
+}
+
+/// Sum of `a` in f64 (same lane scheme as `dot_f64`).
+fn sum_f64<T: WithDType>(a: &[T]) -> f64 {
+    let mut total = 0f64;
+    for ca in a.chunks(64) {
+        let mut acc = [T::from_f64(0.0); LANES];
+        let mut it = ca.chunks_exact(LANES);
+        for x in &mut it {
+            for l in 0..LANES {
+                acc[l] += x[l];
+            }
+        }
+        total += acc.iter().map(|v| v.to_f64()).sum::<f64>() + it.remainder().iter().map(|v| v.to_f64()).sum::<f64>();
+    }
+    total
+}
+
 impl CustomOp3 for DepthwiseConv {
     fn name(&self) -> &'static str {
         "graft-depthwise-conv"
@@ -408,8 +491,13 @@ impl CustomOp3 for DepthwiseConv {
             let mut y = vec![T::from_f64(0.0); x.len()];
             y.par_chunks_mut(plane).zip(x.par_chunks(plane)).enumerate().for_each(|(p, (out, inp))| {
                 let ch = p % c;
-                out.fill(b[ch]);
-                dw_plane(inp, &w[ch * k * k..(ch + 1) * k * k], out, h, wd, k);
+                let wk = &w[ch * k * k..(ch + 1) * k * k];
+                if k == 3 {
+                    dw3_plane(inp, wk, b[ch], out, h, wd);
+                } else {
+                    out.fill(b[ch]);
+                    dw_plane(inp, wk, out, h, wd, k);
+                }
             });
             Ok((T::to_cpu_storage_owned(y), xl.shape().clone()))
         })
@@ -460,7 +548,21 @@ impl CustomOp2 for DepthwiseConvParamGrad {
                     let xp = &x[pl * plane..(pl + 1) * plane];
                     let gp = &g[pl * plane..(pl + 1) * plane];
                     let mut acc = vec![0f64; kk + 1];
-                    acc[kk] = gp.iter().map(|v| v.to_f64()).sum();
+                    acc[kk] = sum_f64(gp);
+                    if k == 3 {
+                        let pw = wd + 2;
+                        let padded = pad1(xp, h, wd);
+                        for i in 0..h {
+                            let gr = &gp[i * wd..(i + 1) * wd];
+                            for di in 0..3 {
+                                for dj in 0..3 {
+                                    let start = (i + di) * pw + dj;
+                                    acc[di * 3 + dj] += dot_f64(gr, &padded[start..start + wd]);
+                                }
+                            }
+                        }
+                        return acc;
+                    }
                     for di in 0..k {
                         for dj in 0..k {
                             let si = di as isize - p as isize;
@@ -569,19 +671,18 @@ fn channel_moments<T: WithDType>(x: &[T], n: usize, c: usize, s: usize) -> (Vec<
             let mut sum = 0f64;
             for b in 0..n {
                 let base = (b * c + ch) * s;
-                sum += x[base..base + s].iter().map(|v| v.to_f64()).sum::<f64>();
+                sum += sum_f64(&x[base..base + s]);
             }
             let mean = sum / count;
+            // Second pass around the mean (no cancellation), the deviations formed in T then squared in lanes.
+            let m = T::from_f64(mean);
             let mut sq = 0f64;
+            let mut dev = Vec::with_capacity(s);
             for b in 0..n {
                 let base = (b * c + ch) * s;
-                sq += x[base..base + s]
-                    .iter()
-                    .map(|v| {
-                        let d = v.to_f64() - mean;
-                        d * d
-                    })
-                    .sum::<f64>();
+                dev.clear();
+                dev.extend(x[base..base + s].iter().map(|&v| v - m));
+                sq += dot_f64(&dev, &dev);
             }
             (mean, sq / count)
         })
@@ -686,18 +787,13 @@ impl CustomOp3 for BatchNormBackward {
                 .into_par_iter()
                 .map(|ch| {
                     let (mut a, mut b) = (0f64, 0f64);
+                    // sum(dy * (x - mean)) = sum(dy * x) - mean * sum(dy)
                     for bi in 0..n {
                         let base = (bi * c + ch) * s;
-                        let (mut ra, mut rb) = (0f64, 0f64);
-                        for (&g, &v) in dy[base..base + s].iter().zip(&x[base..base + s]) {
-                            let g = g.to_f64();
-                            ra += g;
-                            rb += g * (v.to_f64() - mean[ch]);
-                        }
-                        a += ra;
-                        b += rb;
+                        a += sum_f64(&dy[base..base + s]);
+                        b += dot_f64(&dy[base..base + s], &x[base..base + s]);
                     }
-                    (a, b * inv[ch])
+                    (a, (b - mean[ch] * a) * inv[ch])
                 })
                 .unzip();
             // dx = gamma * inv / M * (M dy - sum(dy) - xhat * sum(dy xhat)), written as dy * k1 + x * k2 + k3.
