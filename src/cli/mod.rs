@@ -121,7 +121,18 @@ pub struct OutputArgs {
 }
 
 /// Runs `f` on a pool of `--threads` workers (all cores by default), where rayon and candle's kernels run.
+///
+/// candle sizes its matrix-product parallelism and its spinning elementwise worker pool from `RAYON_NUM_THREADS` /
+/// `CANDLE_NUM_THREADS`, and without them re-reads `/proc/cpuinfo` on every matrix product: set both once, before
+/// the first tensor operation, so `--threads` bounds candle too and the lookup is free.
 pub fn with_threads<R: Send>(global: &Global, f: impl FnOnce() -> Result<R> + Send) -> Result<R> {
+    let n = global.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    for var in ["RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"] {
+        if global.threads.is_some() || std::env::var_os(var).is_none() {
+            // Still single-threaded here: no other thread reads the environment concurrently.
+            std::env::set_var(var, n.to_string());
+        }
+    }
     match global.threads {
         None => f(),
         Some(n) => rayon::ThreadPoolBuilder::new()

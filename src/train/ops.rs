@@ -16,9 +16,16 @@ use rayon::prelude::*;
 
 type CResult<T> = candle_core::Result<T>;
 
+/// `GRAFT_GENERIC_OPS=1` makes every op (and AdamW) take candle's generic path on the CPU too: how
+/// `tools/bench-train` measures what the fused kernels gain, and a way to rule them out when debugging.
+pub fn generic_forced() -> bool {
+    static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FORCED.get_or_init(|| std::env::var_os("GRAFT_GENERIC_OPS").is_some_and(|v| v == "1"))
+}
+
 /// Whether the fused CPU kernels can run on `t` (CPU tensor of f32 or f64).
 pub fn fused_available(t: &Tensor) -> bool {
-    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
+    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64) && !generic_forced()
 }
 
 fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str) -> CResult<&'a [T]> {
@@ -167,6 +174,174 @@ impl CustomOp2 for SoftmaxBackward {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// Pointwise (1x1) convolution with bias
+
+/// 1x1 convolution of `x` (N, Cin, H, W) with `w` (Cout, Cin, 1, 1) and bias `b` (Cout): one matrix product per
+/// sample, bias added in the same pass, and a backward pass that sums the bias gradient per channel directly.
+/// (Through candle's generic ops this is a reshape, a broadcast batched product, a broadcast bias add and another
+/// reshape, each a full-size gradient buffer in the backward pass, plus a slow strided reduction for the bias.)
+pub fn pointwise_conv(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    let (n, cin, h, wd) = x.dims4()?;
+    let cout = w.dim(0)?;
+    if w.elem_count() != cout * cin || b.elem_count() != cout {
+        candle_core::bail!("pointwise conv: weight {:?} / bias {:?} do not fit input {:?}", w.dims(), b.dims(), x.dims());
+    }
+    if !fused_available(x) {
+        let y = w.reshape((cout, cin))?.broadcast_left(n)?.matmul(&x.reshape((n, cin, h * wd))?)?;
+        return y.broadcast_add(&b.reshape((1, cout, 1))?)?.reshape((n, cout, h, wd));
+    }
+    x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, PointwiseConv)
+}
+
+struct PointwiseConv;
+
+/// `dst (m x n) = [dst +] lhs (m x k) * rhs (k x n)`, row-major with explicit row strides, single-threaded (the
+/// callers parallelise over samples, which keeps every result independent of the thread count).
+#[allow(clippy::too_many_arguments)]
+fn matmul<T: WithDType>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [T],
+    accumulate: bool,
+    lhs: &[T],
+    lhs_transposed: bool,
+    rhs: &[T],
+    rhs_transposed: bool,
+) {
+    // Strides (column, row) of a row-major matrix, or of the transpose of one.
+    let (lcs, lrs) = if lhs_transposed { (m as isize, 1) } else { (1, k as isize) };
+    let (rcs, rrs) = if rhs_transposed { (k as isize, 1) } else { (1, n as isize) };
+    assert!(dst.len() >= m * n && lhs.len() >= m * k && rhs.len() >= k * n);
+    // SAFETY: the slices hold the m x n, m x k and k x n matrices the strides describe (checked above); gemm reads
+    // lhs/rhs and writes dst only within those bounds, and dst does not alias the inputs (distinct borrows).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lcs,
+            lrs,
+            rhs.as_ptr(),
+            rcs,
+            rrs,
+            T::from_f64(1.0),
+            T::from_f64(1.0),
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+impl CustomOp3 for PointwiseConv {
+    fn name(&self) -> &'static str {
+        "graft-pointwise-conv"
+    }
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (n, cin, h, wd) = xl.shape().dims4()?;
+        let hw = h * wd;
+        dispatch!(xs, "graft-pointwise-conv", |T| {
+            let x = contiguous::<T>(xs, xl, "graft-pointwise-conv")?;
+            let w = contiguous::<T>(ws, wl, "graft-pointwise-conv")?;
+            let b = contiguous::<T>(bs, bl, "graft-pointwise-conv")?;
+            let cout = b.len();
+            let mut y = vec![T::from_f64(0.0); n * cout * hw];
+            y.par_chunks_mut(cout * hw).zip(x.par_chunks(cin * hw)).for_each(|(ys, xs)| {
+                for (c, row) in ys.chunks_mut(hw).enumerate() {
+                    row.fill(b[c]);
+                }
+                matmul(cout, hw, cin, ys, true, w, false, xs, false);
+            });
+            Ok((T::to_cpu_storage_owned(y), Shape::from((n, cout, h, wd))))
+        })
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let op = PointwiseConvBackward { param_grads: Mutex::new(None) };
+        let dx = x.apply_op3_no_bwd(&grad.contiguous()?, w, &op)?;
+        let (dw, db) = op.param_grads.lock().unwrap().take().expect("pointwise backward ran");
+        let dw = Tensor::from_vec(dw, w.shape(), w.device())?.to_dtype(w.dtype())?;
+        let db = Tensor::from_vec(db, w.dim(0)?, w.device())?.to_dtype(w.dtype())?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// dx_n = W^T g_n; dW = sum_n g_n x_n^T (per-sample partials summed in sample order); db = sum of g per channel.
+struct PointwiseConvBackward {
+    param_grads: Mutex<Option<(Vec<f64>, Vec<f64>)>>,
+}
+
+impl CustomOp3 for PointwiseConvBackward {
+    fn name(&self) -> &'static str {
+        "graft-pointwise-conv-backward"
+    }
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (n, cin, h, wd) = xl.shape().dims4()?;
+        let (_, cout, _, _) = gl.shape().dims4()?;
+        let hw = h * wd;
+        dispatch!(xs, "graft-pointwise-conv-backward", |T| {
+            let x = contiguous::<T>(xs, xl, "graft-pointwise-conv-backward")?;
+            let g = contiguous::<T>(gs, gl, "graft-pointwise-conv-backward")?;
+            let w = contiguous::<T>(ws, wl, "graft-pointwise-conv-backward")?;
+            let mut dx = vec![T::from_f64(0.0); x.len()];
+            let partial: Vec<(Vec<T>, Vec<f64>)> = dx
+                .par_chunks_mut(cin * hw)
+                .zip(g.par_chunks(cout * hw).zip(x.par_chunks(cin * hw)))
+                .map(|(dxs, (gs, xs))| {
+                    matmul(cin, hw, cout, dxs, false, w, true, gs, false);
+                    let mut dw = vec![T::from_f64(0.0); cout * cin];
+                    matmul(cout, cin, hw, &mut dw, false, gs, false, xs, true);
+                    let db: Vec<f64> = gs.chunks(hw).map(|r| r.iter().map(|v| v.to_f64()).sum()).collect();
+                    (dw, db)
+                })
+                .collect();
+            let mut dw = vec![0f64; cout * cin];
+            let mut db = vec![0f64; cout];
+            for (pw, pb) in &partial {
+                for (a, b) in dw.iter_mut().zip(pw) {
+                    *a += b.to_f64();
+                }
+                for (a, b) in db.iter_mut().zip(pb) {
+                    *a += b;
+                }
+            }
+            let _ = n;
+            *self.param_grads.lock().unwrap() = Some((dw, db));
+            Ok((T::to_cpu_storage_owned(dx), xl.shape().clone()))
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // Depthwise convolution (k x k, stride 1, "same" padding k/2, one filter per channel, with bias)
 
 /// Depthwise convolution of `x` (N, C, H, W) with `w` (C, 1, k, k) and bias `b` (C), stride 1, padding k/2.
@@ -217,6 +392,82 @@ fn dw_plane<T: WithDType>(inp: &[T], w: &[T], out: &mut [T], h: usize, wd: usize
     }
 }
 
+/// Copies a plane into a zero-bordered (h + 2) x (w + 2) buffer, so 3x3 windows need no bounds checks.
+fn pad1<T: WithDType>(inp: &[T], h: usize, wd: usize) -> Vec<T> {
+    let pw = wd + 2;
+    let mut p = vec![T::from_f64(0.0); (h + 2) * pw];
+    for i in 0..h {
+        p[(i + 1) * pw + 1..(i + 1) * pw + 1 + wd].copy_from_slice(&inp[i * wd..(i + 1) * wd]);
+    }
+    p
+}
+
+/// The 3x3 case in one pass per output row: all nine taps fused, every output written once.
+fn dw3_plane<T: WithDType>(inp: &[T], w: &[T], bias: T, out: &mut [T], h: usize, wd: usize) {
+    let pw = wd + 2;
+    let p = pad1(inp, h, wd);
+    let [w0, w1, w2, w3, w4, w5, w6, w7, w8] = [w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8]];
+    for i in 0..h {
+        let r0 = &p[i * pw..i * pw + pw];
+        let r1 = &p[(i + 1) * pw..(i + 1) * pw + pw];
+        let r2 = &p[(i + 2) * pw..(i + 2) * pw + pw];
+        let o = &mut out[i * wd..(i + 1) * wd];
+        for j in 0..wd {
+            o[j] = bias
+                + w0 * r0[j]
+                + w1 * r0[j + 1]
+                + w2 * r0[j + 2]
+                + w3 * r1[j]
+                + w4 * r1[j + 1]
+                + w5 * r1[j + 2]
+                + w6 * r2[j]
+                + w7 * r2[j + 1]
+                + w8 * r2[j + 2];
+        }
+    }
+}
+
+/// Lanes of independent partial sums: lets the compiler vectorise a reduction without reassociating it freely
+/// (the order is fixed by the lane count, so results stay deterministic).
+const LANES: usize = 8;
+
+/// Sum of `a[j] * b[j]` in f64 via `LANES` f32 partial sums per chunk of 64 (bounded f32 rounding, vectorised).
+fn dot_f64<T: WithDType>(a: &[T], b: &[T]) -> f64 {
+    let mut total = 0f64;
+    for (ca, cb) in a.chunks(64).zip(b.chunks(64)) {
+        let mut acc = [T::from_f64(0.0); LANES];
+        let mut ia = ca.chunks_exact(LANES);
+        let mut ib = cb.chunks_exact(LANES);
+        for (x, y) in (&mut ia).zip(&mut ib) {
+            for l in 0..LANES {
+                acc[l] += x[l] * y[l];
+            }
+        }
+        let mut s: f64 = acc.iter().map(|v| v.to_f64()).sum();
+        for (x, y) in ia.remainder().iter().zip(ib.remainder()) {
+            s += (*x * *y).to_f64();
+        }
+        total += s;
+    }
+    total
+}
+
+/// Sum of `a` in f64 (same lane scheme as `dot_f64`).
+fn sum_f64<T: WithDType>(a: &[T]) -> f64 {
+    let mut total = 0f64;
+    for ca in a.chunks(64) {
+        let mut acc = [T::from_f64(0.0); LANES];
+        let mut it = ca.chunks_exact(LANES);
+        for x in &mut it {
+            for l in 0..LANES {
+                acc[l] += x[l];
+            }
+        }
+        total += acc.iter().map(|v| v.to_f64()).sum::<f64>() + it.remainder().iter().map(|v| v.to_f64()).sum::<f64>();
+    }
+    total
+}
+
 impl CustomOp3 for DepthwiseConv {
     fn name(&self) -> &'static str {
         "graft-depthwise-conv"
@@ -240,8 +491,13 @@ impl CustomOp3 for DepthwiseConv {
             let mut y = vec![T::from_f64(0.0); x.len()];
             y.par_chunks_mut(plane).zip(x.par_chunks(plane)).enumerate().for_each(|(p, (out, inp))| {
                 let ch = p % c;
-                out.fill(b[ch]);
-                dw_plane(inp, &w[ch * k * k..(ch + 1) * k * k], out, h, wd, k);
+                let wk = &w[ch * k * k..(ch + 1) * k * k];
+                if k == 3 {
+                    dw3_plane(inp, wk, b[ch], out, h, wd);
+                } else {
+                    out.fill(b[ch]);
+                    dw_plane(inp, wk, out, h, wd, k);
+                }
             });
             Ok((T::to_cpu_storage_owned(y), xl.shape().clone()))
         })
@@ -292,7 +548,21 @@ impl CustomOp2 for DepthwiseConvParamGrad {
                     let xp = &x[pl * plane..(pl + 1) * plane];
                     let gp = &g[pl * plane..(pl + 1) * plane];
                     let mut acc = vec![0f64; kk + 1];
-                    acc[kk] = gp.iter().map(|v| v.to_f64()).sum();
+                    acc[kk] = sum_f64(gp);
+                    if k == 3 {
+                        let pw = wd + 2;
+                        let padded = pad1(xp, h, wd);
+                        for i in 0..h {
+                            let gr = &gp[i * wd..(i + 1) * wd];
+                            for di in 0..3 {
+                                for dj in 0..3 {
+                                    let start = (i + di) * pw + dj;
+                                    acc[di * 3 + dj] += dot_f64(gr, &padded[start..start + wd]);
+                                }
+                            }
+                        }
+                        return acc;
+                    }
                     for di in 0..k {
                         for dj in 0..k {
                             let si = di as isize - p as isize;
@@ -401,19 +671,18 @@ fn channel_moments<T: WithDType>(x: &[T], n: usize, c: usize, s: usize) -> (Vec<
             let mut sum = 0f64;
             for b in 0..n {
                 let base = (b * c + ch) * s;
-                sum += x[base..base + s].iter().map(|v| v.to_f64()).sum::<f64>();
+                sum += sum_f64(&x[base..base + s]);
             }
             let mean = sum / count;
+            // Second pass around the mean (no cancellation), the deviations formed in T then squared in lanes.
+            let m = T::from_f64(mean);
             let mut sq = 0f64;
+            let mut dev = Vec::with_capacity(s);
             for b in 0..n {
                 let base = (b * c + ch) * s;
-                sq += x[base..base + s]
-                    .iter()
-                    .map(|v| {
-                        let d = v.to_f64() - mean;
-                        d * d
-                    })
-                    .sum::<f64>();
+                dev.clear();
+                dev.extend(x[base..base + s].iter().map(|&v| v - m));
+                sq += dot_f64(&dev, &dev);
             }
             (mean, sq / count)
         })
@@ -518,18 +787,13 @@ impl CustomOp3 for BatchNormBackward {
                 .into_par_iter()
                 .map(|ch| {
                     let (mut a, mut b) = (0f64, 0f64);
+                    // sum(dy * (x - mean)) = sum(dy * x) - mean * sum(dy)
                     for bi in 0..n {
                         let base = (bi * c + ch) * s;
-                        let (mut ra, mut rb) = (0f64, 0f64);
-                        for (&g, &v) in dy[base..base + s].iter().zip(&x[base..base + s]) {
-                            let g = g.to_f64();
-                            ra += g;
-                            rb += g * (v.to_f64() - mean[ch]);
-                        }
-                        a += ra;
-                        b += rb;
+                        a += sum_f64(&dy[base..base + s]);
+                        b += dot_f64(&dy[base..base + s], &x[base..base + s]);
                     }
-                    (a, b * inv[ch])
+                    (a, (b - mean[ch] * a) * inv[ch])
                 })
                 .unzip();
             // dx = gamma * inv / M * (M dy - sum(dy) - xhat * sum(dy xhat)), written as dy * k1 + x * k2 + k3.
@@ -749,6 +1013,17 @@ mod tests {
                 1e-10,
             );
         }
+    }
+
+    #[test]
+    fn pointwise_conv_matches_candle_conv() {
+        let inputs = [rand_tensor(&[3, 4, 2, 5], 11), rand_tensor(&[6, 4, 1, 1], 12), rand_tensor(&[6], 13)];
+        compare(
+            |t| pointwise_conv(&t[0], &t[1], &t[2]).unwrap(),
+            |t| t[0].conv2d(&t[1], 0, 1, 1, 1).unwrap().broadcast_add(&t[2].reshape((1, 6, 1, 1)).unwrap()).unwrap(),
+            &inputs,
+            1e-10,
+        );
     }
 
     #[test]

@@ -53,7 +53,7 @@ impl AdamW {
         let mut slots = Vec::new();
         for (_, p) in store.params().filter(|(_, p)| p.trainable()) {
             let n = p.var.elem_count();
-            let moments = if !p.var.device().is_cpu() {
+            let moments = if !p.var.device().is_cpu() || super::ops::generic_forced() {
                 Moments::Device(p.var.zeros_like()?, p.var.zeros_like()?)
             } else if p.var.dtype() == candle_core::DType::F64 {
                 Moments::F64(vec![0.0; n], vec![0.0; n])

@@ -224,22 +224,13 @@ impl SepConv {
     pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> CResult<Tensor> {
         let y = ops::depthwise_conv(x, &self.dw_weight.t(), &self.dw_bias.t())?;
         let y = self.bn_dw.forward(&y, ctx)?;
-        let y = pointwise_conv(&y, &self.pw_weight.t(), &self.pw_bias.t())?;
+        let y = ops::pointwise_conv(&y, &self.pw_weight.t(), &self.pw_bias.t())?;
         self.bn_pw.forward(&y, ctx)
     }
 
     pub fn batchnorms(&self) -> [&BatchNorm; 2] {
         [&self.bn_dw, &self.bn_pw]
     }
-}
-
-/// A 1x1 convolution as one batched matrix product: (Cout, Cin) x (N, Cin, H*W).
-pub fn pointwise_conv(x: &Tensor, w: &Tensor, b: &Tensor) -> CResult<Tensor> {
-    let (n, cin, h, wd) = x.dims4()?;
-    let cout = w.dim(0)?;
-    let w2 = w.reshape((cout, cin))?;
-    let y = w2.broadcast_left(n)?.matmul(&x.reshape((n, cin, h * wd))?)?;
-    y.broadcast_add(&b.reshape((1, cout, 1))?)?.reshape((n, cout, h, wd))
 }
 
 /// Inverted dropout with probability `p`, a mask drawn from graft's generator for (seed, step, layer).
