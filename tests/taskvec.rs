@@ -681,8 +681,11 @@ fn apply_errors_and_warnings() {
     let o = ok(&["apply", &fixture("llama", "indep"), "--vector", &s(&tv), "-o", &s(&out)]);
     let warn = String::from_utf8_lossy(&o.stderr);
     assert!(warn.contains("graft: warning:") && warn.contains("task vector of a model against base"), "{warn}");
-    // The same base through another path of the same files (the sharded copy differs): no warning for the same one.
+    // The same base, as its directory or as the file in it: no warning.
     let o = ok(&["apply", &base_p, "--vector", &s(&tv), "-o", &s(&dir.path().join("out2"))]);
+    assert!(o.stderr.is_empty(), "{}", String::from_utf8_lossy(&o.stderr));
+    let base_file = format!("{base_p}/model.safetensors");
+    let o = ok(&["apply", &base_file, "--vector", &s(&tv), "-o", &s(&dir.path().join("out3.safetensors"))]);
     assert!(o.stderr.is_empty(), "{}", String::from_utf8_lossy(&o.stderr));
     // --dtype f32 widens the base's BF16 tensors.
     let o3 = dir.path().join("o3.safetensors");

@@ -130,7 +130,7 @@ pub fn apply(
     let base_canon = canonical_display(base.path());
     for t in terms.iter().filter(|t| t.kind == TermKind::Vector) {
         if let Some(of) = vector_base(t.ck)? {
-            if of != base_canon {
+            if canonical_display(Path::new(&of)) != base_canon {
                 warnings.push(format!(
                     "{} is the task vector of a model against base {of}, not against {base_canon}",
                     t.ck.path().display()
