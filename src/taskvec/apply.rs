@@ -35,7 +35,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::matching::{pair, Coverage, Skipped};
-use super::{canonical_display, release, TASK_ARITHMETIC, TASK_VECTOR_OF};
+use super::{canonical_display, detached_bytes, release, TASK_ARITHMETIC, TASK_VECTOR_OF};
 use crate::checkpoint::{Checkpoint, CheckpointWriter, Dtype, TensorDecl, TensorView, WriterOptions};
 use crate::error::{Error, Result};
 use crate::exec::{Executor, Produce};
@@ -192,7 +192,7 @@ pub fn apply(
         let b = base.view(k);
         if contributors[k].is_empty() {
             if decl.dtype == b.dtype {
-                return Ok(Produce::Bytes(b.data));
+                return Ok(Produce::Owned(detached_bytes(base, &b)));
             }
             return Ok(Produce::Elementwise(Box::new(move |r| {
                 let v = b.f32_range(r.clone())?;

@@ -55,6 +55,15 @@ pub(crate) fn release(ck: &Checkpoint, view: &TensorView, range: Range<usize>) {
     ck.release(&view.data[range.start * s..range.end * s]);
 }
 
+/// A pass-through copy of a whole tensor's bytes, after which its mapped pages are released. Handing the executor
+/// the mapped slice itself would be zero-copy, but every page it touches would then stay resident until the end,
+/// and a command passing most of a model through would hold the whole model in memory.
+pub(crate) fn detached_bytes(ck: &Checkpoint, view: &TensorView) -> Vec<u8> {
+    let bytes = view.data.to_vec();
+    ck.release(view.data);
+    bytes
+}
+
 /// A checkpoint's identity as recorded in metadata and compared across commands: the absolute path, and for the
 /// `model.safetensors` or index file of a directory, the directory (both open the same checkpoint).
 pub fn canonical_display(path: &Path) -> String {
