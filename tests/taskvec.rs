@@ -476,6 +476,18 @@ fn chunked_tensors_give_thread_count_independent_results() {
     ok(&["diff", &paths[1], "--base", &paths[0], "-o", &s(&t2), "--threads", "2"]);
     let (c1, c2) = (Checkpoint::open(&t1).unwrap(), Checkpoint::open(&t2).unwrap());
     assert_eq!(c1.tensor("big.weight").unwrap().data, c2.tensor("big.weight").unwrap().data);
+    let (o1, o2) = (dir.path().join("o1.safetensors"), dir.path().join("o2.safetensors"));
+    for (o, threads) in [(&o1, "1"), (&o2, "2")] {
+        let (va, vb) = (format!("{}:0.3", s(&t1)), format!("{}:-0.6", paths[2]));
+        ok(&["apply", &paths[0], "--vector", &va, "--finetuned", &vb, "-o", &s(o), "--threads", threads]);
+    }
+    let (o1, o2) = (Checkpoint::open(&o1).unwrap(), Checkpoint::open(&o2).unwrap());
+    assert_eq!(o1.tensor("big.weight").unwrap().data, o2.tensor("big.weight").unwrap().data);
+    let consistency = |threads: &str| {
+        let e = ["similarity", "--merged", &paths[0], "--experts", &paths[1], &paths[2], "--base", &paths[0]];
+        json(&[&e[..], &["--json", "--threads", threads]].concat())
+    };
+    assert_eq!(consistency("1"), consistency("2"));
     // Exact bf16 deltas: tau + base == a for every element.
     let tau = values(&c1, "big.weight");
     assert!((0..n).all(|i| tau[i] + v[0][i] == v[1][i]));
@@ -681,8 +693,11 @@ fn apply_errors_and_warnings() {
     let o = ok(&["apply", &fixture("llama", "indep"), "--vector", &s(&tv), "-o", &s(&out)]);
     let warn = String::from_utf8_lossy(&o.stderr);
     assert!(warn.contains("graft: warning:") && warn.contains("task vector of a model against base"), "{warn}");
-    // The same base through another path of the same files (the sharded copy differs): no warning for the same one.
+    // The same base, as its directory or as the file in it: no warning.
     let o = ok(&["apply", &base_p, "--vector", &s(&tv), "-o", &s(&dir.path().join("out2"))]);
+    assert!(o.stderr.is_empty(), "{}", String::from_utf8_lossy(&o.stderr));
+    let base_file = format!("{base_p}/model.safetensors");
+    let o = ok(&["apply", &base_file, "--vector", &s(&tv), "-o", &s(&dir.path().join("out3.safetensors"))]);
     assert!(o.stderr.is_empty(), "{}", String::from_utf8_lossy(&o.stderr));
     // --dtype f32 widens the base's BF16 tensors.
     let o3 = dir.path().join("o3.safetensors");
@@ -691,6 +706,35 @@ fn apply_errors_and_warnings() {
     let t = o3.tensor("lm_head.weight").unwrap();
     assert_eq!(t.dtype, Dtype::F32);
     assert_eq!(t.to_f32().unwrap(), to_f32_vec(Dtype::BF16, base.tensor("lm_head.weight").unwrap().data));
+}
+
+#[test]
+fn apply_finetuned_must_match_the_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let base_p = fixture("mlp", "base");
+    let (base, ft) = (Checkpoint::open(&base_p).unwrap(), Checkpoint::open(fixture("mlp", "ft_a")).unwrap());
+    // A fine-tuned model without layers.2.bias.
+    let tensors: Vec<(&str, Vec<usize>, Data)> = ft
+        .iter()
+        .filter(|t| t.name != "layers.2.bias")
+        .map(|t| (t.name, t.shape.to_vec(), Data::F32(t.to_f32().unwrap())))
+        .collect();
+    let partial = dir.path().join("partial");
+    write_model(&partial, &tensors, BTreeMap::new());
+    let out = dir.path().join("out");
+    let err = fails(&["apply", &base_p, "--finetuned", &s(&partial), "-o", &s(&out)], 1);
+    assert!(err.contains("1 tensor only in the base (layers.2.bias)"), "{err}");
+    assert!(!out.exists());
+    // With --allow-missing the missing tensor gets a zero delta: the base's bytes; the others the fine-tuned values.
+    let o = ok(&["apply", &base_p, "--finetuned", &s(&partial), "-o", &s(&out), "--allow-missing"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("skipping tensor 'layers.2.bias'"));
+    let out = Checkpoint::open(&out).unwrap();
+    assert_eq!(out.tensor("layers.2.bias").unwrap().data, base.tensor("layers.2.bias").unwrap().data);
+    let (o, f, b) = (values(&out, "layers.2.weight"), values(&ft, "layers.2.weight"), values(&base, "layers.2.weight"));
+    for i in 0..o.len() {
+        let bound = ulp(f[i] - b[i], 24) / 2.0 + ulp(o[i], 24);
+        assert!((o[i] - f[i]).abs() <= bound, "layers.2.weight[{i}]");
+    }
 }
 
 #[test]

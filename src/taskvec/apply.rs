@@ -35,7 +35,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::matching::{pair, Coverage, Skipped};
-use super::{canonical_display, release, TASK_ARITHMETIC, TASK_VECTOR_OF};
+use super::{canonical_display, detached_bytes, release, TASK_ARITHMETIC, TASK_VECTOR_OF};
 use crate::checkpoint::{Checkpoint, CheckpointWriter, Dtype, TensorDecl, TensorView, WriterOptions};
 use crate::error::{Error, Result};
 use crate::exec::{Executor, Produce};
@@ -130,7 +130,7 @@ pub fn apply(
     let base_canon = canonical_display(base.path());
     for t in terms.iter().filter(|t| t.kind == TermKind::Vector) {
         if let Some(of) = vector_base(t.ck)? {
-            if of != base_canon {
+            if canonical_display(Path::new(&of)) != base_canon {
                 warnings.push(format!(
                     "{} is the task vector of a model against base {of}, not against {base_canon}",
                     t.ck.path().display()
@@ -192,7 +192,7 @@ pub fn apply(
         let b = base.view(k);
         if contributors[k].is_empty() {
             if decl.dtype == b.dtype {
-                return Ok(Produce::Bytes(b.data));
+                return Ok(Produce::Owned(detached_bytes(base, &b)));
             }
             return Ok(Produce::Elementwise(Box::new(move |r| {
                 let v = b.f32_range(r.clone())?;

@@ -11,7 +11,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::matching::{pair, Coverage, Skipped};
-use super::{canonical_display, delta_range, release, TASK_VECTOR_OF};
+use super::{canonical_display, delta_range, detached_bytes, release, TASK_VECTOR_OF};
 use crate::checkpoint::{Checkpoint, CheckpointWriter, Dtype, TensorDecl, WriterOptions};
 use crate::error::{Error, Result};
 use crate::exec::{chunk_ranges, Executor, Produce};
@@ -121,7 +121,7 @@ pub fn diff(
     writer_opts.metadata.insert(TASK_VECTOR_OF.to_string(), origin.to_string());
     let writer = CheckpointWriter::create(out, decls, writer_opts)?;
     let written = exec.write(writer, "diff", |i, _decl| match &entries[i] {
-        Entry::Carry(name) => Ok(Produce::Bytes(ft.tensor(name)?.data)),
+        Entry::Carry(name) => Ok(Produce::Owned(detached_bytes(ft, &ft.tensor(name)?))),
         Entry::Delta(name) => {
             let (f, b) = (ft.tensor(name)?, base.tensor(name)?);
             Ok(Produce::Elementwise(Box::new(move |r| {

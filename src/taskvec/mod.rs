@@ -15,7 +15,7 @@
 use std::ops::Range;
 use std::path::Path;
 
-use crate::checkpoint::{Checkpoint, TensorView};
+use crate::checkpoint::{Checkpoint, TensorView, INDEX_NAME, SINGLE_NAME};
 use crate::error::Result;
 
 pub mod apply;
@@ -55,9 +55,24 @@ pub(crate) fn release(ck: &Checkpoint, view: &TensorView, range: Range<usize>) {
     ck.release_bytes(&view.data[range.start * s..range.end * s]);
 }
 
-/// The path as recorded in metadata and compared across commands: absolute when it can be resolved.
+/// A pass-through copy of a whole tensor's bytes, after which its mapped pages are released. Handing the executor
+/// the mapped slice itself would be zero-copy, but every page it touches would then stay resident until the end,
+/// and a command passing most of a model through would hold the whole model in memory.
+pub(crate) fn detached_bytes(ck: &Checkpoint, view: &TensorView) -> Vec<u8> {
+    let bytes = view.data.to_vec();
+    ck.release(view.data);
+    bytes
+}
+
+/// A checkpoint's identity as recorded in metadata and compared across commands: the absolute path, and for the
+/// `model.safetensors` or index file of a directory, the directory (both open the same checkpoint).
 pub fn canonical_display(path: &Path) -> String {
-    path.canonicalize().unwrap_or_else(|_| path.to_path_buf()).display().to_string()
+    let p = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    let is_dir_entry = p.file_name().is_some_and(|n| n == SINGLE_NAME || n == INDEX_NAME);
+    match p.parent() {
+        Some(dir) if is_dir_entry => dir.display().to_string(),
+        _ => p.display().to_string(),
+    }
 }
 
 /// `names` as a short list for messages: the first few, then how many more.
