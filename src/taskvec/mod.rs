@@ -60,7 +60,7 @@ pub(crate) fn release(ck: &Checkpoint, view: &TensorView, range: Range<usize>) {
 /// and a command passing most of a model through would hold the whole model in memory.
 pub(crate) fn detached_bytes(ck: &Checkpoint, view: &TensorView) -> Vec<u8> {
     let bytes = view.data.to_vec();
-    ck.release(view.data);
+    ck.release_bytes(view.data);
     bytes
 }
 
