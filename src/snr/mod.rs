@@ -237,8 +237,8 @@ pub fn scan_targets(ck: &Checkpoint, opts: &ScanOptions) -> Vec<usize> {
         .iter()
         .enumerate()
         .filter(|(_, t)| t.dtype.is_float())
-        .filter(|(_, t)| opts.filter.as_ref().map_or(true, |f| f.is_match(&t.name)))
-        .filter(|(_, t)| opts.types.as_ref().map_or(true, |ts| ts.iter().any(|x| x == layer_type(&t.name))))
+        .filter(|(_, t)| opts.filter.as_ref().is_none_or(|f| f.is_match(&t.name)))
+        .filter(|(_, t)| opts.types.as_ref().is_none_or(|ts| ts.iter().any(|x| x == layer_type(&t.name))))
         .map(|(i, _)| i)
         .collect()
 }

@@ -89,7 +89,7 @@ fn layer_order(a: &TensorSnr, b: &TensorSnr) -> Ordering {
 pub fn rank_and_select(scans: &[TensorSnr], top_percent: f64, types: Option<&[String]>) -> Selection {
     let mut by_type: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     for (i, t) in scans.iter().enumerate() {
-        if types.map_or(true, |ts| ts.iter().any(|x| x == &t.layer_type)) {
+        if types.is_none_or(|ts| ts.iter().any(|x| x == &t.layer_type)) {
             by_type.entry(&t.layer_type).or_default().push(i);
         }
     }

@@ -118,7 +118,7 @@ pub fn save(
         w.write_tensor(&e.name, &bytes)?;
     }
     let written = w.finish()?;
-    if !out.extension().is_some_and(|x| x == "safetensors") {
+    if out.extension().is_none_or(|x| x != "safetensors") {
         let mut config = spec.to_json();
         if let ArchSpec::Bert { .. } = spec {
             // Hugging Face tools read the same file: keep it a valid BERT config.

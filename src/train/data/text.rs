@@ -39,7 +39,7 @@ pub fn read_spam_folders(dir: &Path) -> Result<Dataset> {
             .map_err(|e| Error::io(f, e))?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.is_file() && !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
-            .filter(|p| !p.extension().is_some_and(|x| x == "json"))
+            .filter(|p| p.extension().is_none_or(|x| x != "json"))
             .collect();
         files.sort();
         for p in files {
