@@ -4,6 +4,9 @@ Spectrum parity, and prints the comparison. Needs numpy, safetensors and torch (
   bench_snr.py gen FILE                 write the benchmark matrices (seeded) to a safetensors file
   bench_snr.py time FILE --repeats N --out JSONL [--cap S]   time torch.linalg.svdvals f32 and numpy svd f32
   bench_snr.py report DIR               compare graft's timings/values with the references and print the table
+  bench_snr.py parity GRAFT_JSON CHECKPOINT_FILE REGEX
+                                        Spectrum's own computation (torch float32) on the matching tensors of a
+                                        checkpoint vs `graft snr --json`'s values
 """
 import json
 import math
@@ -118,7 +121,8 @@ def report(d):
         t = truth[name]
         return f"{np.max(np.abs(np.sort(s)[::-1] - t)) / t[0]:.1e}"
 
-    print("singular values of an f32 matrix, 2 threads each, median seconds (repeats)")
+    threads = next(iter(graft.values()))["threads"]
+    print(f"singular values of an f32 matrix, {threads} thread(s) each, median seconds (repeats)")
     hdr = f"{'matrix':>12} {'graft':>14} {'torch f32':>14} {'numpy f32':>14} {'torch/graft':>12} {'numpy/graft':>12}"
     print(hdr)
     for name, g in graft.items():
@@ -138,6 +142,35 @@ def report(d):
         print(f"{name[1:]:>12} {err(gs, name):>9} {err(ts, name):>9} {err(ns, name):>9} {ours:>14.8f} {theirs:>14.8f} {rel:>9.1e}")
 
 
+def parity(graft_json, ckpt, pattern):
+    import re
+
+    import torch
+    from safetensors import safe_open
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    ours = {t["name"]: t for t in json.load(open(graft_json))["tensors"]}
+    files = [ckpt] if os.path.isfile(ckpt) else sorted(
+        os.path.join(ckpt, x) for x in os.listdir(ckpt) if x.endswith(".safetensors"))
+    worst = 0.0
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            names = [n for n in f.keys() if re.search(pattern, n) and n in ours and ours[n]["snr"] is not None]
+            for name in names:
+                w = f.get_tensor(name).to(torch.float32)  # Spectrum loads the model with torch_dtype=float32
+                if w.ndim < 2:
+                    w = w.unsqueeze(0)
+                w = w.reshape(w.shape[0], -1)
+                t0 = time.perf_counter()
+                theirs = spectrum_snr(torch.linalg.svdvals(w), *w.shape)
+                dt = time.perf_counter() - t0
+                rel = abs(ours[name]["snr"] - theirs) / abs(theirs)
+                worst = max(worst, rel)
+                print(f"{name:45s} graft {ours[name]['snr']:.8f} spectrum {theirs:.8f} rel diff {rel:.1e} "
+                      f"(torch {dt:.2f} s)")
+    print(f"largest relative difference: {worst:.1e}")
+
+
 if __name__ == "__main__":
     cmd = sys.argv[1]
     if cmd == "gen":
@@ -151,5 +184,7 @@ if __name__ == "__main__":
         time_refs(path, repeats, out, cap)
     elif cmd == "report":
         report(sys.argv[2])
+    elif cmd == "parity":
+        parity(sys.argv[2], sys.argv[3], sys.argv[4])
     else:
         sys.exit(__doc__)
