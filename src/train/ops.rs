@@ -184,7 +184,12 @@ pub fn pointwise_conv(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result
     let (n, cin, h, wd) = x.dims4()?;
     let cout = w.dim(0)?;
     if w.elem_count() != cout * cin || b.elem_count() != cout {
-        candle_core::bail!("pointwise conv: weight {:?} / bias {:?} do not fit input {:?}", w.dims(), b.dims(), x.dims());
+        candle_core::bail!(
+            "pointwise conv: weight {:?} / bias {:?} do not fit input {:?}",
+            w.dims(),
+            b.dims(),
+            x.dims()
+        );
     }
     if !fused_available(x) {
         let y = w.reshape((cout, cin))?.broadcast_left(n)?.matmul(&x.reshape((n, cin, h * wd))?)?;
