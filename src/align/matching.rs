@@ -11,8 +11,8 @@
 //! Memory: tensors are never held whole. Each `(tensor, axis)` term is streamed from the memory maps in column
 //! chunks of the flattened `n x rest` view, packed as f64 into two `n x cols` buffers and multiplied into the `n x n`
 //! f64 accumulator; only the accumulator and the two buffers live between chunks. Determinism: chunk boundaries and
-//! the row blocks each worker multiplies depend only on the shapes, never on the thread count, so every accumulator
-//! entry sums the same products in the same order with any `--threads`.
+//! the accumulator tiles each worker multiplies depend only on the shapes, never on the thread count, so every
+//! accumulator entry sums the same products in the same order with any `--threads`.
 
 use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
@@ -90,6 +90,11 @@ pub fn weight_matching(
     spec.check_compatible(reference)?;
     spec.check_compatible(model)?;
     let mut perms = init.unwrap_or_else(|| super::permute::identity(spec));
+    let sizes_fit = perms.len() == spec.groups.len()
+        && perms.iter().zip(&spec.groups).all(|(p, g)| p.len() == g.size && lap::is_permutation(p));
+    if !sizes_fit {
+        return Err(Error::invalid("starting permutations do not fit the spec's groups"));
+    }
     let before = tensor_objectives(reference, model, spec, &perms, exec)?;
     let mut rng = Rng::for_label(opts.seed, "align/group-order");
     let mut iterations = 0;
