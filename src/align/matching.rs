@@ -11,8 +11,8 @@
 //! Memory: tensors are never held whole. Each `(tensor, axis)` term is streamed from the memory maps in column
 //! chunks of the flattened `n x rest` view, packed as f64 into two `n x cols` buffers and multiplied into the `n x n`
 //! f64 accumulator; only the accumulator and the two buffers live between chunks. Determinism: chunk boundaries and
-//! the row blocks each worker multiplies depend only on the shapes, never on the thread count, so every accumulator
-//! entry sums the same products in the same order with any `--threads`.
+//! the accumulator tiles each worker multiplies depend only on the shapes, never on the thread count, so every
+//! accumulator entry sums the same products in the same order with any `--threads`.
 
 use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
@@ -32,10 +32,11 @@ pub const TOLERANCE: f64 = 1e-12;
 /// f64 elements per packed operand (32 MiB): bounds memory while keeping the GEMM's inner dimension large.
 const PACK_ELEMS: usize = 1 << 22;
 
-/// Rows of the accumulator one worker multiplies at a time: about 64 blocks per matrix, so every thread has work,
-/// and at least 16 rows, so each block amortises packing the shared right-hand side. A function of `n` only.
-fn row_block(n: usize) -> usize {
-    n.div_ceil(64).clamp(16, 256)
+/// Side of the square tiles of the accumulator that workers multiply independently: small enough for about 64
+/// tiles per matrix (work for every thread), large enough that each tile amortises packing its operands. A
+/// function of `n` only, so the sums do not depend on the thread count.
+fn tile(n: usize) -> usize {
+    (n / 8).clamp(64, 256)
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -92,6 +93,11 @@ pub fn weight_matching(
     let incomparable = spec.incomparable(reference)?;
     spec.check_compatible(model)?;
     let mut perms = init.unwrap_or_else(|| super::permute::identity(spec));
+    let sizes_fit = perms.len() == spec.groups.len()
+        && perms.iter().zip(&spec.groups).all(|(p, g)| p.len() == g.size && lap::is_permutation(p));
+    if !sizes_fit {
+        return Err(Error::invalid("starting permutations do not fit the spec's groups"));
+    }
     let before = tensor_objectives(reference, model, spec, &perms, exec)?;
     let mut rng = Rng::for_label(opts.seed, "align/group-order");
     let mut iterations = 0;
@@ -322,11 +328,13 @@ impl Term {
             });
             let xm = MatRef::from_row_major_slice(&x[..n * c], n, c);
             let ym = MatRef::from_row_major_slice(&y[..n * c], n, c);
-            let rb = row_block(n);
-            acc.par_chunks_mut(rb * n).enumerate().for_each(|(b, dst)| {
-                let rows = dst.len() / n;
-                let dst = MatMut::from_row_major_slice_mut(dst, rows, n);
-                faer::linalg::matmul::matmul(dst, Accum::Add, xm.subrows(b * rb, rows), ym.transpose(), 1.0, Par::Seq);
+            let tb = tile(n);
+            let dst = MatMut::from_row_major_slice_mut(&mut acc[..], n, n);
+            dst.par_row_chunks_mut(tb).enumerate().for_each(|(bi, rows)| {
+                rows.par_col_chunks_mut(tb).enumerate().for_each(|(bj, t)| {
+                    let (lhs, rhs) = (xm.subrows(bi * tb, t.nrows()), ym.subrows(bj * tb, t.ncols()));
+                    faer::linalg::matmul::matmul(t, Accum::Add, lhs, rhs.transpose(), 1.0, Par::Seq);
+                });
             });
             c0 += c;
         }
@@ -397,7 +405,7 @@ mod tests {
 
     #[test]
     fn large_terms_are_chunked_deterministically() {
-        // n = 100 units of 500 elements, packed 20 columns at a time: 25 column chunks and seven row blocks.
+        // n = 100 units of 500 elements, packed 20 columns at a time: 25 column chunks and 2 x 2 tiles.
         let (n, rest) = (100usize, 500usize);
         let mut rng = Rng::new(4);
         let r: Vec<f32> = (0..n * rest).map(|_| rng.normal() as f32).collect();
@@ -408,7 +416,7 @@ mod tests {
         let file = std::path::Path::new("t");
         let rv = TensorView { name: "t", dtype: Dtype::F32, shape: &shape, data: &rb, file };
         let mv = TensorView { name: "t", dtype: Dtype::F32, shape: &shape, data: &mb, file };
-        assert!(n > row_block(n));
+        assert!(n > tile(n));
         let run = |threads: usize| {
             let exec = Executor::new(Some(threads)).unwrap();
             let mut acc = vec![0f64; n * n];

@@ -7,8 +7,8 @@
 
 use std::path::PathBuf;
 
-use super::{emit, Global, OutputArgs};
-use crate::checkpoint::Checkpoint;
+use super::{emit, parse_shard_size, Global, OutputArgs};
+use crate::checkpoint::{Checkpoint, DEFAULT_MAX_SHARD_SIZE};
 use crate::error::{Error, Result};
 use crate::exec::Executor;
 use crate::interpolate::{check_compatible, lambdas, write_point, Point};
@@ -22,8 +22,15 @@ pub struct Args {
     /// Number of points, end points included.
     #[arg(long, default_value_t = 25)]
     steps: usize,
-    #[command(flatten)]
-    out: OutputArgs,
+    /// Output directory: one checkpoint directory per point (`step-000`, ...) and `interpolation.json`.
+    #[arg(short = 'o', long = "output", value_name = "DIR")]
+    output: PathBuf,
+    /// Shard size limit of each point, e.g. 5GB (default, as Hugging Face), 500MB, 2GiB.
+    #[arg(long, value_parser = parse_shard_size, default_value_t = DEFAULT_MAX_SHARD_SIZE)]
+    max_shard_size: u64,
+    /// Replace checkpoints already at the output paths.
+    #[arg(long)]
+    force: bool,
     /// Print the manifest as one JSON document.
     #[arg(long)]
     json: bool,
@@ -33,7 +40,8 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
     let ls = lambdas(args.steps)?;
     let (a, b) = (Checkpoint::open(&args.a)?, Checkpoint::open(&args.b)?);
     check_compatible(&a, &b)?;
-    let dir = &args.out.output;
+    let out = OutputArgs { output: args.output.clone(), max_shard_size: args.max_shard_size, force: args.force };
+    let dir = &out.output;
     if dir.extension().is_some_and(|e| e == "safetensors") {
         return Err(Error::usage("interpolate writes one checkpoint per step: give a directory as -o"));
     }
@@ -44,7 +52,7 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
     let mut points = Vec::new();
     for (index, &lambda) in ls.iter().enumerate() {
         let path = dir.join(format!("step-{index:03}"));
-        let mut opts = args.out.writer_options(inputs.clone());
+        let mut opts = out.writer_options(inputs.clone());
         opts.carry_from = a.dir().map(|d| d.to_path_buf());
         write_point(&a, &b, lambda, &path, opts, &exec)?;
         points.push(Point { index, lambda, path });
