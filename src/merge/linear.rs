@@ -4,7 +4,7 @@
 
 use std::ops::Range;
 
-use super::method::{Arithmetic, BasePolicy, Contract, Ctx, Kernel, MergeMethod, TensorInputs};
+use super::method::{Arithmetic, BasePolicy, Buf, Contract, Ctx, Kernel, MergeMethod, TensorInputs};
 use super::params::{Default, Kind, ParamDef, Scope, TensorParams};
 use crate::error::{Error, Result};
 
@@ -24,7 +24,7 @@ struct LinearKernel<'a> {
 
 impl Kernel for LinearKernel<'_> {
     fn compute(&self, range: Range<usize>) -> Result<Vec<f32>> {
-        let mut acc = vec![0f32; range.len()];
+        let mut acc = Buf::zeroed(range.len());
         for (i, &w) in self.weights.iter().enumerate() {
             let x = self.inputs.read(i, range.clone())?;
             // One rounding per step, as torch's fused addcmul does (the f64 product of two f32 is exact).
@@ -39,7 +39,7 @@ impl Kernel for LinearKernel<'_> {
             }
         }
         self.arithmetic.round(&mut acc);
-        Ok(acc)
+        Ok(acc.into_vec())
     }
 }
 

@@ -7,7 +7,8 @@
 //! Purely elementwise methods (linear, task arithmetic, DARE) skip the pre-pass. The executor then calls the kernel
 //! chunk by chunk, so no method ever holds a whole large tensor in memory.
 
-use std::ops::Range;
+use std::cell::RefCell;
+use std::ops::{Deref, DerefMut, Range};
 
 use half::{bf16, f16};
 
@@ -83,6 +84,85 @@ pub fn round_slice(dtype: Dtype, v: &mut [f32]) {
     }
 }
 
+thread_local! {
+    static POOL: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Buffers kept per thread for reuse.
+const POOL_BUFFERS: usize = 8;
+
+/// A chunk-sized f32 scratch buffer from a per-thread pool; dropping it hands the memory back. Streaming a model
+/// touches millions of chunk buffers: fresh allocations would each be mapped, zeroed and page-faulted in by the
+/// kernel, which costs more than the merging itself.
+pub struct Buf(Vec<f32>);
+
+impl Buf {
+    /// `n` zeros.
+    pub fn zeroed(n: usize) -> Buf {
+        let mut b = Buf::scratch(n);
+        b.fill(0.0);
+        b
+    }
+
+    /// `n` values left over from earlier use, for callers that overwrite them all (saves the zeroing).
+    pub fn scratch(n: usize) -> Buf {
+        let mut v = POOL.with(|p| p.borrow_mut().pop()).unwrap_or_default();
+        if v.len() >= n {
+            v.truncate(n);
+        } else {
+            v.resize(n, 0.0);
+        }
+        Buf(v)
+    }
+
+    /// A copy of `s`.
+    pub fn from_slice(s: &[f32]) -> Buf {
+        let mut b = Buf::scratch(s.len());
+        b.copy_from_slice(s);
+        b
+    }
+
+    /// The values as a plain vector (leaving the pool).
+    pub fn into_vec(mut self) -> Vec<f32> {
+        std::mem::take(&mut self.0)
+    }
+}
+
+impl Drop for Buf {
+    fn drop(&mut self) {
+        if self.0.capacity() > 0 {
+            let v = std::mem::take(&mut self.0);
+            POOL.with(|p| {
+                let mut p = p.borrow_mut();
+                if p.len() < POOL_BUFFERS {
+                    p.push(v);
+                }
+            });
+        }
+    }
+}
+
+impl Deref for Buf {
+    type Target = Vec<f32>;
+    fn deref(&self) -> &Vec<f32> {
+        &self.0
+    }
+}
+
+impl<'a> IntoIterator for &'a Buf {
+    type Item = &'a f32;
+    type IntoIter = std::slice::Iter<'a, f32>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
+impl DerefMut for Buf {
+    fn deref_mut(&mut self) -> &mut Vec<f32> {
+        &mut self.0
+    }
+}
+
 /// Everything a method may consult besides the tensor itself.
 pub struct Ctx<'e> {
     /// For chunked pre-passes (their results come back in chunk order whatever the thread count).
@@ -126,8 +206,9 @@ impl<'a> TensorInputs<'a> {
     }
 
     /// Elements `range` of input `i` as f32 (rounded to the working dtype in mergekit mode).
-    pub fn read(&self, i: usize, range: Range<usize>) -> Result<Vec<f32>> {
-        let mut v = self.views[i].f32_range(range)?;
+    pub fn read(&self, i: usize, range: Range<usize>) -> Result<Buf> {
+        let mut v = Buf::scratch(range.len());
+        self.views[i].read_f32_range(range, &mut v)?;
         self.arithmetic.round(&mut v);
         Ok(v)
     }

@@ -6,7 +6,7 @@
 
 use std::ops::Range;
 
-use super::method::{BasePolicy, Contract, Ctx, Kernel, MergeMethod, TensorInputs};
+use super::method::{BasePolicy, Buf, Contract, Ctx, Kernel, MergeMethod, TensorInputs};
 use super::params::{Default, Kind, ParamDef, Scope, TensorParams};
 use crate::error::Result;
 
@@ -42,7 +42,7 @@ struct StockKernel<'a> {
 impl Kernel for StockKernel<'_> {
     fn compute(&self, range: Range<usize>) -> Result<Vec<f32>> {
         let w0 = self.inputs.read(self.base, range.clone())?;
-        let mut sum = vec![0f32; range.len()];
+        let mut sum = Buf::zeroed(range.len());
         for &i in &self.others {
             let x = self.inputs.read(i, range.clone())?;
             for (s, v) in sum.iter_mut().zip(&x) {
@@ -56,7 +56,7 @@ impl Kernel for StockKernel<'_> {
             *o = t * (s / count) + (1.0 - t) * *o;
         }
         self.inputs.arithmetic.round(&mut out);
-        Ok(out)
+        Ok(out.into_vec())
     }
 }
 

@@ -26,7 +26,7 @@ impl Kernel for PassKernel<'_> {
             }
             self.inputs.arithmetic.round(&mut x);
         }
-        Ok(x)
+        Ok(x.into_vec())
     }
 }
 

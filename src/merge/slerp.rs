@@ -46,7 +46,7 @@ impl Kernel for SlerpKernel<'_> {
         if self.s1 != 0.0 {
             let y = self.inputs.read(self.b, range)?;
             if self.s0 == 0.0 {
-                x = y.iter().map(|v| v * self.s1).collect();
+                x.iter_mut().zip(&y).for_each(|(u, v)| *u = v * self.s1);
             } else {
                 for (u, v) in x.iter_mut().zip(&y) {
                     *u = self.s0 * *u + self.s1 * v;
@@ -58,7 +58,7 @@ impl Kernel for SlerpKernel<'_> {
             }
         }
         self.inputs.arithmetic.round(&mut x);
-        Ok(x)
+        Ok(x.into_vec())
     }
 }
 

@@ -18,6 +18,7 @@
 
 use std::ops::Range;
 
+use super::method::Buf;
 use crate::error::Result;
 use crate::exec::{Executor, CHUNK_ELEMS};
 use crate::rng::Rng;
@@ -67,14 +68,9 @@ pub struct RankWindow {
 }
 
 impl RankWindow {
-    /// Zeroes the entries of `d` (elements `range` of the series) outside the window. `prefix_keys` supplies the keys
+    /// Zeroes the entries of `d` (elements `range` of the series) outside the window. `prefix` supplies the values
     /// of `[chunk start, range.start)` when `range` does not start on a chunk boundary.
-    pub fn apply(
-        &self,
-        range: Range<usize>,
-        d: &mut [f32],
-        prefix_keys: &dyn Fn(Range<usize>) -> Result<Vec<u32>>,
-    ) -> Result<()> {
+    pub fn apply(&self, range: Range<usize>, d: &mut [f32], prefix: &dyn Fn(Range<usize>) -> Result<Buf>) -> Result<()> {
         let (lower, upper) = match &self.window {
             Window::All => return Ok(()),
             Window::Nothing => {
@@ -88,35 +84,51 @@ impl RankWindow {
         let mut seen_hi = upper.eq_before[chunk];
         let chunk_start = chunk * CHUNK_ELEMS;
         if range.start > chunk_start {
-            for k in prefix_keys(chunk_start..range.start)? {
+            for k in prefix(chunk_start..range.start)?.iter().map(|&x| key(x)) {
                 seen_lo += (k == lower.key) as usize;
                 seen_hi += (k == upper.key) as usize;
             }
         }
-        let same = lower.key == upper.key;
-        for x in d.iter_mut() {
-            let k = key(*x);
-            let keep = if k < lower.key || k > upper.key {
-                false
-            } else if k != lower.key && k != upper.key {
-                true
+        let (lk, uk) = (lower.key, upper.key);
+        let (lo, hi) = (self.lo, self.hi);
+        // Equal keys have rank `less + ordinal among the equal ones`. bf16 task vectors put a large share of their
+        // entries exactly on a boundary key, but in every block but one per boundary those entries are all kept or
+        // all dropped: decide per block of 4096, and run the branch-free (vectorisable) loop with constants there.
+        let whole = |first: usize, count: usize| -> Option<bool> {
+            if count == 0 || (first >= lo && first + count <= hi) {
+                Some(count > 0)
+            } else if first + count <= lo || first >= hi {
+                Some(false)
             } else {
-                let rank = if k == lower.key {
-                    let r = lower.less + seen_lo;
-                    seen_lo += 1;
-                    if same {
-                        seen_hi += 1;
-                    }
-                    r
-                } else {
-                    let r = upper.less + seen_hi;
-                    seen_hi += 1;
-                    r
-                };
-                rank >= self.lo && rank < self.hi
-            };
-            if !keep {
-                *x = 0.0;
+                None
+            }
+        };
+        for block in d.chunks_mut(4096) {
+            let count_l = block.iter().filter(|x| key(**x) == lk).count();
+            let count_u = if lk == uk { count_l } else { block.iter().filter(|x| key(**x) == uk).count() };
+            let keep_l = whole(lower.less + seen_lo, count_l);
+            let keep_u = if lk == uk { keep_l } else { whole(upper.less + seen_hi, count_u) };
+            if let (Some(kl), Some(ku)) = (keep_l, keep_u) {
+                for x in block.iter_mut() {
+                    let k = key(*x);
+                    let keep = ((k > lk) & (k < uk)) | ((k == lk) & kl) | ((k == uk) & ku);
+                    *x = if keep { *x } else { 0.0 };
+                }
+                seen_lo += count_l;
+                seen_hi += count_u;
+                continue;
+            }
+            for x in block.iter_mut() {
+                let k = key(*x);
+                let (eq_l, eq_u) = (k == lk, k == uk);
+                let r_l = lower.less + seen_lo;
+                let r_u = upper.less + seen_hi;
+                let keep = ((k > lk) & (k < uk))
+                    | (eq_l & (r_l >= lo) & (r_l < hi))
+                    | (eq_u & !eq_l & (r_u >= lo) & (r_u < hi));
+                seen_lo += eq_l as usize;
+                seen_hi += eq_u as usize;
+                *x = if keep { *x } else { 0.0 };
             }
         }
         Ok(())
@@ -155,13 +167,13 @@ pub fn outlier_window(n: usize, density: f64, gamma: f64) -> (usize, usize) {
     (bot, (bot + target).min(n))
 }
 
-/// Computes the rank windows of several series sharing positions `0..n`: `keys(range)` returns, per series, the
-/// magnitude keys of that chunk. Two chunked passes over the data, however many series.
+/// Computes the rank windows of several series sharing positions `0..n`: `values(range)` returns, per series, the
+/// values of that chunk (ranked by magnitude). Two chunked passes over the data, however many series.
 pub fn rank_windows(
     exec: &Executor,
     n: usize,
     windows: &[(usize, usize)],
-    keys: &(dyn Fn(Range<usize>) -> Result<Vec<Vec<u32>>> + Sync),
+    values: &(dyn Fn(Range<usize>) -> Result<Vec<Buf>> + Sync),
 ) -> Result<Vec<RankWindow>> {
     let s = windows.len();
     let trivial = |(lo, hi): (usize, usize)| hi <= lo || (lo == 0 && hi >= n);
@@ -170,15 +182,15 @@ pub fn rank_windows(
     }
     // Pass one: histogram of the high 16 bits per series.
     let parts = exec.chunked(n, |r| {
-        let ks = keys(r)?;
+        let vs = values(r)?;
         let mut h = vec![vec![0u32; 1 << 16]; s];
-        for (j, k) in ks.iter().enumerate() {
+        for (j, v) in vs.iter().enumerate() {
             if trivial(windows[j]) {
                 continue;
             }
             let hj = &mut h[j];
-            for &x in k {
-                hj[(x >> 16) as usize] += 1;
+            for &x in v.iter() {
+                hj[(key(x) >> 16) as usize] += 1;
             }
         }
         Ok(h)
@@ -211,11 +223,11 @@ pub fn rank_windows(
     drop(hist);
     // Pass two: the low 16 bits of the elements inside those buckets, kept per chunk to count ties per chunk.
     let parts = exec.chunked(n, |r| {
-        let ks = keys(r)?;
+        let vs = values(r)?;
         let mut out: Vec<[Vec<u16>; 2]> = vec![[Vec::new(), Vec::new()]; s];
-        for (j, k) in ks.iter().enumerate() {
+        for (j, v) in vs.iter().enumerate() {
             let Some(t) = &targets[j] else { continue };
-            for &x in k {
+            for x in v.iter().map(|&x| key(x)) {
                 let hi = x >> 16;
                 for (e, &(b, _)) in t.iter().enumerate() {
                     if hi == b {
@@ -368,12 +380,12 @@ mod tests {
 
     fn windows_of(v: &[f32], w: (usize, usize), threads: usize) -> Vec<f32> {
         let exec = Executor::new(Some(threads)).unwrap().quiet();
-        let keys = |r: Range<usize>| -> Result<Vec<Vec<u32>>> { Ok(vec![v[r].iter().map(|&x| key(x)).collect()]) };
-        let rw = rank_windows(&exec, v.len(), &[w], &keys).unwrap().remove(0);
+        let values = |r: Range<usize>| -> Result<Vec<Buf>> { Ok(vec![Buf::from_slice(&v[r])]) };
+        let rw = rank_windows(&exec, v.len(), &[w], &values).unwrap().remove(0);
         let mut out = Vec::new();
         for r in crate::exec::chunk_ranges(v.len()) {
             let mut d = v[r.clone()].to_vec();
-            let pk = |q: Range<usize>| -> Result<Vec<u32>> { Ok(v[q].iter().map(|&x| key(x)).collect()) };
+            let pk = |q: Range<usize>| -> Result<Buf> { Ok(Buf::from_slice(&v[q])) };
             rw.apply(r, &mut d, &pk).unwrap();
             out.extend(d);
         }

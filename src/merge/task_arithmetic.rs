@@ -15,7 +15,7 @@
 
 use std::ops::Range;
 
-use super::method::{Arithmetic, BasePolicy, Contract, Ctx, Kernel, MergeMethod, TensorInputs};
+use super::method::{Arithmetic, BasePolicy, Buf, Contract, Ctx, Kernel, MergeMethod, TensorInputs};
 use super::params::{Default, Kind, ParamDef, Scope, TensorParams};
 use super::sparsify::{self, Lines, RankWindow};
 use crate::error::{Error, Result};
@@ -110,7 +110,7 @@ impl GtaKernel<'_> {
     }
 
     /// The task vector of series `j` over `range`, using `base` when it is already read for that range.
-    fn delta(&self, j: usize, range: Range<usize>, base: Option<&[f32]>) -> Result<Vec<f32>> {
+    fn delta(&self, j: usize, range: Range<usize>, base: Option<&[f32]>) -> Result<Buf> {
         let mut x = self.inputs.read(self.series[j].input, range.clone())?;
         let owned;
         let b = match base {
@@ -120,22 +120,19 @@ impl GtaKernel<'_> {
                 &owned
             }
         };
-        for (v, &bv) in x.iter_mut().zip(b) {
-            *v = self.ar.r(*v - bv);
-        }
+        x.iter_mut().zip(b).for_each(|(v, &bv)| *v -= bv);
+        self.ar.round(&mut x);
         Ok(x)
     }
 
     /// The sparsified (not yet rescaled) task vector of series `j` over `range`.
-    fn sparse_delta(&self, j: usize, range: Range<usize>, base: Option<&[f32]>) -> Result<Vec<f32>> {
+    fn sparse_delta(&self, j: usize, range: Range<usize>, base: Option<&[f32]>) -> Result<Buf> {
         match &self.series[j].sparse {
             Sparse::Keep => self.delta(j, range, base),
-            Sparse::Zero => Ok(vec![0.0; range.len()]),
+            Sparse::Zero => Ok(Buf::zeroed(range.len())),
             Sparse::Window(w) => {
                 let mut d = self.delta(j, range.clone(), base)?;
-                let prefix = |q: Range<usize>| -> Result<Vec<u32>> {
-                    Ok(self.delta(j, q, None)?.iter().map(|&x| sparsify::key(x)).collect())
-                };
+                let prefix = |q: Range<usize>| -> Result<Buf> { self.delta(j, q, None) };
                 w.apply(range, &mut d, &prefix)?;
                 Ok(d)
             }
@@ -151,7 +148,7 @@ impl GtaKernel<'_> {
                 let ext = first * bs..(range.end.div_ceil(bs) * bs).min(self.inputs.numel());
                 let mut d = self.delta(j, ext.clone(), None)?;
                 sparsify::della_mask(self.streams(j), *density, *epsilon, self.lines, first, &mut d);
-                Ok(d[range.start - ext.start..range.end - ext.start].to_vec())
+                Ok(Buf::from_slice(&d[range.start - ext.start..range.end - ext.start]))
             }
         }
     }
@@ -159,49 +156,66 @@ impl GtaKernel<'_> {
 
 impl Kernel for GtaKernel<'_> {
     fn compute(&self, range: Range<usize>) -> Result<Vec<f32>> {
+        // Whole-slice steps (vectorisable); in mergekit mode each step is followed by its rounding.
         let ar = self.ar;
+        let n = range.len();
         let base = self.inputs.read(self.base, range.clone())?;
-        let mut e: Vec<Vec<f32>> = Vec::with_capacity(self.series.len());
+        let mut e: Vec<Buf> = Vec::with_capacity(self.series.len());
         for (j, s) in self.series.iter().enumerate() {
             let mut d = self.sparse_delta(j, range.clone(), Some(&base))?;
             if let Some(scale) = s.scale {
-                for v in d.iter_mut() {
-                    *v = ar.r(*v * scale);
-                }
+                d.iter_mut().for_each(|v| *v *= scale);
+                ar.round(&mut d);
             }
-            for v in d.iter_mut() {
-                *v = ar.r(*v * s.weight);
-            }
+            d.iter_mut().for_each(|v| *v *= s.weight);
+            ar.round(&mut d);
             e.push(d);
         }
-        let mut out = base;
-        for (k, o) in out.iter_mut().enumerate() {
-            let (mut mixed, divisor) = match self.consensus {
-                Consensus::Sum => {
-                    let total: f32 = ar.r(e.iter().map(|d| d[k]).sum());
-                    let positive = total >= 0.0;
-                    let (mut m, mut w) = (0f32, 0f32);
-                    for (d, s) in e.iter().zip(&self.series) {
-                        let v = d[k];
-                        if (positive && v > 0.0) || (!positive && v < 0.0) {
-                            m += v;
-                            w += s.weight;
-                        }
-                    }
-                    let w = ar.r(w);
-                    (ar.r(m), if w == 0.0 { 1.0 } else { w })
+        let mut mixed = Buf::zeroed(n);
+        let divisor = match self.consensus {
+            Consensus::None => {
+                for d in &e {
+                    mixed.iter_mut().zip(d).for_each(|(m, v)| *m += v);
                 }
-                Consensus::None => (ar.r(e.iter().map(|d| d[k]).sum()), self.weight_sum),
-            };
-            if self.normalize {
-                mixed = ar.r(mixed / divisor);
+                ar.round(&mut mixed);
+                None
             }
-            if self.lambda != 1.0 {
-                mixed = ar.r(mixed * self.lambda);
+            Consensus::Sum => {
+                let mut total = Buf::zeroed(n);
+                for d in &e {
+                    total.iter_mut().zip(d).for_each(|(t, v)| *t += v);
+                }
+                ar.round(&mut total);
+                let mut wsum = Buf::zeroed(n);
+                for (d, s) in e.iter().zip(&self.series) {
+                    let w = s.weight;
+                    for (((m, ws), &t), &v) in mixed.iter_mut().zip(wsum.iter_mut()).zip(&total).zip(d) {
+                        let agree = if t >= 0.0 { v > 0.0 } else { v < 0.0 };
+                        *m += if agree { v } else { 0.0 };
+                        *ws += if agree { w } else { 0.0 };
+                    }
+                }
+                ar.round(&mut mixed);
+                ar.round(&mut wsum);
+                wsum.iter_mut().for_each(|w| *w = if *w == 0.0 { 1.0 } else { *w });
+                Some(wsum)
             }
-            *o = ar.r(*o + mixed);
+        };
+        if self.normalize {
+            match &divisor {
+                Some(w) => mixed.iter_mut().zip(w).for_each(|(m, w)| *m /= w),
+                None => mixed.iter_mut().for_each(|m| *m /= self.weight_sum),
+            }
+            ar.round(&mut mixed);
         }
-        Ok(out)
+        if self.lambda != 1.0 {
+            mixed.iter_mut().for_each(|m| *m *= self.lambda);
+            ar.round(&mut mixed);
+        }
+        let mut out = base;
+        out.iter_mut().zip(mixed.iter()).for_each(|(o, m)| *o += m);
+        ar.round(&mut out);
+        Ok(out.into_vec())
     }
 }
 
@@ -269,12 +283,9 @@ impl Gta {
             .collect();
         if !pending.is_empty() {
             let windows: Vec<(usize, usize)> = pending.iter().map(|p| p.1).collect();
-            let keys = |r: Range<usize>| -> Result<Vec<Vec<u32>>> {
+            let keys = |r: Range<usize>| -> Result<Vec<Buf>> {
                 let b = k.inputs.read(k.base, r.clone())?;
-                pending
-                    .iter()
-                    .map(|&(j, _)| Ok(k.delta(j, r.clone(), Some(&b))?.iter().map(|&x| sparsify::key(x)).collect()))
-                    .collect()
+                pending.iter().map(|&(j, _)| k.delta(j, r.clone(), Some(&b))).collect()
             };
             let found = sparsify::rank_windows(ctx.exec, n, &windows, &keys)?;
             for ((j, _), w) in pending.iter().zip(found) {

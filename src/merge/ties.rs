@@ -14,7 +14,7 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use super::method::{Contract, Ctx, Kernel, MergeMethod, TensorInputs};
+use super::method::{Buf, Contract, Ctx, Kernel, MergeMethod, TensorInputs};
 use super::params::{Default, Kind, ParamDef, Scope, TensorParams};
 use super::sparsify;
 use super::task_arithmetic::{gta_params, Consensus, Gta, Sparsification};
@@ -49,7 +49,7 @@ fn trimmed(
     weights: &[f32],
     thresholds: &[Option<u32>],
     range: Range<usize>,
-) -> Result<Vec<Vec<f32>>> {
+) -> Result<Vec<Buf>> {
     let base_i = inputs.base_index()?;
     let b = inputs.read(base_i, range.clone())?;
     inputs
@@ -215,7 +215,7 @@ struct PaperKernel<'a> {
 impl Kernel for PaperKernel<'_> {
     fn compute(&self, range: Range<usize>) -> Result<Vec<f32>> {
         let tv = trimmed(&self.inputs, &self.weights, &self.stats.thresholds, range.clone())?;
-        let mut out = self.inputs.read(self.inputs.base_index()?, range)?;
+        let mut out = self.inputs.read(self.inputs.base_index()?, range)?.into_vec();
         for (k, o) in out.iter_mut().enumerate() {
             let total: f32 = tv.iter().map(|v| v[k]).sum();
             let sign = if total > 0.0 {
