@@ -70,7 +70,12 @@ pub struct RankWindow {
 impl RankWindow {
     /// Zeroes the entries of `d` (elements `range` of the series) outside the window. `prefix` supplies the values
     /// of `[chunk start, range.start)` when `range` does not start on a chunk boundary.
-    pub fn apply(&self, range: Range<usize>, d: &mut [f32], prefix: &dyn Fn(Range<usize>) -> Result<Buf>) -> Result<()> {
+    pub fn apply(
+        &self,
+        range: Range<usize>,
+        d: &mut [f32],
+        prefix: &dyn Fn(Range<usize>) -> Result<Buf>,
+    ) -> Result<()> {
         let (lower, upper) = match &self.window {
             Window::All => return Ok(()),
             Window::Nothing => {
