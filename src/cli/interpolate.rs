@@ -34,6 +34,16 @@ pub struct Args {
     /// Print the manifest as one JSON document.
     #[arg(long)]
     json: bool,
+    /// Evaluate every point on this data (as `graft eval --data` takes it): test-split metrics per lambda, in the
+    /// manifest and, with --results, as `kind: interpolate` results lines for `graft report`'s loss-barrier charts.
+    #[arg(long, value_name = "DATA")]
+    eval_data: Option<String>,
+    /// Seed of the data split used by --eval-data (use the models' training seed).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Append one results line per point to this file (needs --eval-data).
+    #[arg(long, requires = "eval_data")]
+    results: Option<PathBuf>,
 }
 
 pub fn run(args: Args, global: &Global) -> Result<()> {
@@ -57,11 +67,60 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
         write_point(&a, &b, lambda, &path, opts, &exec)?;
         points.push(Point { index, lambda, path });
     }
+    let mut metrics: Vec<Option<serde_json::Value>> = vec![None; points.len()];
+    if let Some(data) = &args.eval_data {
+        let experiment = format!("interpolate {} -> {}", args.a.display(), args.b.display());
+        let config =
+            serde_json::json!({ "a": args.a.display().to_string(), "b": args.b.display().to_string(), "data": data });
+        for (p, m) in points.iter().zip(metrics.iter_mut()) {
+            let opts = crate::train::EvalOptions {
+                checkpoint: p.path.clone(),
+                arch: Default::default(),
+                data: crate::train::DataOptions {
+                    spec: data.clone(),
+                    classes: None,
+                    val_fraction: 0.1,
+                    test_fraction: 0.2,
+                    normalize: None,
+                    limit: None,
+                    tokenizer: None,
+                    max_len: 128,
+                },
+                split: "test".into(),
+                batch: 512,
+                seed: args.seed,
+                device: "cpu".into(),
+                results: None,
+                experiment: None,
+            };
+            let out = super::with_threads(global, || crate::train::run_eval(&opts))?;
+            if let Some(r) = &args.results {
+                let line =
+                    crate::train::results::interpolate_line(&experiment, args.seed, p.lambda, &config, &out.metrics);
+                crate::train::results::append(r, &line)?;
+            }
+            *m = Some(serde_json::json!({
+                "accuracy": out.metrics.accuracy, "f1_weighted": out.metrics.f1_weighted,
+                "f1_macro": out.metrics.f1_macro, "loss": out.metrics.loss,
+            }));
+        }
+    }
+    let points_json: Vec<serde_json::Value> = points
+        .iter()
+        .zip(&metrics)
+        .map(|(p, m)| {
+            let mut v = serde_json::to_value(p).unwrap();
+            if let Some(m) = m {
+                v["metrics"] = m.clone();
+            }
+            v
+        })
+        .collect();
     let manifest = serde_json::json!({
         "a": args.a.display().to_string(),
         "b": args.b.display().to_string(),
         "steps": args.steps,
-        "points": points,
+        "points": points_json,
     });
     let manifest_path = dir.join("interpolation.json");
     std::fs::write(&manifest_path, serde_json::to_string_pretty(&manifest).unwrap() + "\n")
@@ -70,8 +129,12 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
         emit(&(manifest.to_string() + "\n"))
     } else {
         let mut s = String::new();
-        for p in &points {
-            s.push_str(&format!("{:>4}  lambda {:.4}  {}\n", p.index, p.lambda, p.path.display()));
+        for (p, m) in points.iter().zip(&metrics) {
+            let acc = m
+                .as_ref()
+                .map(|m| format!("  accuracy {:.4}", m["accuracy"].as_f64().unwrap_or(f64::NAN)))
+                .unwrap_or_default();
+            s.push_str(&format!("{:>4}  lambda {:.4}  {}{acc}\n", p.index, p.lambda, p.path.display()));
         }
         s.push_str(&format!("wrote {} checkpoints and {}\n", points.len(), manifest_path.display()));
         emit(&s)

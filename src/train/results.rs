@@ -59,6 +59,17 @@ pub fn train_line(
     line
 }
 
+/// One point of a path between two models (`graft interpolate --eval-data`): `config.lambda` is its position.
+pub fn interpolate_line(experiment: &str, seed: u64, lambda: f64, config: &Value, m: &Metrics) -> Value {
+    let mut config = flat_config(config);
+    config["lambda"] = json!(lambda);
+    let run_id = format!("{experiment}@{lambda}#{seed}");
+    json!({
+        "kind": "interpolate", "run_id": run_id, "experiment": experiment, "seed": seed, "config": config,
+        "metrics": Value::Object(metric_map(m)),
+    })
+}
+
 pub fn eval_line(run_id: &str, experiment: &str, seed: u64, config: &Value, m: &Metrics) -> Value {
     json!({
         "kind": "eval", "run_id": run_id, "experiment": experiment, "seed": seed, "config": flat_config(config),
