@@ -4,7 +4,7 @@
 //! and Rust's `as f32` both round that way). Other dtypes are opaque bytes that pass through untouched.
 
 use half::slice::HalfFloatSliceExt;
-use half::{bf16, f16};
+use half::f16;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Dtype {
@@ -120,14 +120,27 @@ pub fn to_f32(dtype: Dtype, bytes: &[u8], out: &mut [f32]) {
                 }
             }
         },
-        Dtype::BF16 => match bytemuck::try_cast_slice::<u8, bf16>(bytes) {
-            Ok(src) if cfg!(target_endian = "little") => src.convert_to_f32_slice(out),
-            _ => {
-                for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                    *o = bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
+        // A bf16 is the upper half of an f32: widening is a shift, NaNs quietened as `half` does. Branch-free, so it
+        // vectorises (half's per-element branch does not, and widening dominated merge kernels' profiles).
+        Dtype::BF16 => {
+            let widen = |h: u16| {
+                let bits = (h as u32) << 16;
+                let nan = (bits & 0x7fff_ffff) > 0x7f80_0000;
+                f32::from_bits(bits | ((nan as u32) << 22))
+            };
+            match bytemuck::try_cast_slice::<u8, u16>(bytes) {
+                Ok(src) if cfg!(target_endian = "little") => {
+                    for (o, &h) in out.iter_mut().zip(src) {
+                        *o = widen(h);
+                    }
+                }
+                _ => {
+                    for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                        *o = widen(u16::from_le_bytes([b[0], b[1]]));
+                    }
                 }
             }
-        },
+        }
         Dtype::F16 => match bytemuck::try_cast_slice::<u8, f16>(bytes) {
             Ok(src) if cfg!(target_endian = "little") => src.convert_to_f32_slice(out),
             _ => {
@@ -216,6 +229,7 @@ pub fn from_f32_vec(dtype: Dtype, src: &[f32]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use half::bf16;
 
     #[test]
     fn bf16_round_trip_is_exact_for_representable_values() {
@@ -275,6 +289,15 @@ mod tests {
         // f64 -> f32 rounds to nearest: 1 + 2^-24 is halfway between 1 and 1 + 2^-23 and goes to even (1.0).
         let b = (1.0f64 + 2f64.powi(-24)).to_le_bytes();
         assert_eq!(to_f32_vec(Dtype::F64, &b), vec![1.0]);
+    }
+
+    #[test]
+    fn bf16_widening_matches_half_for_every_pattern() {
+        let bytes: Vec<u8> = (0..=u16::MAX).flat_map(|b| b.to_le_bytes()).collect();
+        let got = to_f32_vec(Dtype::BF16, &bytes);
+        for (b, g) in (0..=u16::MAX).zip(got) {
+            assert_eq!(g.to_bits(), bf16::from_bits(b).to_f32().to_bits(), "{b:#x}");
+        }
     }
 
     #[test]
