@@ -3,8 +3,8 @@
 //! Reading widens F16/BF16/F64 to f32; writing narrows f32 with round-to-nearest-even (the `half` crate's conversions
 //! and Rust's `as f32` both round that way). Other dtypes are opaque bytes that pass through untouched.
 
-use half::slice::HalfFloatSliceExt;
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Dtype {
