@@ -5,6 +5,7 @@
 //! and return plain f32 slices and small structs, never files, so they can be tested with plain vectors; the CLI
 //! (`cli`) only parses arguments, calls the library and prints.
 
+pub mod align;
 pub mod checkpoint;
 pub mod cli;
 pub mod convert;
@@ -12,10 +13,13 @@ pub mod error;
 pub mod exec;
 pub mod experiment;
 pub mod inspect;
+pub mod interpolate;
 pub mod merge;
 pub mod names;
 pub mod report;
 pub mod rng;
 pub mod snr;
+pub mod taskvec;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -338,29 +338,38 @@ impl Checkpoint {
         }
     }
 
-    /// Drops this process's mapping of the pages holding tensor `name` (rounded out to 64 KiB, a multiple of every
-    /// page size). The bytes stay in the page cache and the next access maps them again, so this never changes what
-    /// a view reads; streaming commands call it once a tensor is written, which keeps their resident set at a few
-    /// tensors instead of growing to the size of every input. Unknown names and platforms without `madvise` are
-    /// no-ops.
+    /// Drops this process's mapping of tensor `name`'s pages once a streaming pass is done with it (see
+    /// `release_bytes`). Unknown names are ignored.
     pub fn release(&self, name: &str) {
-        #[cfg(unix)]
-        if let Some(&i) = self.by_name.get(name) {
-            const ALIGN: usize = 64 << 10;
-            let t = &self.tensors[i];
-            let s = &self.shards[t.shard];
-            let start = (s.data_start + t.begin) / ALIGN * ALIGN;
-            let end = (s.data_start + t.end).div_ceil(ALIGN).saturating_mul(ALIGN).min(s.map.len());
-            if end > start {
-                // SAFETY: the mapping is a read-only MAP_SHARED view of a file; MADV_DONTNEED only unmaps pages,
-                // and any later access (by any thread) faults the same file contents back in.
-                let _ = unsafe { s.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
-            }
+        if let Some(v) = self.get(name) {
+            self.release_bytes(v.data);
         }
     }
 
     pub fn iter(&self) -> impl Iterator<Item = TensorView<'_>> {
         (0..self.tensors.len()).map(|i| self.view(i))
+    }
+
+    /// Drops this process's mapping of `bytes` (a sub-slice of one of this checkpoint's tensor views) once a
+    /// streaming pass is done with it. Without this, every page ever read stays mapped and counts towards resident
+    /// memory, so streaming a 3 GB checkpoint would show 3 GB of RSS. The pages stay in the page cache; touching them
+    /// again maps them again. Slices from elsewhere are ignored; failures are ignored (this is only advice).
+    pub fn release_bytes(&self, bytes: &[u8]) {
+        let (start, len) = (bytes.as_ptr() as usize, bytes.len());
+        if len == 0 {
+            return;
+        }
+        for s in &self.shards {
+            let base = s.map.as_ptr() as usize;
+            if start >= base && start + len <= base + s.map.len() {
+                // SAFETY: the mapping is read-only and shared with the file, so dropping its pages loses nothing:
+                // a later access re-reads the same bytes from the page cache or the file. memmap2 widens the range
+                // to whole pages; neighbouring data on those pages is re-read the same way.
+                #[cfg(unix)]
+                let _ = unsafe { s.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start - base, len) };
+                return;
+            }
+        }
     }
 
     /// Sum of tensor data bytes.

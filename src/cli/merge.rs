@@ -222,7 +222,8 @@ fn build_config(a: &Args) -> Result<MergeConfig> {
 
 pub fn run(a: Args, global: &Global) -> Result<()> {
     let started = Instant::now();
-    let cfg = build_config(&a)?;
+    let mut cfg = build_config(&a)?;
+    cfg.copy_mismatched = a.snr_select.is_some();
     let models: Vec<Checkpoint> = cfg.model_paths().iter().map(Checkpoint::open).collect::<Result<_>>()?;
     let mut plan = plan::build(&cfg, &models)?;
     let exec = Executor::new(global.threads)?;

@@ -9,12 +9,19 @@ use clap::{Parser, Subcommand};
 use crate::checkpoint::{parse_size, WriterOptions, DEFAULT_MAX_SHARD_SIZE};
 use crate::error::{Error, Result};
 
+mod align;
+mod apply;
 mod convert;
+mod diff;
+mod eval;
 mod experiment;
 mod inspect;
+mod interpolate;
 mod merge;
 mod report;
+mod similarity;
 mod snr;
+mod train;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -37,8 +44,12 @@ enum Command {
     Inspect(inspect::Args),
     /// Merge models with mergekit's methods (flags or a mergekit YAML config), optionally only the top SNR layers.
     Merge(Box<merge::Args>),
-    /// Spectrum's per-matrix SNR: rankings per layer type, top-percent selection, Spectrum/axolotl files.
-    Snr(snr::Args),
+    /// Write the task vector (fine-tuned minus base) of a fine-tuned model.
+    Diff(diff::Args),
+    /// Task arithmetic: add weighted task vectors (or fine-tuned deltas) to a base.
+    Apply(apply::Args),
+    /// Compare task vectors (cosine, norms, sign agreement), or analyse a merge's consistency with its experts.
+    Similarity(similarity::Args),
     /// Re-shard a checkpoint and/or change the dtype of its float tensors.
     Convert(convert::Args),
     /// Tables with bootstrap mean +- standard error, charts and an HTML page from results files.
@@ -47,6 +58,16 @@ enum Command {
     Experiment(experiment::Args),
     /// Run a small version of the whole study on real digits shipped with graft (about a minute on 2 cores).
     Demo(experiment::DemoArgs),
+    /// Spectrum's per-matrix SNR: rankings per layer type, top-percent selection, Spectrum/axolotl files.
+    Snr(snr::Args),
+    /// Fine-tune a model on local data with a freezing policy; write the checkpoint and a results line.
+    Train(train::Args),
+    /// Accuracy, F1, loss and confusion matrix of a checkpoint on local data.
+    Eval(eval::Args),
+    /// Align a model to a reference by permuting hidden units (Git Re-Basin weight matching).
+    Align(align::Args),
+    /// Write the checkpoints (1-l)A + lB along the straight path between two models.
+    Interpolate(interpolate::Args),
 }
 
 /// Settings every subcommand may use.
@@ -69,12 +90,19 @@ pub fn run() -> Result<()> {
     }
     match cli.command {
         Command::Inspect(a) => inspect::run(a, &global),
-        Command::Merge(a) => merge::run(*a, &global),
+        Command::Diff(a) => diff::run(a, &global),
+        Command::Apply(a) => apply::run(a, &global),
+        Command::Similarity(a) => similarity::run(a, &global),
         Command::Convert(a) => convert::run(a, &global),
         Command::Report(a) => report::run(a, &global),
-        Command::Snr(a) => snr::run(a, &global),
         Command::Experiment(a) => experiment::run(a, &global),
         Command::Demo(a) => experiment::demo(a, &global),
+        Command::Merge(a) => merge::run(*a, &global),
+        Command::Snr(a) => snr::run(a, &global),
+        Command::Train(a) => train::run(a, &global),
+        Command::Eval(a) => eval::run(a, &global),
+        Command::Align(a) => align::run(a, &global),
+        Command::Interpolate(a) => interpolate::run(a, &global),
     }
 }
 
@@ -90,6 +118,33 @@ pub struct OutputArgs {
     /// Replace a checkpoint already at the output path.
     #[arg(long)]
     pub force: bool,
+}
+
+/// Runs `f` on a pool of `--threads` workers (all cores by default), where rayon and candle's kernels run.
+///
+/// candle sizes its matrix-product parallelism and its spinning elementwise worker pool from `RAYON_NUM_THREADS` /
+/// `CANDLE_NUM_THREADS`, and without them re-reads `/proc/cpuinfo` on every matrix product: set both once, before
+/// the first tensor operation, so `--threads` bounds candle too and the lookup is free.
+pub fn with_threads<R: Send>(global: &Global, f: impl FnOnce() -> Result<R> + Send) -> Result<R> {
+    let n = global.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    for var in ["RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"] {
+        if global.threads.is_some() || std::env::var_os(var).is_none() {
+            // Still single-threaded here: no other thread reads the environment concurrently.
+            std::env::set_var(var, n.to_string());
+        }
+    }
+    match global.threads {
+        None => f(),
+        Some(n) => rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build()
+            .map_err(|e| Error::invalid(format!("cannot start {n} worker threads: {e}")))?
+            .install(f),
+    }
+}
+
+pub(crate) fn parse_shard_size_arg(s: &str) -> std::result::Result<u64, String> {
+    parse_shard_size(s)
 }
 
 fn parse_shard_size(s: &str) -> std::result::Result<u64, String> {

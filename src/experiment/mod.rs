@@ -42,6 +42,8 @@ pub fn run(plan: &Plan, rundir: &Path, program: &Path) -> Result<Summary> {
     let mut outcomes = runner::run(program, rundir, &one, runner::progress(one.len()))?;
     for &seed in &plan.seeds {
         let dir = steps::seed_dir(rundir, seed);
+        let results_dir = dir.join("results");
+        std::fs::create_dir_all(&results_dir).map_err(|e| Error::io(&results_dir, e))?;
         let changed = plan.align
             && ["a", "b"].iter().any(|e| {
                 collect::read_json(&dir.join(format!("align-{e}.json"))).is_ok_and(|v| collect::alignment_changed(&v))

@@ -162,6 +162,8 @@ fn merge_method_args(method: &str) -> Vec<String> {
     match method {
         "lerp" | "linear" => vec![s("--method"), s("linear")],
         "ties" => vec![s("--method"), s("ties"), s("--density"), s("1")],
+        // t is the fallback; --alpha snr sets each merged layer's own.
+        "slerp" => vec![s("--method"), s("slerp"), s("--t"), s("0.5")],
         other => vec![s("--method"), s(other)],
     }
 }
@@ -249,6 +251,8 @@ pub fn phase_two(plan: &Plan, rundir: &Path, seed: u64, merges: &[MergeSpec]) ->
                 s("--base"),
                 path(&base),
                 s("--only-merged"),
+                // The experts' heads (other class counts) cannot be compared with the base's.
+                s("--allow-missing"),
                 s("--json"),
             ],
             outputs: vec![],

@@ -64,6 +64,9 @@ pub struct MergeConfig {
     pub tokenizer_source: Option<TokenizerSource>,
     /// The model that tensors left unmerged are copied from (graft's addition; default: the base, else the first model).
     pub reference: Option<PathBuf>,
+    /// Plan tensors whose shapes differ between the inputs (task-specific heads of experts) as copies from the
+    /// reference instead of refusing the merge. Only selective merges set it: they merge a subset by design.
+    pub copy_mismatched: bool,
 }
 
 impl MergeConfig {
@@ -138,7 +141,17 @@ pub fn parse(text: &str, file: &Path, dir: &Path) -> Result<MergeConfig> {
         }
         Some(v) => Some(TokenizerSource::Model(p.model(v, "tokenizer_source")?)),
     };
-    Ok(MergeConfig { method, base_model, inputs, parameters, dtype, out_dtype, tokenizer_source, reference: None })
+    Ok(MergeConfig {
+        method,
+        base_model,
+        inputs,
+        parameters,
+        dtype,
+        out_dtype,
+        tokenizer_source,
+        reference: None,
+        copy_mismatched: false,
+    })
 }
 
 struct Parser<'a> {
@@ -423,6 +436,7 @@ impl Flags {
             out_dtype: self.out_dtype,
             tokenizer_source: Some(TokenizerSource::Base),
             reference,
+            copy_mismatched: false,
         })
     }
 }

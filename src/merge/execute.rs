@@ -112,7 +112,9 @@ fn model_parameters(cfg: &MergeConfig) -> serde_json::Value {
 /// (mergekit writes the base's config always, tokenizer files only with `tokenizer_source`).
 pub fn carried(cfg: &MergeConfig, plan: &Plan, models: &[Checkpoint]) -> Option<(PathBuf, bool)> {
     let dir_of = |i: usize| models[i].dir().map(Path::to_path_buf);
-    let primary = plan.base.unwrap_or(plan.reference);
+    // A selective merge keeps the reference's tensors wherever it merges nothing (its head among them), so its
+    // config describes the output; otherwise the base does.
+    let primary = if cfg.copy_mismatched { plan.reference } else { plan.base.unwrap_or(plan.reference) };
     match &cfg.tokenizer_source {
         Some(TokenizerSource::Base) => dir_of(primary).map(|d| (d, false)),
         Some(TokenizerSource::Model(p)) => {

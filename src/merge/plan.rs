@@ -334,8 +334,10 @@ impl Builder<'_> {
         })
     }
 
-    /// Checks that `others` hold exactly the tensors (names and shapes) of `reference`.
-    fn check_same_tensors(&self, reference: usize, others: &[usize]) -> Result<()> {
+    /// Checks that `others` hold exactly the tensors (names and shapes) of `reference`. With `copy_mismatched`,
+    /// shape differences are returned (names) instead of refused; missing or extra tensors are always errors.
+    fn check_same_tensors(&self, reference: usize, others: &[usize]) -> Result<Vec<String>> {
+        let mut mismatched: Vec<String> = Vec::new();
         let r = &self.models[reference];
         let mut problems = Vec::new();
         for &o in others {
@@ -353,7 +355,11 @@ impl Builder<'_> {
             }
             for info in r.infos() {
                 if let Some(oi) = m.info(&info.name) {
-                    if oi.shape != info.shape {
+                    if oi.shape != info.shape && self.cfg.copy_mismatched {
+                        if !mismatched.contains(&info.name) {
+                            mismatched.push(info.name.clone());
+                        }
+                    } else if oi.shape != info.shape {
                         problems.push(format!(
                             "'{}' is {:?} in {} but {:?} in {}",
                             info.name,
@@ -367,7 +373,7 @@ impl Builder<'_> {
             }
         }
         if problems.is_empty() {
-            Ok(())
+            Ok(mismatched)
         } else {
             Err(Error::invalid(format!("the input models do not fit together: {}", problems.join("; "))))
         }
@@ -407,7 +413,7 @@ impl Builder<'_> {
         let reference = self.reference(base_pos.map(|p| inputs[p]), inputs[0]);
         let mut all = inputs.clone();
         all.push(reference);
-        self.check_same_tensors(primary, &all)?;
+        let mismatched = self.check_same_tensors(primary, &all)?;
         let ck = &self.models[primary];
         let layers = ck.names().filter_map(layer_of).max().map_or(0, |m| m + 1);
         let mut tensors = Vec::with_capacity(ck.len());
@@ -419,6 +425,10 @@ impl Builder<'_> {
             };
             let srcs: Vec<Source> = inputs.iter().map(|&m| Source { model: m, tensor: info.name.clone() }).collect();
             let from = Source { model: reference, tensor: info.name.clone() };
+            if mismatched.contains(&info.name) {
+                tensors.push(self.copy(&info.name, from, "shapes differ between the inputs", t));
+                continue;
+            }
             tensors.push(self.tensor(&info.name, &srcs, &scopes, base_pos, from, None, t)?);
         }
         Ok(Plan {

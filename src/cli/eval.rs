@@ -1,0 +1,99 @@
+//! `graft eval CKPT --data D`: accuracy, weighted and macro F1, loss and confusion matrix of any checkpoint graft
+//! produces, as a table or JSON.
+
+use std::fmt::Write;
+use std::path::PathBuf;
+
+use super::train::DataArgs;
+use super::{emit, table, Global};
+use crate::error::Result;
+use crate::train::models::Pooling;
+use crate::train::{self, ArchOptions, EvalOptions};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The checkpoint (file or directory).
+    checkpoint: PathBuf,
+    #[command(flatten)]
+    data: DataArgs,
+    /// Which split to measure: test, val or train.
+    #[arg(long, default_value = "test")]
+    split: String,
+    /// Expected architecture (checked against the checkpoint's).
+    #[arg(long)]
+    arch: Option<String>,
+    /// bert pooling override.
+    #[arg(long, value_enum)]
+    pooling: Option<Pooling>,
+    #[arg(long, default_value_t = 512)]
+    batch: usize,
+    /// Seed of the validation/test split (as given to graft train).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Append a results line (JSONL) to this file.
+    #[arg(long)]
+    results: Option<PathBuf>,
+    #[arg(long)]
+    experiment: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: Args, global: &Global) -> Result<()> {
+    let opts = EvalOptions {
+        checkpoint: a.checkpoint.clone(),
+        arch: ArchOptions { arch: a.arch.clone(), pooling: a.pooling, ..Default::default() },
+        data: a.data.options()?,
+        split: a.split.clone(),
+        batch: a.batch.max(1),
+        seed: a.seed,
+        device: a.device.clone(),
+        results: a.results.clone(),
+        experiment: a.experiment.clone(),
+    };
+    let out = super::with_threads(global, || train::run_eval(&opts))?;
+    if a.json {
+        return emit(&(serde_json::to_string(&out).unwrap() + "\n"));
+    }
+    let m = &out.metrics;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{}  ({} on {} split of {}, {} samples)",
+        out.checkpoint.display(),
+        out.arch["graft_arch"].as_str().unwrap_or("?"),
+        out.split,
+        out.data,
+        m.samples
+    );
+    let _ = writeln!(
+        s,
+        "accuracy {:.4}  f1 weighted {:.4}  f1 macro {:.4}  loss {:.4}",
+        m.accuracy,
+        m.f1_weighted,
+        m.f1_macro,
+        m.loss.unwrap_or(f64::NAN)
+    );
+    let mut header: Vec<String> = vec!["true \\ predicted".into()];
+    header.extend(out.classes.iter().cloned());
+    header.extend(["precision".into(), "recall".into(), "f1".into(), "support".into()]);
+    let hdr: Vec<&str> = header.iter().map(|h| h.as_str()).collect();
+    let mut t = table(&hdr);
+    for (i, row) in m.confusion.iter().enumerate() {
+        let mut cells: Vec<String> = vec![out.classes.get(i).cloned().unwrap_or_else(|| i.to_string())];
+        cells.extend(row.iter().map(|c| c.to_string()));
+        let pc = &m.per_class[i];
+        cells.extend([
+            format!("{:.4}", pc.precision),
+            format!("{:.4}", pc.recall),
+            format!("{:.4}", pc.f1),
+            pc.support.to_string(),
+        ]);
+        t.add_row(cells);
+    }
+    let _ = writeln!(s, "{t}");
+    emit(&s)
+}

@@ -1,0 +1,472 @@
+//! Fine-tuning and evaluation with candle: the only place graft runs networks.
+//!
+//! `run_train` turns a checkpoint (or a fresh model) plus local data into a trained checkpoint and a results line;
+//! `run_eval` measures any checkpoint graft produces. The pieces: `models` (mlp, sepcnn, resnet20, bert, names as
+//! the PyTorch originals), `params` (the ordered tensor store), `checkpoint_io` (store <-> graft checkpoints),
+//! `data` (formats, subsets, splits, batches), `freeze` (which parameters train), `ops` (fused CPU kernels),
+//! `optim` (fused AdamW), `trainer` (the loop), `metrics` (sklearn's definitions), `results` (JSONL lines).
+
+pub mod checkpoint_io;
+pub mod data;
+pub mod freeze;
+pub mod metrics;
+pub mod models;
+pub mod ops;
+pub mod optim;
+pub mod params;
+pub mod results;
+pub mod tokenize;
+pub mod trainer;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use serde::Serialize;
+
+use crate::checkpoint::{Checkpoint, WriterOptions};
+use crate::error::{Error, Result};
+use data::{Normalize, Samples, SplitOptions, Splits};
+use freeze::{FreezePolicy, FreezeSummary};
+use models::{ArchSpec, BnStats, Model, Pooling};
+use trainer::{EpochRecord, TrainConfig, TrainReport};
+
+/// How to build a model from `--arch` and its options when no checkpoint says.
+#[derive(Clone, Debug)]
+pub struct ArchOptions {
+    pub arch: Option<String>,
+    /// mlp hidden sizes.
+    pub hidden: Vec<usize>,
+    /// sepcnn/resnet20 width multiplier.
+    pub width: f64,
+    /// sepcnn stage depths.
+    pub depths: Vec<usize>,
+    /// bert pooling and head hidden size (also override a checkpoint's).
+    pub pooling: Option<Pooling>,
+    pub head_hidden: Option<usize>,
+}
+
+impl Default for ArchOptions {
+    fn default() -> Self {
+        ArchOptions {
+            arch: None,
+            hidden: vec![256, 128],
+            width: 1.0,
+            depths: models::sepcnn::DEFAULT_DEPTHS.to_vec(),
+            pooling: None,
+            head_hidden: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct DataOptions {
+    pub spec: String,
+    pub classes: Option<Vec<u32>>,
+    pub val_fraction: f64,
+    pub test_fraction: f64,
+    /// None: 0.5,0.5 for pixel data (the reference's Normalize(0.5, 0.5)), none for float data.
+    pub normalize: Option<String>,
+    pub limit: Option<usize>,
+    pub tokenizer: Option<PathBuf>,
+    pub max_len: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct TrainOptions {
+    pub arch: ArchOptions,
+    pub data: DataOptions,
+    pub init: Option<PathBuf>,
+    pub transfer_body: Option<PathBuf>,
+    pub freeze: FreezePolicy,
+    pub bn_stats: BnStats,
+    pub train: TrainConfig,
+    pub device: String,
+    pub output: Option<PathBuf>,
+    pub writer: WriterOptions,
+    pub results: Option<PathBuf>,
+    pub experiment: Option<String>,
+    pub baseline: bool,
+    /// Extra `key=value` entries for the results line's config (numbers when they parse as one), so reports can
+    /// plot metrics against parameters the trainer does not know (method, top-p of a merge).
+    pub tags: Vec<(String, String)>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TrainOutcome {
+    pub run_id: String,
+    pub arch: serde_json::Value,
+    pub data: String,
+    pub classes: Vec<String>,
+    pub samples: BTreeMap<&'static str, usize>,
+    pub freeze: FreezeSummary,
+    pub bn_stats: BnStats,
+    pub feature_extraction: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zero_shot_accuracy: Option<f64>,
+    pub report: TrainReport,
+    pub test: metrics::Metrics,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_memory_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output: Option<PathBuf>,
+}
+
+pub fn device(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" if cfg!(feature = "cuda") => {
+            Device::new_cuda(0).map_err(|e| Error::invalid(format!("--device cuda: cannot open GPU 0: {e}")))
+        }
+        "cuda" => Err(Error::usage("--device cuda: this graft was built without the `cuda` cargo feature")),
+        other => Err(Error::usage(format!("--device '{other}': expected cpu or cuda"))),
+    }
+}
+
+/// Loads and splits the data, tokenising texts with the tokenizer found for `tokenizer_dir`.
+pub fn load_data(opts: &DataOptions, seed: u64, tokenizer_dir: Option<&Path>) -> Result<(Splits, &'static str)> {
+    let mut src = data::open(&opts.spec)?;
+    let format = src.format;
+    if let Samples::Text(_) = &src.train.samples {
+        let path = tokenize::find(opts.tokenizer.as_deref(), tokenizer_dir)?;
+        let tok = tokenize::Tokenizer::open(&path, opts.max_len)?;
+        tok.tokenize(&mut src.train)?;
+        if let Some(t) = src.test.as_mut() {
+            tok.tokenize(t)?;
+        }
+    }
+    let split = SplitOptions {
+        classes: opts.classes.clone(),
+        val_fraction: opts.val_fraction,
+        test_fraction: opts.test_fraction,
+        seed,
+        limit: opts.limit,
+    };
+    Ok((data::subset::split(src, &split)?, format))
+}
+
+fn normalisation(opts: &DataOptions, splits: &Splits) -> Result<Normalize> {
+    let pixel = matches!(&splits.train.data.samples, Samples::Dense { features: data::Features::U8(_), .. });
+    let spec = opts.normalize.clone().unwrap_or_else(|| if pixel { "0.5,0.5".into() } else { "none".into() });
+    Ok(match Normalize::parse(&spec)? {
+        Some(n) => n,
+        None => Normalize::fit(&splits.train),
+    })
+}
+
+/// The architecture for a run: from the checkpoint when there is one (head resized for `--transfer-body`), else
+/// from `--arch` and the data.
+fn resolve_arch(
+    opts: &ArchOptions,
+    ck: Option<&Checkpoint>,
+    transfer: bool,
+    sample_shape: &[usize],
+    classes: usize,
+) -> Result<ArchSpec> {
+    let from_ck = match ck {
+        Some(ck) => checkpoint_io::arch_of(ck)?,
+        None => None,
+    };
+    let mut spec = match (from_ck, &opts.arch) {
+        (Some(s), Some(a)) if s.name() != a => {
+            return Err(Error::usage(format!(
+                "--arch {a} but {} holds a {} model",
+                ck.unwrap().path().display(),
+                s.name()
+            )))
+        }
+        (Some(s), _) => s,
+        (None, Some(a)) => fresh_arch(a, opts, sample_shape, classes)?,
+        (None, None) => {
+            return Err(Error::usage(match ck {
+                Some(ck) => format!(
+                    "{}: no architecture in its metadata ('{}') or config.json; pass --arch",
+                    ck.path().display(),
+                    checkpoint_io::ARCH_KEY
+                ),
+                None => "pass --arch (mlp, sepcnn, resnet20, bert) or --init/--transfer-body CHECKPOINT".into(),
+            }))
+        }
+    };
+    if let ArchSpec::Bert { pooling, head_hidden, .. } = &mut spec {
+        if let Some(p) = opts.pooling {
+            *pooling = p;
+        }
+        if let Some(h) = opts.head_hidden {
+            *head_hidden = h;
+        }
+    }
+    if spec.num_classes() != classes {
+        if transfer
+            || matches!(spec, ArchSpec::Bert { .. }) && ck.is_some_and(|c| c.get("classifier.out.weight").is_none())
+        {
+            spec = spec.with_num_classes(classes);
+        } else {
+            return Err(Error::usage(format!(
+                "the model has {} outputs but the data has {classes} classes; use --transfer-body to start a new head",
+                spec.num_classes()
+            )));
+        }
+    }
+    Ok(spec)
+}
+
+fn fresh_arch(name: &str, o: &ArchOptions, shape: &[usize], classes: usize) -> Result<ArchSpec> {
+    let channels = if shape.len() == 3 { shape[0] } else { 1 };
+    Ok(match name {
+        "mlp" => {
+            let mut sizes = vec![shape.iter().product::<usize>().max(1)];
+            sizes.extend(&o.hidden);
+            sizes.push(classes);
+            ArchSpec::Mlp { sizes }
+        }
+        "sepcnn" => models::sepcnn::spec(channels, o.width, &o.depths, classes),
+        "resnet20" => models::resnet20::spec(channels, o.width, classes),
+        "bert" => {
+            return Err(Error::usage("--arch bert needs a pretrained checkpoint: pass --init or --transfer-body DIR"))
+        }
+        other => return Err(Error::usage(format!("--arch '{other}': expected mlp, sepcnn, resnet20 or bert"))),
+    })
+}
+
+/// Builds the model for `spec` and loads `ck` into it (all tensors, or all but the head for a transfer).
+pub fn build_model(
+    spec: &ArchSpec,
+    ck: Option<&Checkpoint>,
+    transfer: bool,
+    dtype: DType,
+    device: &Device,
+    seed: u64,
+) -> Result<Box<dyn Model>> {
+    let store = params::ParamStore::new(dtype, device.clone(), seed);
+    let model = models::build(spec, store)?;
+    if let Some(ck) = ck {
+        // A pretrained encoder without graft's head gets a fresh head, as does every transfer.
+        let fresh_head =
+            transfer || (matches!(spec, ArchSpec::Bert { .. }) && ck.get("classifier.out.weight").is_none());
+        let m = &*model;
+        checkpoint_io::load(m.store(), ck, &|n| fresh_head && m.is_head(n))?;
+    }
+    Ok(model)
+}
+
+fn run_id(config: &serde_json::Value, seed: u64) -> String {
+    format!("{:016x}", crate::rng::stable_hash(&format!("{config}/{seed}")))
+}
+
+/// Keeps freed tensor buffers in the process heap (glibc returns large blocks to the kernel and maps them afresh,
+/// so every activation of every step page-faults and is zeroed by the kernel again: a third of a small CNN's step).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub fn tune_allocator() {
+    extern "C" {
+        fn mallopt(param: i32, value: i32) -> i32;
+    }
+    const M_TRIM_THRESHOLD: i32 = -1;
+    const M_MMAP_THRESHOLD: i32 = -3;
+    // SAFETY: mallopt only adjusts glibc allocator thresholds; both values are within the documented ranges
+    // (the mmap threshold is capped at 32 MiB on 64-bit systems).
+    unsafe {
+        mallopt(M_MMAP_THRESHOLD, 32 << 20);
+        mallopt(M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub fn tune_allocator() {}
+
+pub fn run_train(o: &TrainOptions) -> Result<TrainOutcome> {
+    tune_allocator();
+    let dev = device(&o.device)?;
+    if o.init.is_some() && o.transfer_body.is_some() {
+        return Err(Error::usage("--init and --transfer-body are exclusive (one starting checkpoint)"));
+    }
+    let start = o.init.as_ref().or(o.transfer_body.as_ref());
+    let ck = start.map(Checkpoint::open).transpose()?;
+    let transfer = o.transfer_body.is_some();
+    let tok_dir = ck.as_ref().and_then(|c| c.dir().map(Path::to_path_buf));
+    let (splits, format) = load_data(&o.data, o.train.seed, tok_dir.as_deref())?;
+    let shape = splits.train.data.samples.sample_shape();
+    let spec = resolve_arch(&o.arch, ck.as_ref(), transfer, &shape, splits.classes())?;
+    spec.check_input(&shape)?;
+    let model = build_model(&spec, ck.as_ref(), transfer, DType::F32, &dev, o.train.seed)?;
+    let fsum = freeze::apply(&*model, &o.freeze)?;
+    for bn in model.batchnorms() {
+        *bn.frozen_stats.lock().unwrap() = o.bn_stats;
+    }
+    let norm = normalisation(&o.data, &splits)?;
+
+    // Feature extraction: a frozen BERT encoder's pooled outputs are computed once.
+    let feature_mode = model.as_bert().is_some_and(|b| b.encoder_frozen());
+    let (train_p, val_p, test_p, norm) = if feature_mode {
+        let eb = o.train.eval_batch;
+        (
+            trainer::extract_features(&*model, &splits.train, eb)?,
+            trainer::extract_features(&*model, &splits.val, eb)?,
+            trainer::extract_features(&*model, &splits.test, eb)?,
+            Normalize::none(),
+        )
+    } else {
+        (splits.train.clone(), splits.val.clone(), splits.test.clone(), norm)
+    };
+    // Zero-shot accuracy means something only when the checkpoint brought its own head.
+    let head_loaded = o.init.is_some()
+        && ck
+            .as_ref()
+            .is_some_and(|c| c.get("classifier.out.weight").is_some() || !matches!(spec, ArchSpec::Bert { .. }));
+    let zero_shot = if head_loaded && !test_p.is_empty() {
+        Some(trainer::evaluate(&*model, &test_p, &norm, o.train.eval_batch)?.accuracy)
+    } else {
+        None
+    };
+    let mut progress = |r: &EpochRecord| {
+        if o.train.progress {
+            let val = r.val_accuracy.map(|a| format!(", val accuracy {:.4}", a)).unwrap_or_default();
+            eprintln!(
+                "epoch {}: train loss {:.4}{val}, {:.1} s, {:.0} samples/s",
+                r.epoch, r.train_loss, r.time_s, r.samples_per_s
+            );
+        }
+    };
+    let report = trainer::train(&*model, &train_p, &val_p, &norm, &o.train, &mut progress)?;
+    let test = if test_p.is_empty() {
+        metrics::compute(&[], &[], splits.classes(), None)
+    } else {
+        trainer::evaluate(&*model, &test_p, &norm, o.train.eval_batch)?
+    };
+    let peak = trainer::peak_rss_bytes();
+
+    let config = serde_json::json!({
+        "arch": spec.name(),
+        "arch_spec": spec.to_json(),
+        "data": o.data.spec,
+        "format": format,
+        "classes": o.data.classes.as_ref().map(|c| c.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",")),
+        "init": o.init.as_ref().map(|p| p.display().to_string()),
+        "transfer_body": o.transfer_body.as_ref().map(|p| p.display().to_string()),
+        "freeze": fsum.policy,
+        "bn_stats": o.bn_stats,
+        "epochs": o.train.epochs,
+        "lr": o.train.lr,
+        "batch": o.train.batch,
+        "weight_decay": o.train.weight_decay,
+        "normalize": norm,
+        "device": o.device,
+        "feature_extraction": feature_mode,
+        "time_with_eval": o.train.time_with_eval,
+        "trainable_params": fsum.trainable_params,
+    });
+    let mut config = config;
+    for (k, v) in &o.tags {
+        let value = v
+            .parse::<f64>()
+            .ok()
+            .filter(|x| x.is_finite())
+            .map_or_else(|| serde_json::json!(v), |x| serde_json::json!(x));
+        config[k.as_str()] = value;
+    }
+    let id = run_id(&config, o.train.seed);
+    if let Some(out) = &o.output {
+        let mut meta = BTreeMap::new();
+        meta.insert("graft.train".to_string(), serde_json::json!({ "run_id": id, "config": config }).to_string());
+        let mut wopts = o.writer.clone();
+        if wopts.carry_from.is_none() && matches!(spec, ArchSpec::Bert { .. }) {
+            wopts.carry_from = tok_dir.clone();
+        }
+        wopts.inputs.extend(ck.as_ref().map(|c| c.files()).unwrap_or_default());
+        checkpoint_io::save(model.store(), &spec, out, wopts, meta)?;
+    }
+    if let Some(path) = &o.results {
+        let experiment = o.experiment.clone().unwrap_or_else(|| format!("{} / {}", spec.name(), fsum.policy));
+        let line =
+            results::train_line(&id, &experiment, o.train.seed, &config, &test, &report, peak, zero_shot, o.baseline);
+        results::append(path, &line)?;
+    }
+    let mut samples = BTreeMap::new();
+    samples.insert("train", splits.train.len());
+    samples.insert("val", splits.val.len());
+    samples.insert("test", splits.test.len());
+    Ok(TrainOutcome {
+        run_id: id,
+        arch: spec.to_json(),
+        data: o.data.spec.clone(),
+        classes: splits.class_names.clone(),
+        samples,
+        freeze: fsum,
+        bn_stats: o.bn_stats,
+        feature_extraction: feature_mode,
+        zero_shot_accuracy: zero_shot,
+        report,
+        test,
+        peak_memory_bytes: peak,
+        output: o.output.clone(),
+    })
+}
+
+#[derive(Clone, Debug)]
+pub struct EvalOptions {
+    pub checkpoint: PathBuf,
+    pub arch: ArchOptions,
+    pub data: DataOptions,
+    /// Which split to measure: test (default), val, train.
+    pub split: String,
+    pub batch: usize,
+    pub seed: u64,
+    pub device: String,
+    pub results: Option<PathBuf>,
+    pub experiment: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct EvalOutcome {
+    pub checkpoint: PathBuf,
+    pub arch: serde_json::Value,
+    pub data: String,
+    pub split: String,
+    pub classes: Vec<String>,
+    #[serde(flatten)]
+    pub metrics: metrics::Metrics,
+    pub time_s: f64,
+}
+
+pub fn run_eval(o: &EvalOptions) -> Result<EvalOutcome> {
+    tune_allocator();
+    let dev = device(&o.device)?;
+    let ck = Checkpoint::open(&o.checkpoint)?;
+    let (splits, _) = load_data(&o.data, o.seed, ck.dir())?;
+    let shape = splits.train.data.samples.sample_shape();
+    let spec = resolve_arch(&o.arch, Some(&ck), false, &shape, splits.classes())?;
+    spec.check_input(&shape)?;
+    let model = build_model(&spec, Some(&ck), false, DType::F32, &dev, o.seed)?;
+    let norm = normalisation(&o.data, &splits)?;
+    let part = match o.split.as_str() {
+        "test" => &splits.test,
+        "val" => &splits.val,
+        "train" => &splits.train,
+        other => return Err(Error::usage(format!("--split '{other}': expected test, val or train"))),
+    };
+    if part.is_empty() {
+        return Err(Error::usage(format!("the {} split is empty", o.split)));
+    }
+    let t = std::time::Instant::now();
+    let m = trainer::evaluate(&*model, part, &norm, o.batch)?;
+    let time_s = t.elapsed().as_secs_f64();
+    if let Some(path) = &o.results {
+        let config = serde_json::json!({
+            "checkpoint": o.checkpoint.display().to_string(), "arch": spec.name(), "data": o.data.spec,
+            "classes": o.data.classes.as_ref().map(|c| c.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",")),
+            "split": o.split,
+        });
+        let id = run_id(&config, o.seed);
+        let experiment = o.experiment.clone().unwrap_or_else(|| o.checkpoint.display().to_string());
+        results::append(path, &results::eval_line(&id, &experiment, o.seed, &config, &m))?;
+    }
+    Ok(EvalOutcome {
+        checkpoint: o.checkpoint.clone(),
+        arch: spec.to_json(),
+        data: o.data.spec.clone(),
+        split: o.split.clone(),
+        classes: splits.class_names.clone(),
+        metrics: m,
+        time_s,
+    })
+}
