@@ -8,6 +8,7 @@
 
 use std::io::IsTerminal;
 use std::ops::Range;
+use std::sync::mpsc::SyncSender;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
@@ -36,6 +37,14 @@ pub enum Produce<'a> {
 enum Ready<'a> {
     Borrowed(&'a [u8]),
     Owned(Vec<u8>),
+}
+
+/// What the writer thread is handed, in output order.
+enum Pending<'a> {
+    /// A whole tensor.
+    Tensor(String, Ready<'a>),
+    /// The next chunk of the large tensor being written.
+    Data(Vec<u8>),
 }
 
 impl Ready<'_> {
@@ -95,18 +104,59 @@ impl Executor {
     }
 
     /// Streams every tensor declared in `writer`: `produce(i, decl)` says how to obtain tensor `i`.
-    pub fn write<'a, P>(&self, mut writer: CheckpointWriter, label: &str, produce: P) -> Result<Written>
+    ///
+    /// A dedicated thread writes while the workers compute the next chunks: writing is a kernel copy of every output
+    /// byte, and done in turn with the computation it left the workers idle for a third of a merge.
+    pub fn write<'a, P>(&self, writer: CheckpointWriter, label: &str, produce: P) -> Result<Written>
     where
         P: Fn(usize, &TensorDecl) -> Result<Produce<'a>> + Sync,
     {
         let decls = writer.decls().to_vec();
         let bar = self.bar(decls.iter().map(|d| d.nbytes()).sum(), label);
+        // Bounded: at most a few chunks per worker wait for the disk.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Pending<'a>>(2 * self.threads);
+        let writer_bar = bar.clone();
+        let (produced, written) = std::thread::scope(|scope| {
+            let writer_thread = scope.spawn(move || -> Result<CheckpointWriter> {
+                let mut writer = writer;
+                for pending in rx {
+                    let n = match pending {
+                        Pending::Tensor(name, r) => {
+                            writer.write_tensor(&name, r.bytes())?;
+                            r.bytes().len()
+                        }
+                        Pending::Data(v) => {
+                            writer.write_data(&v)?;
+                            v.len()
+                        }
+                    };
+                    writer_bar.inc(n as u64);
+                }
+                Ok(writer)
+            });
+            let produced = self.produce_all(&decls, &produce, &tx);
+            drop(tx);
+            let written = writer_thread.join().unwrap_or_else(|_| Err(Error::invalid("the writer thread panicked")));
+            (produced, written)
+        });
+        // A failed write stops the producer with a send error: the writer's own error is the one to report.
+        let writer = written?;
+        produced?;
+        bar.finish_and_clear();
+        writer.finish()
+    }
+
+    fn produce_all<'a, P>(&self, decls: &[TensorDecl], produce: &P, tx: &SyncSender<Pending<'a>>) -> Result<()>
+    where
+        P: Fn(usize, &TensorDecl) -> Result<Produce<'a>> + Sync,
+    {
+        let send = |p: Pending<'a>| tx.send(p).map_err(|_| Error::invalid("the checkpoint writer stopped"));
         let mut i = 0;
         while i < decls.len() {
             if decls[i].numel() > CHUNK_ELEMS {
                 let d = &decls[i];
                 let p = self.pool.install(|| produce(i, d))?;
-                self.write_large(&mut writer, d, p, &bar)?;
+                self.produce_large(d, p, &send)?;
                 i += 1;
                 continue;
             }
@@ -124,22 +174,18 @@ impl Executor {
                 (i..end).into_par_iter().map(|k| finish_small(&decls[k], produce(k, &decls[k])?)).collect()
             });
             for (k, r) in (i..end).zip(ready) {
-                let r = r?;
-                writer.write_tensor(&decls[k].name, r.bytes())?;
-                bar.inc(decls[k].nbytes());
+                send(Pending::Tensor(decls[k].name.clone(), r?))?;
             }
             i = end;
         }
-        bar.finish_and_clear();
-        writer.finish()
+        Ok(())
     }
 
-    fn write_large(
+    fn produce_large<'a>(
         &self,
-        writer: &mut CheckpointWriter,
         d: &TensorDecl,
-        p: Produce<'_>,
-        bar: &ProgressBar,
+        p: Produce<'a>,
+        send: &dyn Fn(Pending<'a>) -> Result<()>,
     ) -> Result<()> {
         match p {
             Produce::Elementwise(f) => {
@@ -162,19 +208,12 @@ impl Executor {
                             .collect()
                     });
                     for part in parts {
-                        let part = part?;
-                        writer.write_data(&part)?;
-                        bar.inc(part.len() as u64);
+                        send(Pending::Data(part?))?;
                     }
                 }
                 Ok(())
             }
-            other => {
-                let r = finish_small(d, other)?;
-                writer.write_tensor(&d.name, r.bytes())?;
-                bar.inc(d.nbytes());
-                Ok(())
-            }
+            other => send(Pending::Tensor(d.name.clone(), finish_small(d, other)?)),
         }
     }
 

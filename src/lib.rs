@@ -6,6 +6,7 @@
 //! (`cli`) only parses arguments, calls the library and prints.
 
 pub mod align;
+pub mod alloc;
 pub mod checkpoint;
 pub mod cli;
 pub mod convert;

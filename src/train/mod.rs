@@ -254,28 +254,8 @@ fn run_id(config: &serde_json::Value, seed: u64) -> String {
     format!("{:016x}", crate::rng::stable_hash(&format!("{config}/{seed}")))
 }
 
-/// Keeps freed tensor buffers in the process heap (glibc returns large blocks to the kernel and maps them afresh,
-/// so every activation of every step page-faults and is zeroed by the kernel again: a third of a small CNN's step).
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-pub fn tune_allocator() {
-    extern "C" {
-        fn mallopt(param: i32, value: i32) -> i32;
-    }
-    const M_TRIM_THRESHOLD: i32 = -1;
-    const M_MMAP_THRESHOLD: i32 = -3;
-    // SAFETY: mallopt only adjusts glibc allocator thresholds; both values are within the documented ranges
-    // (the mmap threshold is capped at 32 MiB on 64-bit systems).
-    unsafe {
-        mallopt(M_MMAP_THRESHOLD, 32 << 20);
-        mallopt(M_TRIM_THRESHOLD, 1 << 30);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-pub fn tune_allocator() {}
-
 pub fn run_train(o: &TrainOptions) -> Result<TrainOutcome> {
-    tune_allocator();
+    crate::alloc::tune_allocator();
     let dev = device(&o.device)?;
     if o.init.is_some() && o.transfer_body.is_some() {
         return Err(Error::usage("--init and --transfer-body are exclusive (one starting checkpoint)"));
@@ -429,7 +409,7 @@ pub struct EvalOutcome {
 }
 
 pub fn run_eval(o: &EvalOptions) -> Result<EvalOutcome> {
-    tune_allocator();
+    crate::alloc::tune_allocator();
     let dev = device(&o.device)?;
     let ck = Checkpoint::open(&o.checkpoint)?;
     let (splits, _) = load_data(&o.data, o.seed, ck.dir())?;
