@@ -120,6 +120,9 @@ pub struct OutputArgs {
     pub force: bool,
 }
 
+/// Spin iterations of candle's idle elementwise workers before they park (candle's default is 25,000).
+const CANDLE_SPIN_LIMIT: u32 = 1000;
+
 /// Runs `f` on a pool of `--threads` workers (all cores by default), where rayon and candle's kernels run.
 ///
 /// candle sizes its matrix-product parallelism and its spinning elementwise worker pool from `RAYON_NUM_THREADS` /
@@ -132,6 +135,12 @@ pub fn with_threads<R: Send>(global: &Global, f: impl FnOnce() -> Result<R> + Se
             // Still single-threaded here: no other thread reads the environment concurrently.
             std::env::set_var(var, n.to_string());
         }
+    }
+    // candle's elementwise workers spin for a while after every operation before they sleep; between candle's
+    // operations graft's own kernels run on rayon's threads, which then share the cores with spinning threads
+    // (a third of a training step on 2 cores). Brief spinning keeps the hand-off cheap without that cost.
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", CANDLE_SPIN_LIMIT.to_string());
     }
     match global.threads {
         None => f(),

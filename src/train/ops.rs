@@ -432,6 +432,27 @@ fn dw3_plane<T: WithDType>(inp: &[T], w: &[T], bias: T, out: &mut [T], h: usize,
     }
 }
 
+/// The nine tap gradients of a 3x3 depthwise kernel over one plane: tap (di, dj) is the sum over the plane of
+/// `g[i, j] * padded[i + di, j + dj]`. One f32 partial sum per output column and tap, accumulated down the rows
+/// (contiguous, vectorised; rows are at most a few dozen), then summed in f64: the fixed order keeps results
+/// independent of the thread count. Calling a dot product per row and tap instead cost a sixth of a CNN step.
+fn dw3_weight_grad<T: WithDType>(g: &[T], padded: &[T], h: usize, wd: usize, taps: &mut [f64]) {
+    let pw = wd + 2;
+    let mut lanes = vec![T::from_f64(0.0); 9 * wd];
+    for i in 0..h {
+        let gr = &g[i * wd..(i + 1) * wd];
+        for (t, l) in lanes.chunks_exact_mut(wd).enumerate() {
+            let start = (i + t / 3) * pw + t % 3;
+            for ((a, &gv), &xv) in l.iter_mut().zip(gr).zip(&padded[start..start + wd]) {
+                *a += gv * xv;
+            }
+        }
+    }
+    for (tap, l) in taps.iter_mut().zip(lanes.chunks_exact(wd)) {
+        *tap = l.iter().map(|v| v.to_f64()).sum();
+    }
+}
+
 /// Lanes of independent partial sums: lets the compiler vectorise a reduction without reassociating it freely
 /// (the order is fixed by the lane count, so results stay deterministic).
 const LANES: usize = 8;
@@ -555,17 +576,7 @@ impl CustomOp2 for DepthwiseConvParamGrad {
                     let mut acc = vec![0f64; kk + 1];
                     acc[kk] = sum_f64(gp);
                     if k == 3 {
-                        let pw = wd + 2;
-                        let padded = pad1(xp, h, wd);
-                        for i in 0..h {
-                            let gr = &gp[i * wd..(i + 1) * wd];
-                            for di in 0..3 {
-                                for dj in 0..3 {
-                                    let start = (i + di) * pw + dj;
-                                    acc[di * 3 + dj] += dot_f64(gr, &padded[start..start + wd]);
-                                }
-                            }
-                        }
+                        dw3_weight_grad(gp, &pad1(xp, h, wd), h, wd, &mut acc[..9]);
                         return acc;
                     }
                     for di in 0..k {
