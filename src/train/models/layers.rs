@@ -141,14 +141,24 @@ impl BatchNorm {
         !self.weight.trainable() && !self.bias.trainable()
     }
 
+    /// Whether this forward pass normalises with batch statistics (training, unless frozen with frozen statistics).
+    pub fn uses_batch_stats(&self, ctx: &Ctx) -> bool {
+        ctx.train && !(self.frozen() && *self.frozen_stats.lock().unwrap() == BnStats::Freeze)
+    }
+
     /// Normalises over every axis but axis 1 (channels / features).
     pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> CResult<Tensor> {
-        let use_batch = ctx.train && !(self.frozen() && *self.frozen_stats.lock().unwrap() == BnStats::Freeze);
-        if !use_batch {
+        if !self.uses_batch_stats(ctx) {
             return self.forward_running(x, ctx.train);
         }
         let (y, stats) = ops::batch_norm_train(x, &self.weight.t(), &self.bias.t(), self.eps)?;
         let stats = stats.lock().unwrap().clone();
+        self.record_batch(&stats)?;
+        Ok(y)
+    }
+
+    /// Folds one training batch's statistics into the running averages.
+    pub fn record_batch(&self, stats: &ops::BatchStats) -> CResult<()> {
         // PyTorch: running = (1 - m) running + m batch, with the unbiased batch variance.
         let m = self.momentum;
         let unbias = if stats.count > 1 { stats.count as f64 / (stats.count as f64 - 1.0) } else { 1.0 };
@@ -159,7 +169,7 @@ impl BatchNorm {
         self.running_mean.set(&from_f64(&nm, self.running_mean.as_tensor())?)?;
         self.running_var.set(&from_f64(&nv, self.running_var.as_tensor())?)?;
         self.tracked.fetch_add(1, Ordering::Relaxed);
-        Ok(y)
+        Ok(())
     }
 
     /// Normalisation with the running statistics: a per-channel affine map. With trainable scale/shift the
@@ -222,6 +232,27 @@ impl SepConv {
     }
 
     pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> CResult<Tensor> {
+        if ops::fused_available(x) && self.bn_dw.uses_batch_stats(ctx) && self.bn_pw.uses_batch_stats(ctx) {
+            let params = ops::SepConvParams {
+                dw_weight: &self.dw_weight.t(),
+                dw_bias: &self.dw_bias.t(),
+                bn_dw_weight: &self.bn_dw.weight.t(),
+                bn_dw_bias: &self.bn_dw.bias.t(),
+                pw_weight: &self.pw_weight.t(),
+                pw_bias: &self.pw_bias.t(),
+                bn_pw_weight: &self.bn_pw.weight.t(),
+                bn_pw_bias: &self.bn_pw.bias.t(),
+            };
+            let (y, stats_dw, stats_pw) = ops::sep_conv_train(x, &params, self.bn_dw.eps, self.bn_pw.eps)?;
+            self.bn_dw.record_batch(&stats_dw)?;
+            self.bn_pw.record_batch(&stats_pw)?;
+            return Ok(y);
+        }
+        self.forward_separate(x, ctx)
+    }
+
+    /// The four operations one by one (any device, any BatchNorm mode).
+    pub fn forward_separate(&self, x: &Tensor, ctx: &Ctx) -> CResult<Tensor> {
         let y = ops::depthwise_conv(x, &self.dw_weight.t(), &self.dw_bias.t())?;
         let y = self.bn_dw.forward(&y, ctx)?;
         let y = ops::pointwise_conv(&y, &self.pw_weight.t(), &self.pw_bias.t())?;

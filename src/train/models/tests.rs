@@ -314,3 +314,38 @@ fn bert_fixture_loads_and_runs() {
     let mask = Tensor::new(&[[1u32, 1, 1, 1]], &Device::Cpu).unwrap();
     assert_eq!(m.forward(&Input::Tokens { ids, mask }, &Ctx::eval()).unwrap().dims(), &[1, 2]);
 }
+
+/// The separable convolution as one graph node against its four operations one by one: output, every gradient and
+/// the running statistics equal bit for bit, in f32 and f64.
+#[test]
+fn fused_separable_conv_equals_separate_operations() {
+    for dtype in [DType::F32, DType::F64] {
+        let run = |fused: bool| {
+            let mut store = ParamStore::new(dtype, Device::Cpu, 11);
+            let conv = super::layers::SepConv::new(&mut store, "c", 3, 5).unwrap();
+            let x = normal(&[4, 3, 6, 7], 12).to_dtype(dtype).unwrap();
+            let x = candle_core::Var::from_tensor(&x).unwrap();
+            let ctx = Ctx { train: true, seed: 1, step: 1 };
+            let y = if fused { conv.forward(x.as_tensor(), &ctx) } else { conv.forward_separate(x.as_tensor(), &ctx) };
+            let y = y.unwrap();
+            let weights = normal(y.dims(), 13).to_dtype(dtype).unwrap();
+            let grads = (&y * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+            let flat = |t: &Tensor| t.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap();
+            let mut values = vec![("output".to_string(), flat(&y)), ("d input".into(), flat(grads.get(&x).unwrap()))];
+            for (name, p) in store.params() {
+                values.push((format!("d {name}"), flat(grads.get(&p.var).expect(name))));
+            }
+            for bn in conv.batchnorms() {
+                values.push((format!("{} running mean", bn.name), flat(bn.running_mean.as_tensor())));
+                values.push((format!("{} running var", bn.name), flat(bn.running_var.as_tensor())));
+            }
+            values
+        };
+        let (fused, separate) = (run(true), run(false));
+        assert_eq!(fused.len(), separate.len());
+        for ((name, a), (_, b)) in fused.iter().zip(&separate) {
+            let same = a.len() == b.len() && a.iter().zip(b).all(|(u, v)| u.to_bits() == v.to_bits());
+            assert!(same, "{dtype:?} {name}: fused {a:?} vs separate {b:?}");
+        }
+    }
+}
