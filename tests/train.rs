@@ -477,3 +477,30 @@ fn bert_feature_extraction_on_tab_separated_text() {
     let e = json(&run(&["eval", out.to_str().unwrap(), "--data", data.to_str().unwrap(), "--json"]));
     assert_eq!(e["accuracy"], v["test"]["accuracy"]);
 }
+
+#[test]
+fn a_taken_output_is_refused_before_training() {
+    let t = tempfile::tempdir().unwrap();
+    let data = t.path().join("data");
+    separable_idx(&data, 100, 20);
+    let out = t.path().join("out");
+    let args = |out: &Path| -> Vec<String> {
+        ["train", "--arch", "mlp", "--hidden", "8", "--data", data.to_str().unwrap(), "--epochs", "1", "--quiet"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain(["-o".to_string(), out.to_str().unwrap().to_string()])
+            .collect()
+    };
+    let a = args(&out);
+    run(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let before = std::fs::read(out.join("model.safetensors")).unwrap();
+    // Refused up front, before the data is even read (this data path does not exist).
+    let missing = t.path().join("no-such-data");
+    let again: Vec<String> = a
+        .iter()
+        .map(|s| if s == data.to_str().unwrap() { missing.to_str().unwrap().to_string() } else { s.clone() })
+        .collect();
+    let err = fails(&again.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(err.contains("already holds a checkpoint") && err.contains("--force"), "{err}");
+    assert_eq!(std::fs::read(out.join("model.safetensors")).unwrap(), before);
+}

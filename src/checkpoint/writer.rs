@@ -216,6 +216,12 @@ impl CheckpointWriter {
         Ok(w)
     }
 
+    /// Fails as `create` would when `out` is taken (a checkpoint there without `overwrite`, or an input), and
+    /// leaves nothing behind: lets a long computation refuse its destination before it starts, not after.
+    pub fn check_destination_free(out: impl AsRef<Path>, opts: &WriterOptions) -> Result<()> {
+        Self::create(out, Vec::new(), opts.clone()).map(drop)
+    }
+
     pub fn decls(&self) -> &[TensorDecl] {
         &self.decls
     }

@@ -256,6 +256,9 @@ fn run_id(config: &serde_json::Value, seed: u64) -> String {
 
 pub fn run_train(o: &TrainOptions) -> Result<TrainOutcome> {
     crate::alloc::tune_allocator();
+    if let Some(out) = &o.output {
+        crate::checkpoint::CheckpointWriter::check_destination_free(out, &o.writer)?;
+    }
     let dev = device(&o.device)?;
     if o.init.is_some() && o.transfer_body.is_some() {
         return Err(Error::usage("--init and --transfer-body are exclusive (one starting checkpoint)"));
