@@ -183,18 +183,7 @@ fn build_config(a: &Args) -> Result<MergeConfig> {
         shared.push(("filter_wise".into(), Setting::bool(true)));
     }
     let mut per_model = Vec::new();
-    let linear_like = matches!(
-        method.as_str(),
-        "linear"
-            | "task_arithmetic"
-            | "ties"
-            | "dare_ties"
-            | "dare_linear"
-            | "breadcrumbs"
-            | "breadcrumbs_ties"
-            | "della"
-            | "della_linear"
-    );
+    let linear_like = crate::merge::method(&method).is_ok_and(crate::merge::weighs_inputs);
     let weight = if a.weight.is_empty() && linear_like { vec![1.0] } else { a.weight.clone() };
     for (name, v) in [
         ("weight", weight),

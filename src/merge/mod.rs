@@ -54,6 +54,12 @@ pub fn method(name: &str) -> Result<&'static dyn MergeMethod> {
     })
 }
 
+/// Whether `method` weighs its input models one by one (a per-model `weight`): the linear and task-vector family.
+/// Flags give such a method weight 1 per model by default, and `--alpha snr` sets those weights.
+pub fn weighs_inputs(method: &dyn MergeMethod) -> bool {
+    method.params().iter().any(|p| p.name == "weight" && p.scope != params::Scope::Shared)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -67,5 +73,23 @@ mod tests {
             assert_eq!(super::method(n).unwrap().name(), n);
         }
         assert!(super::method("nuslerp").err().unwrap().to_string().contains("unsupported merge method 'nuslerp'"));
+    }
+
+    #[test]
+    fn the_weighted_methods_are_the_linear_and_task_vector_family() {
+        let weighted: Vec<&str> =
+            super::methods().iter().filter(|m| super::weighs_inputs(**m)).map(|m| m.name()).collect();
+        let expected = [
+            "linear",
+            "task_arithmetic",
+            "ties",
+            "dare_ties",
+            "dare_linear",
+            "breadcrumbs",
+            "breadcrumbs_ties",
+            "della",
+            "della_linear",
+        ];
+        assert_eq!(weighted, expected);
     }
 }

@@ -233,20 +233,10 @@ pub fn apply(plan: &mut Plan, models: &[Checkpoint], exec: &Executor, opts: &Sel
             experts.len()
         )));
     }
+    // slerp takes the SNR weight as its `t`; the weighted methods as their per-model weights.
     if opts.alpha == Alpha::Snr
-        && !matches!(
-            plan.method.as_str(),
-            "linear"
-                | "slerp"
-                | "task_arithmetic"
-                | "ties"
-                | "dare_ties"
-                | "dare_linear"
-                | "breadcrumbs"
-                | "breadcrumbs_ties"
-                | "della"
-                | "della_linear"
-        )
+        && plan.method != "slerp"
+        && !super::method(&plan.method).is_ok_and(super::weighs_inputs)
     {
         return Err(Error::usage(format!("--alpha snr does not apply to {}", plan.method)));
     }
