@@ -511,4 +511,21 @@ fn snr_alpha_weights_each_layer_by_the_experts_snrs() {
     assert_eq!(f32s(&o, "model.norm.weight"), f32s(&base, "model.norm.weight"));
     let (code, e) = fail(&["merge", "--method", "linear", &a, &b, "--alpha", "snr", "-o", &out(&d, "x")]);
     assert!(code == 2 && e.contains("--snr-select"), "{e}");
+    // model_stock has no per-model weight an SNR ratio could set.
+    let (code, e) = fail(&[
+        "merge",
+        "--method",
+        "model_stock",
+        "--base",
+        &base,
+        &a,
+        &b,
+        "--snr-select",
+        "top-p=0.5",
+        "--alpha",
+        "snr",
+        "-o",
+        &out(&d, "y"),
+    ]);
+    assert!(code == 2 && e.contains("--alpha snr does not apply to model_stock"), "{e}");
 }
