@@ -514,3 +514,25 @@ fn inspect_several_paths_prints_one_record_each_and_reports_bad_ones() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("--filter '(' is not a valid regular expression"));
 }
+
+#[test]
+fn inspect_of_several_checkpoints_reports_a_bad_one_and_goes_on() {
+    let d = tempfile::tempdir().unwrap();
+    let bad = d.path().join("bad.safetensors");
+    std::fs::write(&bad, raw(u64::MAX, b"")).unwrap();
+    let (good_a, good_b) = (fixture("mlp/base"), fixture("llama/base"));
+    let out = graft(&["inspect", "--json", good_a.to_str().unwrap(), bad.to_str().unwrap(), good_b.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 3, "a record per checkpoint, the bad one included");
+    assert!(lines[0]["tensors"].is_array() && lines[2]["tensors"].is_array());
+    assert_eq!(lines[1]["path"], bad.to_str().unwrap());
+    assert!(lines[1]["error"].as_str().unwrap().contains("bad.safetensors"), "{}", lines[1]);
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.lines().last(), Some("graft: error: 1 of 3 checkpoints could not be read"), "{err}");
+    // One checkpoint: its own error, as it is.
+    let one = graft(&["inspect", bad.to_str().unwrap()]);
+    let err = String::from_utf8(one.stderr).unwrap();
+    assert!(!one.status.success() && err.lines().count() == 1 && err.contains("bad.safetensors"), "{err}");
+}

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use super::{emit, human_bytes, human_count, regex_arg, table, Global};
 use crate::checkpoint::Checkpoint;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::inspect::{report, Report};
 
 #[derive(clap::Args, Debug)]
@@ -26,36 +26,15 @@ pub struct Args {
 
 pub fn run(args: Args, _global: &Global) -> Result<()> {
     let filter = args.filter.as_deref().map(|f| regex_arg("--filter", f)).transpose()?;
-    let mut failures = 0usize;
-    let mut last_error = None;
-    for path in &args.paths {
-        match Checkpoint::open(path) {
-            Ok(ck) => {
-                let r = report(&ck, filter.as_ref());
-                if args.json {
-                    emit(&(serde_json::to_string(&r).unwrap() + "\n"))?;
-                } else {
-                    emit(&render(&r, args.summary))?;
-                }
-            }
-            // With several checkpoints a bad one must not hide the others: report it and go on.
-            Err(e) if args.paths.len() > 1 => {
-                failures += 1;
-                if args.json {
-                    let rec = serde_json::json!({ "path": path.display().to_string(), "error": e.to_string() });
-                    emit(&(rec.to_string() + "\n"))?;
-                }
-                eprintln!("graft: error: {e}");
-                last_error = Some(e);
-            }
-            Err(e) => return Err(e),
+    let name = |p: &PathBuf| p.display().to_string();
+    super::run_batch(&args.paths, args.json, "path", "checkpoints could not be read", name, |path| {
+        let r = report(&Checkpoint::open(path)?, filter.as_ref());
+        if args.json {
+            emit(&(serde_json::to_string(&r).unwrap() + "\n"))
+        } else {
+            emit(&render(&r, args.summary))
         }
-    }
-    match (failures, last_error) {
-        (0, _) => Ok(()),
-        (1, Some(e)) if args.paths.len() == 1 => Err(e),
-        (n, _) => Err(Error::invalid(format!("{n} of {} checkpoints could not be read", args.paths.len()))),
-    }
+    })
 }
 
 fn render(r: &Report, summary_only: bool) -> String {

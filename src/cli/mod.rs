@@ -181,6 +181,38 @@ pub fn provenance() -> BTreeMap<String, String> {
 }
 
 /// Writes to stdout; a closed pipe (`graft ... | head`) ends the program quietly instead of panicking.
+/// Runs `each` on every item of a batch (checkpoints, models). With several items a failing one must not hide the
+/// others: its error is printed on stderr (and, with `json`, as a `{key: name, "error": ...}` line on stdout) and
+/// the batch goes on; the result then counts the failures ("N of M {failed}"). A single item's error is returned
+/// as it is.
+pub fn run_batch<T>(
+    items: &[T],
+    json: bool,
+    key: &str,
+    failed: &str,
+    name: impl Fn(&T) -> String,
+    mut each: impl FnMut(&T) -> Result<()>,
+) -> Result<()> {
+    let mut failures = 0usize;
+    for item in items {
+        match each(item) {
+            Ok(()) => {}
+            Err(e) if items.len() > 1 => {
+                failures += 1;
+                if json {
+                    emit(&(serde_json::json!({ key: name(item), "error": e.to_string() }).to_string() + "\n"))?;
+                }
+                eprintln!("graft: error: {e}");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    match failures {
+        0 => Ok(()),
+        n => Err(Error::invalid(format!("{n} of {} {failed}", items.len()))),
+    }
+}
+
 pub fn emit(text: &str) -> Result<()> {
     let mut out = std::io::stdout().lock();
     match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {

@@ -93,33 +93,14 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
     let exec = Executor::new(global.threads)?;
     let opts = ScanOptions { filter, include_vectors: args.include_vectors, types: args.types.clone() };
 
-    let mut failures = 0usize;
-    let mut last_error = None;
-    for model in &models {
-        let key = canonical(model);
-        if done.contains(&key) {
+    let json = args.jsonl || args.json;
+    super::run_batch(&models, json, "model", "models could not be scanned", String::clone, |model| {
+        if done.contains(&canonical(model)) {
             eprintln!("graft: snr: {model}: already in the resume file, skipped");
-            continue;
+            return Ok(());
         }
-        match scan_model(model, &args, &opts, &exec) {
-            Ok(()) => {}
-            Err(e) if models.len() > 1 => {
-                failures += 1;
-                if args.jsonl || args.json {
-                    let rec = serde_json::json!({ "model": model, "error": e.to_string() });
-                    emit(&(rec.to_string() + "\n"))?;
-                }
-                eprintln!("graft: error: {e}");
-                last_error = Some(e);
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    match (failures, last_error) {
-        (0, _) => Ok(()),
-        (1, Some(e)) if models.len() == 1 => Err(e),
-        (n, _) => Err(Error::invalid(format!("{n} of {} models could not be scanned", models.len()))),
-    }
+        scan_model(model, &args, &opts, &exec)
+    })
 }
 
 fn scan_model(model: &str, args: &Args, opts: &ScanOptions, exec: &Executor) -> Result<()> {
