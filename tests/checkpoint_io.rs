@@ -158,18 +158,35 @@ fn dropping_an_unfinished_writer_leaves_nothing_behind() {
 fn a_killed_writers_temporaries_are_swept_by_the_next_write() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
-    std::fs::create_dir(&out).unwrap();
-    // What a SIGKILLed writer leaves: a hidden temporary named after a process that no longer exists (pid_max on
-    // Linux is at most 2^22, so this pid cannot be alive), and one of a live process (ours) that must stay.
-    let dead = out.join(".model.safetensors.graft-tmp-99999999");
-    let alive = out.join(format!(".model-00001-of-00002.safetensors.graft-tmp-{}", std::process::id()));
-    std::fs::write(&dead, b"half").unwrap();
-    std::fs::write(&alive, b"busy").unwrap();
-    assert!(Checkpoint::open(&out).is_err(), "temporaries must never look like a checkpoint");
+    // What SIGKILLed writers of `out` leave beside it: a half-built checkpoint directory and a half-written file.
+    // Whoever holds `out`'s lock next knows their writers are dead (a live one would hold the lock).
+    let dead_dir = tmp.path().join(".out.graft-tmp-4242-1f-0");
+    std::fs::create_dir(&dead_dir).unwrap();
+    std::fs::write(dead_dir.join("model.safetensors"), b"half").unwrap();
+    let dead_file = tmp.path().join(".out.graft-tmp-4242-1f-1");
+    std::fs::write(&dead_file, b"half").unwrap();
+    // Another output's temporary is not ours to judge.
+    let other = tmp.path().join(".other.graft-tmp-4242-1f-2");
+    std::fs::write(&other, b"busy").unwrap();
     let exec = Executor::new(Some(1)).unwrap().quiet();
-    convert(&Checkpoint::open(fixture("mlp/base")).unwrap(), &out, None, WriterOptions::default(), &exec).unwrap();
-    assert!(!dead.exists());
-    assert!(alive.exists());
+    let base = Checkpoint::open(fixture("mlp/base")).unwrap();
+    convert(&base, &out, None, WriterOptions::default(), &exec).unwrap();
+    assert!(!dead_dir.exists() && !dead_file.exists());
+    assert!(other.exists());
+    let mut names: Vec<String> =
+        std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+    names.sort();
+    assert_eq!(names, vec![".other.graft-tmp-4242-1f-2", "out"]);
+
+    // A writer killed between moving the old checkpoint aside and moving the new one in (the fallback where the
+    // filesystem refuses an atomic exchange): the next writer puts the old checkpoint back before anything else.
+    let aside = tmp.path().join(".out.graft-old-4242-1f-3");
+    std::fs::rename(&out, &aside).unwrap();
+    let o = graft(&["convert", fixture("mlp/ft_a").to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("already holds a checkpoint"));
+    assert!(!aside.exists());
+    assert_same_tensors(&base, &Checkpoint::open(&out).unwrap());
 }
 
 #[test]

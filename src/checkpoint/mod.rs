@@ -1,11 +1,14 @@
 //! Everything about checkpoint files: reading (memory-mapped, validated), dtype conversion, and the one streaming
-//! writer. Nothing outside this module opens a safetensors file.
+//! writer, and the commit protocol that makes every output whole or absent (`commit`). Nothing outside this module
+//! opens a safetensors file.
 
+pub mod commit;
 pub mod dtype;
 pub mod header;
 pub mod reader;
 pub mod writer;
 
+pub use commit::write_atomic;
 pub use dtype::Dtype;
 pub use reader::{Checkpoint, TensorInfo, TensorView, INDEX_NAME, SINGLE_NAME};
 pub use writer::{CheckpointWriter, TensorDecl, WriterOptions, Written, CARRIED_FILES, DEFAULT_MAX_SHARD_SIZE};

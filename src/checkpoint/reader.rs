@@ -1,5 +1,6 @@
 //! Opening checkpoints: one `.safetensors` file, or a directory with `model.safetensors` or shards plus
-//! `model.safetensors.index.json`. Every file is memory-mapped; tensors are exposed as zero-copy views.
+//! `model.safetensors.index.json`. Every file is memory-mapped; tensors are exposed as zero-copy views. A directory is
+//! opened once, under a shared lock, and its files are resolved relative to that handle (`DirHandle`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -107,42 +108,60 @@ pub struct Checkpoint {
 
 impl Checkpoint {
     /// Opens a `.safetensors` file, an index file, or a checkpoint directory.
+    ///
+    /// A directory is opened once and its index and shards are resolved relative to that handle, under a shared
+    /// lock on it: a writer swapping a new checkpoint into its place meanwhile cannot hand this reader half of each
+    /// (`docs/outputs.md`).
     pub fn open(path: impl AsRef<Path>) -> Result<Checkpoint> {
         let path = path.as_ref();
         let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
         if meta.is_dir() {
-            let index = path.join(INDEX_NAME);
-            if index.is_file() {
-                return Self::open_index(path, &index);
+            let dir = DirHandle::open(path)?;
+            if dir.is_file(INDEX_NAME) {
+                return Self::open_index(path, &dir, &path.join(INDEX_NAME));
             }
-            let single = path.join(SINGLE_NAME);
-            if single.is_file() {
-                return Self::open_files(path, Some(path.to_path_buf()), None, vec![single], None);
+            if dir.is_file(SINGLE_NAME) {
+                return Self::open_files(path, Some(&dir), None, vec![path.join(SINGLE_NAME)], None);
             }
-            let mut found: Vec<PathBuf> = std::fs::read_dir(path)
+            let mut found: Vec<String> = dir
+                .list()
                 .map_err(|e| Error::io(path, e))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+                .into_iter()
+                .filter(|n| n.ends_with(".safetensors") && !n.starts_with('.'))
                 .collect();
             found.sort();
-            return match found.len() {
-                1 => Self::open_files(path, Some(path.to_path_buf()), None, found, None),
-                0 => Err(Error::format(path, format!("directory holds neither {SINGLE_NAME} nor {INDEX_NAME}"))),
-                n => Err(Error::format(
+            return Err(match found.as_slice() {
+                [] => Error::format(path, format!("directory holds neither {SINGLE_NAME} nor {INDEX_NAME}")),
+                [one] => Error::format(
                     path,
-                    format!("directory holds {n} .safetensors files but no {INDEX_NAME} saying how they fit together"),
-                )),
-            };
+                    format!(
+                        "directory holds {one} but neither {SINGLE_NAME} nor {INDEX_NAME}, so it is not a whole \
+                         checkpoint; open {one} itself if it is one"
+                    ),
+                ),
+                many => Error::format(
+                    path,
+                    format!(
+                        "directory holds {} .safetensors files but no {INDEX_NAME} saying how they fit together",
+                        many.len()
+                    ),
+                ),
+            });
         }
         if path.to_string_lossy().ends_with(".index.json") {
-            let dir = path.parent().map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p });
-            return Self::open_index(dir.unwrap_or(Path::new(".")), path);
+            let dir_path = match path.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p,
+                _ => Path::new("."),
+            };
+            let dir = DirHandle::open(dir_path)?;
+            return Self::open_index(dir_path, &dir, path);
         }
         Self::open_files(path, None, None, vec![path.to_path_buf()], None)
     }
 
-    fn open_index(dir: &Path, index: &Path) -> Result<Checkpoint> {
-        let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    fn open_index(dir_path: &Path, dir: &DirHandle, index: &Path) -> Result<Checkpoint> {
+        let index_name = index.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let text = dir.read_to_string(&index_name).map_err(|e| Error::io(index, e))?;
         let json: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| Error::format(index, format!("index is not valid JSON: {e}")))?;
         let map = json
@@ -155,7 +174,7 @@ impl Checkpoint {
             let file = file.as_str().ok_or_else(|| {
                 Error::format(index, format!("weight_map entry for tensor '{tensor}' is not a file name"))
             })?;
-            if file.contains('/') || file.contains('\\') || file == ".." {
+            if file.contains('/') || file.contains('\\') || file == ".." || file == "." || file.is_empty() {
                 return Err(Error::format(
                     index,
                     format!("weight_map places tensor '{tensor}' in '{file}', outside the directory"),
@@ -172,8 +191,8 @@ impl Checkpoint {
         shard_names.sort();
         let mut files = Vec::new();
         for s in &shard_names {
-            let p = dir.join(s);
-            if !p.is_file() {
+            let p = dir_path.join(s);
+            if !dir.is_file(s) {
                 let tensor = expected.iter().find(|(_, f)| *f == s).map(|(t, _)| t.as_str()).unwrap_or("?");
                 return Err(Error::format(
                     index,
@@ -185,19 +204,20 @@ impl Checkpoint {
             }
             files.push(p);
         }
-        Self::open_files(dir, Some(dir.to_path_buf()), Some(index.to_path_buf()), files, Some(expected))
+        Self::open_files(dir_path, Some(dir), Some(index.to_path_buf()), files, Some(expected))
     }
 
+    /// Opens and validates `files` (through `dir`'s handle when given: their names are taken relative to it).
     fn open_files(
         path: &Path,
-        dir: Option<PathBuf>,
+        dir: Option<&DirHandle>,
         index: Option<PathBuf>,
         files: Vec<PathBuf>,
         expected: Option<BTreeMap<String, String>>,
     ) -> Result<Checkpoint> {
         let mut ck = Checkpoint {
             path: path.to_path_buf(),
-            dir,
+            dir: dir.map(|d| d.path.clone()),
             index: index.clone(),
             shards: Vec::new(),
             tensors: Vec::new(),
@@ -205,7 +225,11 @@ impl Checkpoint {
             metadata: BTreeMap::new(),
         };
         for (si, file) in files.iter().enumerate() {
-            let f = File::open(file).map_err(|e| Error::io(file, e))?;
+            let f = match dir {
+                Some(d) => d.open_file(&file.file_name().unwrap_or_default().to_string_lossy()),
+                None => File::open(file),
+            }
+            .map_err(|e| Error::io(file, e))?;
             let len = f.metadata().map_err(|e| Error::io(file, e))?.len();
             if len < 8 {
                 return Err(Error::format(
@@ -380,4 +404,95 @@ impl Checkpoint {
     pub fn total_params(&self) -> u64 {
         self.tensors.iter().map(|t| t.numel() as u64).sum()
     }
+}
+
+/// A checkpoint directory opened once. Index and shards are opened relative to this handle (`openat`), so a writer
+/// that swaps another directory into the same path meanwhile cannot mix two checkpoints. The handle holds a shared
+/// `flock` on the directory until dropped: a writer that has just swapped this directory out waits for it before
+/// deleting its files.
+struct DirHandle {
+    path: PathBuf,
+    file: File,
+}
+
+impl DirHandle {
+    fn open(path: &Path) -> Result<DirHandle> {
+        for _ in 0..10 {
+            let file = File::open(path).map_err(|e| Error::io(path, e))?;
+            super::commit::flock_wait_shared(&file);
+            // Swapped out between our open and our lock: its files may be going; take the directory there now.
+            if same_inode(&file, path) {
+                return Ok(DirHandle { path: path.to_path_buf(), file });
+            }
+        }
+        Err(Error::format(path, "the directory kept being replaced while opening it; try again"))
+    }
+
+    #[cfg(unix)]
+    fn open_file(&self, name: &str) -> std::io::Result<File> {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        let c = std::ffi::CString::new(name).map_err(std::io::Error::other)?;
+        // SAFETY: openat on the directory descriptor we own, with a NUL-terminated name; the new descriptor is
+        // owned by the returned File.
+        let fd = unsafe { libc::openat(self.file.as_raw_fd(), c.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(unsafe { File::from_raw_fd(fd) })
+    }
+
+    #[cfg(not(unix))]
+    fn open_file(&self, name: &str) -> std::io::Result<File> {
+        File::open(self.path.join(name))
+    }
+
+    #[cfg(unix)]
+    fn is_file(&self, name: &str) -> bool {
+        use std::os::fd::AsRawFd;
+        let Ok(c) = std::ffi::CString::new(name) else { return false };
+        // SAFETY: fstatat fills a zeroed stat struct for a NUL-terminated name relative to our descriptor.
+        unsafe {
+            let mut st: libc::stat = std::mem::zeroed();
+            libc::fstatat(self.file.as_raw_fd(), c.as_ptr(), &mut st, 0) == 0
+                && (st.st_mode & libc::S_IFMT) == libc::S_IFREG
+        }
+    }
+
+    #[cfg(not(unix))]
+    fn is_file(&self, name: &str) -> bool {
+        self.path.join(name).is_file()
+    }
+
+    fn read_to_string(&self, name: &str) -> std::io::Result<String> {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut self.open_file(name)?, &mut s)?;
+        Ok(s)
+    }
+
+    /// The names in the directory (through the handle where `/proc` allows it).
+    fn list(&self) -> std::io::Result<Vec<String>> {
+        #[cfg(target_os = "linux")]
+        let through = {
+            use std::os::fd::AsRawFd;
+            PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+        };
+        #[cfg(not(target_os = "linux"))]
+        let through = self.path.clone();
+        let rd = std::fs::read_dir(&through).or_else(|_| std::fs::read_dir(&self.path))?;
+        rd.map(|e| e.map(|e| e.file_name().to_string_lossy().to_string())).collect()
+    }
+}
+
+#[cfg(unix)]
+fn same_inode(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+#[cfg(not(unix))]
+fn same_inode(_: &File, _: &Path) -> bool {
+    true
 }

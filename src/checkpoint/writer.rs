@@ -1,17 +1,22 @@
 //! The one streaming checkpoint writer.
 //!
 //! The caller declares every output tensor (name, dtype, shape) up front, then supplies data tensor by tensor, in
-//! declared order, whole or in pieces. Headers are known from the declarations, so each byte goes straight to disk
-//! and the writer never holds more than its I/O buffer. Files are written under hidden temporary names in the
-//! destination directory and renamed into place only by `finish`, shards first and the index last; dropping an
-//! unfinished writer (an error, a panic, an interrupted run) deletes the temporaries, so a half-written checkpoint
-//! never appears under a real name.
+//! declared order, whole or in pieces (zero-element tensors need no data). Headers are known from the declarations,
+//! so each byte goes straight to disk and the writer never holds more than its I/O buffer.
+//!
+//! Outputs are whole or absent (`docs/outputs.md`): `create` takes the output's lock; a checkpoint directory is
+//! built as a hidden sibling of the destination and swapped in by `finish` in one rename (`commit::exchange`),
+//! carrying along, as hard links, the files of the old directory that are not part of the checkpoint it replaces;
+//! a single file is written beside its destination and renamed over it. Dropping an unfinished writer (an error, a
+//! panic) and SIGINT/SIGTERM delete the temporaries; what a SIGKILLed writer left is swept by the next writer.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsString;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
+use super::commit;
 use super::dtype::{self, Dtype};
 use super::reader::{INDEX_NAME, SINGLE_NAME};
 use crate::error::{Error, Result};
@@ -67,7 +72,8 @@ pub struct WriterOptions {
     pub carry_from: Option<PathBuf>,
     /// Files that must never be overwritten (the inputs of the operation).
     pub inputs: Vec<PathBuf>,
-    /// Replace a checkpoint already at the destination (its stale shards are removed after the new ones are in place).
+    /// Replace a checkpoint already at the destination: only its own files (index and listed shards, or its single
+    /// file, and its carried files) go; everything else in the directory stays.
     pub overwrite: bool,
 }
 
@@ -103,33 +109,60 @@ struct ShardPlan {
 
 struct Open {
     shard: usize,
+    /// The file as the user will see it, for messages.
+    shown: PathBuf,
     file: BufWriter<File>,
+}
+
+/// Where the output is committed, after following symlinks.
+struct Destination {
+    /// The real directory the output is renamed into (its lock and temporaries live there too).
+    parent: PathBuf,
+    /// The output's name in `parent`: the `.safetensors` file, or the checkpoint directory.
+    name: OsString,
+    /// A directory is swapped in as a whole; a single file is renamed over.
+    is_dir: bool,
+    /// The directory as the user named it (for messages and `Written::files`).
+    shown_dir: PathBuf,
+    /// Replacing a checkpoint keeps its config and tokenizer files (a single file replacing a sharded checkpoint:
+    /// the user addressed the weights only).
+    keep_carried: bool,
+}
+
+impl Destination {
+    fn target(&self) -> PathBuf {
+        self.parent.join(&self.name)
+    }
 }
 
 pub struct CheckpointWriter {
     out: PathBuf,
-    dir: PathBuf,
-    single_file: bool,
+    dest: Destination,
     decls: Vec<TensorDecl>,
     shards: Vec<ShardPlan>,
     shard_of: Vec<usize>,
     headers: Vec<Vec<u8>>,
     opts: WriterOptions,
-    /// Temporaries created so far (final path, temporary path).
-    temps: Vec<(PathBuf, PathBuf)>,
+    /// Held from `create` until the writer is finished or dropped: one writer per output at a time.
+    lock: Option<commit::OutputLock>,
+    /// The new checkpoint directory, built beside the destination (directory outputs).
+    staging_dir: Option<commit::TempDir>,
+    /// The new file, written beside the destination (single-file outputs).
+    staging_file: Option<commit::TempFile>,
     open: Option<Open>,
     /// Shards opened so far (they are opened in order).
     opened: usize,
     next: usize,
     remaining: u64,
     finished: bool,
-    /// The destination directory did not exist before: an unfinished writer removes it again.
-    created_dir: bool,
+    /// Directories `create` made for the output's parent: an unfinished writer removes them again (when empty).
+    created_dirs: Vec<PathBuf>,
 }
 
 impl CheckpointWriter {
-    /// Plans the output and checks it against the inputs and what is already at the destination. `out` ending in
-    /// `.safetensors` is a single file; anything else is a checkpoint directory (created if missing).
+    /// Plans the output, takes its lock and checks it against the inputs and what is already at the destination.
+    /// `out` ending in `.safetensors` is a single file; anything else is a checkpoint directory. Nothing appears
+    /// under `out` before `finish`.
     pub fn create(out: impl AsRef<Path>, decls: Vec<TensorDecl>, opts: WriterOptions) -> Result<Self> {
         let out = out.as_ref().to_path_buf();
         let single_file = out.extension().is_some_and(|e| e == "safetensors");
@@ -156,7 +189,7 @@ impl CheckpointWriter {
             shards.push(ShardPlan { file_name: String::new(), members: Vec::new(), data_bytes: 0 });
         }
         let n = shards.len();
-        let dir = if single_file {
+        if single_file {
             if n > 1 {
                 return Err(Error::usage(format!(
                     "{}: the output needs {n} shards at a {} byte shard limit; give a directory as output",
@@ -170,54 +203,111 @@ impl CheckpointWriter {
                     out.display()
                 )));
             }
-            match out.parent() {
-                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-                _ => PathBuf::from("."),
-            }
-        } else {
-            out.clone()
+        }
+        let (user_parent, _) = commit::split(&out)?;
+        let created_dirs = create_missing_dirs(&user_parent, &out)?;
+        let mut w = CheckpointWriter {
+            dest: Destination {
+                parent: PathBuf::new(),
+                name: OsString::new(),
+                is_dir: !single_file,
+                shown_dir: if single_file { user_parent } else { out.clone() },
+                keep_carried: false,
+            },
+            out,
+            decls,
+            shards,
+            shard_of,
+            headers: Vec::new(),
+            opts,
+            lock: None,
+            staging_dir: None,
+            staging_file: None,
+            open: None,
+            opened: 0,
+            next: 0,
+            remaining: 0,
+            finished: false,
+            created_dirs,
         };
-        for (k, s) in shards.iter_mut().enumerate() {
-            s.file_name = if single_file {
-                out.file_name().unwrap().to_string_lossy().to_string()
+        w.resolve_destination()?;
+        for (k, s) in w.shards.iter_mut().enumerate() {
+            s.file_name = if !w.dest.is_dir {
+                w.dest.name.to_string_lossy().to_string()
             } else if n == 1 {
                 SINGLE_NAME.to_string()
             } else {
                 format!("model-{:05}-of-{:05}.safetensors", k + 1, n)
             };
         }
-
-        let mut metadata = opts.metadata.clone();
+        let mut metadata = w.opts.metadata.clone();
         metadata.entry("format".into()).or_insert_with(|| "pt".into());
-        let headers = shards.iter().map(|s| build_header(&decls, s, &metadata)).collect::<Result<Vec<_>>>()?;
+        w.headers = w.shards.iter().map(|s| build_header(&w.decls, s, &metadata)).collect::<Result<Vec<_>>>()?;
 
-        let mut w = CheckpointWriter {
-            out,
-            dir,
-            single_file,
-            decls,
-            shards,
-            shard_of,
-            headers,
-            opts,
-            temps: Vec::new(),
-            open: None,
-            opened: 0,
-            next: 0,
-            remaining: 0,
-            finished: false,
-            created_dir: false,
-        };
+        let lock = commit::OutputLock::acquire(&w.dest.parent, &w.dest.name, &w.out)?;
+        // Sweep first: an old checkpoint a dead writer moved aside goes back in place before it is judged.
+        commit::sweep_dead(&w.dest.parent, &w.dest.name, &lock);
+        w.lock = Some(lock);
         w.check_destination()?;
-        w.created_dir = !w.dir.exists();
-        std::fs::create_dir_all(&w.dir).map_err(|e| Error::io(&w.dir, e))?;
-        sweep_dead_temporaries(&w.dir);
-        w.skip_empty();
+        if w.dest.is_dir {
+            let staging = commit::TempDir::create(&w.dest.parent, &w.dest.name).map_err(|e| Error::io(&w.out, e))?;
+            w.staging_dir = Some(staging);
+        }
+        w.enter();
         Ok(w)
     }
 
-    /// Fails as `create` would when `out` is taken (a checkpoint there without `overwrite`, or an input), and
-    /// leaves nothing behind: lets a long computation refuse its destination before it starts, not after.
+    /// Follows symlinks to the real place of the output, and decides what a single file inside a directory that
+    /// holds a sharded checkpoint means.
+    fn resolve_destination(&mut self) -> Result<()> {
+        let (user_parent, user_name) = commit::split(&self.out)?;
+        let parent = user_parent.canonicalize().map_err(|e| Error::io(&user_parent, e))?;
+        let mut path = parent.join(&user_name);
+        if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
+            // A symlinked output is written where it points, so that the link keeps working.
+            path = path.canonicalize().map_err(|e| Error::io(&self.out, e))?;
+        }
+        let (parent, name) = commit::split(&path)?;
+        self.dest.parent = parent;
+        self.dest.name = name;
+        if self.dest.is_dir {
+            return Ok(());
+        }
+        let dir = self.dest.parent.clone();
+        let Some(index) = read_index_shards(&dir) else { return Ok(()) };
+        let file_name = self.dest.name.to_string_lossy().to_string();
+        if index.iter().any(|s| *s == file_name) {
+            return Err(Error::usage(format!(
+                "{}: is a shard of the sharded checkpoint in {} ({INDEX_NAME} lists it); write elsewhere",
+                self.out.display(),
+                self.dest.shown_dir.display()
+            )));
+        }
+        if file_name != SINGLE_NAME {
+            return Ok(());
+        }
+        if !self.opts.overwrite {
+            return Err(Error::usage(format!(
+                "{}: {} holds a sharded checkpoint ({INDEX_NAME}); a {SINGLE_NAME} beside it would be a second \
+                 checkpoint in one directory; pass --force to replace the sharded checkpoint",
+                self.out.display(),
+                self.dest.shown_dir.display()
+            )));
+        }
+        // Replace the sharded checkpoint as a whole: the directory is swapped, its config files kept.
+        let (grand, dir_name) = commit::split(&dir)?;
+        self.dest = Destination {
+            parent: grand,
+            name: dir_name,
+            is_dir: true,
+            shown_dir: self.dest.shown_dir.clone(),
+            keep_carried: true,
+        };
+        Ok(())
+    }
+
+    /// Fails as `create` would when `out` is taken (a checkpoint there without `overwrite`, an input, another
+    /// writer), and leaves nothing behind: lets a long computation refuse its destination before it starts.
     pub fn check_destination_free(out: impl AsRef<Path>, opts: &WriterOptions) -> Result<()> {
         Self::create(out, Vec::new(), opts.clone()).map(drop)
     }
@@ -226,20 +316,28 @@ impl CheckpointWriter {
         &self.decls
     }
 
-    /// The files `finish` will create, in the order they are renamed into place.
-    pub fn final_files(&self) -> Vec<PathBuf> {
-        let mut v: Vec<PathBuf> = self.shards.iter().map(|s| self.dir.join(&s.file_name)).collect();
+    /// The names the new checkpoint consists of, in its directory: shards, index, carried files.
+    fn new_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.shards.iter().map(|s| s.file_name.clone()).collect();
         if self.shards.len() > 1 {
-            v.push(self.dir.join(INDEX_NAME));
+            v.push(INDEX_NAME.to_string());
         }
         if let Some(src) = &self.opts.carry_from {
             for f in CARRIED_FILES {
                 if src.join(f).is_file() {
-                    v.push(self.dir.join(f));
+                    v.push(f.to_string());
                 }
             }
         }
         v
+    }
+
+    /// The files `finish` will create, as the user will see them.
+    pub fn final_files(&self) -> Vec<PathBuf> {
+        if !self.dest.is_dir {
+            return vec![self.out.clone()];
+        }
+        self.new_names().iter().map(|n| self.dest.shown_dir.join(n)).collect()
     }
 
     fn check_destination(&self) -> Result<()> {
@@ -256,49 +354,90 @@ impl CheckpointWriter {
             }
         };
         let inputs: Vec<PathBuf> = self.opts.inputs.iter().map(|p| canon(p)).collect();
-        let out_canon = canon(&self.out);
-        for f in self.final_files() {
-            let c = canon(&f);
-            if inputs.contains(&c) {
-                return Err(Error::usage(format!("{}: refusing to overwrite an input of this command", f.display())));
+        let target = self.dest.target();
+        let finals: Vec<PathBuf> = if self.dest.is_dir {
+            self.new_names().iter().map(|n| target.join(n)).collect()
+        } else {
+            vec![target.clone()]
+        };
+        for (f, shown) in finals.iter().zip(self.final_files()) {
+            if inputs.contains(f) {
+                return Err(Error::usage(format!(
+                    "{}: refusing to overwrite an input of this command",
+                    shown.display()
+                )));
             }
         }
-        if !self.single_file && inputs.iter().any(|i| i.parent() == Some(out_canon.as_path())) {
-            return Err(Error::usage(format!(
-                "{}: the output directory holds an input checkpoint; choose another output",
-                self.out.display()
-            )));
-        }
-        if self.opts.overwrite {
-            return Ok(());
-        }
-        if self.single_file {
-            if self.out.exists() {
+        let meta = std::fs::symlink_metadata(&target).ok();
+        if !self.dest.is_dir {
+            if meta.as_ref().is_some_and(|m| m.is_dir()) {
+                return Err(Error::usage(format!("{}: is a directory, not a .safetensors file", self.out.display())));
+            }
+            if meta.is_some() && !self.opts.overwrite {
                 return Err(Error::usage(format!(
                     "{}: already exists; pass --force to replace it",
                     self.out.display()
                 )));
             }
-        } else if let Some(existing) = self.existing_checkpoint_files().first() {
+            return Ok(());
+        }
+        let Some(meta) = meta else { return Ok(()) };
+        let shown = &self.dest.shown_dir;
+        if !meta.is_dir() {
+            return Err(Error::usage(format!("{}: exists and is not a directory", shown.display())));
+        }
+        if inputs.iter().any(|i| i.parent() == Some(target.as_path())) {
             return Err(Error::usage(format!(
-                "{}: already holds a checkpoint ({}); pass --force to replace it",
-                self.out.display(),
-                existing.file_name().unwrap_or_default().to_string_lossy()
+                "{}: the output directory holds an input checkpoint; choose another output",
+                shown.display()
             )));
+        }
+        if is_mount_point(&target) {
+            return Err(Error::usage(format!(
+                "{}: is a mount point; graft replaces a checkpoint directory by swapping in a new one beside it, \
+                 which a mount point cannot be; write to a directory inside it",
+                shown.display()
+            )));
+        }
+        let old = self.old_checkpoint(&target);
+        if !self.opts.overwrite {
+            if let Some(existing) = old.first() {
+                return Err(Error::usage(format!(
+                    "{}: already holds a checkpoint ({existing}); pass --force to replace it",
+                    shown.display()
+                )));
+            }
+        }
+        let new = self.new_names();
+        for name in list_dir(&target).map_err(|e| Error::io(shown, e))? {
+            if new.contains(&name) && !old.contains(&name) {
+                return Err(Error::usage(format!(
+                    "{}: is not part of the checkpoint there, and the new checkpoint needs its name; move it away",
+                    shown.join(&name).display()
+                )));
+            }
         }
         Ok(())
     }
 
-    fn existing_checkpoint_files(&self) -> Vec<PathBuf> {
-        let Ok(rd) = std::fs::read_dir(&self.dir) else { return Vec::new() };
-        let mut v: Vec<PathBuf> = rd
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                let n = p.file_name().unwrap_or_default().to_string_lossy();
-                !n.starts_with('.') && (n.ends_with(".safetensors") || n == INDEX_NAME)
-            })
-            .collect();
-        v.sort();
+    /// The files of the checkpoint in `dir` that a replacement removes: its index and the shards it lists, or its
+    /// `model.safetensors`, and (unless kept) the config and tokenizer files graft carries. Nothing else there
+    /// belongs to it; an index is listed first.
+    fn old_checkpoint(&self, dir: &Path) -> Vec<String> {
+        let mut v = Vec::new();
+        if let Some(shards) = read_index_shards(dir) {
+            v.push(INDEX_NAME.to_string());
+            v.extend(shards.into_iter().filter(|s| dir.join(s).is_file()));
+        } else if dir.join(INDEX_NAME).is_file() {
+            // An unreadable index: it is the checkpoint's, the shards it might list are unknown and stay.
+            v.push(INDEX_NAME.to_string());
+        }
+        if dir.join(SINGLE_NAME).is_file() && !v.iter().any(|s| s == SINGLE_NAME) {
+            v.push(SINGLE_NAME.to_string());
+        }
+        if !v.is_empty() && !self.dest.keep_carried {
+            v.extend(CARRIED_FILES.iter().filter(|f| dir.join(f).is_file()).map(|f| f.to_string()));
+        }
         v
     }
 
@@ -311,6 +450,12 @@ impl CheckpointWriter {
                 bytes.len(),
                 self.remaining
             )));
+        }
+        if bytes.is_empty() {
+            // A zero-element tensor: its header entry is all there is.
+            self.next += 1;
+            self.enter();
+            return Ok(());
         }
         self.write_data(bytes)
     }
@@ -331,7 +476,12 @@ impl CheckpointWriter {
         self.decls.get(self.next).map(|d| d.name.as_str())
     }
 
-    fn expect(&self, name: &str) -> Result<()> {
+    /// Checks that `name` is due; zero-byte tensors before it need no data and are stepped over.
+    fn expect(&mut self, name: &str) -> Result<()> {
+        while self.next < self.decls.len() && self.decls[self.next].name != name && self.remaining == 0 {
+            self.next += 1;
+            self.enter();
+        }
         match self.next_name() {
             Some(n) if n == name => Ok(()),
             Some(n) => Err(Error::invalid(format!("tensor '{name}' supplied while '{n}' is due next"))),
@@ -342,35 +492,30 @@ impl CheckpointWriter {
     /// Appends bytes to the current tensor; a piece may complete it and run into the next ones.
     pub fn write_data(&mut self, mut bytes: &[u8]) -> Result<()> {
         while !bytes.is_empty() {
+            while self.remaining == 0 && self.next < self.decls.len() {
+                self.next += 1;
+                self.enter();
+            }
             if self.next >= self.decls.len() {
                 return Err(Error::invalid("more tensor data supplied than declared"));
             }
             self.ensure_open()?;
             let take = (self.remaining.min(bytes.len() as u64)) as usize;
             let open = self.open.as_mut().unwrap();
-            let path = &self.temps.last().unwrap().1;
-            open.file.write_all(&bytes[..take]).map_err(|e| Error::io(path, e))?;
+            open.file.write_all(&bytes[..take]).map_err(|e| Error::io(&open.shown, e))?;
             self.remaining -= take as u64;
             bytes = &bytes[take..];
             if self.remaining == 0 {
                 self.next += 1;
-                self.skip_empty();
+                self.enter();
             }
         }
         Ok(())
     }
 
-    /// Zero-byte tensors need no data: step over them so they never wait for a write.
-    fn skip_empty(&mut self) {
-        while self.next < self.decls.len() {
-            let n = self.decls[self.next].nbytes();
-            if n > 0 {
-                self.remaining = n;
-                return;
-            }
-            self.next += 1;
-        }
-        self.remaining = 0;
+    /// Makes tensor `next` the current one: its byte count is what is due.
+    fn enter(&mut self) {
+        self.remaining = self.decls.get(self.next).map_or(0, |d| d.nbytes());
     }
 
     fn ensure_open(&mut self) -> Result<()> {
@@ -387,30 +532,52 @@ impl CheckpointWriter {
         self.open_shard(shard)
     }
 
+    fn shown(&self, file_name: &str) -> PathBuf {
+        if self.dest.is_dir {
+            self.dest.shown_dir.join(file_name)
+        } else {
+            self.out.clone()
+        }
+    }
+
     fn open_shard(&mut self, shard: usize) -> Result<()> {
-        let final_path = self.dir.join(&self.shards[shard].file_name);
-        let tmp = temp_name(&final_path);
-        let f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        self.temps.push((final_path, tmp.clone()));
+        let shown = self.shown(&self.shards[shard].file_name);
+        let f = match &self.staging_dir {
+            Some(dir) => {
+                let p = dir.path.join(&self.shards[shard].file_name);
+                std::fs::OpenOptions::new().write(true).create_new(true).open(&p).map_err(|e| Error::io(&shown, e))?
+            }
+            None => {
+                let (tmp, f) =
+                    commit::TempFile::create(&self.dest.parent, &self.dest.name).map_err(|e| Error::io(&shown, e))?;
+                self.staging_file = Some(tmp);
+                f
+            }
+        };
         self.opened = shard + 1;
         let mut file = BufWriter::with_capacity(8 << 20, f);
-        file.write_all(&self.headers[shard]).map_err(|e| Error::io(&tmp, e))?;
-        self.open = Some(Open { shard, file });
+        file.write_all(&self.headers[shard]).map_err(|e| Error::io(&shown, e))?;
+        self.open = Some(Open { shard, shown, file });
         Ok(())
     }
 
     fn close_open(&mut self) -> Result<()> {
         if let Some(open) = self.open.take() {
-            let path = self.temps.last().unwrap().1.clone();
-            let f = open.file.into_inner().map_err(|e| Error::io(&path, e.into_error()))?;
-            f.sync_all().map_err(|e| Error::io(&path, e))?;
+            let f = open.file.into_inner().map_err(|e| Error::io(&open.shown, e.into_error()))?;
+            f.sync_all().map_err(|e| Error::io(&open.shown, e))?;
         }
         Ok(())
     }
 
-    /// Completes the checkpoint: every declared tensor must have been supplied. Renames shards into place, then
-    /// carried files, then the index (whose presence marks a sharded checkpoint as complete).
+    /// Completes the checkpoint: every declared tensor must have been supplied. The new checkpoint (shards, index,
+    /// carried files, and hard links to the files of the destination directory that are not part of the checkpoint
+    /// it replaces) is complete and synced beside the destination, then takes its place in one step.
     pub fn finish(mut self) -> Result<Written> {
+        // Trailing zero-byte tensors need no data either.
+        while self.next < self.decls.len() && self.decls[self.next].nbytes() == 0 {
+            self.next += 1;
+            self.enter();
+        }
         if self.next < self.decls.len() {
             return Err(Error::invalid(format!(
                 "{}: tensor '{}' and {} more were declared but never supplied",
@@ -426,51 +593,16 @@ impl CheckpointWriter {
         }
         self.close_open()?;
 
-        if let Some(src) = self.opts.carry_from.clone() {
-            for f in CARRIED_FILES {
-                let from = src.join(f);
-                if from.is_file() {
-                    let to = self.dir.join(f);
-                    let tmp = temp_name(&to);
-                    std::fs::copy(&from, &tmp).map_err(|e| Error::io(&from, e))?;
-                    self.temps.push((to, tmp));
-                }
-            }
-        }
-        let sharded = self.shards.len() > 1;
-        if sharded {
-            let index = self.index_json();
-            let to = self.dir.join(INDEX_NAME);
-            let tmp = temp_name(&to);
-            std::fs::write(&tmp, index).map_err(|e| Error::io(&tmp, e))?;
-            self.temps.push((to, tmp));
-        }
-        let stale: Vec<PathBuf> = if self.opts.overwrite && !self.single_file {
-            let new: Vec<PathBuf> = self.temps.iter().map(|(f, _)| f.clone()).collect();
-            self.existing_checkpoint_files().into_iter().filter(|p| !new.contains(p)).collect()
+        let files = self.final_files();
+        if self.dest.is_dir {
+            self.commit_dir()?;
         } else {
-            Vec::new()
-        };
-        // An index left from an old sharded checkpoint would shadow a new single file: remove it before renaming.
-        for p in stale.iter().filter(|p| p.ends_with(INDEX_NAME)) {
-            std::fs::remove_file(p).map_err(|e| Error::io(p, e))?;
-        }
-        let temps = std::mem::take(&mut self.temps);
-        let mut files = Vec::new();
-        for (i, (to, tmp)) in temps.iter().enumerate() {
-            if let Err(e) = std::fs::rename(tmp, to) {
-                self.temps = temps[i..].to_vec();
-                return Err(Error::io(to, e));
-            }
-            files.push(to.clone());
-        }
-        for p in stale.iter().filter(|p| !p.ends_with(INDEX_NAME)) {
-            std::fs::remove_file(p).map_err(|e| Error::io(p, e))?;
-        }
-        if let Ok(d) = File::open(&self.dir) {
-            let _ = d.sync_all();
+            let target = self.dest.target();
+            let tmp = self.staging_file.take().expect("a single-file output has its file open");
+            tmp.commit(&target).map_err(|e| Error::io(&self.out, e))?;
         }
         self.finished = true;
+        self.lock.take();
         Ok(Written {
             path: self.out.clone(),
             files,
@@ -478,6 +610,54 @@ impl CheckpointWriter {
             tensors: self.decls.len(),
             total_bytes: self.decls.iter().map(|d| d.nbytes()).sum(),
         })
+    }
+
+    fn commit_dir(&mut self) -> Result<()> {
+        let staging = self.staging_dir.as_ref().expect("a directory output has its staging directory").path.clone();
+        if self.shards.len() > 1 {
+            let index = self.index_json();
+            let shown = self.shown(INDEX_NAME);
+            write_new_synced(&staging.join(INDEX_NAME), index.as_bytes()).map_err(|e| Error::io(&shown, e))?;
+        }
+        if let Some(src) = self.opts.carry_from.clone() {
+            for f in CARRIED_FILES {
+                let from = src.join(f);
+                if from.is_file() {
+                    commit::copy_synced(&from, &staging.join(f)).map_err(|e| Error::io(self.shown(f), e))?;
+                }
+            }
+        }
+        let target = self.dest.target();
+        let shown_dir = self.dest.shown_dir.clone();
+        if std::fs::symlink_metadata(&target).is_err() {
+            commit::sync_dir(&staging);
+            std::fs::rename(&staging, &target).map_err(|e| Error::io(&shown_dir, e))?;
+            self.staging_dir.take().unwrap().committed();
+            commit::sync_dir(&self.dest.parent);
+            return Ok(());
+        }
+        // Replacing: everything in the old directory that is not the old checkpoint comes along, as hard links, so
+        // that whichever directory a crash leaves in place still has it.
+        self.check_destination()?;
+        let old = self.old_checkpoint(&target);
+        for name in list_dir(&target).map_err(|e| Error::io(&shown_dir, e))? {
+            if old.contains(&name) || commit::is_graft_temporary(&name) {
+                continue;
+            }
+            commit::link_into(&target.join(&name), &staging.join(&name))
+                .map_err(|e| Error::io(shown_dir.join(&name), e))?;
+        }
+        commit::sync_dir(&staging);
+        let old_handle = File::open(&target).ok();
+        commit::exchange(&staging, &target).map_err(|e| Error::io(&shown_dir, e))?;
+        commit::sync_dir(&self.dest.parent);
+        // `staging` now names the old checkpoint. Readers that opened it just before the swap are still mapping
+        // its files: they hold a shared lock on it until they are done, so wait for them before deleting it.
+        if let Some(h) = old_handle {
+            commit::flock_wait(&h, true);
+        }
+        self.staging_dir.take();
+        Ok(())
     }
 
     fn index_json(&self) -> String {
@@ -493,40 +673,81 @@ impl CheckpointWriter {
 
 impl Drop for CheckpointWriter {
     fn drop(&mut self) {
+        self.open = None;
         if !self.finished {
-            self.open = None;
-            for (_, tmp) in &self.temps {
-                let _ = std::fs::remove_file(tmp);
-            }
-            if self.created_dir {
+            self.staging_dir.take();
+            self.staging_file.take();
+        }
+        self.lock.take();
+        if !self.finished {
+            for d in self.created_dirs.iter().rev() {
                 // Only succeeds when empty: nothing else is ever removed.
-                let _ = std::fs::remove_dir(&self.dir);
+                let _ = std::fs::remove_dir(d);
             }
         }
     }
 }
 
-/// Removes temporaries left by writers that were killed (SIGKILL, power loss) before their `Drop` could run. Only
-/// files named like ours whose process no longer exists are touched; without `/proc` nothing is removed.
-fn sweep_dead_temporaries(dir: &Path) {
-    if !Path::new("/proc/self").exists() {
-        return;
-    }
-    let Ok(rd) = std::fs::read_dir(dir) else { return };
-    for entry in rd.flatten() {
-        let name = entry.file_name().to_string_lossy().to_string();
-        let Some(pid) = name.strip_prefix('.').and_then(|n| n.rsplit_once(".graft-tmp-")).map(|(_, pid)| pid) else {
-            continue;
-        };
-        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
-            let _ = std::fs::remove_file(entry.path());
+/// Creates `dir` and its missing ancestors; returns those it created, outermost first. Errors name the output.
+fn create_missing_dirs(dir: &Path, out: &Path) -> Result<Vec<PathBuf>> {
+    let mut missing = Vec::new();
+    let mut p = dir.to_path_buf();
+    while !p.as_os_str().is_empty() && std::fs::symlink_metadata(&p).is_err() {
+        missing.push(p.clone());
+        if !p.pop() {
+            break;
         }
+    }
+    missing.reverse();
+    for d in &missing {
+        std::fs::create_dir(d).map_err(|e| Error::io(out, e))?;
+    }
+    Ok(missing)
+}
+
+/// The shard names the index in `dir` lists, or None without a readable index.
+fn read_index_shards(dir: &Path) -> Option<Vec<String>> {
+    let text = std::fs::read_to_string(dir.join(INDEX_NAME)).ok()?;
+    let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let map = json.get("weight_map")?.as_object()?;
+    let mut v: Vec<String> = map
+        .values()
+        .filter_map(|f| f.as_str())
+        .filter(|f| !f.contains('/') && !f.contains('\\') && *f != ".." && *f != ".")
+        .map(str::to_string)
+        .collect();
+    v.sort();
+    v.dedup();
+    Some(v)
+}
+
+fn list_dir(dir: &Path) -> std::io::Result<Vec<String>> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(dir)? {
+        v.push(e?.file_name().to_string_lossy().to_string());
+    }
+    v.sort();
+    Ok(v)
+}
+
+fn write_new_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+#[cfg(unix)]
+fn is_mount_point(dir: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(dir), std::fs::metadata(dir.join(".."))) {
+        (Ok(a), Ok(b)) => a.dev() != b.dev(),
+        _ => false,
     }
 }
 
-fn temp_name(final_path: &Path) -> PathBuf {
-    let name = final_path.file_name().unwrap_or_default().to_string_lossy();
-    final_path.with_file_name(format!(".{name}.graft-tmp-{}", std::process::id()))
+#[cfg(not(unix))]
+fn is_mount_point(_: &Path) -> bool {
+    false
 }
 
 fn build_header(decls: &[TensorDecl], shard: &ShardPlan, metadata: &BTreeMap<String, String>) -> Result<Vec<u8>> {

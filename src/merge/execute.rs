@@ -252,7 +252,5 @@ fn write_config(from: &Path, to: &Path, layers: Option<usize>) -> Result<()> {
             serde_json::to_string_pretty(&v).unwrap() + "\n"
         }
     };
-    let tmp = to.with_file_name(format!(".config.json.graft-tmp-{}", std::process::id()));
-    std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, to).map_err(|e| Error::io(to, e))
+    crate::checkpoint::write_atomic(to, text.as_bytes())
 }
