@@ -28,6 +28,8 @@ enum Undo {
     Remove(PathBuf),
     /// An old checkpoint moved aside (the rename fallback): move it back to its place if that is empty.
     Restore { from: PathBuf, to: PathBuf },
+    /// A lock file held through descriptor `fd`: remove it if no one else holds it.
+    Unlock { path: PathBuf, fd: i32 },
 }
 
 static LIVE: Mutex<Vec<(u64, Undo)>> = Mutex::new(Vec::new());
@@ -67,6 +69,15 @@ fn undo_all() {
                     let _ = std::fs::rename(from, to);
                 }
             }
+            #[cfg(unix)]
+            Undo::Unlock { path, fd } => {
+                // SAFETY: the descriptor belongs to a live OutputLock (it unregisters before closing it).
+                if unsafe { libc::flock(*fd, libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+            #[cfg(not(unix))]
+            Undo::Unlock { .. } => {}
         }
     }
     // The list stays locked: no new temporary can appear between the cleanup and the exit.
@@ -184,18 +195,44 @@ pub fn is_graft_temporary(file_name: &str) -> bool {
 
 // ---- the per-output lock -----------------------------------------------------------------------------------------
 
-/// An exclusive advisory lock (`flock`) on `.NAME.graft-lock` beside the output `NAME`. The file holds the holder's
-/// PID and command line, for the refusal message of a second writer. Dropping it removes the file and unlocks.
+/// An advisory lock (`flock`) on `.NAME.graft-lock` beside the output `NAME`. Writers of `NAME` hold it
+/// exclusively; the file then holds the holder's PID and command line, for the refusal message of a second writer.
+/// Single-file writers hold their directory's lock shared, which keeps a writer of the whole directory out while
+/// they run, but not each other. Dropping it removes the file when no one else holds it, and unlocks.
 #[derive(Debug)]
 pub struct OutputLock {
+    // Unregistered before the descriptor closes (fields drop in order).
+    _registration: Registration,
     path: PathBuf,
     file: File,
 }
 
 impl OutputLock {
-    /// Takes the lock of output `dir/name` or refuses at once, naming the holder. `shown` is the output as the
-    /// user wrote it, for messages.
+    /// Takes the lock of output `dir/name` exclusively or refuses at once, naming the holder. `shown` is the
+    /// output as the user wrote it, for messages.
     pub fn acquire(dir: &Path, name: &OsString, shown: &Path) -> Result<OutputLock> {
+        Self::take(dir, name, shown, true)
+    }
+
+    /// Takes the lock of directory `dir/name` shared, for writing one file inside it: refused while a writer of
+    /// the whole directory runs. Whoever takes it when no one else holds it sweeps the directory writers' dead
+    /// temporaries first. None where the lock file cannot be created (a read-only parent: then no directory
+    /// writer can work there either).
+    pub fn acquire_shared(dir: &Path, name: &OsString, shown: &Path) -> Result<Option<OutputLock>> {
+        match Self::take(dir, name, shown, false) {
+            Err(Error::Io { source, .. })
+                if matches!(
+                    source.kind(),
+                    std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem
+                ) =>
+            {
+                Ok(None)
+            }
+            r => r.map(Some),
+        }
+    }
+
+    fn take(dir: &Path, name: &OsString, shown: &Path, exclusive: bool) -> Result<OutputLock> {
         let path = dir.join(prefixed(name, "lock"));
         for _ in 0..20 {
             let mut file = std::fs::OpenOptions::new()
@@ -205,7 +242,9 @@ impl OutputLock {
                 .truncate(false)
                 .open(&path)
                 .map_err(|e| Error::io(shown, e))?;
-            if !try_flock(&file, true).map_err(|e| Error::io(&path, e))? {
+            let alone = try_flock(&file, true).map_err(|e| Error::io(&path, e))?;
+            let got = alone || (!exclusive && try_flock(&file, false).map_err(|e| Error::io(&path, e))?);
+            if !got {
                 let mut holder = String::new();
                 let _ = file.read_to_string(&mut holder);
                 let holder = holder.trim();
@@ -221,11 +260,25 @@ impl OutputLock {
             if !same_file(&file, &path) {
                 continue;
             }
-            let command: Vec<String> = std::env::args().collect();
-            let _ = file.set_len(0);
-            let _ = file.rewind();
-            let _ = file.write_all(format!("pid {}: {}", std::process::id(), command.join(" ")).as_bytes());
-            return Ok(OutputLock { path, file });
+            let registration = register_unlock(&path, &file);
+            let lock = OutputLock { _registration: registration, path, file };
+            if exclusive {
+                let command: Vec<String> = std::env::args().collect();
+                let mut f = &lock.file;
+                let _ = f.set_len(0);
+                let _ = f.rewind();
+                let _ = f.write_all(format!("pid {}: {}", std::process::id(), command.join(" ")).as_bytes());
+            } else if alone {
+                sweep_dead(dir, name, &lock);
+                if !try_flock(&lock.file, false).map_err(|e| Error::io(&lock.path, e))? {
+                    return Err(Error::invalid(format!(
+                        "{}: another graft run is writing this output; wait for it to finish (lock {})",
+                        shown.display(),
+                        lock.path.display()
+                    )));
+                }
+            }
+            return Ok(lock);
         }
         Err(Error::invalid(format!("{}: could not take the output lock {}", shown.display(), path.display())))
     }
@@ -233,10 +286,26 @@ impl OutputLock {
 
 impl Drop for OutputLock {
     fn drop(&mut self) {
-        // Removed while still held, so a waiter that opened it re-checks the path and takes the new file.
-        let _ = std::fs::remove_file(&self.path);
-        let _ = &self.file;
+        // Removed while still held (and only when no one else holds it), so that a process that opened the old
+        // file re-checks the path after locking and takes the new one.
+        if try_flock(&self.file, true).unwrap_or(false) {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
+}
+
+#[cfg(unix)]
+fn register_unlock(path: &Path, file: &File) -> Registration {
+    use std::os::fd::AsRawFd;
+    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    let undo = Undo::Unlock { path: path.to_path_buf(), fd: file.as_raw_fd() };
+    LIVE.lock().unwrap_or_else(|e| e.into_inner()).push((id, undo));
+    Registration(id)
+}
+
+#[cfg(not(unix))]
+fn register_unlock(_: &Path, _: &File) -> Registration {
+    Registration(NEXT_ID.fetch_add(1, Ordering::Relaxed))
 }
 
 #[cfg(unix)]

@@ -145,6 +145,8 @@ pub struct CheckpointWriter {
     opts: WriterOptions,
     /// Held from `create` until the writer is finished or dropped: one writer per output at a time.
     lock: Option<commit::OutputLock>,
+    /// A single file's directory, locked shared: no writer of the whole directory runs meanwhile.
+    dir_lock: Option<commit::OutputLock>,
     /// The new checkpoint directory, built beside the destination (directory outputs).
     staging_dir: Option<commit::TempDir>,
     /// The new file, written beside the destination (single-file outputs).
@@ -221,6 +223,7 @@ impl CheckpointWriter {
             headers: Vec::new(),
             opts,
             lock: None,
+            dir_lock: None,
             staging_dir: None,
             staging_file: None,
             open: None,
@@ -244,6 +247,11 @@ impl CheckpointWriter {
         metadata.entry("format".into()).or_insert_with(|| "pt".into());
         w.headers = w.shards.iter().map(|s| build_header(&w.decls, s, &metadata)).collect::<Result<Vec<_>>>()?;
 
+        if !w.dest.is_dir {
+            if let Ok((grand, dir_name)) = commit::split(&w.dest.parent) {
+                w.dir_lock = commit::OutputLock::acquire_shared(&grand, &dir_name, &w.out)?;
+            }
+        }
         let lock = commit::OutputLock::acquire(&w.dest.parent, &w.dest.name, &w.out)?;
         // Sweep first: an old checkpoint a dead writer moved aside goes back in place before it is judged.
         commit::sweep_dead(&w.dest.parent, &w.dest.name, &lock);
@@ -603,6 +611,7 @@ impl CheckpointWriter {
         }
         self.finished = true;
         self.lock.take();
+        self.dir_lock.take();
         Ok(Written {
             path: self.out.clone(),
             files,
@@ -679,6 +688,7 @@ impl Drop for CheckpointWriter {
             self.staging_file.take();
         }
         self.lock.take();
+        self.dir_lock.take();
         if !self.finished {
             for d in self.created_dirs.iter().rev() {
                 // Only succeeds when empty: nothing else is ever removed.
