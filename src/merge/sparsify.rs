@@ -18,7 +18,7 @@
 
 use std::ops::Range;
 
-use super::method::Buf;
+use super::scratch::{blocks, Buf};
 use crate::error::Result;
 use crate::exec::{Executor, CHUNK_ELEMS};
 use crate::rng::Rng;
@@ -343,14 +343,6 @@ pub fn rank_windows(
         result.push(RankWindow { lo, hi, window: Window::Bounded { lower, upper } });
     }
     Ok(result)
-}
-
-/// Elements per cache-sized block of a chunk (64 KiB of f32 per buffer).
-pub const BLOCK: usize = 1 << 14;
-
-/// `r` cut into `BLOCK`-sized pieces.
-pub fn blocks(r: Range<usize>) -> impl Iterator<Item = Range<usize>> {
-    (r.start..r.end).step_by(BLOCK).map(move |s| s..(s + BLOCK).min(r.end))
 }
 
 /// Pass one of `rank_windows` over one chunk of one series.
