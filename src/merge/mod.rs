@@ -29,6 +29,7 @@ pub mod model_stock;
 pub mod params;
 pub mod passthrough;
 pub mod plan;
+pub mod rank;
 pub mod scratch;
 pub mod select;
 pub mod slerp;

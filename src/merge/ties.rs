@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 use super::method::{Contract, Ctx, GlobalPass, Kernel, MergeMethod, Recorded, TensorInputs};
 use super::params::{Default, Kind, ParamDef, Scope, TensorParams};
+use super::rank::{self, key};
 use super::scratch::Buf;
 use super::sparsify;
 use super::task_arithmetic::{gta_params, Consensus, Gta, Sparsification};
@@ -68,7 +69,7 @@ fn trimmed(
             let mut x = inputs.read(i, range.clone())?;
             for (v, &bv) in x.iter_mut().zip(&b) {
                 *v = (*v - bv) * weights[j];
-                if thresholds[j].is_some_and(|t| sparsify::key(*v) < t) {
+                if thresholds[j].is_some_and(|t| key(*v) < t) {
                     *v = 0.0;
                 }
             }
@@ -118,88 +119,15 @@ pub fn paper_stats(exec: &Executor, tensors: &[PaperTensor]) -> Result<PaperStat
             (d < 1.0 && kth > 0).then(|| kth - 1)
         })
         .collect();
-    let mut high = vec![vec![0u64; 1 << 16]; series];
-    for (ti, p) in tensors {
-        let w = weights_of(ti, p)?;
-        let parts = exec.chunked(ti.numel(), |r| {
-            let tv = trimmed(ti, &w, &none, r)?;
-            let mut h = vec![vec![0u32; 1 << 16]; series];
-            for (j, v) in tv.iter().enumerate() {
-                if ranks[j].is_some() {
-                    for &x in v {
-                        h[j][(sparsify::key(x) >> 16) as usize] += 1;
-                    }
-                }
-            }
-            Ok(h)
-        })?;
-        for part in parts {
-            for (hj, pj) in high.iter_mut().zip(part) {
-                for (a, c) in hj.iter_mut().zip(pj) {
-                    *a += c as u64;
-                }
-            }
-        }
-    }
-    let buckets: Vec<Option<(u32, usize)>> = ranks
-        .iter()
-        .zip(&high)
-        .map(|(r, h)| {
-            r.map(|rank| {
-                let mut below = 0usize;
-                for (b, &c) in h.iter().enumerate() {
-                    if below + c as usize > rank {
-                        return (b as u32, below);
-                    }
-                    below += c as usize;
-                }
-                unreachable!()
-            })
-        })
-        .collect();
-    let mut low = vec![vec![0u64; 1 << 16]; series];
-    for (ti, p) in tensors {
-        let w = weights_of(ti, p)?;
-        let parts = exec.chunked(ti.numel(), |r| {
-            let tv = trimmed(ti, &w, &none, r)?;
-            Ok(tv
-                .iter()
-                .enumerate()
-                .map(|(j, v)| match buckets[j] {
-                    Some((b, _)) => {
-                        v.iter().map(|&x| sparsify::key(x)).filter(|k| k >> 16 == b).map(|k| k as u16).collect()
-                    }
-                    None => Vec::new(),
-                })
-                .collect::<Vec<Vec<u16>>>())
-        })?;
-        for part in parts {
-            for (lj, pj) in low.iter_mut().zip(part) {
-                for v in pj {
-                    lj[v as usize] += 1;
-                }
-            }
-        }
-    }
-    let thresholds: Vec<Option<u32>> = (0..series)
-        .map(|j| {
-            let (b, below) = buckets[j]?;
-            let rank = ranks[j]?;
-            let mut less = below;
-            for (v, &c) in low[j].iter().enumerate() {
-                if less + c as usize > rank {
-                    return Some((b << 16) | v as u32);
-                }
-                less += c as usize;
-            }
-            unreachable!()
-        })
-        .collect();
+    let weights: Vec<Vec<f32>> = tensors.iter().map(|(ti, p)| weights_of(ti, p)).collect::<Result<_>>()?;
+    let wanted: Vec<Vec<usize>> = ranks.iter().map(|r| r.iter().copied().collect()).collect();
+    let lens: Vec<usize> = tensors.iter().map(|(t, _)| t.numel()).collect();
+    let located = rank::locate(exec, &lens, &wanted, false, &|k, r| trimmed(&tensors[k].0, &weights[k], &none, r))?;
+    let thresholds: Vec<Option<u32>> = located.iter().map(|l| l.first().map(|l| l.key)).collect();
     let mut sign_sum: i64 = 0;
-    for (ti, p) in tensors {
-        let w = weights_of(ti, p)?;
+    for ((ti, _), w) in tensors.iter().zip(&weights) {
         let parts = exec.chunked(ti.numel(), |r| {
-            let tv = trimmed(ti, &w, &thresholds, r.clone())?;
+            let tv = trimmed(ti, w, &thresholds, r.clone())?;
             let mut s = 0i64;
             for k in 0..r.len() {
                 let total: f32 = tv.iter().map(|v| v[k]).sum();
