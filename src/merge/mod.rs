@@ -26,6 +26,7 @@ pub mod execute;
 pub mod linear;
 pub mod method;
 pub mod model_stock;
+pub mod nearswap;
 pub mod params;
 pub mod passthrough;
 pub mod plan;
@@ -54,6 +55,7 @@ static METHODS: &[&dyn MergeMethod] = &[
     &della::DELLA,
     &della::DELLA_LINEAR,
     &model_stock::ModelStock,
+    &nearswap::NearSwap,
     &passthrough::Passthrough,
 ];
 
