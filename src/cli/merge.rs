@@ -452,3 +452,94 @@ fn render_selection(s: &SelectionReport) -> String {
     let _ = writeln!(out, "{t}");
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cmd {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn args(argv: &[&str]) -> Args {
+        Cmd::try_parse_from(std::iter::once("merge").chain(argv.iter().copied())).unwrap().args
+    }
+
+    /// The resolved parameters of every merged tensor of the merge `argv` describes (fixture models).
+    fn resolved(argv: &[&str]) -> Vec<crate::merge::params::TensorParams> {
+        let cfg = build_config(&args(argv)).unwrap();
+        let models: Vec<Checkpoint> = cfg.model_paths().iter().map(Checkpoint::open).collect::<Result<_>>().unwrap();
+        let plan = plan::build(&cfg, &models).unwrap();
+        plan.tensors
+            .into_iter()
+            .filter_map(|t| match t.op {
+                Op::Merge { params, .. } => Some(params),
+                Op::Copy { .. } => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn param_and_model_param_resolve_as_the_dedicated_flags_do() {
+        let (b, x, y) = ("fixtures/llama/base", "fixtures/llama/ft_a", "fixtures/llama/ft_b");
+        let common = ["--method", "ties", "--base", b, x, y, "-o", "unused"];
+        let by_flags =
+            resolved(&[&common[..], &["--density", "0.3", "--weight", "0.2,0.7", "--lambda", "0.9"]].concat());
+        let by_params = resolved(
+            &[
+                &common[..],
+                &["--param", "density=0.3", "--model-param", "0:weight=0.2", "--model-param", "1:weight=0.7"],
+                &["--param", "lambda=0.9"],
+            ]
+            .concat(),
+        );
+        assert!(!by_flags.is_empty());
+        assert_eq!(by_flags, by_params);
+        // A gradient through --param matches --t's.
+        let slerp = ["--method", "slerp", x, y, "-o", "unused"];
+        assert_eq!(
+            resolved(&[&slerp[..], &["--t", "0,0.4,1"]].concat()),
+            resolved(&[&slerp[..], &["--param", "t=0,0.4,1"]].concat())
+        );
+    }
+
+    #[test]
+    fn param_names_and_values_are_checked_against_the_method() {
+        let ties = crate::merge::method("ties").unwrap();
+        assert_eq!(
+            parse_param(ties, "--param", "normalize=false").unwrap(),
+            ("normalize".into(), Setting::bool(false))
+        );
+        assert_eq!(parse_param(ties, "--param", "density=0.5").unwrap(), ("density".into(), Setting::num(0.5)));
+        for (text, want) in [
+            ("densty=0.5", "ties has no parameter 'densty' (accepted: weight, density"),
+            ("normalize=1", "'normalize' takes true or false"),
+            ("density=high", "'density' takes a number or comma-separated numbers"),
+            ("density=nan", "'density' takes a number"),
+            ("density", "expected NAME=VALUE"),
+        ] {
+            let e = parse_param(ties, "--param", text).unwrap_err().to_string();
+            assert!(e.contains(want), "{text}: {e}");
+        }
+        let (b, x) = ("fixtures/llama/base", "fixtures/llama/ft_a");
+        for (argv, want) in [
+            (vec!["--model-param", "3:density=0.5"], "model index 3 out of range (0..1)"),
+            (vec!["--model-param", "density=0.5"], "expected INDEX:NAME=VALUE"),
+            (
+                vec!["--param", "density=0.5", "--density", "0.4"],
+                "--param density and --density set the same parameter",
+            ),
+        ] {
+            let a = args(&[&["--method", "ties", "--base", b, x, "-o", "unused"][..], &argv[..]].concat());
+            let e = build_config(&a).unwrap_err().to_string();
+            assert!(e.contains(want), "{argv:?}: {e}");
+        }
+        let a = args(&["--method", "linear", "--ties-variant", "paper", x, "-o", "unused"]);
+        assert!(build_config(&a).unwrap_err().to_string().contains("--ties-variant applies to --method ties only"));
+        let a = args(&["--method", "ties", "--ties-variant", "paper", "--base", b, x, "-o", "unused"]);
+        assert_eq!(build_config(&a).unwrap().method.name(), "ties_paper");
+    }
+}
