@@ -8,18 +8,28 @@ use super::{emit, table, Global, OutputArgs};
 use crate::checkpoint::{Checkpoint, Dtype};
 use crate::error::{Error, Result};
 use crate::exec::Executor;
-use crate::merge::config::{self, Flags, MergeConfig};
+use crate::merge::config::{self, Flags, Inputs, MergeConfig};
 use crate::merge::execute::{self, RunOptions, Summary};
-use crate::merge::params::{Scalar, Setting};
+use crate::merge::method::AlphaTarget;
+use crate::merge::params::{Kind, Scalar, Setting};
 use crate::merge::plan::{self, Op, Plan};
 use crate::merge::select::{self, Alpha, SelectOptions, SelectionReport, SnrSource};
+use crate::merge::MergeMethod;
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 enum TiesVariant {
     /// mergekit's per-tensor TIES.
     Mergekit,
-    /// The TIES paper's reference code: global trim, sign by mass, mean of agreeing entries.
+    /// The TIES paper's reference code: global trim, sign by mass, mean of agreeing entries (the method
+    /// `ties_paper`).
     Paper,
+}
+
+/// `--method`'s choices and their help, from the registry.
+fn method_choices() -> clap::builder::PossibleValuesParser {
+    clap::builder::PossibleValuesParser::new(
+        crate::merge::methods().iter().map(|m| clap::builder::PossibleValue::new(m.name()).help(m.about())),
+    )
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,9 +55,8 @@ pub struct Args {
     /// A mergekit YAML config (`.yml`/`.yaml`), or the models to merge (files or checkpoint directories).
     #[arg(required = true)]
     inputs: Vec<PathBuf>,
-    /// Merge method: linear, slerp, task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties,
-    /// della, della_linear, model_stock, passthrough.
-    #[arg(long)]
+    /// Merge method.
+    #[arg(long, value_parser = method_choices())]
     method: Option<String>,
     /// Base model (task vectors are taken against it; for slerp, the reference for unmerged tensors).
     #[arg(long)]
@@ -82,6 +91,14 @@ pub struct Args {
     /// model_stock: one interpolation factor per row.
     #[arg(long)]
     filter_wise: bool,
+    /// Any parameter of the method, for every model: `NAME=VALUE` (a number, true/false, or comma-separated numbers
+    /// for a layer gradient). Repeatable.
+    #[arg(long = "param", value_name = "NAME=VALUE", allow_hyphen_values = true)]
+    params: Vec<String>,
+    /// A per-model parameter of one model: `INDEX:NAME=VALUE`, INDEX counting the models as given from 0.
+    /// Repeatable.
+    #[arg(long = "model-param", value_name = "INDEX:NAME=VALUE", allow_hyphen_values = true)]
+    model_params: Vec<String>,
     /// Seed of DARE/DELLA random masks.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -133,23 +150,91 @@ fn is_config(inputs: &[PathBuf]) -> bool {
     inputs.len() == 1 && inputs[0].extension().is_some_and(|e| e == "yml" || e == "yaml")
 }
 
+/// A parameter given by a dedicated flag: shared (one setting) or per model (one value, or one per model).
+enum Given {
+    Shared(Setting),
+    PerModel(Vec<f64>),
+}
+
+/// The per-parameter flags, one row each: flag, the method parameter it sets, and its value if given.
+fn param_flags(a: &Args) -> Vec<(&'static str, &'static str, Option<Given>)> {
+    let list = |v: &Vec<f64>| (!v.is_empty()).then(|| Given::PerModel(v.clone()));
+    vec![
+        ("--t", "t", (!a.t.is_empty()).then(|| Given::Shared(Setting::gradient(a.t.clone())))),
+        ("--weight", "weight", list(&a.weight)),
+        ("--density", "density", list(&a.density)),
+        ("--gamma", "gamma", list(&a.gamma)),
+        ("--epsilon", "epsilon", list(&a.epsilon)),
+        ("--scale", "scale", list(&a.scale)),
+        ("--lambda", "lambda", a.lambda.map(|l| Given::Shared(Setting::num(l)))),
+        ("--normalize", "normalize", a.normalize.map(|n| Given::Shared(Setting::bool(n)))),
+        ("--rescale", "rescale", a.rescale.map(|r| Given::Shared(Setting::bool(r)))),
+        ("--filter-wise", "filter_wise", a.filter_wise.then(|| Given::Shared(Setting::bool(true)))),
+    ]
+}
+
+/// Parses `NAME=VALUE` for `method`: the name must be one of its parameters, the value of the parameter's kind.
+fn parse_param(method: &dyn MergeMethod, flag: &str, text: &str) -> Result<(String, Setting)> {
+    let bad = |why: String| Error::usage(format!("{flag} '{text}': {why}"));
+    let (name, value) = text.split_once('=').ok_or_else(|| bad("expected NAME=VALUE".into()))?;
+    let def = method.params().iter().find(|d| d.name == name).ok_or_else(|| {
+        let accepted: Vec<&str> = method.params().iter().map(|d| d.name).collect();
+        bad(format!("{} has no parameter '{name}' (accepted: {})", method.name(), accepted.join(", ")))
+    })?;
+    let setting = match def.kind {
+        Kind::Bool => match value {
+            "true" => Setting::bool(true),
+            "false" => Setting::bool(false),
+            _ => return Err(bad(format!("'{name}' takes true or false"))),
+        },
+        Kind::Float => {
+            let nums: std::result::Result<Vec<f64>, _> = value.split(',').map(|v| v.trim().parse::<f64>()).collect();
+            match nums {
+                Ok(v) if v.iter().all(|x| x.is_finite()) => Setting::gradient(v),
+                _ => return Err(bad(format!("'{name}' takes a number or comma-separated numbers"))),
+            }
+        }
+    };
+    Ok((name.to_string(), setting))
+}
+
+/// Applies `--param` (top-level parameters) and `--model-param` (one model's parameters) to a config built from
+/// flags, refusing a parameter that a dedicated flag also sets.
+fn apply_param_args(a: &Args, cfg: &mut MergeConfig) -> Result<()> {
+    let flagged = |name: &str| param_flags(a).into_iter().find(|(_, p, g)| *p == name && g.is_some()).map(|r| r.0);
+    for text in &a.params {
+        let (name, setting) = parse_param(cfg.method, "--param", text)?;
+        if let Some(flag) = flagged(&name) {
+            return Err(Error::usage(format!("--param {name} and {flag} set the same parameter; give one")));
+        }
+        cfg.parameters.insert(name, setting);
+    }
+    for text in &a.model_params {
+        let (index, rest) = text
+            .split_once(':')
+            .and_then(|(i, r)| i.parse::<usize>().ok().map(|i| (i, r)))
+            .ok_or_else(|| Error::usage(format!("--model-param '{text}': expected INDEX:NAME=VALUE")))?;
+        let (name, setting) = parse_param(cfg.method, "--model-param", rest)?;
+        let Inputs::Models(entries) = &mut cfg.inputs else { unreachable!("flags describe models") };
+        let count = entries.len();
+        let entry = entries.get_mut(index).ok_or_else(|| {
+            Error::usage(format!("--model-param '{text}': model index {index} out of range (0..{count})"))
+        })?;
+        entry.parameters.insert(name, setting);
+    }
+    Ok(())
+}
+
 fn build_config(a: &Args) -> Result<MergeConfig> {
-    if is_config(&a.inputs) {
-        let set_by_flags = [
-            ("--method", a.method.is_some()),
-            ("--t", !a.t.is_empty()),
-            ("--weight", !a.weight.is_empty()),
-            ("--density", !a.density.is_empty()),
-            ("--gamma", !a.gamma.is_empty()),
-            ("--epsilon", !a.epsilon.is_empty()),
-            ("--scale", !a.scale.is_empty()),
-            ("--lambda", a.lambda.is_some()),
-            ("--normalize", a.normalize.is_some()),
-            ("--rescale", a.rescale.is_some()),
-            ("--filter-wise", a.filter_wise),
+    let mut cfg = if is_config(&a.inputs) {
+        let mut set_by_flags = vec![("--method", a.method.is_some())];
+        set_by_flags.extend(param_flags(a).into_iter().map(|(flag, _, given)| (flag, given.is_some())));
+        set_by_flags.extend([
+            ("--param", !a.params.is_empty()),
+            ("--model-param", !a.model_params.is_empty()),
             ("--dtype", a.dtype.is_some()),
             ("--out-dtype", a.out_dtype.is_some()),
-        ];
+        ]);
         if let Some((flag, _)) = set_by_flags.iter().find(|(_, set)| *set) {
             return Err(Error::usage(format!("{flag} cannot be combined with a YAML config; set it in the config")));
         }
@@ -163,55 +248,53 @@ fn build_config(a: &Args) -> Result<MergeConfig> {
         if let Some(b) = &a.base {
             return Err(Error::usage(format!("--base {} cannot be combined with a YAML config", b.display())));
         }
-        return Ok(cfg);
-    }
-    let method = a.method.clone().ok_or_else(|| Error::usage("give --method (or a YAML config)"))?;
-    let mut shared: Vec<(String, Setting)> = Vec::new();
-    if !a.t.is_empty() {
-        shared.push(("t".into(), Setting::gradient(a.t.clone())));
-    }
-    if let Some(l) = a.lambda {
-        shared.push(("lambda".into(), Setting::num(l)));
-    }
-    if let Some(n) = a.normalize {
-        shared.push(("normalize".into(), Setting::bool(n)));
-    }
-    if let Some(r) = a.rescale {
-        shared.push(("rescale".into(), Setting::bool(r)));
-    }
-    if a.filter_wise {
-        shared.push(("filter_wise".into(), Setting::bool(true)));
-    }
-    let mut per_model = Vec::new();
-    let linear_like = crate::merge::method(&method).is_ok_and(crate::merge::weighs_inputs);
-    let weight = if a.weight.is_empty() && linear_like { vec![1.0] } else { a.weight.clone() };
-    for (name, v) in [
-        ("weight", weight),
-        ("density", a.density.clone()),
-        ("gamma", a.gamma.clone()),
-        ("epsilon", a.epsilon.clone()),
-        ("scale", a.scale.clone()),
-    ] {
-        if !v.is_empty() {
-            per_model.push((name.to_string(), v));
+        cfg
+    } else {
+        let name = a.method.as_deref().ok_or_else(|| Error::usage("give --method (or a YAML config)"))?;
+        let method = crate::merge::method(name)?;
+        let mut shared: Vec<(String, Setting)> = Vec::new();
+        let mut per_model: Vec<(String, Vec<f64>)> = Vec::new();
+        for (_, param, given) in param_flags(a) {
+            match given {
+                Some(Given::Shared(s)) => shared.push((param.to_string(), s)),
+                Some(Given::PerModel(v)) => per_model.push((param.to_string(), v)),
+                None => {}
+            }
         }
+        // Flags weigh every model 1 unless told otherwise (the per-model weight `--alpha snr` sets, when the method
+        // has one); `--model-param` may then change single models' weights.
+        if let Some(AlphaTarget::PerInput(w)) = method.snr_alpha() {
+            let top_level = a.params.iter().any(|p| p.split_once('=').is_some_and(|(n, _)| n == w));
+            if !top_level && !per_model.iter().any(|(n, _)| n == w) {
+                per_model.push((w.to_string(), vec![1.0]));
+            }
+        }
+        let mut cfg = Flags {
+            models: a.inputs.clone(),
+            base: a.base.clone(),
+            shared,
+            per_model,
+            dtype: dtype_arg("--dtype", &a.dtype)?,
+            out_dtype: dtype_arg("--out-dtype", &a.out_dtype)?,
+            reference_first: a.reference == Some(Reference::First),
+            ..Flags::new(method)
+        }
+        .into_config()?;
+        apply_param_args(a, &mut cfg)?;
+        cfg
+    };
+    if a.ties_variant == TiesVariant::Paper {
+        cfg.method = crate::merge::variant(cfg.method, "paper")
+            .ok_or_else(|| Error::usage("--ties-variant applies to --method ties only"))?;
     }
-    Flags {
-        method,
-        models: a.inputs.clone(),
-        base: a.base.clone(),
-        shared,
-        per_model,
-        dtype: dtype_arg("--dtype", &a.dtype)?,
-        out_dtype: dtype_arg("--out-dtype", &a.out_dtype)?,
-        reference_first: a.reference == Some(Reference::First),
-    }
-    .into_config()
+    Ok(cfg)
 }
 
 pub fn run(a: Args, global: &Global) -> Result<()> {
     let started = Instant::now();
     let mut cfg = build_config(&a)?;
+    let run = RunOptions { seed: a.seed, compat: a.compat == Some(Compat::Mergekit) };
+    run.check(cfg.method)?;
     cfg.copy_mismatched = a.snr_select.is_some();
     let models: Vec<Checkpoint> = cfg.model_paths().iter().map(Checkpoint::open).collect::<Result<_>>()?;
     let mut plan = plan::build(&cfg, &models)?;
@@ -247,11 +330,6 @@ pub fn run(a: Args, global: &Global) -> Result<()> {
             emit(&text)
         };
     }
-    let run = RunOptions {
-        seed: a.seed,
-        compat: a.compat == Some(Compat::Mergekit),
-        ties_paper: a.ties_variant == TiesVariant::Paper,
-    };
     let inputs: Vec<PathBuf> = models.iter().flat_map(|m| m.files()).collect();
     let mut opts = a.output.writer_options(inputs);
     opts.metadata.extend(execute::merge_metadata(
@@ -264,7 +342,7 @@ pub fn run(a: Args, global: &Global) -> Result<()> {
     let merged = plan.merged_count();
     let summary = Summary {
         output: written.path.clone(),
-        method: plan.method.clone(),
+        method: plan.method.name().to_string(),
         models: plan.models.clone(),
         tensors: written.tensors,
         merged,
@@ -298,7 +376,7 @@ fn scalar_text(s: &Scalar) -> String {
 
 fn render_plan(plan: &Plan) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "method: {}", plan.method);
+    let _ = writeln!(s, "method: {}", plan.method.name());
     for (i, m) in plan.models.iter().enumerate() {
         let mut roles = Vec::new();
         if plan.base == Some(i) {
@@ -373,4 +451,95 @@ fn render_selection(s: &SelectionReport) -> String {
     }
     let _ = writeln!(out, "{t}");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cmd {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn args(argv: &[&str]) -> Args {
+        Cmd::try_parse_from(std::iter::once("merge").chain(argv.iter().copied())).unwrap().args
+    }
+
+    /// The resolved parameters of every merged tensor of the merge `argv` describes (fixture models).
+    fn resolved(argv: &[&str]) -> Vec<crate::merge::params::TensorParams> {
+        let cfg = build_config(&args(argv)).unwrap();
+        let models: Vec<Checkpoint> = cfg.model_paths().iter().map(Checkpoint::open).collect::<Result<_>>().unwrap();
+        let plan = plan::build(&cfg, &models).unwrap();
+        plan.tensors
+            .into_iter()
+            .filter_map(|t| match t.op {
+                Op::Merge { params, .. } => Some(params),
+                Op::Copy { .. } => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn param_and_model_param_resolve_as_the_dedicated_flags_do() {
+        let (b, x, y) = ("fixtures/llama/base", "fixtures/llama/ft_a", "fixtures/llama/ft_b");
+        let common = ["--method", "ties", "--base", b, x, y, "-o", "unused"];
+        let by_flags =
+            resolved(&[&common[..], &["--density", "0.3", "--weight", "0.2,0.7", "--lambda", "0.9"]].concat());
+        let by_params = resolved(
+            &[
+                &common[..],
+                &["--param", "density=0.3", "--model-param", "0:weight=0.2", "--model-param", "1:weight=0.7"],
+                &["--param", "lambda=0.9"],
+            ]
+            .concat(),
+        );
+        assert!(!by_flags.is_empty());
+        assert_eq!(by_flags, by_params);
+        // A gradient through --param matches --t's.
+        let slerp = ["--method", "slerp", x, y, "-o", "unused"];
+        assert_eq!(
+            resolved(&[&slerp[..], &["--t", "0,0.4,1"]].concat()),
+            resolved(&[&slerp[..], &["--param", "t=0,0.4,1"]].concat())
+        );
+    }
+
+    #[test]
+    fn param_names_and_values_are_checked_against_the_method() {
+        let ties = crate::merge::method("ties").unwrap();
+        assert_eq!(
+            parse_param(ties, "--param", "normalize=false").unwrap(),
+            ("normalize".into(), Setting::bool(false))
+        );
+        assert_eq!(parse_param(ties, "--param", "density=0.5").unwrap(), ("density".into(), Setting::num(0.5)));
+        for (text, want) in [
+            ("densty=0.5", "ties has no parameter 'densty' (accepted: weight, density"),
+            ("normalize=1", "'normalize' takes true or false"),
+            ("density=high", "'density' takes a number or comma-separated numbers"),
+            ("density=nan", "'density' takes a number"),
+            ("density", "expected NAME=VALUE"),
+        ] {
+            let e = parse_param(ties, "--param", text).unwrap_err().to_string();
+            assert!(e.contains(want), "{text}: {e}");
+        }
+        let (b, x) = ("fixtures/llama/base", "fixtures/llama/ft_a");
+        for (argv, want) in [
+            (vec!["--model-param", "3:density=0.5"], "model index 3 out of range (0..1)"),
+            (vec!["--model-param", "density=0.5"], "expected INDEX:NAME=VALUE"),
+            (
+                vec!["--param", "density=0.5", "--density", "0.4"],
+                "--param density and --density set the same parameter",
+            ),
+        ] {
+            let a = args(&[&["--method", "ties", "--base", b, x, "-o", "unused"][..], &argv[..]].concat());
+            let e = build_config(&a).unwrap_err().to_string();
+            assert!(e.contains(want), "{argv:?}: {e}");
+        }
+        let a = args(&["--method", "linear", "--ties-variant", "paper", x, "-o", "unused"]);
+        assert!(build_config(&a).unwrap_err().to_string().contains("--ties-variant applies to --method ties only"));
+        let a = args(&["--method", "ties", "--ties-variant", "paper", "--base", b, x, "-o", "unused"]);
+        assert_eq!(build_config(&a).unwrap().method.name(), "ties_paper");
+    }
 }

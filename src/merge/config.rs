@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use yaml_serde::{Mapping, Value as Yaml};
 
+use super::method::{BaseRole, MergeMethod};
 use super::params::{Conditional, Scalar, Setting, Settings, Value};
 use crate::checkpoint::Dtype;
 use crate::error::{Error, Result};
@@ -53,7 +54,8 @@ pub enum TokenizerSource {
 /// One merge, however it was described.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MergeConfig {
-    pub method: String,
+    /// The method, looked up in the registry once, when the config is read.
+    pub method: &'static dyn MergeMethod,
     pub base_model: Option<PathBuf>,
     pub inputs: Inputs,
     pub parameters: Settings,
@@ -118,11 +120,10 @@ pub fn parse(text: &str, file: &Path, dir: &Path) -> Result<MergeConfig> {
         ],
     )?;
     let method = match top.get("merge_method") {
-        Some(Yaml::String(s)) => s.clone(),
+        Some(Yaml::String(s)) => super::method(s).map_err(|e| p.err(e.to_string()))?,
         Some(_) => return Err(p.err("'merge_method' must be a string")),
         None => return Err(p.err("'merge_method' is missing")),
     };
-    super::method(&method).map_err(|e| p.err(e.to_string()))?;
     let base_model = top.get("base_model").map(|v| p.model(v, "base_model")).transpose()?;
     let inputs = match (top.get("models"), top.get("slices")) {
         (Some(_), Some(_)) => return Err(p.err("give either 'models' or 'slices', not both")),
@@ -373,9 +374,9 @@ impl Parser<'_> {
 }
 
 /// A merge described by command-line flags.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Flags {
-    pub method: String,
+    pub method: &'static dyn MergeMethod,
     pub models: Vec<PathBuf>,
     pub base: Option<PathBuf>,
     /// Shared parameters (a list of several values is a layer gradient).
@@ -389,23 +390,40 @@ pub struct Flags {
 }
 
 impl Flags {
+    /// A merge with `method` and nothing else set yet.
+    pub fn new(method: &'static dyn MergeMethod) -> Flags {
+        Flags {
+            method,
+            models: Vec::new(),
+            base: None,
+            shared: Vec::new(),
+            per_model: Vec::new(),
+            dtype: None,
+            out_dtype: None,
+            reference_first: false,
+        }
+    }
+
     pub fn into_config(self) -> Result<MergeConfig> {
-        let m = super::method(&self.method)?;
+        let m = self.method;
         if self.models.is_empty() {
             return Err(Error::usage("give the models to merge (or a YAML config)"));
         }
-        let base_relative = m.contract().base == super::method::BasePolicy::Required;
-        // slerp interpolates between its two inputs, the first being t = 0; a --base is then only the reference for
-        // unmerged tensors (SNR-selective merging). Other base-relative methods take task vectors against --base.
-        let (base_model, reference) = if m.name() == "slerp" {
-            (Some(self.models[0].clone()), self.base.clone())
-        } else if base_relative {
-            let b = self.base.clone().ok_or_else(|| {
-                Error::usage(format!("--method {} needs --base (the model task vectors are taken against)", m.name()))
-            })?;
-            (Some(b), None)
-        } else {
-            (None, self.base.clone())
+        let base_relative = m.base_role().takes_base();
+        // An interpolation (slerp) runs from its first input, t = 0; a --base is then only the reference for
+        // unmerged tensors (SNR-selective merging). Task-vector methods take task vectors against --base.
+        let (base_model, reference) = match m.base_role() {
+            BaseRole::FirstEndpoint => (Some(self.models[0].clone()), self.base.clone()),
+            BaseRole::TaskVectorBase => {
+                let b = self.base.clone().ok_or_else(|| {
+                    Error::usage(format!(
+                        "--method {} needs --base (the model task vectors are taken against)",
+                        m.name()
+                    ))
+                })?;
+                (Some(b), None)
+            }
+            BaseRole::Ignored => (None, self.base.clone()),
         };
         let reference = if self.reference_first { Some(self.models[0].clone()) } else { reference };
         let weighted: Vec<&PathBuf> =
@@ -474,7 +492,7 @@ dtype: float16
 "#,
         )
         .unwrap();
-        assert_eq!(c.method, "ties");
+        assert_eq!(c.method.name(), "ties");
         assert_eq!(c.base_model, Some(PathBuf::from("base")));
         assert_eq!(c.dtype, Some(Dtype::F16));
         let Inputs::Models(m) = &c.inputs else { panic!() };
@@ -544,24 +562,23 @@ tokenizer_source: base
 
     #[test]
     fn flags_map_to_a_config() {
+        let method = |name: &str| crate::merge::method(name).unwrap();
         let f = Flags {
-            method: "ties".into(),
             models: vec!["a".into(), "b".into()],
             base: Some("base".into()),
             per_model: vec![("weight".into(), vec![0.3, 0.7]), ("density".into(), vec![0.5])],
-            ..Default::default()
+            ..Flags::new(method("ties"))
         };
         let c = f.into_config().unwrap();
         let Inputs::Models(m) = &c.inputs else { panic!() };
         assert_eq!(m[1].parameters["weight"], Setting::num(0.7));
         assert_eq!(m[0].parameters["density"], Setting::num(0.5));
-        let f = Flags { method: "ties".into(), models: vec!["a".into()], ..Default::default() };
+        let f = Flags { models: vec!["a".into()], ..Flags::new(method("ties")) };
         assert!(f.into_config().unwrap_err().to_string().contains("--base"));
         let f = Flags {
-            method: "linear".into(),
             models: vec!["a".into(), "b".into()],
             per_model: vec![("weight".into(), vec![0.3, 0.7, 1.0])],
-            ..Default::default()
+            ..Flags::new(method("linear"))
         };
         assert!(f.into_config().unwrap_err().to_string().contains("3 values"));
     }

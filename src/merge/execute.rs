@@ -5,12 +5,11 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use serde::Serialize;
 
 use super::config::{MergeConfig, TokenizerSource};
-use super::method::{Arithmetic, Ctx, TensorInputs};
+use super::method::{Arithmetic, Ctx, MergeMethod, TensorInputs};
 use super::plan::{Op, Plan};
 use crate::checkpoint::{Checkpoint, CheckpointWriter, TensorDecl, WriterOptions, Written};
 use crate::error::{Error, Result};
@@ -23,8 +22,16 @@ pub struct RunOptions {
     pub seed: u64,
     /// Reproduce mergekit's arithmetic in its working dtype.
     pub compat: bool,
-    /// TIES per the paper's reference code (global trim) instead of mergekit's per-tensor rule.
-    pub ties_paper: bool,
+}
+
+impl RunOptions {
+    /// Refuses options the method cannot honour (before any model is opened, when called early).
+    pub fn check(&self, method: &dyn MergeMethod) -> Result<()> {
+        match method.compat_conflict() {
+            Some(why) if self.compat => Err(Error::usage(why)),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// What a merge wrote (the `--json` summary).
@@ -62,8 +69,9 @@ pub fn merge_metadata(
 ) -> BTreeMap<String, String> {
     let merged: Vec<&str> =
         plan.tensors.iter().filter(|t| matches!(t.op, Op::Merge { .. })).map(|t| t.name.as_str()).collect();
+    let recorded = plan.method.recorded_as();
     let mut m = serde_json::json!({
-        "method": plan.method,
+        "method": recorded.method,
         "models": plan.models,
         "base": plan.base.map(|b| &plan.models[b]),
         "reference": &plan.models[plan.reference],
@@ -74,8 +82,8 @@ pub fn merge_metadata(
         "seed": run.seed,
         "arithmetic": if run.compat { "mergekit" } else { "f32" },
     });
-    if plan.method == "ties" {
-        m["ties_variant"] = serde_json::json!(if run.ties_paper { "paper" } else { "mergekit" });
+    if let Some((key, value)) = recorded.variant {
+        m[key] = serde_json::json!(value);
     }
     if let Some(s) = selection {
         m["selection"] = s;
@@ -142,15 +150,8 @@ pub fn execute(
     mut opts: WriterOptions,
     run: &RunOptions,
 ) -> Result<Written> {
-    let method = super::method(&plan.method)?;
-    if run.ties_paper && plan.method != "ties" {
-        return Err(Error::usage("--ties-variant applies to --method ties only"));
-    }
-    if run.ties_paper && run.compat {
-        return Err(Error::usage(
-            "--compat mergekit reproduces mergekit's TIES; it does not combine with --ties-variant paper",
-        ));
-    }
+    let method = plan.method;
+    run.check(method)?;
     let single_file = out.extension().is_some_and(|e| e == "safetensors");
     let carry = if single_file { None } else { carried(cfg, plan, models) };
     let config_only = match &carry {
@@ -171,25 +172,25 @@ pub fn execute(
             params,
         )))
     };
-    let ties_paper = if run.ties_paper {
+    let mut ctx = Ctx { exec, seed: run.seed, global: None };
+    // A method with whole-model statistics gathers them over every merged tensor before the first is written.
+    if let Some(pass) = method.global_pass() {
         let mut all = Vec::new();
         for i in 0..plan.tensors.len() {
             if let Some((ti, p)) = inputs_of(i)? {
                 all.push((ti, p.clone()));
             }
         }
-        let stats = super::ties::paper_stats(exec, &all)?;
+        let stats = pass.gather(&all, &ctx)?;
         drop(all);
         for t in &plan.tensors {
             if let Op::Merge { inputs, .. } = &t.op {
                 inputs.iter().for_each(|s| models[s.model].release(&s.tensor));
             }
         }
-        Some(Arc::new(stats))
-    } else {
-        None
-    };
-    let ctx = Ctx { exec, seed: run.seed, ties_paper };
+        ctx.global = Some(stats);
+    }
+    let ctx = ctx;
     let decls: Vec<TensorDecl> =
         plan.tensors.iter().map(|t| TensorDecl::new(t.name.clone(), t.dtype, t.shape.clone())).collect();
     let writer = CheckpointWriter::create(out, decls, opts)?;

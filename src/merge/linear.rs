@@ -4,8 +4,9 @@
 
 use std::ops::Range;
 
-use super::method::{blocked, Arithmetic, BasePolicy, Contract, Ctx, Kernel, MergeMethod, TensorInputs};
+use super::method::{Arithmetic, BaseRole, Contract, Ctx, Kernel, MergeMethod, TensorInputs};
 use super::params::{Default, Kind, ParamDef, Scope, TensorParams};
+use super::scratch::blocked;
 use crate::error::{Error, Result};
 
 pub struct Linear;
@@ -71,10 +72,7 @@ impl MergeMethod for Linear {
         PARAMS
     }
     fn contract(&self) -> Contract {
-        Contract { base: BasePolicy::Ignored, min_inputs: 1, max_inputs: None }
-    }
-    fn elementwise(&self) -> bool {
-        true
+        Contract { base: BaseRole::Ignored, min_inputs: 1, max_inputs: None }
     }
     fn prepare<'a>(&self, inputs: TensorInputs<'a>, p: &TensorParams, _ctx: &Ctx) -> Result<Box<dyn Kernel + 'a>> {
         let weights: Vec<f32> =

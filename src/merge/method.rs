@@ -6,30 +6,73 @@
 //! pre-passes over fixed chunks with f64 accumulation, and returns a `Kernel` that computes any element range in f32.
 //! Purely elementwise methods (linear, task arithmetic, DARE) skip the pre-pass. The executor then calls the kernel
 //! chunk by chunk, so no method ever holds a whole large tensor in memory.
+//!
+//! Everything the rest of graft needs to know about a method is a property declared here, never its name: the role
+//! of its base model (`base_role`), where `--alpha snr` puts its weights (`snr_alpha`), which tensors it leaves
+//! unchanged (`copies_unchanged`), how the output's metadata records it (`recorded_as`), and, for a method that needs
+//! statistics over the whole model before merging any tensor (the TIES paper variant), a `GlobalPass` whose result
+//! reaches `prepare` through `Ctx::global`.
 
-use std::cell::RefCell;
-use std::ops::{Deref, DerefMut, Range};
+use std::any::Any;
+use std::fmt;
+use std::ops::Range;
+use std::sync::Arc;
 
 use half::{bf16, f16};
 
-use super::params::{ParamDef, TensorParams};
+use super::params::{ParamDef, Scope, TensorParams};
+use super::scratch::Buf;
 use crate::checkpoint::{Dtype, TensorView};
 use crate::error::{Error, Result};
 use crate::exec::Executor;
 
-/// Whether a method takes a base model among its inputs.
+/// What a method does with a base model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BasePolicy {
-    /// The base is one of the inputs and plays a distinguished role (task vectors are taken against it).
-    Required,
+pub enum BaseRole {
+    /// The base is one of the inputs and task vectors are taken against it (`--base` is required with flags).
+    TaskVectorBase,
+    /// The base is the first endpoint of an interpolation (slerp's t = 0): with flags it is the first model, and a
+    /// `--base` only names the reference that unmerged tensors come from.
+    FirstEndpoint,
     /// Every input is treated alike; a configured base model is just one more input.
     Ignored,
+}
+
+impl BaseRole {
+    /// Whether the base is an input with a distinguished position (`TensorInputs::base`).
+    pub fn takes_base(self) -> bool {
+        self != BaseRole::Ignored
+    }
+}
+
+/// The parameter `--alpha snr` sets from the experts' SNRs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AlphaTarget {
+    /// One shared parameter holding the second expert's share (slerp's `t`).
+    Shared(&'static str),
+    /// A per-model parameter: the two experts get `1 - alpha` and `alpha` (the weighted methods' `weight`).
+    PerInput(&'static str),
+}
+
+/// How the output's `graft.merge` metadata names a method: its family (mergekit's `merge_method`) and, for one of
+/// several variants of a family, the key and value telling which.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Recorded {
+    pub method: &'static str,
+    pub variant: Option<(&'static str, &'static str)>,
+}
+
+/// Statistics over every merged tensor of the model, gathered before any tensor is merged.
+pub trait GlobalPass: Send + Sync {
+    /// Gathers the statistics from all merged tensors (inputs and resolved parameters, in plan order). The result
+    /// reaches `MergeMethod::prepare` as `Ctx::global`.
+    fn gather(&self, tensors: &[(TensorInputs, TensorParams)], ctx: &Ctx) -> Result<Arc<dyn Any + Send + Sync>>;
 }
 
 /// Structural requirements on a method's inputs (per output tensor).
 #[derive(Clone, Copy, Debug)]
 pub struct Contract {
-    pub base: BasePolicy,
+    pub base: BaseRole,
     pub min_inputs: usize,
     pub max_inputs: Option<usize>,
 }
@@ -60,10 +103,6 @@ impl Arithmetic {
             Arithmetic::F32 => x,
         }
     }
-
-    pub fn is_compat(self) -> bool {
-        matches!(self, Arithmetic::Mergekit(_))
-    }
 }
 
 /// `x` rounded to nearest even in `dtype` and widened back.
@@ -84,96 +123,25 @@ pub fn round_slice(dtype: Dtype, v: &mut [f32]) {
     }
 }
 
-thread_local! {
-    static POOL: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Buffers kept per thread for reuse.
-const POOL_BUFFERS: usize = 8;
-
-/// A chunk-sized f32 scratch buffer from a per-thread pool; dropping it hands the memory back. Streaming a model
-/// touches millions of chunk buffers: fresh allocations would each be mapped, zeroed and page-faulted in by the
-/// kernel, which costs more than the merging itself.
-pub struct Buf(Vec<f32>);
-
-impl Buf {
-    /// `n` zeros.
-    pub fn zeroed(n: usize) -> Buf {
-        let mut b = Buf::scratch(n);
-        b.fill(0.0);
-        b
-    }
-
-    /// `n` values left over from earlier use, for callers that overwrite them all (saves the zeroing).
-    pub fn scratch(n: usize) -> Buf {
-        let mut v = POOL.with(|p| p.borrow_mut().pop()).unwrap_or_default();
-        if v.len() >= n {
-            v.truncate(n);
-        } else {
-            v.resize(n, 0.0);
-        }
-        Buf(v)
-    }
-
-    /// A copy of `s`.
-    pub fn from_slice(s: &[f32]) -> Buf {
-        let mut b = Buf::scratch(s.len());
-        b.copy_from_slice(s);
-        b
-    }
-
-    /// The values as a plain vector (leaving the pool).
-    pub fn into_vec(mut self) -> Vec<f32> {
-        std::mem::take(&mut self.0)
-    }
-}
-
-impl Drop for Buf {
-    fn drop(&mut self) {
-        if self.0.capacity() > 0 {
-            let v = std::mem::take(&mut self.0);
-            POOL.with(|p| {
-                let mut p = p.borrow_mut();
-                if p.len() < POOL_BUFFERS {
-                    p.push(v);
-                }
-            });
-        }
-    }
-}
-
-impl Deref for Buf {
-    type Target = Vec<f32>;
-    fn deref(&self) -> &Vec<f32> {
-        &self.0
-    }
-}
-
-impl<'a> IntoIterator for &'a Buf {
-    type Item = &'a f32;
-    type IntoIter = std::slice::Iter<'a, f32>;
-    fn into_iter(self) -> Self::IntoIter {
-        self.0.iter()
-    }
-}
-
-impl DerefMut for Buf {
-    fn deref_mut(&mut self) -> &mut Vec<f32> {
-        &mut self.0
-    }
-}
-
 /// Everything a method may consult besides the tensor itself.
 pub struct Ctx<'e> {
     /// For chunked pre-passes (their results come back in chunk order whatever the thread count).
     pub exec: &'e Executor,
     /// Seed of the random methods (DARE, DELLA).
     pub seed: u64,
-    /// TIES variant: mergekit's per-tensor rule, or the paper's global trim (statistics gathered beforehand).
-    pub ties_paper: Option<std::sync::Arc<super::ties::PaperStats>>,
+    /// What the method's `GlobalPass` gathered (None for methods without one).
+    pub global: Option<Arc<dyn Any + Send + Sync>>,
 }
 
 impl Ctx<'_> {
+    /// The global statistics of type `T`, or an error when the method's global pass has not run.
+    pub fn global<T: Any + Send + Sync>(&self) -> Result<Arc<T>> {
+        self.global
+            .clone()
+            .and_then(|g| g.downcast::<T>().ok())
+            .ok_or_else(|| Error::invalid("internal: the method's whole-model pass did not run before merging"))
+    }
+
     /// Runs `f` over the fixed chunks of `0..n` in parallel; results in chunk order.
     pub fn chunked<T: Send>(&self, n: usize, f: impl Fn(Range<usize>) -> Result<T> + Sync) -> Result<Vec<T>> {
         self.exec.chunked(n, f)
@@ -231,18 +199,6 @@ impl<'a> TensorInputs<'a> {
     }
 }
 
-/// Runs `block(r, out)` over cache-sized pieces `r` of `range`, each filling its piece `out` of the result: the
-/// intermediate vectors of an elementwise kernel then stay in cache instead of streaming through memory per step.
-pub fn blocked(range: Range<usize>, mut block: impl FnMut(Range<usize>, &mut [f32]) -> Result<()>) -> Result<Vec<f32>> {
-    let start = range.start;
-    let mut out = vec![0f32; range.len()];
-    for b in super::sparsify::blocks(range) {
-        let dst = &mut out[b.start - start..b.end - start];
-        block(b, dst)?;
-    }
-    Ok(out)
-}
-
 /// Computes any element range of one merged tensor.
 pub trait Kernel: Send + Sync {
     fn compute(&self, range: Range<usize>) -> Result<Vec<f32>>;
@@ -257,10 +213,57 @@ pub trait MergeMethod: Send + Sync {
     /// Accepted parameters (mergekit's names, scopes and defaults).
     fn params(&self) -> &'static [ParamDef];
     fn contract(&self) -> Contract;
-    /// True when any element range can be computed without whole-tensor statistics.
-    fn elementwise(&self) -> bool;
+    /// What the method does with a base model.
+    fn base_role(&self) -> BaseRole {
+        self.contract().base
+    }
+    /// The parameter `--alpha snr` sets: by default a per-model `weight` if the method has one (the linear and
+    /// task-vector family), else none.
+    fn snr_alpha(&self) -> Option<AlphaTarget> {
+        self.params()
+            .iter()
+            .any(|p| p.name == "weight" && p.scope != Scope::Shared)
+            .then_some(AlphaTarget::PerInput("weight"))
+    }
+    /// Whether the output tensor with parameters `p` is its first input unchanged, so the plan copies it instead.
+    fn copies_unchanged(&self, _p: &TensorParams) -> bool {
+        false
+    }
+    /// The whole-model statistics the method needs before merging any tensor, if any.
+    fn global_pass(&self) -> Option<&dyn GlobalPass> {
+        None
+    }
+    /// Why the method cannot reproduce mergekit's arithmetic (`--compat mergekit`), if it cannot.
+    fn compat_conflict(&self) -> Option<&'static str> {
+        None
+    }
+    /// How the output's metadata names the method.
+    fn recorded_as(&self) -> Recorded {
+        Recorded { method: self.name(), variant: None }
+    }
     /// Gathers the tensor's statistics (if any) and returns the kernel that computes its elements.
     fn prepare<'a>(&self, inputs: TensorInputs<'a>, params: &TensorParams, ctx: &Ctx) -> Result<Box<dyn Kernel + 'a>>;
+}
+
+impl fmt::Debug for dyn MergeMethod {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Methods are registered once under unique names, so the name identifies one.
+impl PartialEq for dyn MergeMethod {
+    fn eq(&self, other: &Self) -> bool {
+        self.name() == other.name()
+    }
+}
+
+/// Serialises a method by its registered name (plans and configs print it so).
+pub fn serialize_name<S: serde::Serializer>(
+    m: &&'static dyn MergeMethod,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(m.name())
 }
 
 /// Test helpers: run a method on plain f32 vectors.
@@ -303,8 +306,16 @@ pub(crate) mod testing {
             .map(|d| TensorView { name: "t", dtype: Dtype::F32, shape, data: d, file: Path::new("test") })
             .collect();
         let exec = Executor::new(Some(threads))?.quiet();
-        let ctx = Ctx { exec: &exec, seed, ties_paper: None };
+        let mut ctx = Ctx { exec: &exec, seed, global: None };
         let ti = TensorInputs { name: "t".into(), shape: shape.to_vec(), views, base, arithmetic };
+        // A method with whole-model statistics gathers them first (the model being this one tensor).
+        let [(ti, _)] = {
+            let whole = [(ti, p.clone())];
+            if let Some(pass) = method.global_pass() {
+                ctx.global = Some(pass.gather(&whole, &ctx)?);
+            }
+            whole
+        };
         let n = ti.numel();
         let k = method.prepare(ti, p, &ctx)?;
         let mut out = Vec::with_capacity(n);

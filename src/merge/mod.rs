@@ -1,9 +1,22 @@
 //! `graft merge`: mergekit-compatible model merging, streamed tensor by tensor.
 //!
 //! This module is the registry (method name -> implementation). The pieces: `method` (the interface), one file per
-//! method, `sparsify` (trim/keep masks), `params` (per-tensor parameter resolution), `config` (mergekit YAML and
-//! flags), `plan` (which inputs feed which output tensor), `select` (SNR top-p selection), `execute` (streaming the
-//! plan through the executor and writer).
+//! method, `scratch` (per-thread buffers and cache blocks), `rank` (the radix select behind every rank-based trim),
+//! `sparsify` (trim/keep masks), `params` (per-tensor parameter resolution), `config` (mergekit YAML and flags),
+//! `plan` (which inputs feed which output tensor), `select` (SNR top-p selection), `execute` (streaming the plan
+//! through the executor and writer).
+//!
+//! Adding a merge method is its file plus one line here:
+//! 1. `merge/<name>.rs`: a unit struct implementing `MergeMethod` (`name`, `about`, `params`, `contract`, `prepare`
+//!    returning a `Kernel` that computes any element range), with a unit test against a plain f64 reference written
+//!    in the test (`method::testing::run` runs a method on `Vec<f32>`s).
+//! 2. Here: `pub mod <name>;` and its entry in `METHODS`.
+//!
+//! Nothing else names methods. `--method`'s choices and help come from `METHODS` (`name`, `about`); its parameters
+//! reach YAML and `--param`/`--model-param` from `params()`. Behaviour that differs between methods is a property
+//! with a default in `MergeMethod`, overridden only where needed: `base_role` (slerp's first endpoint),
+//! `snr_alpha` (what `--alpha snr` sets), `copies_unchanged` (passthrough), `global_pass` (whole-model statistics,
+//! as TIES paper), `compat_conflict`, `recorded_as` (metadata name of a variant).
 
 pub mod breadcrumbs;
 pub mod config;
@@ -13,9 +26,12 @@ pub mod execute;
 pub mod linear;
 pub mod method;
 pub mod model_stock;
+pub mod nearswap;
 pub mod params;
 pub mod passthrough;
 pub mod plan;
+pub mod rank;
+pub mod scratch;
 pub mod select;
 pub mod slerp;
 pub mod sparsify;
@@ -31,6 +47,7 @@ static METHODS: &[&dyn MergeMethod] = &[
     &slerp::Slerp,
     &task_arithmetic::TASK_ARITHMETIC,
     &ties::Ties,
+    &ties::TiesPaper,
     &dare::DARE_TIES,
     &dare::DARE_LINEAR,
     &breadcrumbs::BREADCRUMBS,
@@ -38,6 +55,7 @@ static METHODS: &[&dyn MergeMethod] = &[
     &della::DELLA,
     &della::DELLA_LINEAR,
     &model_stock::ModelStock,
+    &nearswap::NearSwap,
     &passthrough::Passthrough,
 ];
 
@@ -54,14 +72,21 @@ pub fn method(name: &str) -> Result<&'static dyn MergeMethod> {
     })
 }
 
-/// Whether `method` weighs its input models one by one (a per-model `weight`): the linear and task-vector family.
-/// Flags give such a method weight 1 per model by default, and `--alpha snr` sets those weights.
-pub fn weighs_inputs(method: &dyn MergeMethod) -> bool {
-    method.params().iter().any(|p| p.name == "weight" && p.scope != params::Scope::Shared)
+/// The registered variant `variant` of `method`'s family (as the metadata records them: `ties` + `paper` is
+/// `ties_paper`), if there is one.
+pub fn variant(method: &dyn MergeMethod, variant: &str) -> Option<&'static dyn MergeMethod> {
+    let family = method.recorded_as().method;
+    METHODS.iter().copied().find(|m| {
+        let r = m.recorded_as();
+        r.method == family && r.variant.is_some_and(|(_, v)| v == variant)
+    })
 }
 
 #[cfg(test)]
 mod tests {
+    use super::method::{AlphaTarget, BaseRole};
+    use super::params::{Kind, Scope};
+
     #[test]
     fn registry_names_are_unique_and_resolve() {
         let names: Vec<&str> = super::methods().iter().map(|m| m.name()).collect();
@@ -76,20 +101,38 @@ mod tests {
     }
 
     #[test]
-    fn the_weighted_methods_are_the_linear_and_task_vector_family() {
-        let weighted: Vec<&str> =
-            super::methods().iter().filter(|m| super::weighs_inputs(**m)).map(|m| m.name()).collect();
-        let expected = [
-            "linear",
-            "task_arithmetic",
-            "ties",
-            "dare_ties",
-            "dare_linear",
-            "breadcrumbs",
-            "breadcrumbs_ties",
-            "della",
-            "della_linear",
-        ];
-        assert_eq!(weighted, expected);
+    fn every_snr_alpha_target_is_a_float_parameter_of_the_right_scope() {
+        // --alpha snr writes a number into the parameter the method names: it must exist, be a float, and be
+        // shared (one t per tensor) or per model (one weight per expert) as the target says.
+        for m in super::methods() {
+            let Some(target) = m.snr_alpha() else { continue };
+            let (name, shared) = match target {
+                AlphaTarget::Shared(n) => (n, true),
+                AlphaTarget::PerInput(n) => (n, false),
+            };
+            let def = m.params().iter().find(|p| p.name == name);
+            let def = def.unwrap_or_else(|| panic!("{}: alpha target '{name}' is not a parameter", m.name()));
+            assert_eq!(def.kind, Kind::Float, "{}", m.name());
+            assert_eq!(def.scope == Scope::Shared, shared, "{}: scope of '{name}'", m.name());
+        }
+        // A first-endpoint method interpolates between two inputs; a per-model weight would be meaningless there.
+        for m in super::methods().iter().filter(|m| m.base_role() == BaseRole::FirstEndpoint) {
+            assert!(matches!(m.snr_alpha(), Some(AlphaTarget::Shared(_))), "{}", m.name());
+            assert_eq!(m.contract().max_inputs, Some(2), "{}", m.name());
+        }
+    }
+
+    #[test]
+    fn variants_resolve_within_their_family() {
+        let ties = super::method("ties").unwrap();
+        assert_eq!(super::variant(ties, "paper").unwrap().name(), "ties_paper");
+        assert_eq!(super::variant(super::method("ties_paper").unwrap(), "mergekit").unwrap().name(), "ties");
+        assert!(super::variant(super::method("linear").unwrap(), "paper").is_none());
+        // Every variant a method records resolves back to that method.
+        for m in super::methods() {
+            if let Some((_, v)) = m.recorded_as().variant {
+                assert_eq!(super::variant(*m, v).unwrap().name(), m.name());
+            }
+        }
     }
 }

@@ -6,8 +6,9 @@
 
 use std::ops::Range;
 
-use super::method::{BasePolicy, Buf, Contract, Ctx, Kernel, MergeMethod, TensorInputs};
+use super::method::{BaseRole, Contract, Ctx, Kernel, MergeMethod, TensorInputs};
 use super::params::{Default, Kind, ParamDef, Scope, TensorParams};
+use super::scratch::Buf;
 use crate::error::Result;
 
 pub struct ModelStock;
@@ -71,10 +72,7 @@ impl MergeMethod for ModelStock {
         PARAMS
     }
     fn contract(&self) -> Contract {
-        Contract { base: BasePolicy::Required, min_inputs: 3, max_inputs: None }
-    }
-    fn elementwise(&self) -> bool {
-        false
+        Contract { base: BaseRole::TaskVectorBase, min_inputs: 3, max_inputs: None }
     }
     fn prepare<'a>(&self, inputs: TensorInputs<'a>, p: &TensorParams, ctx: &Ctx) -> Result<Box<dyn Kernel + 'a>> {
         let base = inputs.base_index()?;

@@ -3,7 +3,7 @@
 
 use std::ops::Range;
 
-use super::method::{BasePolicy, Contract, Ctx, Kernel, MergeMethod, TensorInputs};
+use super::method::{BaseRole, Contract, Ctx, Kernel, MergeMethod, TensorInputs};
 use super::params::{Default, Kind, ParamDef, Scope, TensorParams};
 use crate::error::Result;
 
@@ -41,10 +41,11 @@ impl MergeMethod for Passthrough {
         PARAMS
     }
     fn contract(&self) -> Contract {
-        Contract { base: BasePolicy::Ignored, min_inputs: 1, max_inputs: Some(1) }
+        Contract { base: BaseRole::Ignored, min_inputs: 1, max_inputs: Some(1) }
     }
-    fn elementwise(&self) -> bool {
-        true
+    /// Without `scale` the output is the input itself: the plan copies its bytes instead of computing them.
+    fn copies_unchanged(&self, p: &TensorParams) -> bool {
+        !p.inputs.first().is_some_and(|m| m.contains_key("scale"))
     }
     fn prepare<'a>(&self, inputs: TensorInputs<'a>, p: &TensorParams, _ctx: &Ctx) -> Result<Box<dyn Kernel + 'a>> {
         let scale = p.input_opt_f64(0, "scale").map(|s| s as f32);

@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use serde::Serialize;
 
 use super::config::{Inputs, MergeConfig};
-use super::method::{BasePolicy, MergeMethod};
+use super::method::{serialize_name, MergeMethod};
 use super::params::{resolve, Scalar, Scope, Settings, TensorParams};
 use crate::checkpoint::{Checkpoint, Dtype};
 use crate::error::{Error, Result};
@@ -55,7 +55,9 @@ fn dtype_name<S: serde::Serializer>(d: &Dtype, s: S) -> std::result::Result<S::O
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Plan {
-    pub method: String,
+    /// The method, resolved once from the config (printed by name).
+    #[serde(serialize_with = "serialize_name")]
+    pub method: &'static dyn MergeMethod,
     /// Every model read, indexed by `Source::model`.
     pub models: Vec<PathBuf>,
     /// The method's base model, if it has one.
@@ -150,7 +152,7 @@ struct Builder<'a> {
 
 /// Builds the plan of `cfg`; `models[i]` is `cfg.model_paths()[i]`, opened.
 pub fn build(cfg: &MergeConfig, models: &[Checkpoint]) -> Result<Plan> {
-    let method = super::method(&cfg.method)?;
+    let method = cfg.method;
     let paths = cfg.model_paths();
     if paths.len() != models.len() {
         return Err(Error::invalid("internal: the opened models do not match the config's model list"));
@@ -200,7 +202,7 @@ impl Builder<'_> {
             }
             Ok(())
         };
-        let base_relative = self.method.contract().base == BasePolicy::Required;
+        let base_relative = self.method.base_role().takes_base();
         check(&self.cfg.parameters, "parameters", false, false)?;
         match &self.cfg.inputs {
             Inputs::Models(ms) => {
@@ -237,7 +239,7 @@ impl Builder<'_> {
                 return Err(Error::usage(format!("{name} takes at most {max} input model(s){what}; got {n_inputs}")));
             }
         }
-        if c.base == BasePolicy::Required && base.is_none() {
+        if c.base.takes_base() && base.is_none() {
             return Err(Error::usage(format!(
                 "{name} needs a base model among its inputs{what} (base_model / --base)"
             )));
@@ -322,8 +324,8 @@ impl Builder<'_> {
             return Ok(self.copy(out_name, copy_from, "not a float tensor", t));
         }
         let params = self.resolve(out_name, inputs, scopes, base, slice, t)?;
-        if self.method.name() == "passthrough" && !params.inputs[0].contains_key("scale") {
-            return Ok(self.copy(out_name, inputs[0].clone(), "passthrough", t));
+        if self.method.copies_unchanged(&params) {
+            return Ok(self.copy(out_name, inputs[0].clone(), self.method.name(), t));
         }
         Ok(PlannedTensor {
             name: out_name.to_string(),
@@ -402,11 +404,10 @@ impl Builder<'_> {
             }
             seen.push(i);
         }
-        let base_pos = match self.method.contract().base {
-            BasePolicy::Required => {
-                self.cfg.base_model.as_ref().map(|b| inputs.iter().position(|&i| i == self.index(b)).unwrap())
-            }
-            BasePolicy::Ignored => None,
+        let base_pos = if self.method.base_role().takes_base() {
+            self.cfg.base_model.as_ref().map(|b| inputs.iter().position(|&i| i == self.index(b)).unwrap())
+        } else {
+            None
         };
         self.check_contract(inputs.len(), base_pos, "")?;
         let primary = base_pos.map(|p| inputs[p]).unwrap_or(inputs[0]);
@@ -432,7 +433,7 @@ impl Builder<'_> {
             tensors.push(self.tensor(&info.name, &srcs, &scopes, base_pos, from, None, t)?);
         }
         Ok(Plan {
-            method: self.method.name().to_string(),
+            method: self.method,
             models: self.paths.clone(),
             base: base_pos.map(|p| inputs[p]),
             reference,
@@ -463,7 +464,7 @@ impl Builder<'_> {
         let mut tensors: Vec<PlannedTensor> = Vec::new();
         let mut layer_tensors: Vec<PlannedTensor> = Vec::new();
         let mut out_layer = 0usize;
-        let base_relative = self.method.contract().base == BasePolicy::Required;
+        let base_relative = self.method.base_role().takes_base();
         let slice_base = |s: &super::config::SliceDef| -> Result<Option<usize>> {
             if !base_relative {
                 return Ok(None);
@@ -575,7 +576,7 @@ impl Builder<'_> {
         let reference = first_ref.unwrap_or(0);
         let original = self.models[reference].names().filter_map(layer_of).max().map_or(0, |m| m + 1);
         Ok(Plan {
-            method: self.method.name().to_string(),
+            method: self.method,
             models: self.paths.clone(),
             base: self.cfg.base_model.as_ref().map(|b| self.index(b)),
             reference,

@@ -21,7 +21,7 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use super::method::BasePolicy;
+use super::method::{AlphaTarget, BaseRole};
 use super::plan::{Op, Plan, Source};
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
@@ -143,10 +143,9 @@ pub fn top_count(p: f64, n: usize) -> usize {
     (c.max(0.0) as usize).min(n)
 }
 
-/// The models whose SNRs `avg` averages and `alpha` compares: the method's inputs other than its base (for slerp,
-/// whose "base" is just its t = 0 end, both inputs).
-fn experts(plan: &Plan) -> Result<Vec<usize>> {
-    let method = super::method(&plan.method)?;
+/// The models whose SNRs `avg` averages and `alpha` compares: the method's inputs other than its task-vector base
+/// (for slerp, whose "base" is just its t = 0 end, both inputs).
+fn experts(plan: &Plan) -> Vec<usize> {
     let first = plan.tensors.iter().find_map(|t| {
         if let Op::Merge { inputs, base, .. } = &t.op {
             Some((inputs, *base))
@@ -154,9 +153,9 @@ fn experts(plan: &Plan) -> Result<Vec<usize>> {
             None
         }
     });
-    let Some((inputs, base)) = first else { return Ok(Vec::new()) };
-    let skip_base = method.contract().base == BasePolicy::Required && plan.method != "slerp";
-    Ok(inputs.iter().enumerate().filter(|(k, _)| !(skip_base && Some(*k) == base)).map(|(_, s)| s.model).collect())
+    let Some((inputs, base)) = first else { return Vec::new() };
+    let skip_base = plan.method.base_role() == BaseRole::TaskVectorBase;
+    inputs.iter().enumerate().filter(|(k, _)| !(skip_base && Some(*k) == base)).map(|(_, s)| s.model).collect()
 }
 
 fn scores_of(ck: &Checkpoint, exec: &Executor) -> Result<HashMap<String, f64>> {
@@ -175,10 +174,10 @@ pub fn apply(plan: &mut Plan, models: &[Checkpoint], exec: &Executor, opts: &Sel
     {
         return Err(Error::usage("--snr-select works on merges of whole models (models:), not on slices"));
     }
-    if matches!(plan.method.as_str(), "passthrough") {
-        return Err(Error::usage("--snr-select needs a merge method; passthrough merges nothing"));
+    if plan.method.contract().max_inputs == Some(1) {
+        return Err(Error::usage(format!("--snr-select needs a merge method; {} merges nothing", plan.method.name())));
     }
-    let experts = experts(plan)?;
+    let experts = experts(plan);
     let mut expert_scores: Vec<HashMap<String, f64>> = Vec::new();
     if opts.from == SnrSource::Avg || opts.alpha == Alpha::Snr {
         for &e in &experts {
@@ -234,11 +233,9 @@ pub fn apply(plan: &mut Plan, models: &[Checkpoint], exec: &Executor, opts: &Sel
         )));
     }
     // slerp takes the SNR weight as its `t`; the weighted methods as their per-model weights.
-    if opts.alpha == Alpha::Snr
-        && plan.method != "slerp"
-        && !super::method(&plan.method).is_ok_and(super::weighs_inputs)
-    {
-        return Err(Error::usage(format!("--alpha snr does not apply to {}", plan.method)));
+    let alpha_target = plan.method.snr_alpha();
+    if opts.alpha == Alpha::Snr && alpha_target.is_none() {
+        return Err(Error::usage(format!("--alpha snr does not apply to {}", plan.method.name())));
     }
     // Merge-candidate matrices by name, for the vectors to follow.
     let matrices: Vec<(usize, &str)> = plan
@@ -286,13 +283,18 @@ pub fn apply(plan: &mut Plan, models: &[Checkpoint], exec: &Executor, opts: &Sel
             continue;
         }
         merged_tensors += 1;
-        if let (Some(alpha), Op::Merge { inputs, params, .. }) = (alpha, &mut plan.tensors[i].op) {
-            if plan.method == "slerp" {
-                params.shared.insert("t".into(), super::params::Scalar::Num(alpha));
-            } else {
-                for (e, w) in experts.iter().zip([1.0 - alpha, alpha]) {
-                    if let Some(k) = inputs.iter().position(|s| s.model == *e) {
-                        params.set_input(k, "weight", w);
+        if let (Some(alpha), Some(target), Op::Merge { inputs, params, .. }) =
+            (alpha, alpha_target, &mut plan.tensors[i].op)
+        {
+            match target {
+                AlphaTarget::Shared(name) => {
+                    params.shared.insert(name.into(), super::params::Scalar::Num(alpha));
+                }
+                AlphaTarget::PerInput(name) => {
+                    for (e, w) in experts.iter().zip([1.0 - alpha, alpha]) {
+                        if let Some(k) = inputs.iter().position(|s| s.model == *e) {
+                            params.set_input(k, name, w);
+                        }
                     }
                 }
             }

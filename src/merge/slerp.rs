@@ -6,8 +6,9 @@
 
 use std::ops::Range;
 
-use super::method::{blocked, BasePolicy, Contract, Ctx, Kernel, MergeMethod, TensorInputs};
+use super::method::{AlphaTarget, BaseRole, Contract, Ctx, Kernel, MergeMethod, TensorInputs};
 use super::params::{Default, Kind, ParamDef, Scope, TensorParams};
+use super::scratch::blocked;
 use crate::error::Result;
 
 pub struct Slerp;
@@ -71,10 +72,10 @@ impl MergeMethod for Slerp {
         PARAMS
     }
     fn contract(&self) -> Contract {
-        Contract { base: BasePolicy::Required, min_inputs: 2, max_inputs: Some(2) }
+        Contract { base: BaseRole::FirstEndpoint, min_inputs: 2, max_inputs: Some(2) }
     }
-    fn elementwise(&self) -> bool {
-        false
+    fn snr_alpha(&self) -> Option<AlphaTarget> {
+        Some(AlphaTarget::Shared("t"))
     }
     fn prepare<'a>(&self, inputs: TensorInputs<'a>, p: &TensorParams, ctx: &Ctx) -> Result<Box<dyn Kernel + 'a>> {
         let t = p.f64("t")?;
@@ -82,7 +83,7 @@ impl MergeMethod for Slerp {
         let b = 1 - a;
         let parts = ctx.chunked(inputs.numel(), |r| {
             let (mut aa, mut bb, mut ab) = (0f64, 0f64, 0f64);
-            for r in super::sparsify::blocks(r) {
+            for r in super::scratch::blocks(r) {
                 let x = inputs.read(a, r.clone())?;
                 let y = inputs.read(b, r)?;
                 for (&u, &v) in x.iter().zip(&y) {

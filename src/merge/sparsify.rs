@@ -7,30 +7,26 @@
 //! - della_magprune (DELLA): along axis 1 (rows of a matrix; a vector is one row), rank magnitudes ascending and keep
 //!   each entry with probability `density - epsilon + 2 * epsilon * rank / (len - 1)`.
 //!
-//! Rank-based masks need order statistics of a whole tensor. They come from a two-pass radix select over the f32 bit
-//! patterns of the magnitudes (monotone for non-negative floats), chunk by chunk: pass one histograms the high 16
-//! bits, pass two the low 16 bits inside the one bucket that holds each wanted rank. Memory stays at two histograms,
-//! whatever the tensor size. Equal magnitudes are ranked by position, so masks are exact, reproducible and keep
-//! exactly the requested count (torch's unstable sort keeps an arbitrary subset of ties instead).
+//! Rank-based masks need order statistics of a whole tensor. They come from `rank`'s radix select over the f32 bit
+//! patterns of the magnitudes, chunk by chunk, with memory of a few histograms whatever the tensor size. Equal
+//! magnitudes are ranked by position, so masks are exact, reproducible and keep exactly the requested count (torch's
+//! unstable sort keeps an arbitrary subset of ties instead).
 //!
 //! Random masks draw from a stream per (seed, tensor, input, block of `RNG_BLOCK` elements): identical whatever the
 //! chunking or the thread count.
 
 use std::ops::Range;
 
-use super::method::Buf;
+use super::rank::{self, Located};
+use super::scratch::Buf;
 use crate::error::Result;
 use crate::exec::{Executor, CHUNK_ELEMS};
 use crate::rng::Rng;
 
+pub use super::rank::key;
+
 /// Elements per random stream of DARE masks (divides the executor's chunk size).
 pub const RNG_BLOCK: usize = 1 << 16;
-
-/// The sort key of a magnitude: its f32 bits (monotone for non-negative values; NaN sorts above infinity).
-#[inline]
-pub fn key(x: f32) -> u32 {
-    x.abs().to_bits()
-}
 
 /// The count `int(density * n)` as Python computes it (f64 product, truncated).
 pub fn count_of(fraction: f64, n: usize) -> usize {
@@ -42,21 +38,15 @@ pub fn count_of(fraction: f64, n: usize) -> usize {
     }
 }
 
-/// One end of a rank window: the magnitude key sitting at that rank and where its equal keys start.
-#[derive(Clone, Debug)]
-struct Boundary {
-    key: u32,
-    /// Number of elements with a smaller key.
-    less: usize,
-    /// Per chunk (fixed `CHUNK_ELEMS` chunks): elements equal to `key` in earlier chunks.
-    eq_before: Vec<usize>,
-}
-
 #[derive(Clone, Debug)]
 enum Window {
     All,
     Nothing,
-    Bounded { lower: Boundary, upper: Boundary },
+    /// The keys at ranks `lo` and `hi - 1`, with where their equal keys start per chunk.
+    Bounded {
+        lower: Located,
+        upper: Located,
+    },
 }
 
 /// Keeps the elements whose ascending magnitude rank (ties by position) lies in `[lo, hi)`.
@@ -194,186 +184,28 @@ pub fn outlier_window(n: usize, density: f64, gamma: f64) -> (usize, usize) {
 }
 
 /// Computes the rank windows of several series sharing positions `0..n`: `values(range)` returns, per series, the
-/// values of that chunk (ranked by magnitude). Two chunked passes over the data, however many series.
+/// values of that chunk (ranked by magnitude). Two chunked passes over the data at most, however many series.
 pub fn rank_windows(
     exec: &Executor,
     n: usize,
     windows: &[(usize, usize)],
     values: &(dyn Fn(Range<usize>) -> Result<Vec<Buf>> + Sync),
 ) -> Result<Vec<RankWindow>> {
-    let s = windows.len();
     let trivial = |(lo, hi): (usize, usize)| hi <= lo || (lo == 0 && hi >= n);
     if windows.iter().all(|&w| trivial(w)) {
         return Ok(windows.iter().map(|&(lo, hi)| simple(lo, hi, n)).collect());
     }
-    // Pass one, per chunk and series: histogram of the high 16 bits, plus the (few) keys whose low 16 bits are not
-    // zero. Differences of bf16 values almost always have zero low halves, so those lists stay short and settle the
-    // order inside every bucket without a second pass; a chunk with too many of them (f32 data) asks for pass two.
-    let parts = exec.chunked(n, |r| {
-        let cap = r.len() / 64 + 16;
-        let mut h: Vec<Option<HighPass>> = (0..s)
-            .map(|j| {
-                (!trivial(windows[j])).then(|| HighPass { hist: vec![0u32; 1 << 16], odd: Vec::new(), overflow: false })
-            })
-            .collect();
-        // Cache-sized blocks: the values of a block are still in cache when they are counted.
-        for b in blocks(r) {
-            let vs = values(b)?;
-            for (v, p) in vs.iter().zip(h.iter_mut()) {
-                let Some(p) = p else { continue };
-                for &x in v.iter() {
-                    let k = key(x);
-                    p.hist[(k >> 16) as usize] += 1;
-                    if k & 0xffff != 0 {
-                        if p.odd.len() < cap {
-                            p.odd.push(k);
-                        } else {
-                            p.overflow = true;
-                        }
-                    }
-                }
-            }
-        }
-        Ok(h)
-    })?;
-    let mut hist = vec![vec![0u64; 1 << 16]; s];
-    let mut overflow = vec![false; s];
-    for p in &parts {
-        for (j, pj) in p.iter().enumerate() {
-            if let Some(pj) = pj {
-                for (t, &c) in hist[j].iter_mut().zip(&pj.hist) {
-                    *t += c as u64;
-                }
-                overflow[j] |= pj.overflow;
-            }
-        }
-    }
-    // For each series, the buckets holding rank lo and rank hi - 1, and how many elements lie below each bucket.
-    let locate = |h: &[u64], rank: usize| -> (u32, usize) {
-        let mut below = 0usize;
-        for (b, &c) in h.iter().enumerate() {
-            if below + c as usize > rank {
-                return (b as u32, below);
-            }
-            below += c as usize;
-        }
-        unreachable!("rank {rank} beyond the histogram total {below}")
-    };
-    let targets: Vec<Option<[(u32, usize); 2]>> = windows
+    let wanted: Vec<Vec<usize>> =
+        windows.iter().map(|&(lo, hi)| if trivial((lo, hi)) { Vec::new() } else { vec![lo, hi - 1] }).collect();
+    let located = rank::locate(exec, &[n], &wanted, true, &|_, r| values(r))?;
+    Ok(windows
         .iter()
-        .enumerate()
-        .map(|(j, &w)| (!trivial(w)).then(|| [locate(&hist[j], w.0), locate(&hist[j], w.1 - 1)]))
-        .collect();
-    drop(hist);
-    // Pass two, only for series whose odd-key lists overflowed: the low 16 bits of every element in the buckets.
-    let low_parts: Vec<Vec<[Vec<u16>; 2]>> = if overflow.iter().any(|&o| o) {
-        exec.chunked(n, |r| {
-            let vs = values(r)?;
-            let mut out: Vec<[Vec<u16>; 2]> = vec![[Vec::new(), Vec::new()]; s];
-            for (j, v) in vs.iter().enumerate() {
-                let Some(t) = targets[j].filter(|_| overflow[j]) else { continue };
-                for x in v.iter().map(|&x| key(x)) {
-                    let hi = x >> 16;
-                    for (e, &(b, _)) in t.iter().enumerate() {
-                        if hi == b {
-                            out[j][e].push(x as u16);
-                        }
-                    }
-                }
-            }
-            Ok(out)
-        })?
-    } else {
-        Vec::new()
-    };
-    let mut result = Vec::with_capacity(s);
-    for (j, &(lo, hi)) in windows.iter().enumerate() {
-        let Some(t) = &targets[j] else {
-            result.push(simple(lo, hi, n));
-            continue;
-        };
-        let mut bounds = Vec::with_capacity(2);
-        for (e, (&(bucket, below), rank)) in t.iter().zip([lo, hi - 1]).enumerate() {
-            // Per chunk: how many elements of the bucket hold each low-16-bit value (sparse: value, count).
-            let per_chunk: Vec<Vec<(u16, usize)>> = if overflow[j] {
-                low_parts.iter().map(|p| counts(p[j][e].iter().copied())).collect()
-            } else {
-                parts
-                    .iter()
-                    .map(|p| {
-                        let pj = p[j].as_ref().expect("pass one ran for this series");
-                        let odd: Vec<u16> = pj.odd.iter().filter(|&&k| k >> 16 == bucket).map(|&k| k as u16).collect();
-                        let zeros = pj.hist[bucket as usize] as usize - odd.len();
-                        let mut c = counts(odd.into_iter());
-                        if zeros > 0 {
-                            c.insert(0, (0, zeros));
-                        }
-                        c
-                    })
-                    .collect()
-            };
-            let mut total: Vec<(u16, usize)> = per_chunk.iter().flatten().copied().collect();
-            total.sort_unstable();
-            let mut less = below;
-            let mut found = 0u16;
-            let mut k = 0;
-            while k < total.len() {
-                let v = total[k].0;
-                let mut c = 0;
-                while k < total.len() && total[k].0 == v {
-                    c += total[k].1;
-                    k += 1;
-                }
-                if less + c > rank {
-                    found = v;
-                    break;
-                }
-                less += c;
-            }
-            let mut eq_before = Vec::with_capacity(per_chunk.len());
-            let mut acc = 0usize;
-            for c in &per_chunk {
-                eq_before.push(acc);
-                acc += c.iter().filter(|(v, _)| *v == found).map(|(_, c)| c).sum::<usize>();
-            }
-            bounds.push(Boundary { key: (bucket << 16) | found as u32, less, eq_before });
-        }
-        let upper = bounds.pop().unwrap();
-        let lower = bounds.pop().unwrap();
-        result.push(RankWindow { lo, hi, window: Window::Bounded { lower, upper } });
-    }
-    Ok(result)
-}
-
-/// Elements per cache-sized block of a chunk (64 KiB of f32 per buffer).
-pub const BLOCK: usize = 1 << 14;
-
-/// `r` cut into `BLOCK`-sized pieces.
-pub fn blocks(r: Range<usize>) -> impl Iterator<Item = Range<usize>> {
-    (r.start..r.end).step_by(BLOCK).map(move |s| s..(s + BLOCK).min(r.end))
-}
-
-/// Pass one of `rank_windows` over one chunk of one series.
-#[derive(Clone)]
-struct HighPass {
-    hist: Vec<u32>,
-    /// Keys with nonzero low 16 bits (up to a cap).
-    odd: Vec<u32>,
-    overflow: bool,
-}
-
-/// (value, count) pairs of `values`, ascending by value.
-fn counts(values: impl Iterator<Item = u16>) -> Vec<(u16, usize)> {
-    let mut v: Vec<u16> = values.collect();
-    v.sort_unstable();
-    let mut out: Vec<(u16, usize)> = Vec::new();
-    for x in v {
-        match out.last_mut() {
-            Some((y, c)) if *y == x => *c += 1,
-            _ => out.push((x, 1)),
-        }
-    }
-    out
+        .zip(located)
+        .map(|(&(lo, hi), mut found)| match (found.pop(), found.pop()) {
+            (Some(upper), Some(lower)) => RankWindow { lo, hi, window: Window::Bounded { lower, upper } },
+            _ => simple(lo, hi, n),
+        })
+        .collect())
 }
 
 fn simple(lo: usize, hi: usize, n: usize) -> RankWindow {

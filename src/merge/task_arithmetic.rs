@@ -15,8 +15,9 @@
 
 use std::ops::Range;
 
-use super::method::{Arithmetic, BasePolicy, Buf, Contract, Ctx, Kernel, MergeMethod, TensorInputs};
+use super::method::{Arithmetic, BaseRole, Contract, Ctx, Kernel, MergeMethod, TensorInputs};
 use super::params::{Default, Kind, ParamDef, Scope, TensorParams};
+use super::scratch::Buf;
 use super::sparsify::{self, Cursor, Lines, RankWindow};
 use crate::error::{Error, Result};
 
@@ -249,7 +250,7 @@ impl Kernel for GtaKernel<'_> {
             return Ok(self.block(range, &mut cursors)?.into_vec());
         }
         let mut out = Vec::with_capacity(range.len());
-        for b in sparsify::blocks(range) {
+        for b in super::scratch::blocks(range) {
             out.extend_from_slice(&self.block(b, &mut cursors)?);
         }
         Ok(out)
@@ -369,10 +370,7 @@ impl MergeMethod for Gta {
         self.params
     }
     fn contract(&self) -> Contract {
-        Contract { base: BasePolicy::Required, min_inputs: 1, max_inputs: None }
-    }
-    fn elementwise(&self) -> bool {
-        matches!(self.sparsification, Sparsification::None | Sparsification::Random)
+        Contract { base: BaseRole::TaskVectorBase, min_inputs: 1, max_inputs: None }
     }
     fn prepare<'a>(&self, inputs: TensorInputs<'a>, p: &TensorParams, ctx: &Ctx) -> Result<Box<dyn Kernel + 'a>> {
         Ok(Box::new(self.build(inputs, p, ctx)?))

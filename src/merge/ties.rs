@@ -1,21 +1,26 @@
-//! TIES merging, two variants.
+//! TIES merging, two variants, registered as two methods.
 //!
-//! - `mergekit` (default): generalized task arithmetic with magnitude trimming per tensor (exactly
+//! - `ties` (mergekit's rule): generalized task arithmetic with magnitude trimming per tensor (exactly
 //!   `max(1, int(density * n))` largest-magnitude entries of each task vector), sign election from the weighted sum
 //!   of the trimmed task vectors (zero counts as +), disjoint merge `sum w_i d_i mask_i / sum w_i mask_i` over the
 //!   entries agreeing with the elected sign, `normalize` true by default, then `base + lambda * merged`.
-//! - `paper` (the TIES paper's reference code): each task vector (times its weight) is trimmed globally, over all
+//! - `ties_paper` (the TIES paper's reference code; `--ties-variant paper` selects it): each task vector (times its weight) is trimmed globally, over all
 //!   merged tensors flattened together, keeping the entries whose magnitude is at least the
 //!   `(n - int(density * n))`-th smallest (ties included); the sign of each entry is that of the sum of the trimmed
 //!   vectors, where that sum is zero the sign of the sum of all elected signs ("majority"); the merge is the mean over
 //!   the entries whose sign agrees (nonzero entries only); result `base + lambda * merged`. The global thresholds and
-//!   the majority sign are gathered by `paper_stats` in chunked passes before streaming.
+//!   the majority sign are gathered by `paper_stats` in chunked passes before streaming (the method's `GlobalPass`).
+//!
+//! Both record themselves as `ties` in the output's metadata, with `ties_variant` telling which.
 
+use std::any::Any;
 use std::ops::Range;
 use std::sync::Arc;
 
-use super::method::{Buf, Contract, Ctx, Kernel, MergeMethod, TensorInputs};
+use super::method::{Contract, Ctx, GlobalPass, Kernel, MergeMethod, Recorded, TensorInputs};
 use super::params::{Default, Kind, ParamDef, Scope, TensorParams};
+use super::rank::{self, key};
+use super::scratch::Buf;
 use super::sparsify;
 use super::task_arithmetic::{gta_params, Consensus, Gta, Sparsification};
 use crate::error::{Error, Result};
@@ -29,7 +34,11 @@ pub const TIES_GTA: Gta = Gta {
     params: gta_params!(true, false),
 };
 
+/// TIES with mergekit's per-tensor trim.
 pub struct Ties;
+
+/// TIES as in the paper's reference code: one global trim over the whole model.
+pub struct TiesPaper;
 
 /// Global statistics of the paper variant.
 #[derive(Clone, Debug)]
@@ -60,7 +69,7 @@ fn trimmed(
             let mut x = inputs.read(i, range.clone())?;
             for (v, &bv) in x.iter_mut().zip(&b) {
                 *v = (*v - bv) * weights[j];
-                if thresholds[j].is_some_and(|t| sparsify::key(*v) < t) {
+                if thresholds[j].is_some_and(|t| key(*v) < t) {
                     *v = 0.0;
                 }
             }
@@ -110,88 +119,15 @@ pub fn paper_stats(exec: &Executor, tensors: &[PaperTensor]) -> Result<PaperStat
             (d < 1.0 && kth > 0).then(|| kth - 1)
         })
         .collect();
-    let mut high = vec![vec![0u64; 1 << 16]; series];
-    for (ti, p) in tensors {
-        let w = weights_of(ti, p)?;
-        let parts = exec.chunked(ti.numel(), |r| {
-            let tv = trimmed(ti, &w, &none, r)?;
-            let mut h = vec![vec![0u32; 1 << 16]; series];
-            for (j, v) in tv.iter().enumerate() {
-                if ranks[j].is_some() {
-                    for &x in v {
-                        h[j][(sparsify::key(x) >> 16) as usize] += 1;
-                    }
-                }
-            }
-            Ok(h)
-        })?;
-        for part in parts {
-            for (hj, pj) in high.iter_mut().zip(part) {
-                for (a, c) in hj.iter_mut().zip(pj) {
-                    *a += c as u64;
-                }
-            }
-        }
-    }
-    let buckets: Vec<Option<(u32, usize)>> = ranks
-        .iter()
-        .zip(&high)
-        .map(|(r, h)| {
-            r.map(|rank| {
-                let mut below = 0usize;
-                for (b, &c) in h.iter().enumerate() {
-                    if below + c as usize > rank {
-                        return (b as u32, below);
-                    }
-                    below += c as usize;
-                }
-                unreachable!()
-            })
-        })
-        .collect();
-    let mut low = vec![vec![0u64; 1 << 16]; series];
-    for (ti, p) in tensors {
-        let w = weights_of(ti, p)?;
-        let parts = exec.chunked(ti.numel(), |r| {
-            let tv = trimmed(ti, &w, &none, r)?;
-            Ok(tv
-                .iter()
-                .enumerate()
-                .map(|(j, v)| match buckets[j] {
-                    Some((b, _)) => {
-                        v.iter().map(|&x| sparsify::key(x)).filter(|k| k >> 16 == b).map(|k| k as u16).collect()
-                    }
-                    None => Vec::new(),
-                })
-                .collect::<Vec<Vec<u16>>>())
-        })?;
-        for part in parts {
-            for (lj, pj) in low.iter_mut().zip(part) {
-                for v in pj {
-                    lj[v as usize] += 1;
-                }
-            }
-        }
-    }
-    let thresholds: Vec<Option<u32>> = (0..series)
-        .map(|j| {
-            let (b, below) = buckets[j]?;
-            let rank = ranks[j]?;
-            let mut less = below;
-            for (v, &c) in low[j].iter().enumerate() {
-                if less + c as usize > rank {
-                    return Some((b << 16) | v as u32);
-                }
-                less += c as usize;
-            }
-            unreachable!()
-        })
-        .collect();
+    let weights: Vec<Vec<f32>> = tensors.iter().map(|(ti, p)| weights_of(ti, p)).collect::<Result<_>>()?;
+    let wanted: Vec<Vec<usize>> = ranks.iter().map(|r| r.iter().copied().collect()).collect();
+    let lens: Vec<usize> = tensors.iter().map(|(t, _)| t.numel()).collect();
+    let located = rank::locate(exec, &lens, &wanted, false, &|k, r| trimmed(&tensors[k].0, &weights[k], &none, r))?;
+    let thresholds: Vec<Option<u32>> = located.iter().map(|l| l.first().map(|l| l.key)).collect();
     let mut sign_sum: i64 = 0;
-    for (ti, p) in tensors {
-        let w = weights_of(ti, p)?;
+    for ((ti, _), w) in tensors.iter().zip(&weights) {
         let parts = exec.chunked(ti.numel(), |r| {
-            let tv = trimmed(ti, &w, &thresholds, r.clone())?;
+            let tv = trimmed(ti, w, &thresholds, r.clone())?;
             let mut s = 0i64;
             for k in 0..r.len() {
                 let total: f32 = tv.iter().map(|v| v[k]).sum();
@@ -252,17 +188,46 @@ impl MergeMethod for Ties {
     fn contract(&self) -> Contract {
         TIES_GTA.contract()
     }
-    fn elementwise(&self) -> bool {
-        false
+    fn recorded_as(&self) -> Recorded {
+        Recorded { method: TIES_GTA.name, variant: Some(("ties_variant", "mergekit")) }
     }
     fn prepare<'a>(&self, inputs: TensorInputs<'a>, p: &TensorParams, ctx: &Ctx) -> Result<Box<dyn Kernel + 'a>> {
-        match &ctx.ties_paper {
-            None => TIES_GTA.prepare(inputs, p, ctx),
-            Some(stats) => {
-                let weights = weights_of(&inputs, p)?;
-                Ok(Box::new(PaperKernel { inputs, weights, lambda: p.f64("lambda")? as f32, stats: stats.clone() }))
-            }
-        }
+        TIES_GTA.prepare(inputs, p, ctx)
+    }
+}
+
+impl MergeMethod for TiesPaper {
+    fn name(&self) -> &'static str {
+        "ties_paper"
+    }
+    fn about(&self) -> &'static str {
+        "TIES per the paper's code: trim over the whole model, elect signs by mass, mean of agreeing entries"
+    }
+    fn params(&self) -> &'static [ParamDef] {
+        TIES_GTA.params
+    }
+    fn contract(&self) -> Contract {
+        TIES_GTA.contract()
+    }
+    fn global_pass(&self) -> Option<&dyn GlobalPass> {
+        Some(self)
+    }
+    fn compat_conflict(&self) -> Option<&'static str> {
+        Some("--compat mergekit reproduces mergekit's TIES; it does not combine with --ties-variant paper")
+    }
+    fn recorded_as(&self) -> Recorded {
+        Recorded { method: TIES_GTA.name, variant: Some(("ties_variant", "paper")) }
+    }
+    fn prepare<'a>(&self, inputs: TensorInputs<'a>, p: &TensorParams, ctx: &Ctx) -> Result<Box<dyn Kernel + 'a>> {
+        let stats = ctx.global::<PaperStats>()?;
+        let weights = weights_of(&inputs, p)?;
+        Ok(Box::new(PaperKernel { inputs, weights, lambda: p.f64("lambda")? as f32, stats }))
+    }
+}
+
+impl GlobalPass for TiesPaper {
+    fn gather(&self, tensors: &[PaperTensor], ctx: &Ctx) -> Result<Arc<dyn Any + Send + Sync>> {
+        Ok(Arc::new(paper_stats(ctx.exec, tensors)?))
     }
 }
 
@@ -402,9 +367,9 @@ mod tests {
         let stats = paper_stats(&exec, &tensors).unwrap();
         // Model A keys: 4,1,3,2 -> kth = 4 - 2 = 2nd smallest = 2. Model C: 1,1,1,0.5 -> 2nd smallest = 1.
         assert_eq!(stats.thresholds, vec![Some(2f32.to_bits()), Some(1f32.to_bits())]);
-        let ctx = Ctx { exec: &exec, seed: 0, ties_paper: Some(Arc::new(stats)) };
+        let ctx = Ctx { exec: &exec, seed: 0, global: Some(Arc::new(stats)) };
         let out: Vec<Vec<f32>> =
-            (0..2).map(|k| Ties.prepare(mk(k), &p, &ctx).unwrap().compute(0..2).unwrap()).collect();
+            (0..2).map(|k| TiesPaper.prepare(mk(k), &p, &ctx).unwrap().compute(0..2).unwrap()).collect();
         // t1[0]: A 4, C -1 -> sum 3 > 0: mean of positive entries = 4. t1[1]: A trimmed (1 < 2), C 1 -> 1.
         // t2[0]: A -3, C 1 -> sum -2: mean of negatives = -3. t2[1]: A 2, C trimmed (0.5 < 1) -> 2.
         assert_eq!(out, vec![vec![4.0, 1.0], vec![-3.0, 2.0]]);

@@ -1,11 +1,13 @@
 //! `graft report`: results lines -> tables with bootstrap statistics, charts and a static HTML page.
 //!
 //! `results` reads and validates the JSONL files, `summary` groups lines into experiments and runs and computes the
-//! estimates (`bootstrap`), `table` prints them (markdown, CSV), `plots` decides the charts, `render` draws them
-//! (PNG + SVG), `html` makes the page. This module writes the report directory, all at once: everything is built in
-//! a sibling staging directory first and moved into place at the end, so a failure never leaves a half report.
+//! estimates (`bootstrap`), `format` is the vocabulary of metrics and cells and how they print, `table` prints them
+//! (markdown, CSV), `plots` decides the charts, `render` draws them (PNG + SVG), `html` makes the page. This module
+//! writes the report directory, all at once: everything is built in a sibling staging directory first and moved into
+//! place at the end, so a failure never leaves a half report.
 
 pub mod bootstrap;
+pub mod format;
 pub mod html;
 pub mod plots;
 pub mod render;

@@ -12,75 +12,10 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::bootstrap::{bootstrap_mean, Estimate};
+use super::format::ColumnFormat;
+pub use super::format::{Cell, Direction, MetricSpec, Unit};
 use super::results::{Kind, ResultLine, ResultSet};
-use super::table::ColumnFormat;
 use crate::rng::Rng;
-
-/// Which way is better for a metric; decides the best-value mark.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Direction {
-    Higher,
-    Lower,
-    /// Unknown metric: no mark.
-    Neither,
-}
-
-/// The unit of a metric's values in results lines; tables scale bytes to KB/MB/GB.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Unit {
-    Fraction,
-    Seconds,
-    Bytes,
-    Plain,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct MetricSpec {
-    pub key: String,
-    pub label: String,
-    pub unit: Unit,
-    pub direction: Direction,
-}
-
-/// The metrics of the schema, in table column order.
-const KNOWN_METRICS: &[(&str, &str, Unit, Direction)] = &[
-    ("zero_shot_accuracy", "zero-shot accuracy", Unit::Fraction, Direction::Higher),
-    ("accuracy", "accuracy", Unit::Fraction, Direction::Higher),
-    ("f1_weighted", "F1 (weighted)", Unit::Fraction, Direction::Higher),
-    ("f1_macro", "F1 (macro)", Unit::Fraction, Direction::Higher),
-    ("loss", "loss", Unit::Plain, Direction::Lower),
-    ("time_s", "time", Unit::Seconds, Direction::Lower),
-    ("peak_memory_bytes", "peak memory", Unit::Bytes, Direction::Lower),
-];
-
-impl MetricSpec {
-    /// The spec of a metric name: the schema's metrics by table, others by what their name says.
-    pub fn for_key(key: &str) -> MetricSpec {
-        if let Some(&(k, label, unit, direction)) = KNOWN_METRICS.iter().find(|m| m.0 == key) {
-            return MetricSpec { key: k.into(), label: label.into(), unit, direction };
-        }
-        let lower = key.to_ascii_lowercase();
-        let direction = if ["loss", "error", "time", "memory", "bytes", "latency", "perplexity"]
-            .iter()
-            .any(|w| lower.contains(w))
-        {
-            Direction::Lower
-        } else if ["accuracy", "acc", "f1", "precision", "recall", "auc", "score"].iter().any(|w| lower.contains(w)) {
-            Direction::Higher
-        } else {
-            Direction::Neither
-        };
-        let unit = if lower.ends_with("_bytes") { Unit::Bytes } else { Unit::Plain };
-        MetricSpec { key: key.into(), label: key.into(), unit, direction }
-    }
-
-    fn order(&self) -> (usize, String) {
-        let known = KNOWN_METRICS.iter().position(|m| m.0 == self.key).unwrap_or(KNOWN_METRICS.len());
-        (known, self.key.clone())
-    }
-}
 
 /// A config value as a plot axis sees it: numbers are numeric axes, everything else is a category.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -112,17 +47,6 @@ impl Param {
             Param::Text(s) => s.clone(),
         }
     }
-}
-
-/// One metric of one row.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct Cell {
-    /// One value per run, in run order (base units).
-    pub values: Vec<f64>,
-    #[serde(flatten)]
-    pub estimate: Estimate,
-    /// Best of its column (ties all marked), compared at the precision the table prints.
-    pub best: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]

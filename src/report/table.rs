@@ -1,90 +1,10 @@
 //! Rendering the summary as text: markdown tables (`0.656 +- 0.008 (n=3)`, best value per column in bold) and CSV.
-//! Also owns how a metric column is printed (scale, unit, decimals), which the best-value mark uses too, so that
-//! "best" always means "best as printed".
+//! How a column prints (scale, unit, decimals) is `format`'s, re-exported here for the other renderers.
 
 use std::fmt::Write;
 
-use super::results::Kind;
-use super::summary::{Cell, Curve, KindTable, MetricSpec, Summary, Unit};
-
-/// How one column prints: values are divided by `scale` and shown with `decimals` decimals; `unit` goes in the header.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ColumnFormat {
-    pub scale: f64,
-    pub unit: &'static str,
-    pub decimals: usize,
-}
-
-impl ColumnFormat {
-    /// Fractions (accuracy, F1) print with 3 decimals, as the reference studies do. Other columns get enough decimals
-    /// for 3 significant digits of their largest mean (at least 2, at most 6); bytes are scaled to B/KB/MB/GB/TB
-    /// (decimal, as `graft inspect` and Hugging Face write sizes) by the column's largest mean.
-    pub fn for_column(metric: &MetricSpec, means: impl Iterator<Item = f64>) -> ColumnFormat {
-        let max = means.map(f64::abs).filter(|v| v.is_finite()).fold(0.0, f64::max);
-        match metric.unit {
-            Unit::Fraction => ColumnFormat { scale: 1.0, unit: "", decimals: 3 },
-            Unit::Seconds => ColumnFormat { scale: 1.0, unit: "s", decimals: decimals_for(max) },
-            Unit::Plain => ColumnFormat { scale: 1.0, unit: "", decimals: decimals_for(max) },
-            Unit::Bytes => {
-                let (scale, unit) = [(1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "KB")]
-                    .into_iter()
-                    .find(|&(s, _)| max >= s)
-                    .unwrap_or((1.0, "B"));
-                ColumnFormat { scale, unit, decimals: decimals_for(max / scale) }
-            }
-        }
-    }
-
-    /// The value as the table shows it (scaled and rounded), for comparisons.
-    pub fn rounded(&self, v: f64) -> f64 {
-        let p = 10f64.powi(self.decimals as i32);
-        (v / self.scale * p).round() / p
-    }
-
-    pub fn number(&self, v: f64) -> String {
-        format!("{:.*}", self.decimals, v / self.scale)
-    }
-
-    pub fn header(&self, label: &str) -> String {
-        if self.unit.is_empty() {
-            label.to_string()
-        } else {
-            format!("{label} ({})", self.unit)
-        }
-    }
-
-    /// `mean +- se (n=N)`.
-    pub fn cell(&self, cell: &Cell) -> String {
-        let e = &cell.estimate;
-        format!("{} +- {} (n={})", self.number(e.mean), self.number(e.se), e.n)
-    }
-}
-
-fn decimals_for(max: f64) -> usize {
-    if max <= 0.0 || !max.is_finite() {
-        return 2;
-    }
-    let integer_digits = max.log10().floor() as i64 + 1;
-    (3 - integer_digits).clamp(2, 6) as usize
-}
-
-/// A table's heading in the markdown document.
-pub fn kind_title(kind: Kind) -> &'static str {
-    match kind {
-        Kind::Train => "Fine-tuning runs (train)",
-        Kind::Eval => "Evaluations (eval)",
-        Kind::Interpolate => "Interpolations",
-    }
-}
-
-/// The row label: the experiment name, with "(baseline)" on baseline rows.
-pub fn row_label(experiment: &str, baseline: bool) -> String {
-    if baseline {
-        format!("{experiment} (baseline)")
-    } else {
-        experiment.to_string()
-    }
-}
+pub use super::format::{kind_title, row_label, ColumnFormat};
+use super::summary::{Curve, KindTable, MetricSpec, Summary};
 
 fn md_escape(s: &str) -> String {
     s.replace('\\', "\\\\").replace('|', "\\|").replace(['\n', '\r'], " ")
@@ -270,7 +190,8 @@ pub fn barriers_csv(curves: &[Curve]) -> String {
 mod tests {
     use super::*;
     use crate::report::bootstrap::Estimate;
-    use crate::report::summary::{Direction, Row};
+    use crate::report::results::Kind;
+    use crate::report::summary::{Cell, Direction, Row};
     use std::collections::BTreeMap;
 
     fn cell(mean: f64, se: f64, n: usize, best: bool) -> Cell {

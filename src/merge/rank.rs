@@ -1,0 +1,281 @@
+//! Order statistics of f32 magnitudes without sorting: a two-pass radix select over the magnitudes' bit patterns
+//! (monotone for non-negative floats), chunk by chunk. It serves every rank-based trim: the per-tensor rank windows of
+//! TIES and breadcrumbs (`sparsify::rank_windows`) and the global thresholds of the TIES paper variant, whose
+//! "tensor" is the whole model (`ties::paper_stats`).
+//!
+//! The data is a list of segments (one tensor, or every merged tensor), each cut into the executor's fixed chunks,
+//! holding several series at the same positions (one per task vector). Pass one histograms the high 16 bits of each
+//! series' keys; the bucket holding each wanted rank follows. Pass two counts the low 16 bits inside those buckets,
+//! which settles the key at each rank. Memory stays at a few histograms whatever the data size.
+//!
+//! With per-chunk bookkeeping (one tensor, whose masks are applied chunk by chunk), pass one also keeps the few keys
+//! whose low 16 bits are not zero: differences of bf16 values almost never have any, so those short lists settle
+//! the order inside each bucket without pass two; a chunk with too many of them (f32 data) asks for pass two. It also
+//! reports, per chunk, how many elements equal to each found key lie in earlier chunks, so that equal keys can be
+//! ranked by position.
+
+use std::ops::Range;
+
+use super::scratch::{blocks, Buf};
+use crate::error::Result;
+use crate::exec::Executor;
+
+/// The sort key of a magnitude: its f32 bits (monotone for non-negative values; NaN sorts above infinity).
+#[inline]
+pub fn key(x: f32) -> u32 {
+    x.abs().to_bits()
+}
+
+/// The key at one wanted rank of a series.
+#[derive(Clone, Debug)]
+pub struct Located {
+    /// The magnitude key sitting at the rank.
+    pub key: u32,
+    /// Number of elements with a smaller key.
+    pub less: usize,
+    /// With per-chunk bookkeeping, per chunk (segments' chunks in order): elements equal to `key` in earlier
+    /// chunks. Empty otherwise.
+    pub eq_before: Vec<usize>,
+}
+
+/// The series values of one piece of the data: `values(segment, range)` returns one buffer per series.
+pub type Values<'a> = dyn Fn(usize, Range<usize>) -> Result<Vec<Buf>> + Sync + 'a;
+
+/// (low 16 bits, count) pairs, ascending.
+type Counts = Vec<(u16, usize)>;
+
+/// Pass one over one chunk of one series.
+struct HighPass {
+    hist: Vec<u32>,
+    /// Keys with nonzero low 16 bits (up to a cap; per-chunk bookkeeping only).
+    odd: Vec<u32>,
+    overflow: bool,
+}
+
+/// Finds, for each series `j`, the keys at the ascending ranks `wanted[j]` (0-based; an empty list skips the
+/// series) over all `segments` (lengths). `per_chunk` asks for `Located::eq_before`. Two chunked passes over the
+/// data at most, however many series.
+pub fn locate(
+    exec: &Executor,
+    segments: &[usize],
+    wanted: &[Vec<usize>],
+    per_chunk: bool,
+    values: &Values,
+) -> Result<Vec<Vec<Located>>> {
+    let s = wanted.len();
+    let active: Vec<bool> = wanted.iter().map(|w| !w.is_empty()).collect();
+    // Pass one, per chunk and series: histogram of the high 16 bits (plus the odd keys, see the module comment).
+    let mut hist = vec![vec![0u64; 1 << 16]; s];
+    // Without per-chunk bookkeeping there are no odd-key lists, so every series takes pass two.
+    let mut overflow = vec![!per_chunk; s];
+    let mut kept: Vec<Vec<Option<HighPass>>> = Vec::new();
+    for (segment, &n) in segments.iter().enumerate() {
+        let parts = exec.chunked(n, |r| {
+            let cap = if per_chunk { r.len() / 64 + 16 } else { 0 };
+            let mut h: Vec<Option<HighPass>> = (0..s)
+                .map(|j| active[j].then(|| HighPass { hist: vec![0u32; 1 << 16], odd: Vec::new(), overflow: false }))
+                .collect();
+            // Cache-sized blocks: the values of a block are still in cache when they are counted.
+            for b in blocks(r) {
+                let vs = values(segment, b)?;
+                for (v, p) in vs.iter().zip(h.iter_mut()) {
+                    let Some(p) = p else { continue };
+                    for &x in v.iter() {
+                        let k = key(x);
+                        p.hist[(k >> 16) as usize] += 1;
+                        if per_chunk && k & 0xffff != 0 {
+                            if p.odd.len() < cap {
+                                p.odd.push(k);
+                            } else {
+                                p.overflow = true;
+                            }
+                        }
+                    }
+                }
+            }
+            Ok(h)
+        })?;
+        for p in parts {
+            for (j, pj) in p.iter().enumerate() {
+                if let Some(pj) = pj {
+                    for (t, &c) in hist[j].iter_mut().zip(&pj.hist) {
+                        *t += c as u64;
+                    }
+                    overflow[j] |= pj.overflow;
+                }
+            }
+            if per_chunk {
+                kept.push(p);
+            }
+        }
+    }
+    // For each series and wanted rank, the bucket holding it and how many elements lie below that bucket.
+    let locate_bucket = |h: &[u64], rank: usize| -> (u32, usize) {
+        let mut below = 0usize;
+        for (b, &c) in h.iter().enumerate() {
+            if below + c as usize > rank {
+                return (b as u32, below);
+            }
+            below += c as usize;
+        }
+        unreachable!("rank {rank} beyond the histogram total {below}")
+    };
+    let targets: Vec<Vec<(u32, usize)>> =
+        wanted.iter().zip(&hist).map(|(w, h)| w.iter().map(|&rank| locate_bucket(h, rank)).collect()).collect();
+    drop(hist);
+    // Pass two, for the series whose buckets pass one did not settle: the low 16 bits of every element in the
+    // buckets, as (value, count) lists per chunk (per segment without per-chunk bookkeeping).
+    let mut low: Vec<Vec<Vec<Counts>>> = Vec::new();
+    if overflow.iter().zip(&active).any(|(&o, &a)| o && a) {
+        for (segment, &n) in segments.iter().enumerate() {
+            let parts = exec.chunked(n, |r| {
+                let vs = values(segment, r)?;
+                let mut out: Vec<Vec<Vec<u16>>> = targets.iter().map(|t| vec![Vec::new(); t.len()]).collect();
+                for (j, v) in vs.iter().enumerate() {
+                    if !overflow[j] || targets[j].is_empty() {
+                        continue;
+                    }
+                    for x in v.iter().map(|&x| key(x)) {
+                        let hi = x >> 16;
+                        for (e, &(b, _)) in targets[j].iter().enumerate() {
+                            if hi == b {
+                                out[j][e].push(x as u16);
+                            }
+                        }
+                    }
+                }
+                Ok(out.into_iter().map(|t| t.into_iter().map(|v| counts(v.into_iter())).collect()).collect())
+            })?;
+            if per_chunk {
+                low.extend(parts);
+            } else {
+                let mut folded: Vec<Vec<Counts>> = targets.iter().map(|t| vec![Vec::new(); t.len()]).collect();
+                for part in parts {
+                    for (fj, pj) in folded.iter_mut().zip(part) {
+                        for (f, p) in fj.iter_mut().zip(pj) {
+                            f.extend(p);
+                        }
+                    }
+                }
+                low.push(folded.into_iter().map(|t| t.into_iter().map(merge_counts).collect()).collect());
+            }
+        }
+    }
+    let mut result = Vec::with_capacity(s);
+    for (j, ranks) in wanted.iter().enumerate() {
+        let mut found = Vec::with_capacity(ranks.len());
+        for (e, (&(bucket, below), &rank)) in targets[j].iter().zip(ranks).enumerate() {
+            // Per chunk (or segment): how many elements of the bucket hold each low-16-bit value.
+            let per_part: Vec<Counts> = if overflow[j] {
+                low.iter().map(|p| p[j][e].clone()).collect()
+            } else {
+                kept.iter()
+                    .map(|p| {
+                        let pj = p[j].as_ref().expect("pass one ran for this series");
+                        let odd: Vec<u16> = pj.odd.iter().filter(|&&k| k >> 16 == bucket).map(|&k| k as u16).collect();
+                        let zeros = pj.hist[bucket as usize] as usize - odd.len();
+                        let mut c = counts(odd.into_iter());
+                        if zeros > 0 {
+                            c.insert(0, (0, zeros));
+                        }
+                        c
+                    })
+                    .collect()
+            };
+            let total = merge_counts(per_part.iter().flatten().copied().collect());
+            let mut less = below;
+            let mut value = 0u16;
+            for &(v, c) in &total {
+                if less + c > rank {
+                    value = v;
+                    break;
+                }
+                less += c;
+            }
+            let mut eq_before = Vec::new();
+            if per_chunk {
+                let mut acc = 0usize;
+                for c in &per_part {
+                    eq_before.push(acc);
+                    acc += c.iter().filter(|(v, _)| *v == value).map(|(_, c)| c).sum::<usize>();
+                }
+            }
+            found.push(Located { key: (bucket << 16) | value as u32, less, eq_before });
+        }
+        result.push(found);
+    }
+    Ok(result)
+}
+
+/// (value, count) pairs of `values`, ascending by value.
+fn counts(values: impl Iterator<Item = u16>) -> Vec<(u16, usize)> {
+    let mut v: Vec<u16> = values.collect();
+    v.sort_unstable();
+    let mut out: Vec<(u16, usize)> = Vec::new();
+    for x in v {
+        match out.last_mut() {
+            Some((y, c)) if *y == x => *c += 1,
+            _ => out.push((x, 1)),
+        }
+    }
+    out
+}
+
+/// (value, count) pairs with equal values summed, ascending by value.
+fn merge_counts(mut pairs: Vec<(u16, usize)>) -> Vec<(u16, usize)> {
+    pairs.sort_unstable();
+    let mut out: Vec<(u16, usize)> = Vec::with_capacity(pairs.len());
+    for (v, c) in pairs {
+        match out.last_mut() {
+            Some((w, d)) if *w == v => *d += c,
+            _ => out.push((v, c)),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    /// Plain reference: the keys sorted ascending.
+    fn sorted_keys(v: &[f32]) -> Vec<u32> {
+        let mut k: Vec<u32> = v.iter().map(|&x| key(x)).collect();
+        k.sort_unstable();
+        k
+    }
+
+    #[test]
+    fn finds_the_key_at_each_rank_over_segments_with_and_without_chunk_bookkeeping() {
+        // Two series over three segments (one longer than a chunk): grid values (many ties, zero low bits) and
+        // continuous values (nonzero low bits, so pass two decides).
+        let n = crate::exec::CHUNK_ELEMS + 1000;
+        let lens = [n, 777, 5000];
+        let mut r = Rng::new(11);
+        let grid: Vec<Vec<f32>> =
+            lens.iter().map(|&l| (0..l).map(|_| ((r.normal() * 8.0).round() / 8.0) as f32).collect()).collect();
+        let cont: Vec<Vec<f32>> = lens.iter().map(|&l| (0..l).map(|_| r.normal() as f32).collect()).collect();
+        let total: usize = lens.iter().sum();
+        let all = |s: &[Vec<f32>]| s.concat();
+        let wanted = vec![vec![0, total / 3, total - 1], vec![17, total / 2]];
+        let values = |seg: usize, r: Range<usize>| -> Result<Vec<Buf>> {
+            Ok(vec![Buf::from_slice(&grid[seg][r.clone()]), Buf::from_slice(&cont[seg][r])])
+        };
+        let exec = Executor::new(Some(2)).unwrap().quiet();
+        for per_chunk in [false, true] {
+            let got = locate(&exec, &lens, &wanted, per_chunk, &values).unwrap();
+            for (j, series) in [all(&grid), all(&cont)].iter().enumerate() {
+                let keys = sorted_keys(series);
+                for (l, &rank) in got[j].iter().zip(&wanted[j]) {
+                    assert_eq!(l.key, keys[rank], "series {j} rank {rank} per_chunk {per_chunk}");
+                    assert_eq!(l.less, keys.partition_point(|&k| k < l.key), "series {j} rank {rank}");
+                    assert_eq!(l.eq_before.is_empty(), !per_chunk);
+                }
+            }
+        }
+        // A skipped series gives nothing.
+        let got = locate(&exec, &lens, &[vec![], vec![3]], false, &values).unwrap();
+        assert!(got[0].is_empty() && got[1].len() == 1);
+    }
+}
