@@ -206,7 +206,7 @@ impl CheckpointWriter {
                 )));
             }
         }
-        let (user_parent, _) = commit::split(&out)?;
+        let (user_parent, _) = commit::split(&named_path(&out))?;
         let created_dirs = create_missing_dirs(&user_parent, &out)?;
         let mut w = CheckpointWriter {
             dest: Destination {
@@ -268,7 +268,7 @@ impl CheckpointWriter {
     /// Follows symlinks to the real place of the output, and decides what a single file inside a directory that
     /// holds a sharded checkpoint means.
     fn resolve_destination(&mut self) -> Result<()> {
-        let (user_parent, user_name) = commit::split(&self.out)?;
+        let (user_parent, user_name) = commit::split(&named_path(&self.out))?;
         let parent = user_parent.canonicalize().map_err(|e| Error::io(&user_parent, e))?;
         let mut path = parent.join(&user_name);
         if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
@@ -695,6 +695,20 @@ impl Drop for CheckpointWriter {
                 let _ = std::fs::remove_dir(d);
             }
         }
+    }
+}
+
+/// `out` with a last component that names something: `.`, `..` and `dir/..` are resolved (they exist, being
+/// directories); anything else is taken as written.
+fn named_path(out: &Path) -> PathBuf {
+    let unnamed = matches!(
+        out.components().next_back(),
+        Some(std::path::Component::CurDir | std::path::Component::ParentDir) | None
+    );
+    if unnamed {
+        out.canonicalize().unwrap_or_else(|_| out.to_path_buf())
+    } else {
+        out.to_path_buf()
     }
 }
 
