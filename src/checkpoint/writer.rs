@@ -159,6 +159,8 @@ pub struct CheckpointWriter {
     finished: bool,
     /// Directories `create` made for the output's parent: an unfinished writer removes them again (when empty).
     created_dirs: Vec<PathBuf>,
+    /// Files given by `add_file`, committed with the checkpoint.
+    extra_files: Vec<(String, Vec<u8>)>,
 }
 
 impl CheckpointWriter {
@@ -232,6 +234,7 @@ impl CheckpointWriter {
             remaining: 0,
             finished: false,
             created_dirs,
+            extra_files: Vec::new(),
         };
         w.resolve_destination()?;
         for (k, s) in w.shards.iter_mut().enumerate() {
@@ -324,7 +327,24 @@ impl CheckpointWriter {
         &self.decls
     }
 
-    /// The names the new checkpoint consists of, in its directory: shards, index, carried files.
+    /// Adds a small file (a config whose contents the command changed, a manifest) to a directory output: it is
+    /// committed with the checkpoint, in the same swap, replacing a carried file of the same name. Writing such a
+    /// file after `finish` instead would leave a moment (or, after a crash, for good) where the new weights sit
+    /// beside the old file.
+    pub fn add_file(&mut self, name: &str, bytes: Vec<u8>) -> Result<()> {
+        if !self.dest.is_dir {
+            return Err(Error::usage(format!("{}: a single-file output cannot hold {name}", self.out.display())));
+        }
+        let plain = Path::new(name).file_name().is_some_and(|f| f == name) && !name.starts_with('.');
+        if !plain || self.shards.iter().any(|s| s.file_name == name) || name == INDEX_NAME {
+            return Err(Error::invalid(format!("{}: '{name}' cannot be added to the checkpoint", self.out.display())));
+        }
+        self.extra_files.retain(|(n, _)| n != name);
+        self.extra_files.push((name.to_string(), bytes));
+        self.check_destination()
+    }
+
+    /// The names the new checkpoint consists of, in its directory: shards, index, carried and added files.
     fn new_names(&self) -> Vec<String> {
         let mut v: Vec<String> = self.shards.iter().map(|s| s.file_name.clone()).collect();
         if self.shards.len() > 1 {
@@ -335,6 +355,11 @@ impl CheckpointWriter {
                 if src.join(f).is_file() {
                     v.push(f.to_string());
                 }
+            }
+        }
+        for (name, _) in &self.extra_files {
+            if !v.contains(name) {
+                v.push(name.clone());
             }
         }
         v
@@ -635,6 +660,14 @@ impl CheckpointWriter {
                     commit::copy_synced(&from, &staging.join(f)).map_err(|e| Error::io(self.shown(f), e))?;
                 }
             }
+        }
+        for (name, bytes) in &self.extra_files {
+            let path = staging.join(name);
+            let shown = self.shown(name);
+            if path.exists() {
+                std::fs::remove_file(&path).map_err(|e| Error::io(&shown, e))?;
+            }
+            write_new_synced(&path, bytes).map_err(|e| Error::io(&shown, e))?;
         }
         let target = self.dest.target();
         let shown_dir = self.dest.shown_dir.clone();
