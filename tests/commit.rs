@@ -614,3 +614,24 @@ fn zero_element_tensors_round_trip_through_convert_and_inspect() {
     let b: Vec<f32> = c["b"].2.chunks(4).map(|x| f32::from_le_bytes(x.try_into().unwrap())).collect();
     assert_eq!(b, vec![1.0, 2.0, 3.0]);
 }
+
+#[test]
+fn an_added_file_is_committed_with_the_checkpoint_replacing_the_carried_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let base = Checkpoint::open(fixture("llama/base")).unwrap();
+    let decls: Vec<TensorDecl> = base.iter().map(|v| TensorDecl::new(v.name, v.dtype, v.shape.to_vec())).collect();
+    let opts = WriterOptions { carry_from: Some(fixture("llama/base")), ..Default::default() };
+    let mut w = CheckpointWriter::create(&out, decls, opts).unwrap();
+    w.add_file("config.json", b"{\"num_hidden_layers\": 1}\n".to_vec()).unwrap();
+    assert!(w.add_file("../escape", vec![]).is_err());
+    for v in base.iter() {
+        w.write_tensor(v.name, v.data).unwrap();
+    }
+    // Nothing is visible before the commit.
+    assert!(!out.exists());
+    w.finish().unwrap();
+    assert_eq!(std::fs::read(out.join("config.json")).unwrap(), b"{\"num_hidden_layers\": 1}\n");
+    assert_eq!(content(&out).unwrap(), content(&fixture("llama/base")).unwrap());
+    assert_eq!(leftovers(tmp.path()), Vec::<String>::new());
+}

@@ -139,7 +139,9 @@ pub fn install_signal_cleanup() {
                 return;
             }
             undo_all();
-            std::process::exit(128 + byte as i32);
+            // _exit: no destructors or stdio flushing that could wait on a lock another thread holds.
+            // SAFETY: ends the process; nothing runs after it.
+            unsafe { libc::_exit(128 + byte as i32) };
         });
         if spawned.is_err() {
             return;

@@ -159,6 +159,8 @@ pub struct CheckpointWriter {
     finished: bool,
     /// Directories `create` made for the output's parent: an unfinished writer removes them again (when empty).
     created_dirs: Vec<PathBuf>,
+    /// Files given by `add_file`, committed with the checkpoint.
+    extra_files: Vec<(String, Vec<u8>)>,
 }
 
 impl CheckpointWriter {
@@ -206,7 +208,7 @@ impl CheckpointWriter {
                 )));
             }
         }
-        let (user_parent, _) = commit::split(&out)?;
+        let (user_parent, _) = commit::split(&named_path(&out))?;
         let created_dirs = create_missing_dirs(&user_parent, &out)?;
         let mut w = CheckpointWriter {
             dest: Destination {
@@ -232,6 +234,7 @@ impl CheckpointWriter {
             remaining: 0,
             finished: false,
             created_dirs,
+            extra_files: Vec::new(),
         };
         w.resolve_destination()?;
         for (k, s) in w.shards.iter_mut().enumerate() {
@@ -268,7 +271,7 @@ impl CheckpointWriter {
     /// Follows symlinks to the real place of the output, and decides what a single file inside a directory that
     /// holds a sharded checkpoint means.
     fn resolve_destination(&mut self) -> Result<()> {
-        let (user_parent, user_name) = commit::split(&self.out)?;
+        let (user_parent, user_name) = commit::split(&named_path(&self.out))?;
         let parent = user_parent.canonicalize().map_err(|e| Error::io(&user_parent, e))?;
         let mut path = parent.join(&user_name);
         if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
@@ -324,7 +327,24 @@ impl CheckpointWriter {
         &self.decls
     }
 
-    /// The names the new checkpoint consists of, in its directory: shards, index, carried files.
+    /// Adds a small file (a config whose contents the command changed, a manifest) to a directory output: it is
+    /// committed with the checkpoint, in the same swap, replacing a carried file of the same name. Writing such a
+    /// file after `finish` instead would leave a moment (or, after a crash, for good) where the new weights sit
+    /// beside the old file.
+    pub fn add_file(&mut self, name: &str, bytes: Vec<u8>) -> Result<()> {
+        if !self.dest.is_dir {
+            return Err(Error::usage(format!("{}: a single-file output cannot hold {name}", self.out.display())));
+        }
+        let plain = Path::new(name).file_name().is_some_and(|f| f == name) && !name.starts_with('.');
+        if !plain || self.shards.iter().any(|s| s.file_name == name) || name == INDEX_NAME {
+            return Err(Error::invalid(format!("{}: '{name}' cannot be added to the checkpoint", self.out.display())));
+        }
+        self.extra_files.retain(|(n, _)| n != name);
+        self.extra_files.push((name.to_string(), bytes));
+        self.check_destination()
+    }
+
+    /// The names the new checkpoint consists of, in its directory: shards, index, carried and added files.
     fn new_names(&self) -> Vec<String> {
         let mut v: Vec<String> = self.shards.iter().map(|s| s.file_name.clone()).collect();
         if self.shards.len() > 1 {
@@ -335,6 +355,11 @@ impl CheckpointWriter {
                 if src.join(f).is_file() {
                     v.push(f.to_string());
                 }
+            }
+        }
+        for (name, _) in &self.extra_files {
+            if !v.contains(name) {
+                v.push(name.clone());
             }
         }
         v
@@ -636,6 +661,14 @@ impl CheckpointWriter {
                 }
             }
         }
+        for (name, bytes) in &self.extra_files {
+            let path = staging.join(name);
+            let shown = self.shown(name);
+            if path.exists() {
+                std::fs::remove_file(&path).map_err(|e| Error::io(&shown, e))?;
+            }
+            write_new_synced(&path, bytes).map_err(|e| Error::io(&shown, e))?;
+        }
         let target = self.dest.target();
         let shown_dir = self.dest.shown_dir.clone();
         if std::fs::symlink_metadata(&target).is_err() {
@@ -695,6 +728,20 @@ impl Drop for CheckpointWriter {
                 let _ = std::fs::remove_dir(d);
             }
         }
+    }
+}
+
+/// `out` with a last component that names something: `.`, `..` and `dir/..` are resolved (they exist, being
+/// directories); anything else is taken as written.
+fn named_path(out: &Path) -> PathBuf {
+    let unnamed = matches!(
+        out.components().next_back(),
+        Some(std::path::Component::CurDir | std::path::Component::ParentDir) | None
+    );
+    if unnamed {
+        out.canonicalize().unwrap_or_else(|_| out.to_path_buf())
+    } else {
+        out.to_path_buf()
     }
 }
 

@@ -139,8 +139,8 @@ pub fn carried(cfg: &MergeConfig, plan: &Plan, models: &[Checkpoint]) -> Option<
     }
 }
 
-/// Runs the merge: creates the writer with `opts` (metadata already included), streams every tensor, then fixes up
-/// the carried `config.json` when slices changed the layer count.
+/// Runs the merge: creates the writer with `opts` (metadata already included), gives it the carried `config.json`
+/// fixed up when slices changed the layer count, and streams every tensor.
 pub fn execute(
     plan: &Plan,
     cfg: &MergeConfig,
@@ -193,7 +193,14 @@ pub fn execute(
     let ctx = ctx;
     let decls: Vec<TensorDecl> =
         plan.tensors.iter().map(|t| TensorDecl::new(t.name.clone(), t.dtype, t.shape.clone())).collect();
-    let writer = CheckpointWriter::create(out, decls, opts)?;
+    let mut writer = CheckpointWriter::create(out, decls, opts)?;
+    if !single_file && (config_only.is_some() || plan.new_layer_count.is_some()) {
+        // Committed with the weights, in the same swap: never new weights beside an old config.
+        let src = config_only.or_else(|| carry.as_ref().map(|c| c.0.clone()));
+        if let Some(Some(text)) = src.map(|s| config_text(&s.join("config.json"), plan.new_layer_count)).transpose()? {
+            writer.add_file("config.json", text.into_bytes())?;
+        }
+    }
     let written = exec.write(writer, "merge", |i, decl| {
         let t = &plan.tensors[i];
         match &t.op {
@@ -223,19 +230,14 @@ pub fn execute(
             }
         }
     })?;
-    if !single_file && (config_only.is_some() || plan.new_layer_count.is_some()) {
-        let src = config_only.or_else(|| carry.as_ref().map(|c| c.0.clone()));
-        if let Some(src) = src {
-            write_config(&src.join("config.json"), &out.join("config.json"), plan.new_layer_count)?;
-        }
-    }
     Ok(written)
 }
 
-/// Copies `from` to `to` (temp file + rename), setting `num_hidden_layers` when the layer count changed.
-fn write_config(from: &Path, to: &Path, layers: Option<usize>) -> Result<()> {
+/// The text of `from` (a `config.json`), with `num_hidden_layers` set when the layer count changed; None when there
+/// is no such file.
+fn config_text(from: &Path, layers: Option<usize>) -> Result<Option<String>> {
     if !from.is_file() {
-        return Ok(());
+        return Ok(None);
     }
     let text = std::fs::read_to_string(from).map_err(|e| Error::io(from, e))?;
     let text = match layers {
@@ -253,5 +255,5 @@ fn write_config(from: &Path, to: &Path, layers: Option<usize>) -> Result<()> {
             serde_json::to_string_pretty(&v).unwrap() + "\n"
         }
     };
-    crate::checkpoint::write_atomic(to, text.as_bytes())
+    Ok(Some(text))
 }
