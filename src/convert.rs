@@ -19,8 +19,9 @@ pub fn plan(ck: &Checkpoint, dtype: Option<Dtype>) -> Vec<TensorDecl> {
         .collect()
 }
 
-/// Writes `ck` to `out`: same dtypes are copied byte for byte from the memory map, float conversions go through f32
-/// (exact when widening, round to nearest even when narrowing).
+/// Writes `ck` to `out`: every tensor is an input written as it is (`Produce::Input`), so same dtypes are copied byte
+/// for byte from the memory map, float conversions go through f32 (exact when widening, round to nearest even when
+/// narrowing), and each tensor's pages are released once written.
 pub fn convert(
     ck: &Checkpoint,
     out: &std::path::Path,
@@ -29,11 +30,5 @@ pub fn convert(
     exec: &Executor,
 ) -> Result<Written> {
     let writer = CheckpointWriter::create(out, plan(ck, dtype), opts)?;
-    exec.write(writer, "convert", |_, decl| {
-        let view = ck.tensor(&decl.name)?;
-        if view.dtype == decl.dtype {
-            return Ok(Produce::Bytes(view.data));
-        }
-        Ok(Produce::Elementwise(Box::new(move |r| view.f32_range(r))))
-    })
+    exec.write(writer, "convert", |_, decl| Produce::input(ck, &decl.name))
 }

@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::checkpoint::{Checkpoint, CheckpointWriter, TensorDecl, WriterOptions, Written};
 use crate::error::{Error, Result};
-use crate::exec::{Executor, Produce};
+use crate::exec::{Executor, Produce, Read};
 
 /// One point of the path.
 #[derive(Clone, Debug, Serialize)]
@@ -69,18 +69,18 @@ pub fn write_point(
     let writer = CheckpointWriter::create(out, decls, opts)?;
     let (wa, wb) = ((1.0 - lambda) as f32, lambda as f32);
     exec.write(writer, "interpolate", |_, decl| {
-        let x = a.tensor(&decl.name)?;
-        let y = b.tensor(&decl.name)?;
+        let (ra, rb) = (Read::new(a, &decl.name)?, Read::new(b, &decl.name)?);
+        let (x, y) = (ra.tensor, rb.tensor);
         if !x.is_float() || lambda == 0.0 {
-            return Ok(Produce::Bytes(x.data));
+            return Ok(Produce::Input(ra));
         }
         if lambda == 1.0 && y.dtype == x.dtype {
-            return Ok(Produce::Bytes(y.data));
+            return Ok(Produce::Input(rb));
         }
-        Ok(Produce::Elementwise(Box::new(move |r| {
+        Ok(Produce::elementwise(vec![ra, rb], move |r| {
             let xs = x.f32_range(r.clone())?;
             let ys = y.f32_range(r)?;
             Ok(xs.iter().zip(&ys).map(|(&p, &q)| wa * p + wb * q).collect())
-        })))
+        }))
     })
 }

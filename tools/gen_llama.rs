@@ -96,7 +96,7 @@ fn main() {
             // Uniform on [-a, a] has variance a^2/3: match a normal init of std 1/sqrt(fan_in) (0.02 for embeddings).
             let std = if name.contains("embed") { 0.02 } else { 1.0 / fan_in.sqrt() };
             let a = (3.0f64).sqrt() * std;
-            Ok(Produce::Elementwise(Box::new(move |r: std::ops::Range<usize>| {
+            Ok(Produce::elementwise(Vec::new(), move |r: std::ops::Range<usize>| {
                 let chunk = r.start / CHUNK_ELEMS;
                 let mut base = Rng::for_label(seed, &format!("{name}/{chunk}"));
                 let mut delta = perturb_seed.map(|ps| Rng::for_label(ps, &format!("{name}/{chunk}")));
@@ -111,7 +111,7 @@ fn main() {
                     })
                     .collect();
                 Ok(v)
-            })))
+            }))
         })
         .unwrap_or_else(|e| panic!("{e}"));
     let config = serde_json::json!({

@@ -11,7 +11,7 @@ use std::ops::Range;
 use super::spec::{Permuted, Resolved};
 use crate::checkpoint::{Checkpoint, CheckpointWriter, TensorView, Written};
 use crate::error::Result;
-use crate::exec::{Executor, Produce, CHUNK_ELEMS};
+use crate::exec::{Executor, Produce, Read, CHUNK_ELEMS};
 use crate::rng::Rng;
 
 /// One permutation per group of a resolved spec (a gather: position `i` takes unit `perms[g][i]`).
@@ -169,7 +169,8 @@ impl Gather {
 }
 
 /// Writes `model` with `perms` applied to every tensor of `spec`, streaming through the executor; tensors the spec
-/// does not permute (or permutes by identities) are copied as bytes.
+/// does not permute (or permutes by identities) are inputs written as they are; every input's pages are released once
+/// its tensor is written.
 pub fn write_permuted(
     model: &Checkpoint,
     spec: &Resolved,
@@ -179,16 +180,19 @@ pub fn write_permuted(
     label: &str,
 ) -> Result<Written> {
     exec.write(writer, label, |_, decl| {
-        let view = model.tensor(&decl.name)?;
-        let Some(t) = spec.get(&decl.name) else { return Ok(Produce::Bytes(view.data)) };
+        let read = Read::new(model, &decl.name)?;
+        let view = read.tensor;
+        let Some(t) = spec.get(&decl.name) else { return Ok(Produce::Input(read)) };
         let gather = Gather::new(&t.shape, axis_maps(t, perms, None));
         if gather.is_identity() {
-            return Ok(Produce::Bytes(view.data));
+            return Ok(Produce::Input(read));
         }
         if view.numel() <= CHUNK_ELEMS || !view.is_float() {
-            return Ok(Produce::Owned(gather.bytes(view.data, view.dtype.size())));
+            let bytes = gather.bytes(view.data, view.dtype.size());
+            read.release();
+            return Ok(Produce::Owned(bytes));
         }
-        Ok(Produce::Elementwise(Box::new(move |r| gather.f32_range(&view, r))))
+        Ok(Produce::elementwise(vec![read], move |r| gather.f32_range(&view, r)))
     })
 }
 

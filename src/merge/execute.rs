@@ -13,7 +13,7 @@ use super::method::{Arithmetic, Ctx, MergeMethod, TensorInputs};
 use super::plan::{Op, Plan};
 use crate::checkpoint::{Checkpoint, CheckpointWriter, TensorDecl, WriterOptions, Written};
 use crate::error::{Error, Result};
-use crate::exec::{Executor, Produce};
+use crate::exec::{Executor, Produce, Read};
 
 /// How to compute, beyond what the config says.
 #[derive(Clone, Debug, Default)]
@@ -46,17 +46,6 @@ pub struct Summary {
     pub bytes: u64,
     pub files: Vec<PathBuf>,
     pub seconds: f64,
-}
-
-/// Unmaps the input tensors' pages once the closure holding this guard (one output tensor) is dropped.
-struct Release<'a>(Vec<(&'a Checkpoint, String)>);
-
-impl Drop for Release<'_> {
-    fn drop(&mut self) {
-        for (ck, name) in &self.0 {
-            ck.release(name);
-        }
-    }
 }
 
 /// The `__metadata__` entries recording the merge: `graft.merge` (method, models, parameters, options) and
@@ -201,32 +190,15 @@ pub fn execute(
             writer.add_file("config.json", text.into_bytes())?;
         }
     }
-    let written = exec.write(writer, "merge", |i, decl| {
+    let written = exec.write(writer, "merge", |i, _| {
         let t = &plan.tensors[i];
         match &t.op {
-            Op::Copy { from, .. } => {
-                let ck = &models[from.model];
-                let v = ck.tensor(&from.tensor)?;
-                if v.dtype == decl.dtype {
-                    let bytes = v.data.to_vec();
-                    ck.release(&from.tensor);
-                    Ok(Produce::Owned(bytes))
-                } else {
-                    let guard = Release(vec![(ck, from.tensor.clone())]);
-                    Ok(Produce::Elementwise(Box::new(move |r| {
-                        let _keep = &guard;
-                        v.f32_range(r)
-                    })))
-                }
-            }
+            Op::Copy { from, .. } => Produce::input(&models[from.model], &from.tensor),
             Op::Merge { inputs, .. } => {
                 let (ti, params) = inputs_of(i)?.expect("a merge op");
+                let reads = inputs.iter().map(|s| Read::new(&models[s.model], &s.tensor)).collect::<Result<_>>()?;
                 let kernel = method.prepare(ti, params, &ctx)?;
-                let guard = Release(inputs.iter().map(|s| (&models[s.model], s.tensor.clone())).collect());
-                Ok(Produce::Elementwise(Box::new(move |r| {
-                    let _keep = &guard;
-                    kernel.compute(r)
-                })))
+                Ok(Produce::elementwise(reads, move |r| kernel.compute(r)))
             }
         }
     })?;

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{Checkpoint, Dtype};
 use crate::error::{Error, Result};
-use crate::exec::Executor;
+use crate::exec::{Executor, Read};
 use crate::names::{layer_of, type_of};
 
 pub use rank::{available_types, rank_and_select, selected_count, sort_types, Ranked, Selection, TypeRanking};
@@ -254,7 +254,8 @@ fn working_bytes(rows: usize, cols: usize) -> u64 {
 const WINDOW_BUDGET: u64 = 1 << 30;
 
 /// Scores every float tensor of `ck` selected by `opts`, in storage order, reading one tensor at a time from the
-/// memory map (a window of them in parallel on `exec`'s threads). Non-float tensors are not listed.
+/// memory map (a window of them in parallel on `exec`'s threads) and releasing its pages once it is widened to f32,
+/// so a scan holds a window of tensors in memory, not the model. Non-float tensors are not listed.
 pub fn scan(ck: &Checkpoint, exec: &Executor, opts: &ScanOptions) -> Result<Vec<TensorSnr>> {
     let targets = scan_targets(ck, opts);
     let costs: Vec<u64> = targets
@@ -275,12 +276,14 @@ pub fn scan(ck: &Checkpoint, exec: &Executor, opts: &ScanOptions) -> Result<Vec<
         WINDOW_BUDGET,
         "snr",
         |k| {
-            let view = ck.view(targets[k]);
+            let read = Read { checkpoint: ck, tensor: ck.view(targets[k]) };
+            let view = read.tensor;
             let (rows, cols) = matrix_shape(view.shape);
             let result = if view.shape.len() < 2 && !opts.include_vectors {
                 MatrixSnr::without_score(SnrStatus::Skipped1d)
             } else {
                 let values = view.to_f32()?;
+                read.release();
                 if values.len() != rows * cols {
                     return Err(Error::tensor(view.file, view.name, "data size does not match its shape"));
                 }

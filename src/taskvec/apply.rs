@@ -35,10 +35,10 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::matching::{pair, Coverage, Skipped};
-use super::{canonical_display, detached_bytes, release, TASK_ARITHMETIC, TASK_VECTOR_OF};
+use super::{canonical_display, TASK_ARITHMETIC, TASK_VECTOR_OF};
 use crate::checkpoint::{Checkpoint, CheckpointWriter, Dtype, TensorDecl, TensorView, WriterOptions};
 use crate::error::{Error, Result};
-use crate::exec::{Executor, Produce};
+use crate::exec::{Executor, Produce, Read};
 
 /// Whether a term is a stored task vector or a fine-tuned model whose delta is computed on the fly.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -188,25 +188,21 @@ pub fn apply(
     });
     writer_opts.metadata.insert(TASK_ARITHMETIC.to_string(), record.to_string());
     let writer = CheckpointWriter::create(out, decls, writer_opts)?;
-    let written = exec.write(writer, "apply", |k, decl| {
-        let b = base.view(k);
+    let written = exec.write(writer, "apply", |k, _| {
+        let b = Read { checkpoint: base, tensor: base.view(k) };
         if contributors[k].is_empty() {
-            if decl.dtype == b.dtype {
-                return Ok(Produce::Owned(detached_bytes(base, &b)));
-            }
-            return Ok(Produce::Elementwise(Box::new(move |r| {
-                let v = b.f32_range(r.clone())?;
-                release(base, &b, r);
-                Ok(v)
-            })));
+            return Ok(Produce::Input(b));
         }
         let mut sources: Vec<(f64, Source)> = Vec::new();
+        let mut reads = vec![b];
         for &ti in &contributors[k] {
             let t = &terms[ti];
-            let v = t.ck.tensor(b.name)?;
-            sources.push((t.lambda, Source { ck: t.ck, view: v, finetuned: t.kind == TermKind::Finetuned }));
+            let v = t.ck.tensor(b.tensor.name)?;
+            reads.push(Read { checkpoint: t.ck, tensor: v });
+            sources.push((t.lambda, Source { view: v, finetuned: t.kind == TermKind::Finetuned }));
         }
-        Ok(Produce::Elementwise(Box::new(move |r| {
+        let b = b.tensor;
+        Ok(Produce::elementwise(reads, move |r| {
             let bv = b.f32_range(r.clone())?;
             let mut deltas = Vec::with_capacity(sources.len());
             for (_, s) in &sources {
@@ -216,14 +212,12 @@ pub fn apply(
                         *x -= y;
                     }
                 }
-                release(s.ck, &s.view, r.clone());
                 deltas.push(d);
             }
-            release(base, &b, r);
             let weighted: Vec<(f64, &[f32])> =
                 sources.iter().zip(&deltas).map(|((l, _), d)| (*l, d.as_slice())).collect();
             Ok(combine(&bv, &weighted))
-        })))
+        }))
     })?;
 
     Ok(ApplyReport {
@@ -242,7 +236,6 @@ pub fn apply(
 }
 
 struct Source<'a> {
-    ck: &'a Checkpoint,
     view: TensorView<'a>,
     finetuned: bool,
 }

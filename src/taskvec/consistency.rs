@@ -23,10 +23,10 @@ use serde::Serialize;
 
 use super::matching::{pair_all, Skipped};
 use super::similarity::{cosine, group, reduce_tensors, select, GroupBy, Partial};
-use super::{name_list, release, MERGED_TENSORS};
+use super::{name_list, MERGED_TENSORS};
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
-use crate::exec::Executor;
+use crate::exec::{Executor, Read};
 
 /// The sums behind both cosines over a set of elements, with `xa = M - B`, `ya = A - B`, `xb = M - A` and
 /// `yb = B - A = -ya` (so `|yb|^2 = |ya|^2`).
@@ -197,9 +197,7 @@ pub fn consistency(
     let parts = reduce_tensors(exec, &numels, "consistency", ConsistencySums::default, |i, r| {
         let mut d = Vec::with_capacity(3);
         for ck in [a, b, merged] {
-            let v = ck.tensor(&used[i])?;
-            d.push(v.f32_range(r.clone())?);
-            release(ck, &v, r.clone());
+            d.push(Read::new(ck, &used[i])?.take_f32(r.clone())?);
         }
         let mut s = ConsistencySums::default();
         s.add(&d[0], &d[1], &d[2]);

@@ -11,10 +11,10 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::matching::{pair, Coverage, Skipped};
-use super::{canonical_display, delta_range, detached_bytes, release, TASK_VECTOR_OF};
+use super::{canonical_display, delta_range, TASK_VECTOR_OF};
 use crate::checkpoint::{Checkpoint, CheckpointWriter, Dtype, TensorDecl, WriterOptions};
 use crate::error::{Error, Result};
-use crate::exec::{chunk_ranges, Executor, Produce};
+use crate::exec::{chunk_ranges, Executor, Produce, Read};
 
 #[derive(Clone, Debug)]
 pub struct DiffOptions {
@@ -121,15 +121,10 @@ pub fn diff(
     writer_opts.metadata.insert(TASK_VECTOR_OF.to_string(), origin.to_string());
     let writer = CheckpointWriter::create(out, decls, writer_opts)?;
     let written = exec.write(writer, "diff", |i, _decl| match &entries[i] {
-        Entry::Carry(name) => Ok(Produce::Owned(detached_bytes(ft, &ft.tensor(name)?))),
+        Entry::Carry(name) => Produce::input(ft, name),
         Entry::Delta(name) => {
-            let (f, b) = (ft.tensor(name)?, base.tensor(name)?);
-            Ok(Produce::Elementwise(Box::new(move |r| {
-                let d = delta_range(&f, &b, r.clone())?;
-                release(ft, &f, r.clone());
-                release(base, &b, r);
-                Ok(d)
-            })))
+            let (f, b) = (Read::new(ft, name)?, Read::new(base, name)?);
+            Ok(Produce::elementwise(vec![f, b], move |r| delta_range(&f.tensor, &b.tensor, r)))
         }
     })?;
 
@@ -151,11 +146,11 @@ pub fn diff(
 
 /// Whether `fl32(ft - base)` is zero for every element of tensor `name` (stops at the first chunk that is not).
 pub fn delta_is_zero(ft: &Checkpoint, base: &Checkpoint, name: &str) -> Result<bool> {
-    let (f, b) = (ft.tensor(name)?, base.tensor(name)?);
-    for r in chunk_ranges(f.numel()) {
-        let d = delta_range(&f, &b, r.clone())?;
-        release(ft, &f, r.clone());
-        release(base, &b, r);
+    let (f, b) = (Read::new(ft, name)?, Read::new(base, name)?);
+    for r in chunk_ranges(f.tensor.numel()) {
+        let d = delta_range(&f.tensor, &b.tensor, r.clone())?;
+        f.release_range(r.clone());
+        b.release_range(r);
         if d.iter().any(|&x| x != 0.0) {
             return Ok(false);
         }

@@ -2,7 +2,8 @@
 //! similarity of task vectors, and the consistency analysis of a merge against its experts.
 //!
 //! Every entry point streams tensor by tensor (and chunk by chunk for large tensors) through `exec::Executor`, so
-//! memory is bounded by a few chunks per worker whatever the model size. The per-element arithmetic is the same
+//! memory is bounded by a few chunks per worker whatever the model size: writes hand the executor their inputs as
+//! `exec::Read`s and it releases their pages; reductions release each range they read (`Read::take_f32`). The per-element arithmetic is the same
 //! everywhere: inputs are widened to f32, a delta is the f32 difference `fl32(ft - base)` (what `graft diff` writes),
 //! sums and reductions run in f64, and results are narrowed with round-to-nearest-even.
 //!
@@ -15,7 +16,7 @@
 use std::ops::Range;
 use std::path::Path;
 
-use crate::checkpoint::{Checkpoint, TensorView, INDEX_NAME, SINGLE_NAME};
+use crate::checkpoint::{TensorView, INDEX_NAME, SINGLE_NAME};
 use crate::error::Result;
 
 pub mod apply;
@@ -47,21 +48,6 @@ pub fn delta_range(ft: &TensorView, base: &TensorView, range: Range<usize>) -> R
         *x -= y;
     }
     Ok(d)
-}
-
-/// Releases the mapped pages of elements `range` of `view` (a tensor of `ck`) once a pass is done with them.
-pub(crate) fn release(ck: &Checkpoint, view: &TensorView, range: Range<usize>) {
-    let s = view.dtype.size();
-    ck.release_bytes(&view.data[range.start * s..range.end * s]);
-}
-
-/// A pass-through copy of a whole tensor's bytes, after which its mapped pages are released. Handing the executor
-/// the mapped slice itself would be zero-copy, but every page it touches would then stay resident until the end,
-/// and a command passing most of a model through would hold the whole model in memory.
-pub(crate) fn detached_bytes(ck: &Checkpoint, view: &TensorView) -> Vec<u8> {
-    let bytes = view.data.to_vec();
-    ck.release_bytes(view.data);
-    bytes
 }
 
 /// A checkpoint's identity as recorded in metadata and compared across commands: the absolute path, and for the

@@ -14,11 +14,11 @@ use std::ops::Range;
 use regex::Regex;
 use serde::Serialize;
 
+use super::delta;
 use super::matching::{pair_all, Skipped};
-use super::{delta, release};
 use crate::checkpoint::Checkpoint;
 use crate::error::Result;
-use crate::exec::Executor;
+use crate::exec::{Executor, Read};
 use crate::names::{layer_of, type_of};
 
 /// How tensors are grouped in addition to the whole-model numbers.
@@ -369,15 +369,11 @@ pub fn similarity(
         "similarity",
         || Sums::new(n),
         |i, r| {
-            let bv = base.tensor(&used[i])?;
-            let b = bv.f32_range(r.clone())?;
+            let b = Read::new(base, &used[i])?.take_f32(r.clone())?;
             let mut deltas = Vec::with_capacity(n);
             for m in models {
-                let mv = m.tensor(&used[i])?;
-                deltas.push(delta(&mv.f32_range(r.clone())?, &b));
-                release(m, &mv, r.clone());
+                deltas.push(delta(&Read::new(m, &used[i])?.take_f32(r.clone())?, &b));
             }
-            release(base, &bv, r);
             let mut s = Sums::new(n);
             s.add(&deltas.iter().map(Vec::as_slice).collect::<Vec<_>>());
             Ok(s)
