@@ -579,15 +579,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("out");
         let decls: Vec<TensorDecl> = (0..40).map(|i| TensorDecl::new(format!("t{i}"), Dtype::F32, vec![4])).collect();
-        // One tensor per shard: the writer opens a new file for every tensor, in the output directory.
+        // One tensor per shard: the writer opens a new file for every tensor, in a temporary directory beside the
+        // output (the commit protocol), so removing the parent makes its next file fail.
         let opts = WriterOptions { max_shard_size: 16, ..WriterOptions::default() };
         let writer = CheckpointWriter::create(&out, decls, opts).unwrap();
+        let parent = dir.path().to_path_buf();
         let err = exec(1)
             .write(writer, "test", |i, _| {
                 if i == 1 {
                     // Before anything reaches the writer (a window is computed before it is sent): the writer fails
                     // on its first file.
-                    std::fs::remove_dir_all(&out).unwrap();
+                    std::fs::remove_dir_all(&parent).unwrap();
                 }
                 if i == 6 {
                     return Err(Error::invalid("the producer failed"));
