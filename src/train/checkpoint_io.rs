@@ -109,6 +109,16 @@ pub fn save(
     opts.metadata.insert(ARCH_KEY.into(), spec.to_json().to_string());
     opts.metadata.extend(extra_metadata);
     let mut w = CheckpointWriter::create(out, decls, opts)?;
+    if out.extension().is_none_or(|x| x != "safetensors") {
+        let mut config = spec.to_json();
+        if let ArchSpec::Bert { .. } = spec {
+            // Hugging Face tools read the same file: keep it a valid BERT config.
+            config["model_type"] = "bert".into();
+            config["architectures"] = serde_json::json!(["BertModel"]);
+        }
+        // Committed with the weights, in the same step.
+        w.add_file("config.json", (serde_json::to_string_pretty(&config).unwrap() + "\n").into_bytes())?;
+    }
     for e in store.entries() {
         let bytes: Vec<u8> = match &e.slot {
             Slot::Counter(c) => c.load(Ordering::Relaxed).to_le_bytes().to_vec(),
@@ -117,19 +127,7 @@ pub fn save(
         };
         w.write_tensor(&e.name, &bytes)?;
     }
-    let written = w.finish()?;
-    if out.extension().is_none_or(|x| x != "safetensors") {
-        let mut config = spec.to_json();
-        if let ArchSpec::Bert { .. } = spec {
-            // Hugging Face tools read the same file: keep it a valid BERT config.
-            config["model_type"] = "bert".into();
-            config["architectures"] = serde_json::json!(["BertModel"]);
-        }
-        let path = out.join("config.json");
-        std::fs::write(&path, serde_json::to_string_pretty(&config).unwrap() + "\n")
-            .map_err(|e| Error::io(&path, e))?;
-    }
-    Ok(written)
+    w.finish()
 }
 
 fn tensor_bytes(t: &Tensor, dt: Dtype, name: &str) -> Result<Vec<u8>> {
