@@ -3,6 +3,7 @@
 
 pub mod dtype;
 pub mod header;
+pub mod hf_config;
 pub mod reader;
 pub mod writer;
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::config::{MergeConfig, TokenizerSource};
+use super::config::MergeConfig;
 use super::method::{Arithmetic, Ctx, TensorInputs};
 use super::plan::{Op, Plan};
 use crate::checkpoint::{Checkpoint, CheckpointWriter, TensorDecl, WriterOptions, Written};
@@ -108,38 +108,14 @@ fn model_parameters(cfg: &MergeConfig) -> serde_json::Value {
     }
 }
 
-/// The directory whose config and tokenizer files go with the output, and whether only `config.json` is taken
-/// (mergekit writes the base's config always, tokenizer files only with `tokenizer_source`).
-pub fn carried(cfg: &MergeConfig, plan: &Plan, models: &[Checkpoint]) -> Option<(PathBuf, bool)> {
-    let dir_of = |i: usize| models[i].dir().map(Path::to_path_buf);
-    // A selective merge keeps the reference's tensors wherever it merges nothing (its head among them), so its
-    // config describes the output; otherwise the base does.
-    let primary = if cfg.copy_mismatched { plan.reference } else { plan.base.unwrap_or(plan.reference) };
-    match &cfg.tokenizer_source {
-        Some(TokenizerSource::Base) => dir_of(primary).map(|d| (d, false)),
-        Some(TokenizerSource::Model(p)) => {
-            let i = plan.models.iter().position(|m| m == p);
-            let dir = match i {
-                Some(i) => dir_of(i),
-                None => {
-                    Some(if p.is_dir() { p.clone() } else { p.parent().map(Path::to_path_buf).unwrap_or_default() })
-                }
-            };
-            dir.map(|d| (d, false))
-        }
-        None => dir_of(primary).map(|d| (d, true)),
-    }
-}
-
-/// Runs the merge: creates the writer with `opts` (metadata already included), streams every tensor, then fixes up
-/// the carried `config.json` when slices changed the layer count.
+/// Runs the merge: creates the writer with `opts` (metadata already included) and streams every tensor. The files
+/// that go next to the tensors (config, tokenizer) are `super::output`'s.
 pub fn execute(
     plan: &Plan,
-    cfg: &MergeConfig,
     models: &[Checkpoint],
     exec: &Executor,
     out: &Path,
-    mut opts: WriterOptions,
+    opts: WriterOptions,
     run: &RunOptions,
 ) -> Result<Written> {
     let method = super::method(&plan.method)?;
@@ -151,16 +127,6 @@ pub fn execute(
             "--compat mergekit reproduces mergekit's TIES; it does not combine with --ties-variant paper",
         ));
     }
-    let single_file = out.extension().is_some_and(|e| e == "safetensors");
-    let carry = if single_file { None } else { carried(cfg, plan, models) };
-    let config_only = match &carry {
-        Some((dir, true)) => Some(dir.clone()),
-        Some((dir, false)) => {
-            opts.carry_from = Some(dir.clone());
-            None
-        }
-        None => None,
-    };
     let inputs_of = |i: usize| -> Result<Option<(TensorInputs, &super::params::TensorParams)>> {
         let t = &plan.tensors[i];
         let Op::Merge { inputs, base, params } = &t.op else { return Ok(None) };
@@ -222,37 +188,5 @@ pub fn execute(
             }
         }
     })?;
-    if !single_file && (config_only.is_some() || plan.new_layer_count.is_some()) {
-        let src = config_only.or_else(|| carry.as_ref().map(|c| c.0.clone()));
-        if let Some(src) = src {
-            write_config(&src.join("config.json"), &out.join("config.json"), plan.new_layer_count)?;
-        }
-    }
     Ok(written)
-}
-
-/// Copies `from` to `to` (temp file + rename), setting `num_hidden_layers` when the layer count changed.
-fn write_config(from: &Path, to: &Path, layers: Option<usize>) -> Result<()> {
-    if !from.is_file() {
-        return Ok(());
-    }
-    let text = std::fs::read_to_string(from).map_err(|e| Error::io(from, e))?;
-    let text = match layers {
-        None => text,
-        Some(n) => {
-            let mut v: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| Error::format(from, format!("not valid JSON: {e}")))?;
-            if let Some(o) = v.as_object_mut() {
-                for key in ["num_hidden_layers", "n_layer", "num_layers"] {
-                    if o.contains_key(key) {
-                        o.insert(key.to_string(), serde_json::json!(n));
-                    }
-                }
-            }
-            serde_json::to_string_pretty(&v).unwrap() + "\n"
-        }
-    };
-    let tmp = to.with_file_name(format!(".config.json.graft-tmp-{}", std::process::id()));
-    std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, to).map_err(|e| Error::io(to, e))
 }

@@ -13,6 +13,7 @@ pub mod execute;
 pub mod linear;
 pub mod method;
 pub mod model_stock;
+pub mod output;
 pub mod params;
 pub mod passthrough;
 pub mod plan;
