@@ -5,6 +5,7 @@
 pub mod commit;
 pub mod dtype;
 pub mod header;
+pub mod hf_config;
 pub mod reader;
 pub mod writer;
 

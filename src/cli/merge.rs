@@ -11,6 +11,7 @@ use crate::exec::Executor;
 use crate::merge::config::{self, Flags, Inputs, MergeConfig};
 use crate::merge::execute::{self, RunOptions, Summary};
 use crate::merge::method::AlphaTarget;
+use crate::merge::output;
 use crate::merge::params::{Kind, Scalar, Setting};
 use crate::merge::plan::{self, Op, Plan};
 use crate::merge::select::{self, Alpha, SelectOptions, SelectionReport, SnrSource};
@@ -127,6 +128,14 @@ pub struct Args {
     /// Interpolation weight of each merged layer: `fixed` (the configured weights/t) or `snr` (snr_B / (snr_A + snr_B)).
     #[arg(long, value_enum, default_value = "fixed")]
     alpha: AlphaArg,
+    /// Do not copy the tokenizer files and chat template next to the output (mergekit's --no-copy-tokenizer);
+    /// `config.json` and `generation_config.json` are still written.
+    #[arg(long)]
+    no_copy_tokenizer: bool,
+    /// Keys of a YAML config that mergekit would silently ignore (unknown keys, typos) are warnings, not errors.
+    /// Unknown methods and unsupported features stay errors.
+    #[arg(long)]
+    lenient: bool,
     /// Print the plan (which tensor from which models with which parameters) and write nothing.
     #[arg(long)]
     dry_run: bool,
@@ -238,7 +247,11 @@ fn build_config(a: &Args) -> Result<MergeConfig> {
         if let Some((flag, _)) = set_by_flags.iter().find(|(_, set)| *set) {
             return Err(Error::usage(format!("{flag} cannot be combined with a YAML config; set it in the config")));
         }
-        let mut cfg = config::load(&a.inputs[0])?;
+        let loaded = config::load(&a.inputs[0], a.lenient)?;
+        for w in &loaded.warnings {
+            eprintln!("{w}");
+        }
+        let mut cfg = loaded.config;
         if let Some(r) = a.reference {
             cfg.reference = match r {
                 Reference::Base => cfg.base_model.clone(),
@@ -269,9 +282,13 @@ fn build_config(a: &Args) -> Result<MergeConfig> {
                 per_model.push((w.to_string(), vec![1.0]));
             }
         }
+        let env = crate::hub::CacheEnv::from_env();
+        let resolve = |p: &PathBuf, what: &str| crate::hub::resolve(&p.to_string_lossy(), None, &env, what);
+        let models = a.inputs.iter().map(|p| resolve(p, "model argument")).collect::<Result<Vec<_>>>()?;
+        let base = a.base.as_ref().map(|b| resolve(b, "--base")).transpose()?;
         let mut cfg = Flags {
-            models: a.inputs.clone(),
-            base: a.base.clone(),
+            models,
+            base,
             shared,
             per_model,
             dtype: dtype_arg("--dtype", &a.dtype)?,
@@ -315,6 +332,8 @@ pub fn run(a: Args, global: &Global) -> Result<()> {
             None
         }
     };
+    // Decided (and the tokenizer checked against the planned embeddings) before anything is written.
+    let layout = output::plan(&cfg, &plan, &models, &a.output.output, !a.no_copy_tokenizer)?;
     if a.dry_run {
         return if a.json {
             let mut v = serde_json::to_value(&plan).unwrap();
@@ -338,7 +357,8 @@ pub fn run(a: Args, global: &Global) -> Result<()> {
         &run,
         selection.as_ref().map(|s| serde_json::to_value(s).unwrap()),
     ));
-    let written = execute::execute(&plan, &cfg, &models, &exec, &a.output.output, opts, &run)?;
+    let side_files = output::files(&layout)?;
+    let written = execute::execute(&plan, &models, &exec, &a.output.output, opts, side_files, &run)?;
     let merged = plan.merged_count();
     let summary = Summary {
         output: written.path.clone(),

@@ -2,12 +2,15 @@
 //!
 //! The YAML schema is mergekit's for the methods graft has: `merge_method`, `base_model`, `models` (each `model` and
 //! optional `parameters`) or `slices` (each `sources` of `model` + `layer_range` + optional `parameters`, optional
-//! `base_model` and `parameters`), top-level `parameters` (scalars, gradients, filter lists), `dtype`, `out_dtype`,
-//! `tokenizer_source: base` (or a model path). Unknown keys, mergekit keys graft does not implement (`modules`,
+//! `base_model` and `parameters`) or `modules` with a single module (its `models` or `slices`, and `parameters`
+//! between the slice's and the top level's), top-level `parameters` (scalars, gradients, filter lists), `dtype`,
+//! `out_dtype`, `tokenizer_source: base` (or a model). mergekit keys graft does not implement (several `modules`,
 //! `tokenizer`, `chat_template`, `residual_weight`, `tokenizer_source: union`) and unknown methods are errors that
-//! name the key; nothing is silently ignored. Model paths are taken relative to the working directory, then to the
-//! config file's directory.
+//! name the key. Unknown keys (mergekit silently drops them; they are often typos) are errors too, or with
+//! `lenient` one warning each. Model references are local paths (relative to the working directory, then to the
+//! config file's directory) or Hugging Face ids found in the local cache (`crate::hub`).
 
+use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 
 use yaml_serde::{Mapping, Value as Yaml};
@@ -16,6 +19,7 @@ use super::method::{BaseRole, MergeMethod};
 use super::params::{Conditional, Scalar, Setting, Settings, Value};
 use crate::checkpoint::Dtype;
 use crate::error::{Error, Result};
+use crate::hub::{self, CacheEnv};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelEntry {
@@ -97,67 +101,106 @@ impl MergeConfig {
     }
 }
 
-/// Reads and parses a mergekit YAML config file.
-pub fn load(path: &Path) -> Result<MergeConfig> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    parse(&text, path, &dir)
+/// A parsed config and the warnings `lenient` parsing turned errors into (one line each, `warning: FILE: ...`).
+#[derive(Clone, Debug)]
+pub struct Loaded {
+    pub config: MergeConfig,
+    pub warnings: Vec<String>,
 }
 
-/// Parses YAML `text` (`file` names it in errors; relative model paths may resolve against `dir`).
+/// Reads and parses a mergekit YAML config file, resolving every model reference (local path or cached Hugging Face
+/// id, see `crate::hub`). With `lenient`, keys mergekit would ignore are warnings instead of errors.
+pub fn load(path: &Path, lenient: bool) -> Result<Loaded> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let p = Parser { file: path, dir: &dir, lenient, env: Some(CacheEnv::from_env()), warnings: RefCell::default() };
+    let config = p.config(&text)?;
+    Ok(Loaded { config, warnings: p.warnings.into_inner() })
+}
+
+/// Parses YAML `text` strictly, without looking model references up (`file` names it in errors; relative model
+/// paths may resolve against `dir`).
 pub fn parse(text: &str, file: &Path, dir: &Path) -> Result<MergeConfig> {
-    let p = Parser { file, dir };
-    let doc: Yaml = yaml_serde::from_str(text).map_err(|e| p.err(format!("not valid YAML: {e}")))?;
-    let top = p.mapping(&doc, "the config")?;
-    p.check_keys(
-        top,
-        "the config",
-        &["merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source"],
-        &[
-            ("modules", "multi-module configs"),
-            ("tokenizer", "tokenizer merging (use tokenizer_source: base)"),
-            ("chat_template", "chat templates"),
-        ],
-    )?;
-    let method = match top.get("merge_method") {
-        Some(Yaml::String(s)) => super::method(s).map_err(|e| p.err(e.to_string()))?,
-        Some(_) => return Err(p.err("'merge_method' must be a string")),
-        None => return Err(p.err("'merge_method' is missing")),
-    };
-    let base_model = top.get("base_model").map(|v| p.model(v, "base_model")).transpose()?;
-    let inputs = match (top.get("models"), top.get("slices")) {
-        (Some(_), Some(_)) => return Err(p.err("give either 'models' or 'slices', not both")),
-        (None, None) => return Err(p.err("give 'models' or 'slices'")),
-        (Some(m), None) => Inputs::Models(p.models(m)?),
-        (None, Some(s)) => Inputs::Slices(p.slices(s)?),
-    };
-    let parameters = p.settings(top.get("parameters"), "parameters")?;
-    let dtype = p.dtype(top.get("dtype"), "dtype")?;
-    let out_dtype = p.dtype(top.get("out_dtype"), "out_dtype")?;
-    let tokenizer_source = match top.get("tokenizer_source") {
-        None | Some(Yaml::Null) => None,
-        Some(Yaml::String(s)) if s == "base" => Some(TokenizerSource::Base),
-        Some(Yaml::String(s)) if s == "union" => {
-            return Err(p.err("tokenizer_source: union (building a merged vocabulary) is not supported by graft"))
+    Parser { file, dir, lenient: false, env: None, warnings: RefCell::default() }.config(text)
+}
+
+impl Parser<'_> {
+    fn config(&self, text: &str) -> Result<MergeConfig> {
+        let p = self;
+        let doc: Yaml = yaml_serde::from_str(text).map_err(|e| p.err(format!("not valid YAML: {e}")))?;
+        let top = p.mapping(&doc, "the config")?;
+        p.check_keys(
+            top,
+            "the config",
+            &[
+                "merge_method",
+                "base_model",
+                "models",
+                "slices",
+                "modules",
+                "parameters",
+                "dtype",
+                "out_dtype",
+                "tokenizer_source",
+            ],
+            &[("tokenizer", "tokenizer merging (use tokenizer_source: base)"), ("chat_template", "chat templates")],
+        )?;
+        let method = match top.get("merge_method") {
+            Some(Yaml::String(s)) => super::method(s).map_err(|e| p.err(e.to_string()))?,
+            Some(_) => return Err(p.err("'merge_method' must be a string")),
+            None => return Err(p.err("'merge_method' is missing")),
+        };
+        let base_model = top.get("base_model").map(|v| p.model(v, "base_model")).transpose()?;
+        let mut parameters = p.settings(top.get("parameters"), "parameters")?;
+        let given: Vec<&str> = ["models", "slices", "modules"].into_iter().filter(|k| top.contains_key(*k)).collect();
+        if given.len() != 1 {
+            return Err(p.err(format!(
+                "give exactly one of 'models', 'slices' or 'modules' (found {})",
+                if given.is_empty() { "none".to_string() } else { given.join(" and ") }
+            )));
         }
-        Some(v) => Some(TokenizerSource::Model(p.model(v, "tokenizer_source")?)),
-    };
-    Ok(MergeConfig {
-        method,
-        base_model,
-        inputs,
-        parameters,
-        dtype,
-        out_dtype,
-        tokenizer_source,
-        reference: None,
-        copy_mismatched: false,
-    })
+        let inputs = match given[0] {
+            "models" => Inputs::Models(p.models(&top["models"], "models")?),
+            "slices" => Inputs::Slices(p.slices(&top["slices"], "slices")?),
+            _ => {
+                let (inputs, module_parameters) = p.single_module(&top["modules"])?;
+                // mergekit reads a module's parameters before the top level's.
+                parameters.extend(module_parameters);
+                inputs
+            }
+        };
+        let dtype = p.dtype(top.get("dtype"), "dtype")?;
+        let out_dtype = p.dtype(top.get("out_dtype"), "out_dtype")?;
+        let tokenizer_source = match top.get("tokenizer_source") {
+            None | Some(Yaml::Null) => None,
+            Some(Yaml::String(s)) if s == "base" => Some(TokenizerSource::Base),
+            Some(Yaml::String(s)) if s == "union" => {
+                return Err(p.err("tokenizer_source: union (building a merged vocabulary) is not supported by graft"))
+            }
+            Some(v) => Some(TokenizerSource::Model(p.model(v, "tokenizer_source")?)),
+        };
+        Ok(MergeConfig {
+            method,
+            base_model,
+            inputs,
+            parameters,
+            dtype,
+            out_dtype,
+            tokenizer_source,
+            reference: None,
+            copy_mismatched: false,
+        })
+    }
 }
 
 struct Parser<'a> {
     file: &'a Path,
     dir: &'a Path,
+    /// Unknown keys become warnings instead of errors.
+    lenient: bool,
+    /// Where Hugging Face ids are looked up; None: model references are kept as written (unit tests).
+    env: Option<CacheEnv>,
+    warnings: RefCell<Vec<String>>,
 }
 
 impl Parser<'_> {
@@ -190,15 +233,45 @@ impl Parser<'_> {
             if let Some((_, feature)) = unsupported.iter().find(|(u, _)| u == k) {
                 return Err(self.err(format!("'{k}' in {what}: {feature} are not supported by graft")));
             }
-            return Err(self.err(format!("unknown key '{k}' in {what} (allowed: {})", allowed.join(", "))));
+            let msg = format!("unknown key '{k}' in {what} (allowed: {})", allowed.join(", "));
+            if !self.lenient {
+                return Err(self.err(format!("{msg}; mergekit would ignore it silently (--lenient: warn and go on)")));
+            }
+            self.warnings.borrow_mut().push(format!("warning: {}: {msg}; ignored", self.file.display()));
         }
         Ok(())
+    }
+
+    /// `modules:` with exactly one module: its inputs and parameters. Several modules stay an error.
+    fn single_module(&self, v: &Yaml) -> Result<(Inputs, Settings)> {
+        let modules = self.mapping(v, "'modules'")?;
+        if modules.len() != 1 {
+            let names: Vec<String> = modules.keys().map(|k| k.as_str().unwrap_or("?").to_string()).collect();
+            return Err(self.err(format!(
+                "'modules' has {} modules ({}): multi-module merges are not supported by graft (one module is)",
+                modules.len(),
+                names.join(", ")
+            )));
+        }
+        let (name, module) = modules.iter().next().expect("one module");
+        let what = format!("modules.{}", name.as_str().unwrap_or("?"));
+        let m = self.mapping(module, &what)?;
+        self.check_keys(m, &what, &["models", "slices", "parameters"], &[])?;
+        let inputs = match (m.get("models"), m.get("slices")) {
+            (Some(x), None) => Inputs::Models(self.models(x, &format!("{what}.models"))?),
+            (None, Some(x)) => Inputs::Slices(self.slices(x, &format!("{what}.slices"))?),
+            _ => return Err(self.err(format!("{what}: give either 'models' or 'slices'"))),
+        };
+        Ok((inputs, self.settings(m.get("parameters"), &format!("{what}.parameters"))?))
     }
 
     fn model(&self, v: &Yaml, what: &str) -> Result<PathBuf> {
         let Yaml::String(s) = v else {
             return Err(self.err(format!("'{what}' must be a model path")));
         };
+        if let Some(env) = &self.env {
+            return hub::resolve(s, Some(self.dir), env, &format!("{}: {what}", self.file.display()));
+        }
         let p = PathBuf::from(s);
         if p.exists() || p.is_absolute() {
             return Ok(p);
@@ -207,15 +280,15 @@ impl Parser<'_> {
         Ok(if rel.exists() { rel } else { p })
     }
 
-    fn models(&self, v: &Yaml) -> Result<Vec<ModelEntry>> {
-        let list = self.sequence(v, "models")?;
+    fn models(&self, v: &Yaml, at: &str) -> Result<Vec<ModelEntry>> {
+        let list = self.sequence(v, at)?;
         if list.is_empty() {
-            return Err(self.err("'models' is empty"));
+            return Err(self.err(format!("'{at}' is empty")));
         }
         list.iter()
             .enumerate()
             .map(|(i, e)| {
-                let what = format!("models[{i}]");
+                let what = format!("{at}[{i}]");
                 let m = self.mapping(e, &what)?;
                 self.check_keys(m, &what, &["model", "parameters"], &[])?;
                 let model = m.get("model").ok_or_else(|| self.err(format!("{what} has no 'model'")))?;
@@ -227,15 +300,15 @@ impl Parser<'_> {
             .collect()
     }
 
-    fn slices(&self, v: &Yaml) -> Result<Vec<SliceDef>> {
-        let list = self.sequence(v, "slices")?;
+    fn slices(&self, v: &Yaml, at: &str) -> Result<Vec<SliceDef>> {
+        let list = self.sequence(v, at)?;
         if list.is_empty() {
-            return Err(self.err("'slices' is empty"));
+            return Err(self.err(format!("'{at}' is empty")));
         }
         list.iter()
             .enumerate()
             .map(|(i, e)| {
-                let what = format!("slices[{i}]");
+                let what = format!("{at}[{i}]");
                 let m = self.mapping(e, &what)?;
                 self.check_keys(
                     m,
@@ -544,7 +617,7 @@ tokenizer_source: base
             ),
             (format!("{base}tokenizer_source: union\n"), "union"),
             (format!("{base}dtype: int8\n"), "not a float dtype"),
-            ("merge_method: linear\n".to_string(), "give 'models' or 'slices'"),
+            ("merge_method: linear\n".to_string(), "give exactly one of 'models', 'slices' or 'modules' (found none)"),
             (
                 "merge_method: slerp\nslices:\n  - sources:\n      - model: a\n        layer_range: [3, 1]\n"
                     .to_string(),
@@ -557,6 +630,56 @@ tokenizer_source: base
             let e = parse_str(&text).unwrap_err().to_string();
             assert!(e.contains(want), "{want:?} not in {e:?}");
             assert!(e.starts_with("c.yml: "), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_single_module_is_its_slices_and_several_are_refused() {
+        let slices =
+            "slices:\n  - sources:\n      - {model: a, layer_range: [0, 2]}\n      - {model: b, layer_range: [0, 2]}\n";
+        let plain =
+            parse_str(&format!("merge_method: slerp\nbase_model: a\nparameters: {{t: 0.5}}\n{slices}")).unwrap();
+        let indented: String = slices.lines().map(|l| format!("    {l}\n")).collect();
+        // The module's parameters are read before the top level's (mergekit's ConfigReader.parameter order).
+        let module = parse_str(&format!(
+            "merge_method: slerp\nbase_model: a\nparameters: {{t: 0.9}}\nmodules:\n  default:\n    parameters: {{t: 0.5}}\n{indented}"
+        ))
+        .unwrap();
+        assert_eq!(module, plain);
+        let two = format!("merge_method: slerp\nmodules:\n  text:\n{indented}  vision:\n{indented}");
+        let e = parse_str(&two).unwrap_err().to_string();
+        assert!(e.contains("2 modules (text, vision)") && e.contains("multi-module"), "{e}");
+        let e = parse_str(&format!("merge_method: slerp\n{slices}modules: {{default: {{}}}}\n")).unwrap_err();
+        assert!(e.to_string().contains("found slices and modules"), "{e}");
+    }
+
+    #[test]
+    fn lenient_turns_unknown_keys_into_warnings_but_not_unsupported_features() {
+        let d = tempfile::tempdir().unwrap();
+        let a = d.path().join("a");
+        std::fs::create_dir(&a).unwrap();
+        let cfg = d.path().join("c.yml");
+        let text = "merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1}\nselect_topk: 0.5\ndype: float16\n";
+        std::fs::write(&cfg, text).unwrap();
+        let e = load(&cfg, false).unwrap_err().to_string();
+        assert!(e.contains("unknown key 'select_topk'") && e.contains("--lenient"), "{e}");
+        let loaded = load(&cfg, true).unwrap();
+        assert_eq!(loaded.warnings.len(), 2, "{:?}", loaded.warnings);
+        assert!(loaded.warnings[0].starts_with(&format!("warning: {}: unknown key 'select_topk'", cfg.display())));
+        assert!(loaded.warnings[1].contains("'dype'"));
+        // The model resolved against the config's directory.
+        let Inputs::Models(ms) = &loaded.config.inputs else { panic!() };
+        assert_eq!(ms[0].model, a);
+        for bad in ["chat_template: chatml\n", "merge_method: nuslerp\n", "tokenizer_source: union\n"] {
+            std::fs::write(
+                &cfg,
+                format!("{text}{bad}").replace(
+                    "merge_method: linear\n",
+                    if bad.starts_with("merge") { "" } else { "merge_method: linear\n" },
+                ),
+            )
+            .unwrap();
+            assert!(load(&cfg, true).is_err(), "{bad}");
         }
     }
 

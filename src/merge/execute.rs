@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::config::{MergeConfig, TokenizerSource};
+use super::config::MergeConfig;
 use super::method::{Arithmetic, Ctx, MergeMethod, TensorInputs};
 use super::plan::{Op, Plan};
 use crate::checkpoint::{Checkpoint, CheckpointWriter, TensorDecl, WriterOptions, Written};
@@ -105,52 +105,19 @@ fn model_parameters(cfg: &MergeConfig) -> serde_json::Value {
     }
 }
 
-/// The directory whose config and tokenizer files go with the output, and whether only `config.json` is taken
-/// (mergekit writes the base's config always, tokenizer files only with `tokenizer_source`).
-pub fn carried(cfg: &MergeConfig, plan: &Plan, models: &[Checkpoint]) -> Option<(PathBuf, bool)> {
-    let dir_of = |i: usize| models[i].dir().map(Path::to_path_buf);
-    // A selective merge keeps the reference's tensors wherever it merges nothing (its head among them), so its
-    // config describes the output; otherwise the base does.
-    let primary = if cfg.copy_mismatched { plan.reference } else { plan.base.unwrap_or(plan.reference) };
-    match &cfg.tokenizer_source {
-        Some(TokenizerSource::Base) => dir_of(primary).map(|d| (d, false)),
-        Some(TokenizerSource::Model(p)) => {
-            let i = plan.models.iter().position(|m| m == p);
-            let dir = match i {
-                Some(i) => dir_of(i),
-                None => {
-                    Some(if p.is_dir() { p.clone() } else { p.parent().map(Path::to_path_buf).unwrap_or_default() })
-                }
-            };
-            dir.map(|d| (d, false))
-        }
-        None => dir_of(primary).map(|d| (d, true)),
-    }
-}
-
-/// Runs the merge: creates the writer with `opts` (metadata already included), gives it the carried `config.json`
-/// fixed up when slices changed the layer count, and streams every tensor.
+/// Runs the merge: creates the writer with `opts` (metadata already included), gives it the side files
+/// (`super::output::files`: config, tokenizer), committed in the same step as the tensors, and streams every tensor.
 pub fn execute(
     plan: &Plan,
-    cfg: &MergeConfig,
     models: &[Checkpoint],
     exec: &Executor,
     out: &Path,
-    mut opts: WriterOptions,
+    opts: WriterOptions,
+    side_files: Vec<(String, Vec<u8>)>,
     run: &RunOptions,
 ) -> Result<Written> {
     let method = plan.method;
     run.check(method)?;
-    let single_file = out.extension().is_some_and(|e| e == "safetensors");
-    let carry = if single_file { None } else { carried(cfg, plan, models) };
-    let config_only = match &carry {
-        Some((dir, true)) => Some(dir.clone()),
-        Some((dir, false)) => {
-            opts.carry_from = Some(dir.clone());
-            None
-        }
-        None => None,
-    };
     let inputs_of = |i: usize| -> Result<Option<(TensorInputs, &super::params::TensorParams)>> {
         let t = &plan.tensors[i];
         let Op::Merge { inputs, base, params } = &t.op else { return Ok(None) };
@@ -183,12 +150,8 @@ pub fn execute(
     let decls: Vec<TensorDecl> =
         plan.tensors.iter().map(|t| TensorDecl::new(t.name.clone(), t.dtype, t.shape.clone())).collect();
     let mut writer = CheckpointWriter::create(out, decls, opts)?;
-    if !single_file && (config_only.is_some() || plan.new_layer_count.is_some()) {
-        // Committed with the weights, in the same swap: never new weights beside an old config.
-        let src = config_only.or_else(|| carry.as_ref().map(|c| c.0.clone()));
-        if let Some(Some(text)) = src.map(|s| config_text(&s.join("config.json"), plan.new_layer_count)).transpose()? {
-            writer.add_file("config.json", text.into_bytes())?;
-        }
+    for (name, bytes) in side_files {
+        writer.add_file(&name, bytes)?;
     }
     let written = exec.write(writer, "merge", |i, _| {
         let t = &plan.tensors[i];
@@ -203,29 +166,4 @@ pub fn execute(
         }
     })?;
     Ok(written)
-}
-
-/// The text of `from` (a `config.json`), with `num_hidden_layers` set when the layer count changed; None when there
-/// is no such file.
-fn config_text(from: &Path, layers: Option<usize>) -> Result<Option<String>> {
-    if !from.is_file() {
-        return Ok(None);
-    }
-    let text = std::fs::read_to_string(from).map_err(|e| Error::io(from, e))?;
-    let text = match layers {
-        None => text,
-        Some(n) => {
-            let mut v: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| Error::format(from, format!("not valid JSON: {e}")))?;
-            if let Some(o) = v.as_object_mut() {
-                for key in ["num_hidden_layers", "n_layer", "num_layers"] {
-                    if o.contains_key(key) {
-                        o.insert(key.to_string(), serde_json::json!(n));
-                    }
-                }
-            }
-            serde_json::to_string_pretty(&v).unwrap() + "\n"
-        }
-    };
-    Ok(Some(text))
 }

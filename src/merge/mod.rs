@@ -27,6 +27,7 @@ pub mod linear;
 pub mod method;
 pub mod model_stock;
 pub mod nearswap;
+pub mod output;
 pub mod params;
 pub mod passthrough;
 pub mod plan;

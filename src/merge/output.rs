@@ -1,0 +1,203 @@
+//! The files that go next to a merge's tensors, as mergekit lays them out, so the output loads with transformers'
+//! `AutoModelForCausalLM`/`AutoTokenizer` from its directory:
+//!
+//! - `config.json` and `generation_config.json` from the primary model (the base, else the first model; for a
+//!   selective merge the reference, whose tensors fill everything not merged), with `config.json`'s `dtype`
+//!   (and `torch_dtype` where present), layer count and `vocab_size` set to what was written;
+//! - tokenizer files and chat templates from the primary model, or from `tokenizer_source: <model>`, unless
+//!   `--no-copy-tokenizer`. A donor tokenizer with more tokens than the written embedding rows is refused (graft
+//!   does not remap vocabularies).
+//!
+//! `plan` decides and checks before any tensor is written; `files` reads and patches the side files, which the
+//! writer then commits in the same step as the tensors.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use super::config::{MergeConfig, TokenizerSource};
+use super::plan::Plan;
+use crate::checkpoint::hf_config::{self, Patch};
+use crate::checkpoint::{Checkpoint, Dtype};
+use crate::error::{Error, Result};
+
+/// Tokenizer files and chat templates, copied from the tokenizer's model when present.
+pub const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+];
+
+/// Copied with `config.json` from the primary model (mergekit copies it whatever the tokenizer source).
+pub const GENERATION_CONFIG: &str = "generation_config.json";
+
+/// Input-embedding tensor names (suffixes) of common architectures, tried before the output head's.
+const EMBEDDING_SUFFIXES: &[&str] = &[
+    "embed_tokens.weight",
+    "word_embeddings.weight",
+    "wte.weight",
+    "embed_in.weight",
+    "tok_embeddings.weight",
+    "shared.weight",
+    "lm_head.weight",
+    "embed_out.weight",
+];
+
+/// What `write` will do.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Layout {
+    /// `config.json` and `generation_config.json` come from here.
+    pub config_dir: Option<PathBuf>,
+    /// Tokenizer files come from here; None with `--no-copy-tokenizer`.
+    pub tokenizer_dir: Option<PathBuf>,
+    /// How `config.json` is brought in line with the written tensors.
+    pub patch: Patch,
+}
+
+/// The dtype most float parameters are written in (by element count; ties go to the wider dtype, so a half/full
+/// split never claims less precision than was written). None when no float tensor is written.
+pub fn majority_dtype(plan: &Plan) -> Option<Dtype> {
+    let mut count: BTreeMap<(usize, &'static str), (u64, Dtype)> = BTreeMap::new();
+    for t in plan.tensors.iter().filter(|t| t.dtype.is_float()) {
+        let n: u64 = t.shape.iter().map(|&d| d as u64).product();
+        count.entry((t.dtype.size(), t.dtype.name())).or_insert((0, t.dtype)).0 += n;
+    }
+    count.iter().max_by_key(|(k, (n, _))| (*n, k.0)).map(|(_, (_, d))| *d)
+}
+
+/// The written vocabulary: rows of the input embedding (else the output head), with the tensor's name.
+pub fn written_vocab(plan: &Plan) -> Option<(usize, &str)> {
+    EMBEDDING_SUFFIXES.iter().find_map(|suffix| {
+        plan.tensors
+            .iter()
+            .find(|t| t.name.ends_with(suffix) && t.shape.len() == 2)
+            .map(|t| (t.shape[0], t.name.as_str()))
+    })
+}
+
+/// The number of token ids a tokenizer in `dir` can produce, with the file that says so: the highest id in
+/// `tokenizer.json` (model vocabulary and added tokens) + 1, else `vocab.txt`'s lines or `vocab.json`'s entries
+/// (+ `added_tokens.json`), else `config.json`'s `vocab_size`.
+pub fn tokenizer_vocab(dir: &Path) -> Result<Option<(usize, PathBuf)>> {
+    let json = |p: &Path| -> Result<Option<serde_json::Value>> {
+        match std::fs::read_to_string(p) {
+            Ok(t) => serde_json::from_str(&t).map(Some).map_err(|e| Error::format(p, format!("not valid JSON: {e}"))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(p, e)),
+        }
+    };
+    let ids_of = |v: &serde_json::Value| -> Vec<u64> {
+        v.as_object().map(|m| m.values().filter_map(|x| x.as_u64()).collect()).unwrap_or_default()
+    };
+    let tj = dir.join("tokenizer.json");
+    if let Some(v) = json(&tj)? {
+        let model = &v["model"]["vocab"];
+        // BPE/WordPiece/WordLevel map token -> id; Unigram lists [token, score] in id order.
+        let mut n = match model {
+            serde_json::Value::Array(a) => a.len() as u64,
+            other => ids_of(other).into_iter().max().map_or(0, |m| m + 1),
+        };
+        if let Some(added) = v["added_tokens"].as_array() {
+            for id in added.iter().filter_map(|a| a["id"].as_u64()) {
+                n = n.max(id + 1);
+            }
+        }
+        return Ok(Some((n as usize, tj)));
+    }
+    let added = json(&dir.join("added_tokens.json"))?.map(|v| ids_of(&v)).unwrap_or_default();
+    let with_added = |n: u64| added.iter().map(|id| id + 1).fold(n, u64::max) as usize;
+    let vt = dir.join("vocab.txt");
+    if vt.is_file() {
+        let text = std::fs::read_to_string(&vt).map_err(|e| Error::io(&vt, e))?;
+        return Ok(Some((with_added(text.lines().count() as u64), vt)));
+    }
+    let vj = dir.join("vocab.json");
+    if let Some(v) = json(&vj)? {
+        return Ok(Some((with_added(ids_of(&v).into_iter().max().map_or(0, |m| m + 1)), vj)));
+    }
+    let cj = dir.join("config.json");
+    Ok(hf_config::read(&cj)?.and_then(|c| c.get("vocab_size").and_then(|v| v.as_u64())).map(|n| (n as usize, cj)))
+}
+
+/// Decides where the output's config and tokenizer come from and checks that they fit the planned tensors.
+/// `copy_tokenizer` is false with `--no-copy-tokenizer`. A single-file output (`.safetensors`) gets no side files.
+pub fn plan(cfg: &MergeConfig, plan: &Plan, models: &[Checkpoint], out: &Path, copy_tokenizer: bool) -> Result<Layout> {
+    let patch = Patch {
+        dtype: majority_dtype(plan),
+        layers: plan.new_layer_count,
+        vocab_size: written_vocab(plan).map(|(n, _)| n),
+    };
+    if out.extension().is_some_and(|e| e == "safetensors") {
+        return Ok(Layout { config_dir: None, tokenizer_dir: None, patch });
+    }
+    let dir_of = |i: usize| models[i].dir().map(Path::to_path_buf);
+    // A selective merge keeps the reference's tensors wherever it merges nothing (its head among them), so its
+    // config describes the output; otherwise the base (else the first model) does.
+    let primary = if cfg.copy_mismatched { plan.reference } else { plan.base.unwrap_or(plan.reference) };
+    let config_dir = dir_of(primary);
+    let tokenizer_dir = match (&cfg.tokenizer_source, copy_tokenizer) {
+        (_, false) => None,
+        (None | Some(TokenizerSource::Base), true) => config_dir.clone(),
+        (Some(TokenizerSource::Model(p)), true) => {
+            let dir = match plan.models.iter().position(|m| m == p) {
+                Some(i) => dir_of(i),
+                None if p.is_dir() => Some(p.clone()),
+                None => p.parent().map(Path::to_path_buf),
+            };
+            if let (Some(d), Some((rows, tensor))) = (&dir, written_vocab(plan)) {
+                if let Some((tokens, file)) = tokenizer_vocab(d)? {
+                    if tokens > rows {
+                        let config = config_dir.as_ref().map(|c| c.join("config.json")).unwrap_or_default();
+                        return Err(Error::usage(format!(
+                            "tokenizer_source {}: {} has {tokens} tokens but the merged '{tensor}' has {rows} rows \
+                             (the output's config is {}); graft does not remap vocabularies yet, so the tokenizer \
+                             must fit the merged embeddings (use tokenizer_source: base, or a model with the same \
+                             vocabulary)",
+                            p.display(),
+                            file.display(),
+                            config.display()
+                        )));
+                    }
+                }
+            }
+            dir
+        }
+    };
+    Ok(Layout { config_dir, tokenizer_dir, patch })
+}
+
+/// The side files (name in the output directory, contents), read and patched now so the writer commits them with
+/// the tensors in one step.
+pub fn files(layout: &Layout) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut files = Vec::new();
+    if let Some(src) = &layout.config_dir {
+        if let Some(text) = hf_config::patched_text(&src.join("config.json"), &layout.patch)? {
+            files.push(("config.json".to_string(), text.into_bytes()));
+        }
+        read_into(src, GENERATION_CONFIG, &mut files)?;
+    }
+    if let Some(src) = &layout.tokenizer_dir {
+        for f in TOKENIZER_FILES {
+            read_into(src, f, &mut files)?;
+        }
+    }
+    Ok(files)
+}
+
+fn read_into(dir: &Path, name: &str, files: &mut Vec<(String, Vec<u8>)>) -> Result<()> {
+    let from = dir.join(name);
+    if !from.is_file() {
+        return Ok(());
+    }
+    let bytes = std::fs::read(&from).map_err(|e| Error::io(&from, e))?;
+    files.push((name.to_string(), bytes));
+    Ok(())
+}

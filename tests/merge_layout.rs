@@ -1,0 +1,323 @@
+//! `graft merge`'s output directory as mergekit lays it out: tokenizer, generation config and chat template carried
+//! from the base, `config.json` describing the tensors written (dtype, layers, vocabulary), `tokenizer_source`
+//! donors, `modules:`, `--lenient`, and Hugging Face ids resolved from a local cache. Driven through the binary on
+//! `fixtures/llama` (whose base and fine-tunes carry a 128-token WordLevel tokenizer).
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use graft::checkpoint::{Checkpoint, Dtype};
+
+fn fx(p: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(p)
+}
+
+fn graft_env(args: &[&str], env: &[(&str, &Path)]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_graft"));
+    c.args(args).env_remove("HF_HUB_CACHE").env_remove("HF_HOME");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("run graft")
+}
+
+fn ok(args: &[&str]) -> Output {
+    ok_env(args, &[])
+}
+
+fn ok_env(args: &[&str], env: &[(&str, &Path)]) -> Output {
+    let o = graft_env(args, env);
+    assert!(o.status.success(), "graft {args:?} failed: {}", String::from_utf8_lossy(&o.stderr));
+    o
+}
+
+fn fail_env(args: &[&str], env: &[(&str, &Path)]) -> (i32, String) {
+    let o = graft_env(args, env);
+    assert!(!o.status.success(), "graft {args:?} should have failed");
+    let e = String::from_utf8(o.stderr).unwrap();
+    assert_eq!(e.trim_end().lines().count(), 1, "one-line error expected: {e}");
+    (o.status.code().unwrap(), e)
+}
+
+fn write_config(dir: &Path, name: &str, text: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p.display().to_string()
+}
+
+fn json(p: impl AsRef<Path>) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(p.as_ref()).unwrap()).unwrap()
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// Every tensor's raw bytes, in name order (the header's metadata names the input paths, so files differ).
+fn tensors(path: impl AsRef<Path>) -> Vec<(String, Vec<u8>)> {
+    let ck = Checkpoint::open(path).unwrap();
+    let mut v: Vec<(String, Vec<u8>)> = ck.iter().map(|t| (t.name.to_string(), t.data.to_vec())).collect();
+    v.sort();
+    v
+}
+
+const TOKENIZER_SIDE_FILES: &[&str] =
+    &["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"];
+
+fn ta_config(dir: &Path, extra: &str) -> String {
+    write_config(
+        dir,
+        "ta.yml",
+        &format!(
+            "merge_method: task_arithmetic\nbase_model: {}\nmodels:\n  - model: {}\n    parameters: {{weight: 0.5}}\n  - model: {}\n    parameters: {{weight: 0.5}}\n{extra}",
+            s(&fx("llama/base")),
+            s(&fx("llama/ft_a")),
+            s(&fx("llama/ft_b"))
+        ),
+    )
+}
+
+#[test]
+fn default_merge_carries_tokenizer_generation_config_and_chat_template() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = ta_config(d.path(), "");
+    let out = d.path().join("out");
+    ok(&["merge", &cfg, "-o", &s(&out)]);
+    for f in TOKENIZER_SIDE_FILES.iter().chain(&["generation_config.json"]) {
+        assert_eq!(std::fs::read(out.join(f)).unwrap(), std::fs::read(fx("llama/base").join(f)).unwrap(), "{f}");
+    }
+    // config.json is the base's, with the written dtype stated in both spellings.
+    let mut want = json(fx("llama/base/config.json"));
+    want["dtype"] = "bfloat16".into();
+    assert_eq!(json(out.join("config.json")), want);
+    // A flag-built merge lays its output out the same way.
+    let out2 = d.path().join("flags");
+    ok(&[
+        "merge",
+        "--method",
+        "task_arithmetic",
+        "--base",
+        &s(&fx("llama/base")),
+        &s(&fx("llama/ft_a")),
+        &s(&fx("llama/ft_b")),
+        "-o",
+        &s(&out2),
+    ]);
+    for f in TOKENIZER_SIDE_FILES.iter().chain(&["generation_config.json", "config.json"]) {
+        assert!(out2.join(f).is_file(), "{f}");
+    }
+}
+
+#[test]
+fn no_copy_tokenizer_keeps_only_the_model_configs() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("out");
+    ok(&["merge", &ta_config(d.path(), ""), "--no-copy-tokenizer", "-o", &s(&out)]);
+    for f in TOKENIZER_SIDE_FILES {
+        assert!(!out.join(f).exists(), "{f} should not be copied");
+    }
+    assert!(out.join("config.json").is_file() && out.join("generation_config.json").is_file());
+}
+
+#[test]
+fn config_states_the_dtype_the_tensors_were_written_in() {
+    let d = tempfile::tempdir().unwrap();
+    for (extra, name, dtype) in
+        [("dtype: float16\n", "float16", Dtype::F16), ("dtype: bfloat16\nout_dtype: float32\n", "float32", Dtype::F32)]
+    {
+        let out = d.path().join(name);
+        ok(&["merge", &ta_config(d.path(), extra), "-o", &s(&out)]);
+        let ck = Checkpoint::open(&out).unwrap();
+        assert!(ck.iter().all(|t| t.dtype == dtype), "{name}: every tensor is written as {dtype:?}");
+        let c = json(out.join("config.json"));
+        assert_eq!(c["dtype"], name);
+        // The base had `torch_dtype`, so it is kept in step.
+        assert_eq!(c["torch_dtype"], name);
+        assert_eq!(c["vocab_size"], 128);
+    }
+}
+
+#[test]
+fn slices_set_the_layer_count_to_what_was_written() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        d.path(),
+        "stack.yml",
+        &format!(
+            "merge_method: passthrough\nslices:\n  - sources:\n      - {{model: {}, layer_range: [0, 2]}}\n  - sources:\n      - {{model: {}, layer_range: [1, 2]}}\n",
+            s(&fx("llama/ft_a")),
+            s(&fx("llama/ft_b"))
+        ),
+    );
+    let out = d.path().join("out");
+    ok(&["merge", &cfg, "-o", &s(&out)]);
+    let layers: BTreeSet<String> = Checkpoint::open(&out)
+        .unwrap()
+        .iter()
+        .filter_map(|t| t.name.split("layers.").nth(1).map(|r| r.split('.').next().unwrap().to_string()))
+        .collect();
+    assert_eq!(layers.len(), 3, "{layers:?}");
+    assert_eq!(json(out.join("config.json"))["num_hidden_layers"], 3);
+    assert_eq!(json(fx("llama/ft_a/config.json"))["num_hidden_layers"], 2);
+}
+
+/// A donor model directory: ft_b's tensors, a config that differs from the base's, and `tokenizer_json`.
+fn donor(dir: &Path, tokenizer_json: &serde_json::Value) -> PathBuf {
+    let donor = dir.join("donor");
+    std::fs::create_dir_all(&donor).unwrap();
+    std::fs::copy(fx("llama/ft_b/model.safetensors"), donor.join("model.safetensors")).unwrap();
+    let mut c = json(fx("llama/ft_b/config.json"));
+    c["donor_marker"] = true.into();
+    std::fs::write(donor.join("config.json"), c.to_string()).unwrap();
+    std::fs::write(donor.join("tokenizer.json"), tokenizer_json.to_string()).unwrap();
+    donor
+}
+
+#[test]
+fn donor_tokenizer_source_brings_its_tokenizer_but_not_its_config() {
+    let d = tempfile::tempdir().unwrap();
+    let mut tok = json(fx("llama/base/tokenizer.json"));
+    tok["normalizer"] = serde_json::Value::Null;
+    let donor = donor(d.path(), &tok);
+    let out = d.path().join("out");
+    ok(&["merge", &ta_config(d.path(), &format!("tokenizer_source: {}\n", s(&donor))), "-o", &s(&out)]);
+    assert_eq!(json(out.join("tokenizer.json")), tok);
+    let c = json(out.join("config.json"));
+    assert!(c.get("donor_marker").is_none(), "config.json must be the base's: {c}");
+    assert_eq!(c["vocab_size"], 128);
+}
+
+#[test]
+fn a_donor_tokenizer_larger_than_the_embeddings_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let mut tok = json(fx("llama/base/tokenizer.json"));
+    // 300 token ids against 128 embedding rows: ids 128..299 would index past the matrix.
+    tok["added_tokens"].as_array_mut().unwrap().push(serde_json::json!({
+        "id": 299, "content": "<extra>", "single_word": false, "lstrip": false, "rstrip": false,
+        "normalized": false, "special": true
+    }));
+    let donor = donor(d.path(), &tok);
+    let out = d.path().join("out");
+    let (code, e) =
+        fail_env(&["merge", &ta_config(d.path(), &format!("tokenizer_source: {}\n", s(&donor))), "-o", &s(&out)], &[]);
+    assert_eq!(code, 2, "{e}");
+    assert!(e.contains(&s(&donor.join("tokenizer.json"))) && e.contains("300 tokens"), "{e}");
+    assert!(e.contains("128 rows") && e.contains(&s(&fx("llama/base/config.json"))) && e.contains("remap"), "{e}");
+    assert!(!out.exists(), "nothing is written");
+}
+
+#[test]
+fn a_single_module_merges_like_its_slices_and_two_are_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let slices = format!(
+        "slices:\n  - sources:\n      - {{model: {}, layer_range: [0, 2]}}\n      - {{model: {}, layer_range: [0, 2]}}\n",
+        s(&fx("llama/ft_a")),
+        s(&fx("llama/ft_b"))
+    );
+    let indented: String = slices.lines().map(|l| format!("    {l}\n")).collect();
+    let head = format!("merge_method: slerp\nbase_model: {}\nparameters: {{t: 0.3}}\n", s(&fx("llama/ft_a")));
+    let plain = write_config(d.path(), "plain.yml", &format!("{head}{slices}"));
+    let module = write_config(d.path(), "module.yml", &format!("{head}modules:\n  default:\n{indented}"));
+    let (a, b) = (d.path().join("a"), d.path().join("b"));
+    ok(&["merge", &plain, "-o", &s(&a)]);
+    ok(&["merge", &module, "-o", &s(&b)]);
+    assert_eq!(tensors(&a), tensors(&b));
+    let two = write_config(d.path(), "two.yml", &format!("{head}modules:\n  text:\n{indented}  vision:\n{indented}"));
+    let (code, e) = fail_env(&["merge", &two, "-o", &s(&d.path().join("c"))], &[]);
+    assert_eq!(code, 2);
+    assert!(e.contains("multi-module") && e.contains("two.yml"), "{e}");
+}
+
+#[test]
+fn lenient_warns_about_ignored_keys_and_runs() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = ta_config(d.path(), "select_topk: 0.5\n");
+    let out = d.path().join("out");
+    let (code, e) = fail_env(&["merge", &cfg, "-o", &s(&out)], &[]);
+    assert_eq!(code, 2);
+    assert!(e.contains("unknown key 'select_topk'"), "{e}");
+    let o = ok(&["merge", &cfg, "--lenient", "-o", &s(&out)]);
+    let err = String::from_utf8(o.stderr).unwrap();
+    let warnings: Vec<&str> = err.lines().filter(|l| l.starts_with("warning: ")).collect();
+    assert_eq!(warnings.len(), 1, "{err}");
+    assert!(warnings[0].starts_with(&format!("warning: {cfg}: unknown key 'select_topk'")), "{err}");
+    assert!(out.join("model.safetensors").is_file());
+    // An unsupported feature is not a typo: still an error.
+    let cfg = ta_config(d.path(), "chat_template: chatml\n");
+    assert_eq!(fail_env(&["merge", &cfg, "--lenient", "-o", &s(&d.path().join("x"))], &[]).0, 2);
+}
+
+/// A Hugging Face cache holding `org/llama-base` (refs/main -> a snapshot with the base's files).
+fn hub_cache(root: &Path) -> PathBuf {
+    let hash = "4f1c2a9e0b7d3c6a5e8f9d0c1b2a3f4e5d6c7b8a";
+    let repo = root.join("hub").join("models--org--llama-base");
+    let snap = repo.join("snapshots").join(hash);
+    std::fs::create_dir_all(&snap).unwrap();
+    for e in std::fs::read_dir(fx("llama/base")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), snap.join(e.file_name())).unwrap();
+    }
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs").join("main"), hash).unwrap();
+    root.join("hub")
+}
+
+#[test]
+fn hugging_face_ids_resolve_from_the_local_cache() {
+    let d = tempfile::tempdir().unwrap();
+    let cache = hub_cache(d.path());
+    let models = format!(
+        "models:\n  - model: {}\n    parameters: {{weight: 0.5}}\n  - model: {}\n    parameters: {{weight: 0.5}}\n",
+        s(&fx("llama/ft_a")),
+        s(&fx("llama/ft_b"))
+    );
+    let by_id = write_config(
+        d.path(),
+        "id.yml",
+        &format!("merge_method: task_arithmetic\nbase_model: org/llama-base\n{models}"),
+    );
+    let by_path = write_config(
+        d.path(),
+        "path.yml",
+        &format!("merge_method: task_arithmetic\nbase_model: {}\n{models}", s(&fx("llama/base"))),
+    );
+    let (a, b, c) = (d.path().join("a"), d.path().join("b"), d.path().join("c"));
+    ok(&["merge", &by_path, "-o", &s(&a)]);
+    ok_env(&["merge", &by_id, "-o", &s(&b)], &[("HF_HUB_CACHE", &cache)]);
+    assert_eq!(tensors(&a), tensors(&b));
+    assert!(b.join("tokenizer.json").is_file(), "the tokenizer comes from the cached snapshot");
+    // HF_HOME/hub is the cache when HF_HUB_CACHE is unset; the flag form resolves ids too.
+    ok_env(
+        &[
+            "merge",
+            "--method",
+            "task_arithmetic",
+            "--base",
+            "org/llama-base",
+            &s(&fx("llama/ft_a")),
+            &s(&fx("llama/ft_b")),
+            "-o",
+            &s(&c),
+        ],
+        &[("HF_HOME", d.path())],
+    );
+    assert_eq!(tensors(&a).len(), tensors(&c).len());
+
+    // Not cached: a usage error naming the id, the cache and the command that fetches it.
+    let missing = write_config(
+        d.path(),
+        "missing.yml",
+        &format!("merge_method: task_arithmetic\nbase_model: org/absent\n{models}"),
+    );
+    let (code, e) = fail_env(&["merge", &missing, "-o", &s(&d.path().join("x"))], &[("HF_HUB_CACHE", &cache)]);
+    assert_eq!(code, 2, "{e}");
+    assert!(e.contains("'org/absent'") && e.contains("models--org--absent"), "{e}");
+    assert!(e.contains("huggingface-cli download org/absent"), "{e}");
+    // A local path that does not exist is named, not a bare OS error.
+    let nopath =
+        write_config(d.path(), "nopath.yml", &format!("merge_method: linear\nmodels:\n  - model: ./no/such/model\n"));
+    let (code, e) = fail_env(&["merge", &nopath, "-o", &s(&d.path().join("y"))], &[]);
+    assert_eq!(code, 2, "{e}");
+    assert!(e.contains("models[0].model: './no/such/model' does not exist"), "{e}");
+}
