@@ -32,6 +32,7 @@ pub fn convert(
     exec.write(writer, "convert", |_, decl| {
         let view = ck.tensor(&decl.name)?;
         if view.dtype == decl.dtype {
+            crate::checkpoint::guard::check_stored(&view)?;
             return Ok(Produce::Bytes(view.data));
         }
         Ok(Produce::Elementwise(Box::new(move |r| view.f32_range(r))))

@@ -13,7 +13,7 @@ use std::sync::mpsc::SyncSender;
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 
-use crate::checkpoint::{dtype, CheckpointWriter, TensorDecl, Written};
+use crate::checkpoint::{dtype, guard, CheckpointWriter, TensorDecl, Written};
 use crate::error::{Error, Result};
 
 /// Elements per chunk of a large tensor (4 MiB of f32).
@@ -196,22 +196,26 @@ impl Executor {
                     )));
                 }
                 let ranges: Vec<Range<usize>> = chunk_ranges(d.numel()).collect();
+                // Non-finite values after rounding, counted over every chunk and reported once for the tensor.
+                let mut nonfinite = 0usize;
                 for window in ranges.chunks(2 * self.threads) {
-                    let parts: Vec<Result<Vec<u8>>> = self.pool.install(|| {
+                    let parts: Vec<Result<(Vec<u8>, usize)>> = self.pool.install(|| {
                         window
                             .par_iter()
                             .map(|r| {
                                 let v = f(r.clone())?;
                                 check_len(d, r.len(), v.len())?;
-                                Ok(dtype::from_f32_vec(d.dtype, &v))
+                                Ok(dtype::from_f32_vec_counting(d.dtype, &v))
                             })
                             .collect()
                     });
                     for part in parts {
-                        send(Pending::Data(part?))?;
+                        let (bytes, bad) = part?;
+                        nonfinite += bad;
+                        send(Pending::Data(bytes))?;
                     }
                 }
-                Ok(())
+                guard::nonfinite_output(&d.name, d.dtype, d.numel(), nonfinite)
             }
             other => send(Pending::Tensor(d.name.clone(), finish_small(d, other)?)),
         }
@@ -266,6 +270,14 @@ fn check_len(d: &TensorDecl, want: usize, got: usize) -> Result<()> {
     }
 }
 
+/// Narrows a whole computed tensor to its declared dtype, refusing (or warning about) values that are NaN or
+/// infinite after rounding.
+fn narrow_checked<'a>(d: &TensorDecl, v: &[f32]) -> Result<Ready<'a>> {
+    let (bytes, nonfinite) = dtype::from_f32_vec_counting(d.dtype, v);
+    guard::nonfinite_output(&d.name, d.dtype, d.numel(), nonfinite)?;
+    Ok(Ready::Owned(bytes))
+}
+
 fn finish_small<'a>(d: &TensorDecl, p: Produce<'a>) -> Result<Ready<'a>> {
     let float_needed = || -> Result<()> {
         if d.dtype.is_float() {
@@ -293,7 +305,7 @@ fn finish_small<'a>(d: &TensorDecl, p: Produce<'a>) -> Result<Ready<'a>> {
         Produce::F32(v) => {
             float_needed()?;
             check_len(d, d.numel(), v.len())?;
-            Ok(Ready::Owned(dtype::from_f32_vec(d.dtype, &v)))
+            narrow_checked(d, &v)
         }
         Produce::Elementwise(f) => {
             float_needed()?;
@@ -303,7 +315,7 @@ fn finish_small<'a>(d: &TensorDecl, p: Produce<'a>) -> Result<Ready<'a>> {
                 check_len(d, r.len(), part.len())?;
                 v.extend(part);
             }
-            Ok(Ready::Owned(dtype::from_f32_vec(d.dtype, &v)))
+            narrow_checked(d, &v)
         }
     }
 }

@@ -2,6 +2,7 @@
 //! writer. Nothing outside this module opens a safetensors file.
 
 pub mod dtype;
+pub mod guard;
 pub mod header;
 pub mod reader;
 pub mod writer;

@@ -12,6 +12,8 @@ use crate::exec::Executor;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
+    #[command(flatten)]
+    pub values: super::ValueArgs,
     /// REF MODEL: align MODEL to REF. With --print-spec: one MODEL. With --cycle: the reference, then the models.
     #[arg(required = true, value_name = "CHECKPOINT")]
     checkpoints: Vec<PathBuf>,

@@ -15,6 +15,8 @@ use crate::interpolate::{check_compatible, lambdas, write_point, Point};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
+    #[command(flatten)]
+    pub values: super::ValueArgs,
     /// The path's start (l = 0).
     a: PathBuf,
     /// The path's end (l = 1), typically a model aligned to A with `graft align`.
