@@ -60,7 +60,7 @@ impl Error {
 
 /// The longest message graft prints for one error or warning, in characters. Messages quote user data (JSON
 /// fragments, tensor names, whole header fields) that a hostile file can make megabytes long.
-pub const MAX_MESSAGE_CHARS: usize = 500;
+pub const MAX_MESSAGE_CHARS: usize = 1000;
 
 /// Messages may quote user data (JSON fragments, names); keep them on one line so scripts can grep stderr.
 fn one_line(s: String) -> String {
@@ -87,12 +87,12 @@ mod tests {
 
     #[test]
     fn long_messages_are_cut_on_one_line() {
-        let long = "é\n".repeat(1000);
+        let long = "é\n".repeat(MAX_MESSAGE_CHARS);
         let e = Error::format("/x", long).to_string();
         assert!(!e.contains('\n'));
-        // "/x: " + 500 kept characters + the ellipsis note
+        // "/x: " + MAX_MESSAGE_CHARS kept characters + the ellipsis note
         assert!(e.starts_with("/x: é é"), "{e}");
-        assert!(e.ends_with("... (1500 more characters)"), "{e}");
+        assert!(e.ends_with(&format!("... ({MAX_MESSAGE_CHARS} more characters)")), "{e}");
         assert!(e.chars().count() < MAX_MESSAGE_CHARS + 40);
         assert_eq!(bounded("short"), "short");
         assert_eq!(bounded(&"a".repeat(MAX_MESSAGE_CHARS)), "a".repeat(MAX_MESSAGE_CHARS));

@@ -39,7 +39,7 @@ pub struct Args {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Most passes over all groups.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = super::iterations_arg)]
     max_iter: usize,
     /// Print one JSON document instead of tables.
     #[arg(long)]

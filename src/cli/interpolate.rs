@@ -22,7 +22,7 @@ pub struct Args {
     /// The path's end (l = 1), typically a model aligned to A with `graft align`.
     b: PathBuf,
     /// Number of points, end points included.
-    #[arg(long, default_value_t = 25)]
+    #[arg(long, default_value_t = 25, value_parser = super::steps_arg)]
     steps: usize,
     /// Output directory: one checkpoint directory per point (`step-000`, ...) and `interpolation.json`.
     #[arg(short = 'o', long = "output", value_name = "DIR")]

@@ -34,7 +34,7 @@ pub struct Cli {
     #[command(subcommand)]
     command: Command,
     /// Worker threads (default: all cores). Results are identical for any value.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, value_parser = threads_arg)]
     threads: Option<usize>,
 }
 
@@ -85,9 +85,6 @@ pub fn run() -> Result<()> {
         }
     };
     let global = Global { threads: cli.threads };
-    if global.threads == Some(0) {
-        return Err(Error::usage("--threads must be at least 1"));
-    }
     // Set once, before any tensor is read; see `checkpoint::guard` for why the policy is process-wide.
     crate::checkpoint::guard::set_allow_nonfinite(cli.command.values().is_some_and(|v| v.allow_nonfinite));
     match cli.command {
@@ -179,6 +176,37 @@ pub fn with_threads<R: Send>(global: &Global, f: impl FnOnce() -> Result<R> + Se
     }
 }
 
+/// A count flag's value within `lo..=hi`: beyond the bounds a usage error (exit 2) instead of an allocation that
+/// panics or aborts (`--steps 18446744073709551615` asked for a vector of that many points).
+fn count_in(s: &str, lo: usize, hi: usize) -> std::result::Result<usize, String> {
+    let v: u128 = s.trim().parse().map_err(|_| format!("'{s}' is not a whole number"))?;
+    if v < lo as u128 || v > hi as u128 {
+        return Err(format!("{v} is outside {lo}..={hi}"));
+    }
+    Ok(v as usize)
+}
+
+/// Worker threads: beyond a few thousand the OS refuses to start them (and each takes a stack).
+pub(crate) fn threads_arg(s: &str) -> std::result::Result<usize, String> {
+    count_in(s, 1, 4096)
+}
+/// Interpolation points: each one is a whole checkpoint on disk.
+pub(crate) fn steps_arg(s: &str) -> std::result::Result<usize, String> {
+    count_in(s, 2, 10_000)
+}
+/// Bootstrap resamples.
+pub(crate) fn resamples_arg(s: &str) -> std::result::Result<usize, String> {
+    count_in(s, 1, 10_000_000)
+}
+/// Training epochs and solver iterations.
+pub(crate) fn iterations_arg(s: &str) -> std::result::Result<usize, String> {
+    count_in(s, 1, 1_000_000)
+}
+/// Batch sizes and sequence lengths: a batch is allocated at once.
+pub(crate) fn batch_arg(s: &str) -> std::result::Result<usize, String> {
+    count_in(s, 1, 1 << 20)
+}
+
 pub(crate) fn parse_shard_size_arg(s: &str) -> std::result::Result<u64, String> {
     parse_shard_size(s)
 }
@@ -232,6 +260,16 @@ fn recorded_args(args: impl Iterator<Item = String>) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn count_flags_are_bounded() {
+        assert_eq!(super::steps_arg("25"), Ok(25));
+        assert!(super::steps_arg("1").is_err());
+        assert!(super::steps_arg("18446744073709551615").unwrap_err().contains("outside 2..=10000"));
+        assert!(super::steps_arg("1e12").unwrap_err().contains("not a whole number"));
+        assert!(super::threads_arg("0").is_err() && super::threads_arg("100000000").is_err());
+        assert_eq!(super::threads_arg("4096"), Ok(4096));
+    }
+
     #[test]
     fn recorded_command_line_leaves_out_threads_and_quiet() {
         let args = ["graft", "--threads", "4", "merge", "a", "b", "--threads=2", "--quiet", "-o", "out", "--force"];
