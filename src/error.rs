@@ -58,11 +58,43 @@ impl Error {
     }
 }
 
+/// The longest message graft prints for one error or warning, in characters. Messages quote user data (JSON
+/// fragments, tensor names, whole header fields) that a hostile file can make megabytes long.
+pub const MAX_MESSAGE_CHARS: usize = 1000;
+
 /// Messages may quote user data (JSON fragments, names); keep them on one line so scripts can grep stderr.
 fn one_line(s: String) -> String {
-    if s.contains(['\n', '\r']) {
-        s.replace(['\n', '\r'], " ")
-    } else {
-        s
+    let s = if s.contains(['\n', '\r']) { s.replace(['\n', '\r'], " ") } else { s };
+    bounded(&s)
+}
+
+/// `s` on one line and at most `MAX_MESSAGE_CHARS` characters, the cut marked with an ellipsis and the count of
+/// characters left out. `main` and every warning print through this, so no error line is ever unbounded.
+pub fn bounded(s: &str) -> String {
+    let s = if s.contains(['\n', '\r']) { std::borrow::Cow::Owned(s.replace(['\n', '\r'], " ")) } else { s.into() };
+    match s.char_indices().nth(MAX_MESSAGE_CHARS) {
+        None => s.into_owned(),
+        Some((cut, _)) => {
+            let left = s[cut..].chars().count();
+            format!("{}... ({left} more characters)", &s[..cut])
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_messages_are_cut_on_one_line() {
+        let long = "é\n".repeat(MAX_MESSAGE_CHARS);
+        let e = Error::format("/x", long).to_string();
+        assert!(!e.contains('\n'));
+        // "/x: " + MAX_MESSAGE_CHARS kept characters + the ellipsis note
+        assert!(e.starts_with("/x: é é"), "{e}");
+        assert!(e.ends_with(&format!("... ({MAX_MESSAGE_CHARS} more characters)")), "{e}");
+        assert!(e.chars().count() < MAX_MESSAGE_CHARS + 40);
+        assert_eq!(bounded("short"), "short");
+        assert_eq!(bounded(&"a".repeat(MAX_MESSAGE_CHARS)), "a".repeat(MAX_MESSAGE_CHARS));
     }
 }

@@ -21,7 +21,7 @@ use std::sync::mpsc::SyncSender;
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 
-use crate::checkpoint::{dtype, Checkpoint, CheckpointWriter, TensorDecl, TensorView, Written};
+use crate::checkpoint::{dtype, guard, Checkpoint, CheckpointWriter, TensorDecl, TensorView, Written};
 use crate::error::{Error, Result};
 
 /// Elements per chunk of a large tensor (4 MiB of f32).
@@ -261,6 +261,7 @@ impl Executor {
         match p {
             Produce::Input(read) if check_input(d, &read)? => {
                 // Same dtype: the mapped bytes go to the writer chunk by chunk, each released once written.
+                guard::check_stored(&read.tensor)?;
                 let s = d.dtype.size();
                 for r in chunk_ranges(d.numel()) {
                     let bytes = &read.tensor.data[r.start * s..r.end * s];
@@ -288,24 +289,28 @@ impl Executor {
         float_needed(d)?;
         let aligned: Vec<&Read> = reads.iter().filter(|r| r.tensor.numel() == d.numel()).collect();
         let ranges: Vec<Range<usize>> = chunk_ranges(d.numel()).collect();
+        // Non-finite values after rounding, counted over every chunk and reported once for the tensor.
+        let mut nonfinite = 0usize;
         for window in ranges.chunks(2 * self.threads) {
-            let parts: Vec<Result<Vec<u8>>> = self.pool.install(|| {
+            let parts: Vec<Result<(Vec<u8>, usize)>> = self.pool.install(|| {
                 window
                     .par_iter()
                     .map(|r| {
                         let v = compute(r.clone())?;
                         check_len(d, r.len(), v.len())?;
                         aligned.iter().for_each(|read| read.release_range(r.clone()));
-                        Ok(dtype::from_f32_vec(d.dtype, &v))
+                        Ok(dtype::from_f32_vec_counting(d.dtype, &v))
                     })
                     .collect()
             });
             for part in parts {
-                send(Pending::Data(Ready::Owned(part?)))?;
+                let (bytes, bad) = part?;
+                nonfinite += bad;
+                send(Pending::Data(Ready::Owned(bytes)))?;
             }
         }
         reads.iter().for_each(Read::release);
-        Ok(())
+        guard::nonfinite_output(&d.name, d.dtype, d.numel(), nonfinite)
     }
 
     /// Computes `compute(i)` for every `i in 0..costs.len()` in parallel windows (at most a few items per thread and
@@ -401,6 +406,14 @@ fn check_input(d: &TensorDecl, read: &Read) -> Result<bool> {
     Ok(false)
 }
 
+/// Narrows a whole computed tensor to its declared dtype, refusing (or warning about) values that are NaN or
+/// infinite after rounding.
+fn narrow_checked<'a>(d: &TensorDecl, v: &[f32]) -> Result<Ready<'a>> {
+    let (bytes, nonfinite) = dtype::from_f32_vec_counting(d.dtype, v);
+    guard::nonfinite_output(&d.name, d.dtype, d.numel(), nonfinite)?;
+    Ok(Ready::Owned(bytes))
+}
+
 fn finish_small<'a>(d: &TensorDecl, p: Produce<'a>) -> Result<Ready<'a>> {
     let bytes_ok = |n: usize| -> Result<()> {
         if n as u64 == d.nbytes() {
@@ -417,15 +430,16 @@ fn finish_small<'a>(d: &TensorDecl, p: Produce<'a>) -> Result<Ready<'a>> {
         Produce::F32(v) => {
             float_needed(d)?;
             check_len(d, d.numel(), v.len())?;
-            Ok(Ready::Owned(dtype::from_f32_vec(d.dtype, &v)))
+            narrow_checked(d, &v)
         }
         Produce::Input(read) => {
             if check_input(d, &read)? {
+                guard::check_stored(&read.tensor)?;
                 return Ok(Ready::Mapped { bytes: read.tensor.data, from: read.checkpoint });
             }
             let v = read.tensor.f32_range(0..d.numel())?;
             read.release();
-            Ok(Ready::Owned(dtype::from_f32_vec(d.dtype, &v)))
+            narrow_checked(d, &v)
         }
         Produce::Elementwise { compute, reads } => {
             float_needed(d)?;
@@ -436,7 +450,7 @@ fn finish_small<'a>(d: &TensorDecl, p: Produce<'a>) -> Result<Ready<'a>> {
                 v.extend(part);
             }
             reads.iter().for_each(Read::release);
-            Ok(Ready::Owned(dtype::from_f32_vec(d.dtype, &v)))
+            narrow_checked(d, &v)
         }
     }
 }

@@ -41,11 +41,12 @@ pub fn check_compatible(a: &Checkpoint, b: &Checkpoint) -> Result<()> {
         if u.shape != t.shape.as_slice() {
             return Err(Error::tensor(u.file, &t.name, format!("shape {:?} differs from A's {:?}", u.shape, t.shape)));
         }
-        if t.dtype.is_float() != u.dtype.is_float() {
+        // Floats mix (widened to f32); an integer tensor must meet the same integer dtype, or B's would be lost.
+        if t.dtype.is_float() != u.dtype.is_float() || (!t.dtype.is_float() && t.dtype != u.dtype) {
             return Err(Error::tensor(
                 u.file,
                 &t.name,
-                format!("dtype {} cannot be mixed with A's {}", u.dtype, t.dtype),
+                format!("dtype {} cannot be mixed with {} in {}", u.dtype, t.dtype, a.path().display()),
             ));
         }
     }

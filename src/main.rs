@@ -7,7 +7,7 @@ fn main() {
     let code = match graft::cli::run() {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("graft: error: {e}");
+            eprintln!("graft: error: {}", graft::error::bounded(&e.to_string()));
             e.exit_code()
         }
     };

@@ -158,6 +158,56 @@ pub fn to_f32(dtype: Dtype, bytes: &[u8], out: &mut [f32]) {
     }
 }
 
+/// Widens like `to_f32` and returns how many of the widened values are NaN or infinite. Works in cache-sized
+/// blocks, so the count reads values still in L1 from the conversion: the check costs no extra pass over memory.
+pub fn to_f32_counting(dtype: Dtype, bytes: &[u8], out: &mut [f32]) -> usize {
+    assert_eq!(bytes.len(), out.len() * dtype.size(), "to_f32 length mismatch");
+    let mut count = 0;
+    for (o, b) in out.chunks_mut(CONVERT_CHUNK).zip(bytes.chunks(CONVERT_CHUNK * dtype.size())) {
+        to_f32(dtype, b, o);
+        count += count_nonfinite(o);
+    }
+    count
+}
+
+/// How many of `values` are NaN or infinite (exponent all ones). Branch-free, so it vectorises.
+pub fn count_nonfinite(values: &[f32]) -> usize {
+    values
+        .chunks(CONVERT_CHUNK)
+        .map(|c| c.iter().map(|v| ((v.to_bits() & 0x7f80_0000) == 0x7f80_0000) as u32).sum::<u32>() as usize)
+        .sum()
+}
+
+/// How many stored `dtype` values in `bytes` are NaN or infinite (for F16/BF16 read from the bits directly).
+pub fn count_nonfinite_stored(dtype: Dtype, bytes: &[u8]) -> usize {
+    let halves = |mask: u16| -> usize {
+        bytes.chunks_exact(2).map(|b| ((u16::from_le_bytes([b[0], b[1]]) & mask) == mask) as usize).sum()
+    };
+    match dtype {
+        Dtype::F16 => halves(0x7c00),
+        Dtype::BF16 => halves(0x7f80),
+        Dtype::F32 => {
+            bytes.chunks_exact(4).map(|b| !f32::from_le_bytes(b.try_into().unwrap()).is_finite() as usize).sum()
+        }
+        Dtype::F64 => {
+            bytes.chunks_exact(8).map(|b| !f64::from_le_bytes(b.try_into().unwrap()).is_finite() as usize).sum()
+        }
+        _ => 0,
+    }
+}
+
+/// Narrows like `from_f32_vec` and returns how many stored values are NaN or infinite after rounding (an f32
+/// beyond 65504 becomes an f16 infinity; beyond bf16's range a bf16 one).
+pub fn from_f32_vec_counting(dtype: Dtype, src: &[f32]) -> (Vec<u8>, usize) {
+    let bytes = from_f32_vec(dtype, src);
+    let count = match dtype {
+        // Widening to f64 and copying f32 keep finiteness: count on the f32 values (the vectorised path).
+        Dtype::F32 | Dtype::F64 => count_nonfinite(src),
+        _ => count_nonfinite_stored(dtype, &bytes),
+    };
+    (bytes, count)
+}
+
 /// Widens a whole float tensor to a fresh f32 vector, converting in cache-sized chunks.
 pub fn to_f32_vec(dtype: Dtype, bytes: &[u8]) -> Vec<f32> {
     let n = bytes.len() / dtype.size();

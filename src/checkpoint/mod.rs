@@ -4,6 +4,7 @@
 
 pub mod commit;
 pub mod dtype;
+pub mod guard;
 pub mod header;
 pub mod hf_config;
 pub mod reader;

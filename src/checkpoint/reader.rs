@@ -47,7 +47,10 @@ impl<'a> TensorView<'a> {
         if range.end > self.numel() || out.len() != range.len() {
             return Err(Error::tensor(self.file, self.name, format!("element range {range:?} outside the tensor")));
         }
-        dtype::to_f32(self.dtype, &self.data[range.start * s..range.end * s], out);
+        // Counting non-finite values in the same blocks as the conversion keeps the check free of an extra pass.
+        if dtype::to_f32_counting(self.dtype, &self.data[range.start * s..range.end * s], out) > 0 {
+            super::guard::nonfinite_input(self)?;
+        }
         Ok(())
     }
 
@@ -115,6 +118,7 @@ impl Checkpoint {
     pub fn open(path: impl AsRef<Path>) -> Result<Checkpoint> {
         let path = path.as_ref();
         let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        super::guard::refuse_special_file(path, &meta)?;
         if meta.is_dir() {
             let dir = DirHandle::open(path)?;
             if dir.is_file(INDEX_NAME) {

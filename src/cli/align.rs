@@ -12,6 +12,8 @@ use crate::exec::Executor;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
+    #[command(flatten)]
+    pub values: super::ValueArgs,
     /// REF MODEL: align MODEL to REF. With --print-spec: one MODEL. With --cycle: the reference, then the models.
     #[arg(required = true, value_name = "CHECKPOINT")]
     checkpoints: Vec<PathBuf>,
@@ -37,7 +39,7 @@ pub struct Args {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Most passes over all groups.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = super::iterations_arg)]
     max_iter: usize,
     /// Print one JSON document instead of tables.
     #[arg(long)]

@@ -14,6 +14,8 @@ use crate::taskvec::name_list;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
+    #[command(flatten)]
+    pub values: super::ValueArgs,
     /// The base checkpoint the task vectors are added to.
     base: PathBuf,
     /// A task vector (`graft diff` output) and its weight, TV or TV:LAMBDA (default 1; negative negates the task).

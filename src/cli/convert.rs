@@ -10,6 +10,8 @@ use crate::exec::Executor;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
+    #[command(flatten)]
+    pub values: super::ValueArgs,
     /// The checkpoint to read (file, index file or directory).
     input: PathBuf,
     #[command(flatten)]

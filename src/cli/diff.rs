@@ -13,6 +13,8 @@ use crate::taskvec::name_list;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
+    #[command(flatten)]
+    pub values: super::ValueArgs,
     /// The fine-tuned checkpoint (file, directory or index).
     finetuned: PathBuf,
     /// The checkpoint it was fine-tuned from.

@@ -25,7 +25,7 @@ pub struct Args {
     /// bert pooling override.
     #[arg(long, value_enum)]
     pooling: Option<Pooling>,
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = super::batch_arg)]
     batch: usize,
     /// Seed of the validation/test split (as given to graft train).
     #[arg(long, default_value_t = 0)]

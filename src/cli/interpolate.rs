@@ -15,12 +15,14 @@ use crate::interpolate::{check_compatible, lambdas, write_point, Point};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
+    #[command(flatten)]
+    pub values: super::ValueArgs,
     /// The path's start (l = 0).
     a: PathBuf,
     /// The path's end (l = 1), typically a model aligned to A with `graft align`.
     b: PathBuf,
     /// Number of points, end points included.
-    #[arg(long, default_value_t = 25)]
+    #[arg(long, default_value_t = 25, value_parser = super::steps_arg)]
     steps: usize,
     /// Output directory: one checkpoint directory per point (`step-000`, ...) and `interpolation.json`.
     #[arg(short = 'o', long = "output", value_name = "DIR")]

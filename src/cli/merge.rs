@@ -53,6 +53,8 @@ enum Reference {
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
+    #[command(flatten)]
+    pub values: super::ValueArgs,
     /// A mergekit YAML config (`.yml`/`.yaml`), or the models to merge (files or checkpoint directories).
     #[arg(required = true)]
     inputs: Vec<PathBuf>,

@@ -34,7 +34,7 @@ pub struct Cli {
     #[command(subcommand)]
     command: Command,
     /// Worker threads (default: all cores). Results are identical for any value.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, value_parser = threads_arg)]
     threads: Option<usize>,
 }
 
@@ -85,9 +85,8 @@ pub fn run() -> Result<()> {
         }
     };
     let global = Global { threads: cli.threads };
-    if global.threads == Some(0) {
-        return Err(Error::usage("--threads must be at least 1"));
-    }
+    // Set once, before any tensor is read; see `checkpoint::guard` for why the policy is process-wide.
+    crate::checkpoint::guard::set_allow_nonfinite(cli.command.values().is_some_and(|v| v.allow_nonfinite));
     match cli.command {
         Command::Inspect(a) => inspect::run(a, &global),
         Command::Diff(a) => diff::run(a, &global),
@@ -103,6 +102,31 @@ pub fn run() -> Result<()> {
         Command::Eval(a) => eval::run(a, &global),
         Command::Align(a) => align::run(a, &global),
         Command::Interpolate(a) => interpolate::run(a, &global),
+    }
+}
+
+/// Options shared by every command that reads tensor values (one group, so the flag reads the same everywhere).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ValueArgs {
+    /// Let NaN and infinite values through (in inputs, and in outputs that overflow their dtype), with one warning
+    /// line per tensor, instead of refusing them with an error naming file, tensor and count.
+    #[arg(long)]
+    pub allow_nonfinite: bool,
+}
+
+impl Command {
+    /// The value options of a command that reads tensor values.
+    fn values(&self) -> Option<&ValueArgs> {
+        match self {
+            Command::Merge(a) => Some(&a.values),
+            Command::Diff(a) => Some(&a.values),
+            Command::Apply(a) => Some(&a.values),
+            Command::Similarity(a) => Some(&a.values),
+            Command::Convert(a) => Some(&a.values),
+            Command::Interpolate(a) => Some(&a.values),
+            Command::Align(a) => Some(&a.values),
+            _ => None,
+        }
     }
 }
 
@@ -152,6 +176,37 @@ pub fn with_threads<R: Send>(global: &Global, f: impl FnOnce() -> Result<R> + Se
     }
 }
 
+/// A count flag's value within `lo..=hi`: beyond the bounds a usage error (exit 2) instead of an allocation that
+/// panics or aborts (`--steps 18446744073709551615` asked for a vector of that many points).
+fn count_in(s: &str, lo: usize, hi: usize) -> std::result::Result<usize, String> {
+    let v: u128 = s.trim().parse().map_err(|_| format!("'{s}' is not a whole number"))?;
+    if v < lo as u128 || v > hi as u128 {
+        return Err(format!("{v} is outside {lo}..={hi}"));
+    }
+    Ok(v as usize)
+}
+
+/// Worker threads: beyond a few thousand the OS refuses to start them (and each takes a stack).
+pub(crate) fn threads_arg(s: &str) -> std::result::Result<usize, String> {
+    count_in(s, 1, 4096)
+}
+/// Interpolation points: each one is a whole checkpoint on disk.
+pub(crate) fn steps_arg(s: &str) -> std::result::Result<usize, String> {
+    count_in(s, 2, 10_000)
+}
+/// Bootstrap resamples.
+pub(crate) fn resamples_arg(s: &str) -> std::result::Result<usize, String> {
+    count_in(s, 1, 10_000_000)
+}
+/// Training epochs and solver iterations.
+pub(crate) fn iterations_arg(s: &str) -> std::result::Result<usize, String> {
+    count_in(s, 1, 1_000_000)
+}
+/// Batch sizes and sequence lengths: a batch is allocated at once.
+pub(crate) fn batch_arg(s: &str) -> std::result::Result<usize, String> {
+    count_in(s, 1, 1 << 20)
+}
+
 pub(crate) fn parse_shard_size_arg(s: &str) -> std::result::Result<u64, String> {
     parse_shard_size(s)
 }
@@ -173,11 +228,54 @@ impl OutputArgs {
     }
 }
 
-/// The `graft` provenance entry for `__metadata__`: version and command line.
+/// The `graft` provenance entry for `__metadata__`: version and command line, less the flags that cannot change
+/// a result (so that the same inputs give byte-identical files for any `--threads`).
 pub fn provenance() -> BTreeMap<String, String> {
-    let args: Vec<String> = std::env::args().collect();
+    let args = recorded_args(std::env::args());
     let v = serde_json::json!({ "version": env!("CARGO_PKG_VERSION"), "command": args });
     BTreeMap::from([("graft".to_string(), v.to_string())])
+}
+
+/// Flags that change how a command runs, never what it writes: left out of the recorded command line.
+const UNRECORDED_FLAGS: [&str; 3] = ["--threads", "--quiet", "--force"];
+/// Of those, the ones that take a value as the next argument.
+const UNRECORDED_WITH_VALUE: [&str; 1] = ["--threads"];
+
+fn recorded_args(args: impl Iterator<Item = String>) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut skip_value = false;
+    for a in args {
+        if std::mem::take(&mut skip_value) {
+            continue;
+        }
+        let flag = a.split('=').next().unwrap_or("");
+        if UNRECORDED_FLAGS.contains(&flag) {
+            skip_value = UNRECORDED_WITH_VALUE.contains(&flag) && !a.contains('=');
+            continue;
+        }
+        out.push(a);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn count_flags_are_bounded() {
+        assert_eq!(super::steps_arg("25"), Ok(25));
+        assert!(super::steps_arg("1").is_err());
+        assert!(super::steps_arg("18446744073709551615").unwrap_err().contains("outside 2..=10000"));
+        assert!(super::steps_arg("1e12").unwrap_err().contains("not a whole number"));
+        assert!(super::threads_arg("0").is_err() && super::threads_arg("100000000").is_err());
+        assert_eq!(super::threads_arg("4096"), Ok(4096));
+    }
+
+    #[test]
+    fn recorded_command_line_leaves_out_threads_and_quiet() {
+        let args = ["graft", "--threads", "4", "merge", "a", "b", "--threads=2", "--quiet", "-o", "out", "--force"];
+        let got = super::recorded_args(args.iter().map(|s| s.to_string()));
+        assert_eq!(got, ["graft", "merge", "a", "b", "-o", "out"]);
+    }
 }
 
 /// Writes to stdout; a closed pipe (`graft ... | head`) ends the program quietly instead of panicking.
@@ -202,7 +300,7 @@ pub fn run_batch<T>(
                 if json {
                     emit(&(serde_json::json!({ key: name(item), "error": e.to_string() }).to_string() + "\n"))?;
                 }
-                eprintln!("graft: error: {e}");
+                eprintln!("graft: error: {}", crate::error::bounded(&e.to_string()));
             }
             Err(e) => return Err(e),
         }

@@ -19,7 +19,7 @@ pub struct Args {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Bootstrap resamples per estimate.
-    #[arg(long, default_value_t = DEFAULT_RESAMPLES)]
+    #[arg(long, default_value_t = DEFAULT_RESAMPLES, value_parser = super::resamples_arg)]
     resamples: usize,
     /// Print the summary as JSON (the contents of summary.json plus "dir") instead of the markdown tables.
     #[arg(long)]

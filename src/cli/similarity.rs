@@ -25,6 +25,8 @@ enum By {
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
+    #[command(flatten)]
+    pub values: super::ValueArgs,
     /// Models whose task vectors against --base are compared (not with --merged).
     #[arg(required_unless_present = "merged", conflicts_with = "merged")]
     models: Vec<PathBuf>,

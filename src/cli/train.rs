@@ -35,16 +35,16 @@ pub struct Args {
     /// statistics and running averages, PyTorch's train mode).
     #[arg(long, value_enum, default_value = "freeze")]
     bn_stats: BnStatsArg,
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = super::iterations_arg)]
     epochs: usize,
     #[arg(long, default_value_t = 1e-3)]
     lr: f64,
     #[arg(long, default_value_t = 0.01)]
     weight_decay: f64,
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = super::batch_arg)]
     batch: usize,
     /// Batch size for evaluation passes.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = super::batch_arg)]
     eval_batch: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -130,7 +130,7 @@ pub struct DataArgs {
     #[arg(long)]
     tokenizer: Option<PathBuf>,
     /// Maximum tokens per text, special tokens included.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = super::batch_arg)]
     max_len: usize,
 }
 

@@ -318,6 +318,7 @@ impl Builder<'_> {
         t: f64,
     ) -> Result<PlannedTensor> {
         let infos: Vec<_> = inputs.iter().map(|s| self.models[s.model].info(&s.tensor).expect("checked")).collect();
+        check_dtype_kinds(self.models, inputs.iter().chain([&copy_from]))?;
         if infos.iter().any(|i| !i.dtype.is_float())
             || !self.models[copy_from.model].info(&copy_from.tensor).is_some_and(|i| i.dtype.is_float())
         {
@@ -586,6 +587,34 @@ impl Builder<'_> {
             tensors,
         })
     }
+}
+
+/// Refuses same-named tensors whose dtypes cannot be merged or copied in place of one another: an integer (or bool,
+/// or FP8) tensor against a float one, or two different integer dtypes. Float dtypes mix freely (widened to f32).
+/// Without this the plan would silently copy the first model's tensor. The error names both files and the tensor.
+fn check_dtype_kinds<'s>(models: &[Checkpoint], sources: impl Iterator<Item = &'s Source>) -> Result<()> {
+    let mut first: Option<(&Checkpoint, &str, Dtype)> = None;
+    for s in sources {
+        let m = &models[s.model];
+        let Some(info) = m.info(&s.tensor) else { continue };
+        match first {
+            None => first = Some((m, &s.tensor, info.dtype)),
+            Some((fm, ft, fd)) => {
+                let compatible = if fd.is_float() { info.dtype.is_float() } else { fd == info.dtype };
+                if !compatible {
+                    return Err(Error::invalid(format!(
+                        "tensor '{ft}' is {fd} in {} but tensor '{}' is {} in {}: an integer tensor cannot be merged \
+                         with a float one or another integer type",
+                        fm.path().display(),
+                        s.tensor,
+                        info.dtype,
+                        m.path().display()
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn quote_list(v: &[&str]) -> String {

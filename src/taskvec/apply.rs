@@ -144,6 +144,11 @@ pub fn apply(
     let mut contributors: Vec<Vec<usize>> = vec![Vec::new(); infos.len()];
     let mut skipped = Vec::new();
     let mut ignored_nonfloat = Vec::new();
+    // Lookups by name in maps, not by scanning the tensor list: apply stays linear in the tensor count (a scan per
+    // paired name took 14 s at 64k tensors).
+    let mut ignored_seen: std::collections::HashSet<&str> = std::collections::HashSet::new();
+    let position: std::collections::HashMap<&str, usize> =
+        infos.iter().enumerate().map(|(k, i)| (i.name.as_str(), k)).collect();
     let mut term_reports = Vec::new();
     for (ti, t) in terms.iter().enumerate() {
         let coverage = if t.kind == TermKind::Vector { Coverage::Subset } else { Coverage::Full };
@@ -151,9 +156,9 @@ pub fn apply(
         skipped.extend(p.skipped);
         let mut count = 0;
         for name in &p.common {
-            let k = infos.iter().position(|i| &i.name == name).expect("paired names come from the base");
+            let k = *position.get(name.as_str()).expect("paired names come from the base");
             if !infos[k].dtype.is_float() {
-                if t.kind == TermKind::Vector && !ignored_nonfloat.contains(name) {
+                if t.kind == TermKind::Vector && ignored_seen.insert(infos[k].name.as_str()) {
                     ignored_nonfloat.push(name.clone());
                 }
                 continue;

@@ -1,7 +1,7 @@
 //! Pairing the tensors of a checkpoint with those of its base by name, shape and kind (float or not).
 //!
 //! A tensor present in only one of the two, with another shape, or float in one and not the other cannot take part
-//! in task arithmetic. Those are errors that list every offending name (the first few and a count), unless the caller
+//! in task arithmetic, and neither can an integer tensor against another integer type. Those are errors that list every offending name (the first few and a count), unless the caller
 //! allows skipping them, in which case they come back as `Skipped` entries for the command to warn about.
 
 use std::collections::HashSet;
@@ -65,7 +65,8 @@ pub fn pair(base: &Checkpoint, other: &Checkpoint, coverage: Coverage, allow_mis
                 name: b.name.clone(),
                 reason: format!("shape {:?} in {other_name}, {:?} in the base", o.shape, b.shape),
             });
-        } else if o.dtype.is_float() != b.dtype.is_float() {
+        } else if o.dtype.is_float() != b.dtype.is_float() || (!o.dtype.is_float() && o.dtype != b.dtype) {
+            // Float dtypes mix (widened to f32); an integer tensor pairs only with the same integer dtype.
             kind.push(format!("{} {} vs {} in the base", b.name, o.dtype, b.dtype));
             skipped.push(Skipped {
                 name: b.name.clone(),
@@ -88,7 +89,11 @@ pub fn pair(base: &Checkpoint, other: &Checkpoint, coverage: Coverage, allow_mis
             parts.push(format!("{} with another shape ({})", count(shape.len()), name_list(&shape)));
         }
         if !kind.is_empty() {
-            parts.push(format!("{} float in one and not the other ({})", count(kind.len()), name_list(&kind)));
+            parts.push(format!(
+                "{} float in one and not the other, or of two integer types ({})",
+                count(kind.len()),
+                name_list(&kind)
+            ));
         }
         return Err(Error::invalid(format!(
             "{other_name} does not match the base {}: {}; pass --allow-missing to skip them",
