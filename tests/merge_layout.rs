@@ -315,8 +315,7 @@ fn hugging_face_ids_resolve_from_the_local_cache() {
     assert!(e.contains("'org/absent'") && e.contains("models--org--absent"), "{e}");
     assert!(e.contains("huggingface-cli download org/absent"), "{e}");
     // A local path that does not exist is named, not a bare OS error.
-    let nopath =
-        write_config(d.path(), "nopath.yml", &format!("merge_method: linear\nmodels:\n  - model: ./no/such/model\n"));
+    let nopath = write_config(d.path(), "nopath.yml", "merge_method: linear\nmodels:\n  - model: ./no/such/model\n");
     let (code, e) = fail_env(&["merge", &nopath, "-o", &s(&d.path().join("y"))], &[]);
     assert_eq!(code, 2, "{e}");
     assert!(e.contains("models[0].model: './no/such/model' does not exist"), "{e}");
