@@ -258,26 +258,6 @@ fn recorded_args(args: impl Iterator<Item = String>) -> Vec<String> {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn count_flags_are_bounded() {
-        assert_eq!(super::steps_arg("25"), Ok(25));
-        assert!(super::steps_arg("1").is_err());
-        assert!(super::steps_arg("18446744073709551615").unwrap_err().contains("outside 2..=10000"));
-        assert!(super::steps_arg("1e12").unwrap_err().contains("not a whole number"));
-        assert!(super::threads_arg("0").is_err() && super::threads_arg("100000000").is_err());
-        assert_eq!(super::threads_arg("4096"), Ok(4096));
-    }
-
-    #[test]
-    fn recorded_command_line_leaves_out_threads_and_quiet() {
-        let args = ["graft", "--threads", "4", "merge", "a", "b", "--threads=2", "--quiet", "-o", "out", "--force"];
-        let got = super::recorded_args(args.iter().map(|s| s.to_string()));
-        assert_eq!(got, ["graft", "merge", "a", "b", "-o", "out"]);
-    }
-}
-
 /// Writes to stdout; a closed pipe (`graft ... | head`) ends the program quietly instead of panicking.
 /// Runs `each` on every item of a batch (checkpoints, models). With several items a failing one must not hide the
 /// others: its error is printed on stderr (and, with `json`, as a `{key: name, "error": ...}` line on stdout) and
@@ -362,5 +342,25 @@ pub fn human_count(n: u64) -> String {
         format!("{:.1}K", v / 1e3)
     } else {
         n.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn count_flags_are_bounded() {
+        assert_eq!(super::steps_arg("25"), Ok(25));
+        assert!(super::steps_arg("1").is_err());
+        assert!(super::steps_arg("18446744073709551615").unwrap_err().contains("outside 2..=10000"));
+        assert!(super::steps_arg("1e12").unwrap_err().contains("not a whole number"));
+        assert!(super::threads_arg("0").is_err() && super::threads_arg("100000000").is_err());
+        assert_eq!(super::threads_arg("4096"), Ok(4096));
+    }
+
+    #[test]
+    fn recorded_command_line_leaves_out_threads_and_quiet() {
+        let args = ["graft", "--threads", "4", "merge", "a", "b", "--threads=2", "--quiet", "-o", "out", "--force"];
+        let got = super::recorded_args(args.iter().map(|s| s.to_string()));
+        assert_eq!(got, ["graft", "merge", "a", "b", "-o", "out"]);
     }
 }
