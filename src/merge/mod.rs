@@ -31,6 +31,7 @@ pub mod params;
 pub mod passthrough;
 pub mod plan;
 pub mod rank;
+pub mod sce;
 pub mod scratch;
 pub mod select;
 pub mod slerp;
@@ -56,6 +57,7 @@ static METHODS: &[&dyn MergeMethod] = &[
     &della::DELLA_LINEAR,
     &model_stock::ModelStock,
     &nearswap::NearSwap,
+    &sce::Sce,
     &passthrough::Passthrough,
 ];
 
