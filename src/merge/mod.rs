@@ -26,6 +26,7 @@ pub mod execute;
 pub mod linear;
 pub mod method;
 pub mod model_stock;
+pub mod multislerp;
 pub mod nearswap;
 pub mod params;
 pub mod passthrough;
@@ -56,6 +57,7 @@ static METHODS: &[&dyn MergeMethod] = &[
     &della::DELLA,
     &della::DELLA_LINEAR,
     &model_stock::ModelStock,
+    &multislerp::MultiSlerp,
     &nearswap::NearSwap,
     &sce::Sce,
     &passthrough::Passthrough,
