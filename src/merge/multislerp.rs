@@ -25,8 +25,8 @@ const PARAMS: &[ParamDef] = &[
 ];
 
 /// The coefficients `k_i` of the result `base + sum k_i x_i`, from the Gram matrix `g` of the `x_i` (see the module
-/// comment); `Err(())` when the weighted mean of the units vanishes for more than two models.
-pub fn coefficients(g: &[Vec<f64>], w: &[f64], eps: f64) -> std::result::Result<Vec<f64>, ()> {
+/// comment); `None` when the weighted mean of the units vanishes for more than two models.
+pub fn coefficients(g: &[Vec<f64>], w: &[f64], eps: f64) -> Option<Vec<f64>> {
     let m = w.len();
     let norms: Vec<f64> = (0..m).map(|i| g[i][i].max(0.0).sqrt()).collect();
     let quad = |c: &[f64]| -> f64 {
@@ -42,7 +42,7 @@ pub fn coefficients(g: &[Vec<f64>], w: &[f64], eps: f64) -> std::result::Result<
     let unit: Vec<f64> = (0..m).map(|i| w[i] / (norms[i] + eps)).collect();
     let mean_norm = quad(&unit).sqrt();
     if mean_norm < eps {
-        return if m == 2 { Ok(w.to_vec()) } else { Err(()) };
+        return (m == 2).then(|| w.to_vec());
     }
     let mean: Vec<f64> = unit.iter().map(|u| u / mean_norm).collect();
     // u_i . m for each model, then the tangent sum t = sum w_i u_i - (sum w_i (u_i . m)) m.
@@ -51,7 +51,7 @@ pub fn coefficients(g: &[Vec<f64>], w: &[f64], eps: f64) -> std::result::Result<
     let tangent: Vec<f64> = (0..m).map(|i| unit[i] - along * mean[i]).collect();
     let tn = quad(&tangent).sqrt() + eps;
     let scale: f64 = (0..m).map(|i| w[i] * norms[i]).sum();
-    Ok((0..m).map(|i| scale * (mean[i] * tn.cos() + tangent[i] * tn.sin() / tn)).collect())
+    Some((0..m).map(|i| scale * (mean[i] * tn.cos() + tangent[i] * tn.sin() / tn)).collect())
 }
 
 struct SumKernel<'a> {
@@ -161,12 +161,13 @@ impl MergeMethod for MultiSlerp {
                 }
             }
         }
-        for i in 0..m {
-            for j in 0..i {
-                g[i][j] = g[j][i];
+        for i in 1..m {
+            let (upper, lower) = g.split_at_mut(i);
+            for (j, row) in upper.iter().enumerate() {
+                lower[0][j] = row[i];
             }
         }
-        let k = coefficients(&g, &w, eps).map_err(|()| {
+        let k = coefficients(&g, &w, eps).ok_or_else(|| {
             Error::invalid(format!(
                 "tensor '{}': multislerp's weighted mean of the inputs is zero (antipodal inputs with balancing \
                  weights); try other weights",
@@ -281,7 +282,7 @@ mod tests {
         let n = 100;
         let x = randn(60, n, 1.0);
         // One model comes back unchanged.
-        assert_eq!(run(&MultiSlerp, &[x.clone()], None, &p(&[0.4], false, true)), x);
+        assert_eq!(run(&MultiSlerp, std::slice::from_ref(&x), None, &p(&[0.4], false, true)), x);
         // Identical inputs: the interpolation is the input.
         let got = run(&MultiSlerp, &[x.clone(), x.clone(), x.clone()], None, &p(&[1.0, 2.0, 3.0], false, true));
         for (g, w) in got.iter().zip(&x) {

@@ -300,7 +300,7 @@ mod tests {
         // Identical inputs: zero task vectors, the base comes back exactly.
         assert_eq!(run(&Sce, &[b.clone(), b.clone(), b.clone()], Some(0), &p(0.5, 3)), b);
         // Base alone.
-        assert_eq!(run(&Sce, &[b.clone()], Some(0), &p(1.0, 1)), b);
+        assert_eq!(run(&Sce, std::slice::from_ref(&b), Some(0), &p(1.0, 1)), b);
         // Out of range.
         for bad in [-0.1, 1.5, f64::NAN] {
             let e =
