@@ -152,6 +152,23 @@ def mergekit_view(cfg, tmp):
 
     return walk(cfg)
 
+# Methods added later (sce, multislerp): f32 working dtype, so the comparison measures the algorithms.
+CASES["sce_llama_f32"] = {
+    "merge_method": "sce",
+    "base_model": f"{L}/base",
+    "models": models((f"{L}/ft_a", None), (f"{L}/ft_b", None)),
+    "parameters": {"select_topk": 0.5},
+    "dtype": "float32",
+    "out_dtype": "bfloat16",
+}
+CASES["multislerp_llama_f32"] = {
+    "merge_method": "multislerp",
+    "base_model": f"{L}/base",
+    "models": models((f"{L}/ft_a", {"weight": 0.6}), (f"{L}/ft_b", {"weight": [0.2, 0.5]})),
+    "dtype": "float32",
+    "out_dtype": "bfloat16",
+}
+
 
 def main():
     torch.set_num_threads(1)

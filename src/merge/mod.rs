@@ -26,12 +26,14 @@ pub mod execute;
 pub mod linear;
 pub mod method;
 pub mod model_stock;
+pub mod multislerp;
 pub mod nearswap;
 pub mod output;
 pub mod params;
 pub mod passthrough;
 pub mod plan;
 pub mod rank;
+pub mod sce;
 pub mod scratch;
 pub mod select;
 pub mod slerp;
@@ -56,7 +58,9 @@ static METHODS: &[&dyn MergeMethod] = &[
     &della::DELLA,
     &della::DELLA_LINEAR,
     &model_stock::ModelStock,
+    &multislerp::MultiSlerp,
     &nearswap::NearSwap,
+    &sce::Sce,
     &passthrough::Passthrough,
 ];
 
