@@ -247,10 +247,15 @@ fn a_kill_anywhere_leaves_the_old_or_the_new_checkpoint_and_every_foreign_file()
             "NOTES",
             "README.md",
             "adapter_model.safetensors",
+            "chat_template.jinja",
             "config.json",
             "consolidated.safetensors",
             "eval/results.jsonl",
-            "model.safetensors"
+            "generation_config.json",
+            "model.safetensors",
+            "special_tokens_map.json",
+            "tokenizer.json",
+            "tokenizer_config.json"
         ]
     );
 }
@@ -282,10 +287,15 @@ fn force_replaces_only_the_old_checkpoint_even_through_a_symlink() {
             "NOTES",
             "README.md",
             "adapter_model.safetensors",
+            "chat_template.jinja",
             "config.json",
             "consolidated.safetensors",
             "eval/results.jsonl",
-            "model.safetensors"
+            "generation_config.json",
+            "model.safetensors",
+            "special_tokens_map.json",
+            "tokenizer.json",
+            "tokenizer_config.json"
         ]
     );
     assert_eq!(content(&link).unwrap(), content(&fixture("llama/ft_b")).unwrap());
