@@ -87,8 +87,24 @@ fn sharded_index_matches_hugging_face_layout() {
 
 #[test]
 fn output_is_identical_whatever_the_thread_count() {
-    let ck = Checkpoint::open(fixture("bert/base")).unwrap();
+    // A tensor of 2.5 executor chunks between small ones: conversion then runs the chunked parallel path, not only
+    // windows of small tensors (every fixture tensor fits in one chunk).
     let tmp = tempfile::tempdir().unwrap();
+    let n = 2 * graft::exec::CHUNK_ELEMS + graft::exec::CHUNK_ELEMS / 2;
+    let value = |i: usize| ((i * 7919 % 10007) as f32 - 5003.0) * 1.0e-3 + i as f32 * 1.0e-7;
+    let large: Vec<f32> = (0..n).map(value).collect();
+    let input = tmp.path().join("input.safetensors");
+    let decls = vec![
+        TensorDecl::new("a.bias", Dtype::F32, vec![1000]),
+        TensorDecl::new("b.weight", Dtype::F32, vec![n / 1024, 1024]),
+        TensorDecl::new("c.ids", Dtype::I64, vec![3]),
+    ];
+    let mut w = CheckpointWriter::create(&input, decls, WriterOptions::default()).unwrap();
+    w.write_f32("a.bias", &large[..1000]).unwrap();
+    w.write_f32("b.weight", &large).unwrap();
+    w.write_tensor("c.ids", &[7u8; 24]).unwrap();
+    w.finish().unwrap();
+    let ck = Checkpoint::open(&input).unwrap();
     let mut outputs = Vec::new();
     for threads in [1, 2, 3] {
         let out = tmp.path().join(format!("t{threads}.safetensors"));
@@ -97,6 +113,17 @@ fn output_is_identical_whatever_the_thread_count() {
         outputs.push(std::fs::read(&out).unwrap());
     }
     assert!(outputs.windows(2).all(|w| w[0] == w[1]));
+    // And the large tensor is the textbook rounding of every value (round to nearest even on the f32 bits).
+    let back = Checkpoint::open(tmp.path().join("t3.safetensors")).unwrap();
+    let want: Vec<u8> = large
+        .iter()
+        .flat_map(|x| {
+            let b = x.to_bits();
+            (((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16).to_le_bytes()
+        })
+        .collect();
+    assert!(back.tensor("b.weight").unwrap().data == want.as_slice());
+    assert_eq!(back.tensor("c.ids").unwrap().data, &[7u8; 24]);
 }
 
 #[test]

@@ -63,27 +63,56 @@ fn slerp_endpoints_return_the_inputs() {
     }
 }
 
+/// A model directory with one tensor of 2.5 executor chunks (fixture tensors all fit in one chunk, so merging them
+/// never runs the chunked parallel path) and a small one; `sharded` puts them in two shards with an index.
+fn large_model(dir: &tempfile::TempDir, name: &str, seed: u64, sharded: bool) -> String {
+    use graft::checkpoint::{CheckpointWriter, Dtype, TensorDecl, WriterOptions};
+    let n = 2 * graft::exec::CHUNK_ELEMS + graft::exec::CHUNK_ELEMS / 2;
+    let (mut base, mut delta) = (graft::rng::Rng::new(1), graft::rng::Rng::new(seed));
+    let mut values = |k: usize| -> Vec<f32> {
+        (0..k).map(|_| (base.normal() * 0.02 + if seed == 0 { 0.0 } else { delta.normal() * 0.002 }) as f32).collect()
+    };
+    let (large, small) = (values(n), values(1024));
+    let path = dir.path().join(name);
+    let decls = vec![
+        TensorDecl::new("model.layers.0.mlp.down_proj.weight", Dtype::F32, vec![n / 1024, 1024]),
+        TensorDecl::new("model.layers.0.input_layernorm.weight", Dtype::F32, vec![1024]),
+    ];
+    let max_shard_size = if sharded { 5_000_000 } else { WriterOptions::default().max_shard_size };
+    let mut w = CheckpointWriter::create(&path, decls, WriterOptions { max_shard_size, ..Default::default() }).unwrap();
+    w.write_f32("model.layers.0.mlp.down_proj.weight", &large).unwrap();
+    w.write_f32("model.layers.0.input_layernorm.weight", &small).unwrap();
+    assert_eq!(w.finish().unwrap().files.len(), if sharded { 3 } else { 1 });
+    path.display().to_string()
+}
+
 #[test]
 fn results_do_not_depend_on_threads_or_sharding() {
     let d = tempfile::tempdir().unwrap();
-    for method in [
-        &["--method", "ties", "--density", "0.4"][..],
-        &["--method", "dare_ties", "--density", "0.5", "--seed", "7"],
-        &["--method", "della", "--density", "0.5", "--epsilon", "0.2"],
-    ] {
-        let mut runs = Vec::new();
-        for (threads, base) in [("1", "llama/base"), ("2", "llama/base-sharded")] {
-            let o = out(&d, &format!("{}-{threads}", method[1]));
-            let mut args = vec!["merge", "--threads", threads, "--base"];
-            let b = fx(base);
-            args.push(&b);
-            args.extend_from_slice(method);
-            let (a, bb) = (fx("llama/ft_a"), fx("llama/ft_b"));
-            args.extend_from_slice(&[&a, &bb, "-o", &o, "--weight", "0.6,0.4"]);
-            ok(&args);
-            runs.push(tensors(&o));
+    let large = [
+        large_model(&d, "base", 0, false),
+        large_model(&d, "base-sharded", 0, true),
+        large_model(&d, "ft_a", 2, false),
+        large_model(&d, "ft_b", 3, true),
+    ];
+    let fixtures = [fx("llama/base"), fx("llama/base-sharded"), fx("llama/ft_a"), fx("llama/ft_b")];
+    for (set, models) in [&large, &fixtures].into_iter().enumerate() {
+        for method in [
+            &["--method", "ties", "--density", "0.4"][..],
+            &["--method", "dare_ties", "--density", "0.5", "--seed", "7"],
+            &["--method", "della", "--density", "0.5", "--epsilon", "0.2"],
+        ] {
+            let mut runs = Vec::new();
+            for (threads, base) in [("1", &models[0]), ("3", &models[1])] {
+                let o = out(&d, &format!("{}-{set}-{threads}", method[1]));
+                let mut args = vec!["merge", "--threads", threads, "--base", base];
+                args.extend_from_slice(method);
+                args.extend_from_slice(&[&models[2], &models[3], "-o", &o, "--weight", "0.6,0.4"]);
+                ok(&args);
+                runs.push(tensors(&o));
+            }
+            assert_eq!(runs[0], runs[1], "{method:?} on {}", models[0]);
         }
-        assert_eq!(runs[0], runs[1], "{method:?}");
     }
 }
 

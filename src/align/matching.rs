@@ -21,7 +21,7 @@ use serde::Serialize;
 use super::lap;
 use super::permute::{axis_maps, is_identity, strides, Gather, Perms};
 use super::spec::Resolved;
-use crate::checkpoint::{Checkpoint, Dtype, TensorView};
+use crate::checkpoint::{dtype, Checkpoint, TensorView};
 use crate::error::{Error, Result};
 use crate::exec::{chunk_ranges, Executor};
 use crate::rng::Rng;
@@ -312,7 +312,7 @@ impl Term {
         let cols = (self.pack / n).clamp(1, rest);
         let mut x = vec![0f64; n * cols];
         let mut y = vec![0f64; n * cols];
-        let (load_r, load_m) = (loader(r.dtype), loader(m.dtype));
+        let (load_r, load_m) = (dtype::element_to_f64(r.dtype), dtype::element_to_f64(m.dtype));
         let mut c0 = 0;
         while c0 < rest {
             let c = cols.min(rest - c0);
@@ -342,33 +342,10 @@ impl Term {
     }
 }
 
-/// Reads element `i` of a float tensor's bytes as f64.
-fn loader(dtype: Dtype) -> fn(&[u8], usize) -> f64 {
-    fn f32_at(b: &[u8], i: usize) -> f64 {
-        f32::from_le_bytes(b[4 * i..4 * i + 4].try_into().unwrap()) as f64
-    }
-    fn bf16_at(b: &[u8], i: usize) -> f64 {
-        half::bf16::from_bits(u16::from_le_bytes([b[2 * i], b[2 * i + 1]])).to_f64()
-    }
-    fn f16_at(b: &[u8], i: usize) -> f64 {
-        half::f16::from_bits(u16::from_le_bytes([b[2 * i], b[2 * i + 1]])).to_f64()
-    }
-    fn f64_at(b: &[u8], i: usize) -> f64 {
-        // Matching works on the values graft computes with: f64 weights are narrowed to f32 as everywhere else.
-        f64::from_le_bytes(b[8 * i..8 * i + 8].try_into().unwrap()) as f32 as f64
-    }
-    match dtype {
-        Dtype::F32 => f32_at,
-        Dtype::BF16 => bf16_at,
-        Dtype::F16 => f16_at,
-        Dtype::F64 => f64_at,
-        other => unreachable!("loader for non-float dtype {other}"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::checkpoint::Dtype;
 
     /// The cost term computed by definition: move the axis first, flatten, permute the other axes, multiply.
     fn naive_term(

@@ -276,6 +276,54 @@ pub fn from_f32_vec(dtype: Dtype, src: &[f32]) -> Vec<u8> {
     out
 }
 
+/// `x` rounded to nearest even in `dtype` and widened back to f32: what storing `x` as `dtype` and reading it again
+/// gives. F32 and wider (and non-float dtypes, which never hold computed values) leave `x` as it is.
+#[inline]
+pub fn round_value(dtype: Dtype, x: f32) -> f32 {
+    match dtype {
+        Dtype::BF16 => f32::from_bits((bf16_bits(x) as u32) << 16),
+        Dtype::F16 => f16::from_f32(x).to_f32(),
+        _ => x,
+    }
+}
+
+/// Rounds every value of `v` to `dtype` in place (`round_value` per element): for computing in a narrower working
+/// dtype the way a framework that stores every intermediate in it does.
+pub fn round_in_place(dtype: Dtype, v: &mut [f32]) {
+    if matches!(dtype, Dtype::BF16 | Dtype::F16) {
+        for x in v {
+            *x = round_value(dtype, *x);
+        }
+    }
+}
+
+/// The decoder of single elements of a float dtype as f64, for gathers that read scattered elements: element `i` of
+/// `bytes` decodes to exactly the f32 value `to_f32` gives it, widened (F64 is narrowed to f32 first, as everywhere
+/// graft computes). Panics on a non-float dtype, a programming error.
+pub fn element_to_f64(dtype: Dtype) -> fn(&[u8], usize) -> f64 {
+    fn f32_at(b: &[u8], i: usize) -> f64 {
+        f32::from_le_bytes(b[4 * i..4 * i + 4].try_into().unwrap()) as f64
+    }
+    fn bf16_at(b: &[u8], i: usize) -> f64 {
+        let bits = (u16::from_le_bytes([b[2 * i], b[2 * i + 1]]) as u32) << 16;
+        let nan = (bits & 0x7fff_ffff) > 0x7f80_0000;
+        f32::from_bits(bits | ((nan as u32) << 22)) as f64
+    }
+    fn f16_at(b: &[u8], i: usize) -> f64 {
+        f16::from_bits(u16::from_le_bytes([b[2 * i], b[2 * i + 1]])).to_f32() as f64
+    }
+    fn f64_at(b: &[u8], i: usize) -> f64 {
+        f64::from_le_bytes(b[8 * i..8 * i + 8].try_into().unwrap()) as f32 as f64
+    }
+    match dtype {
+        Dtype::F32 => f32_at,
+        Dtype::BF16 => bf16_at,
+        Dtype::F16 => f16_at,
+        Dtype::F64 => f64_at,
+        other => panic!("element_to_f64 on non-float dtype {other}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -369,5 +417,55 @@ mod tests {
         assert_eq!(Dtype::parse_user("bfloat16"), Some(Dtype::BF16));
         assert_eq!(Dtype::parse_user("float16"), Some(Dtype::F16));
         assert_eq!(Dtype::from_header_name("Q4"), None);
+    }
+
+    #[test]
+    fn single_elements_decode_as_the_slice_conversion_does() {
+        let mut rng = crate::rng::Rng::new(9);
+        for dtype in [Dtype::BF16, Dtype::F16, Dtype::F32, Dtype::F64] {
+            // Every bit pattern for the 16-bit types; random ones (NaNs and infinities included) for the others.
+            let bytes: Vec<u8> = if dtype.size() == 2 {
+                (0..=u16::MAX).flat_map(|b| b.to_le_bytes()).collect()
+            } else {
+                (0..200_000 * dtype.size()).map(|_| rng.next_u64() as u8).collect()
+            };
+            let want = to_f32_vec(dtype, &bytes);
+            let at = element_to_f64(dtype);
+            for (i, w) in want.iter().enumerate() {
+                let got = at(&bytes, i);
+                if w.is_nan() {
+                    assert!(got.is_nan(), "{dtype} element {i}");
+                } else {
+                    assert_eq!(got, *w as f64, "{dtype} element {i}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rounding_in_place_is_storing_and_reading_back() {
+        let mut rng = crate::rng::Rng::new(4);
+        let mut vals: Vec<f32> = (0..100_000).map(|_| f32::from_bits(rng.next_u64() as u32)).collect();
+        vals.extend([1.0 + 2f32.powi(-8), 1.0 + 3.0 * 2f32.powi(-8), 65520.0, -0.0, f32::INFINITY]);
+        for dtype in [Dtype::BF16, Dtype::F16, Dtype::F32, Dtype::F64] {
+            let mut v = vals.clone();
+            round_in_place(dtype, &mut v);
+            let stored = to_f32_vec(dtype, &from_f32_vec(dtype, &vals));
+            for (k, (g, w)) in v.iter().zip(&stored).enumerate() {
+                assert!(g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()), "{dtype}: {} -> {g} vs {w}", vals[k]);
+                assert_eq!(round_value(dtype, vals[k]).to_bits(), g.to_bits(), "{dtype}: {}", vals[k]);
+                // What merge's mergekit arithmetic computed before this function existed: half's round trip.
+                let half_trip = match dtype {
+                    Dtype::BF16 => bf16::from_f32(vals[k]).to_f32(),
+                    Dtype::F16 => f16::from_f32(vals[k]).to_f32(),
+                    _ => vals[k],
+                };
+                assert!(g.to_bits() == half_trip.to_bits() || (g.is_nan() && half_trip.is_nan()), "{dtype}");
+            }
+        }
+        // Ties to even, by hand: 1 + 2^-8 is halfway between bf16's 1 and 1 + 2^-7 and goes down; 65520 is halfway
+        // between f16's largest finite value 65504 and the next step, so it rounds to infinity.
+        assert_eq!(round_value(Dtype::BF16, 1.0 + 2f32.powi(-8)), 1.0);
+        assert_eq!(round_value(Dtype::F16, 65520.0), f32::INFINITY);
     }
 }

@@ -62,16 +62,19 @@ mod tests {
     }
 
     #[test]
-    fn seeded_and_thread_count_independent() {
-        let n = 300_000;
+    fn seeded_and_independent_of_chunking_and_thread_count() {
+        // 2.5 executor chunks: the rescale pre-pass sums per chunk and the chunks are computed in parallel.
+        let n = 2 * crate::exec::CHUNK_ELEMS + crate::exec::CHUNK_ELEMS / 2;
         let b = randn(1, n, 1.0);
         let x = randn(2, n, 1.0);
         let run_with = |seed, threads| {
             run_full(&DARE_TIES, &[b.clone(), x.clone()], &[n], Some(0), &p(true, 0.5), Arithmetic::F32, seed, threads)
                 .unwrap()
         };
-        let a = run_with(3, 1);
-        assert_eq!(a, run_with(3, 2));
-        assert_ne!(a, run_with(4, 2));
+        // threads 0: the whole tensor in one kernel call, the single-chunk reference.
+        let whole = run_with(3, 0);
+        assert_eq!(whole, run_with(3, 1));
+        assert_eq!(whole, run_with(3, 3));
+        assert_ne!(whole, run_with(4, 3));
     }
 }

@@ -48,8 +48,10 @@ mod tests {
             run_full(&DELLA_LINEAR, &[b.clone(), x.clone()], &[rows, cols], Some(0), &p, Arithmetic::F32, 1, threads)
                 .unwrap()
         };
-        let out = go(2);
+        // threads 0: the whole tensor in one kernel call, the single-chunk reference for the chunked runs.
+        let out = go(3);
         assert_eq!(out, go(1));
+        assert_eq!(out, go(0));
         // Per row, the top fifth of magnitudes is kept with mean probability 0.74, the bottom fifth 0.26.
         let (mut top, mut bottom, mut count) = (0usize, 0usize, 0usize);
         for r in 0..rows {

@@ -18,11 +18,9 @@ use std::fmt;
 use std::ops::Range;
 use std::sync::Arc;
 
-use half::{bf16, f16};
-
 use super::params::{ParamDef, Scope, TensorParams};
 use super::scratch::Buf;
-use crate::checkpoint::{Dtype, TensorView};
+use crate::checkpoint::{dtype, Dtype, TensorView};
 use crate::error::{Error, Result};
 use crate::exec::Executor;
 
@@ -91,7 +89,7 @@ impl Arithmetic {
     /// Rounds `v` to the working dtype (no-op in f32 mode or for a working dtype of f32 and wider).
     pub fn round(self, v: &mut [f32]) {
         if let Arithmetic::Mergekit(d) = self {
-            round_slice(d, v);
+            dtype::round_in_place(d, v);
         }
     }
 
@@ -99,26 +97,8 @@ impl Arithmetic {
     #[inline]
     pub fn r(self, x: f32) -> f32 {
         match self {
-            Arithmetic::Mergekit(d) => round_to(d, x),
+            Arithmetic::Mergekit(d) => dtype::round_value(d, x),
             Arithmetic::F32 => x,
-        }
-    }
-}
-
-/// `x` rounded to nearest even in `dtype` and widened back.
-#[inline]
-pub fn round_to(dtype: Dtype, x: f32) -> f32 {
-    match dtype {
-        Dtype::BF16 => bf16::from_f32(x).to_f32(),
-        Dtype::F16 => f16::from_f32(x).to_f32(),
-        _ => x,
-    }
-}
-
-pub fn round_slice(dtype: Dtype, v: &mut [f32]) {
-    if matches!(dtype, Dtype::BF16 | Dtype::F16) {
-        for x in v {
-            *x = round_to(dtype, *x);
         }
     }
 }
@@ -288,7 +268,9 @@ pub(crate) mod testing {
         }
     }
 
-    /// Runs `method` on `inputs` (f32 data of shape `shape`) and returns the merged tensor.
+    /// Runs `method` on `inputs` (f32 data of shape `shape`) and returns the merged tensor, computed as the executor
+    /// does: executor chunks in parallel on `threads` threads (`threads: 0` computes the whole tensor in one call to
+    /// the kernel on one thread instead, the single-chunk reference for chunking tests).
     #[allow(clippy::too_many_arguments)]
     pub fn run_full(
         method: &dyn MergeMethod,
@@ -305,7 +287,7 @@ pub(crate) mod testing {
             .iter()
             .map(|d| TensorView { name: "t", dtype: Dtype::F32, shape, data: d, file: Path::new("test") })
             .collect();
-        let exec = Executor::new(Some(threads))?.quiet();
+        let exec = Executor::new(Some(threads.max(1)))?.quiet();
         let mut ctx = Ctx { exec: &exec, seed, global: None };
         let ti = TensorInputs { name: "t".into(), shape: shape.to_vec(), views, base, arithmetic };
         // A method with whole-model statistics gathers them first (the model being this one tensor).
@@ -318,11 +300,10 @@ pub(crate) mod testing {
         };
         let n = ti.numel();
         let k = method.prepare(ti, p, &ctx)?;
-        let mut out = Vec::with_capacity(n);
-        for r in crate::exec::chunk_ranges(n) {
-            out.extend(k.compute(r)?);
+        if threads == 0 {
+            return k.compute(0..n);
         }
-        Ok(out)
+        Ok(exec.chunked(n, |r| k.compute(r))?.concat())
     }
 
     pub fn run(method: &dyn MergeMethod, inputs: &[Vec<f32>], base: Option<usize>, p: &TensorParams) -> Vec<f32> {
