@@ -261,7 +261,7 @@ impl Executor {
         match p {
             Produce::Input(read) if check_input(d, &read)? => {
                 // Same dtype: the mapped bytes go to the writer chunk by chunk, each released once written.
-                guard::check_stored(&read.tensor)?;
+                read.tensor.check_stored_finite()?;
                 let s = d.dtype.size();
                 for r in chunk_ranges(d.numel()) {
                     let bytes = &read.tensor.data[r.start * s..r.end * s];
@@ -434,7 +434,7 @@ fn finish_small<'a>(d: &TensorDecl, p: Produce<'a>) -> Result<Ready<'a>> {
         }
         Produce::Input(read) => {
             if check_input(d, &read)? {
-                guard::check_stored(&read.tensor)?;
+                read.tensor.check_stored_finite()?;
                 return Ok(Ready::Mapped { bytes: read.tensor.data, from: read.checkpoint });
             }
             let v = read.tensor.f32_range(0..d.numel())?;

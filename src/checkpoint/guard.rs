@@ -2,7 +2,8 @@
 //! before any read, and non-finite values (NaN, +-Inf) in inputs or in rounded outputs are refused or, with
 //! `--allow-nonfinite`, let through with one warning line per tensor.
 //!
-//! The non-finite policy is process-wide, set once by the CLI before any tensor is read. Why not a field on
+//! The non-finite policy is process-wide, set once by the CLI before any tensor is read (the reader's views apply it
+//! to inputs: `TensorView::nonfinite_found`, `TensorView::check_stored_finite`). Why not a field on
 //! `Checkpoint`: the check sits in `TensorView::read_f32_range`, which every algorithm reaches through views of
 //! many checkpoints opened in a dozen places (and the executor's narrowing knows no checkpoint at all); one setting
 //! the CLI owns keeps every opener and kernel unchanged and cannot be forgotten on one code path. The default
@@ -13,8 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
-use super::dtype::{self, Dtype};
-use super::reader::TensorView;
+use super::dtype::Dtype;
 use crate::error::{Error, Result};
 
 static ALLOW_NONFINITE: AtomicBool = AtomicBool::new(false);
@@ -62,37 +62,6 @@ fn special_kind(_meta: &std::fs::Metadata) -> &'static str {
     "special file"
 }
 
-/// Called when a read of `view` found non-finite values: counts them over the whole tensor once, then errors or
-/// (with the policy set) warns once for this tensor and lets the values through.
-pub fn nonfinite_input(view: &TensorView) -> Result<()> {
-    let mut count = 0usize;
-    let mut buf = vec![0f32; dtype::CONVERT_CHUNK];
-    let width = view.dtype.size();
-    for bytes in view.data.chunks(dtype::CONVERT_CHUNK * width) {
-        let out = &mut buf[..bytes.len() / width];
-        count += dtype::to_f32_counting(view.dtype, bytes, out);
-    }
-    let what = format!(
-        "{count} of {} values are NaN or infinite{}",
-        view.numel(),
-        if view.dtype == Dtype::F64 { " (in f32, which graft computes in)" } else { "" }
-    );
-    if !allow_nonfinite() {
-        return Err(Error::tensor(view.file, view.name, format!("{what}; pass --allow-nonfinite to use them anyway")));
-    }
-    warn_once(view.file, view.name, &format!("{}: tensor '{}': {what}; let through", view.file.display(), view.name));
-    Ok(())
-}
-
-/// For float tensors copied as stored bytes (no widening to scan on the way): counts non-finite values in the
-/// stored bits and applies the same policy as `nonfinite_input`.
-pub fn check_stored(view: &TensorView) -> Result<()> {
-    if view.is_float() && dtype::count_nonfinite_stored(view.dtype, view.data) > 0 {
-        return nonfinite_input(view);
-    }
-    Ok(())
-}
-
 /// Called once per output tensor with the number of its values that are NaN or infinite after rounding to its
 /// stored dtype (an f32 sum that overflowed, an f32 -> f16 conversion beyond 65504, a NaN input let through).
 pub fn nonfinite_output(name: &str, dtype: Dtype, numel: usize, count: usize) -> Result<()> {
@@ -110,7 +79,8 @@ pub fn nonfinite_output(name: &str, dtype: Dtype, numel: usize, count: usize) ->
     Ok(())
 }
 
-fn warn_once(file: &Path, tensor: &str, line: &str) {
+/// Prints `line` as a warning the first time it is called for (`file`, `tensor`).
+pub(crate) fn warn_once(file: &Path, tensor: &str, line: &str) {
     let mut warned = WARNED.lock().unwrap_or_else(|e| e.into_inner());
     if warned.get_or_insert_with(HashSet::new).insert((file.to_path_buf(), tensor.to_string())) {
         eprintln!("graft: warning: {}", crate::error::bounded(line));

@@ -49,7 +49,39 @@ impl<'a> TensorView<'a> {
         }
         // Counting non-finite values in the same blocks as the conversion keeps the check free of an extra pass.
         if dtype::to_f32_counting(self.dtype, &self.data[range.start * s..range.end * s], out) > 0 {
-            super::guard::nonfinite_input(self)?;
+            self.nonfinite_found()?;
+        }
+        Ok(())
+    }
+
+    /// Called when a read found non-finite values: counts them over the whole tensor once, then errors or (with the
+    /// `guard` policy set to allow them) warns once for this tensor and lets the values through.
+    pub fn nonfinite_found(&self) -> Result<()> {
+        let mut count = 0usize;
+        let mut buf = vec![0f32; dtype::CONVERT_CHUNK];
+        let width = self.dtype.size();
+        for bytes in self.data.chunks(dtype::CONVERT_CHUNK * width) {
+            let out = &mut buf[..bytes.len() / width];
+            count += dtype::to_f32_counting(self.dtype, bytes, out);
+        }
+        let what = format!(
+            "{count} of {} values are NaN or infinite{}",
+            self.numel(),
+            if self.dtype == Dtype::F64 { " (in f32, which graft computes in)" } else { "" }
+        );
+        if !super::guard::allow_nonfinite() {
+            return Err(Error::tensor(self.file, self.name, format!("{what}; pass --allow-nonfinite to use them anyway")));
+        }
+        let line = format!("{}: tensor '{}': {what}; let through", self.file.display(), self.name);
+        super::guard::warn_once(self.file, self.name, &line);
+        Ok(())
+    }
+
+    /// For float tensors copied as stored bytes (no widening to scan on the way): counts non-finite values in the
+    /// stored bits and applies the same policy as a widening read.
+    pub fn check_stored_finite(&self) -> Result<()> {
+        if self.is_float() && dtype::count_nonfinite_stored(self.dtype, self.data) > 0 {
+            return self.nonfinite_found();
         }
         Ok(())
     }
