@@ -390,6 +390,10 @@ fn bad_gguf_files_give_one_line_errors() {
     let err = one_line_error(&["convert", unknown.to_str().unwrap(), "-o", o]);
     assert!(err.contains("unknown.gguf") && err.contains("unsupported quantisation type"), "{err}");
     assert!(!out.exists());
+
+    // Commands that take checkpoints point at convert instead of misreading the file as safetensors.
+    let err = one_line_error(&["snr", fx.gguf.to_str().unwrap()]);
+    assert!(err.contains("tiny.gguf") && err.contains("graft convert"), "{err}");
 }
 
 #[test]
