@@ -1,5 +1,6 @@
-//! Re-writing a checkpoint: re-sharding, changing the dtype of float tensors, renaming nothing. The simplest user of
-//! the pipeline (open -> plan -> stream -> write), and the round trip that proves reader and writer agree.
+//! Re-writing a checkpoint: re-sharding, changing the dtype of float tensors, renaming nothing; and turning a GGUF
+//! file into a Hugging Face checkpoint (`convert_gguf`, renaming and un-permuting through `gguf`). The simplest user
+//! of the pipeline (open -> plan -> stream -> write), and the round trip that proves reader and writer agree.
 
 use crate::checkpoint::{Checkpoint, CheckpointWriter, Dtype, TensorDecl, WriterOptions, Written};
 use crate::error::Result;
@@ -31,4 +32,52 @@ pub fn convert(
 ) -> Result<Written> {
     let writer = CheckpointWriter::create(out, plan(ck, dtype), opts)?;
     exec.write(writer, "convert", |_, decl| Produce::input(ck, &decl.name))
+}
+
+/// Plans the Hugging Face checkpoint of GGUF `g`: each tensor under its Hugging Face name, in `dtype` when given,
+/// otherwise F16/BF16 as stored and f32 for quantised ones (their exact dequantised values).
+pub fn plan_gguf(mapped: &[crate::gguf::Mapped], dtype: Option<Dtype>) -> Vec<TensorDecl> {
+    mapped
+        .iter()
+        .map(|m| TensorDecl::new(m.hf.clone(), dtype.unwrap_or(crate::gguf::natural_dtype(m.ggml)), m.shape.clone()))
+        .collect()
+}
+
+/// Writes GGUF `g` as a Hugging Face checkpoint directory (or single file) at `out`: tensors renamed, query/key rows
+/// put back in Hugging Face's rotary layout, `config.json` from the metadata. Each tensor is read and dequantised
+/// when the executor asks for it, so memory holds a few tensors at a time, not the model.
+pub fn convert_gguf(
+    g: &crate::gguf::GgufFile,
+    out: &std::path::Path,
+    dtype: Option<Dtype>,
+    opts: WriterOptions,
+    exec: &Executor,
+) -> Result<Written> {
+    let (family, mapped) = crate::gguf::map_llama(g)?;
+    let decls = plan_gguf(&mapped, dtype);
+    let config = crate::gguf::hf_config(g, family, dtype.unwrap_or(Dtype::F32))?;
+    let mut writer = CheckpointWriter::create(out, decls, opts)?;
+    if out.extension().is_none_or(|e| e != "safetensors") {
+        writer.add_file("config.json", (serde_json::to_string_pretty(&config).unwrap() + "\n").into_bytes())?;
+    }
+    exec.write(writer, "convert", |i, decl| {
+        let m = &mapped[i];
+        let row_len = m.shape.iter().skip(1).product::<usize>().max(1);
+        let stored = crate::gguf::natural_dtype(m.ggml);
+        if stored == decl.dtype && stored != Dtype::F32 {
+            // F16/BF16 as stored: the bytes themselves, rows moved as whole rows of bytes.
+            let raw = g.raw(&m.gguf)?;
+            let raw = match m.unpermute_heads {
+                Some(h) => crate::gguf::unpermute_rows(&raw, row_len * stored.size(), h),
+                None => raw,
+            };
+            return Ok(Produce::Owned(raw));
+        }
+        let values = g.dequantize(&m.gguf)?;
+        let values = match m.unpermute_heads {
+            Some(h) => crate::gguf::unpermute_rows(&values, row_len, h),
+            None => values,
+        };
+        Ok(Produce::F32(values))
+    })
 }

@@ -13,6 +13,7 @@ pub mod convert;
 pub mod error;
 pub mod exec;
 pub mod experiment;
+pub mod gguf;
 pub mod hub;
 pub mod inspect;
 pub mod interpolate;

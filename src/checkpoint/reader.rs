@@ -184,6 +184,13 @@ impl Checkpoint {
                 ),
             });
         }
+        if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+            // GGUF tensors are dequantised per tensor into owned buffers, which the zero-copy views cannot hold yet.
+            return Err(Error::format(
+                path,
+                "a GGUF file: convert it first with `graft convert FILE.gguf -o DIR` (docs/gguf.md)",
+            ));
+        }
         if path.to_string_lossy().ends_with(".index.json") {
             let dir_path = match path.parent() {
                 Some(p) if !p.as_os_str().is_empty() => p,

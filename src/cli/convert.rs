@@ -1,10 +1,11 @@
-//! `graft convert IN -o OUT`: re-shard a checkpoint and/or change the dtype of its float tensors.
+//! `graft convert IN -o OUT`: re-shard a checkpoint and/or change the dtype of its float tensors; a `.gguf` input
+//! becomes a Hugging Face checkpoint (`docs/gguf.md`).
 
 use std::path::PathBuf;
 
 use super::{emit, Global, OutputArgs};
 use crate::checkpoint::{Checkpoint, Dtype};
-use crate::convert::convert;
+use crate::convert::{convert, convert_gguf};
 use crate::error::{Error, Result};
 use crate::exec::Executor;
 
@@ -12,11 +13,13 @@ use crate::exec::Executor;
 pub struct Args {
     #[command(flatten)]
     pub values: super::ValueArgs,
-    /// The checkpoint to read (file, index file or directory).
+    /// The checkpoint to read (file, index file or directory), or a GGUF file (`.gguf`) to turn into a Hugging Face
+    /// checkpoint.
     input: PathBuf,
     #[command(flatten)]
     output: OutputArgs,
-    /// Store float tensors as this dtype (bf16, f16, f32, f64); other tensors keep theirs.
+    /// Store float tensors as this dtype (bf16, f16, f32, f64); other tensors keep theirs. For GGUF: default f32
+    /// for quantised tensors, F16/BF16 ones as stored.
     #[arg(long)]
     dtype: Option<String>,
     /// Do not copy config.json, tokenizer and generation files from the input directory.
@@ -36,6 +39,14 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
             _ => Err(Error::usage(format!("--dtype '{d}' is not a float dtype (bf16, f16, f32, f64)"))),
         })
         .transpose()?;
+    if crate::gguf::is_gguf_path(&args.input) {
+        // A GGUF file becomes a Hugging Face checkpoint: nothing to carry, the config is rebuilt from its metadata.
+        let g = crate::gguf::GgufFile::open(&args.input)?;
+        let opts = args.output.writer_options(vec![args.input.clone()]);
+        let exec = Executor::new(global.threads)?;
+        let written = convert_gguf(&g, &args.output.output, dtype, opts, &exec)?;
+        return report_written(&written, args.json);
+    }
     let ck = Checkpoint::open(&args.input)?;
     let mut opts = args.output.writer_options(ck.files());
     // Converting keeps the model what it was: its metadata is preserved, with graft's provenance added.
@@ -48,8 +59,12 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
     }
     let exec = Executor::new(global.threads)?;
     let written = convert(&ck, &args.output.output, dtype, opts, &exec)?;
-    if args.json {
-        emit(&(serde_json::to_string(&written).unwrap() + "\n"))
+    report_written(&written, args.json)
+}
+
+fn report_written(written: &crate::checkpoint::Written, json: bool) -> Result<()> {
+    if json {
+        emit(&(serde_json::to_string(written).unwrap() + "\n"))
     } else {
         emit(&format!(
             "wrote {} tensors ({} bytes) in {} shard{} to {}\n",

@@ -1,4 +1,5 @@
-//! `graft inspect PATH...`: tensors, per-type summary, totals and metadata of each checkpoint, as tables or JSON lines.
+//! `graft inspect PATH...`: tensors, per-type summary, totals and metadata of each checkpoint, as tables or JSON lines;
+//! for a GGUF file, its tensors with their quantisation types, per-type totals and its metadata.
 
 use std::fmt::Write;
 use std::path::PathBuf;
@@ -28,6 +29,14 @@ pub fn run(args: Args, _global: &Global) -> Result<()> {
     let filter = args.filter.as_deref().map(|f| regex_arg("--filter", f)).transpose()?;
     let name = |p: &PathBuf| p.display().to_string();
     super::run_batch(&args.paths, args.json, "path", "checkpoints could not be read", name, |path| {
+        if crate::gguf::is_gguf_path(path) {
+            let g = crate::gguf::GgufFile::open(path)?.summary();
+            return if args.json {
+                emit(&(serde_json::to_string(&g).unwrap() + "\n"))
+            } else {
+                emit(&render_gguf(&g, args.summary))
+            };
+        }
         let r = report(&Checkpoint::open(path)?, filter.as_ref());
         if args.json {
             emit(&(serde_json::to_string(&r).unwrap() + "\n"))
@@ -88,6 +97,48 @@ fn render(r: &Report, summary_only: bool) -> String {
         for (k, v) in &r.metadata {
             let _ = writeln!(s, "  {k}: {v}");
         }
+    }
+    s
+}
+
+fn render_gguf(g: &crate::gguf::GgufSummary, summary_only: bool) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{}  (GGUF {}, architecture {})",
+        g.path,
+        g.version,
+        g.architecture.as_deref().unwrap_or("unknown")
+    );
+    if !summary_only {
+        let mut t = table(&["tensor", "type", "shape", "params", "bytes"]);
+        for row in &g.tensors {
+            t.add_row(vec![
+                row.name.clone(),
+                row.quant.clone(),
+                format!("{:?}", row.shape),
+                row.shape.iter().product::<usize>().to_string(),
+                row.bytes.to_string(),
+            ]);
+        }
+        let _ = writeln!(s, "{t}");
+    }
+    let mut t = table(&["type", "tensors", "params", "bytes"]);
+    for (q, x) in &g.quants {
+        t.add_row(vec![q.clone(), x.tensors.to_string(), human_count(x.params), human_bytes(x.bytes)]);
+    }
+    let _ = writeln!(s, "{t}");
+    let _ = writeln!(
+        s,
+        "total: {} tensors, {} parameters ({}), {}",
+        g.tensors_count,
+        g.params,
+        human_count(g.params),
+        human_bytes(g.bytes)
+    );
+    let _ = writeln!(s, "metadata:");
+    for (k, v) in &g.metadata {
+        let _ = writeln!(s, "  {k}: {v}");
     }
     s
 }

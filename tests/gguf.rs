@@ -1,0 +1,417 @@
+//! GGUF in: a small llama-family GGUF written byte by byte in this file (header, metadata, tensor table, Q8_0 / F16 /
+//! F32 data) is converted with `graft convert`, and the Hugging Face checkpoint is checked against values derived by
+//! hand here: names and shapes, a Q8_0 block's `scale * q`, an F16 tensor's exact bits, the query/key rows put back
+//! from llama.cpp's rotary permutation (a plain reference of that permutation is written below), `config.json`;
+//! plus candle-quantised tensors of every type within their quantisation error, and one-line errors for bad files.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use graft::checkpoint::{Checkpoint, Dtype};
+use graft::gguf::{hf_name, permute_rows, unpermute_rows};
+
+fn graft(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_graft")).args(args).output().expect("run graft")
+}
+
+// ggml type ids and GGUF metadata value types (GGUF spec).
+const T_F32: u32 = 0;
+const T_F16: u32 = 1;
+const T_Q8_0: u32 = 8;
+const V_U32: u32 = 4;
+const V_F32: u32 = 6;
+const V_STRING: u32 = 8;
+
+enum Meta {
+    U32(u32),
+    F32(f32),
+    Str(&'static str),
+}
+
+struct RawTensor {
+    name: String,
+    ggml_type: u32,
+    /// torch order (outermost first); written innermost first as GGUF does.
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+fn put_str(b: &mut Vec<u8>, s: &str) {
+    b.extend_from_slice(&(s.len() as u64).to_le_bytes());
+    b.extend_from_slice(s.as_bytes());
+}
+
+/// A GGUF v3 file, alignment 32, exactly as the spec lays it out.
+fn gguf_bytes(meta: &[(&str, Meta)], tensors: &[RawTensor]) -> Vec<u8> {
+    let mut b = Vec::new();
+    b.extend_from_slice(b"GGUF");
+    b.extend_from_slice(&3u32.to_le_bytes());
+    b.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+    b.extend_from_slice(&(meta.len() as u64).to_le_bytes());
+    for (k, v) in meta {
+        put_str(&mut b, k);
+        match v {
+            Meta::U32(x) => {
+                b.extend_from_slice(&V_U32.to_le_bytes());
+                b.extend_from_slice(&x.to_le_bytes());
+            }
+            Meta::F32(x) => {
+                b.extend_from_slice(&V_F32.to_le_bytes());
+                b.extend_from_slice(&x.to_le_bytes());
+            }
+            Meta::Str(s) => {
+                b.extend_from_slice(&V_STRING.to_le_bytes());
+                put_str(&mut b, s);
+            }
+        }
+    }
+    let mut offset = 0u64;
+    for t in tensors {
+        put_str(&mut b, &t.name);
+        b.extend_from_slice(&(t.shape.len() as u32).to_le_bytes());
+        for d in t.shape.iter().rev() {
+            b.extend_from_slice(&(*d as u64).to_le_bytes());
+        }
+        b.extend_from_slice(&t.ggml_type.to_le_bytes());
+        b.extend_from_slice(&offset.to_le_bytes());
+        offset += (t.data.len() as u64).div_ceil(32) * 32;
+    }
+    while b.len() % 32 != 0 {
+        b.push(0);
+    }
+    for t in tensors {
+        b.extend_from_slice(&t.data);
+        while b.len() % 32 != 0 {
+            b.push(0);
+        }
+    }
+    b
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Plain reference of llama.cpp's `LlamaModel.permute`: `w.reshape(n_head, 2, rows/n_head/2, cols).swapaxes(1, 2)`,
+/// i.e. output row (h, j, i) is input row (h, i, j).
+fn reference_permute(w: &[f32], rows: usize, cols: usize, n_head: usize) -> Vec<f32> {
+    let half = rows / n_head / 2;
+    let mut out = vec![0f32; w.len()];
+    for h in 0..n_head {
+        for i in 0..2 {
+            for j in 0..half {
+                let src = (h * 2 + i) * half + j;
+                let dst = (h * half + j) * 2 + i;
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+const HIDDEN: usize = 32;
+const N_HEAD: usize = 2;
+const N_KV: usize = 1;
+const HEAD_DIM: usize = HIDDEN / N_HEAD;
+const FFN: usize = 64;
+const VOCAB: usize = 4;
+
+/// A distinct, f16-exact value per element (multiples of 1/64 below 4).
+fn pattern(n: usize, seed: usize) -> Vec<f32> {
+    (0..n).map(|k| ((k * 37 + seed * 11) % 251) as f32 / 64.0 - 1.5).collect()
+}
+
+/// Q8_0 token embedding: row r is one block with scale 0.5 + r/4 (f16-exact) and q[i] = (7r + 5i) mod 61 - 30.
+fn q8_block(r: usize) -> (f32, Vec<i8>) {
+    (0.5 + r as f32 / 4.0, (0..32).map(|i| ((7 * r + 5 * i) % 61) as i8 - 30).collect())
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    gguf: PathBuf,
+    wq: Vec<f32>,
+    wk: Vec<f32>,
+    wv: Vec<f32>,
+}
+
+fn llama_fixture(arch: &'static str) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let mut tensors = Vec::new();
+    let mut emb = Vec::new();
+    for r in 0..VOCAB {
+        let (d, q) = q8_block(r);
+        emb.extend_from_slice(&half::f16::from_f32(d).to_bits().to_le_bytes());
+        emb.extend(q.iter().map(|x| *x as u8));
+    }
+    tensors.push(RawTensor {
+        name: "token_embd.weight".into(),
+        ggml_type: T_Q8_0,
+        shape: vec![VOCAB, HIDDEN],
+        data: emb,
+    });
+    let wq = pattern(HIDDEN * HIDDEN, 1);
+    let wk = pattern(N_KV * HEAD_DIM * HIDDEN, 2);
+    let wv = pattern(N_KV * HEAD_DIM * HIDDEN, 3);
+    let q_gguf = reference_permute(&wq, HIDDEN, HIDDEN, N_HEAD);
+    let k_gguf = reference_permute(&wk, N_KV * HEAD_DIM, HIDDEN, N_KV);
+    let f16: Vec<u8> = q_gguf.iter().flat_map(|x| half::f16::from_f32(*x).to_bits().to_le_bytes()).collect();
+    let blk = |p: &str| format!("blk.0.{p}.weight");
+    tensors.push(RawTensor { name: blk("attn_q"), ggml_type: T_F16, shape: vec![HIDDEN, HIDDEN], data: f16 });
+    tensors.push(RawTensor {
+        name: blk("attn_k"),
+        ggml_type: T_F32,
+        shape: vec![N_KV * HEAD_DIM, HIDDEN],
+        data: f32_bytes(&k_gguf),
+    });
+    for (name, shape, seed) in [
+        ("attn_v", vec![N_KV * HEAD_DIM, HIDDEN], 3),
+        ("attn_output", vec![HIDDEN, HIDDEN], 4),
+        ("ffn_gate", vec![FFN, HIDDEN], 5),
+        ("ffn_up", vec![FFN, HIDDEN], 6),
+        ("ffn_down", vec![HIDDEN, FFN], 7),
+        ("attn_norm", vec![HIDDEN], 8),
+        ("ffn_norm", vec![HIDDEN], 9),
+    ] {
+        let n = shape.iter().product();
+        tensors.push(RawTensor { name: blk(name), ggml_type: T_F32, shape, data: f32_bytes(&pattern(n, seed)) });
+    }
+    tensors.push(RawTensor {
+        name: "output_norm.weight".into(),
+        ggml_type: T_F32,
+        shape: vec![HIDDEN],
+        data: f32_bytes(&pattern(HIDDEN, 10)),
+    });
+    let meta = [
+        ("general.architecture", Meta::Str(arch)),
+        ("llama.block_count", Meta::U32(1)),
+        ("llama.embedding_length", Meta::U32(HIDDEN as u32)),
+        ("llama.feed_forward_length", Meta::U32(FFN as u32)),
+        ("llama.attention.head_count", Meta::U32(N_HEAD as u32)),
+        ("llama.attention.head_count_kv", Meta::U32(N_KV as u32)),
+        ("llama.rope.freq_base", Meta::F32(100000.0)),
+        ("llama.attention.layer_norm_rms_epsilon", Meta::F32(1e-5)),
+        ("llama.context_length", Meta::U32(2048)),
+        ("tokenizer.ggml.bos_token_id", Meta::U32(1)),
+        ("tokenizer.ggml.eos_token_id", Meta::U32(2)),
+    ];
+    let gguf = dir.path().join("tiny.gguf");
+    std::fs::write(&gguf, gguf_bytes(&meta, &tensors)).unwrap();
+    Fixture { _dir: dir, gguf, wq, wk, wv }
+}
+
+fn convert(gguf: &Path, out: &Path, extra: &[&str]) {
+    let mut args = vec!["convert", gguf.to_str().unwrap(), "-o", out.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let o = graft(&args);
+    assert!(o.status.success(), "convert failed: {}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn converts_llama_gguf_to_hugging_face() {
+    let fx = llama_fixture("llama");
+    let out = fx._dir.path().join("hf");
+    convert(&fx.gguf, &out, &[]);
+    let ck = Checkpoint::open(&out).unwrap();
+    let mut names: Vec<&str> = ck.names().collect();
+    names.sort();
+    let mut expected = vec![
+        "model.embed_tokens.weight",
+        "model.norm.weight",
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.0.self_attn.k_proj.weight",
+        "model.layers.0.self_attn.v_proj.weight",
+        "model.layers.0.self_attn.o_proj.weight",
+        "model.layers.0.mlp.gate_proj.weight",
+        "model.layers.0.mlp.up_proj.weight",
+        "model.layers.0.mlp.down_proj.weight",
+        "model.layers.0.input_layernorm.weight",
+        "model.layers.0.post_attention_layernorm.weight",
+    ];
+    expected.sort();
+    assert_eq!(names, expected);
+    assert_eq!(ck.info("model.layers.0.mlp.down_proj.weight").unwrap().shape, vec![HIDDEN, FFN]);
+    assert_eq!(ck.info("model.layers.0.mlp.gate_proj.weight").unwrap().shape, vec![FFN, HIDDEN]);
+
+    // Q8_0: every value is the block's f16 scale times its int8, as written above.
+    let emb = ck.tensor("model.embed_tokens.weight").unwrap();
+    assert_eq!(emb.dtype, Dtype::F32);
+    assert_eq!(emb.shape, &[VOCAB, HIDDEN]);
+    let got = emb.to_f32().unwrap();
+    for r in 0..VOCAB {
+        let (d, q) = q8_block(r);
+        for i in 0..32 {
+            assert_eq!(got[r * 32 + i], d * q[i] as f32, "row {r} col {i}");
+        }
+    }
+
+    // F16 stays F16, bit for bit, with its rows back in Hugging Face's order.
+    let q = ck.tensor("model.layers.0.self_attn.q_proj.weight").unwrap();
+    assert_eq!(q.dtype, Dtype::F16);
+    let want: Vec<u8> = fx.wq.iter().flat_map(|x| half::f16::from_f32(*x).to_bits().to_le_bytes()).collect();
+    assert_eq!(q.data, &want[..]);
+    assert_eq!(ck.tensor("model.layers.0.self_attn.k_proj.weight").unwrap().to_f32().unwrap(), fx.wk);
+    // v is not permuted.
+    assert_eq!(ck.tensor("model.layers.0.self_attn.v_proj.weight").unwrap().to_f32().unwrap(), fx.wv);
+
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["model_type"], "llama");
+    assert_eq!(config["hidden_size"], HIDDEN);
+    assert_eq!(config["intermediate_size"], FFN);
+    assert_eq!(config["num_hidden_layers"], 1);
+    assert_eq!(config["num_attention_heads"], N_HEAD);
+    assert_eq!(config["num_key_value_heads"], N_KV);
+    assert_eq!(config["vocab_size"], VOCAB);
+    assert_eq!(config["tie_word_embeddings"], true);
+    assert_eq!(config["rope_theta"], 100000.0);
+    assert_eq!(config["rms_norm_eps"], 1e-5);
+    assert_eq!(config["max_position_embeddings"], 2048);
+    assert_eq!(config["eos_token_id"], 2);
+}
+
+#[test]
+fn dtype_flag_narrows_every_tensor() {
+    let fx = llama_fixture("llama");
+    let out = fx._dir.path().join("bf16");
+    convert(&fx.gguf, &out, &["--dtype", "bf16"]);
+    let ck = Checkpoint::open(&out).unwrap();
+    assert!(ck.infos().iter().all(|t| t.dtype == Dtype::BF16));
+    // The un-permuted f16 query, narrowed: the Hugging Face-order reference rounded to bf16.
+    let q = ck.tensor("model.layers.0.self_attn.q_proj.weight").unwrap().to_f32().unwrap();
+    let want: Vec<f32> = fx.wq.iter().map(|x| half::bf16::from_f32(*x).to_f32()).collect();
+    assert_eq!(q, want);
+}
+
+#[test]
+fn unpermute_inverts_llama_cpp_permutation() {
+    for (rows, cols, heads) in [(32, 3, 2), (64, 5, 4), (12, 1, 3), (128, 2, 1)] {
+        let w: Vec<f32> = (0..rows * cols).map(|k| k as f32).collect();
+        let p = permute_rows(&w, cols, heads);
+        assert_eq!(p, reference_permute(&w, rows, cols, heads), "forward vs reference {rows}x{cols}/{heads}");
+        assert_eq!(unpermute_rows(&p, cols, heads), w, "round trip {rows}x{cols}/{heads}");
+        assert_eq!(permute_rows(&unpermute_rows(&w, cols, heads), cols, heads), w);
+        if rows / heads > 2 {
+            assert_ne!(p, w, "the permutation moves rows");
+        }
+    }
+}
+
+#[test]
+fn names_map_to_hugging_face() {
+    assert_eq!(hf_name("token_embd.weight").unwrap(), "model.embed_tokens.weight");
+    assert_eq!(hf_name("output.weight").unwrap(), "lm_head.weight");
+    assert_eq!(hf_name("blk.17.attn_output.weight").unwrap(), "model.layers.17.self_attn.o_proj.weight");
+    assert_eq!(hf_name("blk.3.attn_q.bias").unwrap(), "model.layers.3.self_attn.q_proj.bias");
+    assert_eq!(hf_name("blk.3.ffn_norm.weight").unwrap(), "model.layers.3.post_attention_layernorm.weight");
+    assert!(hf_name("rope_freqs.weight").is_none());
+    assert!(hf_name("blk.x.attn_q.weight").is_none());
+}
+
+/// Every quantisation type candle writes, quantised by candle from known values: the converted tensor is within
+/// the type's quantisation error of the original (loose bounds: 4-bit types ~ range/16 per block).
+#[test]
+fn every_quant_type_dequantises_within_its_error() {
+    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+    let cols = 256; // one K-quant super-block per row
+    let rows = 4;
+    let values: Vec<f32> = (0..rows * cols).map(|k| ((k * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
+    let src = Tensor::from_vec(values.clone(), (rows, cols), &Device::Cpu).unwrap();
+    let types = [
+        (GgmlDType::F32, 0.0),
+        (GgmlDType::F16, 1e-3),
+        (GgmlDType::BF16, 8e-3),
+        (GgmlDType::Q8_0, 0.01),
+        (GgmlDType::Q5_0, 0.07),
+        (GgmlDType::Q5_1, 0.07),
+        (GgmlDType::Q4_0, 0.14),
+        (GgmlDType::Q4_1, 0.14),
+        (GgmlDType::Q6K, 0.04),
+        (GgmlDType::Q5K, 0.07),
+        (GgmlDType::Q4K, 0.14),
+        (GgmlDType::Q3K, 0.3),
+        (GgmlDType::Q2K, 0.6),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    for (t, tol) in types {
+        let q = QTensor::quantize(&src, t).unwrap();
+        let arch = gguf_file::Value::String("llama".into());
+        let heads = gguf_file::Value::U32(1);
+        let mut f = std::fs::File::create(dir.path().join("q.gguf")).unwrap();
+        gguf_file::write(
+            &mut f,
+            &[("general.architecture", &arch), ("llama.attention.head_count", &heads)],
+            &[("blk.0.ffn_up.weight", &q)],
+        )
+        .unwrap();
+        drop(f);
+        let g = graft::gguf::GgufFile::open(dir.path().join("q.gguf")).unwrap();
+        assert_eq!(g.tensors()[0].shape, vec![rows, cols]);
+        let got = g.dequantize("blk.0.ffn_up.weight").unwrap();
+        let err = got.iter().zip(&values).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(err <= tol, "{t:?}: max error {err} > {tol}");
+    }
+}
+
+fn one_line_error(args: &[&str]) -> String {
+    let o = graft(args);
+    assert_eq!(o.status.code(), Some(1), "stderr: {}", String::from_utf8_lossy(&o.stderr));
+    let err = String::from_utf8_lossy(&o.stderr).trim().to_string();
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+#[test]
+fn bad_gguf_files_give_one_line_errors() {
+    let fx = llama_fixture("gpt2");
+    let out = fx._dir.path().join("out");
+    let o = out.to_str().unwrap();
+    let err = one_line_error(&["convert", fx.gguf.to_str().unwrap(), "-o", o]);
+    assert!(err.contains("tiny.gguf") && err.contains("architecture 'gpt2' is not supported"), "{err}");
+
+    let fx = llama_fixture("llama");
+    let bytes = std::fs::read(&fx.gguf).unwrap();
+    let cut = fx._dir.path().join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() - 100]).unwrap();
+    let err = one_line_error(&["convert", cut.to_str().unwrap(), "-o", o]);
+    assert!(err.contains("cut.gguf") && err.contains("truncated"), "{err}");
+    std::fs::write(&cut, &bytes[..40]).unwrap();
+    let err = one_line_error(&["inspect", cut.to_str().unwrap()]);
+    assert!(err.contains("cut.gguf"), "{err}");
+
+    // An unknown ggml type id (99) in the first tensor's table entry: it follows the name, dims and count.
+    let mut bad = bytes.clone();
+    let name = b"token_embd.weight";
+    let at = bad.windows(name.len()).position(|w| w == name).unwrap() + name.len() + 4 + 2 * 8;
+    bad[at..at + 4].copy_from_slice(&99u32.to_le_bytes());
+    let unknown = fx._dir.path().join("unknown.gguf");
+    std::fs::write(&unknown, bad).unwrap();
+    let err = one_line_error(&["convert", unknown.to_str().unwrap(), "-o", o]);
+    assert!(err.contains("unknown.gguf") && err.contains("unsupported quantisation type"), "{err}");
+    assert!(!out.exists());
+
+    // Commands that take checkpoints point at convert instead of misreading the file as safetensors.
+    let err = one_line_error(&["snr", fx.gguf.to_str().unwrap()]);
+    assert!(err.contains("tiny.gguf") && err.contains("graft convert"), "{err}");
+}
+
+#[test]
+fn inspect_shows_quant_types_and_metadata() {
+    let fx = llama_fixture("llama");
+    let o = graft(&["inspect", "--json", fx.gguf.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["architecture"], "llama");
+    assert_eq!(j["tensor_count"], 11);
+    assert_eq!(j["quants"]["Q8_0"]["tensors"], 1);
+    assert_eq!(j["quants"]["Q8_0"]["bytes"], VOCAB * 34);
+    assert_eq!(j["quants"]["F16"]["tensors"], 1);
+    assert_eq!(j["metadata"]["llama.block_count"], "1");
+    let text = graft(&["inspect", fx.gguf.to_str().unwrap()]);
+    let s = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        s.contains("Q8_0") && s.contains("token_embd.weight") && s.contains("llama.attention.head_count_kv"),
+        "{s}"
+    );
+}
