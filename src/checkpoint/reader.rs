@@ -70,7 +70,11 @@ impl<'a> TensorView<'a> {
             if self.dtype == Dtype::F64 { " (in f32, which graft computes in)" } else { "" }
         );
         if !super::guard::allow_nonfinite() {
-            return Err(Error::tensor(self.file, self.name, format!("{what}; pass --allow-nonfinite to use them anyway")));
+            return Err(Error::tensor(
+                self.file,
+                self.name,
+                format!("{what}; pass --allow-nonfinite to use them anyway"),
+            ));
         }
         let line = format!("{}: tensor '{}': {what}; let through", self.file.display(), self.name);
         super::guard::warn_once(self.file, self.name, &line);
