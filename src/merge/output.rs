@@ -17,24 +17,17 @@ use std::path::{Path, PathBuf};
 use super::config::{MergeConfig, TokenizerSource};
 use super::plan::Plan;
 use crate::checkpoint::hf_config::{self, Patch};
-use crate::checkpoint::{Checkpoint, Dtype};
+use crate::checkpoint::{Checkpoint, Dtype, CARRIED_FILES};
 use crate::error::{Error, Result};
 
-/// Tokenizer files and chat templates, copied from the tokenizer's model when present.
-pub const TOKENIZER_FILES: &[&str] = &[
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-];
+/// Tokenizer files and chat templates, copied from the tokenizer's model when present: the files the writer carries
+/// (`CARRIED_FILES`) other than the model's own configs.
+fn tokenizer_files() -> impl Iterator<Item = &'static str> {
+    CARRIED_FILES
+        .iter()
+        .copied()
+        .filter(|f| !matches!(*f, "config.json" | GENERATION_CONFIG | "preprocessor_config.json"))
+}
 
 /// Copied with `config.json` from the primary model (mergekit copies it whatever the tokenizer source).
 pub const GENERATION_CONFIG: &str = "generation_config.json";
@@ -185,7 +178,7 @@ pub fn files(layout: &Layout) -> Result<Vec<(String, Vec<u8>)>> {
         read_into(src, GENERATION_CONFIG, &mut files)?;
     }
     if let Some(src) = &layout.tokenizer_dir {
-        for f in TOKENIZER_FILES {
+        for f in tokenizer_files() {
             read_into(src, f, &mut files)?;
         }
     }
