@@ -2,7 +2,7 @@
 //! file into a Hugging Face checkpoint (`convert_gguf`, renaming and un-permuting through `gguf`). The simplest user
 //! of the pipeline (open -> plan -> stream -> write), and the round trip that proves reader and writer agree.
 
-use crate::checkpoint::{Checkpoint, CheckpointWriter, Dtype, TensorDecl, WriterOptions, Written};
+use crate::checkpoint::{hf_config, Checkpoint, CheckpointWriter, Dtype, TensorDecl, WriterOptions, Written};
 use crate::error::Result;
 use crate::exec::{Executor, Produce};
 
@@ -30,7 +30,15 @@ pub fn convert(
     opts: WriterOptions,
     exec: &Executor,
 ) -> Result<Written> {
-    let writer = CheckpointWriter::create(out, plan(ck, dtype), opts)?;
+    let carried_config = opts.carry_from.as_ref().map(|dir| dir.join("config.json"));
+    let mut writer = CheckpointWriter::create(out, plan(ck, dtype), opts)?;
+    // A dtype change must show in the carried config.json too: transformers loads with `dtype="auto"` from it.
+    if let (Some(d), Some(config)) = (dtype, carried_config) {
+        let patch = hf_config::Patch { dtype: Some(d), ..Default::default() };
+        if let Some(text) = hf_config::patched_text(&config, &patch)? {
+            writer.add_file("config.json", text.into_bytes())?;
+        }
+    }
     exec.write(writer, "convert", |_, decl| Produce::input(ck, &decl.name))
 }
 

@@ -580,3 +580,28 @@ fn inspect_of_several_checkpoints_reports_a_bad_one_and_goes_on() {
     let err = String::from_utf8(one.stderr).unwrap();
     assert!(!one.status.success() && err.lines().count() == 1 && err.contains("bad.safetensors"), "{err}");
 }
+
+#[test]
+fn a_dtype_change_is_stated_in_the_carried_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("f16");
+    let o = graft(&["convert", fixture("llama/base").to_str().unwrap(), "-o", out.to_str().unwrap(), "--dtype", "f16"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    // The fixture says bfloat16; every float tensor is now F16, and so must the config say (`dtype` for current
+    // transformers, `torch_dtype` where the source had it), everything else unchanged.
+    assert_eq!(config["dtype"], "float16");
+    assert_eq!(config["torch_dtype"], "float16");
+    assert_eq!(config["num_hidden_layers"], 2);
+    let ck = Checkpoint::open(&out).unwrap();
+    assert!(ck.infos().iter().filter(|t| t.dtype.is_float()).all(|t| t.dtype == Dtype::F16));
+    // Without a dtype change the config is carried byte for byte.
+    let same = tmp.path().join("same");
+    let o = graft(&["convert", fixture("llama/base").to_str().unwrap(), "-o", same.to_str().unwrap()]);
+    assert!(o.status.success());
+    assert_eq!(
+        std::fs::read(same.join("config.json")).unwrap(),
+        std::fs::read(fixture("llama/base").join("config.json")).unwrap()
+    );
+}
