@@ -271,3 +271,21 @@ fn out_of_range_count_flags_are_usage_errors_not_panics() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_model_that_differs_from_all_the_others_is_the_one_named() {
+    let dir = tmp("odd-one-out");
+    let [base, a, b] = ["base", "a", "b"].map(|n| dir.join(format!("{n}.safetensors")));
+    // The base lacks 'bias', which both other models have: the base is at fault, not its partners.
+    write_st(&base, &[f32t("w", &[2], &[1.0, 2.0])]);
+    write_st(&a, &[f32t("w", &[2], &[1.5, 2.5]), f32t("bias", &[1], &[0.5])]);
+    write_st(&b, &[f32t("w", &[2], &[2.0, 3.0]), f32t("bias", &[1], &[1.0])]);
+    let out = s(&dir.join("m.safetensors"));
+    let e = fails(&["merge", &s(&a), &s(&b), "--base", &s(&base), "--method", "ties", "-o", &out], 1);
+    assert!(e.contains("base.safetensors lacks 'bias' (every other model has it)"), "{e}");
+    assert!(!e.contains("has extra"), "the partners were blamed: {e}");
+    // With a single partner nobody can tell which side is at fault: both are named, as before.
+    let e = fails(&["merge", &s(&a), "--base", &s(&base), "--method", "task_arithmetic", "-o", &out], 1);
+    assert!(e.contains("a.safetensors has extra 'bias'"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -343,13 +343,36 @@ impl Builder<'_> {
         let mut mismatched: Vec<String> = Vec::new();
         let r = &self.models[reference];
         let mut problems = Vec::new();
-        for &o in others {
-            if o == reference {
-                continue;
+        let others: Vec<usize> = others.iter().copied().filter(|&o| o != reference).collect();
+        // With two or more other models, a difference they all share is the reference's: name it, not each of them.
+        let shared_by_all = |names: Vec<&str>, has: &dyn Fn(&Checkpoint, &str) -> bool| -> Vec<String> {
+            if others.len() < 2 {
+                return Vec::new();
             }
+            names.into_iter().filter(|n| others.iter().all(|&o| has(&self.models[o], n))).map(String::from).collect()
+        };
+        let first = others.first().map(|&o| &self.models[o]);
+        let ref_lacks = first.map_or(Vec::new(), |m| {
+            shared_by_all(m.names().filter(|n| !r.contains(n)).collect(), &|c: &Checkpoint, n: &str| c.contains(n))
+        });
+        let ref_extra = shared_by_all(r.names().collect(), &|c: &Checkpoint, n: &str| !c.contains(n));
+        if !ref_lacks.is_empty() {
+            let names: Vec<&str> = ref_lacks.iter().map(String::as_str).collect();
+            problems.push(format!("{} lacks {} (every other model has it)", self.label(reference), quote_list(&names)));
+        }
+        if !ref_extra.is_empty() {
+            let names: Vec<&str> = ref_extra.iter().map(String::as_str).collect();
+            problems.push(format!(
+                "{} has extra {} (no other model has it)",
+                self.label(reference),
+                quote_list(&names)
+            ));
+        }
+        for &o in &others {
             let m = &self.models[o];
-            let missing: Vec<&str> = r.names().filter(|n| !m.contains(n)).collect();
-            let extra: Vec<&str> = m.names().filter(|n| !r.contains(n)).collect();
+            let missing: Vec<&str> =
+                r.names().filter(|n| !m.contains(n) && !ref_extra.iter().any(|x| x == n)).collect();
+            let extra: Vec<&str> = m.names().filter(|n| !r.contains(n) && !ref_lacks.iter().any(|x| x == n)).collect();
             if !missing.is_empty() {
                 problems.push(format!("{} lacks {}", self.label(o), quote_list(&missing)));
             }
