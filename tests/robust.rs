@@ -5,21 +5,15 @@
 //! Test checkpoints are written here by a plain safetensors encoder (header JSON + little-endian data), independent
 //! of graft's writer, so a writer bug cannot hide a reader bug.
 
+#[path = "support/st.rs"]
+mod st;
+
+use st::{f32t, graft, i32t, ok, read_f32, s, write_st};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-fn graft(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_graft")).args(args).output().expect("graft runs")
-}
-
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).to_string()
-}
-
-fn ok(args: &[&str]) -> Output {
-    let out = graft(args);
-    assert!(out.status.success(), "graft {args:?} failed: {}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
-    out
 }
 
 /// Runs a command that must fail with `code`; returns its stderr, checked to be one bounded line.
@@ -33,64 +27,7 @@ fn fails(args: &[&str], code: i32) -> String {
 }
 
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("graft-robust-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn s(p: &Path) -> String {
-    p.display().to_string()
-}
-
-/// One tensor of a test file: name, dtype name, shape, little-endian bytes.
-struct T {
-    name: &'static str,
-    dtype: &'static str,
-    shape: Vec<usize>,
-    data: Vec<u8>,
-}
-
-fn f32t(name: &'static str, shape: &[usize], v: &[f32]) -> T {
-    T { name, dtype: "F32", shape: shape.to_vec(), data: v.iter().flat_map(|x| x.to_le_bytes()).collect() }
-}
-
-fn i32t(name: &'static str, shape: &[usize], v: &[i32]) -> T {
-    T { name, dtype: "I32", shape: shape.to_vec(), data: v.iter().flat_map(|x| x.to_le_bytes()).collect() }
-}
-
-/// Writes a safetensors file the way the format specifies it: u64 header length, JSON header, data.
-fn write_st(path: &Path, tensors: &[T]) {
-    let mut header = serde_json::Map::new();
-    let mut offset = 0usize;
-    for t in tensors {
-        header.insert(
-            t.name.to_string(),
-            serde_json::json!({ "dtype": t.dtype, "shape": t.shape, "data_offsets": [offset, offset + t.data.len()] }),
-        );
-        offset += t.data.len();
-    }
-    let mut h = serde_json::Value::Object(header).to_string().into_bytes();
-    while !h.len().is_multiple_of(8) {
-        h.push(b' ');
-    }
-    let mut out = (h.len() as u64).to_le_bytes().to_vec();
-    out.extend(h);
-    for t in tensors {
-        out.extend(&t.data);
-    }
-    std::fs::write(path, out).unwrap();
-}
-
-/// Reads tensor `name` of a safetensors file back as f32 (F32 files only), with a plain parser.
-fn read_f32(path: &Path, name: &str) -> Vec<f32> {
-    let bytes = std::fs::read(path).unwrap();
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let h: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    let t = &h[name];
-    assert_eq!(t["dtype"], "F32", "{name}");
-    let [a, b] = [0, 1].map(|i| t["data_offsets"][i].as_u64().unwrap() as usize);
-    bytes[8 + n + a..8 + n + b].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+    st::tmp("robust", name)
 }
 
 /// A base, a fine-tuned model with one NaN and one -Inf in `w`, and a clean second fine-tuned model.

@@ -18,6 +18,10 @@ pub fn f32t(name: &'static str, shape: &[usize], v: &[f32]) -> T {
     T { name, dtype: "F32", shape: shape.to_vec(), data: v.iter().flat_map(|x| x.to_le_bytes()).collect() }
 }
 
+pub fn i32t(name: &'static str, shape: &[usize], v: &[i32]) -> T {
+    T { name, dtype: "I32", shape: shape.to_vec(), data: v.iter().flat_map(|x| x.to_le_bytes()).collect() }
+}
+
 /// A tensor with a 0 in its shape: no data bytes.
 pub fn empty(name: &'static str, dtype: &'static str, shape: &[usize]) -> T {
     assert!(shape.contains(&0));
