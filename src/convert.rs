@@ -67,6 +67,14 @@ pub fn convert_gguf(
     let mut writer = CheckpointWriter::create(out, decls, opts)?;
     if out.extension().is_none_or(|e| e != "safetensors") {
         writer.add_file("config.json", (serde_json::to_string_pretty(&config).unwrap() + "\n").into_bytes())?;
+        match crate::gguf::tokenizer::hf_tokenizer_files(g)? {
+            Ok(files) => {
+                for (name, bytes) in files {
+                    writer.add_file(name, bytes)?;
+                }
+            }
+            Err(reason) => eprintln!("graft: warning: {}: no tokenizer files written: {reason}", g.path().display()),
+        }
     }
     exec.write(writer, "convert", |i, decl| {
         let m = &mapped[i];

@@ -20,12 +20,18 @@ const T_F16: u32 = 1;
 const T_Q8_0: u32 = 8;
 const V_U32: u32 = 4;
 const V_F32: u32 = 6;
+const V_I32: u32 = 5;
+const V_BOOL: u32 = 7;
 const V_STRING: u32 = 8;
+const V_ARRAY: u32 = 9;
 
 enum Meta {
     U32(u32),
     F32(f32),
     Str(&'static str),
+    Bool(bool),
+    Strs(Vec<&'static str>),
+    I32s(Vec<i32>),
 }
 
 struct RawTensor {
@@ -62,6 +68,26 @@ fn gguf_bytes(meta: &[(&str, Meta)], tensors: &[RawTensor]) -> Vec<u8> {
             Meta::Str(s) => {
                 b.extend_from_slice(&V_STRING.to_le_bytes());
                 put_str(&mut b, s);
+            }
+            Meta::Bool(x) => {
+                b.extend_from_slice(&V_BOOL.to_le_bytes());
+                b.push(*x as u8);
+            }
+            Meta::Strs(items) => {
+                b.extend_from_slice(&V_ARRAY.to_le_bytes());
+                b.extend_from_slice(&V_STRING.to_le_bytes());
+                b.extend_from_slice(&(items.len() as u64).to_le_bytes());
+                for s in items {
+                    put_str(&mut b, s);
+                }
+            }
+            Meta::I32s(items) => {
+                b.extend_from_slice(&V_ARRAY.to_le_bytes());
+                b.extend_from_slice(&V_I32.to_le_bytes());
+                b.extend_from_slice(&(items.len() as u64).to_le_bytes());
+                for x in items {
+                    b.extend_from_slice(&x.to_le_bytes());
+                }
             }
         }
     }
@@ -135,6 +161,10 @@ struct Fixture {
 }
 
 fn llama_fixture(arch: &'static str) -> Fixture {
+    llama_fixture_with(arch, Vec::new())
+}
+
+fn llama_fixture_with(arch: &'static str, extra_meta: Vec<(&'static str, Meta)>) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let mut tensors = Vec::new();
     let mut emb = Vec::new();
@@ -181,7 +211,7 @@ fn llama_fixture(arch: &'static str) -> Fixture {
         shape: vec![HIDDEN],
         data: f32_bytes(&pattern(HIDDEN, 10)),
     });
-    let meta = [
+    let mut meta = vec![
         ("general.architecture", Meta::Str(arch)),
         ("llama.block_count", Meta::U32(1)),
         ("llama.embedding_length", Meta::U32(HIDDEN as u32)),
@@ -194,6 +224,7 @@ fn llama_fixture(arch: &'static str) -> Fixture {
         ("tokenizer.ggml.bos_token_id", Meta::U32(1)),
         ("tokenizer.ggml.eos_token_id", Meta::U32(2)),
     ];
+    meta.extend(extra_meta);
     let gguf = dir.path().join("tiny.gguf");
     std::fs::write(&gguf, gguf_bytes(&meta, &tensors)).unwrap();
     Fixture { _dir: dir, gguf, wq, wk, wv }
@@ -414,4 +445,87 @@ fn inspect_shows_quant_types_and_metadata() {
         s.contains("Q8_0") && s.contains("token_embd.weight") && s.contains("llama.attention.head_count_kv"),
         "{s}"
     );
+}
+
+/// A byte-level BPE vocabulary small enough to tokenise by hand. "€" is stored as llama.cpp stores it (UTF-8 text)
+/// and must be respelled in GPT-2's byte alphabet, where its bytes E2 82 AC read "âĤ¬".
+const BPE_TOKENS: [&str; 25] = [
+    "<|endoftext|>",
+    "h",
+    "e",
+    "l",
+    "o",
+    "Ġ",
+    "w",
+    "r",
+    "d",
+    "he",
+    "ll",
+    "hell",
+    "hello",
+    "Ġw",
+    "or",
+    "Ġwor",
+    "ld",
+    "Ġworld",
+    "â",
+    "Ĥ",
+    "¬",
+    "âĤ",
+    "€",
+    "<think>",
+    "<|bad\u{1}|>",
+];
+const BPE_MERGES: [&str; 11] =
+    ["h e", "l l", "he ll", "hell o", "Ġ w", "o r", "Ġw or", "l d", "Ġwor ld", "â Ĥ", "âĤ ¬"];
+
+fn bpe_meta(add_bos: bool) -> Vec<(&'static str, Meta)> {
+    let mut types = vec![1; BPE_TOKENS.len()];
+    types[0] = 3; // CONTROL: a special added token
+    types[23] = 4; // USER_DEFINED: a plain added token
+    types[24] = 3; // CONTROL but spelled outside the byte alphabet: a llama.cpp mislabel, not added
+    vec![
+        ("tokenizer.ggml.model", Meta::Str("gpt2")),
+        ("tokenizer.ggml.pre", Meta::Str("smollm")),
+        ("tokenizer.ggml.tokens", Meta::Strs(BPE_TOKENS.to_vec())),
+        ("tokenizer.ggml.merges", Meta::Strs(BPE_MERGES.to_vec())),
+        ("tokenizer.ggml.token_type", Meta::I32s(types)),
+        ("tokenizer.ggml.add_bos_token", Meta::Bool(add_bos)),
+        ("tokenizer.chat_template", Meta::Str("{{ messages[0]['content'] }}")),
+    ]
+}
+
+#[test]
+fn byte_level_bpe_tokenizer_is_rebuilt_from_the_vocabulary() {
+    for add_bos in [false, true] {
+        let fx = llama_fixture_with("llama", bpe_meta(add_bos));
+        let out = fx._dir.path().join("hf");
+        convert(&fx.gguf, &out, &[]);
+        let tok = tokenizers::Tokenizer::from_file(out.join("tokenizer.json")).unwrap();
+        let ids = |text: &str| tok.encode(text, true).unwrap().get_ids().to_vec();
+        // Worked by hand: "hello" merges to 12, " world" to 17 ("Ġworld"), "€" to its respelling (22), the
+        // control token stays whole (0), "<think>" is matched whole (23); BOS (id 1, "h") only when asked.
+        let bos: Vec<u32> = if add_bos { vec![1] } else { vec![] };
+        assert_eq!(ids("hello world€<|endoftext|>"), [bos.clone(), vec![12, 17, 22, 0]].concat());
+        assert_eq!(ids("hello<think>"), [bos.clone(), vec![12, 23]].concat());
+        assert_eq!(tok.decode(&[12, 17, 22], false).unwrap(), "hello world€");
+        let added: Vec<String> = tok.get_added_tokens_decoder().values().map(|t| t.content.clone()).collect();
+        assert!(!added.iter().any(|t| t.starts_with("<|bad")), "{added:?}");
+
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap()).unwrap();
+        assert_eq!((cfg["bos_token"].as_str(), cfg["eos_token"].as_str()), (Some("h"), Some("e")));
+        assert_eq!(cfg["add_bos_token"], add_bos);
+        assert_eq!(cfg["chat_template"], "{{ messages[0]['content'] }}");
+    }
+}
+
+#[test]
+fn other_tokenizer_types_are_not_rebuilt_and_say_so() {
+    let fx = llama_fixture_with("llama", vec![("tokenizer.ggml.model", Meta::Str("llama"))]);
+    let out = fx._dir.path().join("hf");
+    let o = graft(&["convert", fx.gguf.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("'llama' is not rebuilt"));
+    assert!(!out.join("tokenizer.json").exists() && out.join("config.json").exists());
 }

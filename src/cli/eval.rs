@@ -1,5 +1,5 @@
-//! `graft eval CKPT --data D`: accuracy, weighted and macro F1, loss and confusion matrix of any checkpoint graft
-//! produces, as a table or JSON.
+//! `graft eval CKPT --data D`: accuracy, weighted and macro F1, loss and confusion matrix of any classifier graft
+//! produces, or the perplexity of a llama-family causal LM on text, as a table or JSON.
 
 use std::fmt::Write;
 use std::path::PathBuf;
@@ -43,6 +43,9 @@ pub struct Args {
 }
 
 pub fn run(a: Args, global: &Global) -> Result<()> {
+    if train::lm_eval::is_causal_lm(&a.checkpoint) {
+        return run_lm(a, global);
+    }
     let opts = EvalOptions {
         checkpoint: a.checkpoint.clone(),
         arch: ArchOptions { arch: a.arch.clone(), pooling: a.pooling, ..Default::default() },
@@ -96,4 +99,36 @@ pub fn run(a: Args, global: &Global) -> Result<()> {
     }
     let _ = writeln!(s, "{t}");
     emit(&s)
+}
+
+/// A causal LM: perplexity on text (`--data text:PATH`, `--max-len` tokens per window).
+fn run_lm(a: Args, global: &Global) -> Result<()> {
+    let data = a.data.options()?;
+    let opts = train::lm_eval::LmEvalOptions {
+        checkpoint: a.checkpoint.clone(),
+        data: data.spec.clone(),
+        tokenizer: data.tokenizer.clone(),
+        max_len: data.max_len,
+        batch: a.batch.max(1),
+        device: a.device.clone(),
+        results: a.results.clone(),
+        experiment: a.experiment.clone(),
+    };
+    let out = super::with_threads(global, || train::lm_eval::run(&opts))?;
+    if a.json {
+        return emit(&(serde_json::to_string(&out).unwrap() + "\n"));
+    }
+    emit(&format!(
+        "{}  ({} on {}: {} documents, {} tokens, {} windows of <= {})\nperplexity {:.4}  nll {:.6}  {:.0} tokens/s\n",
+        out.checkpoint.display(),
+        out.arch,
+        out.data,
+        out.documents,
+        out.tokens,
+        out.windows,
+        out.max_len,
+        out.perplexity,
+        out.nll,
+        out.tokens_per_s
+    ))
 }

@@ -2,7 +2,10 @@
 //! metadata and tensor table in storage order, per-tensor dequantisation (candle's decoders, never our own), and the
 //! llama-family mapping to Hugging Face: tensor names, the inverse of llama.cpp's rotary row permutation of the query
 //! and key projections, and `config.json` from the metadata. `graft convert MODEL.gguf -o DIR` is built on this
-//! (`convert::convert_gguf`); `graft inspect MODEL.gguf` on `GgufFile::summary`.
+//! (`convert::convert_gguf`); `graft inspect MODEL.gguf` on `GgufFile::summary`. The tokenizer files are rebuilt
+//! from the vocabulary in `tokenizer`.
+
+pub mod tokenizer;
 
 use std::collections::BTreeMap;
 use std::fs::File;

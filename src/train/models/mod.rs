@@ -6,6 +6,7 @@
 
 pub mod bert;
 pub mod layers;
+pub mod llama;
 pub mod mlp;
 pub mod resnet20;
 pub mod sepcnn;

@@ -1,0 +1,355 @@
+//! The llama family of causal language models (Llama, Mistral, SmolLM2, Qwen2) under Hugging Face's
+//! `LlamaForCausalLM` / `Qwen2ForCausalLM` tensor names: token embedding, decoder layers of grouped-query attention
+//! with rotary position embeddings and a SwiGLU MLP, each behind an RMSNorm, a final RMSNorm and a head that is its
+//! own matrix or the embedding itself (tied).
+//!
+//! The numerics follow transformers' eager implementation so that graft's perplexities equal its: everything in f32,
+//! RMSNorm as `w * (x / sqrt(mean(x²) + eps))`, the rotary angles as f32 products of the position and the f32
+//! inverse frequencies (the `rotate_half` layout, which is what Hugging Face checkpoints store; `graft convert`
+//! undoes llama.cpp's interleaved one), softmax over masked scores scaled by `1/sqrt(head_dim)`.
+//!
+//! Parameters live in a `ParamStore`, so the same model serves evaluation now and selective fine-tuning later: a
+//! frozen parameter enters the forward pass detached.
+
+use candle_core::{DType, Device, Tensor, D};
+use serde::Deserialize;
+
+use super::layers::Linear;
+use crate::error::{Error, Result};
+use crate::train::params::{Init, Param, ParamStore};
+
+fn default_theta() -> f64 {
+    10_000.0
+}
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_max_positions() -> usize {
+    2048
+}
+
+/// The fields of a Hugging Face llama-family `config.json` the forward pass needs.
+#[derive(Clone, Debug, Deserialize)]
+pub struct LlamaConfig {
+    #[serde(default)]
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_theta")]
+    pub rope_theta: f64,
+    #[serde(default)]
+    pub rope_scaling: Option<serde_json::Value>,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub mlp_bias: bool,
+    #[serde(default = "default_max_positions")]
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub hidden_act: Option<String>,
+}
+
+/// How the rotary inverse frequencies are rescaled for long contexts (`rope_scaling` in the config).
+#[derive(Clone, Debug, PartialEq)]
+enum RopeScaling {
+    None,
+    /// Positions divided by `factor` (equivalently, every frequency).
+    Linear {
+        factor: f64,
+    },
+    /// Llama 3.1's band-wise rescaling.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_positions: f64,
+    },
+}
+
+impl LlamaConfig {
+    /// Reads and checks `config.json`; `shown` names the file in errors.
+    pub fn from_json(v: &serde_json::Value, shown: &str) -> Result<LlamaConfig> {
+        let cfg: LlamaConfig = serde_json::from_value(v.clone())
+            .map_err(|e| Error::invalid(format!("{shown}: not a llama-family config: {e}")))?;
+        cfg.check().map_err(|m| Error::invalid(format!("{shown}: {m}")))?;
+        Ok(cfg)
+    }
+
+    /// Whether `config.json` describes a causal LM of the llama family.
+    pub fn is_llama_family(v: &serde_json::Value) -> bool {
+        let by_type = matches!(v.get("model_type").and_then(|m| m.as_str()), Some("llama" | "mistral" | "qwen2"));
+        let by_arch = v.get("architectures").and_then(|a| a.as_array()).is_some_and(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str())
+                .any(|x| matches!(x, "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM"))
+        });
+        by_type || by_arch
+    }
+
+    fn check(&self) -> std::result::Result<(), String> {
+        let heads = self.num_attention_heads;
+        let kv = self.kv_heads();
+        if heads == 0 || kv == 0 || !heads.is_multiple_of(kv) {
+            return Err(format!(
+                "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv} (grouped-query attention)"
+            ));
+        }
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(heads) {
+            return Err(format!("hidden_size {} is not divisible by {heads} heads", self.hidden_size));
+        }
+        if !self.head_dim().is_multiple_of(2) {
+            return Err(format!("head_dim {} is odd; rotary embeddings need pairs", self.head_dim()));
+        }
+        if let Some(act) = &self.hidden_act {
+            if act != "silu" {
+                return Err(format!("hidden_act '{act}' is not supported (llama-family models use silu)"));
+            }
+        }
+        self.rope_scaling()?;
+        Ok(())
+    }
+
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// Qwen2 gives its query, key and value projections a bias; llama does when `attention_bias` says so.
+    fn qkv_bias(&self) -> bool {
+        self.attention_bias || self.model_type == "qwen2"
+    }
+
+    fn rope_scaling(&self) -> std::result::Result<RopeScaling, String> {
+        let Some(v) = self.rope_scaling.as_ref().filter(|v| !v.is_null()) else {
+            return Ok(RopeScaling::None);
+        };
+        let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(|t| t.as_str()).unwrap_or("default");
+        let num = |key: &str| -> std::result::Result<f64, String> {
+            v.get(key).and_then(|x| x.as_f64()).ok_or_else(|| format!("rope_scaling of type '{kind}' lacks '{key}'"))
+        };
+        match kind {
+            "default" => Ok(RopeScaling::None),
+            "linear" => Ok(RopeScaling::Linear { factor: num("factor")? }),
+            "llama3" => Ok(RopeScaling::Llama3 {
+                factor: num("factor")?,
+                low_freq_factor: num("low_freq_factor")?,
+                high_freq_factor: num("high_freq_factor")?,
+                original_max_positions: num("original_max_position_embeddings")?,
+            }),
+            other => Err(format!("rope_scaling type '{other}' is not supported (supported: linear, llama3)")),
+        }
+    }
+
+    /// The rotary inverse frequencies as transformers computes them: `1 / theta^(2i/d)` rounded to f32, then the
+    /// configured rescaling.
+    fn inv_freq(&self) -> Vec<f32> {
+        let d = self.head_dim();
+        let base: Vec<f64> = (0..d / 2).map(|i| 1.0 / self.rope_theta.powf((2 * i) as f64 / d as f64)).collect();
+        let scaled: Vec<f64> = match self.rope_scaling().unwrap_or(RopeScaling::None) {
+            RopeScaling::None => base,
+            RopeScaling::Linear { factor } => base.iter().map(|f| f / factor).collect(),
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_positions } => {
+                let low_wavelen = original_max_positions / low_freq_factor;
+                let high_wavelen = original_max_positions / high_freq_factor;
+                base.iter()
+                    .map(|&f| {
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        if wavelen < high_wavelen {
+                            f
+                        } else if wavelen > low_wavelen {
+                            f / factor
+                        } else {
+                            let smooth = (original_max_positions / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .collect()
+            }
+        };
+        scaled.iter().map(|&f| f as f32).collect()
+    }
+}
+
+/// `w * x / sqrt(mean(x²) + eps)` over the last axis.
+struct RmsNorm {
+    weight: Param,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn new(store: &mut ParamStore, name: &str, n: usize, eps: f64) -> Result<Self> {
+        Ok(RmsNorm { weight: store.param(&format!("{name}.weight"), &[n], Init::Const(1.0))?, eps })
+    }
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let variance = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = x.broadcast_div(&(variance + self.eps)?.sqrt()?)?;
+        normed.broadcast_mul(&self.weight.t())
+    }
+}
+
+struct Block {
+    input_norm: RmsNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    post_norm: RmsNorm,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// A llama-family causal LM.
+pub struct Llama {
+    pub config: LlamaConfig,
+    embed: Param,
+    blocks: Vec<Block>,
+    norm: RmsNorm,
+    /// `None` when the head is the embedding (tied).
+    head: Option<Linear>,
+    inv_freq: Vec<f32>,
+}
+
+/// A parameter whose values a checkpoint will fill: registering it as zeros costs no random draws.
+const FILLED_BY_CHECKPOINT: Init = Init::Const(0.0);
+
+fn linear(store: &mut ParamStore, name: &str, inp: usize, out: usize, bias: bool) -> Result<Linear> {
+    let weight = store.param(&format!("{name}.weight"), &[out, inp], FILLED_BY_CHECKPOINT)?;
+    let bias = if bias { Some(store.param(&format!("{name}.bias"), &[out], FILLED_BY_CHECKPOINT)?) } else { None };
+    Ok(Linear { name: name.to_string(), weight, bias })
+}
+
+impl Llama {
+    /// Registers every tensor of the model in `store` under its Hugging Face name, in `state_dict` order. The values
+    /// are placeholders until a checkpoint is loaded into the store.
+    pub fn new(config: LlamaConfig, store: &mut ParamStore) -> Result<Llama> {
+        let c = &config;
+        let (d, hd) = (c.hidden_size, c.head_dim());
+        let embed = store.param("model.embed_tokens.weight", &[c.vocab_size, d], FILLED_BY_CHECKPOINT)?;
+        let mut blocks = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let bias = c.qkv_bias();
+            blocks.push(Block {
+                q: linear(store, &format!("{p}.self_attn.q_proj"), d, c.num_attention_heads * hd, bias)?,
+                k: linear(store, &format!("{p}.self_attn.k_proj"), d, c.kv_heads() * hd, bias)?,
+                v: linear(store, &format!("{p}.self_attn.v_proj"), d, c.kv_heads() * hd, bias)?,
+                o: linear(store, &format!("{p}.self_attn.o_proj"), c.num_attention_heads * hd, d, c.attention_bias)?,
+                gate: linear(store, &format!("{p}.mlp.gate_proj"), d, c.intermediate_size, c.mlp_bias)?,
+                up: linear(store, &format!("{p}.mlp.up_proj"), d, c.intermediate_size, c.mlp_bias)?,
+                down: linear(store, &format!("{p}.mlp.down_proj"), c.intermediate_size, d, c.mlp_bias)?,
+                input_norm: RmsNorm::new(store, &format!("{p}.input_layernorm"), d, c.rms_norm_eps)?,
+                post_norm: RmsNorm::new(store, &format!("{p}.post_attention_layernorm"), d, c.rms_norm_eps)?,
+            });
+        }
+        let norm = RmsNorm::new(store, "model.norm", d, c.rms_norm_eps)?;
+        let head = if c.tie_word_embeddings { None } else { Some(linear(store, "lm_head", d, c.vocab_size, false)?) };
+        let inv_freq = config.inv_freq();
+        Ok(Llama { config, embed, blocks, norm, head, inv_freq })
+    }
+
+    pub fn device(&self) -> candle_core::Device {
+        self.embed.var.device().clone()
+    }
+
+    /// cos and sin of the rotary angles for positions `0..t`, (t, head_dim) each, in the `rotate_half` layout.
+    fn rotary(&self, t: usize, device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let (mut cos, mut sin) = (Vec::with_capacity(t * 2 * half), Vec::with_capacity(t * 2 * half));
+        for pos in 0..t {
+            // The angle is an f32 product, as in transformers; its cosine is then computed exactly and rounded.
+            let angles: Vec<f32> = self.inv_freq.iter().map(|&f| pos as f32 * f).collect();
+            for _ in 0..2 {
+                cos.extend(angles.iter().map(|&a| (a as f64).cos() as f32));
+                sin.extend(angles.iter().map(|&a| (a as f64).sin() as f32));
+            }
+        }
+        Ok((Tensor::from_vec(cos, (t, 2 * half), device)?, Tensor::from_vec(sin, (t, 2 * half), device)?))
+    }
+
+    /// Logits (batch, time, vocab) for token ids (batch, time), attending causally.
+    pub fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let c = &self.config;
+        let (heads, kv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
+        let device = ids.device();
+        let embed = self.embed.t();
+        let mut x = embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, c.hidden_size))?;
+        let (cos, sin) = self.rotary(t, device)?;
+        let mask: Vec<f32> =
+            (0..t).flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY })).collect();
+        let mask = Tensor::from_vec(mask, (t, t), device)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        for block in &self.blocks {
+            let h = block.input_norm.forward(&x)?;
+            let q = block.q.forward(&h)?.reshape((b, t, heads, hd))?.transpose(1, 2)?;
+            let k = block.k.forward(&h)?.reshape((b, t, kv, hd))?.transpose(1, 2)?;
+            let v = block.v.forward(&h)?.reshape((b, t, kv, hd))?.transpose(1, 2)?;
+            let q = rotate(&q, &cos, &sin)?;
+            let k = repeat_kv(&rotate(&k, &cos, &sin)?, heads / kv)?;
+            let v = repeat_kv(&v.contiguous()?, heads / kv)?;
+            let scores = (q.matmul(&k.transpose(2, 3)?.contiguous()?)? * scale)?.broadcast_add(&mask)?;
+            let attn = candle_nn::ops::softmax_last_dim(&scores)?;
+            let o = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, t, heads * hd))?;
+            x = (x + block.o.forward(&o)?)?;
+            let h = block.post_norm.forward(&x)?;
+            let mlp =
+                block.down.forward(&(candle_nn::ops::silu(&block.gate.forward(&h)?)? * block.up.forward(&h)?)?)?;
+            x = (x + mlp)?;
+        }
+        let x = self.norm.forward(&x)?;
+        match &self.head {
+            Some(head) => head.forward(&x),
+            None => {
+                let rows = x.reshape((b * t, c.hidden_size))?.matmul(&embed.t()?)?;
+                rows.reshape((b, t, c.vocab_size))
+            }
+        }
+    }
+
+    /// Log-likelihood of each next token: (batch, time - 1) values `log p(ids[t+1] | ids[..=t])`, in f32 from an
+    /// f32 log-softmax, as transformers' cross-entropy computes them.
+    pub fn next_token_logprobs(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let (_, t) = ids.dims2()?;
+        let logits = self.forward(ids)?.narrow(1, 0, t - 1)?;
+        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let targets = ids.narrow(1, 1, t - 1)?.unsqueeze(2)?.contiguous()?;
+        logp.contiguous()?.gather(&targets, 2)?.squeeze(2)
+    }
+}
+
+/// `x * cos + rotate_half(x) * sin` for x (batch, heads, time, head_dim).
+fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let x = x.contiguous()?;
+    let (first, second) = (x.narrow(D::Minus1, 0, half)?, x.narrow(D::Minus1, half, half)?);
+    let rotated = Tensor::cat(&[&second.neg()?, &first], D::Minus1)?;
+    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+}
+
+/// Each key/value head repeated for the `n` query heads that share it: (b, kv, t, d) -> (b, kv * n, t, d).
+fn repeat_kv(x: &Tensor, n: usize) -> candle_core::Result<Tensor> {
+    if n == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kv, t, d) = x.dims4()?;
+    x.unsqueeze(2)?.expand((b, kv, n, t, d))?.contiguous()?.reshape((b, kv * n, t, d))
+}
+
+/// The working dtype of the causal LM (transformers' perplexities are measured in f32 here too).
+pub const WORKING_DTYPE: DType = DType::F32;
