@@ -60,9 +60,9 @@ enum Command {
     Demo(experiment::DemoArgs),
     /// Spectrum's per-matrix SNR: rankings per layer type, top-percent selection, Spectrum/axolotl files.
     Snr(snr::Args),
-    /// Fine-tune a model on local data with a freezing policy; write the checkpoint and a results line.
-    Train(train::Args),
-    /// Accuracy, F1, loss and confusion matrix of a checkpoint on local data.
+    /// Fine-tune a model (classifier or causal LM) on local data with a freezing policy; write the checkpoint and a results line.
+    Train(Box<train::Args>),
+    /// Accuracy, F1, loss and confusion matrix of a classifier, or perplexity of a causal LM, on local data.
     Eval(eval::Args),
     /// Align a model to a reference by permuting hidden units (Git Re-Basin weight matching).
     Align(align::Args),
@@ -98,7 +98,7 @@ pub fn run() -> Result<()> {
         Command::Demo(a) => experiment::demo(a, &global),
         Command::Merge(a) => merge::run(*a, &global),
         Command::Snr(a) => snr::run(a, &global),
-        Command::Train(a) => train::run(a, &global),
+        Command::Train(a) => train::run(*a, &global),
         Command::Eval(a) => eval::run(a, &global),
         Command::Align(a) => align::run(a, &global),
         Command::Interpolate(a) => interpolate::run(a, &global),

@@ -35,14 +35,18 @@ pub struct Args {
     /// statistics and running averages, PyTorch's train mode).
     #[arg(long, value_enum, default_value = "freeze")]
     bn_stats: BnStatsArg,
-    #[arg(long, default_value_t = 5, value_parser = super::iterations_arg)]
-    epochs: usize,
-    #[arg(long, default_value_t = 1e-3)]
-    lr: f64,
+    /// Passes over the training data [default: 5; 1 for a causal LM].
+    #[arg(long, value_parser = super::iterations_arg)]
+    epochs: Option<usize>,
+    /// Learning rate [default: 1e-3; 1e-4 for a causal LM].
+    #[arg(long)]
+    lr: Option<f64>,
     #[arg(long, default_value_t = 0.01)]
     weight_decay: f64,
-    #[arg(long, default_value_t = 128, value_parser = super::batch_arg)]
-    batch: usize,
+    /// Samples per optimiser step [default: 128; 8 sequences for a causal LM, run in micro-batches that fit
+    /// memory with their gradients accumulated].
+    #[arg(long, value_parser = super::batch_arg)]
+    batch: Option<usize>,
     /// Batch size for evaluation passes.
     #[arg(long, default_value_t = 512, value_parser = super::batch_arg)]
     eval_batch: usize,
@@ -150,16 +154,26 @@ impl DataArgs {
 }
 
 pub fn run(a: Args, global: &Global) -> Result<()> {
-    if a.batch == 0 || a.eval_batch == 0 {
+    let causal_lm = a.arch.as_deref() == Some("llama")
+        || a.init.as_deref().is_some_and(train::lm_eval::is_causal_lm)
+        || a.transfer_body.as_deref().is_some_and(train::lm_eval::is_causal_lm);
+    let (epochs, lr, batch) = match causal_lm {
+        true => (a.epochs.unwrap_or(1), a.lr.unwrap_or(1e-4), a.batch.unwrap_or(8)),
+        false => (a.epochs.unwrap_or(5), a.lr.unwrap_or(1e-3), a.batch.unwrap_or(128)),
+    };
+    if batch == 0 || a.eval_batch == 0 {
         return Err(Error::usage("--batch and --eval-batch must be at least 1"));
     }
-    if !(a.lr > 0.0 && a.lr.is_finite()) {
+    if !(lr > 0.0 && lr.is_finite()) {
         return Err(Error::usage("--lr must be positive"));
     }
     let freeze = match a.train_last_layers {
         Some(n) => FreezePolicy::LastLayers(n),
         None => FreezePolicy::parse(&a.freeze)?,
     };
+    if causal_lm {
+        return run_lm(a, global, freeze, epochs, lr, batch);
+    }
     let bn_stats = match a.bn_stats {
         BnStatsArg::Freeze => BnStats::Freeze,
         BnStatsArg::Update => BnStats::Update,
@@ -181,9 +195,9 @@ pub fn run(a: Args, global: &Global) -> Result<()> {
         freeze,
         bn_stats,
         train: TrainConfig {
-            epochs: a.epochs,
-            lr: a.lr,
-            batch: a.batch,
+            epochs,
+            lr,
+            batch,
             eval_batch: a.eval_batch,
             seed: a.seed,
             weight_decay: a.weight_decay,
@@ -275,6 +289,68 @@ pub fn run(a: Args, global: &Global) -> Result<()> {
     );
     if let Some(o) = &outcome.output {
         let _ = writeln!(s, "wrote {}", o.display());
+    }
+    emit(&s)
+}
+
+/// A llama-family causal LM: fine-tuning on text (see `train::lm_train`).
+fn run_lm(a: Args, global: &Global, freeze: FreezePolicy, epochs: usize, lr: f64, batch: usize) -> Result<()> {
+    let Some(init) = a.init.clone() else {
+        return Err(Error::usage("a causal LM is fine-tuned from a checkpoint: pass --init DIR"));
+    };
+    let data = a.data.options()?;
+    let out =
+        OutputArgs { output: a.output.clone().unwrap_or_default(), max_shard_size: a.max_shard_size, force: a.force };
+    let opts = train::lm_train::LmTrainOptions {
+        init,
+        data: data.spec,
+        tokenizer: data.tokenizer,
+        max_len: data.max_len,
+        val_fraction: data.val_fraction,
+        freeze,
+        epochs,
+        batch,
+        lr,
+        weight_decay: a.weight_decay,
+        seed: a.seed,
+        device: a.device.clone(),
+        output: a.output.clone(),
+        writer: out.writer_options(Vec::new()),
+        threads: global.threads,
+        results: a.results.clone(),
+        experiment: a.experiment.clone(),
+        tags: a.tags.clone(),
+        progress: !a.quiet,
+    };
+    let o = super::with_threads(global, || train::lm_train::run(&opts))?;
+    if a.json {
+        return emit(&(serde_json::to_string(&o).unwrap() + "\n"));
+    }
+    let f = &o.freeze;
+    let mut s = format!(
+        "run {}  {} on {}: {} train / {} validation sequences of <= {} tokens\n\
+         freeze {}: {} of {} parameters train ({} tensors trainable, {} frozen)\n\
+         validation perplexity {:.4} -> {:.4}  ({} steps, {:.1} s training, {:.0} tokens/s, peak memory {})\n",
+        o.run_id,
+        o.init.display(),
+        o.data,
+        o.sequences.train,
+        o.sequences.val,
+        o.sequences.max_len,
+        f.policy,
+        f.trainable_params,
+        f.total_params,
+        f.trainable_tensors,
+        f.frozen_tensors,
+        o.perplexity_before,
+        o.perplexity,
+        o.steps,
+        o.time_s,
+        o.tokens_per_s,
+        o.peak_memory_bytes.map(super::human_bytes).unwrap_or_else(|| "unknown".into())
+    );
+    if let Some(p) = &o.output {
+        s.push_str(&format!("wrote {}\n", p.display()));
     }
     emit(&s)
 }

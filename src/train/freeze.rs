@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use super::models::Model;
+use super::params::ParamStore;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 
@@ -77,8 +78,46 @@ enum Selection {
     Regexes(Vec<regex::Regex>),
 }
 
+/// What a freezing policy needs to know of a network: its parameters, which of them form its task head, and the
+/// layer index of each parameter of a layered (transformer) body.
+pub trait FreezeTarget {
+    fn store(&self) -> &ParamStore;
+    /// The architecture's name, for messages.
+    fn arch_name(&self) -> &'static str;
+    fn is_head(&self, name: &str) -> bool;
+    fn encoder_layer(&self, name: &str) -> Option<usize>;
+    fn encoder_layers(&self) -> usize;
+    /// Whether `selected:`/`regex:` train the head besides the selection (a classifier's fresh head must learn; a
+    /// language model's head trains only when selected).
+    fn head_trains_with_selection(&self) -> bool {
+        true
+    }
+    /// Parameters outside the layers that `--train-last-layers` trains with them (a decoder's final norm).
+    fn trains_with_last_layers(&self, name: &str) -> bool {
+        self.is_head(name)
+    }
+}
+
+impl<M: Model + ?Sized> FreezeTarget for M {
+    fn store(&self) -> &ParamStore {
+        Model::store(self)
+    }
+    fn arch_name(&self) -> &'static str {
+        self.spec().name()
+    }
+    fn is_head(&self, name: &str) -> bool {
+        Model::is_head(self, name)
+    }
+    fn encoder_layer(&self, name: &str) -> Option<usize> {
+        Model::encoder_layer(self, name)
+    }
+    fn encoder_layers(&self) -> usize {
+        Model::encoder_layers(self)
+    }
+}
+
 /// Marks every parameter of `model` trainable or frozen by `policy`.
-pub fn apply(model: &dyn Model, policy: &FreezePolicy) -> Result<FreezeSummary> {
+pub fn apply<M: FreezeTarget + ?Sized>(model: &M, policy: &FreezePolicy) -> Result<FreezeSummary> {
     let store = model.store();
     let names: Vec<String> = store.params().map(|(n, _)| n.to_string()).collect();
     let mut unmatched = Vec::new();
@@ -90,19 +129,23 @@ pub fn apply(model: &dyn Model, policy: &FreezePolicy) -> Result<FreezeSummary> 
             if layers == 0 {
                 return Err(Error::usage(format!(
                     "--train-last-layers applies to transformer encoders; the {} model has none",
-                    model.spec().name()
+                    model.arch_name()
                 )));
             }
             let first = layers.saturating_sub(*k);
             names
                 .iter()
-                .filter(|n| model.is_head(n) || model.encoder_layer(n).is_some_and(|l| l >= first))
+                .filter(|n| model.trains_with_last_layers(n) || model.encoder_layer(n).is_some_and(|l| l >= first))
                 .cloned()
                 .collect()
         }
         FreezePolicy::Selected(path) | FreezePolicy::Regex(path) => {
             let sel = read_selection(path, matches!(policy, FreezePolicy::Regex(_)))?;
-            let mut chosen: BTreeSet<String> = names.iter().filter(|n| model.is_head(n)).cloned().collect();
+            let mut chosen: BTreeSet<String> = if model.head_trains_with_selection() {
+                names.iter().filter(|n| model.is_head(n)).cloned().collect()
+            } else {
+                BTreeSet::new()
+            };
             match sel {
                 Selection::Names(list) => {
                     for s in list {
@@ -132,7 +175,7 @@ pub fn apply(model: &dyn Model, policy: &FreezePolicy) -> Result<FreezeSummary> 
                     "{}: the selection matches no parameter of the {} model outside its head ({} entries unmatched, \
                      e.g. '{}')",
                     path.display(),
-                    model.spec().name(),
+                    model.arch_name(),
                     unmatched.len(),
                     unmatched.first().map(|s| s.as_str()).unwrap_or("")
                 )));

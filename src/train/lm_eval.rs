@@ -65,7 +65,8 @@ pub fn is_causal_lm(checkpoint: &Path) -> bool {
     read_config(checkpoint).ok().flatten().is_some_and(|(v, _)| LlamaConfig::is_llama_family(&v))
 }
 
-fn config_dir(checkpoint: &Path) -> Option<PathBuf> {
+/// The directory holding a checkpoint's `config.json` and tokenizer: the checkpoint's own, or a file's parent.
+pub fn config_dir(checkpoint: &Path) -> Option<PathBuf> {
     if checkpoint.is_dir() {
         Some(checkpoint.to_path_buf())
     } else {
@@ -89,10 +90,9 @@ pub fn load_llama(checkpoint: &Path, device: &candle_core::Device) -> Result<Lla
     })?;
     let config = LlamaConfig::from_json(&v, &path.display().to_string())?;
     let ck = Checkpoint::open(checkpoint)?;
-    let mut store = ParamStore::new(WORKING_DTYPE, device.clone(), 0);
-    let model = Llama::new(config, &mut store)?;
+    let model = Llama::new(config, ParamStore::new(WORKING_DTYPE, device.clone(), 0))?;
     // A tied model registers no head, so a checkpoint's redundant `lm_head.weight` is merely unused.
-    checkpoint_io::load(&store, &ck, &|_| false)?;
+    checkpoint_io::load(model.store(), &ck, &|_| false)?;
     Ok(model)
 }
 

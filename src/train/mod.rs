@@ -10,6 +10,7 @@ pub mod checkpoint_io;
 pub mod data;
 pub mod freeze;
 pub mod lm_eval;
+pub mod lm_train;
 pub mod metrics;
 pub mod models;
 pub mod ops;

@@ -16,6 +16,7 @@ use serde::Deserialize;
 
 use super::layers::Linear;
 use crate::error::{Error, Result};
+use crate::train::ops;
 use crate::train::params::{Init, Param, ParamStore};
 
 fn default_theta() -> f64 {
@@ -223,6 +224,7 @@ pub struct Llama {
     /// `None` when the head is the embedding (tied).
     head: Option<Linear>,
     inv_freq: Vec<f32>,
+    store: ParamStore,
 }
 
 /// A parameter whose values a checkpoint will fill: registering it as zeros costs no random draws.
@@ -235,9 +237,9 @@ fn linear(store: &mut ParamStore, name: &str, inp: usize, out: usize, bias: bool
 }
 
 impl Llama {
-    /// Registers every tensor of the model in `store` under its Hugging Face name, in `state_dict` order. The values
-    /// are placeholders until a checkpoint is loaded into the store.
-    pub fn new(config: LlamaConfig, store: &mut ParamStore) -> Result<Llama> {
+    /// Registers every tensor of the model in `store` (which the model then owns) under its Hugging Face name, in
+    /// `state_dict` order. The values are placeholders until a checkpoint is loaded into the store.
+    pub fn new(config: LlamaConfig, mut store: ParamStore) -> Result<Llama> {
         let c = &config;
         let (d, hd) = (c.hidden_size, c.head_dim());
         let embed = store.param("model.embed_tokens.weight", &[c.vocab_size, d], FILLED_BY_CHECKPOINT)?;
@@ -246,21 +248,32 @@ impl Llama {
             let p = format!("model.layers.{i}");
             let bias = c.qkv_bias();
             blocks.push(Block {
-                q: linear(store, &format!("{p}.self_attn.q_proj"), d, c.num_attention_heads * hd, bias)?,
-                k: linear(store, &format!("{p}.self_attn.k_proj"), d, c.kv_heads() * hd, bias)?,
-                v: linear(store, &format!("{p}.self_attn.v_proj"), d, c.kv_heads() * hd, bias)?,
-                o: linear(store, &format!("{p}.self_attn.o_proj"), c.num_attention_heads * hd, d, c.attention_bias)?,
-                gate: linear(store, &format!("{p}.mlp.gate_proj"), d, c.intermediate_size, c.mlp_bias)?,
-                up: linear(store, &format!("{p}.mlp.up_proj"), d, c.intermediate_size, c.mlp_bias)?,
-                down: linear(store, &format!("{p}.mlp.down_proj"), c.intermediate_size, d, c.mlp_bias)?,
-                input_norm: RmsNorm::new(store, &format!("{p}.input_layernorm"), d, c.rms_norm_eps)?,
-                post_norm: RmsNorm::new(store, &format!("{p}.post_attention_layernorm"), d, c.rms_norm_eps)?,
+                q: linear(&mut store, &format!("{p}.self_attn.q_proj"), d, c.num_attention_heads * hd, bias)?,
+                k: linear(&mut store, &format!("{p}.self_attn.k_proj"), d, c.kv_heads() * hd, bias)?,
+                v: linear(&mut store, &format!("{p}.self_attn.v_proj"), d, c.kv_heads() * hd, bias)?,
+                o: linear(
+                    &mut store,
+                    &format!("{p}.self_attn.o_proj"),
+                    c.num_attention_heads * hd,
+                    d,
+                    c.attention_bias,
+                )?,
+                gate: linear(&mut store, &format!("{p}.mlp.gate_proj"), d, c.intermediate_size, c.mlp_bias)?,
+                up: linear(&mut store, &format!("{p}.mlp.up_proj"), d, c.intermediate_size, c.mlp_bias)?,
+                down: linear(&mut store, &format!("{p}.mlp.down_proj"), c.intermediate_size, d, c.mlp_bias)?,
+                input_norm: RmsNorm::new(&mut store, &format!("{p}.input_layernorm"), d, c.rms_norm_eps)?,
+                post_norm: RmsNorm::new(&mut store, &format!("{p}.post_attention_layernorm"), d, c.rms_norm_eps)?,
             });
         }
-        let norm = RmsNorm::new(store, "model.norm", d, c.rms_norm_eps)?;
-        let head = if c.tie_word_embeddings { None } else { Some(linear(store, "lm_head", d, c.vocab_size, false)?) };
+        let norm = RmsNorm::new(&mut store, "model.norm", d, c.rms_norm_eps)?;
+        let head =
+            if c.tie_word_embeddings { None } else { Some(linear(&mut store, "lm_head", d, c.vocab_size, false)?) };
         let inv_freq = config.inv_freq();
-        Ok(Llama { config, embed, blocks, norm, head, inv_freq })
+        Ok(Llama { config, embed, blocks, norm, head, inv_freq, store })
+    }
+
+    pub fn store(&self) -> &ParamStore {
+        &self.store
     }
 
     pub fn device(&self) -> candle_core::Device {
@@ -290,10 +303,12 @@ impl Llama {
         let device = ids.device();
         let embed = self.embed.t();
         let mut x = embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, c.hidden_size))?;
+        let dtype = x.dtype();
         let (cos, sin) = self.rotary(t, device)?;
+        let (cos, sin) = (cos.to_dtype(dtype)?, sin.to_dtype(dtype)?);
         let mask: Vec<f32> =
             (0..t).flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY })).collect();
-        let mask = Tensor::from_vec(mask, (t, t), device)?;
+        let mask = Tensor::from_vec(mask, (t, t), device)?.to_dtype(dtype)?;
         let scale = 1.0 / (hd as f64).sqrt();
         for block in &self.blocks {
             let h = block.input_norm.forward(&x)?;
@@ -304,7 +319,12 @@ impl Llama {
             let k = repeat_kv(&rotate(&k, &cos, &sin)?, heads / kv)?;
             let v = repeat_kv(&v.contiguous()?, heads / kv)?;
             let scores = (q.matmul(&k.transpose(2, 3)?.contiguous()?)? * scale)?.broadcast_add(&mask)?;
-            let attn = candle_nn::ops::softmax_last_dim(&scores)?;
+            // Training needs graft's softmax (it has a backward pass); inference takes candle's fused one.
+            let attn = if scores.track_op() {
+                ops::softmax_last_dim(&scores)?
+            } else {
+                candle_nn::ops::softmax_last_dim(&scores)?
+            };
             let o = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, t, heads * hd))?;
             x = (x + block.o.forward(&o)?)?;
             let h = block.post_norm.forward(&x)?;
@@ -330,6 +350,32 @@ impl Llama {
         let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
         let targets = ids.narrow(1, 1, t - 1)?.unsqueeze(2)?.contiguous()?;
         logp.contiguous()?.gather(&targets, 2)?.squeeze(2)
+    }
+}
+
+impl crate::train::freeze::FreezeTarget for Llama {
+    fn store(&self) -> &ParamStore {
+        &self.store
+    }
+    fn arch_name(&self) -> &'static str {
+        "llama"
+    }
+    /// The separate output projection is the head; a tied model has none of its own.
+    fn is_head(&self, name: &str) -> bool {
+        name.starts_with("lm_head.")
+    }
+    fn encoder_layer(&self, name: &str) -> Option<usize> {
+        name.strip_prefix("model.layers.")?.split('.').next()?.parse().ok()
+    }
+    fn encoder_layers(&self) -> usize {
+        self.config.num_hidden_layers
+    }
+    fn head_trains_with_selection(&self) -> bool {
+        false
+    }
+    /// The last layers train with the final norm that reads them and the head.
+    fn trains_with_last_layers(&self, name: &str) -> bool {
+        self.is_head(name) || name.starts_with("model.norm.")
     }
 }
 
