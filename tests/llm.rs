@@ -62,6 +62,55 @@ fn per_token_loglikelihoods_equal_the_f64_reference() {
     assert_eq!(alone[0], got[1]);
 }
 
+/// A copy of the base fixture with `config.json` changed by `edit`.
+fn variant(dir: &Path, name: &str, edit: impl Fn(&mut serde_json::Value)) -> PathBuf {
+    let out = dir.join(name);
+    std::fs::create_dir_all(&out).unwrap();
+    for f in ["model.safetensors", "tokenizer.json"] {
+        std::fs::copy(fixture("base").join(f), out.join(f)).unwrap();
+    }
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("base").join("config.json")).unwrap()).unwrap();
+    edit(&mut cfg);
+    std::fs::write(out.join("config.json"), cfg.to_string()).unwrap();
+    out
+}
+
+#[test]
+fn tied_head_and_rope_theta_follow_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = variant(dir.path(), "tied", |c| {
+        c["tie_word_embeddings"] = serde_json::json!(true);
+        c["rope_theta"] = serde_json::json!(500.0);
+    });
+    let model = lm_eval::load_llama(&ck, &candle_core::Device::Cpu).unwrap();
+    let w = Weights::load(&ck);
+    let a = ids(20, 4);
+    let got = lm_eval::token_logprobs(&model, &[&a], 1).unwrap();
+    let want = reference_logprobs(&w, &a.iter().map(|&x| x as usize).collect::<Vec<_>>());
+    for (t, (g, r)) in got[0].iter().zip(&want).enumerate() {
+        assert!((*g as f64 - r).abs() <= 1e-4 * r.abs().max(1.0), "token {t}: graft {g}, reference {r}");
+    }
+    // The base scores differently: the head and the angles did change.
+    let base = lm_eval::load_llama(&fixture("base"), &candle_core::Device::Cpu).unwrap();
+    assert_ne!(lm_eval::token_logprobs(&base, &[&a], 1).unwrap(), got);
+}
+
+#[test]
+fn sliding_window_shorter_than_the_sequence_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = variant(dir.path(), "mistral", |c| {
+        c["model_type"] = serde_json::json!("mistral");
+        c["sliding_window"] = serde_json::json!(8);
+    });
+    let data = dir.path().join("t.txt");
+    std::fs::write(&data, text(40, 9)).unwrap();
+    let data = format!("text:{}", data.display());
+    let e = one_line_error(&["eval", ck.to_str().unwrap(), "--data", &data, "--max-len", "16"], 2);
+    assert!(e.contains("sliding_window 8") && e.contains("config.json"), "{e}");
+    eval_json(&["eval", ck.to_str().unwrap(), "--data", &data, "--max-len", "8", "--json"]);
+}
+
 #[test]
 fn sharded_checkpoint_scores_as_the_single_file() {
     let single = lm_eval::load_llama(&fixture("base"), &candle_core::Device::Cpu).unwrap();

@@ -195,6 +195,7 @@ pub fn run(o: &LmEvalOptions) -> Result<LmEvalOutcome> {
     crate::alloc::tune_allocator();
     let dev = device(&o.device)?;
     let model = load_llama(&o.checkpoint, &dev)?;
+    model.config.check_sequence_length(o.max_len, &o.checkpoint.join("config.json").display().to_string())?;
     let tokenizer = tokenize::find(o.tokenizer.as_deref(), config_dir(&o.checkpoint).as_deref())?;
     let docs = read_documents(&o.data)?;
     let ids = tokenize_documents(&tokenizer, &docs)?;

@@ -29,7 +29,7 @@ use crate::exec::{Executor, Produce};
 use crate::rng::Rng;
 
 /// Logit elements one micro-batch may hold while training (the log-softmax and its gradient triple it).
-const TRAIN_LOGIT_BUDGET: usize = 4 << 20; // 16 MiB of f32 logits
+const TRAIN_LOGIT_BUDGET: usize = 64 << 20; // 256 MiB of f32 logits
 
 pub struct LmTrainOptions {
     pub init: PathBuf,
@@ -173,6 +173,7 @@ pub fn run(o: &LmTrainOptions) -> Result<LmTrainOutcome> {
     }
     let dev = device(&o.device)?;
     let model = lm_eval::load_llama(&o.init, &dev)?;
+    model.config.check_sequence_length(o.max_len, &o.init.join("config.json").display().to_string())?;
     let tokenizer = tokenize::find(o.tokenizer.as_deref(), config_dir(&o.init).as_deref())?;
     let docs = lm_eval::read_documents(&o.data)?;
     let ids = lm_eval::tokenize_documents(&tokenizer, &docs)?;

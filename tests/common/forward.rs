@@ -302,8 +302,8 @@ pub fn bert(w: &Weights, ids: &[usize]) -> (Vec<Vec<f64>>, Vec<f64>) {
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// Llama decoder: RMSNorm, grouped-query causal attention with rotary embeddings (rotate-half form, theta 10000),
-// SwiGLU MLP, final RMSNorm and lm_head.
+// Llama decoder: RMSNorm, grouped-query causal attention with rotary embeddings (rotate-half form, the config's
+// rope_theta, default 10000), SwiGLU MLP, final RMSNorm and lm_head (the embedding when tie_word_embeddings).
 
 fn rmsnorm(w: &Weights, name: &str, x: &[f64], eps: f64) -> Vec<f64> {
     let ms = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
@@ -311,11 +311,11 @@ fn rmsnorm(w: &Weights, name: &str, x: &[f64], eps: f64) -> Vec<f64> {
     x.iter().enumerate().map(|(i, v)| v / (ms + eps).sqrt() * g[i]).collect()
 }
 
-fn rope(x: &mut [f64], heads: usize, hd: usize, pos: usize) {
+fn rope(x: &mut [f64], heads: usize, hd: usize, pos: usize, base: f64) {
     let half = hd / 2;
     for h in 0..heads {
         for i in 0..half {
-            let theta = pos as f64 * 10000f64.powf(-2.0 * i as f64 / hd as f64);
+            let theta = pos as f64 * base.powf(-2.0 * i as f64 / hd as f64);
             let (a, b) = (x[h * hd + i], x[h * hd + i + half]);
             x[h * hd + i] = a * theta.cos() - b * theta.sin();
             x[h * hd + i + half] = b * theta.cos() + a * theta.sin();
@@ -330,6 +330,8 @@ pub fn llama(w: &Weights, ids: &[usize]) -> Vec<Vec<f64>> {
     let kv = w.cfg("num_key_value_heads");
     let hd = w.cfg("head_dim");
     let eps = 1e-5;
+    let base = w.config["rope_theta"].as_f64().unwrap_or(10000.0);
+    let tied = w.config["tie_word_embeddings"].as_bool().unwrap_or(false);
     let emb = w.get("model.embed_tokens.weight");
     let mut h: Vec<Vec<f64>> = ids.iter().map(|&id| emb[id * hidden..(id + 1) * hidden].to_vec()).collect();
     let mut l = 0;
@@ -340,8 +342,8 @@ pub fn llama(w: &Weights, ids: &[usize]) -> Vec<Vec<f64>> {
         let mut k: Vec<Vec<f64>> = x.iter().map(|v| linear(w, &format!("{p}.self_attn.k_proj"), v)).collect();
         let v: Vec<Vec<f64>> = x.iter().map(|v| linear(w, &format!("{p}.self_attn.v_proj"), v)).collect();
         for (pos, (qi, ki)) in q.iter_mut().zip(k.iter_mut()).enumerate() {
-            rope(qi, heads, hd, pos);
-            rope(ki, kv, hd, pos);
+            rope(qi, heads, hd, pos, base);
+            rope(ki, kv, hd, pos, base);
         }
         let ctx = attention(&q, &k, &v, heads, kv, hd, true);
         for (hi, c) in h.iter_mut().zip(&ctx) {
@@ -360,7 +362,8 @@ pub fn llama(w: &Weights, ids: &[usize]) -> Vec<Vec<f64>> {
         }
         l += 1;
     }
-    h.iter().map(|v| linear(w, "lm_head", &rmsnorm(w, "model.norm", v, eps))).collect()
+    let head = if tied { "model.embed_tokens" } else { "lm_head" };
+    h.iter().map(|v| linear(w, head, &rmsnorm(w, "model.norm", v, eps))).collect()
 }
 
 /// Largest absolute difference, after checking the lengths agree.

@@ -59,6 +59,11 @@ pub struct LlamaConfig {
     pub max_position_embeddings: usize,
     #[serde(default)]
     pub hidden_act: Option<String>,
+    /// Mistral's (and Qwen2's, when `use_sliding_window`) attention window; graft attends to the whole window.
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    #[serde(default)]
+    pub use_sliding_window: Option<bool>,
 }
 
 /// How the rotary inverse frequencies are rescaled for long contexts (`rope_scaling` in the config).
@@ -121,6 +126,27 @@ impl LlamaConfig {
         Ok(())
     }
 
+    /// The attention window transformers applies, if any: Mistral's `sliding_window`, Qwen2's when
+    /// `use_sliding_window` is set.
+    pub fn attention_window(&self) -> Option<usize> {
+        match self.model_type.as_str() {
+            "qwen2" if self.use_sliding_window != Some(true) => None,
+            _ => self.sliding_window,
+        }
+    }
+
+    /// Refuses sequences longer than the attention window: graft attends causally over the whole sequence, which
+    /// equals sliding-window attention only while the sequence fits in the window.
+    pub fn check_sequence_length(&self, len: usize, shown: &str) -> Result<()> {
+        match self.attention_window() {
+            Some(w) if len > w => Err(Error::usage(format!(
+                "{shown}: sliding_window {w} is shorter than --max-len {len}; graft does not implement sliding-window \
+                 attention, use --max-len {w} or less"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     pub fn kv_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
@@ -155,8 +181,8 @@ impl LlamaConfig {
         }
     }
 
-    /// The rotary inverse frequencies as transformers computes them: `1 / theta^(2i/d)` rounded to f32, then the
-    /// configured rescaling.
+    /// The rotary inverse frequencies: `1 / theta^(2i/d)` and the configured rescaling computed in f64, then rounded
+    /// to f32 once (transformers computes them in f32 throughout; the difference is within an f32 rounding).
     fn inv_freq(&self) -> Vec<f32> {
         let d = self.head_dim();
         let base: Vec<f64> = (0..d / 2).map(|i| 1.0 / self.rope_theta.powf((2 * i) as f64 / d as f64)).collect();
@@ -342,14 +368,14 @@ impl Llama {
         }
     }
 
-    /// Log-likelihood of each next token: (batch, time - 1) values `log p(ids[t+1] | ids[..=t])`, in f32 from an
-    /// f32 log-softmax, as transformers' cross-entropy computes them.
+    /// Log-likelihood of each next token: (batch, time - 1) values `log p(ids[t+1] | ids[..=t])`, from the
+    /// logits in one fused pass per position (sums in f64).
     pub fn next_token_logprobs(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
-        let (_, t) = ids.dims2()?;
+        let (b, t) = ids.dims2()?;
         let logits = self.forward(ids)?.narrow(1, 0, t - 1)?;
-        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        let targets = ids.narrow(1, 1, t - 1)?.unsqueeze(2)?.contiguous()?;
-        logp.contiguous()?.gather(&targets, 2)?.squeeze(2)
+        let rows = logits.contiguous()?.reshape((b * (t - 1), self.config.vocab_size))?;
+        let targets = ids.narrow(1, 1, t - 1)?.contiguous()?.flatten_all()?;
+        ops::target_logprobs(&rows, &targets)?.reshape((b, t - 1))
     }
 }
 

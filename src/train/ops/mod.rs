@@ -109,6 +109,7 @@ fn sum_f64<T: WithDType>(a: &[T]) -> f64 {
 mod activation;
 mod batchnorm;
 mod conv;
+mod logprob;
 mod pool;
 mod separable;
 #[cfg(test)]
@@ -117,5 +118,6 @@ mod tests;
 pub use activation::{relu, softmax_last_dim};
 pub use batchnorm::{batch_norm_train, channel_affine_const, BatchStats};
 pub use conv::{depthwise_conv, pointwise_conv};
+pub use logprob::target_logprobs;
 pub use pool::max_pool;
 pub use separable::{sep_conv_train, SepConvParams};

@@ -125,3 +125,13 @@ fn channel_affine_matches_broadcast() {
         assert!((a * sc[ch] + sh[ch] - b).abs() < 1e-12);
     }
 }
+
+#[test]
+fn target_logprobs_match_log_softmax_and_gather() {
+    let targets = Tensor::from_vec(vec![3u32, 0, 6, 6, 1], 5, &Device::Cpu).unwrap();
+    let generic = |t: &[Tensor]| {
+        let lp = candle_nn::ops::log_softmax(&t[0], 1).unwrap();
+        lp.gather(&targets.unsqueeze(1).unwrap(), 1).unwrap().squeeze(1).unwrap()
+    };
+    compare(|t| target_logprobs(&t[0], &targets).unwrap(), generic, &[(rand_tensor(&[5, 7], 7) * 4.0).unwrap()], 1e-12);
+}
