@@ -90,6 +90,7 @@ fn merge_with_every_registered_method_keeps_zero_element_tensors() {
             "passthrough" => args.push(&a),
             "slerp" => args.extend(["--t", "0.5", "--base", &base, &a, &b]),
             "nearswap" => args.extend(["--t", "0.5", "--base", &base, &a]),
+            "arcee_fusion" => args.extend(["--base", &base, &a]),
             _ => args.extend(["--base", &base, &a, &b]),
         }
         ok(&args);

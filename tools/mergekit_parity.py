@@ -169,6 +169,66 @@ CASES["multislerp_llama_f32"] = {
     "out_dtype": "bfloat16",
 }
 
+# Methods added with the base-optional interface: f32 working dtype, so the comparison measures the algorithms.
+CASES["multislerp_llama_nobase_f32"] = {
+    "merge_method": "multislerp",
+    "models": models((f"{L}/ft_a", {"weight": 0.3}), (f"{L}/ft_b", {"weight": 0.5}), (f"{L}/base", {"weight": 0.2})),
+    "dtype": "float32",
+    "out_dtype": "bfloat16",
+}
+CASES["karcher_llama_f32"] = {
+    "merge_method": "karcher",
+    "models": models((f"{L}/base", None), (f"{L}/ft_a", None), (f"{L}/ft_b", None)),
+    "parameters": {"max_iter": 20},
+    "dtype": "float32",
+    "out_dtype": "bfloat16",
+}
+CASES["nuslerp_llama_f32"] = {
+    "merge_method": "nuslerp",
+    "base_model": f"{L}/base",
+    "models": models((f"{L}/ft_a", {"weight": 0.6}), (f"{L}/ft_b", {"weight": [0.2, 0.7]})),
+    "dtype": "float32",
+    "out_dtype": "bfloat16",
+}
+CASES["nuslerp_llama_rows_nobase_f32"] = {
+    "merge_method": "nuslerp",
+    "models": models((f"{L}/ft_a", {"weight": 0.6}), (f"{L}/ft_b", {"weight": 0.3})),
+    "parameters": {"nuslerp_flatten": False},
+    "dtype": "float32",
+    "out_dtype": "bfloat16",
+}
+CASES["nuslerp_llama_columns_f32"] = {
+    "merge_method": "nuslerp",
+    "base_model": f"{L}/base",
+    "models": models((f"{L}/ft_a", {"weight": 0.5}), (f"{L}/ft_b", {"weight": 0.5})),
+    "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+    "dtype": "float32",
+    "out_dtype": "bfloat16",
+}
+CASES["arcee_fusion_llama_f32"] = {
+    "merge_method": "arcee_fusion",
+    "base_model": f"{L}/base",
+    "models": models((f"{L}/base", None), (f"{L}/ft_a", None)),
+    "dtype": "float32",
+    "out_dtype": "bfloat16",
+}
+CASES["ram_llama_f32"] = {
+    "merge_method": "ram",
+    "base_model": f"{L}/base",
+    "models": models((f"{L}/ft_a", None), (f"{L}/ft_b", None)),
+    "parameters": {"epsilon": 0.01},
+    "dtype": "float32",
+    "out_dtype": "bfloat16",
+}
+CASES["ramplus_tl_llama_f32"] = {
+    "merge_method": "ramplus_tl",
+    "base_model": f"{L}/base",
+    "models": models((f"{L}/ft_a", None), (f"{L}/ft_b", None)),
+    "parameters": {"epsilon": 0.01, "r": 0.5, "alpha": 0.8},
+    "dtype": "float32",
+    "out_dtype": "bfloat16",
+}
+
 
 def main():
     torch.set_num_threads(1)

@@ -496,6 +496,7 @@ impl Flags {
                 })?;
                 (Some(b), None)
             }
+            BaseRole::OptionalBase => (self.base.clone(), None),
             BaseRole::Ignored => (None, self.base.clone()),
         };
         let reference = if self.reference_first { Some(self.models[0].clone()) } else { reference };

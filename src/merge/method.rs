@@ -32,6 +32,9 @@ pub enum BaseRole {
     /// The base is the first endpoint of an interpolation (slerp's t = 0): with flags it is the first model, and a
     /// `--base` only names the reference that unmerged tensors come from.
     FirstEndpoint,
+    /// Like `TaskVectorBase` when a base is configured, but the base is optional: without one the method works on
+    /// the models themselves (mergekit's `BasePolicy.OPTIONAL`: multislerp, nuslerp).
+    OptionalBase,
     /// Every input is treated alike; a configured base model is just one more input.
     Ignored,
 }
@@ -40,6 +43,16 @@ impl BaseRole {
     /// Whether the base is an input with a distinguished position (`TensorInputs::base`).
     pub fn takes_base(self) -> bool {
         self != BaseRole::Ignored
+    }
+
+    /// Whether a merge without a base model is refused.
+    pub fn requires_base(self) -> bool {
+        matches!(self, BaseRole::TaskVectorBase | BaseRole::FirstEndpoint)
+    }
+
+    /// Whether a configured base is a reference the others are measured against (not merged as a model itself).
+    pub fn base_is_reference(self) -> bool {
+        matches!(self, BaseRole::TaskVectorBase | BaseRole::OptionalBase)
     }
 }
 

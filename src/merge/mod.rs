@@ -18,20 +18,24 @@
 //! `snr_alpha` (what `--alpha snr` sets), `copies_unchanged` (passthrough), `global_pass` (whole-model statistics,
 //! as TIES paper), `compat_conflict`, `recorded_as` (metadata name of a variant).
 
+pub mod arcee_fusion;
 pub mod breadcrumbs;
 pub mod config;
 pub mod dare;
 pub mod della;
 pub mod execute;
+pub mod karcher;
 pub mod linear;
 pub mod method;
 pub mod model_stock;
 pub mod multislerp;
 pub mod nearswap;
+pub mod nuslerp;
 pub mod output;
 pub mod params;
 pub mod passthrough;
 pub mod plan;
+pub mod ram;
 pub mod rank;
 pub mod sce;
 pub mod scratch;
@@ -61,6 +65,11 @@ static METHODS: &[&dyn MergeMethod] = &[
     &multislerp::MultiSlerp,
     &nearswap::NearSwap,
     &sce::Sce,
+    &karcher::Karcher,
+    &nuslerp::NuSlerp,
+    &arcee_fusion::ArceeFusion,
+    &ram::RAM,
+    &ram::RAMPLUS_TL,
     &passthrough::Passthrough,
 ];
 
@@ -102,7 +111,7 @@ mod tests {
         for n in names {
             assert_eq!(super::method(n).unwrap().name(), n);
         }
-        assert!(super::method("nuslerp").err().unwrap().to_string().contains("unsupported merge method 'nuslerp'"));
+        assert!(super::method("nope").err().unwrap().to_string().contains("unsupported merge method 'nope'"));
     }
 
     #[test]

@@ -105,7 +105,7 @@ impl MergeMethod for MultiSlerp {
         PARAMS
     }
     fn contract(&self) -> Contract {
-        Contract { base: BaseRole::TaskVectorBase, min_inputs: 1, max_inputs: None }
+        Contract { base: BaseRole::OptionalBase, min_inputs: 1, max_inputs: None }
     }
     fn prepare<'a>(&self, inputs: TensorInputs<'a>, p: &TensorParams, ctx: &Ctx) -> Result<Box<dyn Kernel + 'a>> {
         let eps = p.f64("eps")?;

@@ -239,7 +239,7 @@ impl Builder<'_> {
                 return Err(Error::usage(format!("{name} takes at most {max} input model(s){what}; got {n_inputs}")));
             }
         }
-        if c.base.takes_base() && base.is_none() {
+        if c.base.requires_base() && base.is_none() {
             return Err(Error::usage(format!(
                 "{name} needs a base model among its inputs{what} (base_model / --base)"
             )));

@@ -21,7 +21,7 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use super::method::{AlphaTarget, BaseRole};
+use super::method::AlphaTarget;
 use super::plan::{Op, Plan, Source};
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
@@ -154,7 +154,7 @@ fn experts(plan: &Plan) -> Vec<usize> {
         }
     });
     let Some((inputs, base)) = first else { return Vec::new() };
-    let skip_base = plan.method.base_role() == BaseRole::TaskVectorBase;
+    let skip_base = plan.method.base_role().base_is_reference();
     inputs.iter().enumerate().filter(|(k, _)| !(skip_base && Some(*k) == base)).map(|(_, s)| s.model).collect()
 }
 
