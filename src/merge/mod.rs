@@ -19,6 +19,7 @@
 //! as TIES paper), `compat_conflict`, `recorded_as` (metadata name of a variant).
 
 pub mod breadcrumbs;
+pub mod chat_template;
 pub mod config;
 pub mod dare;
 pub mod della;
