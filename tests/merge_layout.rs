@@ -243,8 +243,8 @@ fn lenient_warns_about_ignored_keys_and_runs() {
     assert_eq!(warnings.len(), 1, "{err}");
     assert!(warnings[0].starts_with(&format!("warning: {cfg}: unknown key 'select_topk'")), "{err}");
     assert!(out.join("model.safetensors").is_file());
-    // An unsupported feature is not a typo: still an error.
-    let cfg = ta_config(d.path(), "chat_template: chatml\n");
+    // A bad value is not an ignored key: still an error.
+    let cfg = ta_config(d.path(), "chat_template: chatlm\n");
     assert_eq!(fail_env(&["merge", &cfg, "--lenient", "-o", &s(&d.path().join("x"))], &[]).0, 2);
 }
 
