@@ -243,8 +243,8 @@ fn lenient_warns_about_ignored_keys_and_runs() {
     assert_eq!(warnings.len(), 1, "{err}");
     assert!(warnings[0].starts_with(&format!("warning: {cfg}: unknown key 'select_topk'")), "{err}");
     assert!(out.join("model.safetensors").is_file());
-    // An unsupported feature is not a typo: still an error.
-    let cfg = ta_config(d.path(), "chat_template: chatml\n");
+    // A bad value is not an ignored key: still an error.
+    let cfg = ta_config(d.path(), "chat_template: chatlm\n");
     assert_eq!(fail_env(&["merge", &cfg, "--lenient", "-o", &s(&d.path().join("x"))], &[]).0, 2);
 }
 
@@ -319,4 +319,66 @@ fn hugging_face_ids_resolve_from_the_local_cache() {
     let (code, e) = fail_env(&["merge", &nopath, "-o", &s(&d.path().join("y"))], &[]);
     assert_eq!(code, 2, "{e}");
     assert!(e.contains("models[0].model: './no/such/model' does not exist"), "{e}");
+}
+
+/// `fixtures/expected/chat_template_chatml/chat_template.jinja` is what `mergekit-yaml` 0.1.5 wrote for the config
+/// next to it (the fixtures' own template replaced by `chat_template: chatml`).
+#[test]
+fn a_named_chat_template_is_written_where_and_as_mergekit_writes_it() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("out");
+    ok(&["merge", &ta_config(d.path(), "chat_template: chatml\n"), "-o", &s(&out)]);
+    let want = std::fs::read(fx("expected/chat_template_chatml/chat_template.jinja")).unwrap();
+    assert_eq!(std::fs::read(out.join("chat_template.jinja")).unwrap(), want);
+    assert_ne!(std::fs::read(fx("llama/base/chat_template.jinja")).unwrap(), want, "the base's is replaced");
+    assert_eq!(
+        std::fs::read(out.join("tokenizer.json")).unwrap(),
+        std::fs::read(fx("llama/base/tokenizer.json")).unwrap()
+    );
+}
+
+#[test]
+fn chat_template_auto_takes_the_inputs_most_common_and_literals_and_flags_work() {
+    let d = tempfile::tempdir().unwrap();
+    // ft_b keeps its template in tokenizer_config.json (the older place) and differs from base's and ft_a's.
+    let other = d.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::copy(fx("llama/ft_b/model.safetensors"), other.join("model.safetensors")).unwrap();
+    std::fs::copy(fx("llama/ft_b/config.json"), other.join("config.json")).unwrap();
+    let mut tc = json(fx("llama/ft_b/tokenizer_config.json"));
+    tc["chat_template"] = "{% for m in messages %}{{ m['content'] }}{% endfor %}".into();
+    std::fs::write(other.join("tokenizer_config.json"), tc.to_string()).unwrap();
+    let base_template = std::fs::read_to_string(fx("llama/base/chat_template.jinja")).unwrap();
+    let config = |extra: &str| {
+        write_config(
+            d.path(),
+            "auto.yml",
+            &format!(
+                "merge_method: linear\nmodels:\n  - model: {}\n    parameters: {{weight: 1.0}}\n  - model: {}\n    parameters: {{weight: 1.0}}\n  - model: {}\n    parameters: {{weight: 1.0}}\n{extra}",
+                s(&other),
+                s(&fx("llama/ft_a")),
+                s(&fx("llama/base")),
+            ),
+        )
+    };
+    let out = d.path().join("auto");
+    ok(&["merge", &config("chat_template: auto\n"), "-o", &s(&out)]);
+    assert_eq!(std::fs::read_to_string(out.join("chat_template.jinja")).unwrap(), base_template.trim(), "two of three");
+
+    // A literal template from the first model's directory replaces the one in its tokenizer_config.json too.
+    let literal = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}";
+    let out = d.path().join("literal");
+    ok(&["merge", &config(""), "--chat-template", literal, "-o", &s(&out)]);
+    assert_eq!(std::fs::read_to_string(out.join("chat_template.jinja")).unwrap(), literal);
+    assert!(json(out.join("tokenizer_config.json")).get("chat_template").is_none());
+
+    let (code, e) = fail_env(&["merge", &config("chat_template: chatlm\n"), "-o", &s(&d.path().join("x"))], &[]);
+    assert_eq!(code, 2, "{e}");
+    assert!(e.contains("chatlm") && e.contains("chatml") && e.contains("auto.yml"), "{e}");
+    let (code, e) = fail_env(
+        &["merge", &config("chat_template: chatml\n"), "--no-copy-tokenizer", "-o", &s(&d.path().join("y"))],
+        &[],
+    );
+    assert_eq!(code, 2, "{e}");
+    assert!(e.contains("--no-copy-tokenizer"), "{e}");
 }

@@ -134,6 +134,10 @@ pub struct Args {
     /// `config.json` and `generation_config.json` are still written.
     #[arg(long)]
     no_copy_tokenizer: bool,
+    /// Chat template written with the tokenizer: `auto` (the inputs' most common), a name mergekit knows (`chatml`,
+    /// `llama3`, `mistral`, `alpaca`, `exaone`) or Jinja text; overrides a config's `chat_template`.
+    #[arg(long, value_name = "auto|NAME|JINJA")]
+    chat_template: Option<String>,
     /// Keys of a YAML config that mergekit would silently ignore (unknown keys, typos) are warnings, not errors.
     /// Unknown methods and unsupported features stay errors.
     #[arg(long)]
@@ -302,6 +306,9 @@ fn build_config(a: &Args) -> Result<MergeConfig> {
         apply_param_args(a, &mut cfg)?;
         cfg
     };
+    if let Some(t) = &a.chat_template {
+        cfg.chat_template = Some(crate::merge::chat_template::parse(t).map_err(|e| Error::usage(format!("--{e}")))?);
+    }
     if a.ties_variant == TiesVariant::Paper {
         cfg.method = crate::merge::variant(cfg.method, "paper")
             .ok_or_else(|| Error::usage("--ties-variant applies to --method ties only"))?;

@@ -4,8 +4,8 @@
 //! optional `parameters`) or `slices` (each `sources` of `model` + `layer_range` + optional `parameters`, optional
 //! `base_model` and `parameters`) or `modules` with a single module (its `models` or `slices`, and `parameters`
 //! between the slice's and the top level's), top-level `parameters` (scalars, gradients, filter lists), `dtype`,
-//! `out_dtype`, `tokenizer_source: base` (or a model). mergekit keys graft does not implement (several `modules`,
-//! `tokenizer`, `chat_template`, `residual_weight`, `tokenizer_source: union`) and unknown methods are errors that
+//! `out_dtype`, `tokenizer_source: base` (or a model), `chat_template` (`super::chat_template`). mergekit keys graft
+//! does not implement (several `modules`, `tokenizer`, `residual_weight`, `tokenizer_source: union`) and unknown methods are errors that
 //! name the key. Unknown keys (mergekit silently drops them; they are often typos) are errors too, or with
 //! `lenient` one warning each. Model references are local paths (relative to the working directory, then to the
 //! config file's directory) or Hugging Face ids found in the local cache (`crate::hub`).
@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 
 use yaml_serde::{Mapping, Value as Yaml};
 
+use super::chat_template::ChatTemplate;
 use super::method::{BaseRole, MergeMethod};
 use super::params::{Conditional, Scalar, Setting, Settings, Value};
 use crate::checkpoint::Dtype;
@@ -68,6 +69,8 @@ pub struct MergeConfig {
     pub dtype: Option<Dtype>,
     pub out_dtype: Option<Dtype>,
     pub tokenizer_source: Option<TokenizerSource>,
+    /// The chat template written with the tokenizer (None: the tokenizer's own, as copied).
+    pub chat_template: Option<ChatTemplate>,
     /// The model that tensors left unmerged are copied from (graft's addition; default: the base, else the first model).
     pub reference: Option<PathBuf>,
     /// Plan tensors whose shapes differ between the inputs (task-specific heads of experts) as copies from the
@@ -142,8 +145,9 @@ impl Parser<'_> {
                 "dtype",
                 "out_dtype",
                 "tokenizer_source",
+                "chat_template",
             ],
-            &[("tokenizer", "tokenizer merging (use tokenizer_source: base)"), ("chat_template", "chat templates")],
+            &[("tokenizer", "tokenizer merging (use tokenizer_source: base)")],
         )?;
         let method = match top.get("merge_method") {
             Some(Yaml::String(s)) => super::method(s).map_err(|e| p.err(e.to_string()))?,
@@ -179,6 +183,11 @@ impl Parser<'_> {
             }
             Some(v) => Some(TokenizerSource::Model(p.model(v, "tokenizer_source")?)),
         };
+        let chat_template = match top.get("chat_template") {
+            None | Some(Yaml::Null) => None,
+            Some(Yaml::String(s)) => Some(super::chat_template::parse(s).map_err(|e| p.err(e))?),
+            Some(_) => return Err(p.err("'chat_template' must be a string")),
+        };
         Ok(MergeConfig {
             method,
             base_model,
@@ -187,6 +196,7 @@ impl Parser<'_> {
             dtype,
             out_dtype,
             tokenizer_source,
+            chat_template,
             reference: None,
             copy_mismatched: false,
         })
@@ -527,6 +537,7 @@ impl Flags {
             dtype: self.dtype,
             out_dtype: self.out_dtype,
             tokenizer_source: Some(TokenizerSource::Base),
+            chat_template: None,
             reference,
             copy_mismatched: false,
         })
@@ -671,7 +682,7 @@ tokenizer_source: base
         // The model resolved against the config's directory.
         let Inputs::Models(ms) = &loaded.config.inputs else { panic!() };
         assert_eq!(ms[0].model, a);
-        for bad in ["chat_template: chatml\n", "merge_method: nuslerp\n", "tokenizer_source: union\n"] {
+        for bad in ["chat_template: chatlm\n", "merge_method: nuslerp\n", "tokenizer_source: union\n"] {
             std::fs::write(
                 &cfg,
                 format!("{text}{bad}").replace(

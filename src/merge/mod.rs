@@ -20,6 +20,7 @@
 
 pub mod arcee_fusion;
 pub mod breadcrumbs;
+pub mod chat_template;
 pub mod config;
 pub mod dare;
 pub mod della;

@@ -6,7 +6,9 @@
 //!   (and `torch_dtype` where present), layer count and `vocab_size` set to what was written;
 //! - tokenizer files and chat templates from the primary model, or from `tokenizer_source: <model>`, unless
 //!   `--no-copy-tokenizer`. A donor tokenizer with more tokens than the written embedding rows is refused (graft
-//!   does not remap vocabularies).
+//!   does not remap vocabularies);
+//! - the config's `chat_template` (`super::chat_template` chooses it) as `chat_template.jinja`, replacing the
+//!   tokenizer's own (also one kept in `chat_template.json` or `tokenizer_config.json`).
 //!
 //! `plan` decides and checks before any tensor is written; `files` reads and patches the side files, which the
 //! writer then commits in the same step as the tensors.
@@ -14,6 +16,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use super::chat_template;
 use super::config::{MergeConfig, TokenizerSource};
 use super::plan::Plan;
 use crate::checkpoint::hf_config::{self, Patch};
@@ -53,6 +56,8 @@ pub struct Layout {
     pub tokenizer_dir: Option<PathBuf>,
     /// How `config.json` is brought in line with the written tensors.
     pub patch: Patch,
+    /// The config's `chat_template`, resolved: written as `chat_template.jinja` in place of the tokenizer's own.
+    pub chat_template: Option<String>,
 }
 
 /// The dtype most float parameters are written in (by element count; ties go to the wider dtype, so a half/full
@@ -129,7 +134,14 @@ pub fn plan(cfg: &MergeConfig, plan: &Plan, models: &[Checkpoint], out: &Path, c
         vocab_size: written_vocab(plan).map(|(n, _)| n),
     };
     if out.extension().is_some_and(|e| e == "safetensors") {
-        return Ok(Layout { config_dir: None, tokenizer_dir: None, patch });
+        if cfg.chat_template.is_some() {
+            return Err(Error::usage(format!(
+                "chat_template: {} is a single file; a chat template is written next to the tokenizer in an output \
+                 directory",
+                out.display()
+            )));
+        }
+        return Ok(Layout { config_dir: None, tokenizer_dir: None, patch, chat_template: None });
     }
     let dir_of = |i: usize| models[i].dir().map(Path::to_path_buf);
     // A selective merge keeps the reference's tensors wherever it merges nothing (its head among them), so its
@@ -164,7 +176,19 @@ pub fn plan(cfg: &MergeConfig, plan: &Plan, models: &[Checkpoint], out: &Path, c
             dir
         }
     };
-    Ok(Layout { config_dir, tokenizer_dir, patch })
+    let chat_template =
+        match &cfg.chat_template {
+            None => None,
+            Some(_) if tokenizer_dir.is_none() => return Err(Error::usage(
+                "chat_template is written with the tokenizer, which --no-copy-tokenizer leaves out (drop one of them)",
+            )),
+            Some(setting) => {
+                // mergekit's `auto` looks at the base first, then the other inputs.
+                let dirs: Vec<PathBuf> = plan.base.into_iter().chain(0..models.len()).filter_map(dir_of).collect();
+                chat_template::choose(setting, &dirs)?
+            }
+        };
+    Ok(Layout { config_dir, tokenizer_dir, patch, chat_template })
 }
 
 /// The side files (name in the output directory, contents), read and patched now so the writer commits them with
@@ -181,6 +205,21 @@ pub fn files(layout: &Layout) -> Result<Vec<(String, Vec<u8>)>> {
         for f in tokenizer_files() {
             read_into(src, f, &mut files)?;
         }
+    }
+    if let Some(template) = &layout.chat_template {
+        // The chosen template replaces every place the tokenizer kept its own, so transformers finds only it.
+        files.retain(|(name, _)| name != chat_template::TEMPLATE_FILE && name != chat_template::LEGACY_TEMPLATE_FILE);
+        if let Some((name, bytes)) = files.iter_mut().find(|(name, _)| name == "tokenizer_config.json") {
+            let path = layout.tokenizer_dir.as_deref().unwrap_or(Path::new("")).join(name.as_str());
+            let mut config: serde_json::Value =
+                serde_json::from_slice(bytes).map_err(|e| Error::format(&path, format!("not valid JSON: {e}")))?;
+            if let Some(object) = config.as_object_mut() {
+                if object.remove("chat_template").is_some() {
+                    *bytes = serde_json::to_vec_pretty(&config).expect("JSON values serialise");
+                }
+            }
+        }
+        files.push((chat_template::TEMPLATE_FILE.to_string(), template.clone().into_bytes()));
     }
     Ok(files)
 }
