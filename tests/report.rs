@@ -315,7 +315,7 @@ fn crowded_line_charts_are_faceted_by_method() {
     let plots = doc["plots"].as_array().unwrap();
     check_chart_rules(plots);
     let facets: Vec<&Value> =
-        plots.iter().filter(|p| p["name"].as_str().unwrap().starts_with("train_accuracy_vs_top_p")).collect();
+        plots.iter().filter(|p| p["name"].as_str().unwrap().starts_with("accuracy_vs_top_p")).collect();
     assert_eq!(facets.len(), 4, "{facets:?}");
     for method in ["lerp", "ties", "slerp", "task_arithmetic"] {
         let p = facets.iter().find(|p| p["title"].as_str().unwrap().ends_with(&format!("({method})"))).unwrap();

@@ -366,7 +366,7 @@ fn numeric_charts(t: &KindTable, prefix: &str) -> Vec<Chart> {
             if xs.len() < 2 {
                 continue;
             }
-            let series_keys: Vec<String> = varying_params(&rows)
+            let mut series_keys: Vec<String> = varying_params(&rows)
                 .into_iter()
                 .map(|(k, _)| k)
                 .filter(|k| *k != param)
@@ -377,6 +377,8 @@ fn numeric_charts(t: &KindTable, prefix: &str) -> Vec<Chart> {
                     d.len() < rows.len()
                 })
                 .collect();
+            // The method first: it names the series and the facets.
+            series_keys.sort_by_key(|k| k != "method");
             // Facets: one panel per value of the first series key (the method, when it varies), so colours
             // within a panel stay few; a facet still too full is cut into parts.
             let mut facets: Vec<(String, Vec<Series>)> = Vec::new();
@@ -603,7 +605,7 @@ mod tests {
         // Accuracy vs top_p: series by method (freeze is tied to method here, so it is part of the key too).
         let Body::Lines(vs) = &find(&charts, "accuracy_vs_top_p").body else { panic!() };
         let labels: Vec<&str> = vs.series.iter().map(|s| s.label.as_str()).collect();
-        assert_eq!(labels, ["freeze=head, method=lerp", "freeze=full, method=ties"]);
+        assert_eq!(labels, ["lerp, freeze head", "ties, freeze full"]);
         let pts: Vec<(f64, f64)> = vs.series[0].points.iter().map(|p| (p.0, p.1)).collect();
         assert_eq!(pts.len(), 2);
         assert!(
