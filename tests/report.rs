@@ -231,10 +231,13 @@ fn end_to_end_report() {
         let title = p["title"].as_str().unwrap();
         assert!(svg.contains(&title.replace('&', "&amp;")), "{}: no title", svg_path.display());
     }
-    // Bar charts: the baseline as a dashed line in the baseline colour, groups coloured by method.
+    check_chart_rules(plots);
+    // Bar charts: groups coloured by method with the method's own Okabe-Ito colour (lerp blue, ties orange), the
+    // same colours in the box plots by method.
     let bars = std::fs::read_to_string(out_dir.join("plots/train_bars_accuracy.svg")).unwrap();
-    assert!(bars.contains("stroke=\"#C81E1E\""), "no baseline line");
-    assert!(bars.contains("fill=\"#4E79A7\"") && bars.contains("fill=\"#F28E2B\""), "groups not coloured");
+    assert!(bars.contains("fill=\"#0072B2\"") && bars.contains("fill=\"#E69F00\""), "groups not coloured");
+    let by_method = std::fs::read_to_string(out_dir.join("plots/train_accuracy_by_method.svg")).unwrap();
+    assert!(by_method.contains("#0072B2") && by_method.contains("#E69F00"), "methods change colour between charts");
     assert!(bars.contains("baseline (base + full FT)"));
 
     // index.html: every table and chart, nothing from a network, every referenced file present.
@@ -252,6 +255,73 @@ fn end_to_end_report() {
         }
     }
     assert_eq!(refs, 2 * plots.len());
+    browser_check(&out_dir);
+}
+
+/// The chart rules: legend entries distinct and in words (no `key=-` placeholder), at most 8 series per line panel
+/// (plus the endpoints' chord on interpolation charts).
+fn check_chart_rules(plots: &[Value]) {
+    for p in plots {
+        let name = p["name"].as_str().unwrap();
+        let legend: Vec<&str> = p["legend"].as_array().unwrap().iter().map(|l| l.as_str().unwrap()).collect();
+        let mut distinct = legend.clone();
+        distinct.sort();
+        distinct.dedup();
+        assert_eq!(distinct.len(), legend.len(), "{name}: repeated legend entries {legend:?}");
+        for label in &legend {
+            assert!(!label.contains("=-") && label.trim() != "-" && !label.contains('='), "{name}: label {label:?}");
+        }
+        assert!(legend.len() <= 9, "{name}: {} legend entries", legend.len());
+    }
+}
+
+/// Opens the page in headless Chromium with tools/check-report-page when Chromium is installed (CI installs it).
+fn browser_check(report: &Path) {
+    let tool = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/check-report-page");
+    let shot = report.join("screenshot.png");
+    let out = Command::new(&tool).arg(report).arg(&shot).output().expect("tools/check-report-page runs");
+    match out.status.code() {
+        Some(3) => eprintln!("skipping the browser check of the report page: no Chromium installed"),
+        Some(0) => assert!(std::fs::metadata(&shot).unwrap().len() > 10_000, "blank screenshot"),
+        _ => panic!("report page check failed: {}", String::from_utf8_lossy(&out.stderr)),
+    }
+}
+
+/// More series than a panel holds: four methods x three freeze policies against top-p are drawn one panel per
+/// method, each with its freeze policies in words.
+#[test]
+fn crowded_line_charts_are_faceted_by_method() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut lines = Vec::new();
+    let mut k = 0;
+    for method in ["lerp", "ties", "slerp", "task_arithmetic"] {
+        for top_p in [0.1, 0.5, 1.0] {
+            for freeze in ["head", "selected", "full"] {
+                k += 1;
+                lines.push(json!({
+                    "kind": "train", "run_id": format!("{method}-{top_p}-{freeze}"),
+                    "experiment": format!("{method} top-{}% / {freeze}", (top_p * 100.0) as u32), "seed": 0,
+                    "config": {"method": method, "top_p": top_p, "freeze": freeze},
+                    "metrics": {"accuracy": 0.8 + 0.01 * wiggle(k)}
+                }));
+            }
+        }
+    }
+    let results = dir.path().join("results.jsonl");
+    std::fs::write(&results, lines.iter().map(|l| l.to_string() + "\n").collect::<String>()).unwrap();
+    let out_dir = dir.path().join("report");
+    ok(&graft(&["report", results.to_str().unwrap(), "-o", out_dir.to_str().unwrap(), "--resamples", "50"]));
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(out_dir.join("summary.json")).unwrap()).unwrap();
+    let plots = doc["plots"].as_array().unwrap();
+    check_chart_rules(plots);
+    let facets: Vec<&Value> =
+        plots.iter().filter(|p| p["name"].as_str().unwrap().starts_with("accuracy_vs_top_p")).collect();
+    assert_eq!(facets.len(), 4, "{facets:?}");
+    for method in ["lerp", "ties", "slerp", "task_arithmetic"] {
+        let p = facets.iter().find(|p| p["title"].as_str().unwrap().ends_with(&format!("({method})"))).unwrap();
+        let legend: Vec<&str> = p["legend"].as_array().unwrap().iter().map(|l| l.as_str().unwrap()).collect();
+        assert_eq!(legend, ["freeze head", "freeze selected", "freeze full"].map(|f| format!("{method}, {f}")));
+    }
 }
 
 #[test]

@@ -45,6 +45,8 @@ pub struct PlotFiles {
     pub section: Section,
     pub png: String,
     pub svg: String,
+    /// Legend texts in order.
+    pub legend: Vec<String>,
 }
 
 /// `summary.json`: the summary with everything needed to find the files (paths relative to the report directory).
@@ -121,6 +123,7 @@ fn write_all(dir: &Path, report: &mut Report, charts: &[Chart]) -> Result<()> {
             section: chart.section,
             png: format!("plots/{}.png", chart.name),
             svg: format!("plots/{}.svg", chart.name),
+            legend: render::legend_labels(chart),
         });
     }
     let mut files: Vec<(String, String)> = Vec::new();

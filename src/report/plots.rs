@@ -121,6 +121,8 @@ const CHANGE_METRICS: &[&str] = &["accuracy", "f1_weighted", "f1_macro", "zero_s
 const SAVING_METRICS: &[&str] = &["time_s", "peak_memory_bytes"];
 /// Metrics plotted against parameters.
 const PARAM_METRICS: &[&str] = &["accuracy", "f1_weighted", "zero_shot_accuracy", "time_s", "peak_memory_bytes"];
+/// Series in one line-chart panel: more get facets, since a reader cannot tell more colours apart.
+pub const MAX_SERIES: usize = 8;
 /// Categorical parameters with more values than this are identifiers, not factors.
 const MAX_CATEGORIES: usize = 12;
 
@@ -321,6 +323,28 @@ fn param_text(r: &Row, key: &str) -> String {
     r.params.get(key).map(Param::display).unwrap_or_else(|| "-".into())
 }
 
+/// A parameter's value in words: the method by its name, others as "freeze head"; an absent value says so
+/// ("no freeze") instead of a `-` placeholder.
+fn param_words(key: &str, value: Option<&Param>) -> String {
+    match value {
+        Some(v) if key == "method" => v.display(),
+        Some(v) => format!("{key} {}", v.display()),
+        None => format!("no {key}"),
+    }
+}
+
+/// A line series' legend text: the values of the series keys in words, absent ones left out.
+fn series_label(r: &Row, keys: &[String]) -> String {
+    let words: Vec<String> = keys.iter().filter_map(|k| r.params.get(k).map(|v| param_words(k, Some(v)))).collect();
+    if keys.is_empty() {
+        "all runs".into()
+    } else if words.is_empty() {
+        format!("no {}", keys.join(" or "))
+    } else {
+        words.join(", ")
+    }
+}
+
 /// Lines of a metric against a numeric parameter, one series per combination of the other parameters that vary
 /// among the plotted rows (method, freeze...). Parameters that differ on every row identify rows rather than
 /// group them, and are left out of the series key.
@@ -342,7 +366,7 @@ fn numeric_charts(t: &KindTable, prefix: &str) -> Vec<Chart> {
             if xs.len() < 2 {
                 continue;
             }
-            let series_keys: Vec<String> = varying_params(&rows)
+            let mut series_keys: Vec<String> = varying_params(&rows)
                 .into_iter()
                 .map(|(k, _)| k)
                 .filter(|k| *k != param)
@@ -353,15 +377,27 @@ fn numeric_charts(t: &KindTable, prefix: &str) -> Vec<Chart> {
                     d.len() < rows.len()
                 })
                 .collect();
-            let mut series: Vec<Series> = Vec::new();
+            // The method first: it names the series and the facets.
+            series_keys.sort_by_key(|k| k != "method");
+            // Facets: one panel per value of the first series key (the method, when it varies), so colours
+            // within a panel stay few; a facet still too full is cut into parts.
+            let mut facets: Vec<(String, Vec<Series>)> = Vec::new();
             for r in &rows {
-                let label = if series_keys.is_empty() {
-                    "all runs".to_string()
-                } else {
-                    series_keys.iter().map(|k| format!("{k}={}", param_text(r, k))).collect::<Vec<_>>().join(", ")
+                let label = series_label(r, &series_keys);
+                let facet = match series_keys.first() {
+                    Some(k) if series_keys.len() > 1 => param_words(k, r.params.get(k)),
+                    _ => String::new(),
                 };
                 let x = r.params[&param].as_number().unwrap();
                 let c = r.cell(key).unwrap();
+                let f = match facets.iter().position(|(name, _)| *name == facet) {
+                    Some(i) => i,
+                    None => {
+                        facets.push((facet, Vec::new()));
+                        facets.len() - 1
+                    }
+                };
+                let series = &mut facets[f].1;
                 let idx = match series.iter().position(|s| s.label == label) {
                     Some(i) => i,
                     None => {
@@ -373,15 +409,41 @@ fn numeric_charts(t: &KindTable, prefix: &str) -> Vec<Chart> {
                 s.points.push((x, c.estimate.mean / fmt.scale, c.estimate.se / fmt.scale));
                 s.runs.extend(c.values.iter().map(|v| (x, v / fmt.scale)));
             }
-            for s in &mut series {
-                s.points.sort_by(|a, b| a.0.total_cmp(&b.0));
+            // One panel when everything fits in it.
+            if facets.iter().map(|(_, s)| s.len()).sum::<usize>() <= MAX_SERIES {
+                let all = facets.drain(..).flat_map(|(_, s)| s).collect();
+                facets.push((String::new(), all));
             }
-            out.push(Chart {
-                name: format!("{prefix}{key}_vs_{}", slug(&param)),
-                title: format!("{} vs {param}", metric_title(t.kind, m)),
-                section: Section::Numeric,
-                body: Body::Lines(LineChart { x_label: param.clone(), y_label: axis_label(m, &fmt), series }),
-            });
+            let title = format!("{} vs {param}", metric_title(t.kind, m));
+            let name = format!("{prefix}{key}_vs_{}", slug(&param));
+            for (facet, mut series) in facets {
+                for s in &mut series {
+                    s.points.sort_by(|a, b| a.0.total_cmp(&b.0));
+                }
+                let parts = series.len().div_ceil(MAX_SERIES);
+                for (i, chunk) in series.chunks(MAX_SERIES).enumerate() {
+                    let mut suffix = String::new();
+                    let mut stem = name.clone();
+                    if !facet.is_empty() {
+                        suffix = format!(" ({facet})");
+                        stem = format!("{stem}_{}", slug(&facet));
+                    }
+                    if parts > 1 {
+                        suffix = format!("{suffix} (part {} of {parts})", i + 1);
+                        stem = format!("{stem}_{}", i + 1);
+                    }
+                    out.push(Chart {
+                        name: stem,
+                        title: format!("{title}{suffix}"),
+                        section: Section::Numeric,
+                        body: Body::Lines(LineChart {
+                            x_label: param.clone(),
+                            y_label: axis_label(m, &fmt),
+                            series: chunk.to_vec(),
+                        }),
+                    });
+                }
+            }
         }
     }
     out
@@ -543,7 +605,7 @@ mod tests {
         // Accuracy vs top_p: series by method (freeze is tied to method here, so it is part of the key too).
         let Body::Lines(vs) = &find(&charts, "accuracy_vs_top_p").body else { panic!() };
         let labels: Vec<&str> = vs.series.iter().map(|s| s.label.as_str()).collect();
-        assert_eq!(labels, ["freeze=head, method=lerp", "freeze=full, method=ties"]);
+        assert_eq!(labels, ["lerp, freeze head", "ties, freeze full"]);
         let pts: Vec<(f64, f64)> = vs.series[0].points.iter().map(|p| (p.0, p.1)).collect();
         assert_eq!(pts.len(), 2);
         assert!(

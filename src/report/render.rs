@@ -36,24 +36,58 @@ fn ensure_font() -> Result<()> {
     }
 }
 
-/// Tableau 10 without its red, which marks the baseline.
-const PALETTE: [RGBColor; 10] = [
-    RGBColor(0x4E, 0x79, 0xA7),
-    RGBColor(0xF2, 0x8E, 0x2B),
-    RGBColor(0x59, 0xA1, 0x4F),
-    RGBColor(0x76, 0xB7, 0xB2),
-    RGBColor(0xB0, 0x7A, 0xA1),
-    RGBColor(0xED, 0xC9, 0x48),
-    RGBColor(0x9C, 0x75, 0x5F),
-    RGBColor(0xFF, 0x9D, 0xA7),
-    RGBColor(0x17, 0xBE, 0xCF),
-    RGBColor(0xBA, 0xB0, 0xAC),
+/// Okabe & Ito's colour-blind-safe palette (without black, which marks the baseline), then a neutral grey.
+const PALETTE: [RGBColor; 8] = [
+    RGBColor(0x00, 0x72, 0xB2), // blue
+    RGBColor(0xE6, 0x9F, 0x00), // orange
+    RGBColor(0x00, 0x9E, 0x73), // bluish green
+    RGBColor(0xCC, 0x79, 0xA7), // reddish purple
+    RGBColor(0x56, 0xB4, 0xE9), // sky blue
+    RGBColor(0xD5, 0x5E, 0x00), // vermillion
+    RGBColor(0xF0, 0xE4, 0x42), // yellow
+    RGBColor(0x99, 0x99, 0x99), // grey
 ];
-const BASELINE_COLOR: RGBColor = RGBColor(0xC8, 0x1E, 0x1E);
+const BASELINE_COLOR: RGBColor = RGBColor(0x00, 0x00, 0x00);
 const GRID_COLOR: RGBColor = RGBColor(0xDD, 0xDD, 0xDD);
 
-fn colour(i: usize) -> RGBColor {
-    PALETTE[i % PALETTE.len()]
+/// Merge methods with a colour of their own, the same in every chart of every report (palette index).
+const METHOD_COLOURS: &[(&str, usize)] = &[
+    ("lerp", 0),
+    ("linear", 0),
+    ("ties", 1),
+    ("slerp", 2),
+    ("task_arithmetic", 3),
+    ("dare_ties", 4),
+    ("dare_linear", 5),
+    ("model_stock", 6),
+    ("breadcrumbs", 7),
+];
+
+/// The method a label starts with ("ties", "ties, freeze head", "ties top-10% / head"), if it is a known one.
+fn method_colour(label: &str) -> Option<usize> {
+    let first = label.split([',', ' ', '/']).next().unwrap_or("");
+    METHOD_COLOURS.iter().find(|(m, _)| *m == first).map(|&(_, i)| i)
+}
+
+/// Colours for the labels of one chart: a known method keeps its own colour; other labels take the palette's
+/// colours in order, skipping those taken, so labels in one chart differ while there are colours left.
+pub fn assign_colours(labels: &[String]) -> Vec<RGBColor> {
+    let fixed: Vec<Option<usize>> = labels.iter().map(|l| method_colour(l)).collect();
+    let mut used: Vec<usize> = fixed.iter().flatten().copied().collect();
+    let mut next = 0;
+    fixed
+        .iter()
+        .map(|f| match f {
+            Some(i) => PALETTE[*i],
+            None => {
+                let free = (0..PALETTE.len()).map(|k| (next + k) % PALETTE.len()).find(|k| !used.contains(k));
+                let i = free.unwrap_or(next % PALETTE.len());
+                used.push(i);
+                next = i + 1;
+                PALETTE[i]
+            }
+        })
+        .collect()
 }
 
 fn text_style(size: u32) -> TextStyle<'static> {
@@ -227,9 +261,9 @@ fn bar_legend(b: &BarChart) -> Vec<(String, Mark)> {
     let groups = distinct_groups(b);
     let mut entries: Vec<(String, Mark)> = Vec::new();
     if groups.len() > 1 || groups.iter().any(|g| !g.is_empty()) {
-        for (i, g) in groups.iter().enumerate() {
+        for (g, c) in groups.iter().zip(assign_colours(&groups)) {
             let label = if g.is_empty() { "(no method)".to_string() } else { g.clone() };
-            entries.push((label, Mark::Swatch(colour(i))));
+            entries.push((label, Mark::Swatch(c)));
         }
     }
     if let Some(r) = &b.reference {
@@ -246,6 +280,7 @@ where
     let legend = bar_legend(b);
     let (upper, lower) = root.split_vertically(h - legend_height(&legend, w));
     let groups = distinct_groups(b);
+    let group_colours = assign_colours(&groups);
     // Bars top to bottom, a gap between groups; plotters' y grows upwards, so positions are flipped.
     let mut pos = Vec::with_capacity(b.bars.len());
     let mut y = 0.0;
@@ -284,7 +319,7 @@ where
         .draw()?;
 
     for (i, bar) in b.bars.iter().enumerate() {
-        let c = colour(groups.iter().position(|g| *g == bar.group).unwrap_or(0));
+        let c = group_colours[groups.iter().position(|g| *g == bar.group).unwrap_or(0)];
         let y = ys[i];
         chart.draw_series(std::iter::once(Rectangle::new([(0.0, y - 0.38), (bar.value, y + 0.38)], c.filled())))?;
         if bar.err > 0.0 {
@@ -337,9 +372,24 @@ where
     Ok(())
 }
 
+fn series_colours(l: &LineChart) -> Vec<RGBColor> {
+    assign_colours(&l.series.iter().map(|s| s.label.clone()).collect::<Vec<_>>())
+}
+
+/// A chart's legend texts, in order (tests check they are distinct and free of placeholders).
+pub fn legend_labels(chart: &Chart) -> Vec<String> {
+    let entries = match &chart.body {
+        Body::Bars(b) => bar_legend(b),
+        Body::Lines(l) => line_legend(l),
+        Body::Boxes(_) => Vec::new(),
+    };
+    entries.into_iter().map(|(label, _)| label).collect()
+}
+
 fn line_legend(l: &LineChart) -> Vec<(String, Mark)> {
+    let colours = series_colours(l);
     let mut entries: Vec<(String, Mark)> =
-        l.series.iter().enumerate().map(|(i, s)| (s.label.clone(), Mark::Line(colour(i)))).collect();
+        l.series.iter().zip(colours).map(|(s, c)| (s.label.clone(), Mark::Line(c))).collect();
     if l.series.iter().any(|s| s.chord.is_some()) {
         entries.push(("straight line between the endpoints".into(), Mark::Dashed(RGBColor(0x55, 0x55, 0x55))));
     }
@@ -375,8 +425,7 @@ where
         .label_style(text_style(12))
         .axis_desc_style(text_style(14))
         .draw()?;
-    for (i, s) in l.series.iter().enumerate() {
-        let c = colour(i);
+    for (s, c) in l.series.iter().zip(series_colours(l)) {
         chart.draw_series(s.runs.iter().map(|&(x, y)| Circle::new((x, y), 3, c.mix(0.35).filled())))?;
         if let Some([a, b]) = s.chord {
             chart.draw_series(DashedLineSeries::new(vec![a, b], 6, 4, c.mix(0.8).stroke_width(1)))?;
@@ -435,9 +484,9 @@ where
         .draw()?;
     let (w, _) = root.dim_in_pixel();
     let slot = (w.saturating_sub(120) / k.max(1) as u32).max(40) - 8;
-    for (i, cat) in b.categories.iter().enumerate() {
+    let labels: Vec<String> = b.categories.iter().map(|c| c.label.clone()).collect();
+    for (i, (cat, c)) in b.categories.iter().zip(assign_colours(&labels)).enumerate() {
         let x = i as f64;
-        let c = colour(i);
         if let Some([low, q1, median, q3, high]) = box_stats(&cat.values) {
             let line = c.stroke_width(2);
             chart.draw_series([
@@ -468,6 +517,29 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn methods_keep_their_colour_and_other_labels_take_free_ones() {
+        let labels: Vec<String> = ["freeze head", "ties, freeze full", "lerp", "freeze full", "ties top-10% / head"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let c = assign_colours(&labels);
+        // lerp is palette 0 and ties palette 1 wherever they appear; the others skip both, in order.
+        assert_eq!(c[1], PALETTE[1]);
+        assert_eq!(c[4], PALETTE[1]);
+        assert_eq!(c[2], PALETTE[0]);
+        assert_eq!(c[0], PALETTE[2]);
+        assert_eq!(c[3], PALETTE[3]);
+        // Eight unknown labels: eight different colours.
+        let many: Vec<String> = (0..8).map(|i| format!("series {i}")).collect();
+        let colours = assign_colours(&many);
+        for i in 0..8 {
+            for j in 0..i {
+                assert_ne!(colours[i], colours[j], "series {i} and {j} share a colour");
+            }
+        }
+    }
 
     #[test]
     fn box_stats_by_hand() {
