@@ -167,7 +167,7 @@ impl Manifest {
     pub fn write_for(&self, results: &Path) -> Result<()> {
         let path = manifest_path(results);
         if let Ok(old) = Manifest::read(&path) {
-            if &old != self {
+            if old != *self {
                 return Err(Error::usage(format!(
                     "{}: written by shard {}/{} over another work list; use a new results file for this one",
                     path.display(),

@@ -60,7 +60,7 @@ fn job_array_gathers_to_the_single_process_result() {
         &script,
         format!(
             "#!/bin/bash\n#SBATCH --array=1-4\n#SBATCH --cpus-per-task=1\n#SBATCH --mem=200M\n\
-             exec '{graft}' --threads 1 snr '{pattern}' --shard auto --resume '{dir}/shard-$SLURM_ARRAY_TASK_ID.jsonl'\n",
+             exec '{graft}' --threads 1 snr '{pattern}' --shard auto --resume \"{dir}/shard-$SLURM_ARRAY_TASK_ID.jsonl\"\n",
             dir = dir.path().display()
         ),
     )
@@ -78,7 +78,7 @@ fn job_array_gathers_to_the_single_process_result() {
         .filter(|e| e.file_name().to_string_lossy().starts_with("slurm-"))
         .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
         .collect();
-    assert!(out.status.success(), "sbatch: {} {}\n{logs}", String::from_utf8_lossy(&out.stderr), logs);
+    assert!(out.status.success(), "sbatch: {}\n{logs}", String::from_utf8_lossy(&out.stderr));
 
     // The job wrote four shard files (array tasks 1..4 are shards 0..3), each with its manifest.
     let shards: Vec<String> = (1..=4).map(|t| format!("{}/shard-{t}.jsonl", dir.path().display())).collect();
