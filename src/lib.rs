@@ -21,6 +21,7 @@ pub mod merge;
 pub mod names;
 pub mod report;
 pub mod rng;
+pub mod shard;
 pub mod snr;
 pub mod taskvec;
 pub mod train;

@@ -1,5 +1,6 @@
 //! `graft inspect PATH...`: tensors, per-type summary, totals and metadata of each checkpoint, as tables or JSON lines;
-//! for a GGUF file, its tensors with their quantisation types, per-type totals and its metadata.
+//! for a GGUF file, its tensors with their quantisation types, per-type totals and its metadata. `--shard K/N` does
+//! one part of the sorted path list (`crate::shard`).
 
 use std::fmt::Write;
 use std::path::PathBuf;
@@ -23,10 +24,19 @@ pub struct Args {
     /// Leave out the per-tensor table (summary, totals and metadata only).
     #[arg(long)]
     summary: bool,
+    #[command(flatten)]
+    shard: crate::shard::ShardArgs,
 }
 
-pub fn run(args: Args, _global: &Global) -> Result<()> {
+pub fn run(mut args: Args, _global: &Global) -> Result<()> {
     let filter = args.filter.as_deref().map(|f| regex_arg("--filter", f)).transpose()?;
+    if let Some(shard) = args.shard.resolve()? {
+        args.paths = crate::shard::partition(&args.paths, shard);
+        if args.paths.is_empty() {
+            eprintln!("graft: inspect: shard {shard} has no checkpoints");
+            return Ok(());
+        }
+    }
     let name = |p: &PathBuf| p.display().to_string();
     super::run_batch(&args.paths, args.json, "path", "checkpoints could not be read", name, |path| {
         if crate::gguf::is_gguf_path(path) {

@@ -15,6 +15,7 @@ mod convert;
 mod diff;
 mod eval;
 mod experiment;
+mod gather;
 mod inspect;
 mod interpolate;
 mod merge;
@@ -68,6 +69,8 @@ enum Command {
     Align(align::Args),
     /// Write the checkpoints (1-l)A + lB along the straight path between two models.
     Interpolate(interpolate::Args),
+    /// Join the results files of a sharded run (`--shard K/N`) into the single-process result.
+    Gather(gather::Args),
 }
 
 /// Settings every subcommand may use.
@@ -102,6 +105,7 @@ pub fn run() -> Result<()> {
         Command::Eval(a) => eval::run(a, &global),
         Command::Align(a) => align::run(a, &global),
         Command::Interpolate(a) => interpolate::run(a, &global),
+        Command::Gather(a) => gather::run(a, &global),
     }
 }
 

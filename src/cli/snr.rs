@@ -1,6 +1,7 @@
 //! `graft snr MODEL...`: Spectrum's per-matrix SNR, rankings per layer type, top-percent selection, and the files
 //! Spectrum, axolotl and `graft merge`/`graft train` read. Several models (or a quoted glob) are scanned one after
-//! another; `--resume` makes such a zoo scan restartable.
+//! another; `--resume` makes such a zoo scan restartable, and `--shard K/N` splits it over processes (`crate::shard`;
+//! `graft gather` joins the shards' resume files).
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -51,6 +52,8 @@ pub struct Args {
     /// Append each model's JSON line to FILE and skip models already recorded there (restartable zoo scans).
     #[arg(long, value_name = "FILE")]
     resume: Option<PathBuf>,
+    #[command(flatten)]
+    shard: crate::shard::ShardArgs,
 }
 
 /// The `--json` / `--jsonl` document of one model.
@@ -71,7 +74,10 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
         return Err(Error::usage(format!("--top-percent {} is outside 0..=100", args.top_percent)));
     }
     let filter = args.filter.as_deref().map(|f| regex_arg("--filter", f)).transpose()?;
-    let models = expand_models(&args.models)?;
+    let mut models = expand_models(&args.models)?;
+    if let Some(shard) = args.shard.resolve()? {
+        models = shard_of_zoo(&models, shard, args.resume.as_deref())?;
+    }
     if models.len() > 1 {
         for (flag, v) in [
             ("--spectrum-json", &args.spectrum_json),
@@ -101,6 +107,21 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
         }
         scan_model(model, &args, &opts, &exec)
     })
+}
+
+/// This shard's models; with a resume file, its manifest (every model's canonical path) is written beside it first, so
+/// that `graft gather` can name models a shard never recorded.
+fn shard_of_zoo(models: &[String], shard: crate::shard::Shard, resume: Option<&Path>) -> Result<Vec<String>> {
+    let mut all = models.to_vec();
+    all.sort();
+    all.dedup();
+    if let Some(results) = resume {
+        let items = all.iter().map(|m| canonical(m)).collect();
+        crate::shard::Manifest::new(shard, "path", items).write_for(results)?;
+    }
+    let mine = crate::shard::partition(&all, shard);
+    eprintln!("graft: snr: shard {shard}: {} of {} models", mine.len(), all.len());
+    Ok(mine)
 }
 
 fn scan_model(model: &str, args: &Args, opts: &ScanOptions, exec: &Executor) -> Result<()> {

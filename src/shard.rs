@@ -1,0 +1,365 @@
+//! Sharded batch work: which part of a work list one process of N does (`--shard K/N`, or from the environment a
+//! Slurm job array or a Kubernetes indexed Job sets), the manifest each shard writes beside its results file, and
+//! gathering shard results files back into the one file a single process would have written.
+//!
+//! The partition is round-robin over the work list in sorted order (item i goes to shard i mod N): it depends only on
+//! the list and N, so N processes started anywhere cover the list exactly once, and neighbouring items (often of
+//! similar size in a zoo) spread over the shards.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Shard `index` of `count` (0-based: `0 <= index < count`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl std::fmt::Display for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
+/// The `--shard` flags every batch command shares.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ShardArgs {
+    /// Do only shard K of N (0 <= K < N) of the sorted work list; `auto` reads it from the environment of a Slurm
+    /// job array (SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_COUNT) or a Kubernetes indexed Job (JOB_COMPLETION_INDEX
+    /// with --shard-count).
+    #[arg(long, value_name = "K/N|auto")]
+    pub shard: Option<String>,
+    /// The number of shards for `--shard auto` where the environment does not say (Kubernetes indexed Jobs).
+    #[arg(long, value_name = "N")]
+    pub shard_count: Option<String>,
+}
+
+impl ShardArgs {
+    /// The shard this process does, or `None` for all of the work.
+    pub fn resolve(&self) -> Result<Option<Shard>> {
+        resolve(self.shard.as_deref(), self.shard_count.as_deref(), |k| std::env::var(k).ok())
+    }
+}
+
+fn count_arg(what: &str, s: &str) -> Result<usize> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err(Error::usage(format!("{what} '{s}': the number of shards must be at least 1"))),
+        Ok(n) => Ok(n),
+        Err(_) => Err(Error::usage(format!("{what} '{s}' is not a whole number"))),
+    }
+}
+
+fn index_arg(what: &str, s: &str) -> Result<usize> {
+    s.trim().parse::<usize>().map_err(|_| Error::usage(format!("{what} '{s}' is not a whole number")))
+}
+
+fn checked(what: &str, index: usize, count: usize) -> Result<Shard> {
+    if index >= count {
+        return Err(Error::usage(format!("{what}: shard {index} of {count} does not exist (0 <= K < N)")));
+    }
+    Ok(Shard { index, count })
+}
+
+/// Parses `K/N`.
+pub fn parse(spec: &str) -> Result<Shard> {
+    let (k, n) =
+        spec.split_once('/').ok_or_else(|| Error::usage(format!("--shard '{spec}' is not K/N (e.g. 0/4) or auto")))?;
+    let count = count_arg("--shard", n)?;
+    let index = index_arg("--shard", k)?;
+    checked(&format!("--shard {spec}"), index, count)
+}
+
+/// The shard from the flags, reading the environment through `env` for `auto` (or a lone `--shard-count`).
+pub fn resolve(
+    spec: Option<&str>,
+    shard_count: Option<&str>,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Option<Shard>> {
+    match spec {
+        None if shard_count.is_none() => Ok(None),
+        Some(s) if s != "auto" => {
+            if shard_count.is_some() {
+                return Err(Error::usage("--shard-count goes with --shard auto, not with --shard K/N"));
+            }
+            parse(s).map(Some)
+        }
+        _ => from_env(shard_count, env).map(Some),
+    }
+}
+
+fn from_env(shard_count: Option<&str>, env: impl Fn(&str) -> Option<String>) -> Result<Shard> {
+    if let Some(id) = env("SLURM_ARRAY_TASK_ID") {
+        let count = match (env("SLURM_ARRAY_TASK_COUNT"), shard_count) {
+            (_, Some(n)) => count_arg("--shard-count", n)?,
+            (Some(n), None) => count_arg("SLURM_ARRAY_TASK_COUNT", &n)?,
+            (None, None) => return Err(Error::usage("SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT is not")),
+        };
+        // Arrays may start anywhere (`--array=1-4`): the shard is the offset from the first task.
+        let min = env("SLURM_ARRAY_TASK_MIN").map(|m| index_arg("SLURM_ARRAY_TASK_MIN", &m)).transpose()?.unwrap_or(0);
+        if let Some(step) = env("SLURM_ARRAY_TASK_STEP").filter(|s| s.trim() != "1") {
+            return Err(Error::usage(format!("SLURM_ARRAY_TASK_STEP is {step}: --shard auto needs a dense array")));
+        }
+        let id = index_arg("SLURM_ARRAY_TASK_ID", &id)?;
+        let index = id
+            .checked_sub(min)
+            .ok_or_else(|| Error::usage(format!("SLURM_ARRAY_TASK_ID {id} is below SLURM_ARRAY_TASK_MIN {min}")))?;
+        return checked("--shard auto (Slurm array)", index, count);
+    }
+    if let Some(i) = env("JOB_COMPLETION_INDEX") {
+        let n = shard_count.ok_or_else(|| {
+            Error::usage("--shard auto in a Kubernetes indexed Job needs --shard-count N (the Job's completions)")
+        })?;
+        let count = count_arg("--shard-count", n)?;
+        let index = index_arg("JOB_COMPLETION_INDEX", &i)?;
+        return checked("--shard auto (JOB_COMPLETION_INDEX)", index, count);
+    }
+    Err(Error::usage(
+        "--shard auto: neither SLURM_ARRAY_TASK_ID nor JOB_COMPLETION_INDEX is set (give --shard K/N instead)",
+    ))
+}
+
+/// Whether item `position` of the sorted work list belongs to `shard`.
+pub fn owns(shard: Shard, position: usize) -> bool {
+    position % shard.count == shard.index
+}
+
+/// The items of `shard` from a work list, after sorting and removing repeats (so every process sees one order).
+pub fn partition<T: Ord + Clone>(items: &[T], shard: Shard) -> Vec<T> {
+    let mut sorted = items.to_vec();
+    sorted.sort();
+    sorted.dedup();
+    sorted.into_iter().enumerate().filter(|(i, _)| owns(shard, *i)).map(|(_, x)| x).collect()
+}
+
+/// What a shard writes beside its results file, so that a gather can tell a missing item from one never asked for.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    /// Always `graft-shard/1`.
+    pub format: String,
+    pub shard: usize,
+    pub count: usize,
+    /// The JSON field of a results line that names its item.
+    pub key: String,
+    /// The keys of the whole work list (every shard's), in partition order.
+    pub items: Vec<String>,
+}
+
+const MANIFEST_FORMAT: &str = "graft-shard/1";
+
+/// The manifest path of a results file: `FILE.shard.json`.
+pub fn manifest_path(results: &Path) -> PathBuf {
+    let mut s = results.as_os_str().to_owned();
+    s.push(".shard.json");
+    PathBuf::from(s)
+}
+
+impl Manifest {
+    pub fn new(shard: Shard, key: &str, items: Vec<String>) -> Manifest {
+        Manifest { format: MANIFEST_FORMAT.into(), shard: shard.index, count: shard.count, key: key.into(), items }
+    }
+
+    /// Writes the manifest of `results`; a shard restarted with another partition is refused, not mixed in.
+    pub fn write_for(&self, results: &Path) -> Result<()> {
+        let path = manifest_path(results);
+        if let Ok(old) = Manifest::read(&path) {
+            if old != *self {
+                return Err(Error::usage(format!(
+                    "{}: written by shard {}/{} over another work list; use a new results file for this one",
+                    path.display(),
+                    old.shard,
+                    old.count
+                )));
+            }
+            return Ok(());
+        }
+        let text = serde_json::to_string_pretty(self).expect("plain struct") + "\n";
+        crate::checkpoint::write_atomic(&path, text.as_bytes())
+    }
+
+    pub fn read(path: &Path) -> Result<Manifest> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let m: Manifest =
+            serde_json::from_str(&text).map_err(|e| Error::format(path, format!("not a shard manifest: {e}")))?;
+        if m.format != MANIFEST_FORMAT || m.count == 0 || m.shard >= m.count {
+            return Err(Error::format(path, format!("not a {MANIFEST_FORMAT} manifest of a shard K/N with K < N")));
+        }
+        Ok(m)
+    }
+}
+
+/// Names a few items of a long list in a one-line message.
+fn some(items: &[String]) -> String {
+    const SHOWN: usize = 8;
+    let mut s = items.iter().take(SHOWN).cloned().collect::<Vec<_>>().join(", ");
+    if items.len() > SHOWN {
+        s.push_str(&format!(" and {} more", items.len() - SHOWN));
+    }
+    s
+}
+
+/// Joins shard results files (each with its manifest) into the lines one process would have written, in work-list
+/// order. Every item must be recorded exactly once: a missing shard, a missing item or an item recorded twice is an
+/// error that names them.
+pub fn gather(files: &[PathBuf]) -> Result<String> {
+    if files.is_empty() {
+        return Err(Error::usage("gather needs at least one shard results file"));
+    }
+    let mut reference: Option<(Manifest, &Path)> = None;
+    let mut shard_files: BTreeMap<usize, &Path> = BTreeMap::new();
+    let mut lines: BTreeMap<String, (String, &Path)> = BTreeMap::new();
+    let mut duplicated: BTreeSet<String> = BTreeSet::new();
+    let mut strays: Vec<String> = Vec::new();
+    for file in files {
+        let mpath = manifest_path(file);
+        if !mpath.exists() {
+            return Err(Error::format(
+                file,
+                format!("no shard manifest {} (shard results are written by --shard with --resume)", mpath.display()),
+            ));
+        }
+        let m = Manifest::read(&mpath)?;
+        match &reference {
+            None => reference = Some((m.clone(), file)),
+            Some((r, rfile)) => {
+                if r.count != m.count || r.items != m.items || r.key != m.key {
+                    return Err(Error::format(
+                        &mpath,
+                        format!(
+                            "shard {}/{} is of another work list than {} (shard {}/{})",
+                            m.shard,
+                            m.count,
+                            rfile.display(),
+                            r.shard,
+                            r.count
+                        ),
+                    ));
+                }
+            }
+        }
+        if let Some(other) = shard_files.insert(m.shard, file) {
+            return Err(Error::usage(format!(
+                "shard {}/{} given twice: {} and {}",
+                m.shard,
+                m.count,
+                other.display(),
+                file.display()
+            )));
+        }
+        let text = std::fs::read_to_string(file).map_err(|e| Error::io(file, e))?;
+        // A last line without its newline is a shard cut short mid-write: its item counts as missing.
+        let complete = text.rfind('\n').map_or("", |i| &text[..=i]);
+        for (n, line) in complete.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let v: serde_json::Value = serde_json::from_str(line)
+                .map_err(|e| Error::format(file, format!("line {}: not a JSON line: {e}", n + 1)))?;
+            let key = v.get(&m.key).and_then(|k| k.as_str()).ok_or_else(|| {
+                Error::format(file, format!("line {}: no \"{}\" field naming its item", n + 1, m.key))
+            })?;
+            if lines.contains_key(key) {
+                duplicated.insert(key.to_string());
+            } else {
+                lines.insert(key.to_string(), (line.to_string(), file));
+            }
+        }
+    }
+    let (manifest, _) = reference.expect("at least one file");
+    let listed: BTreeSet<&str> = manifest.items.iter().map(String::as_str).collect();
+    for key in lines.keys() {
+        if !listed.contains(key.as_str()) {
+            strays.push(key.clone());
+        }
+    }
+    let missing: Vec<String> = manifest.items.iter().filter(|k| !lines.contains_key(*k)).cloned().collect();
+    let absent_shards: Vec<String> = (0..manifest.count)
+        .filter(|k| !shard_files.contains_key(k))
+        .map(|k| format!("{k}/{}", manifest.count))
+        .collect();
+    let mut problems = Vec::new();
+    if !missing.is_empty() {
+        problems.push(format!("{} of {} items missing: {}", missing.len(), manifest.items.len(), some(&missing)));
+    }
+    if !absent_shards.is_empty() {
+        problems.push(format!("shards not given: {}", absent_shards.join(", ")));
+    }
+    if !duplicated.is_empty() {
+        let d: Vec<String> = duplicated.into_iter().collect();
+        problems.push(format!("{} items recorded more than once: {}", d.len(), some(&d)));
+    }
+    if !strays.is_empty() {
+        problems.push(format!("{} items not in the work list: {}", strays.len(), some(&strays)));
+    }
+    if !problems.is_empty() {
+        return Err(Error::invalid(format!("gather: {}", problems.join("; "))));
+    }
+    let mut out = String::new();
+    for key in &manifest.items {
+        out.push_str(&lines[key].0);
+        out.push('\n');
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+    }
+
+    #[test]
+    fn parses_k_of_n_and_refuses_bad_ones() {
+        assert_eq!(parse("0/4").unwrap(), Shard { index: 0, count: 4 });
+        assert_eq!(parse("3/4").unwrap(), Shard { index: 3, count: 4 });
+        for bad in ["4/4", "5/4", "0/0", "a/4", "1/b", "1", "-1/4", "1/4/5", ""] {
+            let e = parse(bad).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn environment_of_slurm_arrays_and_indexed_jobs() {
+        let none = env(&[]);
+        assert_eq!(resolve(None, None, &none).unwrap(), None);
+        assert!(resolve(Some("auto"), None, &none).is_err());
+        let slurm =
+            env(&[("SLURM_ARRAY_TASK_ID", "6"), ("SLURM_ARRAY_TASK_COUNT", "4"), ("SLURM_ARRAY_TASK_MIN", "4")]);
+        assert_eq!(resolve(Some("auto"), None, &slurm).unwrap(), Some(Shard { index: 2, count: 4 }));
+        let past = env(&[("SLURM_ARRAY_TASK_ID", "4"), ("SLURM_ARRAY_TASK_COUNT", "4")]);
+        assert_eq!(resolve(Some("auto"), None, &past).unwrap_err().exit_code(), 2);
+        let k8s = env(&[("JOB_COMPLETION_INDEX", "1")]);
+        assert_eq!(resolve(None, Some("3"), &k8s).unwrap(), Some(Shard { index: 1, count: 3 }));
+        assert!(resolve(Some("auto"), None, &k8s).is_err(), "indexed Jobs need --shard-count");
+        assert!(resolve(Some("auto"), Some("0"), &k8s).is_err());
+        assert!(resolve(Some("1/2"), Some("2"), &k8s).is_err());
+        // An explicit K/N wins over the environment.
+        assert_eq!(resolve(Some("0/2"), None, &slurm).unwrap(), Some(Shard { index: 0, count: 2 }));
+    }
+
+    #[test]
+    fn shards_cover_the_list_exactly_once_in_any_input_order() {
+        let items: Vec<String> = (0..23).map(|i| format!("m{i:02}")).collect();
+        let mut shuffled = items.clone();
+        shuffled.reverse();
+        shuffled.push("m05".into()); // a repeat is one item
+        for count in 1..=7 {
+            let mut seen: Vec<String> = Vec::new();
+            for index in 0..count {
+                let part = partition(&shuffled, Shard { index, count });
+                assert_eq!(part, partition(&items, Shard { index, count }));
+                // Round robin: sizes differ by at most one.
+                assert!(part.len() == 23 / count || part.len() == 23 / count + 1);
+                seen.extend(part);
+            }
+            seen.sort();
+            assert_eq!(seen, items, "N = {count}");
+        }
+    }
+}
