@@ -622,7 +622,7 @@ tokenizer_source: base
         let cases = [
             (format!("{base}foo: 1\n"), "unknown key 'foo'"),
             (format!("{base}modules: {{}}\n"), "'modules'"),
-            ("merge_method: nuslerp\nmodels: [{model: a}]\n".to_string(), "unsupported merge method 'nuslerp'"),
+            ("merge_method: frankenmerge\nmodels: [{model: a}]\n".to_string(), "unsupported merge method 'frankenmerge'"),
             (
                 "merge_method: linear\nmodels:\n  - model: a\n    weight: 1\n".to_string(),
                 "unknown key 'weight' in models[0]",
@@ -682,7 +682,10 @@ tokenizer_source: base
         // The model resolved against the config's directory.
         let Inputs::Models(ms) = &loaded.config.inputs else { panic!() };
         assert_eq!(ms[0].model, a);
-        for bad in ["chat_template: chatlm\n", "merge_method: nuslerp\n", "tokenizer_source: union\n"] {
+        for bad in ["chat_template: chatlm
+", "merge_method: frankenmerge
+", "tokenizer_source: union
+"] {
             std::fs::write(
                 &cfg,
                 format!("{text}{bad}").replace(
