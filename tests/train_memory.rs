@@ -97,13 +97,13 @@ fn check_order(mut runs: Vec<Run>) {
     for pair in runs.windows(2) {
         let (small, large) = (&pair[0], &pair[1]);
         assert!(large.trainable > small.trainable, "the policies must differ in trainable parameters");
-        let at_least = 12 * (large.trainable - small.trainable);
+        // Not by the full 12 bytes per extra trainable parameter: the step's transient buffers (a batch's
+        // activations, freed before the optimiser runs) can set the peak of a small model.
         assert!(
-            large.memory >= small.memory + at_least,
-            "{} ({} bytes) must hold at least {} bytes more than {} ({} bytes)",
+            large.memory > small.memory,
+            "{} ({} bytes) must hold more than {} ({} bytes)",
             large.policy,
             large.memory,
-            at_least,
             small.policy,
             small.memory
         );

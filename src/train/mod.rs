@@ -271,12 +271,13 @@ pub fn run_train(o: &TrainOptions) -> Result<TrainOutcome> {
     let shape = splits.train.data.samples.sample_shape();
     let spec = resolve_arch(&o.arch, ck.as_ref(), transfer, &shape, splits.classes())?;
     spec.check_input(&shape)?;
-    // Training memory is measured from here: the data is loaded; the model, features, gradients, optimiser state
+    // Training memory is counted from here: the data is loaded; the model, features, gradients, optimiser state
     // and activations to come are what the policy costs.
     let data_bytes = crate::alloc::live_bytes();
-    crate::alloc::reset_peak();
     let model = build_model(&spec, ck.as_ref(), transfer, DType::F32, &dev, o.train.seed)?;
     let fsum = freeze::apply(&*model, &o.freeze)?;
+    // Loading's temporaries (decoded checkpoint tensors) are freed by now and are not what the policy costs.
+    crate::alloc::reset_peak();
     for bn in model.batchnorms() {
         *bn.frozen_stats.lock().unwrap() = o.bn_stats;
     }

@@ -67,8 +67,8 @@ pub struct TrainReport {
     /// The most heap bytes live during any training step (absolute: `run_train` subtracts what was live before the
     /// model was built). Validation is outside the window.
     pub step_peak_bytes: u64,
-    /// What training held at its peak: heap bytes live at the high-water mark of model building, feature extraction
-    /// and the training steps, less those live before the model was built (the data). Set by `run_train`; None where
+    /// What training held at its peak: heap bytes live at the high-water mark of feature extraction and the
+    /// training steps, less those live before the model was built (the data). Set by `run_train`; None where
     /// allocations are not counted (GPU tensors).
     pub training_memory_bytes: Option<u64>,
     pub best_epoch: Option<usize>,
