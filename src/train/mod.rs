@@ -273,8 +273,13 @@ pub fn run_train(o: &TrainOptions) -> Result<TrainOutcome> {
     let shape = splits.train.data.samples.sample_shape();
     let spec = resolve_arch(&o.arch, ck.as_ref(), transfer, &shape, splits.classes())?;
     spec.check_input(&shape)?;
+    // Training memory is counted from here: the data is loaded; the model, features, gradients, optimiser state
+    // and activations to come are what the policy costs.
+    let data_bytes = crate::alloc::live_bytes();
     let model = build_model(&spec, ck.as_ref(), transfer, DType::F32, &dev, o.train.seed)?;
     let fsum = freeze::apply(&*model, &o.freeze)?;
+    // Loading's temporaries (decoded checkpoint tensors) are freed by now and are not what the policy costs.
+    crate::alloc::reset_peak();
     for bn in model.batchnorms() {
         *bn.frozen_stats.lock().unwrap() = o.bn_stats;
     }
@@ -282,17 +287,22 @@ pub fn run_train(o: &TrainOptions) -> Result<TrainOutcome> {
 
     // Feature extraction: a frozen BERT encoder's pooled outputs are computed once.
     let feature_mode = model.as_bert().is_some_and(|b| b.encoder_frozen());
+    // Its time is part of what the policy costs: `feature_train_s` (the training split's pass) counts toward
+    // samples/s, `feature_s` (every split) toward `time_s`.
+    let (mut feature_s, mut feature_train_s) = (0.0, 0.0);
     let (train_p, val_p, test_p, norm) = if feature_mode {
         let eb = o.train.eval_batch;
-        (
-            trainer::extract_features(&*model, &splits.train, eb)?,
-            trainer::extract_features(&*model, &splits.val, eb)?,
-            trainer::extract_features(&*model, &splits.test, eb)?,
-            Normalize::none(),
-        )
+        let started = std::time::Instant::now();
+        let train_f = trainer::extract_features(&*model, &splits.train, eb)?;
+        feature_train_s = started.elapsed().as_secs_f64();
+        let val_f = trainer::extract_features(&*model, &splits.val, eb)?;
+        let test_f = trainer::extract_features(&*model, &splits.test, eb)?;
+        feature_s = started.elapsed().as_secs_f64();
+        (train_f, val_f, test_f, Normalize::none())
     } else {
         (splits.train.clone(), splits.val.clone(), splits.test.clone(), norm)
     };
+    let setup_peak = crate::alloc::peak_bytes();
     // Zero-shot accuracy means something only when the checkpoint brought its own head.
     let head_loaded = o.init.is_some()
         && ck
@@ -312,7 +322,14 @@ pub fn run_train(o: &TrainOptions) -> Result<TrainOutcome> {
             );
         }
     };
-    let report = trainer::train(&*model, &train_p, &val_p, &norm, &o.train, &mut progress)?;
+    // The zero-shot evaluation above is outside the window: the first epoch starts a new high-water mark.
+    let mut report = trainer::train(&*model, &train_p, &val_p, &norm, &o.train, &mut progress)?;
+    let trained_samples = report.samples_per_s * report.train_s;
+    report.samples_per_s = trained_samples / (report.train_s + feature_train_s).max(1e-9);
+    report.feature_s = feature_s;
+    report.time_s = feature_s + report.train_s + if o.train.time_with_eval { report.eval_time_s } else { 0.0 };
+    report.training_memory_bytes =
+        dev.is_cpu().then(|| setup_peak.max(report.step_peak_bytes).saturating_sub(data_bytes));
     let test = if test_p.is_empty() {
         metrics::compute(&[], &[], splits.classes(), None)
     } else {

@@ -1,6 +1,9 @@
 //! Results lines (JSONL, one object per run) in the schema `graft report` reads: kind, run_id, experiment, seed,
 //! config, metrics (accuracy, f1_weighted, f1_macro, loss, time_s, peak_memory_bytes, zero_shot_accuracy), epochs,
-//! baseline. Appended with a single write so concurrent runs do not interleave within a line.
+//! baseline. For a training run `time_s` is everything the policy needs (feature extraction + steps, + validation
+//! with `--time-with-eval`) with its parts `feature_s`, `train_s`, `eval_s`; `peak_memory_bytes` (the report's
+//! memory column) is what training held at its peak, measured from allocations, and `peak_rss_bytes` the process's
+//! peak resident set; without an allocation count (GPU runs) `peak_memory_bytes` falls back to the latter. Appended with a single write so concurrent runs do not interleave within a line.
 
 use std::io::Write;
 use std::path::Path;
@@ -25,8 +28,14 @@ pub fn train_line(
 ) -> Value {
     let mut m = metric_map(test);
     m.insert("time_s".into(), json!(report.time_s));
-    if let Some(p) = peak {
+    m.insert("feature_s".into(), json!(report.feature_s));
+    m.insert("train_s".into(), json!(report.train_s));
+    m.insert("eval_s".into(), json!(report.eval_time_s));
+    if let Some(p) = report.training_memory_bytes.or(peak) {
         m.insert("peak_memory_bytes".into(), json!(p));
+    }
+    if let Some(p) = peak {
+        m.insert("peak_rss_bytes".into(), json!(p));
     }
     if let Some(z) = zero_shot {
         m.insert("zero_shot_accuracy".into(), json!(z));

@@ -1,6 +1,6 @@
 //! The training loop: AdamW on the trainable parameters only, cross-entropy, an evaluation on the validation split
-//! after every epoch, optional best-epoch restore, timing (training wall time, evaluation excluded unless asked)
-//! and the process's peak memory.
+//! after every epoch, optional best-epoch restore, timing (training wall time, evaluation excluded unless asked),
+//! the high-water mark of heap bytes during the training steps (`crate::alloc`) and the process's peak memory.
 //!
 //! Determinism: the epoch order comes from graft's generator seeded by (seed, epoch), dropout masks from (seed,
 //! step, layer), and every kernel reduces in a fixed order, so a run is reproducible bit for bit.
@@ -55,9 +55,22 @@ pub struct EpochRecord {
 #[derive(Clone, Debug, Serialize)]
 pub struct TrainReport {
     pub epochs: Vec<EpochRecord>,
-    /// Training wall time (evaluation excluded unless `time_with_eval`).
+    /// Wall time of the training steps (`run_train` adds feature extraction, and evaluation with
+    /// `time_with_eval`, to make the run's `time_s`).
     pub time_s: f64,
+    /// Of which the steps alone.
+    pub train_s: f64,
+    /// The frozen encoder's pass over every split (feature extraction; 0 without it), set by `run_train`.
+    pub feature_s: f64,
+    /// Per-epoch validation.
     pub eval_time_s: f64,
+    /// The most heap bytes live during any training step (absolute: `run_train` subtracts what was live before the
+    /// model was built). Validation is outside the window.
+    pub step_peak_bytes: u64,
+    /// What training held at its peak: heap bytes live at the high-water mark of feature extraction and the
+    /// training steps, less those live before the model was built (the data). Set by `run_train`; None where
+    /// allocations are not counted (GPU tensors).
+    pub training_memory_bytes: Option<u64>,
     pub best_epoch: Option<usize>,
     pub steps: u64,
     pub samples_per_s: f64,
@@ -92,6 +105,8 @@ pub fn train(
     let mut records = Vec::new();
     let (mut train_time, mut eval_time) = (0f64, 0f64);
     let mut step = 0u64;
+    // The optimiser state just allocated is part of what training holds, whatever the first epoch's peak.
+    let mut step_peak = crate::alloc::live_bytes();
     let mut best: Option<(f64, usize, Vec<Saved>)> = None;
     let has_bn = !model.batchnorms().is_empty();
     for epoch in 1..=cfg.epochs {
@@ -100,6 +115,7 @@ pub fn train(
         // A last batch of one sample cannot be batch-normalised (PyTorch raises); drop it.
         let batches: Vec<&[usize]> = order.chunks(cfg.batch.max(1)).filter(|b| !(has_bn && b.len() < 2)).collect();
         let bar = progress_bar(cfg.progress, batches.len() as u64, epoch, cfg.epochs);
+        crate::alloc::reset_peak();
         let start = Instant::now();
         let (mut loss_sum, mut seen) = (0f64, 0usize);
         for b in batches {
@@ -126,6 +142,7 @@ pub fn train(
         }
         let secs = start.elapsed().as_secs_f64();
         train_time += secs;
+        step_peak = step_peak.max(crate::alloc::peak_bytes());
         bar.finish_and_clear();
         let ev_start = Instant::now();
         let val_m = if val.is_empty() { None } else { Some(evaluate(model, val, norm, cfg.eval_batch)?) };
@@ -158,8 +175,12 @@ pub fn train(
     let samples: f64 = records.iter().map(|r| r.samples_per_s * r.time_s).sum();
     Ok(TrainReport {
         samples_per_s: samples / train_time.max(1e-9),
-        time_s: if cfg.time_with_eval { train_time + eval_time } else { train_time },
+        time_s: train_time,
+        train_s: train_time,
+        feature_s: 0.0,
         eval_time_s: eval_time,
+        training_memory_bytes: None,
+        step_peak_bytes: step_peak,
         epochs: records,
         best_epoch,
         steps: step,
