@@ -682,10 +682,7 @@ tokenizer_source: base
         // The model resolved against the config's directory.
         let Inputs::Models(ms) = &loaded.config.inputs else { panic!() };
         assert_eq!(ms[0].model, a);
-        for bad in ["chat_template: chatlm
-", "merge_method: frankenmerge
-", "tokenizer_source: union
-"] {
+        for bad in ["chat_template: chatlm\n", "merge_method: frankenmerge\n", "tokenizer_source: union\n"] {
             std::fs::write(
                 &cfg,
                 format!("{text}{bad}").replace(
