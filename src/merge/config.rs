@@ -622,7 +622,10 @@ tokenizer_source: base
         let cases = [
             (format!("{base}foo: 1\n"), "unknown key 'foo'"),
             (format!("{base}modules: {{}}\n"), "'modules'"),
-            ("merge_method: frankenmerge\nmodels: [{model: a}]\n".to_string(), "unsupported merge method 'frankenmerge'"),
+            (
+                "merge_method: frankenmerge\nmodels: [{model: a}]\n".to_string(),
+                "unsupported merge method 'frankenmerge'",
+            ),
             (
                 "merge_method: linear\nmodels:\n  - model: a\n    weight: 1\n".to_string(),
                 "unknown key 'weight' in models[0]",

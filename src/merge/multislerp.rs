@@ -128,45 +128,7 @@ impl MergeMethod for MultiSlerp {
             }
             w.iter_mut().for_each(|x| *x /= sum);
         }
-        let m = models.len();
-        let n = inputs.numel();
-        let parts = ctx.chunked(n, |r| {
-            let b = match base {
-                Some(bi) => Some(inputs.read(bi, r.clone())?),
-                None => None,
-            };
-            let xs: Vec<Vec<f32>> = models
-                .iter()
-                .map(|&i| {
-                    let mut x = inputs.read(i, r.clone())?.into_vec();
-                    if let Some(b) = &b {
-                        x.iter_mut().zip(b.iter()).for_each(|(v, bv)| *v -= bv);
-                    }
-                    Ok(x)
-                })
-                .collect::<Result<_>>()?;
-            let mut g = vec![0f64; m * m];
-            for i in 0..m {
-                for j in i..m {
-                    g[i * m + j] = xs[i].iter().zip(&xs[j]).map(|(&a, &b)| a as f64 * b as f64).sum();
-                }
-            }
-            Ok(g)
-        })?;
-        let mut g = vec![vec![0f64; m]; m];
-        for part in &parts {
-            for i in 0..m {
-                for j in i..m {
-                    g[i][j] += part[i * m + j];
-                }
-            }
-        }
-        for i in 1..m {
-            let (upper, lower) = g.split_at_mut(i);
-            for (j, row) in upper.iter().enumerate() {
-                lower[0][j] = row[i];
-            }
-        }
+        let g = super::karcher::gram(&inputs, ctx, &models, base)?;
         let k = coefficients(&g, &w, eps).ok_or_else(|| {
             Error::invalid(format!(
                 "tensor '{}': multislerp's weighted mean of the inputs is zero (antipodal inputs with balancing \
