@@ -388,6 +388,28 @@ fn last_layers_policy_trains_the_last_layers_the_final_norm_and_the_head() {
     // Layer 1 (7 matrices + 2 norms of 32), model.norm (32), lm_head (128x32).
     let layer = 32 * 32 * 2 + 16 * 32 * 2 + 64 * 32 * 3 + 2 * 32;
     assert_eq!(r["freeze"]["trainable_params"], layer + 32 + 128 * 32);
+
+    // Training memory: every parameter (4 B) plus gradient and two AdamW moments (12 B) per trained one, at least;
+    // full fine-tuning holds more than the last layer alone.
+    let full = train_json(&[
+        "train",
+        "--init",
+        fixture("base").to_str().unwrap(),
+        "--data",
+        &format!("text:{}", data.display()),
+        "--max-len",
+        "32",
+        "--freeze",
+        "none",
+        "--quiet",
+        "--json",
+    ]);
+    let (params, trained) =
+        (full["freeze"]["total_params"].as_u64().unwrap(), r["freeze"]["trainable_params"].as_u64().unwrap());
+    let (mem_full, mem_last) = (full["peak_memory_bytes"].as_u64().unwrap(), r["peak_memory_bytes"].as_u64().unwrap());
+    assert!(mem_last >= 4 * params + 12 * trained, "{mem_last}");
+    assert!(mem_full >= 16 * params, "{mem_full}");
+    assert!(mem_full > mem_last, "full {mem_full} <= last layer {mem_last}");
 }
 
 #[test]

@@ -79,8 +79,12 @@ pub struct LmTrainOutcome {
     pub time_s: f64,
     pub eval_s: f64,
     pub tokens_per_s: f64,
+    /// What training itself held at its peak (parameters, gradients, optimiser state, activations kept for
+    /// backward), counted by graft's allocator on the CPU; on other devices, the process's peak resident set.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peak_memory_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_rss_bytes: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub output: Option<PathBuf>,
 }
@@ -172,6 +176,9 @@ pub fn run(o: &LmTrainOptions) -> Result<LmTrainOutcome> {
         return Err(Error::usage(format!("--val-fraction {}: expected a fraction in (0, 1)", o.val_fraction)));
     }
     let dev = device(&o.device)?;
+    // Training memory counts from here: the model's parameters are part of it (the text read next is counted too,
+    // a few bytes per token beside the model).
+    let live_before_model = crate::alloc::live_bytes();
     let model = lm_eval::load_llama(&o.init, &dev)?;
     model.config.check_sequence_length(o.max_len, &o.init.join("config.json").display().to_string())?;
     let tokenizer = tokenize::find(o.tokenizer.as_deref(), config_dir(&o.init).as_deref())?;
@@ -202,6 +209,8 @@ pub fn run(o: &LmTrainOptions) -> Result<LmTrainOutcome> {
             model.config.model_type
         )));
     }
+    // Loading's temporary buffers are gone; the window opens with the model alone live.
+    crate::alloc::reset_peak();
     let mut eval_s = 0.0;
     let t = Instant::now();
     let before = mean_nll(&model, &val)?;
@@ -247,6 +256,10 @@ pub fn run(o: &LmTrainOptions) -> Result<LmTrainOutcome> {
         }
         epochs.push(rec);
     }
+    let training_memory = match dev.is_cpu() {
+        true => Some(crate::alloc::peak_bytes().saturating_sub(live_before_model)),
+        false => trainer::peak_rss_bytes(),
+    };
     let trained_tokens: usize = train.iter().map(|s| s.len()).sum::<usize>() * o.epochs;
     let output = match &o.output {
         Some(out) => Some(write_output(&model, &o.init, out, o.writer.clone(), o.threads)?),
@@ -276,7 +289,8 @@ pub fn run(o: &LmTrainOptions) -> Result<LmTrainOutcome> {
         time_s: train_s,
         eval_s,
         tokens_per_s: trained_tokens as f64 / train_s.max(1e-9),
-        peak_memory_bytes: trainer::peak_rss_bytes(),
+        peak_memory_bytes: training_memory,
+        peak_rss_bytes: trainer::peak_rss_bytes(),
         output,
     };
     if let Some(path) = &o.results {
@@ -287,6 +301,9 @@ pub fn run(o: &LmTrainOptions) -> Result<LmTrainOutcome> {
             "loss": outcome.nll, "time_s": outcome.time_s, "eval_s": outcome.eval_s,
             "tokens_per_s": outcome.tokens_per_s, "trainable_params": outcome.freeze.trainable_params,
         });
+        if let Some(p) = outcome.peak_rss_bytes {
+            metrics["peak_rss_bytes"] = json!(p);
+        }
         if let Some(p) = outcome.peak_memory_bytes {
             metrics["peak_memory_bytes"] = json!(p);
         }
