@@ -123,13 +123,18 @@ fn sharded_checkpoint_scores_as_the_single_file() {
 }
 
 /// Words of the fixture tokenizer's vocabulary (a whitespace word-level tokenizer).
-fn text(words: usize, seed: u64) -> String {
+fn vocabulary() -> Vec<String> {
     let tok: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixture("base").join("tokenizer.json")).unwrap()).unwrap();
-    let mut vocab: Vec<(&String, u64)> =
-        tok["model"]["vocab"].as_object().unwrap().iter().map(|(k, v)| (k, v.as_u64().unwrap())).collect();
+    let mut vocab: Vec<(String, u64)> =
+        tok["model"]["vocab"].as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.as_u64().unwrap())).collect();
     vocab.sort_by_key(|(_, id)| *id);
-    ids(words, seed).iter().map(|&i| vocab[3 + i as usize % 120].0.as_str()).collect::<Vec<_>>().join(" ")
+    vocab.into_iter().map(|(w, _)| w).collect()
+}
+
+fn text(words: usize, seed: u64) -> String {
+    let vocab = vocabulary();
+    ids(words, seed).iter().map(|&i| vocab[3 + i as usize % 120].as_str()).collect::<Vec<_>>().join(" ")
 }
 
 fn eval_json(args: &[&str]) -> serde_json::Value {
@@ -266,16 +271,12 @@ fn bad_text_and_configs_give_one_line_errors() {
 
 /// A learnable stream: a cycle of 13 words, one word in ten replaced at random.
 fn patterned_text(words: usize, seed: u64) -> String {
-    let tok: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("base").join("tokenizer.json")).unwrap()).unwrap();
-    let mut vocab: Vec<(&String, u64)> =
-        tok["model"]["vocab"].as_object().unwrap().iter().map(|(k, v)| (k, v.as_u64().unwrap())).collect();
-    vocab.sort_by_key(|(_, id)| *id);
+    let vocab = vocabulary();
     let noise = ids(words, seed);
     (0..words)
         .map(|i| {
             let k = if noise[i].is_multiple_of(10) { 3 + noise[i] as usize % 37 } else { 3 + (i * 7) % 13 };
-            vocab[k].0.as_str()
+            vocab[k].as_str()
         })
         .collect::<Vec<_>>()
         .join(" ")

@@ -145,15 +145,10 @@ pub fn read_documents(spec: &str) -> Result<Vec<String>> {
 
 /// Every document tokenised as `tokenizer(text)` does, joined in order.
 pub fn tokenize_documents(tokenizer: &Path, docs: &[String]) -> Result<Vec<u32>> {
-    let mut tok = tokenizers::Tokenizer::from_file(tokenizer)
-        .map_err(|e| Error::format(tokenizer, format!("cannot read tokenizer: {e}")))?;
-    tok.with_truncation(None).map_err(|e| Error::format(tokenizer, format!("truncation: {e}")))?;
-    tok.with_padding(None);
+    let tok = tokenize::Tokenizer::open_whole(tokenizer)?;
     let mut ids = Vec::new();
     for d in docs {
-        let enc =
-            tok.encode(d.as_str(), true).map_err(|e| Error::format(tokenizer, format!("cannot tokenize: {e}")))?;
-        ids.extend_from_slice(enc.get_ids());
+        ids.extend(tok.encode(d)?);
     }
     Ok(ids)
 }
@@ -229,7 +224,7 @@ pub fn run(o: &LmEvalOptions) -> Result<LmEvalOutcome> {
             "checkpoint": o.checkpoint.display().to_string(), "arch": outcome.arch, "data": o.data,
             "max_len": o.max_len,
         });
-        let id = format!("{:016x}", crate::rng::stable_hash(&config.to_string()));
+        let id = super::run_id(&config, 0);
         let experiment = o.experiment.clone().unwrap_or_else(|| o.checkpoint.display().to_string());
         let mut metrics = json!({
             "nll": outcome.nll, "loss": outcome.nll, "perplexity": outcome.perplexity, "tokens": outcome.tokens,

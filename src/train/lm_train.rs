@@ -274,7 +274,7 @@ pub fn run(o: &LmTrainOptions) -> Result<LmTrainOutcome> {
     for (k, v) in &o.tags {
         config[k] = json!(v);
     }
-    let run_id = format!("{:016x}", crate::rng::stable_hash(&format!("{config}/{}", o.seed)));
+    let run_id = super::run_id(&config, o.seed);
     let outcome = LmTrainOutcome {
         run_id: run_id.clone(),
         init: o.init.clone(),

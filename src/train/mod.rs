@@ -252,7 +252,8 @@ pub fn build_model(
     Ok(model)
 }
 
-fn run_id(config: &serde_json::Value, seed: u64) -> String {
+/// A run's identity in results lines: a stable hash of its configuration and seed.
+pub(crate) fn run_id(config: &serde_json::Value, seed: u64) -> String {
     format!("{:016x}", crate::rng::stable_hash(&format!("{config}/{seed}")))
 }
 

@@ -28,11 +28,20 @@ pub fn find(explicit: Option<&Path>, checkpoint_dir: Option<&Path>) -> Result<Pa
 }
 
 impl Tokenizer {
+    /// Texts cut to `max_len` tokens (classifier inputs).
     pub fn open(path: &Path, max_len: usize) -> Result<Self> {
+        Self::open_with(path, Some(tokenizers::TruncationParams { max_length: max_len.max(2), ..Default::default() }))
+    }
+
+    /// Whole texts, as `tokenizer(text)` gives them (language-model streams, cut into windows afterwards).
+    pub fn open_whole(path: &Path) -> Result<Self> {
+        Self::open_with(path, None)
+    }
+
+    fn open_with(path: &Path, trunc: Option<tokenizers::TruncationParams>) -> Result<Self> {
         let mut inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| Error::format(path, format!("cannot read tokenizer: {e}")))?;
-        let trunc = tokenizers::TruncationParams { max_length: max_len.max(2), ..Default::default() };
-        inner.with_truncation(Some(trunc)).map_err(|e| Error::format(path, format!("truncation: {e}")))?;
+        inner.with_truncation(trunc).map_err(|e| Error::format(path, format!("truncation: {e}")))?;
         inner.with_padding(None);
         Ok(Tokenizer { inner, path: path.to_path_buf() })
     }
