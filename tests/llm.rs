@@ -469,3 +469,56 @@ fn llama_gradients_equal_finite_differences_in_f64() {
         }
     }
 }
+
+/// With part of the model frozen, the trainable parameters get exactly the gradients of full training, and the
+/// gradient store holds nothing else: no gradient is computed for frozen weights, norms or the tied head.
+#[test]
+fn frozen_parameters_get_no_gradient_and_change_none_of_the_others() {
+    use candle_core::{DType, Device, Tensor};
+    use graft::train::models::llama::{Llama, LlamaConfig};
+    use graft::train::params::ParamStore;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let tied = variant(tmp.path(), "tied", |c| c["tie_word_embeddings"] = serde_json::json!(true));
+    for dir in [fixture("base"), tied] {
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+        let model = Llama::new(
+            LlamaConfig::from_json(&cfg, "config.json").unwrap(),
+            ParamStore::new(DType::F64, Device::Cpu, 0),
+        )
+        .unwrap();
+        let ck = graft::checkpoint::Checkpoint::open(&dir).unwrap();
+        graft::train::checkpoint_io::load(model.store(), &ck, &|_| false).unwrap();
+        let window = ids(10, 5);
+        let input = Tensor::from_vec(window.clone(), (1, window.len()), &Device::Cpu).unwrap();
+        let loss = |m: &Llama| m.next_token_logprobs(&input).unwrap().sum_all().unwrap().neg().unwrap();
+        let params: Vec<_> = model.store().params().map(|(n, p)| (n.to_string(), p.clone())).collect();
+        let full = loss(&model).backward().unwrap();
+        // Freeze layer 0, every norm and the embedding (the tied head with it); train the rest.
+        let frozen = |n: &str| n.contains("layers.0.") || n.contains("norm") || n.contains("embed_tokens");
+        for (n, p) in &params {
+            p.set_trainable(!frozen(n));
+        }
+        let partial = loss(&model).backward().unwrap();
+        let mut trained = 0;
+        for (n, p) in &params {
+            match frozen(n) {
+                true => assert!(partial.get(&p.var).is_none(), "{}: frozen {n} got a gradient", dir.display()),
+                false => {
+                    trained += 1;
+                    let a: Vec<f64> = full.get(&p.var).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                    let b: Vec<f64> = partial.get(&p.var).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                    for (x, y) in a.iter().zip(&b) {
+                        assert!((x - y).abs() <= 1e-12 * x.abs().max(1e-6), "{n}: full {x} partial {y}");
+                    }
+                }
+            }
+        }
+        assert!(trained > 0);
+        assert_eq!(partial.get_ids().count(), trained, "{}: gradients beyond the trainable ones", dir.display());
+        for (_, p) in &params {
+            p.set_trainable(true);
+        }
+    }
+}

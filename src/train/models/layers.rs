@@ -51,7 +51,18 @@ impl Linear {
         let dims = x.dims().to_vec();
         let inp = *dims.last().unwrap();
         let rows: usize = dims[..dims.len() - 1].iter().product();
-        let y = x.reshape((rows, inp))?.matmul(&w.t()?)?;
+        let x = x.reshape((rows, inp))?;
+        // A frozen layer differentiates its input only (candle would compute the weight's gradient as well).
+        if !self.weight.trainable() && self.bias.as_ref().is_none_or(|b| !b.trainable()) {
+            let y = ops::frozen_linear(&x, &w, self.bias.as_ref().map(|b| b.t()).as_ref())?;
+            let mut out = dims;
+            *out.last_mut().unwrap() = y.dim(1)?;
+            return y.reshape(out);
+        }
+        let y = match x.track_op() {
+            true => x.matmul(&w.t()?)?,
+            false => ops::linear_of_constant_input(&x, &w)?,
+        };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(&b.t())?,
             None => y,

@@ -225,7 +225,10 @@ impl RmsNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let variance = x.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = x.broadcast_div(&(variance + self.eps)?.sqrt()?)?;
-        normed.broadcast_mul(&self.weight.t())
+        match self.weight.trainable() {
+            true => normed.broadcast_mul(&self.weight.t()),
+            false => ops::frozen_scale(&normed, &self.weight.t()),
+        }
     }
 }
 
@@ -344,7 +347,7 @@ impl Llama {
             let q = rotate(&q, &cos, &sin)?;
             let k = repeat_kv(&rotate(&k, &cos, &sin)?, heads / kv)?;
             let v = repeat_kv(&v.contiguous()?, heads / kv)?;
-            let scores = (q.matmul(&k.transpose(2, 3)?.contiguous()?)? * scale)?.broadcast_add(&mask)?;
+            let scores = ops::frozen_shift(&(q.matmul(&k.transpose(2, 3)?.contiguous()?)? * scale)?, &mask)?;
             // Training needs graft's softmax (it has a backward pass); inference takes candle's fused one.
             let attn = if scores.track_op() {
                 ops::softmax_last_dim(&scores)?
@@ -352,17 +355,23 @@ impl Llama {
                 candle_nn::ops::softmax_last_dim(&scores)?
             };
             let o = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, t, heads * hd))?;
-            x = (x + block.o.forward(&o)?)?;
+            // Below the first trained layer the residual stream is a constant: only the new term is differentiated.
+            let attn_out = block.o.forward(&o)?;
+            x = if x.track_op() { (x + attn_out)? } else { ops::frozen_shift(&attn_out, &x)? };
             let h = block.post_norm.forward(&x)?;
             let mlp =
                 block.down.forward(&(candle_nn::ops::silu(&block.gate.forward(&h)?)? * block.up.forward(&h)?)?)?;
-            x = (x + mlp)?;
+            x = if x.track_op() { (x + mlp)? } else { ops::frozen_shift(&mlp, &x)? };
         }
         let x = self.norm.forward(&x)?;
         match &self.head {
             Some(head) => head.forward(&x),
             None => {
-                let rows = x.reshape((b * t, c.hidden_size))?.matmul(&embed.t()?)?;
+                let x = x.reshape((b * t, c.hidden_size))?;
+                let rows = match self.embed.trainable() {
+                    true => x.matmul(&embed.t()?)?,
+                    false => ops::frozen_linear(&x, &embed, None)?,
+                };
                 rows.reshape((b, t, c.vocab_size))
             }
         }
@@ -411,7 +420,8 @@ fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor>
     let x = x.contiguous()?;
     let (first, second) = (x.narrow(D::Minus1, 0, half)?, x.narrow(D::Minus1, half, half)?);
     let rotated = Tensor::cat(&[&second.neg()?, &first], D::Minus1)?;
-    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+    // The angles are constants: only x is differentiated (candle would keep gradients for cos and sin too).
+    ops::frozen_scale(&x, cos)? + ops::frozen_scale(&rotated, sin)?
 }
 
 /// Each key/value head repeated for the `n` query heads that share it: (b, kv, t, d) -> (b, kv * n, t, d).

@@ -9,6 +9,9 @@
 //! Every op works for f32 and f64 (the finite-difference gradient checks run in f64). On devices other than the CPU
 //! the callers use candle's generic ops instead (`fused_available`), which compute the same functions.
 //!
+//! `frozen` is not a kernel but works on every device: products with frozen operands that differentiate only the
+//! tracked input (candle's own backward pass would compute and keep the frozen operands' gradients too).
+//!
 //! The pieces: `activation` (ReLU, softmax), `conv` (pointwise and depthwise convolution), `batchnorm` (training-mode
 //! BatchNorm and the fixed affine map), `pool` (max pooling), `separable` (the separable convolution as one graph
 //! node, built from `conv` and `batchnorm`). The shared helpers below (dtype dispatch, lane reductions) are theirs.
@@ -109,6 +112,7 @@ fn sum_f64<T: WithDType>(a: &[T]) -> f64 {
 mod activation;
 mod batchnorm;
 mod conv;
+mod frozen;
 mod logprob;
 mod pool;
 mod separable;
@@ -118,6 +122,7 @@ mod tests;
 pub use activation::{relu, softmax_last_dim};
 pub use batchnorm::{batch_norm_train, channel_affine_const, BatchStats};
 pub use conv::{depthwise_conv, pointwise_conv};
+pub use frozen::{frozen_linear, frozen_scale, frozen_shift, linear_of_constant_input};
 pub use logprob::target_logprobs;
 pub use pool::max_pool;
 pub use separable::{sep_conv_train, SepConvParams};
