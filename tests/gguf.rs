@@ -707,6 +707,11 @@ fn snr_diff_and_similarity_of_ggufs_equal_those_of_their_conversions() {
     run_ok(&["diff", "--base", a, b, "-o", g.to_str().unwrap()]);
     run_ok(&["diff", "--base", a_hf, b_hf, "-o", c.to_str().unwrap()]);
     assert_same_outputs(&g, &c, &subs);
+    // The task vector added back onto the GGUF base, and onto its conversion.
+    let (ag, ac) = (out("ag"), out("ac"));
+    run_ok(&["apply", a, "--vector", g.to_str().unwrap(), "-o", ag.to_str().unwrap()]);
+    run_ok(&["apply", a_hf, "--vector", g.to_str().unwrap(), "-o", ac.to_str().unwrap()]);
+    assert_same_outputs(&ag, &ac, &subs);
     // A GGUF and its own conversion are the same model: the task vector between them is empty.
     let none = json_of(&["diff", "--base", b, b_hf, "-o", out("none").to_str().unwrap(), "--json"]);
     assert_eq!(none["tensors"], 0, "{none}");
