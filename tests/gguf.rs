@@ -3,6 +3,9 @@
 //! hand here: names and shapes, a Q8_0 block's `scale * q`, an F16 tensor's exact bits, the query/key rows put back
 //! from llama.cpp's rotary permutation (a plain reference of that permutation is written below), `config.json`;
 //! plus candle-quantised tensors of every type within their quantisation error, and one-line errors for bad files.
+//! The GGUF opened directly by any command is checked against its conversion: the same hand-derived values, and
+//! merge, snr, similarity, diff, apply, eval and train giving the same results on `X.gguf` as on `graft convert`'s
+//! output (byte for byte, the recorded input paths aside).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
