@@ -52,7 +52,8 @@ pub fn plan_gguf(mapped: &[crate::gguf::Mapped], dtype: Option<Dtype>) -> Vec<Te
 }
 
 /// Writes GGUF `g` as a Hugging Face checkpoint directory (or single file) at `out`: tensors renamed, query/key rows
-/// put back in Hugging Face's rotary layout, `config.json` from the metadata. Each tensor is read and dequantised
+/// put back in Hugging Face's rotary layout (`gguf::hf_bytes`, the bytes `Checkpoint::open` serves for a GGUF too),
+/// `config.json` and tokenizer files from the metadata (`gguf::hf_side_files`). Each tensor is read and dequantised
 /// when the executor asks for it, so memory holds a few tensors at a time, not the model.
 pub fn convert_gguf(
     g: &crate::gguf::GgufFile,
@@ -63,37 +64,21 @@ pub fn convert_gguf(
 ) -> Result<Written> {
     let (family, mapped) = crate::gguf::map_llama(g)?;
     let decls = plan_gguf(&mapped, dtype);
-    let config = crate::gguf::hf_config(g, family, dtype.unwrap_or(Dtype::F32))?;
     let mut writer = CheckpointWriter::create(out, decls, opts)?;
     if out.extension().is_none_or(|e| e != "safetensors") {
-        writer.add_file("config.json", (serde_json::to_string_pretty(&config).unwrap() + "\n").into_bytes())?;
-        match crate::gguf::tokenizer::hf_tokenizer_files(g)? {
-            Ok(files) => {
-                for (name, bytes) in files {
-                    writer.add_file(name, bytes)?;
-                }
-            }
-            Err(reason) => eprintln!("graft: warning: {}: no tokenizer files written: {reason}", g.path().display()),
+        for (name, bytes) in crate::gguf::hf_side_files(g, family, dtype.unwrap_or(Dtype::F32))? {
+            writer.add_file(&name, bytes)?;
         }
     }
     exec.write(writer, "convert", |i, decl| {
         let m = &mapped[i];
-        let row_len = m.shape.iter().skip(1).product::<usize>().max(1);
+        let bytes = crate::gguf::hf_bytes(m, &g.raw(&m.gguf)?);
         let stored = crate::gguf::natural_dtype(m.ggml);
         if stored == decl.dtype && stored != Dtype::F32 {
-            // F16/BF16 as stored: the bytes themselves, rows moved as whole rows of bytes.
-            let raw = g.raw(&m.gguf)?;
-            let raw = match m.unpermute_heads {
-                Some(h) => crate::gguf::unpermute_rows(&raw, row_len * stored.size(), h),
-                None => raw,
-            };
-            return Ok(Produce::Owned(raw));
+            // F16/BF16 as stored. Dequantised (f32) values go through the writer's narrowing, which also refuses
+            // non-finite values the way any computed tensor is refused.
+            return Ok(Produce::Owned(bytes));
         }
-        let values = g.dequantize(&m.gguf)?;
-        let values = match m.unpermute_heads {
-            Some(h) => crate::gguf::unpermute_rows(&values, row_len, h),
-            None => values,
-        };
-        Ok(Produce::F32(values))
+        Ok(Produce::F32(crate::checkpoint::dtype::to_f32_vec(stored, &bytes)))
     })
 }

@@ -3,6 +3,9 @@
 //! hand here: names and shapes, a Q8_0 block's `scale * q`, an F16 tensor's exact bits, the query/key rows put back
 //! from llama.cpp's rotary permutation (a plain reference of that permutation is written below), `config.json`;
 //! plus candle-quantised tensors of every type within their quantisation error, and one-line errors for bad files.
+//! The GGUF opened directly by any command is checked against its conversion: the same hand-derived values, and
+//! merge, snr, similarity, diff, apply, eval and train giving the same results on `X.gguf` as on `graft convert`'s
+//! output (byte for byte, the recorded input paths aside).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -165,20 +168,32 @@ fn llama_fixture(arch: &'static str) -> Fixture {
 }
 
 fn llama_fixture_with(arch: &'static str, extra_meta: Vec<(&'static str, Meta)>) -> Fixture {
+    llama_fixture_sized(arch, VOCAB, 0, extra_meta)
+}
+
+/// The fixture with `vocab` embedding rows; `variant` shifts every value pattern, making a different model of the
+/// same shapes.
+fn llama_fixture_sized(
+    arch: &'static str,
+    vocab: usize,
+    variant: usize,
+    extra_meta: Vec<(&'static str, Meta)>,
+) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let mut tensors = Vec::new();
     let mut emb = Vec::new();
-    for r in 0..VOCAB {
-        let (d, q) = q8_block(r);
+    for r in 0..vocab {
+        let (d, q) = q8_block(r + variant);
         emb.extend_from_slice(&half::f16::from_f32(d).to_bits().to_le_bytes());
         emb.extend(q.iter().map(|x| *x as u8));
     }
     tensors.push(RawTensor {
         name: "token_embd.weight".into(),
         ggml_type: T_Q8_0,
-        shape: vec![VOCAB, HIDDEN],
+        shape: vec![vocab, HIDDEN],
         data: emb,
     });
+    let pattern = |n: usize, seed: usize| pattern(n, seed + 13 * variant);
     let wq = pattern(HIDDEN * HIDDEN, 1);
     let wk = pattern(N_KV * HEAD_DIM * HIDDEN, 2);
     let wv = pattern(N_KV * HEAD_DIM * HIDDEN, 3);
@@ -242,7 +257,13 @@ fn converts_llama_gguf_to_hugging_face() {
     let fx = llama_fixture("llama");
     let out = fx._dir.path().join("hf");
     convert(&fx.gguf, &out, &[]);
-    let ck = Checkpoint::open(&out).unwrap();
+    check_hand_derived(&fx, &Checkpoint::open(&out).unwrap(), &out);
+    // The GGUF opened as a checkpoint is that same Hugging Face checkpoint, side files included.
+    let ck = Checkpoint::open(&fx.gguf).unwrap();
+    check_hand_derived(&fx, &ck, ck.dir().unwrap());
+}
+
+fn check_hand_derived(fx: &Fixture, ck: &Checkpoint, dir: &Path) {
     let mut names: Vec<&str> = ck.names().collect();
     names.sort();
     let mut expected = vec![
@@ -285,7 +306,7 @@ fn converts_llama_gguf_to_hugging_face() {
     assert_eq!(ck.tensor("model.layers.0.self_attn.v_proj.weight").unwrap().to_f32().unwrap(), fx.wv);
 
     let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["model_type"], "llama");
     assert_eq!(config["hidden_size"], HIDDEN);
     assert_eq!(config["intermediate_size"], FFN);
@@ -381,6 +402,13 @@ fn every_quant_type_dequantises_within_its_error() {
         let got = g.dequantize("blk.0.ffn_up.weight").unwrap();
         let err = got.iter().zip(&values).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(err <= tol, "{t:?}: max error {err} > {tol}");
+        // Opened as a checkpoint, the tensor is decoded block by block (candle's per-type decoder, no QTensor):
+        // the same values, bit for bit, as the whole-tensor dequantisation above.
+        let ck = Checkpoint::open(dir.path().join("q.gguf")).unwrap();
+        let view = ck.tensor("model.layers.0.mlp.up_proj.weight").unwrap();
+        assert_eq!(view.dtype, graft::gguf::natural_dtype(t));
+        let mine = view.to_f32().unwrap();
+        assert!(mine.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits()), "{t:?}");
     }
 }
 
@@ -422,9 +450,19 @@ fn bad_gguf_files_give_one_line_errors() {
     assert!(err.contains("unknown.gguf") && err.contains("unsupported quantisation type"), "{err}");
     assert!(!out.exists());
 
-    // Commands that take checkpoints point at convert instead of misreading the file as safetensors.
-    let err = one_line_error(&["snr", fx.gguf.to_str().unwrap()]);
-    assert!(err.contains("tiny.gguf") && err.contains("graft convert"), "{err}");
+    // Every command that opens a checkpoint says the same, naming the file.
+    let gpt2 = llama_fixture("gpt2");
+    let err = one_line_error(&["snr", gpt2.gguf.to_str().unwrap()]);
+    assert!(err.contains("tiny.gguf") && err.contains("architecture 'gpt2' is not supported"), "{err}");
+    std::fs::write(&cut, &bytes[..bytes.len() - 100]).unwrap();
+    let err = one_line_error(&["diff", "--base", cut.to_str().unwrap(), fx.gguf.to_str().unwrap(), "-o", o]);
+    assert!(err.contains("cut.gguf") && err.contains("truncated"), "{err}");
+    let err =
+        one_line_error(&["merge", "--method", "linear", unknown.to_str().unwrap(), fx.gguf.to_str().unwrap(), "-o", o]);
+    assert!(err.contains("unknown.gguf") && err.contains("unsupported quantisation type"), "{err}");
+    let err = one_line_error(&["eval", gpt2.gguf.to_str().unwrap(), "--data", "text:/dev/null"]);
+    assert!(err.contains("tiny.gguf") && err.contains("'gpt2'"), "{err}");
+    assert!(!out.exists());
 }
 
 #[test]
@@ -528,4 +566,202 @@ fn other_tokenizer_types_are_not_rebuilt_and_say_so() {
     assert!(o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("'llama' is not rebuilt"));
     assert!(!out.join("tokenizer.json").exists() && out.join("config.json").exists());
+}
+
+// ---- a GGUF as an input to every command: the result equals the result on its `graft convert` output ----------
+
+fn run_ok(args: &[&str]) -> Vec<u8> {
+    let o = graft(args);
+    assert!(o.status.success(), "graft {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    o.stdout
+}
+
+fn json_of(args: &[&str]) -> serde_json::Value {
+    serde_json::from_slice(&run_ok(args)).unwrap()
+}
+
+/// `bytes` with each `(from, to)` path spelling replaced: outputs record the paths of their inputs (provenance
+/// metadata, reports), which name the GGUF on one side and the converted directory on the other. A safetensors
+/// file's header is replaced as text and its tensor data kept as is (the header length changes with the paths).
+fn with_paths_replaced(name: &str, bytes: &[u8], subs: &[(&Path, &Path)]) -> Vec<u8> {
+    let replace = |text: &str| {
+        subs.iter().fold(text.to_string(), |t, (from, to)| t.replace(from.to_str().unwrap(), to.to_str().unwrap()))
+    };
+    if name.ends_with(".safetensors") {
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        // The header is padded with spaces to an alignment, which depends on its length.
+        let header = replace(std::str::from_utf8(&bytes[8..8 + n]).unwrap().trim_end());
+        return [header.as_bytes(), &bytes[8 + n..]].concat();
+    }
+    replace(&String::from_utf8_lossy(bytes)).into_bytes()
+}
+
+/// Asserts that output directories `g` (from GGUF inputs) and `c` (from their conversions) hold the same files with
+/// the same bytes, paths aside.
+fn assert_same_outputs(g: &Path, c: &Path, subs: &[(&Path, &Path)]) {
+    let subs: Vec<(&Path, &Path)> = subs.iter().copied().chain([(g, c)]).collect();
+    let (gf, cf) = (files_of(g), files_of(c));
+    assert_eq!(gf.iter().map(|f| &f.0).collect::<Vec<_>>(), cf.iter().map(|f| &f.0).collect::<Vec<_>>());
+    for ((name, x), (_, y)) in gf.iter().zip(&cf) {
+        let x = with_paths_replaced(name, x, &subs);
+        let y = with_paths_replaced(name, y, &[]);
+        let shown = |b: &[u8]| String::from_utf8_lossy(&b[..b.len().min(3000)]).to_string();
+        assert!(x == y, "{} vs {}: {name} differs:\n{}\n{}", g.display(), c.display(), shown(&x), shown(&y));
+    }
+}
+
+/// Every file under `dir`, by relative path, with its bytes.
+fn files_of(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        out.push((p.file_name().unwrap().to_string_lossy().to_string(), std::fs::read(&p).unwrap()));
+    }
+    out.sort();
+    out
+}
+
+/// Two fixtures of the same shapes (different values) with a byte-level BPE vocabulary, and their conversions.
+struct Pair {
+    a: Fixture,
+    b: Fixture,
+    a_hf: PathBuf,
+    b_hf: PathBuf,
+}
+
+fn pair() -> Pair {
+    let a = llama_fixture_sized("llama", BPE_TOKENS.len(), 0, bpe_meta(true));
+    let b = llama_fixture_sized("llama", BPE_TOKENS.len(), 1, bpe_meta(true));
+    let (a_hf, b_hf) = (a._dir.path().join("hf"), b._dir.path().join("hf"));
+    convert(&a.gguf, &a_hf, &[]);
+    convert(&b.gguf, &b_hf, &[]);
+    Pair { a, b, a_hf, b_hf }
+}
+
+#[test]
+fn gguf_opens_as_the_checkpoint_convert_writes() {
+    let p = pair();
+    let g = Checkpoint::open(&p.a.gguf).unwrap();
+    let c = Checkpoint::open(&p.a_hf).unwrap();
+    assert!(g.is_gguf() && !c.is_gguf());
+    assert_eq!(g.names().collect::<Vec<_>>(), c.names().collect::<Vec<_>>(), "same names in the same order");
+    assert_eq!(g.total_bytes(), c.total_bytes());
+    for (x, y) in g.iter().zip(c.iter()) {
+        assert_eq!((x.dtype, x.shape), (y.dtype, y.shape), "{}", x.name);
+        assert!(x.data == y.data, "{}: bytes differ", x.name);
+    }
+    assert_eq!(g.files(), vec![p.a.gguf.clone()]);
+    let side = files_of(g.dir().unwrap());
+    let names: Vec<&str> = side.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["config.json", "tokenizer.json", "tokenizer_config.json"]);
+    for (name, bytes) in &side {
+        assert_eq!(bytes, &std::fs::read(p.a_hf.join(name)).unwrap(), "{name}");
+    }
+}
+
+#[test]
+fn merge_of_gguf_inputs_equals_merge_of_their_conversions() {
+    let p = pair();
+    let (a, b, a_hf, b_hf) =
+        (p.a.gguf.to_str().unwrap(), p.b.gguf.to_str().unwrap(), p.a_hf.to_str().unwrap(), p.b_hf.to_str().unwrap());
+    let out = |n: &str| p.a._dir.path().join(n);
+    let merge = |inputs: &[&str], extra: &[&str], o: &Path| {
+        let mut args = vec!["merge"];
+        args.extend_from_slice(inputs);
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["-o", o.to_str().unwrap()]);
+        run_ok(&args);
+    };
+    // Two GGUFs, linear.
+    let linear = ["--method", "linear", "--weight", "0.3,0.7"];
+    merge(&[a, b], &linear, &out("g2"));
+    merge(&[a_hf, b_hf], &linear, &out("c2"));
+    // A GGUF base and a safetensors model, task arithmetic.
+    let task = ["--method", "task_arithmetic", "--base", a, "--weight", "0.5"];
+    merge(&[b_hf], &task, &out("g1"));
+    let task_hf = ["--method", "task_arithmetic", "--base", a_hf, "--weight", "0.5"];
+    merge(&[b_hf], &task_hf, &out("c1"));
+    let subs = [(p.a.gguf.as_path(), p.a_hf.as_path()), (p.b.gguf.as_path(), p.b_hf.as_path())];
+    // Decoding on first access from several threads leaves the result as it is with one.
+    merge(&[a, b], &[&linear[..], &["--threads", "1"]].concat(), &out("g2-1"));
+    let (one, many) = (Checkpoint::open(out("g2-1")).unwrap(), Checkpoint::open(out("g2")).unwrap());
+    assert!(one.iter().zip(many.iter()).all(|(x, y)| x.name == y.name && x.data == y.data));
+    for (g, c) in [("g2", "c2"), ("g1", "c1")] {
+        assert!(out(g).join("tokenizer.json").is_file(), "the base's tokenizer is carried");
+        assert_same_outputs(&out(g), &out(c), &subs);
+    }
+}
+
+#[test]
+fn snr_diff_and_similarity_of_ggufs_equal_those_of_their_conversions() {
+    let p = pair();
+    let subs = [(p.a.gguf.as_path(), p.a_hf.as_path()), (p.b.gguf.as_path(), p.b_hf.as_path())];
+    let (a, b, a_hf, b_hf) =
+        (p.a.gguf.to_str().unwrap(), p.b.gguf.to_str().unwrap(), p.a_hf.to_str().unwrap(), p.b_hf.to_str().unwrap());
+    let same_stdout = |g: &[&str], c: &[&str]| {
+        let (g, c) = (run_ok(g), run_ok(c));
+        assert_eq!(String::from_utf8(with_paths_replaced("", &g, &subs)).unwrap(), String::from_utf8(c).unwrap());
+    };
+    same_stdout(&["snr", a, "--json"], &["snr", a_hf, "--json"]);
+    same_stdout(&["similarity", "--base", a, b, a, "--json"], &["similarity", "--base", a_hf, b_hf, a_hf, "--json"]);
+
+    let out = |n: &str| p.a._dir.path().join(n);
+    let (g, c) = (out("dg"), out("dc"));
+    run_ok(&["diff", "--base", a, b, "-o", g.to_str().unwrap()]);
+    run_ok(&["diff", "--base", a_hf, b_hf, "-o", c.to_str().unwrap()]);
+    assert_same_outputs(&g, &c, &subs);
+    // The task vector added back onto the GGUF base, and onto its conversion.
+    let (ag, ac) = (out("ag"), out("ac"));
+    run_ok(&["apply", a, "--vector", g.to_str().unwrap(), "-o", ag.to_str().unwrap()]);
+    run_ok(&["apply", a_hf, "--vector", g.to_str().unwrap(), "-o", ac.to_str().unwrap()]);
+    assert_same_outputs(&ag, &ac, &subs);
+    // A GGUF and its own conversion are the same model: the task vector between them is empty.
+    let none = json_of(&["diff", "--base", b, b_hf, "-o", out("none").to_str().unwrap(), "--json"]);
+    assert_eq!(none["tensors"], 0, "{none}");
+    assert_eq!(none["skipped_equal"].as_array().unwrap().len(), 11, "{none}");
+}
+
+#[test]
+fn eval_of_a_gguf_equals_eval_of_its_conversion() {
+    let p = pair();
+    let text = p.a._dir.path().join("text.txt");
+    std::fs::write(&text, "hello world hello world€ hello hello world<|endoftext|>hello").unwrap();
+    let data = format!("text:{}", text.display());
+    let subs = [(p.a.gguf.as_path(), p.a_hf.as_path())];
+    let eval = |ck: &Path| {
+        let o = run_ok(&["eval", ck.to_str().unwrap(), "--data", &data, "--max-len", "4", "--json"]);
+        let mut v: serde_json::Value = serde_json::from_slice(&with_paths_replaced("", &o, &subs)).unwrap();
+        for k in ["time_s", "tokens_per_s", "peak_memory_bytes"] {
+            v.as_object_mut().unwrap().remove(k);
+        }
+        v
+    };
+    let (g, c) = (eval(&p.a.gguf), eval(&p.a_hf));
+    assert!(g["tokens"].as_u64().unwrap() > 8 && g["nll"].as_f64().unwrap().is_finite(), "{g}");
+    assert_eq!(g, c);
+}
+
+#[test]
+fn training_from_a_gguf_equals_training_from_its_conversion() {
+    let p = pair();
+    let text = p.a._dir.path().join("text.txt");
+    std::fs::write(&text, "hello world hello world€ hello hello world hello world hello").unwrap();
+    let data = format!("text:{}", text.display());
+    let train = |init: &Path, out: &Path| {
+        let (i, o) = (init.to_str().unwrap(), out.to_str().unwrap());
+        run_ok(&["train", "--init", i, "--data", &data, "--max-len", "4", "--epochs", "1", "--batch", "2", "-o", o]);
+        Checkpoint::open(out).unwrap()
+    };
+    let (g, c) = (train(&p.a.gguf, &p.a._dir.path().join("tg")), train(&p.a_hf, &p.a._dir.path().join("tc")));
+    assert_eq!(g.names().collect::<Vec<_>>(), c.names().collect::<Vec<_>>());
+    assert!(g.iter().zip(c.iter()).all(|(x, y)| x.dtype == y.dtype && x.data == y.data), "same trained weights");
+    let moved = g.iter().zip(Checkpoint::open(&p.a_hf).unwrap().iter()).filter(|(x, y)| x.data != y.data).count();
+    assert!(moved > 0, "training changed the weights");
+    for f in ["config.json", "tokenizer.json"] {
+        assert_eq!(
+            std::fs::read(g.dir().unwrap().join(f)).unwrap(),
+            std::fs::read(c.dir().unwrap().join(f)).unwrap(),
+            "{f}"
+        );
+    }
 }

@@ -1,10 +1,21 @@
 //! Opening checkpoints: one `.safetensors` file, or a directory with `model.safetensors` or shards plus
 //! `model.safetensors.index.json`. Every file is memory-mapped; tensors are exposed as zero-copy views. A directory is
 //! opened once, under a shared lock, and its files are resolved relative to that handle (`DirHandle`).
+//!
+//! A `.gguf` file (llama.cpp) opens as the Hugging Face checkpoint `graft convert` would write from it: Hugging Face
+//! names and layouts (`gguf::map_llama`, `gguf::hf_bytes`), F32/F16/BF16 tensors as stored and quantised ones as
+//! their f32 values dequantised by candle. Tensors whose bytes are the stored ones (float types other than the
+//! permuted query/key projections) are zero-copy views into the memory-mapped file like safetensors ones. The others
+//! are decoded on first access into a buffer owned by the checkpoint (`OnceLock`, so concurrent readers share one
+//! decode): memory cost is the f32 (or F16/BF16) size of every such tensor a command touches, held until the
+//! checkpoint is dropped, because views borrow it. `release` drops the mapped pages of the stored (quantised) bytes
+//! only. `dir()` of a GGUF is a private directory with the `config.json` and tokenizer files convert would write
+//! (`gguf::side`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use memmap2::Mmap;
 
@@ -143,6 +154,36 @@ pub struct Checkpoint {
     tensors: Vec<TensorInfo>,
     by_name: HashMap<String, usize>,
     metadata: BTreeMap<String, String>,
+    /// For a GGUF file: how each tensor is made from it (parallel to `tensors`) and its side-file directory.
+    gguf: Option<GgufTensors>,
+}
+
+/// The GGUF part of a checkpoint: the one shard is the GGUF file's map.
+#[derive(Debug)]
+struct GgufTensors {
+    slots: Vec<GgufSlot>,
+    side_dir: OnceLock<Option<PathBuf>>,
+}
+
+struct GgufSlot {
+    mapped: crate::gguf::Mapped,
+    /// The stored bytes' range in the map.
+    raw: std::ops::Range<usize>,
+    /// The stored bytes are the Hugging Face bytes: view them in place.
+    in_place: bool,
+    /// Otherwise the decoded bytes, made on first access.
+    decoded: OnceLock<Box<[u8]>>,
+}
+
+impl std::fmt::Debug for GgufSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgufSlot")
+            .field("gguf", &self.mapped.gguf)
+            .field("raw", &self.raw)
+            .field("in_place", &self.in_place)
+            .field("decoded", &self.decoded.get().map(|d| d.len()))
+            .finish()
+    }
 }
 
 impl Checkpoint {
@@ -188,12 +229,8 @@ impl Checkpoint {
                 ),
             });
         }
-        if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
-            // GGUF tensors are dequantised per tensor into owned buffers, which the zero-copy views cannot hold yet.
-            return Err(Error::format(
-                path,
-                "a GGUF file: convert it first with `graft convert FILE.gguf -o DIR` (docs/gguf.md)",
-            ));
+        if crate::gguf::is_gguf_path(path) {
+            return Self::open_gguf(path);
         }
         if path.to_string_lossy().ends_with(".index.json") {
             let dir_path = match path.parent() {
@@ -204,6 +241,59 @@ impl Checkpoint {
             return Self::open_index(dir_path, &dir, path);
         }
         Self::open_files(path, None, None, vec![path.to_path_buf()], None)
+    }
+
+    /// Opens GGUF file `path` as the Hugging Face checkpoint convert would make of it (see the header).
+    fn open_gguf(path: &Path) -> Result<Checkpoint> {
+        let g = crate::gguf::GgufFile::open(path)?;
+        let (_, mapped) = crate::gguf::map_llama(&g)?;
+        let f = File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: as for safetensors shards: read-only, and graft never writes its inputs.
+        let map = unsafe { Mmap::map(&f) }.map_err(|e| Error::io(path, e))?;
+        let data_start = g.data_offset() as usize;
+        let mut ck = Checkpoint {
+            path: path.to_path_buf(),
+            dir: None,
+            index: None,
+            shards: Vec::new(),
+            tensors: Vec::new(),
+            by_name: HashMap::new(),
+            metadata: BTreeMap::new(),
+            gguf: None,
+        };
+        let mut slots = Vec::with_capacity(mapped.len());
+        for (m, t) in mapped.into_iter().zip(g.tensors()) {
+            // `GgufFile::open` checked the range against the file's length; the map is of the same file.
+            let begin = data_start + t.offset as usize;
+            let raw = begin..begin + t.bytes as usize;
+            if raw.end > map.len() {
+                return Err(Error::tensor(path, &t.name, "data lies past the end of the file (it shrank?)"));
+            }
+            if let Some(&prev) = ck.by_name.get(&m.hf) {
+                let other: &GgufSlot = &slots[prev];
+                return Err(Error::tensor(
+                    path,
+                    &t.name,
+                    format!("maps to '{}' as '{}' does", m.hf, other.mapped.gguf),
+                ));
+            }
+            let dtype = crate::gguf::natural_dtype(m.ggml);
+            let nbytes = m.shape.iter().product::<usize>() * dtype.size();
+            ck.by_name.insert(m.hf.clone(), ck.tensors.len());
+            ck.tensors.push(TensorInfo {
+                name: m.hf.clone(),
+                dtype,
+                shape: m.shape.clone(),
+                shard: 0,
+                begin: 0,
+                end: nbytes,
+            });
+            let in_place = crate::gguf::is_stored_as_is(&m);
+            slots.push(GgufSlot { mapped: m, raw, in_place, decoded: OnceLock::new() });
+        }
+        ck.shards.push(Shard { path: path.to_path_buf(), map, data_start });
+        ck.gguf = Some(GgufTensors { slots, side_dir: OnceLock::new() });
+        Ok(ck)
     }
 
     fn open_index(dir_path: &Path, dir: &DirHandle, index: &Path) -> Result<Checkpoint> {
@@ -270,6 +360,7 @@ impl Checkpoint {
             tensors: Vec::new(),
             by_name: HashMap::new(),
             metadata: BTreeMap::new(),
+            gguf: None,
         };
         for (si, file) in files.iter().enumerate() {
             let f = match dir {
@@ -341,9 +432,28 @@ impl Checkpoint {
         &self.path
     }
 
-    /// The checkpoint directory, where config and tokenizer files live (None for a bare file).
+    /// The checkpoint directory, where config and tokenizer files live (None for a bare file). For a GGUF file, the
+    /// directory of the files convert would write beside it, made on first call (a warning says why when it cannot
+    /// be).
     pub fn dir(&self) -> Option<&Path> {
-        self.dir.as_deref()
+        match &self.gguf {
+            None => self.dir.as_deref(),
+            Some(g) => g
+                .side_dir
+                .get_or_init(|| match crate::gguf::side::dir(&self.path) {
+                    Ok(d) => Some(d),
+                    Err(e) => {
+                        eprintln!("graft: warning: no config or tokenizer files for it: {e}");
+                        None
+                    }
+                })
+                .as_deref(),
+        }
+    }
+
+    /// Whether this checkpoint was opened from a GGUF file.
+    pub fn is_gguf(&self) -> bool {
+        self.gguf.is_some()
     }
 
     /// Every file this checkpoint consists of (shards and index), for refusing to overwrite inputs.
@@ -400,18 +510,30 @@ impl Checkpoint {
     pub fn view(&self, i: usize) -> TensorView<'_> {
         let t = &self.tensors[i];
         let s = &self.shards[t.shard];
-        TensorView {
-            name: &t.name,
-            dtype: t.dtype,
-            shape: &t.shape,
-            data: &s.map[s.data_start + t.begin..s.data_start + t.end],
-            file: &s.path,
-        }
+        let data = match &self.gguf {
+            None => &s.map[s.data_start + t.begin..s.data_start + t.end],
+            Some(g) => {
+                let slot = &g.slots[i];
+                let raw = &s.map[slot.raw.clone()];
+                if slot.in_place {
+                    raw
+                } else {
+                    slot.decoded.get_or_init(|| crate::gguf::hf_bytes(&slot.mapped, raw).into_boxed_slice())
+                }
+            }
+        };
+        TensorView { name: &t.name, dtype: t.dtype, shape: &t.shape, data, file: &s.path }
     }
 
     /// Drops this process's mapping of tensor `name`'s pages once a streaming pass is done with it (see
-    /// `release_bytes`). Unknown names are ignored.
+    /// `release_bytes`). Unknown names are ignored. For a GGUF tensor decoded into a buffer, the stored bytes' pages
+    /// are released; the buffer stays until the checkpoint is dropped (views may still borrow it).
     pub fn release(&self, name: &str) {
+        if let (Some(g), Some(&i)) = (&self.gguf, self.by_name.get(name)) {
+            let s = &self.shards[0];
+            self.release_bytes(&s.map[g.slots[i].raw.clone()]);
+            return;
+        }
         if let Some(v) = self.get(name) {
             self.release_bytes(v.data);
         }

@@ -5,6 +5,7 @@
 //! (`convert::convert_gguf`); `graft inspect MODEL.gguf` on `GgufFile::summary`. The tokenizer files are rebuilt
 //! from the vocabulary in `tokenizer`.
 
+pub mod side;
 pub mod tokenizer;
 
 use std::collections::BTreeMap;
@@ -197,10 +198,23 @@ impl GgufFile {
         })
     }
 
-    /// The stored bytes of tensor `name` (little-endian values for F32, F16 and BF16).
+    /// The stored bytes of tensor `name` (little-endian values for F32, F16 and BF16), read from the file.
     pub fn raw(&self, name: &str) -> Result<Vec<u8>> {
-        let q = self.read_qtensor(name)?;
-        guarded(&self.path, &format!("tensor '{name}'"), || q.data().map(|d| d.into_owned()))
+        use std::io::{Read, Seek, SeekFrom};
+        let t = self
+            .tensor_info(name)
+            .ok_or_else(|| Error::tensor(&self.path, name, "no such tensor in this GGUF file"))?;
+        let mut file = File::open(&self.path).map_err(|e| Error::io(&self.path, e))?;
+        let mut raw = vec![0u8; t.bytes as usize];
+        file.seek(SeekFrom::Start(self.data_offset() + t.offset))
+            .and_then(|_| file.read_exact(&mut raw))
+            .map_err(|e| Error::io(&self.path, e))?;
+        Ok(raw)
+    }
+
+    /// Where the tensor data section starts in the file (tensor offsets count from here).
+    pub fn data_offset(&self) -> u64 {
+        self.content.tensor_data_offset
     }
 
     /// What `graft inspect` shows of the file.
@@ -476,4 +490,88 @@ pub fn hf_config(g: &GgufFile, family: Family, dtype: Dtype) -> Result<serde_jso
         c["attention_bias"] = true.into();
     }
     Ok(c)
+}
+
+/// Elements of a quantised tensor decoded to f32 by candle's decoder for its block type (`GgmlType::to_float`),
+/// from `raw`, the tensor's stored bytes (a whole number of blocks: `GgufFile::open` checks it). Plain float types
+/// are widened exactly.
+pub fn dequantize_raw(ggml: GgmlDType, raw: &[u8]) -> Vec<f32> {
+    use candle_core::quantized::k_quants::*;
+    match ggml {
+        GgmlDType::F32 => crate::checkpoint::dtype::to_f32_vec(Dtype::F32, raw),
+        GgmlDType::F16 => crate::checkpoint::dtype::to_f32_vec(Dtype::F16, raw),
+        GgmlDType::BF16 => crate::checkpoint::dtype::to_f32_vec(Dtype::BF16, raw),
+        GgmlDType::Q4_0 => decode_blocks::<BlockQ4_0>(raw),
+        GgmlDType::Q4_1 => decode_blocks::<BlockQ4_1>(raw),
+        GgmlDType::Q5_0 => decode_blocks::<BlockQ5_0>(raw),
+        GgmlDType::Q5_1 => decode_blocks::<BlockQ5_1>(raw),
+        GgmlDType::Q8_0 => decode_blocks::<BlockQ8_0>(raw),
+        GgmlDType::Q8_1 => decode_blocks::<BlockQ8_1>(raw),
+        GgmlDType::Q2K => decode_blocks::<BlockQ2K>(raw),
+        GgmlDType::Q3K => decode_blocks::<BlockQ3K>(raw),
+        GgmlDType::Q4K => decode_blocks::<BlockQ4K>(raw),
+        GgmlDType::Q5K => decode_blocks::<BlockQ5K>(raw),
+        GgmlDType::Q6K => decode_blocks::<BlockQ6K>(raw),
+        GgmlDType::Q8K => decode_blocks::<BlockQ8K>(raw),
+    }
+}
+
+fn decode_blocks<T: candle_core::quantized::k_quants::GgmlType>(raw: &[u8]) -> Vec<f32> {
+    let size = std::mem::size_of::<T>();
+    let n = raw.len() / size;
+    // The stored bytes are copied into a vector of blocks because a block's fields (f16 scales, f32 in Q8_K) need
+    // an alignment a byte slice of the file does not promise.
+    let mut blocks: Vec<T> = Vec::with_capacity(n);
+    // SAFETY: candle's blocks are `repr(C)` structs of integers and f16/f32 fields, for which every bit pattern is a
+    // value, and `size_of::<T>()` is the type's stored block size (candle reads files the same way); exactly
+    // `n * size` bytes are copied into the vector's capacity before its length is set.
+    unsafe {
+        std::ptr::copy_nonoverlapping(raw.as_ptr(), blocks.as_mut_ptr() as *mut u8, n * size);
+        blocks.set_len(n);
+    }
+    let mut out = vec![0f32; n * T::BLCK_SIZE];
+    T::to_float(&blocks, &mut out);
+    out
+}
+
+/// Tensor `m` as Hugging Face stores it, from its GGUF bytes `raw`: the little-endian bytes of
+/// `natural_dtype(m.ggml)` (F16, BF16 and F32 exactly as stored, quantised types dequantised by candle), with the
+/// query/key rows moved back to Hugging Face's rotary layout. `graft convert` writes these bytes, and
+/// `Checkpoint::open` serves them.
+pub fn hf_bytes(m: &Mapped, raw: &[u8]) -> Vec<u8> {
+    let row_len = m.shape.iter().skip(1).product::<usize>().max(1);
+    let stored = natural_dtype(m.ggml);
+    let bytes: Vec<u8> = if is_float_storage(m.ggml) {
+        raw.to_vec()
+    } else {
+        dequantize_raw(m.ggml, raw).iter().flat_map(|x| x.to_le_bytes()).collect()
+    };
+    match m.unpermute_heads {
+        Some(h) => unpermute_rows(&bytes, row_len * stored.size(), h),
+        None => bytes,
+    }
+}
+
+/// Whether `hf_bytes` of `m` are its stored bytes unchanged (a float type, no rows to move): such a tensor can be
+/// read in place from the file.
+pub fn is_stored_as_is(m: &Mapped) -> bool {
+    is_float_storage(m.ggml) && m.unpermute_heads.is_none()
+}
+
+fn is_float_storage(t: GgmlDType) -> bool {
+    matches!(t, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+}
+
+/// The files `graft convert` writes beside the weights of GGUF `g` (weights in `dtype`): `config.json` from the
+/// metadata and, where the vocabulary can be rebuilt, the tokenizer files (otherwise a warning says why there are
+/// none). A GGUF opened as a checkpoint offers the same files (`side::dir`).
+pub fn hf_side_files(g: &GgufFile, family: Family, dtype: Dtype) -> Result<Vec<(String, Vec<u8>)>> {
+    let config = hf_config(g, family, dtype)?;
+    let mut files =
+        vec![("config.json".to_string(), (serde_json::to_string_pretty(&config).unwrap() + "\n").into_bytes())];
+    match tokenizer::hf_tokenizer_files(g)? {
+        Ok(tok) => files.extend(tok.into_iter().map(|(n, b)| (n.to_string(), b))),
+        Err(reason) => eprintln!("graft: warning: {}: no tokenizer files: {reason}", g.path().display()),
+    }
+    Ok(files)
 }
