@@ -1,6 +1,7 @@
 //! `graft experiment`: the SNR-selective merging study as a plan of steps (train base and experts, align, SNR,
 //! merge, consistency, zero-shot evaluation, selective fine-tuning), run resumably over seeds, with one results line
-//! per fine-tuning run for `graft report`.
+//! per fine-tuning run for `graft report`; or the study on a causal LM (`kind: llm`, `run_llm`), with one results
+//! line per model.
 
 pub mod collect;
 pub mod plan;
@@ -9,7 +10,7 @@ pub mod steps;
 
 use std::path::{Path, PathBuf};
 
-pub use plan::{Freeze, Plan, Stage};
+pub use plan::{Domain, Freeze, LlmPlan, LlmStage, Plan, Stage, Study};
 use runner::{Outcome, Status};
 
 use crate::error::{Error, Result};
@@ -68,5 +69,46 @@ pub fn run(plan: &Plan, rundir: &Path, program: &Path) -> Result<Summary> {
 
     let results = rundir.join("results.jsonl");
     let lines = collect::collect(rundir, &plan.seeds, &results, |_| Vec::new())?;
+    Ok(Summary { outcomes, results, lines })
+}
+
+/// Runs an LLM study into `rundir` with `program` (the graft binary): the base's scan and perplexities, then per
+/// seed the experts, the merges and every model's perplexities, then one results line per model. Finished steps of
+/// an earlier run are skipped; with `keep_merged: false` a merged checkpoint is deleted once both its evaluations
+/// have succeeded.
+pub fn run_llm(plan: &LlmPlan, rundir: &Path, program: &Path) -> Result<Summary> {
+    std::fs::create_dir_all(rundir).map_err(|e| Error::io(rundir, e))?;
+    let plan_copy = rundir.join("plan.yml");
+    let yaml = yaml_serde::to_string(plan).map_err(|e| Error::invalid(format!("cannot serialise the plan: {e}")))?;
+    std::fs::write(&plan_copy, yaml).map_err(|e| Error::io(&plan_copy, e))?;
+    let mut eval_dirs = vec![rundir.join("eval")];
+    eval_dirs.extend(plan.seeds.iter().map(|&s| steps::seed_dir(rundir, s).join("eval")));
+    for d in &eval_dirs {
+        std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
+    }
+    let all = steps::llm_steps(plan, rundir);
+    let mut progress = runner::progress(all.len());
+    let mut evaluated_a: Vec<String> = Vec::new();
+    let outcomes = runner::run(program, rundir, &all, |o| {
+        progress(o);
+        if plan.keep_merged || matches!(o.status, Status::Failed { .. } | Status::Blocked { .. }) {
+            return;
+        }
+        // A merge's evaluations are its only readers: A's comes first, B's last.
+        let Some((seed_part, rest)) = o.id.split_once('/') else { return };
+        if let Some(model) = rest.strip_prefix("eval-").and_then(|r| r.strip_suffix("-a")) {
+            evaluated_a.push(format!("{seed_part}/{model}"));
+        } else if let Some(model) = rest.strip_prefix("eval-merge-").and_then(|r| r.strip_suffix("-b")) {
+            let model = format!("merge-{model}");
+            if evaluated_a.contains(&format!("{seed_part}/{model}")) {
+                let seed: Option<u64> = seed_part.strip_prefix("seed").and_then(|s| s.parse().ok());
+                if let Some(seed) = seed {
+                    let _ = std::fs::remove_dir_all(steps::seed_dir(rundir, seed).join(model));
+                }
+            }
+        }
+    })?;
+    let results = rundir.join("results.jsonl");
+    let lines = collect::collect_llm(plan, rundir, &results)?;
     Ok(Summary { outcomes, results, lines })
 }
