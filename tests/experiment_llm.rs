@@ -36,7 +36,7 @@ fn domain_text(words: usize, first: usize, period: usize, stride: usize, seed: u
         .map(|i| {
             state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             let r = (state >> 33) as usize;
-            let k = if r % 8 == 0 { 3 + r % 100 } else { first + (i * stride) % period };
+            let k = if r.is_multiple_of(8) { 3 + r % 100 } else { first + (i * stride) % period };
             vocab[k].as_str()
         })
         .collect::<Vec<_>>()
@@ -83,7 +83,8 @@ fn llm_study_trains_selectively_merges_evaluates_both_domains_reports_and_resume
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{stderr}");
     let table = String::from_utf8_lossy(&o.stdout);
-    for row in ["| base (baseline) |", "| expert A (cycles) |", "| linear top-50% |", "| task_arithmetic all layers |"] {
+    for row in ["| base (baseline) |", "| expert A (cycles) |", "| linear top-50% |", "| task_arithmetic all layers |"]
+    {
         assert!(table.contains(row), "missing row {row}:\n{table}");
     }
     assert!(run.join("report").join("index.html").is_file());
@@ -131,7 +132,8 @@ fn llm_study_trains_selectively_merges_evaluates_both_domains_reports_and_resume
         .collect();
     assert!(!patterns.is_empty());
     let base = Checkpoint::open(fixture("base")).unwrap();
-    let experts = [Checkpoint::open(seed0.join("expert-a")).unwrap(), Checkpoint::open(seed0.join("expert-b")).unwrap()];
+    let experts =
+        [Checkpoint::open(seed0.join("expert-a")).unwrap(), Checkpoint::open(seed0.join("expert-b")).unwrap()];
     for e in &experts {
         let mut changed = 0;
         for v in base.iter() {

@@ -354,7 +354,13 @@ pub fn llm_steps(plan: &LlmPlan, rundir: &Path) -> Vec<Step> {
     if llm_base_is_gguf(plan) {
         let mut args = vec![s("convert"), plan.base.clone(), s("-o"), path(&base), s("--force")];
         args.extend(threads.clone());
-        steps.push(Step { id: "convert-base".into(), args, outputs: vec![base.clone()], after: vec![], stdout_to: None });
+        steps.push(Step {
+            id: "convert-base".into(),
+            args,
+            outputs: vec![base.clone()],
+            after: vec![],
+            stdout_to: None,
+        });
         base_after.push(s("convert-base"));
     }
     let (unfrozen, selection) = (llm_unfrozen_yaml(rundir), llm_selection(rundir));
@@ -375,7 +381,8 @@ pub fn llm_steps(plan: &LlmPlan, rundir: &Path) -> Vec<Step> {
             let mut args = vec![s("eval"), path(checkpoint), s("--data"), d.test.clone()];
             args.extend([s("--max-len"), s(plan.eval_max_len), s("--json")]);
             args.extend(threads.clone());
-            let id = if model == "base" { format!("eval-base-{key}") } else { format!("seed{seed}/eval-{model}-{key}") };
+            let id =
+                if model == "base" { format!("eval-base-{key}") } else { format!("seed{seed}/eval-{model}-{key}") };
             steps.push(Step { id, args, outputs: vec![], after: after.to_vec(), stdout_to: Some(report) });
         }
     };
@@ -390,7 +397,16 @@ pub fn llm_steps(plan: &LlmPlan, rundir: &Path) -> Vec<Step> {
             let e = &plan.experts;
             let mut args = vec![s("train"), s("--init"), path(&base), s("--data"), d.train.clone()];
             args.extend([s("--freeze"), freeze, s("--max-len"), s(e.max_len), s("--epochs"), s(e.epochs)]);
-            args.extend([s("--lr"), s(e.lr), s("--batch"), s(e.batch), s("--seed"), s(seed), s("--quiet"), s("--json")]);
+            args.extend([
+                s("--lr"),
+                s(e.lr),
+                s("--batch"),
+                s(e.batch),
+                s("--seed"),
+                s(seed),
+                s("--quiet"),
+                s("--json"),
+            ]);
             args.extend([s("-o"), path(&out), s("--force")]);
             args.extend(threads.clone());
             steps.push(Step {
