@@ -182,6 +182,24 @@ fn llm_study_trains_selectively_merges_evaluates_both_domains_reports_and_resume
     assert!(stderr.contains("skipped seed0/eval-merge-linear-p0.5-b (already done)"), "{stderr}");
     assert!(!seed0.join("merge-linear-p0.5").exists() && seed0.join("expert-a").exists());
     assert_eq!(std::fs::read_to_string(run.join("results.jsonl")).unwrap(), before);
+    // Deleted merges stay done; one whose evaluation was lost is merged and evaluated again, and nothing else.
+    std::fs::remove_file(seed0.join("eval").join("merge-linear-p1-b.json")).unwrap();
+    let o = graft(&["experiment", plan.to_str().unwrap(), "-o", run.to_str().unwrap(), "--no-report"]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    let mut redone: Vec<&str> = stderr.lines().filter_map(|l| l.strip_prefix("done    ")).collect();
+    redone.iter_mut().for_each(|l| *l = l.split(' ').next().unwrap());
+    let expected = ["seed0/merge-linear-p1", "seed0/eval-merge-linear-p1-a", "seed0/eval-merge-linear-p1-b"];
+    assert_eq!(redone, expected, "{stderr}");
+    assert!(!seed0.join("merge-linear-p1").exists());
+    // The same numbers again, but for the redone merge's own time.
+    let without_merge_time = |text: &str| -> Vec<serde_json::Value> {
+        let mut lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        lines.iter_mut().for_each(|l| _ = l["metrics"].as_object_mut().unwrap().remove("merge_time_s"));
+        lines
+    };
+    let after = std::fs::read_to_string(run.join("results.jsonl")).unwrap();
+    assert_eq!(without_merge_time(&after), without_merge_time(&before));
 }
 
 #[test]

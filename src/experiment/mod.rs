@@ -75,7 +75,7 @@ pub fn run(plan: &Plan, rundir: &Path, program: &Path) -> Result<Summary> {
 /// Runs an LLM study into `rundir` with `program` (the graft binary): the base's scan and perplexities, then per
 /// seed the experts, the merges and every model's perplexities, then one results line per model. Finished steps of
 /// an earlier run are skipped; with `keep_merged: false` a merged checkpoint is deleted once both its evaluations
-/// have succeeded.
+/// have succeeded (and merged again by a later run only if one of them is missing).
 pub fn run_llm(plan: &LlmPlan, rundir: &Path, program: &Path) -> Result<Summary> {
     std::fs::create_dir_all(rundir).map_err(|e| Error::io(rundir, e))?;
     let plan_copy = rundir.join("plan.yml");
@@ -87,6 +87,17 @@ pub fn run_llm(plan: &LlmPlan, rundir: &Path, program: &Path) -> Result<Summary>
         std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
     }
     let all = steps::llm_steps(plan, rundir);
+    if !plan.keep_merged {
+        // A deleted merge stays done while both its evaluations are; otherwise it is merged again.
+        for &seed in &plan.seeds {
+            for m in steps::llm_models(plan).into_iter().filter(|m| m.merge.is_some()) {
+                let evaluated = ["a", "b"].iter().all(|d| steps::llm_eval_report(rundir, seed, &m.id, d).is_file());
+                if !steps::seed_dir(rundir, seed).join(&m.id).exists() && !evaluated {
+                    let _ = std::fs::remove_file(runner::marker_path(rundir, &format!("seed{seed}/{}", m.id)));
+                }
+            }
+        }
+    }
     let mut progress = runner::progress(all.len());
     let mut evaluated_a: Vec<String> = Vec::new();
     let outcomes = runner::run(program, rundir, &all, |o| {

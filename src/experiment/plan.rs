@@ -220,7 +220,7 @@ pub struct LlmPlan {
     #[serde(default = "default_llm_top_p")]
     pub top_p: Vec<f64>,
     /// Keep every merged checkpoint; `false` deletes each once both its evaluations are done (a model of 135M
-    /// parameters is 0.5 GB in f32). A rerun then merges again what it has to evaluate again.
+    /// parameters is 0.5 GB in f32). A rerun merges again only what it has to evaluate again.
     #[serde(default = "yes")]
     pub keep_merged: bool,
     #[serde(default)]

@@ -427,10 +427,12 @@ pub fn llm_steps(plan: &LlmPlan, rundir: &Path) -> Vec<Step> {
             args.extend([s("--snr-select"), format!("top-p={}", m.top_p), s("--snr-from"), path(&selection)]);
             args.extend([s("--reference"), s("base"), s("-o"), path(&out), s("--force"), s("--json")]);
             args.extend(threads.clone());
+            // A merge deleted after its evaluations (keep_merged: false) stays done; `run_llm` redoes it when an
+            // evaluation of it is missing.
             steps.push(Step {
                 id: id(&model.id),
                 args,
-                outputs: vec![out.clone()],
+                outputs: if plan.keep_merged { vec![out.clone()] } else { vec![] },
                 after: vec![id("expert-a"), id("expert-b"), s("snr-base")],
                 stdout_to: Some(llm_step_report(rundir, seed, &model.id)),
             });
