@@ -33,20 +33,15 @@ const DIGITS_IMAGES: &[u8] = include_bytes!("../../fixtures/data/digits/train-im
 const DIGITS_LABELS: &[u8] = include_bytes!("../../fixtures/data/digits/train-labels-idx1-ubyte");
 
 pub fn run(args: Args, global: &Global) -> Result<()> {
-    match Study::load(&args.plan)? {
-        Study::Classifier(mut plan) => {
-            if plan.threads.is_none() {
-                plan.threads = global.threads;
-            }
-            study(&Study::Classifier(plan), &args.output, !args.no_report)
-        }
-        Study::Llm(mut plan) => {
-            if plan.threads.is_none() {
-                plan.threads = global.threads;
-            }
-            study(&Study::Llm(plan), &args.output, !args.no_report)
-        }
+    let mut plan = Study::load(&args.plan)?;
+    let threads = match &mut plan {
+        Study::Classifier(p) => &mut p.threads,
+        Study::Llm(p) => &mut p.threads,
+    };
+    if threads.is_none() {
+        *threads = global.threads;
     }
+    study(&plan, &args.output, !args.no_report)
 }
 
 pub fn demo(args: DemoArgs, global: &Global) -> Result<()> {

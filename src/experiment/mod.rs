@@ -8,6 +8,7 @@ pub mod plan;
 pub mod runner;
 pub mod steps;
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 pub use plan::{Domain, Freeze, LlmPlan, LlmStage, Plan, Stage, Study};
@@ -98,24 +99,28 @@ pub fn run_llm(plan: &LlmPlan, rundir: &Path, program: &Path) -> Result<Summary>
             }
         }
     }
+    // A merge's evaluations are its only readers: once both have succeeded it can go (B's is the later step).
+    let mut merge_of_last_eval: BTreeMap<String, (String, PathBuf)> = BTreeMap::new();
+    if !plan.keep_merged {
+        for &seed in &plan.seeds {
+            for m in steps::llm_models(plan).into_iter().filter(|m| m.merge.is_some()) {
+                let eval_a = format!("seed{seed}/eval-{}-a", m.id);
+                let dir = steps::seed_dir(rundir, seed).join(&m.id);
+                merge_of_last_eval.insert(format!("seed{seed}/eval-{}-b", m.id), (eval_a, dir));
+            }
+        }
+    }
     let mut progress = runner::progress(all.len());
-    let mut evaluated_a: Vec<String> = Vec::new();
+    let mut succeeded: BTreeSet<String> = BTreeSet::new();
     let outcomes = runner::run(program, rundir, &all, |o| {
         progress(o);
-        if plan.keep_merged || matches!(o.status, Status::Failed { .. } | Status::Blocked { .. }) {
+        if matches!(o.status, Status::Failed { .. } | Status::Blocked { .. }) {
             return;
         }
-        // A merge's evaluations are its only readers: A's comes first, B's last.
-        let Some((seed_part, rest)) = o.id.split_once('/') else { return };
-        if let Some(model) = rest.strip_prefix("eval-").and_then(|r| r.strip_suffix("-a")) {
-            evaluated_a.push(format!("{seed_part}/{model}"));
-        } else if let Some(model) = rest.strip_prefix("eval-merge-").and_then(|r| r.strip_suffix("-b")) {
-            let model = format!("merge-{model}");
-            if evaluated_a.contains(&format!("{seed_part}/{model}")) {
-                let seed: Option<u64> = seed_part.strip_prefix("seed").and_then(|s| s.parse().ok());
-                if let Some(seed) = seed {
-                    let _ = std::fs::remove_dir_all(steps::seed_dir(rundir, seed).join(model));
-                }
+        succeeded.insert(o.id.clone());
+        if let Some((eval_a, dir)) = merge_of_last_eval.get(&o.id) {
+            if succeeded.contains(eval_a) {
+                let _ = std::fs::remove_dir_all(dir);
             }
         }
     })?;
