@@ -1,10 +1,11 @@
-//! `graft experiment PLAN.yml -o RUNDIR` and `graft demo`: run the SNR-selective merging study, then report it.
+//! `graft experiment PLAN.yml -o RUNDIR` and `graft demo`: run the SNR-selective merging study (on classifiers, or
+//! with `kind: llm` on a causal LM), then report it.
 
 use std::path::{Path, PathBuf};
 
 use super::{emit, report::render_text, Global};
 use crate::error::{Error, Result};
-use crate::experiment::{self, Plan};
+use crate::experiment::{self, Plan, Study};
 use crate::report::{bootstrap::DEFAULT_RESAMPLES, generate, Options};
 
 #[derive(clap::Args, Debug)]
@@ -32,9 +33,13 @@ const DIGITS_IMAGES: &[u8] = include_bytes!("../../fixtures/data/digits/train-im
 const DIGITS_LABELS: &[u8] = include_bytes!("../../fixtures/data/digits/train-labels-idx1-ubyte");
 
 pub fn run(args: Args, global: &Global) -> Result<()> {
-    let mut plan = Plan::load(&args.plan)?;
-    if plan.threads.is_none() {
-        plan.threads = global.threads;
+    let mut plan = Study::load(&args.plan)?;
+    let threads = match &mut plan {
+        Study::Classifier(p) => &mut p.threads,
+        Study::Llm(p) => &mut p.threads,
+    };
+    if threads.is_none() {
+        *threads = global.threads;
     }
     study(&plan, &args.output, !args.no_report)
 }
@@ -50,13 +55,16 @@ pub fn demo(args: DemoArgs, global: &Global) -> Result<()> {
     }
     let mut plan = Plan::demo(&data);
     plan.threads = global.threads;
-    study(&plan, &args.output, true)
+    study(&Study::Classifier(plan), &args.output, true)
 }
 
-fn study(plan: &Plan, rundir: &Path, report: bool) -> Result<()> {
+fn study(plan: &Study, rundir: &Path, report: bool) -> Result<()> {
     let program = std::env::current_exe().map_err(|e| Error::io("<graft executable>", e))?;
     let t = std::time::Instant::now();
-    let summary = experiment::run(plan, rundir, &program)?;
+    let summary = match plan {
+        Study::Classifier(p) => experiment::run(p, rundir, &program)?,
+        Study::Llm(p) => experiment::run_llm(p, rundir, &program)?,
+    };
     let failed = summary.failed();
     eprintln!(
         "graft: {} steps ({} failed or blocked) in {:.1} s; {} results lines in {}",

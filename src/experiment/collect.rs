@@ -1,10 +1,13 @@
 //! Collecting an experiment's results: every fine-tuning step's results line, with the merge's consistency numbers
-//! added to its metrics, into one `RUNDIR/results.jsonl` for `graft report`; and reading alignment reports.
+//! added to its metrics, into one `RUNDIR/results.jsonl` for `graft report`; and reading alignment reports. For an
+//! LLM study, one results line per model and seed from its two perplexity measurements (`collect_llm`).
 
 use std::path::Path;
 
-use serde_json::Value;
+use serde_json::{json, Value};
 
+use super::plan::LlmPlan;
+use super::steps;
 use crate::error::{Error, Result};
 
 /// Whether an alignment report (`graft align --json`) says some permutation is not the identity.
@@ -60,9 +63,86 @@ pub fn collect(
             n += 1;
         }
     }
+    write_whole(out, &text)?;
+    Ok(n)
+}
+
+/// Writes `text` to `out` whole: under a temporary name first, then renamed.
+fn write_whole(out: &Path, text: &str) -> Result<()> {
     let tmp = out.with_extension("jsonl.partial");
     std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
+    std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))
+}
+
+/// The share of an expert's gain on its own domain that `model` keeps: (NLL of the base - NLL of the model) /
+/// (NLL of the base - NLL of the expert), in mean per-token NLL. None when the expert gained nothing to keep.
+pub fn gain_kept(base_nll: f64, expert_nll: f64, model_nll: f64) -> Option<f64> {
+    let gain = base_nll - expert_nll;
+    (gain > 0.0 && gain.is_finite()).then(|| (base_nll - model_nll) / gain)
+}
+
+/// One results line (`kind: eval`) per model of an LLM study and seed (the base once: it is every seed's), with the
+/// model's perplexity on both domains' test texts, the share of each expert's gain kept on its own domain, the
+/// experts' training time and trainable parameters, and the merges' time, into `out`. Models whose perplexities
+/// are missing (a failed step) have no line. Returns the line count.
+pub fn collect_llm(plan: &LlmPlan, rundir: &Path, out: &Path) -> Result<usize> {
+    let domains = [("a", plan.domain_a.name.as_str()), ("b", plan.domain_b.name.as_str())];
+    let nll = |seed: u64, model: &str, key: &str| -> Option<f64> {
+        read_json(&steps::llm_eval_report(rundir, seed, model, key)).ok()?["nll"].as_f64()
+    };
+    let mut text = String::new();
+    let mut n = 0;
+    for (i, &seed) in plan.seeds.iter().enumerate() {
+        for model in steps::llm_models(plan) {
+            if model.id == "base" && i > 0 {
+                continue;
+            }
+            let mut metrics = serde_json::Map::new();
+            let mut complete = true;
+            for (key, name) in domains {
+                let (Some(m), Some(b), e) =
+                    (nll(seed, &model.id, key), nll(seed, "base", key), nll(seed, &format!("expert-{key}"), key))
+                else {
+                    complete = false;
+                    continue;
+                };
+                metrics.insert(format!("perplexity_{name}"), json!(m.exp()));
+                if let Some(kept) = e.and_then(|e| gain_kept(b, e, m)) {
+                    metrics.insert(format!("gain_kept_{name}"), json!(kept));
+                }
+            }
+            if !complete {
+                continue;
+            }
+            let report = read_json(&steps::llm_step_report(rundir, seed, &model.id)).ok();
+            let mut config = json!({"model": model.id, "unfrozen_percent": plan.unfrozen_percent,
+                                    "eval_max_len": plan.eval_max_len});
+            if let Some(m) = &model.merge {
+                config["method"] = json!(m.method);
+                config["top_p"] = json!(m.top_p);
+                if let Some(secs) = report.as_ref().and_then(|r| r["seconds"].as_f64()) {
+                    metrics.insert("merge_time_s".into(), json!(secs));
+                }
+            } else if let Some(r) = report.filter(|_| model.id.starts_with("expert-")) {
+                for (from, to) in [("time_s", "train_time_s"), ("peak_memory_bytes", "train_peak_memory_bytes")] {
+                    if let Some(v) = r[from].as_f64() {
+                        metrics.insert(to.into(), json!(v));
+                    }
+                }
+                if let Some(v) = r["freeze"]["trainable_params"].as_f64() {
+                    metrics.insert("trainable_params".into(), json!(v));
+                }
+            }
+            let line = json!({
+                "kind": "eval", "run_id": format!("seed{seed}/{}", model.id), "experiment": model.label,
+                "seed": seed, "config": config, "metrics": metrics, "baseline": model.id == "base",
+            });
+            text.push_str(&line.to_string());
+            text.push('\n');
+            n += 1;
+        }
+    }
+    write_whole(out, &text)?;
     Ok(n)
 }
 
@@ -78,5 +158,14 @@ mod tests {
         assert!(!alignment_changed(&same));
         assert!(alignment_changed(&moved));
         assert!(alignment_changed(&serde_json::json!({"changed": true})));
+    }
+
+    #[test]
+    fn gain_kept_is_the_share_of_the_experts_nll_drop() {
+        // Base 4.0, expert 3.0: a model at 3.25 keeps three quarters of the drop; one worse than the base, less than 0.
+        assert_eq!(gain_kept(4.0, 3.0, 3.25), Some(0.75));
+        assert_eq!(gain_kept(4.0, 3.0, 4.5), Some(-0.5));
+        assert_eq!(gain_kept(4.0, 4.0, 3.0), None);
+        assert_eq!(gain_kept(4.0, 4.5, 3.0), None);
     }
 }

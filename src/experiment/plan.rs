@@ -1,5 +1,7 @@
 //! The experiment plan: a YAML file describing the SNR-selective merging study (the reference study's workflow), with
-//! defaults that reproduce it at a CPU-friendly scale. Unknown keys are errors, never silently ignored.
+//! defaults that reproduce it at a CPU-friendly scale; or, with `kind: llm`, the study on a causal LM (two text
+//! domains, selectively fine-tuned experts, SNR-selective merges, perplexity on both domains). Unknown keys are
+//! errors, never silently ignored.
 
 use std::path::Path;
 
@@ -186,6 +188,175 @@ impl Plan {
     }
 }
 
+/// The study on a causal LM (`kind: llm`): expert A and expert B fine-tuned from one base on two text domains, with
+/// only the base's highest-SNR layers unfrozen (Spectrum's selection); no alignment (the experts share the base);
+/// every method merged at every top-p by the base's SNR; every model's perplexity on both domains' test texts.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LlmPlan {
+    pub kind: LlmKind,
+    #[serde(default = "default_llm_name")]
+    pub name: String,
+    /// The base model: a llama-family checkpoint (file or directory with `config.json` and the tokenizer) or a GGUF
+    /// file, converted by `graft convert` first.
+    pub base: String,
+    pub domain_a: Domain,
+    pub domain_b: Domain,
+    #[serde(default = "default_seeds")]
+    pub seeds: Vec<u64>,
+    /// Percentage of each layer type the experts train, best base SNR first (`graft snr --top-percent`; 100 trains
+    /// everything).
+    #[serde(default = "default_unfrozen_percent")]
+    pub unfrozen_percent: f64,
+    #[serde(default = "LlmStage::experts")]
+    pub experts: LlmStage,
+    /// Tokens per window when measuring perplexity.
+    #[serde(default = "default_eval_max_len")]
+    pub eval_max_len: usize,
+    /// Merge methods (`graft merge --method`; `lerp` is `linear`), each at every top-p.
+    #[serde(default = "default_llm_methods")]
+    pub methods: Vec<String>,
+    /// Fractions of the weight matrices merged, ranked by the base's SNR; the rest come from the base.
+    #[serde(default = "default_llm_top_p")]
+    pub top_p: Vec<f64>,
+    /// Keep every merged checkpoint; `false` deletes each once both its evaluations are done (a model of 135M
+    /// parameters is 0.5 GB in f32). A rerun merges again only what it has to evaluate again.
+    #[serde(default = "yes")]
+    pub keep_merged: bool,
+    #[serde(default)]
+    pub threads: Option<usize>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LlmKind {
+    Llm,
+}
+
+/// One text domain: a name for reports and its training and test texts, as `graft train`/`graft eval --data` take
+/// them (`text:PATH`: a text file, a `.jsonl` of `{"text": ...}` lines, or a directory of them).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Domain {
+    pub name: String,
+    pub train: String,
+    pub test: String,
+}
+
+/// Fine-tuning of the experts (`graft train` of a causal LM).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LlmStage {
+    #[serde(default = "one")]
+    pub epochs: usize,
+    pub lr: f64,
+    /// Sequences per optimiser step.
+    #[serde(default = "default_llm_batch")]
+    pub batch: usize,
+    /// Tokens per packed training sequence.
+    #[serde(default = "default_eval_max_len")]
+    pub max_len: usize,
+}
+
+impl LlmStage {
+    fn experts() -> Self {
+        LlmStage { epochs: 1, lr: 1e-4, batch: default_llm_batch(), max_len: default_eval_max_len() }
+    }
+}
+
+fn default_llm_name() -> String {
+    "SNR-selective merging of LLM experts".into()
+}
+fn default_unfrozen_percent() -> f64 {
+    25.0
+}
+fn default_eval_max_len() -> usize {
+    128
+}
+fn default_llm_batch() -> usize {
+    8
+}
+fn one() -> usize {
+    1
+}
+fn default_llm_methods() -> Vec<String> {
+    vec!["linear".into(), "task_arithmetic".into(), "ties".into()]
+}
+fn default_llm_top_p() -> Vec<f64> {
+    vec![0.25, 1.0]
+}
+
+impl LlmPlan {
+    /// Checks what YAML types cannot: distinct domain names usable in metric names, fractions, non-empty lists.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        for d in [&self.domain_a, &self.domain_b] {
+            if d.name.is_empty() || !d.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+                return Err(format!(
+                    "domain name '{}' must be letters, digits, '-' or '_' (it names the report's columns)",
+                    d.name
+                ));
+            }
+        }
+        if self.domain_a.name == self.domain_b.name {
+            return Err(format!("domain_a and domain_b are both named '{}'", self.domain_a.name));
+        }
+        if let Some(p) = self.top_p.iter().find(|p| p.is_nan() || **p <= 0.0 || **p > 1.0) {
+            return Err(format!("top_p {p} is not in (0, 1]"));
+        }
+        if !(self.unfrozen_percent > 0.0 && self.unfrozen_percent <= 100.0) {
+            return Err(format!("unfrozen_percent {} is not in (0, 100]", self.unfrozen_percent));
+        }
+        if self.seeds.is_empty() || self.methods.is_empty() || self.top_p.is_empty() {
+            return Err("seeds, methods and top_p must not be empty".into());
+        }
+        let e = &self.experts;
+        if e.epochs == 0 || e.batch == 0 || e.max_len < 2 || e.lr.is_nan() || e.lr <= 0.0 || self.eval_max_len < 2 {
+            return Err("experts need epochs >= 1, batch >= 1, max_len >= 2 and lr > 0; eval_max_len >= 2".into());
+        }
+        Ok(())
+    }
+}
+
+/// A plan of either kind.
+#[derive(Clone, Debug)]
+pub enum Study {
+    Classifier(Plan),
+    Llm(LlmPlan),
+}
+
+impl Study {
+    /// Reads a plan file: `kind: llm` is the LLM study; no `kind` (or `kind: classifier`) the classifier study.
+    pub fn load(path: &Path) -> Result<Study> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Study::parse(&text).map_err(|m| Error::format(path, m))
+    }
+
+    pub fn parse(text: &str) -> std::result::Result<Study, String> {
+        let mut value: yaml_serde::Value = yaml_serde::from_str(text).map_err(|e| format!("invalid plan: {e}"))?;
+        let kind = match value.get("kind") {
+            None => "classifier".to_string(),
+            Some(yaml_serde::Value::String(k)) => k.clone(),
+            Some(other) => return Err(format!("invalid plan: kind {other:?} is not a string")),
+        };
+        match kind.as_str() {
+            "llm" => {
+                let plan: LlmPlan = yaml_serde::from_value(value).map_err(|e| format!("invalid plan: {e}"))?;
+                plan.validate()?;
+                Ok(Study::Llm(plan))
+            }
+            "classifier" => {
+                if let yaml_serde::Value::Mapping(m) = &mut value {
+                    m.remove("kind");
+                }
+                let plan: Plan = yaml_serde::from_value(value).map_err(|e| format!("invalid plan: {e}"))?;
+                plan.validate()?;
+                Ok(Study::Classifier(plan))
+            }
+            other => Err(format!("invalid plan: unknown kind '{other}' (expected classifier or llm)")),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,5 +377,26 @@ mod tests {
         );
         let p: Plan = yaml_serde::from_str("data: x\ntop_p: [0.0]\n").unwrap();
         assert!(p.validate().is_err());
+    }
+
+    const LLM: &str = "kind: llm\nbase: b\ndomain_a: {name: spam, train: text:a, test: text:at}\n\
+                       domain_b: {name: reviews, train: text:b, test: text:bt}\n";
+
+    #[test]
+    fn llm_plans_fill_defaults_and_refuse_unknown_keys_and_bad_values() {
+        let Study::Llm(p) = Study::parse(LLM).unwrap() else { panic!("not an LLM plan") };
+        assert_eq!((p.unfrozen_percent, p.top_p.clone(), p.experts.batch), (25.0, vec![0.25, 1.0], 8));
+        assert!(matches!(Study::parse("data: x\n").unwrap(), Study::Classifier(_)));
+        assert!(matches!(Study::parse("kind: classifier\ndata: x\n").unwrap(), Study::Classifier(_)));
+        let e = Study::parse(&format!("{LLM}expert_a: [1]\n")).unwrap_err();
+        assert!(e.contains("unknown field `expert_a`"), "{e}");
+        let e = Study::parse(&format!("{LLM}experts: {{lr: 0.1, steps: 3}}\n")).unwrap_err();
+        assert!(e.contains("unknown field `steps`"), "{e}");
+        let e = Study::parse("kind: vision\ndata: x\n").unwrap_err();
+        assert_eq!(e, "invalid plan: unknown kind 'vision' (expected classifier or llm)");
+        let same = LLM.replace("reviews", "spam");
+        assert_eq!(Study::parse(&same).unwrap_err(), "domain_a and domain_b are both named 'spam'");
+        assert!(Study::parse(&format!("{LLM}unfrozen_percent: 0\n")).is_err());
+        assert!(Study::parse(&format!("{LLM}top_p: [1.5]\n")).is_err());
     }
 }

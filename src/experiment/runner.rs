@@ -68,7 +68,7 @@ pub fn run(program: &Path, rundir: &Path, steps: &[Step], mut on_done: impl FnMu
     let mut index_of: BTreeMap<String, usize> = BTreeMap::new();
     let mut outcomes: Vec<Outcome> = Vec::new();
     for step in steps {
-        let marker_path = markers.join(format!("{}.json", file_safe(&step.id)));
+        let marker_path = marker_path(rundir, &step.id);
         let log_path = logs.join(format!("{}.log", file_safe(&step.id)));
         let status_of = |d: &String| &outcomes[index_of[d]].status;
         let blocked =
@@ -96,6 +96,11 @@ pub fn run(program: &Path, rundir: &Path, steps: &[Step], mut on_done: impl FnMu
         outcomes.push(outcome);
     }
     Ok(outcomes)
+}
+
+/// Where a finished step's marker is kept; removing it makes the next run redo the step and everything after it.
+pub fn marker_path(rundir: &Path, id: &str) -> PathBuf {
+    rundir.join(".steps").join(format!("{}.json", file_safe(id)))
 }
 
 fn is_done(marker: &Path, step: &Step) -> bool {

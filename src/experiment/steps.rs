@@ -1,12 +1,14 @@
 //! Expanding a plan into steps: the graft subcommands that train the base and the experts, align the experts, scan
 //! SNR, merge, measure consistency and fine-tune every merged model under every freeze policy, per seed.
 //!
-//! Steps come in two phases: the second (merging and everything after it) is planned once the first has run,
-//! because whether the naive (unaligned) merges are needed depends on whether alignment changed anything.
+//! The classifier study's steps come in two phases: the second (merging and everything after it) is planned once the
+//! first has run, because whether the naive (unaligned) merges are needed depends on whether alignment changed
+//! anything. An LLM study's steps (`llm_steps`: the base's SNR scan, the experts' selective fine-tuning, the merges
+//! and every model's perplexity on both domains) are one phase: its experts share the base, so nothing is aligned.
 
 use std::path::{Path, PathBuf};
 
-use super::plan::{Freeze, Plan};
+use super::plan::{Freeze, LlmPlan, Plan};
 use super::runner::Step;
 
 /// The directory of one seed's artefacts.
@@ -267,6 +269,174 @@ pub fn phase_two(plan: &Plan, rundir: &Path, seed: u64, merges: &[MergeSpec]) ->
         ];
         for &f in &plan.freeze {
             finetune(&mut steps, &m.id(), &m.label(), &out, f, plan.finetune.lr, false, merge_id.clone(), &config);
+        }
+    }
+    steps
+}
+
+// The study on a causal LM (`kind: llm`).
+
+/// One model of an LLM study: its id (path-safe, also its directory under the seed's), its label in reports, and
+/// the merge it comes from, if any.
+#[derive(Clone, Debug)]
+pub struct LlmModel {
+    pub id: String,
+    pub label: String,
+    pub merge: Option<MergeSpec>,
+}
+
+/// Where the base's SNR scan leaves the experts' unfrozen-parameter YAML and the scores the merges rank by.
+pub fn llm_unfrozen_yaml(rundir: &Path) -> PathBuf {
+    rundir.join("snr-base-unfrozen.yaml")
+}
+pub fn llm_selection(rundir: &Path) -> PathBuf {
+    rundir.join("snr-base-selection.json")
+}
+
+/// The base model's checkpoint: the plan's own, or its conversion when the plan names a GGUF file.
+pub fn llm_base(plan: &LlmPlan, rundir: &Path) -> PathBuf {
+    if llm_base_is_gguf(plan) {
+        rundir.join("base")
+    } else {
+        PathBuf::from(&plan.base)
+    }
+}
+
+fn llm_base_is_gguf(plan: &LlmPlan) -> bool {
+    Path::new(&plan.base).extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}
+
+/// Where a model's perplexity on one domain is kept (`graft eval --json`). The base's are shared by every seed.
+pub fn llm_eval_report(rundir: &Path, seed: u64, model: &str, domain: &str) -> PathBuf {
+    let dir = if model == "base" { rundir.to_path_buf() } else { seed_dir(rundir, seed) };
+    dir.join("eval").join(format!("{model}-{domain}.json"))
+}
+
+/// Where an expert's training summary (`graft train --json`) or a merge's summary (`graft merge --json`) is kept.
+pub fn llm_step_report(rundir: &Path, seed: u64, model: &str) -> PathBuf {
+    seed_dir(rundir, seed).join(format!("{model}.json"))
+}
+
+/// The models of an LLM study, in report order: the base, the experts, then every method at every top-p.
+pub fn llm_models(plan: &LlmPlan) -> Vec<LlmModel> {
+    let mut v = vec![
+        LlmModel { id: "base".into(), label: "base".into(), merge: None },
+        LlmModel { id: "expert-a".into(), label: format!("expert A ({})", plan.domain_a.name), merge: None },
+        LlmModel { id: "expert-b".into(), label: format!("expert B ({})", plan.domain_b.name), merge: None },
+    ];
+    for m in &plan.methods {
+        for &p in &plan.top_p {
+            let spec = MergeSpec { method: m.clone(), top_p: p, snr_from: "base", aligned: true };
+            v.push(LlmModel { id: format!("merge-{}", spec.id()), label: spec.label(), merge: Some(spec) });
+        }
+    }
+    v
+}
+
+/// graft merge's arguments for a method of the LLM study: each expert at weight 1 (linear and TIES normalise, so
+/// this is their mean; task arithmetic adds both task vectors to the base); TIES without trimming (density 1).
+fn llm_merge_method_args(method: &str) -> Vec<String> {
+    match method {
+        "slerp" => merge_method_args(method),
+        "lerp" | "linear" => vec![s("--method"), s("linear"), s("--weight"), s("1")],
+        "ties" => vec![s("--method"), s("ties"), s("--density"), s("1"), s("--weight"), s("1")],
+        other => vec![s("--method"), s(other), s("--weight"), s("1")],
+    }
+}
+
+/// Every step of an LLM study: (conversion of a GGUF base), the base's SNR scan, the base's perplexity on both
+/// domains, then per seed the two experts, every merge, and every model's perplexity on both domains.
+pub fn llm_steps(plan: &LlmPlan, rundir: &Path) -> Vec<Step> {
+    let threads: Vec<String> = plan.threads.map(|t| vec![s("--threads"), s(t)]).unwrap_or_default();
+    let base = llm_base(plan, rundir);
+    let mut steps = Vec::new();
+    let mut base_after = Vec::new();
+    if llm_base_is_gguf(plan) {
+        let mut args = vec![s("convert"), plan.base.clone(), s("-o"), path(&base), s("--force")];
+        args.extend(threads.clone());
+        steps.push(Step {
+            id: "convert-base".into(),
+            args,
+            outputs: vec![base.clone()],
+            after: vec![],
+            stdout_to: None,
+        });
+        base_after.push(s("convert-base"));
+    }
+    let (unfrozen, selection) = (llm_unfrozen_yaml(rundir), llm_selection(rundir));
+    let mut args = vec![s("snr"), path(&base), s("--top-percent"), s(plan.unfrozen_percent)];
+    args.extend([s("--unfrozen-yaml"), path(&unfrozen), s("--selection-json"), path(&selection), s("--json")]);
+    args.extend(threads.clone());
+    steps.push(Step {
+        id: "snr-base".into(),
+        args,
+        outputs: vec![unfrozen.clone(), selection.clone()],
+        after: base_after.clone(),
+        stdout_to: Some(rundir.join("snr-base.json")),
+    });
+    let domains = [("a", &plan.domain_a), ("b", &plan.domain_b)];
+    let eval = |steps: &mut Vec<Step>, seed: u64, model: &str, checkpoint: &Path, after: &[String]| {
+        for (key, d) in domains {
+            let report = llm_eval_report(rundir, seed, model, key);
+            let mut args = vec![s("eval"), path(checkpoint), s("--data"), d.test.clone()];
+            args.extend([s("--max-len"), s(plan.eval_max_len), s("--json")]);
+            args.extend(threads.clone());
+            let id =
+                if model == "base" { format!("eval-base-{key}") } else { format!("seed{seed}/eval-{model}-{key}") };
+            steps.push(Step { id, args, outputs: vec![], after: after.to_vec(), stdout_to: Some(report) });
+        }
+    };
+    eval(&mut steps, 0, "base", &base, &base_after);
+    for &seed in &plan.seeds {
+        let dir = seed_dir(rundir, seed);
+        let id = |x: &str| format!("seed{seed}/{x}");
+        for (key, d) in domains {
+            let name = format!("expert-{key}");
+            let out = dir.join(&name);
+            let freeze = if plan.unfrozen_percent >= 100.0 { s("none") } else { format!("regex:{}", path(&unfrozen)) };
+            let e = &plan.experts;
+            let mut args = vec![s("train"), s("--init"), path(&base), s("--data"), d.train.clone()];
+            args.extend([s("--freeze"), freeze, s("--max-len"), s(e.max_len), s("--epochs"), s(e.epochs)]);
+            args.extend([
+                s("--lr"),
+                s(e.lr),
+                s("--batch"),
+                s(e.batch),
+                s("--seed"),
+                s(seed),
+                s("--quiet"),
+                s("--json"),
+            ]);
+            args.extend([s("-o"), path(&out), s("--force")]);
+            args.extend(threads.clone());
+            steps.push(Step {
+                id: id(&name),
+                args,
+                outputs: vec![out.clone()],
+                after: vec![s("snr-base")],
+                stdout_to: Some(llm_step_report(rundir, seed, &name)),
+            });
+            eval(&mut steps, seed, &name, &out, &[id(&name)]);
+        }
+        for model in llm_models(plan) {
+            let Some(m) = &model.merge else { continue };
+            let out = dir.join(&model.id);
+            let mut args = vec![s("merge")];
+            args.extend(llm_merge_method_args(&m.method));
+            args.extend([path(&dir.join("expert-a")), path(&dir.join("expert-b")), s("--base"), path(&base)]);
+            args.extend([s("--snr-select"), format!("top-p={}", m.top_p), s("--snr-from"), path(&selection)]);
+            args.extend([s("--reference"), s("base"), s("-o"), path(&out), s("--force"), s("--json")]);
+            args.extend(threads.clone());
+            // A merge deleted after its evaluations (keep_merged: false) stays done; `run_llm` redoes it when an
+            // evaluation of it is missing.
+            steps.push(Step {
+                id: id(&model.id),
+                args,
+                outputs: if plan.keep_merged { vec![out.clone()] } else { vec![] },
+                after: vec![id("expert-a"), id("expert-b"), s("snr-base")],
+                stdout_to: Some(llm_step_report(rundir, seed, &model.id)),
+            });
+            eval(&mut steps, seed, &model.id, &out, &[id(&model.id)]);
         }
     }
     steps
