@@ -51,7 +51,9 @@ pub fn page(summary: &Summary, charts: &[Chart], inputs: &[String]) -> String {
         s,
         "<p class=\"note\">{} result lines from {} ({} superseded by later lines for the same run). Cells: mean +- \
          bootstrap standard error over runs (n = runs), {} balanced resamples, seed {}. Best value per column in \
-         bold: higher is better for accuracy and F1, lower for loss, time and memory.</p>",
+         bold: higher is better for accuracy and F1, lower for loss, time and memory. Peak memory of a training run is \
+         what training holds at its peak (parameters, gradients, optimiser state, activations kept for backward; \
+         counted by graft's allocator on the CPU), of other runs the process's peak resident set.</p>",
         summary.lines_read,
         escape(&inputs.join(", ")),
         summary.superseded,
