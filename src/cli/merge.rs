@@ -322,8 +322,19 @@ pub fn run(a: Args, global: &Global) -> Result<()> {
     let run = RunOptions { seed: a.seed, compat: a.compat == Some(Compat::Mergekit) };
     run.check(cfg.method)?;
     cfg.copy_mismatched = a.snr_select.is_some();
-    let models: Vec<Checkpoint> = cfg.model_paths().iter().map(Checkpoint::open).collect::<Result<_>>()?;
-    let mut plan = plan::build(&cfg, &models)?;
+    let mut models: Vec<Checkpoint> = cfg.model_paths().iter().map(Checkpoint::open).collect::<Result<_>>()?;
+    // A built vocabulary remaps embedding rows before the plan, so every method and --snr-select see them; the
+    // remapped tensors are checkpoints appended to `models`.
+    let mut remap = crate::merge::vocab::prepare(&cfg, &models, &a.output.output)?;
+    let substitutes = match &mut remap {
+        Some(r) => {
+            let first = models.len();
+            models.append(&mut r.checkpoints);
+            r.substitutes.iter().map(|(k, &i)| (k.clone(), first + i)).collect()
+        }
+        None => Default::default(),
+    };
+    let mut plan = plan::build_with(&cfg, &models, &substitutes)?;
     let exec = Executor::new(global.threads)?;
     let selection = match &a.snr_select {
         Some(s) => {
@@ -342,7 +353,8 @@ pub fn run(a: Args, global: &Global) -> Result<()> {
         }
     };
     // Decided (and the tokenizer checked against the planned embeddings) before anything is written.
-    let layout = output::plan(&cfg, &plan, &models, &a.output.output, !a.no_copy_tokenizer)?;
+    let vocabulary = remap.as_ref().map(|r| &r.vocabulary);
+    let layout = output::plan(&cfg, &plan, &models, &a.output.output, !a.no_copy_tokenizer, vocabulary)?;
     if a.dry_run {
         return if a.json {
             let mut v = serde_json::to_value(&plan).unwrap();
