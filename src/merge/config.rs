@@ -185,7 +185,8 @@ impl Parser<'_> {
             None | Some(Yaml::Null) => None,
             Some(Yaml::String(s)) if s == "base" => Some(TokenizerSource::Base),
             Some(Yaml::String(s)) if s == "union" => {
-                tokenizer = Some(TokenizerSpec { source: VocabSource::Union, tokens: Vec::new(), pad_to_multiple_of: None });
+                tokenizer =
+                    Some(TokenizerSpec { source: VocabSource::Union, tokens: Vec::new(), pad_to_multiple_of: None });
                 None
             }
             Some(v) => Some(TokenizerSource::Model(p.model(v, "tokenizer_source")?)),
@@ -724,7 +725,10 @@ tokenizer_source: base
             assert_eq!((token.as_str(), &setting.source, setting.force), (w, &source, force));
         }
         // mergekit's default source is the union.
-        assert_eq!(parse_str(&format!("{base}tokenizer: {{}}\n")).unwrap().tokenizer.unwrap().source, VocabSource::Union);
+        assert_eq!(
+            parse_str(&format!("{base}tokenizer: {{}}\n")).unwrap().tokenizer.unwrap().source,
+            VocabSource::Union
+        );
     }
 
     #[test]

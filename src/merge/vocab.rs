@@ -61,7 +61,10 @@ pub enum EmbedSource {
     /// That model's row for the same token.
     Model(PathBuf),
     /// A given row of a model: by id, or by the id the model's tokenizer gives a token.
-    ModelToken { model: PathBuf, token: TokenRef },
+    ModelToken {
+        model: PathBuf,
+        token: TokenRef,
+    },
     Zero,
 }
 
@@ -179,15 +182,17 @@ pub fn prepare(cfg: &MergeConfig, models: &[Checkpoint], out: &Path) -> Result<O
         })
     };
     let index_of = |p: &PathBuf, what: &str| -> Result<usize> {
-        paths.iter().position(|q| q == p).ok_or_else(|| {
-            Error::usage(format!("tokenizer: {what} {} is not one of the merged models", p.display()))
-        })
+        paths
+            .iter()
+            .position(|q| q == p)
+            .ok_or_else(|| Error::usage(format!("tokenizer: {what} {} is not one of the merged models", p.display())))
     };
     let base = match &cfg.base_model {
         Some(b) => index_of(b, "base")?,
         None => 0,
     };
-    let vocabs: Vec<ModelVocab> = (0..models.len()).map(|i| dir_of(i).and_then(|d| load_vocab(&d))).collect::<Result<_>>()?;
+    let vocabs: Vec<ModelVocab> =
+        (0..models.len()).map(|i| dir_of(i).and_then(|d| load_vocab(&d))).collect::<Result<_>>()?;
 
     // The output tokenizer.
     let (mut tokenizer, files_from) = match &spec.source {
@@ -200,7 +205,8 @@ pub fn prepare(cfg: &MergeConfig, models: &[Checkpoint], out: &Path) -> Result<O
             (load_vocab(&dir)?.tokenizer, dir)
         }
     };
-    if matches!(spec.source, VocabSource::Base | VocabSource::Union) && tokenizer.get_vocab_size(true) > vocabs[base].size
+    if matches!(spec.source, VocabSource::Base | VocabSource::Union)
+        && tokenizer.get_vocab_size(true) > vocabs[base].size
     {
         return Err(Error::usage(format!(
             "tokenizer: {} has tokens beyond its config's vocab_size {}; graft does not strip them",
@@ -255,7 +261,7 @@ pub fn prepare(cfg: &MergeConfig, models: &[Checkpoint], out: &Path) -> Result<O
         )));
     }
     let rows = match spec.pad_to_multiple_of {
-        Some(m) if m > 0 && n % m != 0 => (n / m + 1) * m,
+        Some(m) if m > 0 && !n.is_multiple_of(m) => (n / m + 1) * m,
         _ => n,
     };
     let tokens_in_order = {
@@ -265,10 +271,8 @@ pub fn prepare(cfg: &MergeConfig, models: &[Checkpoint], out: &Path) -> Result<O
     };
 
     // Which model row feeds each output row (mergekit's `permutations`).
-    let perm: Vec<Vec<Option<usize>>> = vocabs
-        .iter()
-        .map(|v| tokens_in_order.iter().map(|(t, _)| v.ids.get(*t).copied()).collect())
-        .collect();
+    let perm: Vec<Vec<Option<usize>>> =
+        vocabs.iter().map(|v| tokens_in_order.iter().map(|(t, _)| v.ids.get(*t).copied()).collect()).collect();
     let configured: HashMap<&str, &TokenSetting> = spec.tokens.iter().map(|(t, s)| (t.as_str(), s)).collect();
     let mut defaults: Vec<Default> = Vec::new();
     let mut default_of: HashMap<usize, usize> = HashMap::new();
@@ -366,7 +370,7 @@ pub fn prepare(cfg: &MergeConfig, models: &[Checkpoint], out: &Path) -> Result<O
                     check_row(&paths[m], name, r, own_rows)?;
                     return Ok(own[r * width..(r + 1) * width].to_vec());
                 }
-                if !cache.contains_key(&k) {
+                if let std::collections::hash_map::Entry::Vacant(slot) = cache.entry(k) {
                     let (v, rk, wk) = read(k)?;
                     if wk != width {
                         return Err(Error::tensor(
@@ -375,7 +379,7 @@ pub fn prepare(cfg: &MergeConfig, models: &[Checkpoint], out: &Path) -> Result<O
                             format!("rows of {wk} values, but {} has {width}", paths[m].display()),
                         ));
                     }
-                    cache.insert(k, (v, rk));
+                    slot.insert((v, rk));
                 }
                 let (v, rk) = &cache[&k];
                 check_row(&paths[k], name, r, *rk)?;
@@ -476,7 +480,7 @@ fn write_safetensors(path: &Path, tensors: &[(String, Dtype, Vec<usize>, Vec<u8>
         offset += bytes.len();
     }
     let mut text = serde_json::Value::Object(header).to_string().into_bytes();
-    while text.len() % 8 != 0 {
+    while !text.len().is_multiple_of(8) {
         text.push(b' ');
     }
     let mut file = Vec::with_capacity(8 + text.len() + offset);
@@ -490,7 +494,11 @@ fn write_safetensors(path: &Path, tensors: &[(String, Dtype, Vec<usize>, Vec<u8>
 
 /// `tokenizer_config.json` with `added_tokens_decoder` listing every added token of the output tokenizer (when the
 /// file keeps such a list), so transformers sees the same added tokens as `tokenizer.json` declares.
-pub fn patch_tokenizer_config(path: &Path, bytes: &[u8], added: &BTreeMap<usize, serde_json::Value>) -> Result<Vec<u8>> {
+pub fn patch_tokenizer_config(
+    path: &Path,
+    bytes: &[u8],
+    added: &BTreeMap<usize, serde_json::Value>,
+) -> Result<Vec<u8>> {
     let mut config: serde_json::Value =
         serde_json::from_slice(bytes).map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
     if let Some(decoder) = config.get_mut("added_tokens_decoder").and_then(|d| d.as_object_mut()) {
