@@ -9,7 +9,8 @@
 //! does not implement (several `modules`, `residual_weight`) and unknown methods are errors that
 //! name the key. Unknown keys (mergekit silently drops them; they are often typos) are errors too, or with
 //! `lenient` one warning each. Model references are local paths (relative to the working directory, then to the
-//! config file's directory) or Hugging Face ids found in the local cache (`crate::hub`).
+//! config file's directory) or Hugging Face ids found in the local cache (`crate::hub`), each with an optional
+//! `+adapter` (a PEFT LoRA directory, `super::lora`).
 
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
@@ -22,7 +23,7 @@ use super::params::{Conditional, Scalar, Setting, Settings, Value};
 use super::vocab::{EmbedSource, TokenRef, TokenSetting, TokenizerSpec, VocabSource};
 use crate::checkpoint::Dtype;
 use crate::error::{Error, Result};
-use crate::hub::{self, CacheEnv};
+use crate::hub::CacheEnv;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelEntry {
@@ -363,7 +364,7 @@ impl Parser<'_> {
             return Err(self.err(format!("'{what}' must be a model path")));
         };
         if let Some(env) = &self.env {
-            return hub::resolve(s, Some(self.dir), env, &format!("{}: {what}", self.file.display()));
+            return super::lora::resolve(s, Some(self.dir), env, &format!("{}: {what}", self.file.display()));
         }
         let p = PathBuf::from(s);
         if p.exists() || p.is_absolute() {

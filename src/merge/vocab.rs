@@ -139,11 +139,44 @@ pub struct Vocabulary {
 /// What `prepare` made: the vocabulary, and the remapped tensors that replace inputs' originals.
 pub struct Remap {
     pub vocabulary: Vocabulary,
+    pub substitutes: Substitutes,
+}
+
+/// Tensors that replace inputs' originals in the plan (`super::plan::build_with`): remapped vocabulary rows here,
+/// adapted weights in `super::lora`. Their files live in a temporary directory beside the output until this is
+/// dropped.
+#[derive(Default)]
+pub struct Substitutes {
     /// (model index, tensor name) -> index into `checkpoints`.
-    pub substitutes: BTreeMap<(usize, String), usize>,
+    pub map: BTreeMap<(usize, String), usize>,
     pub checkpoints: Vec<Checkpoint>,
-    /// Holds the substitute files until the merge is written.
-    _dir: Option<TempDir>,
+    dir: Option<TempDir>,
+}
+
+impl Substitutes {
+    /// Writes `tensors` (name, dtype, shape, bytes) as substitutes of model `model`'s; `kind` names the file.
+    pub fn add(
+        &mut self,
+        model: usize,
+        tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)>,
+        out: &Path,
+        kind: &str,
+    ) -> Result<()> {
+        if self.dir.is_none() {
+            let (parent, name) = crate::checkpoint::commit::split(out)?;
+            let mut stem = OsString::from(format!("{kind}-"));
+            stem.push(&name);
+            self.dir = Some(TempDir::create(&parent, &stem).map_err(|e| Error::io(&parent, e))?);
+        }
+        let dir = &self.dir.as_ref().expect("created above").path;
+        let file = dir.join(format!("{kind}-{model}-{}.safetensors", self.checkpoints.len()));
+        write_safetensors(&file, &tensors)?;
+        for (name, ..) in &tensors {
+            self.map.insert((model, name.clone()), self.checkpoints.len());
+        }
+        self.checkpoints.push(Checkpoint::open(&file)?);
+        Ok(())
+    }
 }
 
 /// Per output row of one model: where its values come from.
@@ -337,9 +370,7 @@ pub fn prepare(cfg: &MergeConfig, models: &[Checkpoint], out: &Path) -> Result<O
         .collect();
 
     // Remap the vocabulary tensors of every model whose rows move.
-    let mut substitutes = BTreeMap::new();
-    let mut checkpoints = Vec::new();
-    let mut temp: Option<TempDir> = None;
+    let mut substitutes = Substitutes::default();
     let vocab_tensors: Vec<String> = models[base]
         .infos()
         .iter()
@@ -426,21 +457,9 @@ pub fn prepare(cfg: &MergeConfig, models: &[Checkpoint], out: &Path) -> Result<O
             shape[0] = rows;
             tensors.push((name.clone(), dtype, shape, from_f32_vec(dtype, &data)));
         }
-        if tensors.is_empty() {
-            continue;
+        if !tensors.is_empty() {
+            substitutes.add(m, tensors, out, "vocab")?;
         }
-        if temp.is_none() {
-            let (parent, name) = crate::checkpoint::commit::split(out)?;
-            let mut stem = OsString::from("vocab-");
-            stem.push(&name);
-            temp = Some(TempDir::create(&parent, &stem).map_err(|e| Error::io(&parent, e))?);
-        }
-        let file = temp.as_ref().unwrap().path.join(format!("model-{m}.safetensors"));
-        write_safetensors(&file, &tensors)?;
-        for (name, ..) in &tensors {
-            substitutes.insert((m, name.clone()), checkpoints.len());
-        }
-        checkpoints.push(Checkpoint::open(&file)?);
     }
     let added = tokenizer
         .get_added_tokens_decoder()
@@ -453,12 +472,7 @@ pub fn prepare(cfg: &MergeConfig, models: &[Checkpoint], out: &Path) -> Result<O
         .collect();
     let tokenizer_json =
         tokenizer.to_string(true).map_err(|e| Error::invalid(format!("tokenizer: serialising the output: {e}")))?;
-    Ok(Some(Remap {
-        vocabulary: Vocabulary { tokenizer_json, added, files_from, rows },
-        substitutes,
-        checkpoints,
-        _dir: temp,
-    }))
+    Ok(Some(Remap { vocabulary: Vocabulary { tokenizer_json, added, files_from, rows }, substitutes }))
 }
 
 fn check_row(model: &Path, tensor: &str, row: usize, rows: usize) -> Result<()> {
