@@ -106,8 +106,8 @@ pub fn resolve(reference: &str, rel_dir: Option<&Path>, env: &CacheEnv, what: &s
     }
     if reference.contains('+') {
         return Err(Error::usage(format!(
-            "{what}: '{reference}' is a model+LoRA reference; graft does not apply LoRA adapters while merging \
-             (merge the adapter into its model first)"
+            "{what}: '{reference}' is a model+LoRA reference, which only merge inputs accept (\
+             `crate::merge::lora::resolve`)"
         )));
     }
     let looks_local = p.is_absolute() || reference.starts_with("./") || reference.starts_with("../");

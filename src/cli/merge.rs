@@ -289,7 +289,7 @@ fn build_config(a: &Args) -> Result<MergeConfig> {
             }
         }
         let env = crate::hub::CacheEnv::from_env();
-        let resolve = |p: &PathBuf, what: &str| crate::hub::resolve(&p.to_string_lossy(), None, &env, what);
+        let resolve = |p: &PathBuf, what: &str| crate::merge::lora::resolve(&p.to_string_lossy(), None, &env, what);
         let models = a.inputs.iter().map(|p| resolve(p, "model argument")).collect::<Result<Vec<_>>>()?;
         let base = a.base.as_ref().map(|b| resolve(b, "--base")).transpose()?;
         let mut cfg = Flags {
@@ -322,8 +322,27 @@ pub fn run(a: Args, global: &Global) -> Result<()> {
     let run = RunOptions { seed: a.seed, compat: a.compat == Some(Compat::Mergekit) };
     run.check(cfg.method)?;
     cfg.copy_mismatched = a.snr_select.is_some();
-    let models: Vec<Checkpoint> = cfg.model_paths().iter().map(Checkpoint::open).collect::<Result<_>>()?;
-    let mut plan = plan::build(&cfg, &models)?;
+    let (mut models, adapters): (Vec<Checkpoint>, Vec<_>) =
+        cfg.model_paths().iter().map(|p| crate::merge::lora::open(p)).collect::<Result<Vec<_>>>()?.into_iter().unzip();
+    // LoRA adapters are applied and a built vocabulary remaps embedding rows before the plan, so every method and
+    // --snr-select see the result; the new tensors are checkpoints appended to `models`.
+    let mut adapted = crate::merge::lora::prepare(&models, &adapters, &a.output.output)?;
+    let mut remap = crate::merge::vocab::prepare(&cfg, &models, &a.output.output)?;
+    let mut substitutes = std::collections::BTreeMap::new();
+    for s in std::iter::once(&mut adapted).chain(remap.as_mut().map(|r| &mut r.substitutes)) {
+        let first = models.len();
+        models.append(&mut s.checkpoints);
+        for ((m, tensor), &i) in &s.map {
+            if substitutes.insert((*m, tensor.clone()), first + i).is_some() {
+                return Err(Error::usage(format!(
+                    "{}: its LoRA adapter changes '{tensor}', whose rows the tokenizer settings remap; graft does not \
+                     do both (bake the adapter in first)",
+                    cfg.model_paths()[*m].display()
+                )));
+            }
+        }
+    }
+    let mut plan = plan::build_with(&cfg, &models, &substitutes)?;
     let exec = Executor::new(global.threads)?;
     let selection = match &a.snr_select {
         Some(s) => {
@@ -342,7 +361,8 @@ pub fn run(a: Args, global: &Global) -> Result<()> {
         }
     };
     // Decided (and the tokenizer checked against the planned embeddings) before anything is written.
-    let layout = output::plan(&cfg, &plan, &models, &a.output.output, !a.no_copy_tokenizer)?;
+    let vocabulary = remap.as_ref().map(|r| &r.vocabulary);
+    let layout = output::plan(&cfg, &plan, &models, &a.output.output, !a.no_copy_tokenizer, vocabulary)?;
     if a.dry_run {
         return if a.json {
             let mut v = serde_json::to_value(&plan).unwrap();

@@ -4,11 +4,13 @@
 //! optional `parameters`) or `slices` (each `sources` of `model` + `layer_range` + optional `parameters`, optional
 //! `base_model` and `parameters`) or `modules` with a single module (its `models` or `slices`, and `parameters`
 //! between the slice's and the top level's), top-level `parameters` (scalars, gradients, filter lists), `dtype`,
-//! `out_dtype`, `tokenizer_source: base` (or a model), `chat_template` (`super::chat_template`). mergekit keys graft
-//! does not implement (several `modules`, `tokenizer`, `residual_weight`, `tokenizer_source: union`) and unknown methods are errors that
+//! `out_dtype`, `tokenizer_source: base | union | <model>` and the `tokenizer:` block (`source`, `tokens`,
+//! `pad_to_multiple_of`; built by `super::vocab`), `chat_template` (`super::chat_template`). mergekit keys graft
+//! does not implement (several `modules`, `residual_weight`) and unknown methods are errors that
 //! name the key. Unknown keys (mergekit silently drops them; they are often typos) are errors too, or with
 //! `lenient` one warning each. Model references are local paths (relative to the working directory, then to the
-//! config file's directory) or Hugging Face ids found in the local cache (`crate::hub`).
+//! config file's directory) or Hugging Face ids found in the local cache (`crate::hub`), each with an optional
+//! `+adapter` (a PEFT LoRA directory, `super::lora`).
 
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
@@ -18,9 +20,10 @@ use yaml_serde::{Mapping, Value as Yaml};
 use super::chat_template::ChatTemplate;
 use super::method::{BaseRole, MergeMethod};
 use super::params::{Conditional, Scalar, Setting, Settings, Value};
+use super::vocab::{EmbedSource, TokenRef, TokenSetting, TokenizerSpec, VocabSource};
 use crate::checkpoint::Dtype;
 use crate::error::{Error, Result};
-use crate::hub::{self, CacheEnv};
+use crate::hub::CacheEnv;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelEntry {
@@ -69,6 +72,8 @@ pub struct MergeConfig {
     pub dtype: Option<Dtype>,
     pub out_dtype: Option<Dtype>,
     pub tokenizer_source: Option<TokenizerSource>,
+    /// A vocabulary to build (`tokenizer:` block or `tokenizer_source: union`); it overrides `tokenizer_source`.
+    pub tokenizer: Option<TokenizerSpec>,
     /// The chat template written with the tokenizer (None: the tokenizer's own, as copied).
     pub chat_template: Option<ChatTemplate>,
     /// The model that tensors left unmerged are copied from (graft's addition; default: the base, else the first model).
@@ -145,9 +150,10 @@ impl Parser<'_> {
                 "dtype",
                 "out_dtype",
                 "tokenizer_source",
+                "tokenizer",
                 "chat_template",
             ],
-            &[("tokenizer", "tokenizer merging (use tokenizer_source: base)")],
+            &[],
         )?;
         let method = match top.get("merge_method") {
             Some(Yaml::String(s)) => super::method(s).map_err(|e| p.err(e.to_string()))?,
@@ -175,14 +181,23 @@ impl Parser<'_> {
         };
         let dtype = p.dtype(top.get("dtype"), "dtype")?;
         let out_dtype = p.dtype(top.get("out_dtype"), "out_dtype")?;
+        let mut tokenizer = None;
         let tokenizer_source = match top.get("tokenizer_source") {
             None | Some(Yaml::Null) => None,
             Some(Yaml::String(s)) if s == "base" => Some(TokenizerSource::Base),
             Some(Yaml::String(s)) if s == "union" => {
-                return Err(p.err("tokenizer_source: union (building a merged vocabulary) is not supported by graft"))
+                tokenizer =
+                    Some(TokenizerSpec { source: VocabSource::Union, tokens: Vec::new(), pad_to_multiple_of: None });
+                None
             }
             Some(v) => Some(TokenizerSource::Model(p.model(v, "tokenizer_source")?)),
         };
+        if let Some(block) = top.get("tokenizer").filter(|v| !v.is_null()) {
+            if top.get("tokenizer_source").is_some_and(|v| !v.is_null()) {
+                return Err(p.err("give 'tokenizer' or 'tokenizer_source', not both (mergekit uses only 'tokenizer')"));
+            }
+            tokenizer = Some(p.tokenizer(block)?);
+        }
         let chat_template = match top.get("chat_template") {
             None | Some(Yaml::Null) => None,
             Some(Yaml::String(s)) => Some(super::chat_template::parse(s).map_err(|e| p.err(e))?),
@@ -196,6 +211,7 @@ impl Parser<'_> {
             dtype,
             out_dtype,
             tokenizer_source,
+            tokenizer,
             chat_template,
             reference: None,
             copy_mismatched: false,
@@ -275,12 +291,80 @@ impl Parser<'_> {
         Ok((inputs, self.settings(m.get("parameters"), &format!("{what}.parameters"))?))
     }
 
+    /// The `tokenizer:` block (mergekit's defaults: `source: union`, no tokens, no padding).
+    fn tokenizer(&self, v: &Yaml) -> Result<TokenizerSpec> {
+        let m = self.mapping(v, "'tokenizer'")?;
+        self.check_keys(m, "tokenizer", &["source", "tokens", "pad_to_multiple_of"], &[])?;
+        let source = match m.get("source") {
+            None | Some(Yaml::Null) => VocabSource::Union,
+            Some(Yaml::String(s)) if s == "union" => VocabSource::Union,
+            Some(Yaml::String(s)) if s == "base" => VocabSource::Base,
+            Some(v) => VocabSource::Model(self.model(v, "tokenizer.source")?),
+        };
+        let pad_to_multiple_of = match m.get("pad_to_multiple_of") {
+            None | Some(Yaml::Null) => None,
+            Some(v) => match v.as_u64() {
+                Some(n) if n > 0 => Some(n as usize),
+                _ => return Err(self.err("'tokenizer.pad_to_multiple_of' must be a positive integer")),
+            },
+        };
+        let mut tokens = Vec::new();
+        if let Some(t) = m.get("tokens").filter(|t| !t.is_null()) {
+            for (k, v) in self.mapping(t, "'tokenizer.tokens'")? {
+                let token = match k {
+                    Yaml::String(s) => s.clone(),
+                    _ => return Err(self.err(format!("tokenizer.tokens: key {k:?} is not a string"))),
+                };
+                let what = format!("tokenizer.tokens['{token}']");
+                let e = self.mapping(v, &what)?;
+                self.check_keys(e, &what, &["source", "force"], &[])?;
+                let force = match e.get("force") {
+                    None | Some(Yaml::Null) => false,
+                    Some(Yaml::Bool(b)) => *b,
+                    Some(_) => return Err(self.err(format!("{what}.force must be true or false"))),
+                };
+                let source = match e.get("source") {
+                    None | Some(Yaml::Null) => None,
+                    Some(s @ Yaml::String(_)) => Some(EmbedSource::Model(self.model(s, &format!("{what}.source"))?)),
+                    Some(s) => Some(self.embed_source(s, &format!("{what}.source"))?),
+                };
+                tokens.push((token, TokenSetting { source, force }));
+            }
+        }
+        Ok(TokenizerSpec { source, tokens, pad_to_multiple_of })
+    }
+
+    /// `{kind: zero}` or `{kind: model_token, model, token_id | token}`.
+    fn embed_source(&self, v: &Yaml, what: &str) -> Result<EmbedSource> {
+        let m = self.mapping(v, what)?;
+        match m.get("kind").and_then(|k| k.as_str()) {
+            Some("zero") => {
+                self.check_keys(m, what, &["kind"], &[])?;
+                Ok(EmbedSource::Zero)
+            }
+            Some("model_token") => {
+                self.check_keys(m, what, &["kind", "model", "token_id", "token"], &[])?;
+                let model = self.model(m.get("model").unwrap_or(&Yaml::Null), &format!("{what}.model"))?;
+                let token = match (m.get("token_id"), m.get("token")) {
+                    (Some(id), None) => match id.as_u64() {
+                        Some(i) => TokenRef::Id(i as usize),
+                        None => return Err(self.err(format!("{what}.token_id must be a non-negative integer"))),
+                    },
+                    (None, Some(Yaml::String(t))) => TokenRef::Text(t.clone()),
+                    _ => return Err(self.err(format!("{what}: give one of 'token_id' or 'token' (a string)"))),
+                };
+                Ok(EmbedSource::ModelToken { model, token })
+            }
+            _ => Err(self.err(format!("{what}: a model, or a mapping with kind: zero | model_token"))),
+        }
+    }
+
     fn model(&self, v: &Yaml, what: &str) -> Result<PathBuf> {
         let Yaml::String(s) = v else {
             return Err(self.err(format!("'{what}' must be a model path")));
         };
         if let Some(env) = &self.env {
-            return hub::resolve(s, Some(self.dir), env, &format!("{}: {what}", self.file.display()));
+            return super::lora::resolve(s, Some(self.dir), env, &format!("{}: {what}", self.file.display()));
         }
         let p = PathBuf::from(s);
         if p.exists() || p.is_absolute() {
@@ -537,6 +621,7 @@ impl Flags {
             dtype: self.dtype,
             out_dtype: self.out_dtype,
             tokenizer_source: Some(TokenizerSource::Base),
+            tokenizer: None,
             chat_template: None,
             reference,
             copy_mismatched: false,
@@ -616,6 +701,38 @@ tokenizer_source: base
     }
 
     #[test]
+    fn parses_the_tokenizer_block() {
+        let base = "merge_method: linear\nmodels:\n  - model: a\n  - model: b\n";
+        let c = parse_str(&format!("{base}tokenizer_source: union\n")).unwrap();
+        assert_eq!(c.tokenizer.unwrap().source, VocabSource::Union);
+        assert_eq!(c.tokenizer_source, None);
+        let c = parse_str(&format!(
+            "{base}tokenizer:\n  source: base\n  pad_to_multiple_of: 64\n  tokens:\n    <a>: {{source: b, force: true}}\n    \
+             <b>:\n      source: {{kind: model_token, model: a, token: x}}\n    <c>: {{source: {{kind: zero}}}}\n    \
+             <d>: {{source: {{kind: model_token, model: b, token_id: 7}}}}\n"
+        ))
+        .unwrap();
+        let t = c.tokenizer.unwrap();
+        assert_eq!(t.source, VocabSource::Base);
+        assert_eq!(t.pad_to_multiple_of, Some(64));
+        let want = [
+            ("<a>", Some(EmbedSource::Model("b".into())), true),
+            ("<b>", Some(EmbedSource::ModelToken { model: "a".into(), token: TokenRef::Text("x".into()) }), false),
+            ("<c>", Some(EmbedSource::Zero), false),
+            ("<d>", Some(EmbedSource::ModelToken { model: "b".into(), token: TokenRef::Id(7) }), false),
+        ];
+        assert_eq!(t.tokens.len(), want.len());
+        for ((token, setting), (w, source, force)) in t.tokens.iter().zip(want) {
+            assert_eq!((token.as_str(), &setting.source, setting.force), (w, &source, force));
+        }
+        // mergekit's default source is the union.
+        assert_eq!(
+            parse_str(&format!("{base}tokenizer: {{}}\n")).unwrap().tokenizer.unwrap().source,
+            VocabSource::Union
+        );
+    }
+
+    #[test]
     fn unknown_or_unsupported_is_an_error() {
         let base = "merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1}\n";
         assert!(parse_str(base).is_ok());
@@ -630,7 +747,9 @@ tokenizer_source: base
                 "merge_method: linear\nmodels:\n  - model: a\n    weight: 1\n".to_string(),
                 "unknown key 'weight' in models[0]",
             ),
-            (format!("{base}tokenizer_source: union\n"), "union"),
+            (format!("{base}tokenizer_source: union\ntokenizer: {{source: base}}\n"), "not both"),
+            (format!("{base}tokenizer:\n  tokens: {{x: {{source: {{kind: one}}}}}}\n"), "kind: zero | model_token"),
+            (format!("{base}tokenizer:\n  pad_to_multiple_of: 0\n"), "positive integer"),
             (format!("{base}dtype: int8\n"), "not a float dtype"),
             ("merge_method: linear\n".to_string(), "give exactly one of 'models', 'slices' or 'modules' (found none)"),
             (
@@ -685,7 +804,7 @@ tokenizer_source: base
         // The model resolved against the config's directory.
         let Inputs::Models(ms) = &loaded.config.inputs else { panic!() };
         assert_eq!(ms[0].model, a);
-        for bad in ["chat_template: chatlm\n", "merge_method: frankenmerge\n", "tokenizer_source: union\n"] {
+        for bad in ["chat_template: chatlm\n", "merge_method: frankenmerge\n", "tokenizer: {pad_to_multiple_of: x}\n"] {
             std::fs::write(
                 &cfg,
                 format!("{text}{bad}").replace(

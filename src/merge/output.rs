@@ -5,8 +5,10 @@
 //!   selective merge the reference, whose tensors fill everything not merged), with `config.json`'s `dtype`
 //!   (and `torch_dtype` where present), layer count and `vocab_size` set to what was written;
 //! - tokenizer files and chat templates from the primary model, or from `tokenizer_source: <model>`, unless
-//!   `--no-copy-tokenizer`. A donor tokenizer with more tokens than the written embedding rows is refused (graft
-//!   does not remap vocabularies);
+//!   `--no-copy-tokenizer`. A donor tokenizer with more tokens than the written embedding rows is refused (that
+//!   form does not remap vocabularies). With a built vocabulary (`super::vocab`: `tokenizer_source: union`, the
+//!   `tokenizer:` block) the files come from its source model, `tokenizer.json` is the built one, and
+//!   `tokenizer_config.json`'s `added_tokens_decoder` lists its added tokens;
 //! - the config's `chat_template` (`super::chat_template` chooses it) as `chat_template.jinja`, replacing the
 //!   tokenizer's own (also one kept in `chat_template.json` or `tokenizer_config.json`).
 //!
@@ -19,6 +21,7 @@ use std::path::{Path, PathBuf};
 use super::chat_template;
 use super::config::{MergeConfig, TokenizerSource};
 use super::plan::Plan;
+use super::vocab::{self, Vocabulary};
 use crate::checkpoint::hf_config::{self, Patch};
 use crate::checkpoint::{Checkpoint, Dtype, CARRIED_FILES};
 use crate::error::{Error, Result};
@@ -58,6 +61,8 @@ pub struct Layout {
     pub patch: Patch,
     /// The config's `chat_template`, resolved: written as `chat_template.jinja` in place of the tokenizer's own.
     pub chat_template: Option<String>,
+    /// A built vocabulary: its `tokenizer.json` replaces the copied one.
+    pub vocabulary: Option<Vocabulary>,
 }
 
 /// The dtype most float parameters are written in (by element count; ties go to the wider dtype, so a half/full
@@ -127,7 +132,15 @@ pub fn tokenizer_vocab(dir: &Path) -> Result<Option<(usize, PathBuf)>> {
 
 /// Decides where the output's config and tokenizer come from and checks that they fit the planned tensors.
 /// `copy_tokenizer` is false with `--no-copy-tokenizer`. A single-file output (`.safetensors`) gets no side files.
-pub fn plan(cfg: &MergeConfig, plan: &Plan, models: &[Checkpoint], out: &Path, copy_tokenizer: bool) -> Result<Layout> {
+/// `vocabulary` is the one `super::vocab::prepare` built, if any.
+pub fn plan(
+    cfg: &MergeConfig,
+    plan: &Plan,
+    models: &[Checkpoint],
+    out: &Path,
+    copy_tokenizer: bool,
+    vocabulary: Option<&Vocabulary>,
+) -> Result<Layout> {
     let patch = Patch {
         dtype: majority_dtype(plan),
         layers: plan.new_layer_count,
@@ -141,15 +154,17 @@ pub fn plan(cfg: &MergeConfig, plan: &Plan, models: &[Checkpoint], out: &Path, c
                 out.display()
             )));
         }
-        return Ok(Layout { config_dir: None, tokenizer_dir: None, patch, chat_template: None });
+        return Ok(Layout { config_dir: None, tokenizer_dir: None, patch, chat_template: None, vocabulary: None });
     }
     let dir_of = |i: usize| models[i].dir().map(Path::to_path_buf);
     // A selective merge keeps the reference's tensors wherever it merges nothing (its head among them), so its
     // config describes the output; otherwise the base (else the first model) does.
     let primary = if cfg.copy_mismatched { plan.reference } else { plan.base.unwrap_or(plan.reference) };
     let config_dir = dir_of(primary);
+    let vocabulary = vocabulary.filter(|_| copy_tokenizer).cloned();
     let tokenizer_dir = match (&cfg.tokenizer_source, copy_tokenizer) {
         (_, false) => None,
+        _ if vocabulary.is_some() => vocabulary.as_ref().map(|v| v.files_from.clone()),
         (None | Some(TokenizerSource::Base), true) => config_dir.clone(),
         (Some(TokenizerSource::Model(p)), true) => {
             let dir = match plan.models.iter().position(|m| m == p) {
@@ -188,7 +203,7 @@ pub fn plan(cfg: &MergeConfig, plan: &Plan, models: &[Checkpoint], out: &Path, c
                 chat_template::choose(setting, &dirs)?
             }
         };
-    Ok(Layout { config_dir, tokenizer_dir, patch, chat_template })
+    Ok(Layout { config_dir, tokenizer_dir, patch, chat_template, vocabulary })
 }
 
 /// The side files (name in the output directory, contents), read and patched now so the writer commits them with
@@ -204,6 +219,13 @@ pub fn files(layout: &Layout) -> Result<Vec<(String, Vec<u8>)>> {
     if let Some(src) = &layout.tokenizer_dir {
         for f in tokenizer_files() {
             read_into(src, f, &mut files)?;
+        }
+        if let Some(v) = &layout.vocabulary {
+            files.retain(|(name, _)| name != "tokenizer.json");
+            files.push(("tokenizer.json".to_string(), v.tokenizer_json.clone().into_bytes()));
+            if let Some((name, bytes)) = files.iter_mut().find(|(name, _)| name == "tokenizer_config.json") {
+                *bytes = vocab::patch_tokenizer_config(&src.join(name.as_str()), bytes, &v.added)?;
+            }
         }
     }
     if let Some(template) = &layout.chat_template {

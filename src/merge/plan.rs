@@ -17,7 +17,7 @@ use serde::Serialize;
 use super::config::{Inputs, MergeConfig};
 use super::method::{serialize_name, MergeMethod};
 use super::params::{resolve, Scalar, Scope, Settings, TensorParams};
-use crate::checkpoint::{Checkpoint, Dtype};
+use crate::checkpoint::{Checkpoint, Dtype, TensorInfo};
 use crate::error::{Error, Result};
 use crate::names::layer_of;
 
@@ -148,24 +148,55 @@ struct Builder<'a> {
     method: &'static dyn MergeMethod,
     models: &'a [Checkpoint],
     paths: Vec<PathBuf>,
+    substitutes: &'a BTreeMap<(usize, String), usize>,
 }
 
 /// Builds the plan of `cfg`; `models[i]` is `cfg.model_paths()[i]`, opened.
 pub fn build(cfg: &MergeConfig, models: &[Checkpoint]) -> Result<Plan> {
+    build_with(cfg, models, &BTreeMap::new())
+}
+
+/// Builds the plan of `cfg` reading some tensors from substitutes: `substitutes[(model, tensor)]` indexes `models`
+/// past `cfg.model_paths()` (checkpoints appended for the purpose: `super::vocab`'s remapped rows). The plan's
+/// sources of those tensors name the substitutes, so every later step reads them.
+pub fn build_with(
+    cfg: &MergeConfig,
+    models: &[Checkpoint],
+    substitutes: &BTreeMap<(usize, String), usize>,
+) -> Result<Plan> {
     let method = cfg.method;
     let paths = cfg.model_paths();
-    if paths.len() != models.len() {
+    let extra = substitutes.values().map(|&i| i + 1).max().unwrap_or(0).saturating_sub(paths.len());
+    if paths.len() + extra != models.len() {
         return Err(Error::invalid("internal: the opened models do not match the config's model list"));
     }
-    let b = Builder { cfg, method, models, paths };
+    let b = Builder { cfg, method, models, paths, substitutes };
     b.check_parameter_names()?;
-    match &cfg.inputs {
+    let mut plan = match &cfg.inputs {
         Inputs::Models(_) => b.models_plan(),
         Inputs::Slices(_) => b.slices_plan(),
+    }?;
+    let redirect = |s: &mut Source| {
+        if let Some(&i) = substitutes.get(&(s.model, s.tensor.clone())) {
+            s.model = i;
+        }
+    };
+    for t in &mut plan.tensors {
+        match &mut t.op {
+            Op::Merge { inputs, .. } => inputs.iter_mut().for_each(redirect),
+            Op::Copy { from, .. } => redirect(from),
+        }
     }
+    Ok(plan)
 }
 
 impl Builder<'_> {
+    /// A tensor of model `model`, or its substitute.
+    fn info(&self, model: usize, tensor: &str) -> Option<&TensorInfo> {
+        let m = self.substitutes.get(&(model, tensor.to_string())).copied().unwrap_or(model);
+        self.models[m].info(tensor)
+    }
+
     fn index(&self, p: &PathBuf) -> usize {
         self.paths.iter().position(|q| q == p).expect("every config path is in the model list")
     }
@@ -290,7 +321,7 @@ impl Builder<'_> {
     }
 
     fn copy(&self, name: &str, from: Source, reason: &str, t: f64) -> PlannedTensor {
-        let info = self.models[from.model].info(&from.tensor).expect("checked");
+        let info = self.info(from.model, &from.tensor).expect("checked");
         let dtype = if info.dtype.is_float() {
             self.cfg.out_dtype.or(self.cfg.dtype).unwrap_or(info.dtype)
         } else {
@@ -317,10 +348,10 @@ impl Builder<'_> {
         slice: Option<&Settings>,
         t: f64,
     ) -> Result<PlannedTensor> {
-        let infos: Vec<_> = inputs.iter().map(|s| self.models[s.model].info(&s.tensor).expect("checked")).collect();
+        let infos: Vec<_> = inputs.iter().map(|s| self.info(s.model, &s.tensor).expect("checked")).collect();
         check_dtype_kinds(self.models, inputs.iter().chain([&copy_from]))?;
         if infos.iter().any(|i| !i.dtype.is_float())
-            || !self.models[copy_from.model].info(&copy_from.tensor).is_some_and(|i| i.dtype.is_float())
+            || !self.info(copy_from.model, &copy_from.tensor).is_some_and(|i| i.dtype.is_float())
         {
             return Ok(self.copy(out_name, copy_from, "not a float tensor", t));
         }
@@ -379,8 +410,8 @@ impl Builder<'_> {
             if !extra.is_empty() {
                 problems.push(format!("{} has extra {}", self.label(o), quote_list(&extra)));
             }
-            for info in r.infos() {
-                if let Some(oi) = m.info(&info.name) {
+            for info in r.infos().iter().filter_map(|i| self.info(reference, &i.name)) {
+                if let Some(oi) = self.info(o, &info.name) {
                     if oi.shape != info.shape && self.cfg.copy_mismatched {
                         if !mismatched.contains(&info.name) {
                             mismatched.push(info.name.clone());
@@ -442,7 +473,7 @@ impl Builder<'_> {
         let ck = &self.models[primary];
         let layers = ck.names().filter_map(layer_of).max().map_or(0, |m| m + 1);
         let mut tensors = Vec::with_capacity(ck.len());
-        for info in ck.infos() {
+        for info in ck.infos().iter().filter_map(|i| self.info(primary, &i.name)) {
             let t = match layer_of(&info.name) {
                 Some(l) if layers > 1 => l as f64 / (layers - 1) as f64,
                 Some(_) => 1.0,
@@ -527,8 +558,8 @@ impl Builder<'_> {
                     let mut srcs = Vec::with_capacity(models.len());
                     for (k, &m) in models.iter().enumerate() {
                         let want = rename_layer(name, src_layers[k]);
-                        match self.models[m].info(&want) {
-                            Some(i) if i.shape == self.models[models[0]].info(name).unwrap().shape => {
+                        match self.info(m, &want) {
+                            Some(i) if i.shape == self.info(models[0], name).unwrap().shape => {
                                 srcs.push(Source { model: m, tensor: want })
                             }
                             Some(i) => problems.push(format!("'{want}' is {:?} in {}", i.shape, self.label(m))),
@@ -543,7 +574,7 @@ impl Builder<'_> {
                         Some(p) => srcs[p].clone(),
                         None => Source { model: reference, tensor: rename_layer(name, src_layers[0]) },
                     };
-                    if self.models[from.model].info(&from.tensor).is_none() {
+                    if self.info(from.model, &from.tensor).is_none() {
                         problems.push(format!("{} lacks '{}'", self.label(from.model), from.tensor));
                         continue;
                     }
@@ -567,8 +598,8 @@ impl Builder<'_> {
             for name in names {
                 let mut ok = true;
                 for &m in models.iter().chain([reference].iter()) {
-                    match self.models[m].info(&name) {
-                        Some(i) if i.shape == self.models[models[0]].info(&name).unwrap().shape => {}
+                    match self.info(m, &name) {
+                        Some(i) if i.shape == self.info(models[0], &name).unwrap().shape => {}
                         Some(i) => {
                             problems.push(format!("'{name}' is {:?} in {}", i.shape, self.label(m)));
                             ok = false;
