@@ -2,7 +2,7 @@
 //!
 //! `results` reads and validates the JSONL files, `summary` groups lines into experiments and runs and computes the
 //! estimates (`bootstrap`), `format` is the vocabulary of metrics and cells and how they print, `table` prints them
-//! (markdown, CSV), `plots` decides the charts, `render` draws them (PNG + SVG), `html` makes the page. This module
+//! (markdown, CSV), `plots` decides the charts, `render` draws them (PNG + SVG), `html` makes the page; `snr_plot` draws `graft snr --plot`'s pictures. This module
 //! writes the report directory, all at once: everything is built in a sibling staging directory first and moved into
 //! place at the end, so a failure never leaves a half report.
 
@@ -12,6 +12,7 @@ pub mod html;
 pub mod plots;
 pub mod render;
 pub mod results;
+pub mod snr_plot;
 pub mod summary;
 pub mod table;
 

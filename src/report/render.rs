@@ -21,7 +21,7 @@ static FONT_BYTES: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
 type DrawResult = std::result::Result<(), Box<dyn StdError>>;
 
 /// Registers the embedded font under every family name plotters may ask for. Idempotent.
-fn ensure_font() -> Result<()> {
+pub(crate) fn ensure_font() -> Result<()> {
     static REGISTERED: OnceLock<bool> = OnceLock::new();
     let ok = *REGISTERED.get_or_init(|| {
         ["sans-serif", "serif", "monospace"].iter().all(|family| {
@@ -94,7 +94,7 @@ fn text_style(size: u32) -> TextStyle<'static> {
     TextStyle::from((FONT, size).into_font()).color(&BLACK)
 }
 
-fn text_width(text: &str, size: u32) -> u32 {
+pub(crate) fn text_width(text: &str, size: u32) -> u32 {
     (FONT, size).into_font().box_size(text).map(|(w, _)| w).unwrap_or(text.len() as u32 * size / 2)
 }
 
