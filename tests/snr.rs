@@ -342,6 +342,7 @@ fn plot_draws_every_layer_and_type_cell_and_a_ranking_per_type() {
     assert!(types.len() >= 7, "{types:?}");
     let svg = std::fs::read_to_string(out.join("heatmap.svg")).unwrap();
     assert!(svg.contains("base: SNR of every weight matrix by layer and type"));
+    png::check_svg(&svg, 30).unwrap_or_else(|e| panic!("heatmap.svg: {e}"));
     let texts = svg_texts(&svg);
     let img = png::decode(&std::fs::read(out.join("heatmap.png")).unwrap()).unwrap();
     let column = |t: &str| -> i64 {

@@ -2,9 +2,10 @@
 //!
 //! `results` reads and validates the JSONL files, `summary` groups lines into experiments and runs and computes the
 //! estimates (`bootstrap`), `format` is the vocabulary of metrics and cells and how they print, `table` prints them
-//! (markdown, CSV), `plots` decides the charts, `render` draws them (PNG + SVG), `html` makes the page; `snr_plot` draws `graft snr --plot`'s pictures. This module
+//! (markdown, CSV), `plots` decides the charts, `render` draws them (PNG + SVG), `html` makes the page. This module
 //! writes the report directory, all at once: everything is built in a sibling staging directory first and moved into
-//! place at the end, so a failure never leaves a half report.
+//! place at the end, so a failure never leaves a half report. `snr_plot` draws `graft snr --plot`'s pictures with
+//! the same renderer.
 
 pub mod bootstrap;
 pub mod format;
