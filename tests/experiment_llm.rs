@@ -88,6 +88,20 @@ fn llm_study_trains_selectively_merges_evaluates_both_domains_reports_and_resume
         assert!(table.contains(row), "missing row {row}:\n{table}");
     }
     assert!(run.join("report").join("index.html").is_file());
+    // The study's own charts: perplexity per domain (a bar per model) and the gain each merge keeps.
+    for chart in ["perplexity_per_domain", "gain_kept_per_merge"] {
+        assert!(run.join("report/plots").join(format!("{chart}.png")).is_file(), "no chart {chart}");
+    }
+    // The page loads in headless Chromium (exit 3: none installed, as on machines without it).
+    let page = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/check-report-page"))
+        .arg(run.join("report"))
+        .arg(tmp.path().join("screenshot.png"))
+        .output()
+        .unwrap();
+    match page.status.code() {
+        Some(3) => eprintln!("skipping the browser check of the report page: no Chromium installed"),
+        code => assert_eq!(code, Some(0), "report page check failed: {}", String::from_utf8_lossy(&page.stderr)),
+    }
 
     // Every model (base, 2 experts, 2 methods x 2 top-p) has both domains' perplexities, the eval reports' own.
     let lines: Vec<serde_json::Value> = std::fs::read_to_string(run.join("results.jsonl"))

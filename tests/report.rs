@@ -324,6 +324,87 @@ fn crowded_line_charts_are_faceted_by_method() {
     }
 }
 
+/// An LLM study's results (perplexity and gain kept per domain, the base as the baseline, two seeds): a grouped bar
+/// chart of perplexity per domain with a bar per model and a chart of the gain kept per merge with a bar per domain,
+/// drawn (not blank, both domains' colours, the reference line), their legends in words, the page loading.
+#[test]
+fn llm_study_gets_perplexity_and_gain_kept_charts_per_domain() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut lines = vec![json!({
+        "kind": "eval", "run_id": "seed0/base", "experiment": "base", "seed": 0, "baseline": true,
+        "config": {"model": "base"}, "metrics": {"perplexity_spam": 30.0, "perplexity_reviews": 60.0}
+    })];
+    let mut k = 0;
+    for seed in 0..2 {
+        for (id, label, ppl_spam, ppl_reviews) in
+            [("expert-a", "expert on spam", 15.0, 66.0), ("expert-b", "expert on reviews", 34.0, 25.0)]
+        {
+            k += 1;
+            lines.push(json!({
+                "kind": "eval", "run_id": format!("seed{seed}/{id}"), "experiment": label, "seed": seed,
+                "config": {"model": id},
+                "metrics": {"perplexity_spam": ppl_spam + wiggle(k), "perplexity_reviews": ppl_reviews + wiggle(k + 1)}
+            }));
+        }
+        for method in ["linear", "task_arithmetic", "ties"] {
+            for top_p in [0.25, 1.0] {
+                k += 1;
+                lines.push(json!({
+                    "kind": "eval", "run_id": format!("seed{seed}/{method}-{top_p}"),
+                    "experiment": format!("{method} top-{}%", (top_p * 100.0) as u32), "seed": seed,
+                    "config": {"model": format!("{method}-{top_p}"), "method": method, "top_p": top_p},
+                    "metrics": {"perplexity_spam": 20.0 + 2.0 * wiggle(k), "perplexity_reviews": 40.0 + wiggle(k),
+                                "gain_kept_spam": 0.6 + 0.2 * wiggle(k), "gain_kept_reviews": 0.5 + 0.3 * wiggle(k + 3)}
+                }));
+            }
+        }
+    }
+    let results = dir.path().join("results.jsonl");
+    std::fs::write(&results, lines.iter().map(|l| l.to_string() + "\n").collect::<String>()).unwrap();
+    let out_dir = dir.path().join("report");
+    ok(&graft(&["report", results.to_str().unwrap(), "-o", out_dir.to_str().unwrap(), "--resamples", "50"]));
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(out_dir.join("summary.json")).unwrap()).unwrap();
+    let plots = doc["plots"].as_array().unwrap();
+    check_chart_rules(plots);
+    let plot = |name: &str| plots.iter().find(|p| p["name"] == name).unwrap_or_else(|| panic!("no chart {name}"));
+    let legend = |name: &str| -> Vec<String> {
+        plot(name)["legend"].as_array().unwrap().iter().map(|l| l.as_str().unwrap().to_string()).collect()
+    };
+    // Eight models besides the base: one panel, each in its own colour, the base as the reference.
+    let ppl = legend("perplexity_per_domain");
+    assert_eq!(ppl.len(), 9, "{ppl:?}");
+    assert_eq!(ppl[0], "expert on spam");
+    assert!(ppl[8].starts_with("base "), "{ppl:?}");
+    assert_eq!(legend("gain_kept_per_merge"), ["on reviews", "on spam", "1: the expert's own gain on its domain"]);
+    for name in ["perplexity_per_domain", "gain_kept_per_merge"] {
+        let png_path = out_dir.join(plot(name)["png"].as_str().unwrap());
+        let img = png::decode(&std::fs::read(&png_path).unwrap()).unwrap();
+        let background = img.pixel(0, 0).to_vec();
+        let mut ink = 0usize;
+        let mut colours = std::collections::HashSet::new();
+        for y in 0..img.height {
+            for x in 0..img.width {
+                let px = img.pixel(x, y);
+                if px != background.as_slice() {
+                    ink += 1;
+                }
+                colours.insert(px.to_vec());
+            }
+        }
+        assert!(ink as f64 / (img.width * img.height) as f64 > 0.02, "{name}: nearly blank");
+        assert!(colours.len() >= 8, "{name}: {} colours", colours.len());
+        let svg = std::fs::read_to_string(out_dir.join(plot(name)["svg"].as_str().unwrap())).unwrap();
+        // The first two series' Okabe-Ito colours, and every category named under the axis.
+        assert!(svg.contains("fill=\"#0072B2\"") && svg.contains("fill=\"#E69F00\""), "{name}: bars not coloured");
+        let categories: &[&str] =
+            if name == "perplexity_per_domain" { &["spam", "reviews"] } else { &["linear top-25%", "ties top-100%"] };
+        for c in categories {
+            assert!(svg.lines().any(|l| l.trim() == *c), "{name}: no category {c}");
+        }
+    }
+    browser_check(&out_dir);
+}
+
 #[test]
 fn reports_are_deterministic_and_replace_earlier_reports() {
     let (dir, results, _) = setup();

@@ -1,5 +1,8 @@
 //! `graft snr` end to end on the fixtures and on small checkpoints written here with known answers.
 
+#[path = "support/png.rs"]
+mod png;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -301,4 +304,92 @@ fn bad_inputs_fail_with_one_line() {
     assert_eq!(lines.len(), 2);
     assert!(lines[0]["error"].is_string());
     assert!(lines[1]["tensors"].is_array());
+}
+
+/// The SVG's text elements as (x, y, text).
+fn svg_texts(svg: &str) -> Vec<(i64, i64, String)> {
+    let mut out = Vec::new();
+    for part in svg.split("<text ").skip(1) {
+        let attr = |name: &str| -> i64 {
+            let at = part.find(&format!(" {name}=\"")).or_else(|| part.find(&format!("{name}=\""))).unwrap();
+            let rest = &part[at..];
+            let start = rest.find('"').unwrap() + 1;
+            let end = start + rest[start..].find('"').unwrap();
+            rest[start..end].parse::<f64>().unwrap() as i64
+        };
+        let body = &part[part.find('>').unwrap() + 1..part.find("</text>").unwrap()];
+        out.push((attr("x"), attr("y"), body.trim().to_string()));
+    }
+    out
+}
+
+/// `--plot`: a heatmap with a coloured cell for every scored (layer, type) of the scan and an empty (grey) one
+/// elsewhere, located by the SVG's row and column labels and read back from the PNG; a ranking chart per type.
+#[test]
+fn plot_draws_every_layer_and_type_cell_and_a_ranking_per_type() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("llama/base");
+    let out = dir.path().join("plots");
+    let doc = json(&["snr", &model, "--json", "--top-percent", "50", "--plot", out.to_str().unwrap()]);
+    // Types with a scored matrix (1-D norms are listed but skipped by default).
+    let types: Vec<String> = doc["types"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap().to_string())
+        .filter(|t| doc["tensors"].as_array().unwrap().iter().any(|x| x["type"] == *t && x["rank"].is_u64()))
+        .collect();
+    assert!(types.len() >= 7, "{types:?}");
+    let svg = std::fs::read_to_string(out.join("heatmap.svg")).unwrap();
+    assert!(svg.contains("base: SNR of every weight matrix by layer and type"));
+    png::check_svg(&svg, 30).unwrap_or_else(|e| panic!("heatmap.svg: {e}"));
+    let texts = svg_texts(&svg);
+    let img = png::decode(&std::fs::read(out.join("heatmap.png")).unwrap()).unwrap();
+    let column = |t: &str| -> i64 {
+        let (a, b) = t.rsplit_once('.').unwrap_or(("", t));
+        texts
+            .iter()
+            .filter(|(_, _, s)| s == b)
+            .find(|(x, _, _)| a.is_empty() || texts.iter().any(|(x2, _, s2)| x2 == x && s2 == a))
+            .unwrap_or_else(|| panic!("no column for {t}"))
+            .0
+    };
+    let row = |label: &str| texts.iter().find(|(_, _, s)| s == label).unwrap_or_else(|| panic!("no row {label}")).1;
+    let (mut coloured, mut empty) = (0, 0);
+    let tensors = doc["tensors"].as_array().unwrap();
+    let layers: std::collections::BTreeSet<u64> =
+        tensors.iter().filter(|t| t["rank"].is_u64()).filter_map(|t| t["layer"].as_u64()).collect();
+    assert!(layers.len() >= 2);
+    for layer in &layers {
+        for t in &types {
+            let scored =
+                tensors.iter().any(|x| x["layer"].as_u64() == Some(*layer) && x["type"] == *t && x["rank"].is_u64());
+            let px = img.pixel(column(t) as u32, row(&format!("layer {layer}")) as u32).to_vec();
+            if scored {
+                assert!(px[..3] != [255, 255, 255] && px[..3] != [0xF2, 0xF2, 0xF2], "layer {layer} {t}: {px:?}");
+                coloured += 1;
+            } else {
+                assert_eq!(px[..3], [0xF2, 0xF2, 0xF2], "layer {layer} {t}: a cell without a matrix is drawn");
+                empty += 1;
+            }
+        }
+    }
+    let scored_in_layers = tensors.iter().filter(|t| t["rank"].is_u64() && t["layer"].is_u64()).count();
+    assert_eq!(coloured, scored_in_layers, "{empty} empty cells");
+    // Selected cells are framed: as many thick black frames as selected tensors.
+    let selected = doc["selected"].as_array().unwrap().len();
+    assert!(selected > 0);
+    assert_eq!(svg.matches("fill=\"none\" stroke=\"#000000\"").count(), selected + 1, "frames + key");
+    for t in &types {
+        let stem = format!("ranking_{}", t.to_lowercase().replace(['.', '-'], "_"));
+        let bytes = std::fs::read(out.join(format!("{stem}.png"))).unwrap_or_else(|_| panic!("{stem}.png missing"));
+        let img = png::decode(&bytes).unwrap();
+        let bg = img.pixel(0, 0).to_vec();
+        let ink = (0..img.height)
+            .flat_map(|y| (0..img.width).map(move |x| (x, y)))
+            .filter(|&(x, y)| img.pixel(x, y) != bg.as_slice())
+            .count();
+        assert!(ink as f64 / (img.width * img.height) as f64 > 0.01, "{stem}: nearly blank");
+        assert!(out.join(format!("{stem}.svg")).is_file());
+    }
 }

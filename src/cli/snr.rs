@@ -49,6 +49,10 @@ pub struct Args {
     /// Write the selected tensor names for `graft merge --snr-select` / `graft train --freeze` (`{model}` as above).
     #[arg(long, value_name = "FILE")]
     selection_json: Option<String>,
+    /// Draw each model's SNR heatmap (layers x types, the selection framed) and per-type rankings into DIR, as PNG
+    /// and SVG (`DIR/<model>/` when several models are scanned).
+    #[arg(long, value_name = "DIR")]
+    plot: Option<PathBuf>,
     /// Append each model's JSON line to FILE and skip models already recorded there (restartable zoo scans).
     #[arg(long, value_name = "FILE")]
     resume: Option<PathBuf>,
@@ -163,6 +167,17 @@ fn scan_model(model: &str, args: &Args, opts: &ScanOptions, exec: &Executor) -> 
     }
     if let Some(p) = &args.selection_json {
         write_atomic(&path_for(p), &SelectionFile::new(model, &selection).to_json())?;
+    }
+    if let Some(dir) = &args.plot {
+        let dir = if args.models.len() > 1 || args.models.iter().any(|m| m.contains('*')) {
+            dir.join(&slug)
+        } else {
+            dir.clone()
+        };
+        // Titles name the model by its file or directory name, not its whole path.
+        let trimmed = model.trim_end_matches('/');
+        let name = Path::new(trimmed).file_name().map(|n| n.to_string_lossy().to_string());
+        crate::report::snr_plot::write_model(name.as_deref().unwrap_or(trimmed), &selection, &dir)?;
     }
 
     let needs_doc = args.json || args.jsonl || args.resume.is_some();

@@ -4,7 +4,8 @@
 //! estimates (`bootstrap`), `format` is the vocabulary of metrics and cells and how they print, `table` prints them
 //! (markdown, CSV), `plots` decides the charts, `render` draws them (PNG + SVG), `html` makes the page. This module
 //! writes the report directory, all at once: everything is built in a sibling staging directory first and moved into
-//! place at the end, so a failure never leaves a half report.
+//! place at the end, so a failure never leaves a half report. `snr_plot` draws `graft snr --plot`'s pictures with
+//! the same renderer.
 
 pub mod bootstrap;
 pub mod format;
@@ -12,6 +13,7 @@ pub mod html;
 pub mod plots;
 pub mod render;
 pub mod results;
+pub mod snr_plot;
 pub mod summary;
 pub mod table;
 

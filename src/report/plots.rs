@@ -1,6 +1,7 @@
 //! Which charts a report has, as plain data: grouped bar charts per metric with the baseline as a dashed line,
 //! efficiency charts against the baseline, metric-vs-parameter line plots (numeric parameters) and box plots
-//! (categorical parameters), and metric-vs-lambda curves of interpolations. `render` draws them; keeping the
+//! (categorical parameters), metric-vs-lambda curves of interpolations, and per-domain grouped bars of studies whose
+//! metrics are named `<prefix>_<domain>` (the LLM study's perplexity and gain kept per domain). `render` draws them; keeping the
 //! planning separate lets tests check the numbers a chart shows without reading pixels.
 //!
 //! Values are in the units the tables print (fractions, seconds, KB/MB/GB), so a chart and its table agree.
@@ -18,6 +19,7 @@ use super::table::ColumnFormat;
 #[serde(rename_all = "snake_case")]
 pub enum Section {
     Bars,
+    Domains,
     Efficiency,
     Numeric,
     Categorical,
@@ -28,6 +30,7 @@ impl Section {
     pub fn title(self) -> &'static str {
         match self {
             Section::Bars => "Metrics per experiment",
+            Section::Domains => "Metrics per domain",
             Section::Efficiency => "Efficiency against the baseline",
             Section::Numeric => "Metrics against numeric parameters",
             Section::Categorical => "Metrics by category",
@@ -50,6 +53,27 @@ pub enum Body {
     Bars(BarChart),
     Lines(LineChart),
     Boxes(BoxChart),
+    Grouped(GroupedBarChart),
+}
+
+/// Vertical bars in groups along x (one group per category), one bar per series in each group, a colour per series.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GroupedBarChart {
+    pub y_label: String,
+    pub categories: Vec<String>,
+    pub series: Vec<GroupedSeries>,
+    /// Dashed black lines: across one category's group (`Some(index)`) or across the whole chart (`None`).
+    pub references: Vec<(Option<usize>, f64)>,
+    /// The references' legend entry.
+    pub reference_label: Option<String>,
+    pub decimals: usize,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct GroupedSeries {
+    pub label: String,
+    /// (mean, standard error) per category; None where the series has no value there.
+    pub values: Vec<Option<(f64, f64)>>,
 }
 
 /// Horizontal bars, one per experiment, coloured and separated by group (method).
@@ -136,6 +160,7 @@ pub fn plan(summary: &Summary) -> Vec<Chart> {
         charts.extend(efficiency_charts(t, &prefix));
         charts.extend(numeric_charts(t, &prefix));
         charts.extend(categorical_charts(t, &prefix));
+        charts.extend(domain_charts(t, &prefix));
     }
     charts.extend(interpolation_charts(&summary.curves));
     charts.sort_by_key(|c| c.section);
@@ -522,6 +547,118 @@ fn interpolation_charts(curves: &[Curve]) -> Vec<Chart> {
     out
 }
 
+/// Metric-name prefixes that carry a domain after them, with the question their chart answers.
+const DOMAIN_METRICS: &[&str] = &["perplexity", "gain_kept"];
+/// Categories (groups of bars) in one panel of a grouped bar chart before it is cut into parts.
+const MAX_CATEGORIES_PER_PANEL: usize = 12;
+
+/// The domains of the metrics `<prefix>_<domain>` of a table, in column order.
+fn domains_of(t: &KindTable, prefix: &str) -> Vec<String> {
+    let head = format!("{prefix}_");
+    t.metrics.iter().filter_map(|m| m.key.strip_prefix(&head)).filter(|d| !d.is_empty()).map(String::from).collect()
+}
+
+/// Studies over several text domains: perplexity per model on each domain (groups = domains, a bar per model, the
+/// baseline's perplexity as a dashed line across its domain's group), and the share of each expert's gain a merge
+/// keeps (groups = merges, a bar per domain, a dashed line at 1, the expert's own gain). Domain names come from the
+/// metric names, so any study that writes `perplexity_<domain>` / `gain_kept_<domain>` gets them.
+fn domain_charts(t: &KindTable, prefix: &str) -> Vec<Chart> {
+    let mut out = Vec::new();
+    for metric in DOMAIN_METRICS {
+        let domains = domains_of(t, metric);
+        if domains.is_empty() {
+            continue;
+        }
+        let keys: Vec<String> = domains.iter().map(|d| format!("{metric}_{d}")).collect();
+        let has_any = |r: &Row| keys.iter().any(|k| r.cell(k).is_some());
+        let fmt = ColumnFormat::for_column(
+            &MetricSpec::for_key(&keys[0]),
+            t.rows.iter().flat_map(|r| keys.iter().filter_map(|k| r.cell(k)).map(|c| c.estimate.mean)),
+        );
+        let value = |r: &Row, k: &str| r.cell(k).map(|c| (c.estimate.mean / fmt.scale, c.estimate.se / fmt.scale));
+        if *metric == "perplexity" {
+            let models: Vec<&Row> = t.rows.iter().filter(|r| !r.baseline && has_any(r)).collect();
+            if models.is_empty() {
+                continue;
+            }
+            let base = t.baseline().filter(|b| has_any(b));
+            let references: Vec<(Option<usize>, f64)> = base
+                .map(|b| keys.iter().enumerate().filter_map(|(i, k)| value(b, k).map(|v| (Some(i), v.0))).collect())
+                .unwrap_or_default();
+            let parts = models.len().div_ceil(MAX_SERIES);
+            for (i, chunk) in models.chunks(MAX_SERIES).enumerate() {
+                let series = chunk
+                    .iter()
+                    .map(|r| GroupedSeries {
+                        label: r.experiment.clone(),
+                        values: keys.iter().map(|k| value(r, k)).collect(),
+                    })
+                    .collect();
+                let (name, part) = part_names(format!("{prefix}perplexity_per_domain"), i, parts);
+                out.push(Chart {
+                    name,
+                    title: format!("Which model predicts each domain best? Perplexity, lower is better{part}"),
+                    section: Section::Domains,
+                    body: Body::Grouped(GroupedBarChart {
+                        y_label: "perplexity (lower is better)".into(),
+                        categories: domains.clone(),
+                        series,
+                        references: references.clone(),
+                        reference_label: base.map(|b| format!("{} (the model before fine-tuning)", b.experiment)),
+                        decimals: fmt.decimals,
+                    }),
+                });
+            }
+        } else {
+            // Merges when the rows say which are (a method parameter); otherwise every model but the baseline.
+            let candidates: Vec<&Row> = t.rows.iter().filter(|r| !r.baseline && has_any(r)).collect();
+            let merges: Vec<&Row> = if candidates.iter().any(|r| r.params.contains_key("method")) {
+                candidates.into_iter().filter(|r| r.params.contains_key("method")).collect()
+            } else {
+                candidates
+            };
+            if merges.is_empty() || domains.len() > MAX_SERIES {
+                continue;
+            }
+            let parts = merges.len().div_ceil(MAX_CATEGORIES_PER_PANEL);
+            for (i, chunk) in merges.chunks(MAX_CATEGORIES_PER_PANEL).enumerate() {
+                let series = domains
+                    .iter()
+                    .zip(&keys)
+                    .map(|(d, k)| GroupedSeries {
+                        label: format!("on {d}"),
+                        values: chunk.iter().map(|r| value(r, k)).collect(),
+                    })
+                    .collect();
+                let (name, part) = part_names(format!("{prefix}gain_kept_per_merge"), i, parts);
+                out.push(Chart {
+                    name,
+                    title: format!("How much of each expert's gain does a merge keep? (1 = the expert's){part}"),
+                    section: Section::Domains,
+                    body: Body::Grouped(GroupedBarChart {
+                        y_label: "share of the expert's gain kept".into(),
+                        categories: chunk.iter().map(|r| r.experiment.clone()).collect(),
+                        series,
+                        references: vec![(None, 1.0)],
+                        reference_label: Some("1: the expert's own gain on its domain".into()),
+                        decimals: fmt.decimals.max(2),
+                    }),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// A chart's file stem and title suffix when it is part `i` of `parts`.
+fn part_names(stem: String, i: usize, parts: usize) -> (String, String) {
+    if parts > 1 {
+        (format!("{stem}_{}", i + 1), format!(" (part {} of {parts})", i + 1))
+    } else {
+        (stem, String::new())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -634,6 +771,43 @@ mod tests {
         assert!(b.reference.is_none());
         // Two categories of one row each still make a (small) box plot.
         assert!(charts.iter().any(|c| c.name == "accuracy_by_tag"));
+    }
+
+    #[test]
+    fn perplexity_per_domain_and_gain_kept_per_merge() {
+        let s = summary(&[
+            ("base", "b", r#"{"model":"base"}"#, r#"{"perplexity_mail":20.0,"perplexity_film":40.0}"#, true),
+            (
+                "expert mail",
+                "ea",
+                r#"{"model":"expert-a"}"#,
+                r#"{"perplexity_mail":10.0,"perplexity_film":44.0,"gain_kept_mail":1.0,"gain_kept_film":-0.2}"#,
+                false,
+            ),
+            (
+                "ties top-25%",
+                "t",
+                r#"{"model":"m1","method":"ties","top_p":0.25}"#,
+                r#"{"perplexity_mail":12.0,"perplexity_film":30.0,"gain_kept_mail":0.75,"gain_kept_film":0.5}"#,
+                false,
+            ),
+        ]);
+        let charts = plan(&s);
+        let Body::Grouped(ppl) = &find(&charts, "perplexity_per_domain").body else { panic!() };
+        // Domains from the metric names (columns sort by name), a bar per model but the baseline.
+        assert_eq!(ppl.categories, ["film", "mail"]);
+        assert_eq!(ppl.series.iter().map(|s| s.label.as_str()).collect::<Vec<_>>(), ["expert mail", "ties top-25%"]);
+        assert_eq!(ppl.series[1].values, [Some((30.0, 0.0)), Some((12.0, 0.0))]);
+        // The base's perplexity on each domain, across that domain's group.
+        assert_eq!(ppl.references, [(Some(0), 40.0), (Some(1), 20.0)]);
+        assert!(ppl.reference_label.as_deref().unwrap().starts_with("base"));
+        // Gain kept: merges only (the expert has no method), one bar per domain, the line at 1.
+        let Body::Grouped(gain) = &find(&charts, "gain_kept_per_merge").body else { panic!() };
+        assert_eq!(gain.categories, ["ties top-25%"]);
+        assert_eq!(gain.series.iter().map(|s| s.label.as_str()).collect::<Vec<_>>(), ["on film", "on mail"]);
+        assert_eq!(gain.series[1].values, [Some((0.75, 0.0))]);
+        assert_eq!(gain.references, [(None, 1.0)]);
+        assert!(charts.iter().filter(|c| c.section == Section::Domains).count() == 2);
     }
 
     #[test]

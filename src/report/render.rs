@@ -12,7 +12,7 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use super::bootstrap::percentile;
-use super::plots::{BarChart, Body, BoxChart, Chart, LineChart};
+use super::plots::{BarChart, Body, BoxChart, Chart, GroupedBarChart, LineChart};
 use crate::error::{Error, Result};
 
 const FONT: &str = "sans-serif";
@@ -21,7 +21,7 @@ static FONT_BYTES: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
 type DrawResult = std::result::Result<(), Box<dyn StdError>>;
 
 /// Registers the embedded font under every family name plotters may ask for. Idempotent.
-fn ensure_font() -> Result<()> {
+pub(crate) fn ensure_font() -> Result<()> {
     static REGISTERED: OnceLock<bool> = OnceLock::new();
     let ok = *REGISTERED.get_or_init(|| {
         ["sans-serif", "serif", "monospace"].iter().all(|family| {
@@ -94,7 +94,7 @@ fn text_style(size: u32) -> TextStyle<'static> {
     TextStyle::from((FONT, size).into_font()).color(&BLACK)
 }
 
-fn text_width(text: &str, size: u32) -> u32 {
+pub(crate) fn text_width(text: &str, size: u32) -> u32 {
     (FONT, size).into_font().box_size(text).map(|(w, _)| w).unwrap_or(text.len() as u32 * size / 2)
 }
 
@@ -193,6 +193,13 @@ pub fn size(chart: &Chart) -> (u32, u32) {
         }
         Body::Lines(l) => (900, 560 + legend_height(&line_legend(l), 900)),
         Body::Boxes(_) => (900, 560),
+        Body::Grouped(g) => {
+            // Wide enough for every category's name under its group and 30 px per bar, within print width.
+            let name_px = g.categories.iter().map(|c| text_width(c, 13) + 24).max().unwrap_or(0);
+            let group_px = name_px.max((g.series.len() as u32 + 1) * 30);
+            let w = (g.categories.len() as u32 * group_px + 120).clamp(900, 1800);
+            (w, 560 + legend_height(&grouped_legend(g), w))
+        }
     }
 }
 
@@ -227,6 +234,7 @@ where
         Body::Bars(b) => draw_bars(root, &chart.title, b),
         Body::Lines(l) => draw_lines(root, &chart.title, l),
         Body::Boxes(b) => draw_boxes(root, &chart.title, b),
+        Body::Grouped(g) => draw_grouped(root, &chart.title, g),
     }
 }
 
@@ -382,6 +390,7 @@ pub fn legend_labels(chart: &Chart) -> Vec<String> {
         Body::Bars(b) => bar_legend(b),
         Body::Lines(l) => line_legend(l),
         Body::Boxes(_) => Vec::new(),
+        Body::Grouped(g) => grouped_legend(g),
     };
     entries.into_iter().map(|(label, _)| label).collect()
 }
@@ -438,6 +447,102 @@ where
             }
         }
         chart.draw_series(s.points.iter().map(|&(x, y, _)| Circle::new((x, y), 4, c.filled())))?;
+    }
+    draw_legend(&lower, &legend)?;
+    Ok(())
+}
+
+/// Grouped bars colour each series by its place: series labels (models, domains) are compared within one chart,
+/// and labels sharing a method would otherwise share its colour.
+fn grouped_colours(g: &GroupedBarChart) -> Vec<RGBColor> {
+    (0..g.series.len()).map(|i| PALETTE[i % PALETTE.len()]).collect()
+}
+
+fn grouped_legend(g: &GroupedBarChart) -> Vec<(String, Mark)> {
+    let mut entries: Vec<(String, Mark)> =
+        g.series.iter().zip(grouped_colours(g)).map(|(s, c)| (s.label.clone(), Mark::Swatch(c))).collect();
+    if let Some(label) = &g.reference_label {
+        entries.push((label.clone(), Mark::Dashed(BASELINE_COLOR)));
+    }
+    entries
+}
+
+fn draw_grouped<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, title: &str, g: &GroupedBarChart) -> DrawResult
+where
+    DB::ErrorType: 'static,
+{
+    let (w, h) = root.dim_in_pixel();
+    let legend = grouped_legend(g);
+    let (upper, lower) = root.split_vertically(h - legend_height(&legend, w));
+    let colours = grouped_colours(g);
+    let n = g.categories.len().max(1) as f64;
+    let ends = g.series.iter().flat_map(|s| s.values.iter().flatten().flat_map(|&(v, e)| [v - e, v + e]));
+    let (y_lo, mut y_hi) = padded_range(ends.chain(g.references.iter().map(|r| r.1)), Some(0.0));
+    y_hi += 0.06 * (y_hi - y_lo); // room for the value labels
+    let mut chart = ChartBuilder::on(&upper)
+        .caption(title, text_style(20))
+        .margin(14)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.0..n, y_lo..y_hi)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(0)
+        .x_label_formatter(&|_| String::new())
+        .light_line_style(TRANSPARENT)
+        .bold_line_style(GRID_COLOR)
+        .y_desc(g.y_label.as_str())
+        .label_style(text_style(12))
+        .axis_desc_style(text_style(14))
+        .draw()?;
+    // Each category spans [i, i + 1): bars fill the middle 80%, side by side in series order.
+    let width = 0.8 / g.series.len().max(1) as f64;
+    let left = |cat: usize, s: usize| cat as f64 + 0.1 + s as f64 * width;
+    for (si, (s, c)) in g.series.iter().zip(&colours).enumerate() {
+        for (ci, v) in s.values.iter().enumerate() {
+            let Some((v, e)) = *v else { continue };
+            let x0 = left(ci, si);
+            chart
+                .draw_series(std::iter::once(Rectangle::new([(x0 + 0.01, 0.0), (x0 + width - 0.01, v)], c.filled())))?;
+            if e > 0.0 {
+                let mid = x0 + width / 2.0;
+                chart.draw_series(std::iter::once(PathElement::new(
+                    vec![(mid, v - e), (mid, v + e)],
+                    BLACK.stroke_width(1),
+                )))?;
+            }
+        }
+    }
+    chart.draw_series(std::iter::once(PathElement::new(vec![(0.0, 0.0), (n, 0.0)], BLACK.stroke_width(1))))?;
+    for &(cat, value) in &g.references {
+        let (a, b) = match cat {
+            Some(i) => (i as f64 + 0.04, i as f64 + 0.96),
+            None => (0.0, n),
+        };
+        chart.draw_series(DashedLineSeries::new(vec![(a, value), (b, value)], 8, 5, BASELINE_COLOR.stroke_width(2)))?;
+    }
+    // Text last: value labels above (or below) each bar when they fit its width, category names under the axis.
+    let bar_px = chart.backend_coord(&(width, 0.0)).0 - chart.backend_coord(&(0.0, 0.0)).0;
+    for (si, s) in g.series.iter().enumerate() {
+        for (ci, v) in s.values.iter().enumerate() {
+            let Some((v, e)) = *v else { continue };
+            let text = format!("{:.*}", g.decimals, v);
+            if text_width(&text, 11) as i32 > bar_px + 6 {
+                continue;
+            }
+            let mid = left(ci, si) + width / 2.0;
+            let (px, py) = chart.backend_coord(&(mid, if v >= 0.0 { v + e } else { v - e }));
+            let (dy, anchor) = if v >= 0.0 { (-3, VPos::Bottom) } else { (3, VPos::Top) };
+            root.draw(&Text::new(text, (px, py + dy), text_style(11).pos(Pos::new(HPos::Center, anchor))))?;
+        }
+    }
+    let cat_px = (chart.backend_coord(&(1.0, 0.0)).0 - chart.backend_coord(&(0.0, 0.0)).0).max(20) as u32;
+    for (ci, name) in g.categories.iter().enumerate() {
+        let (px, _) = chart.backend_coord(&(ci as f64 + 0.5, y_lo));
+        let (_, py) = chart.backend_coord(&(0.0, y_lo));
+        let label = fit(name, 13, cat_px - 8);
+        root.draw(&Text::new(label, (px, py + 8), text_style(13).pos(Pos::new(HPos::Center, VPos::Top))))?;
     }
     draw_legend(&lower, &legend)?;
     Ok(())
