@@ -39,16 +39,7 @@ fn tokenizer_files() -> impl Iterator<Item = &'static str> {
 pub const GENERATION_CONFIG: &str = "generation_config.json";
 
 /// Input-embedding tensor names (suffixes) of common architectures, tried before the output head's.
-const EMBEDDING_SUFFIXES: &[&str] = &[
-    "embed_tokens.weight",
-    "word_embeddings.weight",
-    "wte.weight",
-    "embed_in.weight",
-    "tok_embeddings.weight",
-    "shared.weight",
-    "lm_head.weight",
-    "embed_out.weight",
-];
+const EMBEDDING_SUFFIXES: &[&str] = super::vocab::VOCAB_TENSOR_SUFFIXES;
 
 /// What `write` will do.
 #[derive(Clone, Debug, PartialEq)]
