@@ -1,13 +1,14 @@
-//! Products with frozen operands whose backward pass differentiates the tracked input alone.
+//! Products with a constant operand (a frozen weight, a mask) whose backward pass differentiates the other one alone.
 //!
 //! candle's backward pass differentiates both operands of a matmul or an elementwise product whatever their
 //! tracking: a frozen (detached) weight still gets its gradient computed (one more weight-sized matmul per layer) and
-//! kept in the gradient store, under an id nothing reads, until the store is dropped; a broadcast frozen vector
-//! (an RMSNorm scale, a bias, the rotary cosines, an attention mask) gets an activation-sized one. Selective fine-tuning then cost full fine-tuning's time
-//! and more than its memory (SmolLM2-135M with Spectrum's top 25% unfrozen: 7.16 GiB against 6.17 GiB for full
-//! fine-tuning, before this op). The same holds the other way round: the first trained layer after frozen ones gets
-//! a gradient computed for its (constant) input. Here the result is computed from detached operands and attached to
-//! the graph as a node of the one tracked operand, with that operand's gradient given by the caller.
+//! kept in the gradient store, under an id nothing reads, until the store is dropped; a broadcast constant (an RMSNorm
+//! scale, a bias, the rotary cosines, an attention mask) gets an activation-sized one. Selective fine-tuning then
+//! cost full fine-tuning's time and more than its memory (SmolLM2-135M with Spectrum's top 25% unfrozen: 7.16 GiB
+//! against 6.17 GiB for full fine-tuning, before this op). The same holds the other way round: the first trained
+//! layer after frozen ones got a gradient computed for its (constant) input. Here the result is computed from
+//! detached operands and attached to the graph as a node of the one tracked operand, with that operand's gradient
+//! given by the caller.
 //!
 //! Works on every device: the forward value is computed with candle's ops by the caller; the node only hands it over
 //! (one copy of the output).
@@ -60,8 +61,8 @@ pub fn frozen_scale(x: &Tensor, v: &Tensor) -> CResult<Tensor> {
     with_input_grad(x, y, move |g| g.broadcast_mul(&v))
 }
 
-/// `x + c` broadcast over the leading axes of `x`, for a constant `c` (an attention mask): only `x` is
-/// differentiated, with the identity.
+/// `x + c` broadcast over the leading axes of `x`, for a constant `c` (an attention mask, the residual stream below
+/// the first trained layer): only `x` is differentiated, with the identity.
 pub fn frozen_shift(x: &Tensor, c: &Tensor) -> CResult<Tensor> {
     let y = x.detach().broadcast_add(&c.detach())?;
     with_input_grad(x, y, |g| Ok(g.clone()))
