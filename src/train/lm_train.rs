@@ -97,22 +97,9 @@ pub struct SequenceCounts {
     pub tokens: usize,
 }
 
-/// Every parameter detached while `f` runs (inference needs no graph), then the policy's flags restored.
-fn detached<R>(model: &Llama, f: impl FnOnce() -> Result<R>) -> Result<R> {
-    let flags: Vec<bool> = model.store().params().map(|(_, p)| p.trainable()).collect();
-    for (_, p) in model.store().params() {
-        p.set_trainable(false);
-    }
-    let r = f();
-    for ((_, p), on) in model.store().params().zip(flags) {
-        p.set_trainable(on);
-    }
-    r
-}
-
 /// Mean NLL per predicted token over `seqs`.
 fn mean_nll(model: &Llama, seqs: &[&[u32]]) -> Result<f64> {
-    let lp = detached(model, || lm_eval::token_logprobs(model, seqs, usize::MAX))?;
+    let lp = trainer::without_graph(model.store(), || lm_eval::token_logprobs(model, seqs, usize::MAX))?;
     let n: usize = lp.iter().map(Vec::len).sum();
     Ok(-lp.iter().flatten().map(|&x| x as f64).sum::<f64>() / n.max(1) as f64)
 }
