@@ -4,10 +4,14 @@
 //! base's bytes, a task-arithmetic merge equals base + (A - base) + (B - base) recomputed in f64 from the files, and
 //! each results line's perplexities are the `graft eval` reports' own.
 
+#[path = "common/llama_vocab.rs"]
+mod llama_vocab;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use graft::checkpoint::Checkpoint;
+use llama_vocab::vocabulary;
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/llama").join(name)
@@ -15,16 +19,6 @@ fn fixture(name: &str) -> PathBuf {
 
 fn graft(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_graft")).args(args).output().expect("run graft")
-}
-
-/// The fixture tokenizer's words (a whitespace word-level tokenizer), by id.
-fn vocabulary() -> Vec<String> {
-    let tok: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("base").join("tokenizer.json")).unwrap()).unwrap();
-    let mut vocab: Vec<(String, u64)> =
-        tok["model"]["vocab"].as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.as_u64().unwrap())).collect();
-    vocab.sort_by_key(|(_, id)| *id);
-    vocab.into_iter().map(|(w, _)| w).collect()
 }
 
 /// A learnable stream of `words` words: a cycle of `period` words starting at word `first` with step `stride`, one

@@ -4,12 +4,15 @@
 
 #[path = "common/forward.rs"]
 mod forward;
+#[path = "common/llama_vocab.rs"]
+mod llama_vocab;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use forward::Weights;
 use graft::train::lm_eval;
+use llama_vocab::vocabulary;
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/llama").join(name)
@@ -120,16 +123,6 @@ fn sharded_checkpoint_scores_as_the_single_file() {
         lm_eval::token_logprobs(&single, &[&a], 1).unwrap(),
         lm_eval::token_logprobs(&sharded, &[&a], 1).unwrap()
     );
-}
-
-/// Words of the fixture tokenizer's vocabulary (a whitespace word-level tokenizer).
-fn vocabulary() -> Vec<String> {
-    let tok: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("base").join("tokenizer.json")).unwrap()).unwrap();
-    let mut vocab: Vec<(String, u64)> =
-        tok["model"]["vocab"].as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.as_u64().unwrap())).collect();
-    vocab.sort_by_key(|(_, id)| *id);
-    vocab.into_iter().map(|(w, _)| w).collect()
 }
 
 fn text(words: usize, seed: u64) -> String {
