@@ -3,10 +3,8 @@
 //! `CountingAllocator` (the global allocator of every binary linking graft) wraps the system allocator and keeps the
 //! bytes live now and their high-water mark since the last `reset_peak`. `graft train` reads them around the training
 //! step to measure what training itself holds (parameters, gradients, optimiser state, activations kept for
-//! backward): candle's CPU tensors are `Vec`-backed, so every storage goes through here. GPU memory does not: on
-//! `--device cuda` that figure would come from the device (cudarc's `result::mem_get_info`, free memory sampled
-//! after each forward and backward, its minimum against the free memory before the model was built), which graft
-//! does not do yet, so CUDA runs report only the process's peak resident set.
+//! backward): candle's CPU tensors are `Vec`-backed, so every storage goes through here. GPU memory does not; on
+//! `--device cuda` the same figure comes from the CUDA memory pool's counters (`train::memory`).
 //!
 //! glibc hands blocks above its mmap threshold back to the kernel when freed and maps them afresh on the next
 //! allocation, so a loop that allocates the same few megabytes per chunk or per training step page-faults and has

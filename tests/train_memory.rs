@@ -2,6 +2,8 @@
 //! head-only < selected < full and cover, for every run, what the parameter counts say training must hold
 //! (every parameter in f32, plus a gradient and two AdamW moments for each trainable one); times include their parts.
 //! The real-data runs (Fashion-MNIST, MiniLM on SpamAssassin; `tools/fetch-data`) are `#[ignore]`d.
+//! `GRAFT_TEST_DEVICE=cuda` runs them all on a GPU (a `cuda` build; `tools/check-cuda` does), where the figure is the
+//! CUDA memory pool's.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -13,9 +15,19 @@ fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
 }
 
+/// The device every run trains on: `GRAFT_TEST_DEVICE` (default `cpu`; `cuda` on a GPU machine with a `cuda` build,
+/// where the figure comes from the CUDA memory pool instead of the host allocator, and the same orderings must hold).
+fn test_device() -> String {
+    std::env::var("GRAFT_TEST_DEVICE").unwrap_or_else(|_| "cpu".into())
+}
+
 fn train_json(args: &[&str]) -> serde_json::Value {
-    let out =
-        Command::new(env!("CARGO_BIN_EXE_graft")).arg("train").args(args).args(["--quiet", "--json"]).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_graft"))
+        .arg("train")
+        .args(args)
+        .args(["--quiet", "--json", "--device", &test_device()])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "graft train {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap()
 }
@@ -74,7 +86,7 @@ fn run_policies(init: &Path, data: &Path, policies: &[String], extra: &[&str]) -
                 policy: policy.clone(),
                 trainable: v["freeze"]["trainable_params"].as_u64().unwrap(),
                 total: v["freeze"]["total_params"].as_u64().unwrap(),
-                memory: report["training_memory_bytes"].as_u64().expect("CPU runs count training memory"),
+                memory: report["training_memory_bytes"].as_u64().expect("training memory is counted on this device"),
             }
         })
         .collect()

@@ -20,6 +20,7 @@ use serde_json::json;
 
 use super::freeze::{self, FreezePolicy, FreezeSummary};
 use super::lm_eval::{self, config_dir};
+use super::memory::MemoryMeter;
 use super::models::llama::Llama;
 use super::optim::{AdamW, AdamWConfig};
 use super::{device, results, tokenize, trainer};
@@ -80,7 +81,8 @@ pub struct LmTrainOutcome {
     pub eval_s: f64,
     pub tokens_per_s: f64,
     /// What training itself held at its peak (parameters, gradients, optimiser state, activations kept for
-    /// backward), counted by graft's allocator on the CPU; on other devices, the process's peak resident set.
+    /// backward), counted from allocations: graft's allocator on the CPU, the CUDA memory pool on a GPU
+    /// (`train::memory`); absent on a device with neither.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peak_memory_bytes: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -165,7 +167,8 @@ pub fn run(o: &LmTrainOptions) -> Result<LmTrainOutcome> {
     let dev = device(&o.device)?;
     // Training memory counts from here: the model's parameters are part of it (the text read next is counted too,
     // a few bytes per token beside the model).
-    let live_before_model = crate::alloc::live_bytes();
+    let meter = MemoryMeter::for_device(&dev);
+    let live_before_model = meter.live();
     let model = lm_eval::load_llama(&o.init, &dev)?;
     model.config.check_sequence_length(o.max_len, &o.init.join("config.json").display().to_string())?;
     let tokenizer = tokenize::find(o.tokenizer.as_deref(), config_dir(&o.init).as_deref())?;
@@ -197,7 +200,7 @@ pub fn run(o: &LmTrainOptions) -> Result<LmTrainOutcome> {
         )));
     }
     // Loading's temporary buffers are gone; the window opens with the model alone live.
-    crate::alloc::reset_peak();
+    meter.reset_peak();
     let mut eval_s = 0.0;
     let t = Instant::now();
     let before = mean_nll(&model, &val)?;
@@ -243,10 +246,7 @@ pub fn run(o: &LmTrainOptions) -> Result<LmTrainOutcome> {
         }
         epochs.push(rec);
     }
-    let training_memory = match dev.is_cpu() {
-        true => Some(crate::alloc::peak_bytes().saturating_sub(live_before_model)),
-        false => trainer::peak_rss_bytes(),
-    };
+    let training_memory = meter.measures().then(|| meter.peak().saturating_sub(live_before_model));
     let trained_tokens: usize = train.iter().map(|s| s.len()).sum::<usize>() * o.epochs;
     let output = match &o.output {
         Some(out) => Some(write_output(&model, &o.init, out, o.writer.clone(), o.threads)?),

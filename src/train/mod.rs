@@ -11,6 +11,7 @@ pub mod data;
 pub mod freeze;
 pub mod lm_eval;
 pub mod lm_train;
+pub mod memory;
 pub mod metrics;
 pub mod models;
 pub mod ops;
@@ -276,11 +277,12 @@ pub fn run_train(o: &TrainOptions) -> Result<TrainOutcome> {
     spec.check_input(&shape)?;
     // Training memory is counted from here: the data is loaded; the model, features, gradients, optimiser state
     // and activations to come are what the policy costs.
-    let data_bytes = crate::alloc::live_bytes();
+    let meter = memory::MemoryMeter::for_device(&dev);
+    let data_bytes = meter.live();
     let model = build_model(&spec, ck.as_ref(), transfer, DType::F32, &dev, o.train.seed)?;
     let fsum = freeze::apply(&*model, &o.freeze)?;
     // Loading's temporaries (decoded checkpoint tensors) are freed by now and are not what the policy costs.
-    crate::alloc::reset_peak();
+    meter.reset_peak();
     for bn in model.batchnorms() {
         *bn.frozen_stats.lock().unwrap() = o.bn_stats;
     }
@@ -306,7 +308,7 @@ pub fn run_train(o: &TrainOptions) -> Result<TrainOutcome> {
     } else {
         (splits.train.clone(), splits.val.clone(), splits.test.clone(), norm)
     };
-    let setup_peak = crate::alloc::peak_bytes();
+    let setup_peak = meter.peak();
     // Zero-shot accuracy means something only when the checkpoint brought its own head.
     let head_loaded = o.init.is_some()
         && ck
@@ -333,7 +335,7 @@ pub fn run_train(o: &TrainOptions) -> Result<TrainOutcome> {
     report.feature_s = feature_s;
     report.time_s = feature_s + report.train_s + if o.train.time_with_eval { report.eval_time_s } else { 0.0 };
     report.training_memory_bytes =
-        dev.is_cpu().then(|| setup_peak.max(report.step_peak_bytes).saturating_sub(data_bytes));
+        meter.measures().then(|| setup_peak.max(report.step_peak_bytes).saturating_sub(data_bytes));
     let test = if test_p.is_empty() {
         metrics::compute(&[], &[], splits.classes(), None)
     } else {

@@ -13,6 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use super::data::{self, BatchInput, Features, Normalize, Part, Samples};
+use super::memory::MemoryMeter;
 use super::metrics::{self, Metrics};
 use super::models::{Ctx, Input, Model};
 use super::optim::{AdamW, AdamWConfig};
@@ -106,7 +107,8 @@ pub fn train(
     let (mut train_time, mut eval_time) = (0f64, 0f64);
     let mut step = 0u64;
     // The optimiser state just allocated is part of what training holds, whatever the first epoch's peak.
-    let mut step_peak = crate::alloc::live_bytes();
+    let meter = MemoryMeter::for_device(&dev);
+    let mut step_peak = meter.live();
     let mut best: Option<(f64, usize, Vec<Saved>)> = None;
     let has_bn = !model.batchnorms().is_empty();
     for epoch in 1..=cfg.epochs {
@@ -115,7 +117,7 @@ pub fn train(
         // A last batch of one sample cannot be batch-normalised (PyTorch raises); drop it.
         let batches: Vec<&[usize]> = order.chunks(cfg.batch.max(1)).filter(|b| !(has_bn && b.len() < 2)).collect();
         let bar = progress_bar(cfg.progress, batches.len() as u64, epoch, cfg.epochs);
-        crate::alloc::reset_peak();
+        meter.reset_peak();
         let start = Instant::now();
         let (mut loss_sum, mut seen) = (0f64, 0usize);
         for b in batches {
@@ -142,7 +144,7 @@ pub fn train(
         }
         let secs = start.elapsed().as_secs_f64();
         train_time += secs;
-        step_peak = step_peak.max(crate::alloc::peak_bytes());
+        step_peak = step_peak.max(meter.peak());
         bar.finish_and_clear();
         let ev_start = Instant::now();
         let val_m = if val.is_empty() { None } else { Some(evaluate(model, val, norm, cfg.eval_batch)?) };
