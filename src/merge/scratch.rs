@@ -90,12 +90,15 @@ impl DerefMut for Buf {
 
 /// Runs `block(r, out)` over cache-sized pieces `r` of `range`, each filling its piece `out` of the result: the
 /// intermediate vectors of an elementwise kernel then stay in cache instead of streaming through memory per step.
+/// `out` holds leftover values, not zeros: `block` must write every element. (Zero-filling each chunk's result
+/// first was a pass over memory of its own, 5% of a linear merge.)
 pub fn blocked(range: Range<usize>, mut block: impl FnMut(Range<usize>, &mut [f32]) -> Result<()>) -> Result<Vec<f32>> {
-    let start = range.start;
-    let mut out = vec![0f32; range.len()];
+    let mut out = Vec::with_capacity(range.len());
+    let mut piece = Buf::scratch(BLOCK.min(range.len()));
     for b in blocks(range) {
-        let dst = &mut out[b.start - start..b.end - start];
+        let dst = &mut piece[..b.len()];
         block(b, dst)?;
+        out.extend_from_slice(dst);
     }
     Ok(out)
 }
