@@ -203,6 +203,14 @@ fn experiment_under_slurm_gives_the_local_results() {
     let status = status_json(&slurm);
     assert_eq!(states(&status).len(), 15);
     assert!(states(&status).iter().all(|(_, s)| s == "done"), "{status}");
+    // The run directory named another way (relative, from elsewhere) is the same run.
+    let o = Command::new(env!("CARGO_BIN_EXE_graft"))
+        .args(["experiment", "--status", "slurm"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).ends_with("15 steps: 15 done\n"), "{}", text(&o));
 }
 
 #[test]

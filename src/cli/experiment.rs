@@ -209,7 +209,18 @@ fn status(rundir: &Path, json: bool) -> Result<()> {
             SlurmQueue::empty()
         }
     };
-    let (steps, unplanned) = experiment::status(rundir, &queue)?;
+    // Step commands hold the run directory as the run named it, relative paths from where it started.
+    let rundir = match experiment::Origin::read(rundir) {
+        Some(o) if std::env::set_current_dir(&o.workdir).is_ok() => o.rundir,
+        _ => rundir.to_path_buf(),
+    };
+    let rundir = rundir.as_path();
+    let (mut steps, unplanned) = experiment::status(rundir, &queue)?;
+    if let Ok(cwd) = std::env::current_dir() {
+        for s in &mut steps {
+            s.log = cwd.join(&s.log);
+        }
+    }
     let follow_up = experiment::slurm::continuation(rundir, &queue);
     if json {
         let doc = serde_json::json!({

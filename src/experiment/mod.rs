@@ -84,12 +84,33 @@ pub fn run_llm(plan: &LlmPlan, rundir: &Path, program: &Path) -> Result<Summary>
     Ok(Summary { outcomes, results, lines })
 }
 
-/// Keeps the plan being run in `RUNDIR/plan.yml` (what a Slurm continuation and `--status` read).
+/// Keeps the plan being run in `RUNDIR/plan.yml` (what a Slurm continuation and `--status` read), and where the run
+/// was started from in `RUNDIR/.steps/origin.json` (see `Origin`).
 fn write_plan_copy(rundir: &Path, plan: &impl serde::Serialize) -> Result<()> {
     std::fs::create_dir_all(rundir).map_err(|e| Error::io(rundir, e))?;
     let plan_copy = rundir.join("plan.yml");
     let yaml = yaml_serde::to_string(plan).map_err(|e| Error::invalid(format!("cannot serialise the plan: {e}")))?;
-    std::fs::write(&plan_copy, yaml).map_err(|e| Error::io(&plan_copy, e))
+    std::fs::write(&plan_copy, yaml).map_err(|e| Error::io(&plan_copy, e))?;
+    runner::create_dirs(rundir)?;
+    let workdir = std::env::current_dir().map_err(|e| Error::io(".", e))?;
+    let origin = Origin { rundir: rundir.to_path_buf(), workdir };
+    let path = rundir.join(".steps").join("origin.json");
+    std::fs::write(&path, serde_json::to_string(&origin).unwrap()).map_err(|e| Error::io(&path, e))
+}
+
+/// The run directory as the run named it and the directory it was started from: step commands and markers hold
+/// paths in that form (relative ones resolve from `workdir`), so `--status` must plan the steps the same way.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct Origin {
+    pub rundir: PathBuf,
+    pub workdir: PathBuf,
+}
+
+impl Origin {
+    pub fn read(rundir: &Path) -> Option<Origin> {
+        let text = std::fs::read_to_string(rundir.join(".steps").join("origin.json")).ok()?;
+        serde_json::from_str(&text).ok()
+    }
 }
 
 /// Phase two of every seed, planned from phase one's alignment reports (read once phase one has run).
@@ -190,6 +211,10 @@ pub fn run_slurm(
     continuation: bool,
 ) -> Result<SlurmSummary> {
     slurm::check_sbatch()?;
+    if !continuation {
+        // This invocation does what a queued follow-up job would (which could otherwise submit the same steps).
+        slurm::cancel_continuation(rundir)?;
+    }
     let mut retry_failed = !continuation;
     let mut submitted = 0;
     loop {

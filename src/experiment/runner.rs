@@ -254,6 +254,10 @@ mod tests {
         assert!(matches!(first[1].status, Status::Failed { .. }));
         assert_eq!(first[2].status, Status::Blocked { by: "b".into() });
         assert!(matches!(first[3].status, Status::Ran { .. }));
+        // The failure is recorded with its exit code and log; the success marker is not.
+        let failed = failure(d, &steps[1]).unwrap();
+        assert!(failed.error.contains("exit 1") && failed.log == log_path(d, "b"), "{failed:?}");
+        assert!(!marker_path(d, "b").exists() && is_done(d, &steps[0]));
 
         // "Interrupt", fix the cause, rerun: a is not redone; b and then c run.
         std::fs::write(d.join("go"), "").unwrap();
@@ -262,6 +266,7 @@ mod tests {
         assert!(matches!(second[1].status, Status::Ran { .. }));
         assert!(matches!(second[2].status, Status::Ran { .. }));
         assert_eq!(second[3].status, Status::AlreadyDone);
+        assert!(failure(d, &steps[1]).is_none() && is_done(d, &steps[1]));
         assert_eq!(std::fs::read_to_string(&count).unwrap(), "x\n");
 
         // A lost output reruns its step and everything downstream of it.

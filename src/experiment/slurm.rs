@@ -383,14 +383,8 @@ fn continuation_record(rundir: &Path) -> PathBuf {
 /// what could not be planned yet, and collects the results and writes the report when every step is done. An earlier
 /// continuation still queued is cancelled (this one replaces it). Returns the job id.
 pub fn submit_continuation(opts: &Options, rundir: &Path, after: &[String]) -> Result<String> {
+    cancel_continuation(rundir)?;
     let record = continuation_record(rundir);
-    if let Ok(old) = std::fs::read_to_string(&record) {
-        let old = old.trim();
-        let me = std::env::var("SLURM_JOB_ID").unwrap_or_default();
-        if !old.is_empty() && old != me && Queue::read()?.alive(old).is_some() {
-            scancel(old);
-        }
-    }
     let script = rundir.join(".steps").join("continue.sbatch");
     let mut line = vec![shell_quote(&opts.program.display().to_string())];
     line.extend(opts.continuation.iter().map(|a| shell_quote(a)));
@@ -415,6 +409,17 @@ pub fn submit_continuation(opts: &Options, rundir: &Path, after: &[String]) -> R
     let job = sbatch(opts, &args, &script)?;
     write(&record, &job)?;
     Ok(job)
+}
+
+/// Cancels the run's follow-up job if it is queued or running, unless it is this very job.
+pub fn cancel_continuation(rundir: &Path) -> Result<()> {
+    let Ok(old) = std::fs::read_to_string(continuation_record(rundir)) else { return Ok(()) };
+    let old = old.trim();
+    let me = std::env::var("SLURM_JOB_ID").unwrap_or_default();
+    if !old.is_empty() && old != me && Queue::read()?.alive(old).is_some() {
+        scancel(old);
+    }
+    Ok(())
 }
 
 /// Waits until none of `jobs` (job id, step id) is queued or running, calling `on_end(step id)` as each ends.
