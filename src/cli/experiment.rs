@@ -160,7 +160,8 @@ fn slurm_study(plan: &Study, rundir: &Path, args: &Args) -> Result<()> {
     if let Some(job) = &summary.continuation {
         let pending = summary.states.iter().filter(|(_, s)| matches!(s, State::Pending { .. })).count();
         eprintln!(
-            "graft: {} jobs submitted, {pending} steps queued or running; follow-up job {job} submits the rest and              collects the results and the report into {} (`graft experiment --status {}` shows progress)",
+            "graft: {} jobs submitted, {pending} steps queued or running; follow-up job {job} submits the rest and \
+             collects the results and the report into {} (`graft experiment --status {}` shows progress)",
             summary.submitted,
             rundir.display(),
             rundir.display()
