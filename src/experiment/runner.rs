@@ -4,7 +4,9 @@
 //! process's peak RSS only grows, so in-process runs would report the largest so far), and a step that fails or
 //! crashes cannot take the others down. A step that succeeds leaves a marker in `RUNDIR/.steps/` recording its
 //! command; a rerun skips a step whose marker matches its command, whose outputs exist and none of whose
-//! dependencies ran again. A failed step is reported and only the steps that need it are skipped.
+//! dependencies ran again. A failed step is reported (and leaves a failure marker with its error and log path) and
+//! only the steps that need it are skipped. Running one step and recording its markers (`execute`) is shared with the
+//! Slurm executor (`super::slurm`), whose job script runs the same step through `graft experiment --run-step`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::IsTerminal;
@@ -12,11 +14,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Step {
     /// Unique, path-safe identifier (`seed0/merge-lerp-p0.15`).
     pub id: String,
@@ -46,49 +48,46 @@ pub struct Outcome {
     pub status: Status,
 }
 
-#[derive(Serialize, serde::Deserialize, PartialEq)]
+#[derive(Serialize, Deserialize, PartialEq)]
 struct Marker {
     args: Vec<String>,
 }
 
+/// What a failed step leaves in `RUNDIR/.steps/ID.failed`: its command, the error (last log line, exit code and log
+/// path) and the log. Removed when the step is started again.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Failure {
+    pub args: Vec<String>,
+    pub error: String,
+    pub log: PathBuf,
+}
+
+/// Where a step's standard error goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Log {
+    /// Into `RUNDIR/logs/ID.log`, created afresh (the local executor).
+    Create,
+    /// Into this process's own standard error, which already is the step's log (a Slurm job's `--output`).
+    Inherit,
+}
+
 /// Runs `steps` in order with `program` (normally the graft binary itself), keeping markers and logs under `rundir`.
 pub fn run(program: &Path, rundir: &Path, steps: &[Step], mut on_done: impl FnMut(&Outcome)) -> Result<Vec<Outcome>> {
-    let ids: BTreeSet<&str> = steps.iter().map(|s| s.id.as_str()).collect();
-    for (i, s) in steps.iter().enumerate() {
-        if let Some(d) = s.after.iter().find(|d| !steps[..i].iter().any(|p| &p.id == *d)) {
-            let why = if ids.contains(d.as_str()) { "comes later" } else { "does not exist" };
-            return Err(Error::invalid(format!("step '{}' needs step '{d}', which {why}", s.id)));
-        }
-    }
-    let markers = rundir.join(".steps");
-    let logs = rundir.join("logs");
-    for d in [&markers, &logs] {
-        std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
-    }
+    check_order(steps, &BTreeSet::new())?;
+    create_dirs(rundir)?;
     let mut index_of: BTreeMap<String, usize> = BTreeMap::new();
     let mut outcomes: Vec<Outcome> = Vec::new();
     for step in steps {
-        let marker_path = marker_path(rundir, &step.id);
-        let log_path = logs.join(format!("{}.log", file_safe(&step.id)));
         let status_of = |d: &String| &outcomes[index_of[d]].status;
         let blocked =
             step.after.iter().find(|d| matches!(status_of(d), Status::Failed { .. } | Status::Blocked { .. }));
         let deps_reran = step.after.iter().any(|d| matches!(status_of(d), Status::Ran { .. }));
         let status = if let Some(b) = blocked {
             Status::Blocked { by: b.clone() }
-        } else if !deps_reran && is_done(&marker_path, step) {
+        } else if !deps_reran && is_done(rundir, step) {
             Status::AlreadyDone
         } else {
-            let _ = std::fs::remove_file(&marker_path);
-            let t = Instant::now();
-            match run_one(program, step, &log_path) {
-                Ok(()) => {
-                    let m = serde_json::to_string(&Marker { args: step.args.clone() }).unwrap();
-                    std::fs::write(&marker_path, m).map_err(|e| Error::io(&marker_path, e))?;
-                    Status::Ran { secs: t.elapsed().as_secs_f64() }
-                }
-                Err(error) => Status::Failed { error },
-            }
+            execute(program, rundir, step, Log::Create)?
         };
         let outcome = Outcome { id: step.id.clone(), status };
         on_done(&outcome);
@@ -98,21 +97,86 @@ pub fn run(program: &Path, rundir: &Path, steps: &[Step], mut on_done: impl FnMu
     Ok(outcomes)
 }
 
+/// Checks that every step's dependencies exist and come before it (or are among `earlier`, steps decided before).
+pub fn check_order(steps: &[Step], earlier: &BTreeSet<String>) -> Result<()> {
+    let ids: BTreeSet<&str> = steps.iter().map(|s| s.id.as_str()).collect();
+    for (i, s) in steps.iter().enumerate() {
+        let known = |d: &String| earlier.contains(d) || steps[..i].iter().any(|p| &p.id == d);
+        if let Some(d) = s.after.iter().find(|d| !known(d)) {
+            let why = if ids.contains(d.as_str()) { "comes later" } else { "does not exist" };
+            return Err(Error::invalid(format!("step '{}' needs step '{d}', which {why}", s.id)));
+        }
+    }
+    Ok(())
+}
+
+/// Creates `RUNDIR/.steps` (markers) and `RUNDIR/logs`.
+pub fn create_dirs(rundir: &Path) -> Result<()> {
+    for d in [rundir.join(".steps"), rundir.join("logs")] {
+        std::fs::create_dir_all(&d).map_err(|e| Error::io(&d, e))?;
+    }
+    Ok(())
+}
+
+/// Runs one step (its standard error into its log, its standard output into `stdout_to`) and records the outcome:
+/// the success marker, or the failure marker. Either marker of an earlier attempt is removed first, so an attempt
+/// cut short (killed, cancelled) leaves neither.
+pub fn execute(program: &Path, rundir: &Path, step: &Step, log: Log) -> Result<Status> {
+    let marker = marker_path(rundir, &step.id);
+    let failure = failure_path(rundir, &step.id);
+    let _ = std::fs::remove_file(&marker);
+    let _ = std::fs::remove_file(&failure);
+    let log_path = log_path(rundir, &step.id);
+    let t = Instant::now();
+    match run_one(program, step, &log_path, log) {
+        Ok(()) => {
+            let m = serde_json::to_string(&Marker { args: step.args.clone() }).unwrap();
+            std::fs::write(&marker, m).map_err(|e| Error::io(&marker, e))?;
+            Ok(Status::Ran { secs: t.elapsed().as_secs_f64() })
+        }
+        Err(error) => {
+            let f = Failure { args: step.args.clone(), error: error.clone(), log: log_path };
+            std::fs::write(&failure, serde_json::to_string(&f).unwrap()).map_err(|e| Error::io(&failure, e))?;
+            Ok(Status::Failed { error })
+        }
+    }
+}
+
 /// Where a finished step's marker is kept; removing it makes the next run redo the step and everything after it.
 pub fn marker_path(rundir: &Path, id: &str) -> PathBuf {
     rundir.join(".steps").join(format!("{}.json", file_safe(id)))
 }
 
-fn is_done(marker: &Path, step: &Step) -> bool {
-    let Ok(text) = std::fs::read_to_string(marker) else { return false };
+/// Where a failed step's failure marker is kept.
+pub fn failure_path(rundir: &Path, id: &str) -> PathBuf {
+    rundir.join(".steps").join(format!("{}.failed", file_safe(id)))
+}
+
+/// Where a step's log is kept.
+pub fn log_path(rundir: &Path, id: &str) -> PathBuf {
+    rundir.join("logs").join(format!("{}.log", file_safe(id)))
+}
+
+/// Whether `step` finished with its current command and its outputs are all there.
+pub fn is_done(rundir: &Path, step: &Step) -> bool {
+    let Ok(text) = std::fs::read_to_string(marker_path(rundir, &step.id)) else { return false };
     let Ok(m) = serde_json::from_str::<Marker>(&text) else { return false };
     m.args == step.args && step.outputs.iter().all(|p| p.exists()) && step.stdout_to.as_ref().is_none_or(|p| p.exists())
 }
 
-fn run_one(program: &Path, step: &Step, log: &Path) -> std::result::Result<(), String> {
-    let log_file = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
+/// The failure marker of `step`'s last attempt with its current command, if that attempt failed.
+pub fn failure(rundir: &Path, step: &Step) -> Option<Failure> {
+    let text = std::fs::read_to_string(failure_path(rundir, &step.id)).ok()?;
+    serde_json::from_str::<Failure>(&text).ok().filter(|f| f.args == step.args)
+}
+
+fn run_one(program: &Path, step: &Step, log: &Path, to: Log) -> std::result::Result<(), String> {
+    let stderr = match to {
+        Log::Create => Stdio::from(std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?),
+        Log::Inherit => Stdio::inherit(),
+    };
     let mut cmd = Command::new(program);
-    cmd.args(&step.args).stdin(Stdio::null()).stderr(Stdio::from(log_file));
+    cmd.args(&step.args).stdin(Stdio::null()).stderr(stderr);
     cmd.stdout(if step.stdout_to.is_some() { Stdio::piped() } else { Stdio::null() });
     let out = cmd.output().map_err(|e| format!("cannot start {}: {e}", program.display()))?;
     if !out.status.success() {
@@ -131,7 +195,8 @@ fn run_one(program: &Path, step: &Step, log: &Path) -> std::result::Result<(), S
     Ok(())
 }
 
-fn file_safe(id: &str) -> String {
+/// `id` as a file name: `/` and anything else not portable become `_`.
+pub fn file_safe(id: &str) -> String {
     id.chars().map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') { c } else { '_' }).collect()
 }
 
@@ -189,6 +254,10 @@ mod tests {
         assert!(matches!(first[1].status, Status::Failed { .. }));
         assert_eq!(first[2].status, Status::Blocked { by: "b".into() });
         assert!(matches!(first[3].status, Status::Ran { .. }));
+        // The failure is recorded with its exit code and log; the success marker is not.
+        let failed = failure(d, &steps[1]).unwrap();
+        assert!(failed.error.contains("exit 1") && failed.log == log_path(d, "b"), "{failed:?}");
+        assert!(!marker_path(d, "b").exists() && is_done(d, &steps[0]));
 
         // "Interrupt", fix the cause, rerun: a is not redone; b and then c run.
         std::fs::write(d.join("go"), "").unwrap();
@@ -197,6 +266,7 @@ mod tests {
         assert!(matches!(second[1].status, Status::Ran { .. }));
         assert!(matches!(second[2].status, Status::Ran { .. }));
         assert_eq!(second[3].status, Status::AlreadyDone);
+        assert!(failure(d, &steps[1]).is_none() && is_done(d, &steps[1]));
         assert_eq!(std::fs::read_to_string(&count).unwrap(), "x\n");
 
         // A lost output reruns its step and everything downstream of it.
