@@ -535,3 +535,61 @@ fn json_output_and_superseded_lines() {
     assert_eq!(aligned["best"], true);
     assert_eq!(naive["best"], false);
 }
+
+/// The efficiency scatter's Pareto fronts (accuracy against training time, against peak memory) equal fronts found
+/// here by brute force from the results file's own numbers: an experiment is on the front when no other experiment
+/// has cost <= and accuracy >= with one strict. Legend entries distinct; the chart has ink.
+#[test]
+fn efficiency_scatter_front_matches_brute_force() {
+    let (dir, results, study) = setup();
+    let out_dir = dir.path().join("report");
+    ok(&graft(&["report", results.to_str().unwrap(), "-o", out_dir.to_str().unwrap(), "--json"]));
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(out_dir.join("summary.json")).unwrap()).unwrap();
+    let plot =
+        doc["plots"].as_array().unwrap().iter().find(|p| p["name"] == "train_efficiency_accuracy").expect("chart");
+    let mut experiments: Vec<String> = Vec::new();
+    for l in &study.lines {
+        let e = l["experiment"].as_str().unwrap().to_string();
+        if l["kind"] == "train" && !experiments.contains(&e) {
+            experiments.push(e);
+        }
+    }
+    let mean = |v: Vec<f64>| v.iter().sum::<f64>() / v.len() as f64;
+    let fronts = plot["pareto_front"].as_array().unwrap();
+    assert_eq!(fronts.len(), 2);
+    for (front, cost) in fronts.iter().zip(["time_s", "peak_memory_bytes"]) {
+        let pts: Vec<(f64, f64)> = experiments
+            .iter()
+            .map(|e| (mean(study.values("train", e, cost)), mean(study.values("train", e, "accuracy"))))
+            .collect();
+        let mut want: Vec<&str> = experiments
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| {
+                !pts.iter()
+                    .enumerate()
+                    .any(|(j, q)| j != i && q.0 <= pts[i].0 && q.1 >= pts[i].1 && (q.0 < pts[i].0 || q.1 > pts[i].1))
+            })
+            .map(|(_, e)| e.as_str())
+            .collect();
+        let mut got: Vec<&str> = front["experiments"].as_array().unwrap().iter().map(|e| e.as_str().unwrap()).collect();
+        assert!(!got.is_empty());
+        // By increasing cost.
+        let cost_of = |e: &str| pts[experiments.iter().position(|x| x == e).unwrap()].0;
+        assert!(got.windows(2).all(|w| cost_of(w[0]) <= cost_of(w[1])), "{cost}: {got:?}");
+        want.sort();
+        got.sort();
+        assert_eq!(got, want, "{cost}");
+    }
+    let legend: Vec<&str> = plot["legend"].as_array().unwrap().iter().map(|l| l.as_str().unwrap()).collect();
+    for want in ["lerp", "ties", "head only", "SNR-selected layers", "full fine-tuning", "baseline (base + full FT)"] {
+        assert!(legend.contains(&want), "{want} not in {legend:?}");
+    }
+    check_chart_rules(std::slice::from_ref(plot));
+    let img = png::decode(&std::fs::read(out_dir.join("plots/train_efficiency_accuracy.png")).unwrap()).unwrap();
+    let ink = (0..img.height)
+        .flat_map(|y| (0..img.width).map(move |x| (x, y)))
+        .filter(|&(x, y)| img.pixel(x, y)[..3] != [255, 255, 255])
+        .count();
+    assert!(ink as f64 / (img.width * img.height) as f64 > 0.01, "nearly blank");
+}

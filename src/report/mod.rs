@@ -49,6 +49,9 @@ pub struct PlotFiles {
     pub svg: String,
     /// Legend texts in order.
     pub legend: Vec<String>,
+    /// Efficiency scatters: per panel (cost), the experiments on the Pareto front by increasing cost.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pareto_front: Vec<plots::Front>,
 }
 
 /// `summary.json`: the summary with everything needed to find the files (paths relative to the report directory).
@@ -126,6 +129,7 @@ fn write_all(dir: &Path, report: &mut Report, charts: &[Chart]) -> Result<()> {
             png: format!("plots/{}.png", chart.name),
             svg: format!("plots/{}.svg", chart.name),
             legend: render::legend_labels(chart),
+            pareto_front: plots::fronts(chart),
         });
     }
     let mut files: Vec<(String, String)> = Vec::new();

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+use super::format::Direction;
 use super::results::Kind;
 use super::summary::{Curve, KindTable, MetricSpec, Param, Row, Summary, Unit};
 use super::table::ColumnFormat;
@@ -54,6 +55,38 @@ pub enum Body {
     Lines(LineChart),
     Boxes(BoxChart),
     Grouped(GroupedBarChart),
+    Scatter(ScatterChart),
+}
+
+/// The main metric against costs, one panel per cost (training time, peak memory), every experiment a point:
+/// colour by method, marker by freeze policy, the Pareto front (nothing else is both cheaper and better) joined by a
+/// line and ringed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ScatterChart {
+    pub y_label: String,
+    pub panels: Vec<ScatterPanel>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ScatterPanel {
+    pub x_label: String,
+    pub points: Vec<ScatterPoint>,
+    /// Indices into `points` of the Pareto front, by increasing cost.
+    pub front: Vec<usize>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ScatterPoint {
+    /// The experiment, in words.
+    pub label: String,
+    /// Colour key: the merge method ("" for none; the baseline is drawn black).
+    pub method: String,
+    /// Marker key: the freeze policy in words ("full", "head", "selected"), "" when unknown.
+    pub policy: String,
+    pub baseline: bool,
+    /// (mean, standard error) of the cost and of the metric.
+    pub x: (f64, f64),
+    pub y: (f64, f64),
 }
 
 /// Vertical bars in groups along x (one group per category), one bar per series in each group, a colour per series.
@@ -157,6 +190,9 @@ pub fn plan(summary: &Summary) -> Vec<Chart> {
     for t in &summary.tables {
         let prefix = if several_kinds { format!("{}_", t.kind.as_str()) } else { String::new() };
         charts.extend(bar_charts(t, &prefix));
+        if t.kind == Kind::Train {
+            charts.extend(efficiency_scatter(t, &prefix));
+        }
         charts.extend(efficiency_charts(t, &prefix));
         charts.extend(numeric_charts(t, &prefix));
         charts.extend(categorical_charts(t, &prefix));
@@ -260,6 +296,128 @@ fn bar_charts(t: &KindTable, prefix: &str) -> Vec<Chart> {
         });
     }
     out
+}
+
+/// The metric a study is judged by, first of these present: the efficiency scatter and the violins show it.
+const MAIN_METRICS: &[&str] = &["accuracy", "f1_weighted", "f1_macro", "zero_shot_accuracy"];
+
+fn main_metric(t: &KindTable) -> Option<&MetricSpec> {
+    MAIN_METRICS.iter().find_map(|k| spec(t, k))
+}
+
+/// A freeze setting in words: "full" (nothing frozen), "head" (all but the head frozen), "selected" (the SNR
+/// selection trains), other values as written.
+pub fn policy_word(freeze: &str) -> String {
+    match freeze {
+        "none" | "full" => "full".into(),
+        "all-but-head" | "head" => "head".into(),
+        f if f.starts_with("selected") => "selected".into(),
+        other => other.into(),
+    }
+}
+
+/// A row's freeze policy in words: from its `freeze` parameter, or, where the runs disagree on it (a selection file
+/// per seed), from the `NAME / POLICY` experiment name graft's studies write; "" when neither says.
+pub fn freeze_policy(r: &Row) -> String {
+    if let Some(f) = r.params.get("freeze") {
+        return policy_word(&f.display());
+    }
+    match r.experiment.rsplit_once(" / ") {
+        Some((_, p)) if ["full", "head", "selected"].contains(&p.trim()) => p.trim().into(),
+        _ => String::new(),
+    }
+}
+
+/// The Pareto front of (cost, value) points, lower cost and higher value better: the points no other point beats on
+/// both (cost <= and value >=, one strictly). Identical points are both on it. Indices by increasing cost.
+/// A sweep: by cost, then value descending; a point is on the front when its value beats every cheaper point's.
+pub fn pareto_front(points: &[(f64, f64)]) -> Vec<usize> {
+    let mut order: Vec<usize> =
+        (0..points.len()).filter(|&i| points[i].0.is_finite() && points[i].1.is_finite()).collect();
+    order.sort_by(|&a, &b| points[a].0.total_cmp(&points[b].0).then(points[b].1.total_cmp(&points[a].1)));
+    let mut front = Vec::new();
+    let mut best: Option<(f64, f64)> = None;
+    for i in order {
+        let (x, y) = points[i];
+        match best {
+            Some((bx, by)) if y < by || (y == by && x != bx) => continue,
+            Some((_, by)) if y == by => {}
+            _ => best = Some((x, y)),
+        }
+        front.push(i);
+    }
+    front
+}
+
+/// One panel's Pareto front by name, as `summary.json` lists it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Front {
+    pub cost: String,
+    pub experiments: Vec<String>,
+}
+
+/// The Pareto fronts of a scatter chart's panels; none for other charts.
+pub fn fronts(chart: &Chart) -> Vec<Front> {
+    let Body::Scatter(s) = &chart.body else { return Vec::new() };
+    s.panels
+        .iter()
+        .map(|p| Front {
+            cost: p.x_label.clone(),
+            experiments: p.front.iter().map(|&i| p.points[i].label.clone()).collect(),
+        })
+        .collect()
+}
+
+/// The main metric against training time and against peak memory, every experiment (the baseline too) a point.
+fn efficiency_scatter(t: &KindTable, prefix: &str) -> Option<Chart> {
+    let m = main_metric(t)?;
+    if m.direction != Direction::Higher {
+        return None;
+    }
+    let fy = t.format(m);
+    let mut panels = Vec::new();
+    for key in ["time_s", "peak_memory_bytes"] {
+        let Some(cost) = spec(t, key) else { continue };
+        let fx = t.format(cost);
+        let points: Vec<ScatterPoint> = t
+            .rows
+            .iter()
+            .filter_map(|r| {
+                let (c, v) = (r.cell(key)?, r.cell(&m.key)?);
+                Some(ScatterPoint {
+                    label: r.experiment.clone(),
+                    method: if r.baseline { String::new() } else { r.group.clone() },
+                    policy: freeze_policy(r),
+                    baseline: r.baseline,
+                    x: (c.estimate.mean / fx.scale, c.estimate.se / fx.scale),
+                    y: (v.estimate.mean / fy.scale, v.estimate.se / fy.scale),
+                })
+            })
+            .collect();
+        if points.len() < 2 {
+            continue;
+        }
+        let front = pareto_front(&points.iter().map(|p| (p.x.0, p.y.0)).collect::<Vec<_>>());
+        let what = if key == "time_s" { "training time" } else { "peak memory" };
+        panels.push(ScatterPanel { x_label: fx.header(what), points, front });
+    }
+    if panels.is_empty() {
+        return None;
+    }
+    let costs: Vec<&str> = panels
+        .iter()
+        .map(|p| if p.x_label.starts_with("training") { "training time" } else { "peak memory" })
+        .collect();
+    Some(Chart {
+        name: format!("{prefix}efficiency_{}", m.key),
+        title: format!(
+            "{} for its cost: against {} (the Pareto front joined)",
+            metric_title(t.kind, m),
+            costs.join(" and ")
+        ),
+        section: Section::Efficiency,
+        body: Body::Scatter(ScatterChart { y_label: axis_label(m, &fy), panels }),
+    })
 }
 
 /// Percentage change of quality metrics, (x - b) / b, and percentage saved of cost metrics, (b - x) / b, against the
@@ -808,6 +966,20 @@ mod tests {
         assert_eq!(gain.series[1].values, [Some((0.75, 0.0))]);
         assert_eq!(gain.references, [(None, 1.0)]);
         assert!(charts.iter().filter(|c| c.section == Section::Domains).count() == 2);
+    }
+
+    #[test]
+    fn pareto_front_by_hand() {
+        // (cost, value): 0 and 3 coincide at the cheapest best; 1 is costlier and no better; 2 costs more and is
+        // better; 4 is beaten by 2 on both; 5 has the same value as 2 at a higher cost.
+        let pts = [(1.0, 0.8), (2.0, 0.8), (3.0, 0.9), (1.0, 0.8), (4.0, 0.85), (5.0, 0.9), (f64::NAN, 1.0)];
+        assert_eq!(pareto_front(&pts), [0, 3, 2]);
+        assert_eq!(pareto_front(&[]), Vec::<usize>::new());
+        // Strictly better and cheaper in turn: all on the front, by cost.
+        assert_eq!(pareto_front(&[(3.0, 3.0), (1.0, 1.0), (2.0, 2.0)]), [1, 2, 0]);
+        assert_eq!(policy_word("selected:/runs/x"), "selected");
+        assert_eq!(policy_word("all-but-head"), "head");
+        assert_eq!(policy_word("none"), "full");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use super::bootstrap::percentile;
-use super::plots::{BarChart, Body, BoxChart, Chart, GroupedBarChart, LineChart};
+use super::plots::{BarChart, Body, BoxChart, Chart, GroupedBarChart, LineChart, ScatterChart, ScatterPanel};
 use crate::error::{Error, Result};
 
 const FONT: &str = "sans-serif";
@@ -115,11 +115,17 @@ fn fit(text: &str, size: u32, max: u32) -> String {
 }
 
 /// A legend entry's mark.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 enum Mark {
     Swatch(RGBColor),
     Line(RGBColor),
     Dashed(RGBColor),
+    /// A scatter marker: policy shape in a colour.
+    Marker(Shape, RGBColor),
+    /// The Pareto front: a black line through a ringed point.
+    Front,
+    /// A numbered key entry: the number as drawn next to its point.
+    Number(String),
 }
 
 const LEGEND_SIZE: u32 = 13;
@@ -165,7 +171,7 @@ where
         for &(x, i) in row {
             let x = left + x as i32;
             let (label, mark) = &entries[i];
-            match *mark {
+            match mark.clone() {
                 Mark::Swatch(c) => area.draw(&Rectangle::new([(x, y - 6), (x + 20, y + 6)], c.filled()))?,
                 Mark::Line(c) => {
                     area.draw(&PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)))?;
@@ -173,6 +179,15 @@ where
                 }
                 Mark::Dashed(c) => {
                     area.draw(&DashedPathElement::new(vec![(x, y), (x + 22, y)], 5, 3, c.stroke_width(2)))?
+                }
+                Mark::Marker(shape, c) => draw_marker(area, (x + 10, y), shape, c)?,
+                Mark::Front => {
+                    area.draw(&PathElement::new(vec![(x, y), (x + 22, y)], BLACK.stroke_width(2)))?;
+                    area.draw(&Circle::new((x + 11, y), 7, BLACK.stroke_width(2)))?;
+                }
+                Mark::Number(n) => {
+                    let style = text_style(LEGEND_SIZE).pos(Pos::new(HPos::Right, VPos::Center));
+                    area.draw(&Text::new(n.clone(), (x + 22, y), style))?;
                 }
             }
             let style = text_style(LEGEND_SIZE).pos(Pos::new(HPos::Left, VPos::Center));
@@ -193,6 +208,11 @@ pub fn size(chart: &Chart) -> (u32, u32) {
         }
         Body::Lines(l) => (900, 560 + legend_height(&line_legend(l), 900)),
         Body::Boxes(_) => (900, 560),
+        Body::Scatter(s) => {
+            let w = scatter_width(s);
+            let key = scatter_key(s).unwrap_or_default();
+            (w, SCATTER_H + legend_height(&scatter_legend(s), w) + legend_height(&key, w))
+        }
         Body::Grouped(g) => {
             // Wide enough for every category's name under its group and 30 px per bar, within print width.
             let name_px = g.categories.iter().map(|c| text_width(c, 13) + 24).max().unwrap_or(0);
@@ -235,6 +255,7 @@ where
         Body::Lines(l) => draw_lines(root, &chart.title, l),
         Body::Boxes(b) => draw_boxes(root, &chart.title, b),
         Body::Grouped(g) => draw_grouped(root, &chart.title, g),
+        Body::Scatter(s) => draw_scatter(root, &chart.title, s),
     }
 }
 
@@ -391,6 +412,7 @@ pub fn legend_labels(chart: &Chart) -> Vec<String> {
         Body::Lines(l) => line_legend(l),
         Body::Boxes(_) => Vec::new(),
         Body::Grouped(g) => grouped_legend(g),
+        Body::Scatter(s) => scatter_legend(s),
     };
     entries.into_iter().map(|(label, _)| label).collect()
 }
@@ -545,6 +567,324 @@ where
         root.draw(&Text::new(label, (px, py + 8), text_style(13).pos(Pos::new(HPos::Center, VPos::Top))))?;
     }
     draw_legend(&lower, &legend)?;
+    Ok(())
+}
+
+/// Scatter marker shapes, one per freeze policy, the same in every chart.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Shape {
+    Circle,
+    Triangle,
+    Square,
+    Diamond,
+    Cross,
+}
+
+/// Full fine-tuning a circle, head only a triangle, the SNR selection a square; no policy a diamond, others a cross.
+pub fn policy_shape(policy: &str) -> Shape {
+    match policy {
+        "full" => Shape::Circle,
+        "head" => Shape::Triangle,
+        "selected" => Shape::Square,
+        "" => Shape::Diamond,
+        _ => Shape::Cross,
+    }
+}
+
+const MARKER_R: i32 = 5;
+
+fn draw_marker<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    (x, y): (i32, i32),
+    shape: Shape,
+    c: RGBColor,
+) -> DrawResult
+where
+    DB::ErrorType: 'static,
+{
+    let r = MARKER_R;
+    match shape {
+        Shape::Circle => area.draw(&Circle::new((x, y), r, c.filled()))?,
+        Shape::Triangle => {
+            area.draw(&Polygon::new(vec![(x, y - r - 1), (x - r - 1, y + r), (x + r + 1, y + r)], c.filled()))?
+        }
+        Shape::Square => area.draw(&Rectangle::new([(x - r + 1, y - r + 1), (x + r - 1, y + r - 1)], c.filled()))?,
+        Shape::Diamond => {
+            area.draw(&Polygon::new(vec![(x, y - r - 1), (x + r + 1, y), (x, y + r + 1), (x - r - 1, y)], c.filled()))?
+        }
+        Shape::Cross => {
+            area.draw(&PathElement::new(vec![(x - r, y - r), (x + r, y + r)], c.stroke_width(3)))?;
+            area.draw(&PathElement::new(vec![(x - r, y + r), (x + r, y - r)], c.stroke_width(3)))?;
+        }
+    }
+    Ok(())
+}
+
+/// Height of the title and panels of a scatter chart; legend and key go below.
+const SCATTER_H: u32 = 600;
+const SCATTER_LABEL_SIZE: u32 = 11;
+const SCATTER_LINE: i32 = 13;
+
+fn scatter_width(s: &ScatterChart) -> u32 {
+    (s.panels.len() as u32 * 720).max(900)
+}
+
+/// Methods in order of appearance (the baseline is not a method) with their colours: a known method keeps its own.
+fn scatter_methods(s: &ScatterChart) -> Vec<(String, RGBColor)> {
+    let mut methods: Vec<String> = Vec::new();
+    for p in s.panels.iter().flat_map(|p| &p.points) {
+        if !p.baseline && !methods.contains(&p.method) {
+            methods.push(p.method.clone());
+        }
+    }
+    let colours = assign_colours(&methods);
+    methods.into_iter().zip(colours).collect()
+}
+
+fn scatter_colour(methods: &[(String, RGBColor)], method: &str, baseline: bool) -> RGBColor {
+    if baseline {
+        return BASELINE_COLOR;
+    }
+    methods.iter().find(|(m, _)| m == method).map(|x| x.1).unwrap_or(PALETTE[7])
+}
+
+fn scatter_legend(s: &ScatterChart) -> Vec<(String, Mark)> {
+    let grey = RGBColor(0x55, 0x55, 0x55);
+    let mut entries: Vec<(String, Mark)> = scatter_methods(s)
+        .into_iter()
+        .map(|(m, c)| (if m.is_empty() { "(no method)".to_string() } else { m }, Mark::Swatch(c)))
+        .collect();
+    let mut policies: Vec<String> = Vec::new();
+    for p in s.panels.iter().flat_map(|p| &p.points) {
+        if !policies.contains(&p.policy) {
+            policies.push(p.policy.clone());
+        }
+    }
+    for policy in policies {
+        let text = match policy.as_str() {
+            "" => "policy not recorded".to_string(),
+            "full" => "full fine-tuning".to_string(),
+            "head" => "head only".to_string(),
+            "selected" => "SNR-selected layers".to_string(),
+            other => format!("freeze {other}"),
+        };
+        entries.push((text, Mark::Marker(policy_shape(&policy), grey)));
+    }
+    if let Some(b) = s.panels.iter().flat_map(|p| &p.points).find(|p| p.baseline) {
+        entries.push((format!("baseline ({})", b.label), Mark::Marker(policy_shape(&b.policy), BASELINE_COLOR)));
+    }
+    entries.push(("Pareto front: nothing else is both cheaper and better".into(), Mark::Front));
+    entries
+}
+
+/// The numbered key of points whose names did not fit beside them, from a dry run of the layout (it depends only on
+/// the panels, which have the same size in the dry run).
+fn scatter_key(s: &ScatterChart) -> Option<Vec<(String, Mark)>> {
+    ensure_font().ok()?;
+    let mut svg = String::new();
+    let w = scatter_width(s);
+    let root = SVGBackend::with_string(&mut svg, (w, SCATTER_H)).into_drawing_area();
+    let key = draw_scatter_panels(&root, "", s).ok()?;
+    Some(key_entries(&key))
+}
+
+fn key_entries(key: &[String]) -> Vec<(String, Mark)> {
+    key.iter().enumerate().map(|(i, label)| (label.clone(), Mark::Number(format!("{}", i + 1)))).collect()
+}
+
+fn draw_scatter<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, title: &str, s: &ScatterChart) -> DrawResult
+where
+    DB::ErrorType: 'static,
+{
+    let (w, _) = root.dim_in_pixel();
+    let (upper, rest) = root.split_vertically(SCATTER_H);
+    let key = draw_scatter_panels(&upper, title, s)?;
+    let legend = scatter_legend(s);
+    let (legend_area, key_area) = rest.split_vertically(legend_height(&legend, w));
+    draw_legend(&legend_area, &legend)?;
+    draw_legend(&key_area, &key_entries(&key))?;
+    Ok(())
+}
+
+/// A pixel box (x0, y0, x1, y1), for keeping labels apart.
+type PixelBox = (i32, i32, i32, i32);
+
+fn overlaps(a: PixelBox, b: PixelBox) -> bool {
+    a.0 < b.2 && b.0 < a.2 && a.1 < b.3 && b.1 < a.3
+}
+
+/// Where a label of size (w, h) may go around a point, nearest first: right, left, above, below, the diagonals, then
+/// the same further out (drawn with a leader line).
+fn label_candidates((x, y): (i32, i32), (w, h): (i32, i32)) -> Vec<PixelBox> {
+    let mut out = Vec::new();
+    for d in [9, 22, 38] {
+        let places = [
+            (x + d, y - h / 2),
+            (x - d - w, y - h / 2),
+            (x - w / 2, y - d - h),
+            (x - w / 2, y + d),
+            (x + d - 3, y - d - h + 3),
+            (x + d - 3, y + d - 3),
+            (x - d - w + 3, y - d - h + 3),
+            (x - d - w + 3, y + d - 3),
+        ];
+        out.extend(places.iter().map(|&(x0, y0)| (x0, y0, x0 + w, y0 + h)));
+    }
+    out
+}
+
+/// Draws the title and the panels; returns the key: names drawn as numbers (number = index + 1).
+fn draw_scatter_panels<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    title: &str,
+    s: &ScatterChart,
+) -> std::result::Result<Vec<String>, Box<dyn StdError>>
+where
+    DB::ErrorType: 'static,
+{
+    let (w, _) = area.dim_in_pixel();
+    area.draw(&Text::new(
+        fit(title, 20, w - 20),
+        (w as i32 / 2, 12),
+        text_style(20).pos(Pos::new(HPos::Center, VPos::Top)),
+    ))?;
+    let (_, body) = area.split_vertically(44);
+    let methods = scatter_methods(s);
+    let panel_areas = body.split_evenly((1, s.panels.len().max(1)));
+    let mut key: Vec<String> = Vec::new();
+    for (panel_area, panel) in panel_areas.iter().zip(&s.panels) {
+        draw_scatter_panel(area, panel_area, panel, &s.y_label, &methods, &mut key)?;
+    }
+    Ok(key)
+}
+
+fn draw_scatter_panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    panel_area: &DrawingArea<DB, Shift>,
+    panel: &ScatterPanel,
+    y_label: &str,
+    methods: &[(String, RGBColor)],
+    key: &mut Vec<String>,
+) -> DrawResult
+where
+    DB::ErrorType: 'static,
+{
+    let xs = panel.points.iter().flat_map(|p| [p.x.0 - p.x.1, p.x.0 + p.x.1]);
+    let (x_lo, mut x_hi) = padded_range(xs, None);
+    x_hi += 0.12 * (x_hi - x_lo); // room for the names right of the costliest points
+    let ys = panel.points.iter().flat_map(|p| [p.y.0 - p.y.1, p.y.0 + p.y.1]);
+    let (y_lo, y_hi) = padded_range(ys, None);
+    let mut chart = ChartBuilder::on(panel_area)
+        .margin(14)
+        .x_label_area_size(48)
+        .y_label_area_size(70)
+        .build_cartesian_2d(x_lo..x_hi, y_lo..y_hi)?;
+    chart
+        .configure_mesh()
+        .light_line_style(TRANSPARENT)
+        .bold_line_style(GRID_COLOR)
+        .x_desc(panel.x_label.as_str())
+        .y_desc(y_label)
+        .label_style(text_style(12))
+        .axis_desc_style(text_style(14))
+        .draw()?;
+    let colour = |i: usize| {
+        let p = &panel.points[i];
+        scatter_colour(methods, &p.method, p.baseline)
+    };
+    for (i, p) in panel.points.iter().enumerate() {
+        let c = colour(i).mix(0.6);
+        if p.x.1 > 0.0 {
+            chart.draw_series(std::iter::once(PathElement::new(
+                vec![(p.x.0 - p.x.1, p.y.0), (p.x.0 + p.x.1, p.y.0)],
+                c.stroke_width(1),
+            )))?;
+        }
+        if p.y.1 > 0.0 {
+            chart.draw_series(std::iter::once(PathElement::new(
+                vec![(p.x.0, p.y.0 - p.y.1), (p.x.0, p.y.0 + p.y.1)],
+                c.stroke_width(1),
+            )))?;
+        }
+    }
+    let front: Vec<(f64, f64)> = panel.front.iter().map(|&i| (panel.points[i].x.0, panel.points[i].y.0)).collect();
+    chart.draw_series(LineSeries::new(front, BLACK.stroke_width(2)))?;
+    let at: Vec<(i32, i32)> = panel.points.iter().map(|p| chart.backend_coord(&(p.x.0, p.y.0))).collect();
+    // Pareto points ringed; markers over the front line.
+    for &i in &panel.front {
+        area.draw(&Circle::new(at[i], MARKER_R + 4, BLACK.stroke_width(2)))?;
+    }
+    for (i, p) in panel.points.iter().enumerate() {
+        draw_marker(area, at[i], policy_shape(&p.policy), colour(i))?;
+    }
+
+    // Names: points on one pixel share a label (one name per line); the front first, then the rest in order. A name
+    // goes beside its point where it overlaps no marker, ring or other name and stays in the plot; else a number
+    // does, and the name goes in the key under the chart.
+    let (px0, py0) = chart.backend_coord(&(x_lo, y_hi));
+    let (px1, py1) = chart.backend_coord(&(x_hi, y_lo));
+    let plot: PixelBox = (px0, py0, px1, py1);
+    let mut taken: Vec<PixelBox> =
+        at.iter().map(|&(x, y)| (x - MARKER_R - 5, y - MARKER_R - 5, x + MARKER_R + 5, y + MARKER_R + 5)).collect();
+    let mut order: Vec<usize> = panel.front.clone();
+    order.extend((0..panel.points.len()).filter(|i| !panel.front.contains(i)));
+    let mut done = vec![false; panel.points.len()];
+    for i in order {
+        if done[i] {
+            continue;
+        }
+        let group: Vec<usize> = (0..panel.points.len())
+            .filter(|&j| !done[j] && (at[j].0 - at[i].0).abs() <= 2 && (at[j].1 - at[i].1).abs() <= 2)
+            .collect();
+        for &j in &group {
+            done[j] = true;
+        }
+        let names: Vec<String> = group.iter().map(|&j| panel.points[j].label.clone()).collect();
+        let fits = |lines: &[String], taken: &[PixelBox]| -> Option<PixelBox> {
+            let w = lines.iter().map(|l| text_width(l, SCATTER_LABEL_SIZE) as i32).max().unwrap_or(0) + 4;
+            let h = SCATTER_LINE * lines.len() as i32 + 2;
+            label_candidates(at[i], (w, h)).into_iter().find(|b| {
+                b.0 >= plot.0
+                    && b.1 >= plot.1
+                    && b.2 <= plot.2
+                    && b.3 <= plot.3
+                    && taken.iter().all(|t| !overlaps(*b, *t))
+            })
+        };
+        let (lines, placed) = match fits(&names, &taken) {
+            Some(b) => (names, Some(b)),
+            None => {
+                let numbers: Vec<String> = names
+                    .iter()
+                    .map(|n| {
+                        let k = key.iter().position(|x| x == n).unwrap_or_else(|| {
+                            key.push(n.clone());
+                            key.len() - 1
+                        });
+                        format!("{}", k + 1)
+                    })
+                    .collect();
+                let line = vec![numbers.join(", ")];
+                let b = fits(&line, &taken);
+                (line, b)
+            }
+        };
+        // Nowhere free even for a number: it goes right of the point regardless.
+        let b = placed.unwrap_or_else(|| {
+            label_candidates(at[i], (text_width(&lines[0], SCATTER_LABEL_SIZE) as i32 + 4, SCATTER_LINE + 2))[0]
+        });
+        taken.push(b);
+        let near =
+            (at[i].0 - b.0.max(at[i].0.min(b.2))).abs() <= 12 && (at[i].1 - b.1.max(at[i].1.min(b.3))).abs() <= 12;
+        if !near {
+            let to = (at[i].0.clamp(b.0, b.2), at[i].1.clamp(b.1, b.3));
+            area.draw(&PathElement::new(vec![at[i], to], RGBColor(0x88, 0x88, 0x88).stroke_width(1)))?;
+        }
+        for (k, line) in lines.iter().enumerate() {
+            let style = text_style(SCATTER_LABEL_SIZE).pos(Pos::new(HPos::Left, VPos::Top));
+            area.draw(&Text::new(line.clone(), (b.0 + 2, b.1 + 1 + k as i32 * SCATTER_LINE), style))?;
+        }
+    }
     Ok(())
 }
 
