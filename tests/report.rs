@@ -190,8 +190,8 @@ fn end_to_end_report() {
         "train_saving_time_s",
         "train_saving_peak_memory_bytes",
         "train_accuracy_vs_top_p",
-        "train_accuracy_by_method",
-        "train_accuracy_by_freeze",
+        "train_accuracy_by_parameter",
+        "train_efficiency_accuracy",
         "eval_accuracy_vs_top_p",
         "interpolate_loss",
         "interpolate_accuracy",
@@ -233,11 +233,13 @@ fn end_to_end_report() {
     }
     check_chart_rules(plots);
     // Bar charts: groups coloured by method with the method's own Okabe-Ito colour (lerp blue, ties orange), the
-    // same colours in the box plots by method.
+    // same colours in the violins (points by method) and the efficiency scatter.
     let bars = std::fs::read_to_string(out_dir.join("plots/train_bars_accuracy.svg")).unwrap();
     assert!(bars.contains("fill=\"#0072B2\"") && bars.contains("fill=\"#E69F00\""), "groups not coloured");
-    let by_method = std::fs::read_to_string(out_dir.join("plots/train_accuracy_by_method.svg")).unwrap();
-    assert!(by_method.contains("#0072B2") && by_method.contains("#E69F00"), "methods change colour between charts");
+    for chart in ["train_accuracy_by_parameter", "train_efficiency_accuracy"] {
+        let svg = std::fs::read_to_string(out_dir.join(format!("plots/{chart}.svg"))).unwrap();
+        assert!(svg.contains("#0072B2") && svg.contains("#E69F00"), "{chart}: methods change colour between charts");
+    }
     assert!(bars.contains("baseline (base + full FT)"));
 
     // index.html: every table and chart, nothing from a network, every referenced file present.

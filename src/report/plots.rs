@@ -53,7 +53,7 @@ pub struct Chart {
 pub enum Body {
     Bars(BarChart),
     Lines(LineChart),
-    Boxes(BoxChart),
+    Violins(ViolinChart),
     Grouped(GroupedBarChart),
     Scatter(ScatterChart),
 }
@@ -154,12 +154,26 @@ pub struct Series {
     pub runs: Vec<(f64, f64)>,
     /// A dashed straight line (interpolation curves: between the endpoints, what "no barrier" would be).
     pub chord: Option<[(f64, f64); 2]>,
+    /// The freeze policy in words, for the marker ("" without one).
+    pub policy: String,
+}
+
+/// The main metric's runs per value of each categorical parameter, one panel per parameter (method, freeze policy,
+/// top-p as a category...): a violin (density) with quartiles where a value has enough runs, else the runs as
+/// points with their mean +- standard error. Points keep the method's colour and the policy's marker.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ViolinChart {
+    pub y_label: String,
+    pub panels: Vec<ViolinPanel>,
+    /// The baseline, drawn as a dashed line across every panel.
+    pub reference: Option<Reference>,
+    pub decimals: usize,
 }
 
 #[derive(Clone, Debug, PartialEq)]
-pub struct BoxChart {
-    pub x_label: String,
-    pub y_label: String,
+pub struct ViolinPanel {
+    /// The parameter in words.
+    pub param: String,
     pub categories: Vec<Category>,
 }
 
@@ -168,6 +182,9 @@ pub struct Category {
     pub label: String,
     /// One value per run.
     pub values: Vec<f64>,
+    /// Per value: the run's method ("" without one) and freeze policy in words, for its colour and marker.
+    pub methods: Vec<String>,
+    pub policies: Vec<String>,
 }
 
 /// Metrics that get a bar chart, in order.
@@ -176,18 +193,22 @@ const BAR_METRICS: &[&str] =
 /// Metrics compared with the baseline: quality as percentage change, cost as percentage saved.
 const CHANGE_METRICS: &[&str] = &["accuracy", "f1_weighted", "f1_macro", "zero_shot_accuracy"];
 const SAVING_METRICS: &[&str] = &["time_s", "peak_memory_bytes"];
-/// Metrics plotted against parameters.
-const PARAM_METRICS: &[&str] = &["accuracy", "f1_weighted", "zero_shot_accuracy", "time_s", "peak_memory_bytes"];
+/// Metrics plotted against numeric parameters. Costs are not: the efficiency scatter shows them against quality.
+const PARAM_METRICS: &[&str] = &["accuracy", "f1_weighted", "zero_shot_accuracy"];
+/// Config entries that are results of other parameters (the trainable parameter count follows from the freeze
+/// policy), not factors of a study: no chart groups or plots by them.
+const DERIVED_PARAMS: &[&str] = &["trainable_params"];
+/// A numeric parameter with at most this many values is also shown as a category (top-p: 10%, 15%, all layers).
+const MAX_NUMERIC_CATEGORIES: usize = 6;
 /// Series in one line-chart panel: more get facets, since a reader cannot tell more colours apart.
 pub const MAX_SERIES: usize = 8;
-/// Categorical parameters with more values than this are identifiers, not factors.
-const MAX_CATEGORIES: usize = 12;
 
 /// Every chart of a report, in page order.
 pub fn plan(summary: &Summary) -> Vec<Chart> {
     let mut charts = Vec::new();
     let several_kinds = summary.tables.len() > 1;
-    for t in &summary.tables {
+    let tables: Vec<KindTable> = summary.tables.iter().map(with_policies).collect();
+    for t in &tables {
         let prefix = if several_kinds { format!("{}_", t.kind.as_str()) } else { String::new() };
         charts.extend(bar_charts(t, &prefix));
         if t.kind == Kind::Train {
@@ -195,7 +216,7 @@ pub fn plan(summary: &Summary) -> Vec<Chart> {
         }
         charts.extend(efficiency_charts(t, &prefix));
         charts.extend(numeric_charts(t, &prefix));
-        charts.extend(categorical_charts(t, &prefix));
+        charts.extend(violin_chart(t, &prefix));
         charts.extend(domain_charts(t, &prefix));
     }
     charts.extend(interpolation_charts(&summary.curves));
@@ -296,6 +317,23 @@ fn bar_charts(t: &KindTable, prefix: &str) -> Vec<Chart> {
         });
     }
     out
+}
+
+/// A table as the charts see it: `freeze` in words on every row where the policy is known (the runs of a
+/// selected-layers experiment each name their own selection file, so the summary keeps no shared value), and
+/// derived config entries dropped.
+fn with_policies(t: &KindTable) -> KindTable {
+    let mut t = t.clone();
+    for r in &mut t.rows {
+        let policy = freeze_policy(r);
+        if !policy.is_empty() {
+            r.params.insert("freeze".into(), Param::Text(policy));
+        }
+        for k in DERIVED_PARAMS {
+            r.params.remove(*k);
+        }
+    }
+    t
 }
 
 /// The metric a study is judged by, first of these present: the efficiency scatter and the violins show it.
@@ -541,8 +579,13 @@ fn numeric_charts(t: &KindTable, prefix: &str) -> Vec<Chart> {
         for key in PARAM_METRICS {
             let Some(m) = spec(t, key) else { continue };
             let fmt = t.format(m);
-            let rows: Vec<&Row> =
-                t.rows.iter().filter(|r| r.params.contains_key(&param) && r.cell(key).is_some()).collect();
+            // The baseline is a reference, not a setting of the study's factors: a parameter only it changes (its own
+            // learning rate) is no axis.
+            let rows: Vec<&Row> = t
+                .rows
+                .iter()
+                .filter(|r| !r.baseline && r.params.contains_key(&param) && r.cell(key).is_some())
+                .collect();
             let mut xs: Vec<f64> = rows.iter().filter_map(|r| r.params[&param].as_number()).collect();
             xs.sort_by(f64::total_cmp);
             xs.dedup();
@@ -584,7 +627,13 @@ fn numeric_charts(t: &KindTable, prefix: &str) -> Vec<Chart> {
                 let idx = match series.iter().position(|s| s.label == label) {
                     Some(i) => i,
                     None => {
-                        series.push(Series { label, points: vec![], runs: vec![], chord: None });
+                        series.push(Series {
+                            label,
+                            points: vec![],
+                            runs: vec![],
+                            chord: None,
+                            policy: r.params.get("freeze").map(Param::display).unwrap_or_default(),
+                        });
                         series.len() - 1
                     }
                 };
@@ -620,7 +669,7 @@ fn numeric_charts(t: &KindTable, prefix: &str) -> Vec<Chart> {
                         title: format!("{title}{suffix}"),
                         section: Section::Numeric,
                         body: Body::Lines(LineChart {
-                            x_label: param.clone(),
+                            x_label: param_title(&param),
                             y_label: axis_label(m, &fmt),
                             series: chunk.to_vec(),
                         }),
@@ -632,39 +681,74 @@ fn numeric_charts(t: &KindTable, prefix: &str) -> Vec<Chart> {
     out
 }
 
-/// Box plots of a metric's runs per value of a categorical parameter.
-fn categorical_charts(t: &KindTable, prefix: &str) -> Vec<Chart> {
-    let all: Vec<&Row> = t.rows.iter().collect();
-    let mut out = Vec::new();
-    for (param, numeric) in varying_params(&all) {
-        if numeric {
-            continue;
-        }
-        for key in PARAM_METRICS {
-            let Some(m) = spec(t, key) else { continue };
-            let fmt = t.format(m);
-            let mut categories: Vec<Category> = Vec::new();
-            for r in &t.rows {
-                let (Some(p), Some(c)) = (r.params.get(&param), r.cell(key)) else { continue };
-                let label = p.display();
-                let values = c.values.iter().map(|v| v / fmt.scale);
-                match categories.iter_mut().find(|c| c.label == label) {
-                    Some(cat) => cat.values.extend(values),
-                    None => categories.push(Category { label, values: values.collect() }),
-                }
+/// A parameter's name in words, as a panel title.
+fn param_title(key: &str) -> String {
+    match key {
+        "freeze" => "freeze policy".into(),
+        "top_p" => "top-p (share of layers merged)".into(),
+        k => k.replace('_', " "),
+    }
+}
+
+/// Violins (or points where few) of the main metric's runs per value of every categorical parameter, and of numeric
+/// ones with few values, one panel each; the baseline as a line. A parameter qualifies with 2 to `MAX_SERIES` values
+/// among the non-baseline rows, one of them shared by two experiments or more (else it names experiments).
+fn violin_chart(t: &KindTable, prefix: &str) -> Option<Chart> {
+    let m = main_metric(t)?;
+    let fmt = t.format(m);
+    let rows: Vec<&Row> = t.rows.iter().filter(|r| !r.baseline && r.cell(&m.key).is_some()).collect();
+    let mut panels = Vec::new();
+    for (param, numeric) in varying_params(&rows) {
+        let mut cats: Vec<(Param, Vec<&Row>)> = Vec::new();
+        for r in &rows {
+            let Some(v) = r.params.get(&param) else { continue };
+            match cats.iter_mut().find(|(p, _)| p == v) {
+                Some((_, rs)) => rs.push(r),
+                None => cats.push((v.clone(), vec![r])),
             }
-            if categories.len() < 2 || categories.len() > MAX_CATEGORIES {
+        }
+        if numeric {
+            if cats.len() > MAX_NUMERIC_CATEGORIES {
                 continue;
             }
-            out.push(Chart {
-                name: format!("{prefix}{key}_by_{}", slug(&param)),
-                title: format!("{} by {param}", metric_title(t.kind, m)),
-                section: Section::Categorical,
-                body: Body::Boxes(BoxChart { x_label: param.clone(), y_label: axis_label(m, &fmt), categories }),
-            });
+            cats.sort_by(|a, b| a.0.as_number().unwrap_or(0.0).total_cmp(&b.0.as_number().unwrap_or(0.0)));
         }
+        if cats.len() < 2 || cats.len() > MAX_SERIES || cats.iter().all(|(_, rs)| rs.len() < 2) {
+            continue;
+        }
+        let categories = cats
+            .into_iter()
+            .map(|(p, rs)| {
+                let mut c = Category { label: p.display(), values: vec![], methods: vec![], policies: vec![] };
+                for r in rs {
+                    let cell = r.cell(&m.key).expect("filtered");
+                    for v in &cell.values {
+                        c.values.push(v / fmt.scale);
+                        c.methods.push(r.group.clone());
+                        c.policies.push(r.params.get("freeze").map(Param::display).unwrap_or_default());
+                    }
+                }
+                c
+            })
+            .collect();
+        panels.push(ViolinPanel { param: param_title(&param), categories });
     }
-    out
+    if panels.is_empty() {
+        return None;
+    }
+    let reference = t.baseline().and_then(|b| {
+        let c = b.cell(&m.key)?;
+        Some(Reference {
+            label: format!("baseline ({}): {}", b.experiment, fmt.number(c.estimate.mean)),
+            value: c.estimate.mean / fmt.scale,
+        })
+    });
+    Some(Chart {
+        name: format!("{prefix}{}_by_parameter", m.key),
+        title: format!("{} by parameter: its spread over each value (every run a point)", metric_title(t.kind, m)),
+        section: Section::Categorical,
+        body: Body::Violins(ViolinChart { y_label: axis_label(m, &fmt), panels, reference, decimals: fmt.decimals }),
+    })
 }
 
 /// A metric against lambda, one series per interpolate experiment, with the straight line between the endpoints.
@@ -692,7 +776,7 @@ fn interpolation_charts(curves: &[Curve]) -> Vec<Chart> {
                 let chord = at(0.0).zip(at(1.0)).map(|(a, b)| [a, b]);
                 let runs =
                     c.points.iter().flat_map(|p| p.values.iter().map(move |v| (p.lambda, v / fmt.scale))).collect();
-                Series { label: c.experiment.clone(), points, runs, chord }
+                Series { label: c.experiment.clone(), points, runs, chord, policy: String::new() }
             })
             .collect();
         out.push(Chart {
@@ -906,12 +990,27 @@ mod tests {
         assert!(
             pts[0].0 == 0.1 && (pts[0].1 - 0.76).abs() < 1e-12 && pts[1].0 == 0.2 && (pts[1].1 - 0.78).abs() < 1e-12
         );
-        // Box plot by freeze: the baseline has freeze=full too.
-        let Body::Boxes(by) = &find(&charts, "accuracy_by_freeze").body else { panic!() };
-        assert_eq!(by.categories.iter().map(|c| c.label.as_str()).collect::<Vec<_>>(), ["full", "head"]);
-        assert_eq!(by.categories[0].values, [0.80, 0.84, 0.82]);
-        let Body::Boxes(by_method) = &find(&charts, "accuracy_by_method").body else { panic!() };
-        assert_eq!(by_method.categories.len(), 2);
+        // Violins: one panel per parameter over the non-baseline rows, top-p as a category; runs keep their
+        // method and policy for colour and marker.
+        let Body::Violins(v) = &find(&charts, "accuracy_by_parameter").body else { panic!() };
+        let panels: Vec<&str> = v.panels.iter().map(|p| p.param.as_str()).collect();
+        assert_eq!(panels, ["freeze policy", "method", "top-p (share of layers merged)"]);
+        let freeze = &v.panels[0].categories;
+        assert_eq!(freeze.iter().map(|c| c.label.as_str()).collect::<Vec<_>>(), ["head", "full"]);
+        assert_eq!(freeze[1].values, [0.84, 0.82]);
+        assert_eq!(freeze[1].methods, ["ties", "ties"]);
+        assert_eq!(freeze[0].policies, ["head", "head"]);
+        let top_p = &v.panels[2].categories;
+        assert_eq!(top_p.iter().map(|c| c.label.as_str()).collect::<Vec<_>>(), ["0.1", "0.2"]);
+        assert_eq!(top_p[0].values, [0.76, 0.84]);
+        assert!((v.reference.as_ref().unwrap().value - 0.80).abs() < 1e-12);
+        // Costs are in the scatter, not against parameters.
+        assert!(charts.iter().all(|c| !c.name.starts_with("time_s_vs") && !c.name.starts_with("peak_memory")));
+        let Body::Scatter(sc) = &find(&charts, "efficiency_accuracy").body else { panic!() };
+        // Time: base (100 s, 0.80), lerp 10% (40, 0.76), lerp 20% (45, 0.78), ties 10% (100, 0.84), ties 20% (110,
+        // 0.82): the front is lerp 10%, lerp 20%, ties 10%.
+        let names: Vec<&str> = sc.panels[0].front.iter().map(|&i| sc.panels[0].points[i].label.as_str()).collect();
+        assert_eq!(names, ["lerp 10% head", "lerp 20% head", "ties 10% full"]);
         // Sections in page order.
         let sections: Vec<Section> = charts.iter().map(|c| c.section).collect();
         assert!(sections.windows(2).all(|w| w[0] <= w[1]));
@@ -927,8 +1026,8 @@ mod tests {
         assert!(charts.iter().all(|c| c.section != Section::Efficiency));
         let Body::Bars(b) = &find(&charts, "bars_accuracy").body else { panic!() };
         assert!(b.reference.is_none());
-        // Two categories of one row each still make a (small) box plot.
-        assert!(charts.iter().any(|c| c.name == "accuracy_by_tag"));
+        // A parameter with a value per experiment names experiments: no violin panel, so no chart.
+        assert!(charts.iter().all(|c| !c.name.ends_with("_by_parameter")));
     }
 
     #[test]

@@ -12,7 +12,7 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use super::bootstrap::percentile;
-use super::plots::{BarChart, Body, BoxChart, Chart, GroupedBarChart, LineChart, ScatterChart, ScatterPanel};
+use super::plots::{BarChart, Body, Chart, GroupedBarChart, LineChart, ScatterChart, ScatterPanel, ViolinChart};
 use crate::error::{Error, Result};
 
 const FONT: &str = "sans-serif";
@@ -120,6 +120,8 @@ enum Mark {
     Swatch(RGBColor),
     Line(RGBColor),
     Dashed(RGBColor),
+    /// A line series: colour, marker, dash pattern (0 solid, 1 dashed, 2 dotted).
+    Series(RGBColor, Shape, usize),
     /// A scatter marker: policy shape in a colour.
     Marker(Shape, RGBColor),
     /// The Pareto front: a black line through a ringed point.
@@ -180,6 +182,11 @@ where
                 Mark::Dashed(c) => {
                     area.draw(&DashedPathElement::new(vec![(x, y), (x + 22, y)], 5, 3, c.stroke_width(2)))?
                 }
+                Mark::Series(c, shape, dash) => {
+                    let (on, off) = dash_pattern(dash);
+                    area.draw(&DashedPathElement::new(vec![(x, y), (x + 22, y)], on, off, c.stroke_width(2)))?;
+                    draw_marker_sized(area, (x + 11, y), shape, c, 4)?;
+                }
                 Mark::Marker(shape, c) => draw_marker(area, (x + 10, y), shape, c)?,
                 Mark::Front => {
                     area.draw(&PathElement::new(vec![(x, y), (x + 22, y)], BLACK.stroke_width(2)))?;
@@ -207,7 +214,10 @@ pub fn size(chart: &Chart) -> (u32, u32) {
             (1000, (plot + 130 + legend).max(320))
         }
         Body::Lines(l) => (900, 560 + legend_height(&line_legend(l), 900)),
-        Body::Boxes(_) => (900, 560),
+        Body::Violins(v) => {
+            let w = violin_width(v);
+            (w, 560 + legend_height(&violin_legend(v), w))
+        }
         Body::Scatter(s) => {
             let w = scatter_width(s);
             let key = scatter_key(s).unwrap_or_default();
@@ -253,7 +263,7 @@ where
     match &chart.body {
         Body::Bars(b) => draw_bars(root, &chart.title, b),
         Body::Lines(l) => draw_lines(root, &chart.title, l),
-        Body::Boxes(b) => draw_boxes(root, &chart.title, b),
+        Body::Violins(v) => draw_violins(root, &chart.title, v),
         Body::Grouped(g) => draw_grouped(root, &chart.title, g),
         Body::Scatter(s) => draw_scatter(root, &chart.title, s),
     }
@@ -410,17 +420,42 @@ pub fn legend_labels(chart: &Chart) -> Vec<String> {
     let entries = match &chart.body {
         Body::Bars(b) => bar_legend(b),
         Body::Lines(l) => line_legend(l),
-        Body::Boxes(_) => Vec::new(),
+        Body::Violins(v) => violin_legend(v),
         Body::Grouped(g) => grouped_legend(g),
         Body::Scatter(s) => scatter_legend(s),
     };
     entries.into_iter().map(|(label, _)| label).collect()
 }
 
-fn line_legend(l: &LineChart) -> Vec<(String, Mark)> {
+/// Dash patterns (on, off pixels) of a line series: solid, dashed, dotted.
+fn dash_pattern(dash: usize) -> (u32, u32) {
+    match dash {
+        0 => (1000, 0),
+        1 => (8, 4),
+        _ => (2, 3),
+    }
+}
+
+/// Each series' colour (its method's), marker (its freeze policy's) and dash: series that would look the same by
+/// colour and marker (the same method and policy, another setting) are told apart by dashes.
+fn line_styles(l: &LineChart) -> Vec<(RGBColor, Shape, usize)> {
     let colours = series_colours(l);
-    let mut entries: Vec<(String, Mark)> =
-        l.series.iter().zip(colours).map(|(s, c)| (s.label.clone(), Mark::Line(c))).collect();
+    let mut out: Vec<(RGBColor, Shape, usize)> = Vec::new();
+    for (s, c) in l.series.iter().zip(colours) {
+        let shape = if s.policy.is_empty() { Shape::Circle } else { policy_shape(&s.policy) };
+        let dash = out.iter().filter(|(c2, s2, _)| *c2 == c && *s2 == shape).count();
+        out.push((c, shape, dash));
+    }
+    out
+}
+
+fn line_legend(l: &LineChart) -> Vec<(String, Mark)> {
+    let mut entries: Vec<(String, Mark)> = l
+        .series
+        .iter()
+        .zip(line_styles(l))
+        .map(|(s, (c, shape, dash))| (s.label.clone(), Mark::Series(c, shape, dash)))
+        .collect();
     if l.series.iter().any(|s| s.chord.is_some()) {
         entries.push(("straight line between the endpoints".into(), Mark::Dashed(RGBColor(0x55, 0x55, 0x55))));
     }
@@ -456,19 +491,22 @@ where
         .label_style(text_style(12))
         .axis_desc_style(text_style(14))
         .draw()?;
-    for (s, c) in l.series.iter().zip(series_colours(l)) {
+    for (s, (c, shape, dash)) in l.series.iter().zip(line_styles(l)) {
         chart.draw_series(s.runs.iter().map(|&(x, y)| Circle::new((x, y), 3, c.mix(0.35).filled())))?;
         if let Some([a, b]) = s.chord {
             chart.draw_series(DashedLineSeries::new(vec![a, b], 6, 4, c.mix(0.8).stroke_width(1)))?;
         }
-        chart.draw_series(LineSeries::new(s.points.iter().map(|p| (p.0, p.1)), c.stroke_width(2)))?;
+        let (on, off) = dash_pattern(dash);
+        chart.draw_series(DashedLineSeries::new(s.points.iter().map(|p| (p.0, p.1)), on, off, c.stroke_width(2)))?;
         for &(x, y, e) in &s.points {
             if e > 0.0 {
                 chart
                     .draw_series(std::iter::once(PathElement::new(vec![(x, y - e), (x, y + e)], c.stroke_width(1))))?;
             }
         }
-        chart.draw_series(s.points.iter().map(|&(x, y, _)| Circle::new((x, y), 4, c.filled())))?;
+        for &(x, y, _) in &s.points {
+            draw_marker_sized(&upper, chart.backend_coord(&(x, y)), shape, c, 4)?;
+        }
     }
     draw_legend(&lower, &legend)?;
     Ok(())
@@ -595,14 +633,26 @@ const MARKER_R: i32 = 5;
 
 fn draw_marker<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
-    (x, y): (i32, i32),
+    at: (i32, i32),
     shape: Shape,
     c: RGBColor,
 ) -> DrawResult
 where
     DB::ErrorType: 'static,
 {
-    let r = MARKER_R;
+    draw_marker_sized(area, at, shape, c, MARKER_R)
+}
+
+fn draw_marker_sized<DB: DrawingBackend, C: Color + Copy>(
+    area: &DrawingArea<DB, Shift>,
+    (x, y): (i32, i32),
+    shape: Shape,
+    c: C,
+    r: i32,
+) -> DrawResult
+where
+    DB::ErrorType: 'static,
+{
     match shape {
         Shape::Circle => area.draw(&Circle::new((x, y), r, c.filled()))?,
         Shape::Triangle => {
@@ -661,14 +711,7 @@ fn scatter_legend(s: &ScatterChart) -> Vec<(String, Mark)> {
         }
     }
     for policy in policies {
-        let text = match policy.as_str() {
-            "" => "policy not recorded".to_string(),
-            "full" => "full fine-tuning".to_string(),
-            "head" => "head only".to_string(),
-            "selected" => "SNR-selected layers".to_string(),
-            other => format!("freeze {other}"),
-        };
-        entries.push((text, Mark::Marker(policy_shape(&policy), grey)));
+        entries.push((policy_text(&policy), Mark::Marker(policy_shape(&policy), grey)));
     }
     if let Some(b) = s.panels.iter().flat_map(|p| &p.points).find(|p| p.baseline) {
         entries.push((format!("baseline ({})", b.label), Mark::Marker(policy_shape(&b.policy), BASELINE_COLOR)));
@@ -902,60 +945,224 @@ pub fn box_stats(values: &[f64]) -> Option<[f64; 5]> {
     Some([low, q1, median, q3, high])
 }
 
-fn draw_boxes<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, title: &str, b: &BoxChart) -> DrawResult
+/// Runs a category needs for a density (violin); fewer are drawn as points with mean +- standard error.
+pub const VIOLIN_MIN_RUNS: usize = 8;
+
+fn violin_width(v: &ViolinChart) -> u32 {
+    let cats: usize = v.panels.iter().map(|p| p.categories.len()).sum();
+    (cats as u32 * 120 + v.panels.len() as u32 * 80 + 40).clamp(900, 1800)
+}
+
+fn violin_methods(v: &ViolinChart) -> Vec<(String, RGBColor)> {
+    let mut methods: Vec<String> = Vec::new();
+    for m in v.panels.iter().flat_map(|p| p.categories.iter().flat_map(|c| &c.methods)) {
+        if !methods.contains(m) {
+            methods.push(m.clone());
+        }
+    }
+    let colours = assign_colours(&methods);
+    methods.into_iter().zip(colours).collect()
+}
+
+fn violin_legend(v: &ViolinChart) -> Vec<(String, Mark)> {
+    let grey = RGBColor(0x55, 0x55, 0x55);
+    let mut entries: Vec<(String, Mark)> = violin_methods(v)
+        .into_iter()
+        .map(|(m, c)| (if m.is_empty() { "(no method)".to_string() } else { m }, Mark::Swatch(c)))
+        .collect();
+    let mut policies: Vec<String> = Vec::new();
+    for p in v.panels.iter().flat_map(|p| p.categories.iter().flat_map(|c| &c.policies)) {
+        if !policies.contains(p) {
+            policies.push(p.clone());
+        }
+    }
+    if policies.len() > 1 || policies.iter().any(|p| !p.is_empty()) {
+        for p in policies {
+            entries.push((policy_text(&p), Mark::Marker(policy_shape(&p), grey)));
+        }
+    }
+    let cats = || v.panels.iter().flat_map(|p| &p.categories);
+    if cats().any(|c| c.values.len() >= VIOLIN_MIN_RUNS) {
+        entries.push(("density of the runs, quartiles, median".into(), Mark::Swatch(VIOLIN_FILL)));
+    }
+    if cats().any(|c| c.values.len() < VIOLIN_MIN_RUNS) {
+        entries.push(("mean +- standard error (few runs)".into(), Mark::Line(BLACK)));
+    }
+    if let Some(r) = &v.reference {
+        entries.push((r.label.clone(), Mark::Dashed(BASELINE_COLOR)));
+    }
+    entries
+}
+
+const VIOLIN_FILL: RGBColor = RGBColor(0xC8, 0xC8, 0xC8);
+
+/// A freeze policy's legend text.
+fn policy_text(policy: &str) -> String {
+    match policy {
+        "" => "policy not recorded".to_string(),
+        "full" => "full fine-tuning".to_string(),
+        "head" => "head only".to_string(),
+        "selected" => "SNR-selected layers".to_string(),
+        other => format!("freeze {other}"),
+    }
+}
+
+/// Gaussian kernel density of `values` at `y`, bandwidth by Silverman's rule (0.9 min(sd, IQR / 1.34) n^-1/5).
+pub fn silverman_bandwidth(values: &[f64]) -> f64 {
+    let n = values.len() as f64;
+    if values.len() < 2 {
+        return 0.0;
+    }
+    let mean = values.iter().sum::<f64>() / n;
+    let sd = (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
+    let mut s = values.to_vec();
+    s.sort_by(f64::total_cmp);
+    let iqr = percentile(&s, 0.75) - percentile(&s, 0.25);
+    let spread = if iqr > 0.0 { sd.min(iqr / 1.34) } else { sd };
+    0.9 * spread * n.powf(-0.2)
+}
+
+fn density(values: &[f64], h: f64, y: f64) -> f64 {
+    let norm = 1.0 / (values.len() as f64 * h * (2.0 * std::f64::consts::PI).sqrt());
+    values.iter().map(|v| (-0.5 * ((y - v) / h).powi(2)).exp()).sum::<f64>() * norm
+}
+
+fn draw_violins<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, title: &str, v: &ViolinChart) -> DrawResult
 where
     DB::ErrorType: 'static,
 {
-    let k = b.categories.len();
-    let values = b.categories.iter().flat_map(|c| c.values.iter().copied());
-    let (y_lo, y_hi) = padded_range(values, None);
-    let mut chart = ChartBuilder::on(root)
-        .caption(title, text_style(20))
-        .margin(14)
-        .x_label_area_size(56)
-        .y_label_area_size(70)
-        .build_cartesian_2d(-0.6..k as f64 - 0.4, y_lo..y_hi)?;
-    chart
-        .configure_mesh()
-        .disable_x_mesh()
-        .x_labels(0)
-        .x_label_formatter(&|_| String::new())
-        .light_line_style(TRANSPARENT)
-        .bold_line_style(GRID_COLOR)
-        .x_desc(b.x_label.as_str())
-        .y_desc(b.y_label.as_str())
-        .label_style(text_style(12))
-        .axis_desc_style(text_style(14))
-        .draw()?;
-    let (w, _) = root.dim_in_pixel();
-    let slot = (w.saturating_sub(120) / k.max(1) as u32).max(40) - 8;
-    let labels: Vec<String> = b.categories.iter().map(|c| c.label.clone()).collect();
-    for (i, (cat, c)) in b.categories.iter().zip(assign_colours(&labels)).enumerate() {
-        let x = i as f64;
-        if let Some([low, q1, median, q3, high]) = box_stats(&cat.values) {
-            let line = c.stroke_width(2);
-            chart.draw_series([
-                PathElement::new(vec![(x, low), (x, q1)], line),
-                PathElement::new(vec![(x, q3), (x, high)], line),
-                PathElement::new(vec![(x - 0.12, low), (x + 0.12, low)], line),
-                PathElement::new(vec![(x - 0.12, high), (x + 0.12, high)], line),
-            ])?;
-            chart.draw_series(std::iter::once(Rectangle::new([(x - 0.3, q1), (x + 0.3, q3)], c.mix(0.25).filled())))?;
-            chart.draw_series(std::iter::once(Rectangle::new([(x - 0.3, q1), (x + 0.3, q3)], line)))?;
-            chart.draw_series(std::iter::once(PathElement::new(
-                vec![(x - 0.3, median), (x + 0.3, median)],
-                BLACK.stroke_width(3),
-            )))?;
-        }
-        // Every run as a point, spread sideways by a fixed low-discrepancy sequence (deterministic jitter).
-        chart.draw_series(cat.values.iter().enumerate().map(|(j, &v)| {
-            let jitter = ((j as f64 * 0.618_033_988_75).fract() - 0.5) * 0.36;
-            Circle::new((x + jitter, v), 3, BLACK.mix(0.6).filled())
-        }))?;
-        let (px, py) = chart.backend_coord(&(x, y_lo));
-        let label = fit(&format!("{} (n={})", cat.label, cat.values.len()), 12, slot);
-        root.draw(&Text::new(label, (px, py + 6), text_style(12).pos(Pos::new(HPos::Center, VPos::Top))))?;
+    let (w, h) = root.dim_in_pixel();
+    let legend = violin_legend(v);
+    let (upper, lower) = root.split_vertically(h - legend_height(&legend, w));
+    upper.draw(&Text::new(
+        fit(title, 20, w - 20),
+        (w as i32 / 2, 12),
+        text_style(20).pos(Pos::new(HPos::Center, VPos::Top)),
+    ))?;
+    let (_, body) = upper.split_vertically(44);
+    let values = v.panels.iter().flat_map(|p| p.categories.iter().flat_map(|c| c.values.iter().copied()));
+    let (y_lo, y_hi) = padded_range(values.chain(v.reference.as_ref().map(|r| r.value)), None);
+    // Panels as wide as their categories, the first wider by its axis labels.
+    let weights: Vec<u32> = v
+        .panels
+        .iter()
+        .enumerate()
+        .map(|(i, p)| p.categories.len() as u32 * 120 + if i == 0 { 110 } else { 40 })
+        .collect();
+    let total: u32 = weights.iter().sum();
+    let mut breaks = Vec::new();
+    let mut acc = 0;
+    for wt in &weights[..weights.len() - 1] {
+        acc += wt;
+        breaks.push((acc as u64 * w as u64 / total as u64) as i32);
     }
+    let areas = body.split_by_breakpoints(breaks, Vec::<i32>::new());
+    let methods = violin_methods(v);
+    for (pi, (area, panel)) in areas.iter().zip(&v.panels).enumerate() {
+        let k = panel.categories.len();
+        let mut chart = ChartBuilder::on(area)
+            .caption(panel.param.as_str(), text_style(15))
+            .margin(10)
+            .x_label_area_size(40)
+            .y_label_area_size(if pi == 0 { 80 } else { 10 })
+            .build_cartesian_2d(-0.6..k as f64 - 0.4, y_lo..y_hi)?;
+        let mut mesh = chart.configure_mesh();
+        mesh.disable_x_mesh()
+            .x_labels(0)
+            .x_label_formatter(&|_| String::new())
+            .light_line_style(TRANSPARENT)
+            .bold_line_style(GRID_COLOR)
+            .label_style(text_style(12))
+            .axis_desc_style(text_style(14));
+        if pi == 0 {
+            mesh.y_desc(v.y_label.as_str());
+        } else {
+            mesh.y_labels(0).y_label_formatter(&|_| String::new());
+        }
+        mesh.draw()?;
+        if let Some(r) = &v.reference {
+            chart.draw_series(DashedLineSeries::new(
+                vec![(-0.6, r.value), (k as f64 - 0.4, r.value)],
+                8,
+                5,
+                BASELINE_COLOR.stroke_width(2),
+            ))?;
+        }
+        // Densities share one scale within a panel, the widest reaching 0.4 on either side.
+        let shapes: Vec<Option<(f64, Vec<(f64, f64)>)>> = panel
+            .categories
+            .iter()
+            .map(|c| {
+                let bw = silverman_bandwidth(&c.values);
+                (c.values.len() >= VIOLIN_MIN_RUNS && bw > 0.0).then(|| {
+                    let (lo, hi) =
+                        c.values.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
+                    // The density is cut at the extreme runs, as seaborn's cut=0: no tails past the data.
+                    let pts: Vec<(f64, f64)> = (0..=80)
+                        .map(|i| {
+                            let y = lo + (hi - lo) * i as f64 / 80.0;
+                            (y, density(&c.values, bw, y))
+                        })
+                        .collect();
+                    (bw, pts)
+                })
+            })
+            .collect();
+        let peak = shapes.iter().flatten().flat_map(|(_, pts)| pts.iter().map(|p| p.1)).fold(0.0, f64::max);
+        let (_, py_bottom) = chart.backend_coord(&(0.0, y_lo));
+        let slot = (area.dim_in_pixel().0 as i32 - if pi == 0 { 100 } else { 30 }) / k.max(1) as i32;
+        for (ci, c) in panel.categories.iter().enumerate() {
+            let x = ci as f64;
+            if let Some((_, pts)) = &shapes[ci] {
+                let half = |d: f64| 0.4 * d / peak;
+                let mut outline: Vec<(f64, f64)> = pts.iter().map(|&(y, d)| (x - half(d), y)).collect();
+                outline.extend(pts.iter().rev().map(|&(y, d)| (x + half(d), y)));
+                chart.draw_series(std::iter::once(Polygon::new(outline.clone(), VIOLIN_FILL.mix(0.7).filled())))?;
+                outline.push(outline[0]);
+                chart.draw_series(std::iter::once(PathElement::new(
+                    outline,
+                    RGBColor(0x77, 0x77, 0x77).stroke_width(1),
+                )))?;
+                if let Some([_, q1, median, q3, _]) = box_stats(&c.values) {
+                    chart.draw_series(std::iter::once(Rectangle::new(
+                        [(x - 0.04, q1), (x + 0.04, q3)],
+                        BLACK.filled(),
+                    )))?;
+                    let (mx, my) = chart.backend_coord(&(x, median));
+                    upper.draw(&Circle::new((mx, my), 3, WHITE.filled()))?;
+                }
+            }
+            // Every run a point, spread sideways by a fixed low-discrepancy sequence (deterministic jitter).
+            for (j, &val) in c.values.iter().enumerate() {
+                let jitter = ((j as f64 * 0.618_033_988_75).fract() - 0.5) * 0.5;
+                let colour = methods.iter().find(|(m, _)| *m == c.methods[j]).map(|x| x.1).unwrap_or(PALETTE[7]);
+                let at = chart.backend_coord(&(x + jitter, val));
+                draw_marker_sized(&upper, at, policy_shape(&c.policies[j]), colour.mix(0.85), 3)?;
+            }
+            if shapes[ci].is_none() && !c.values.is_empty() {
+                let n = c.values.len() as f64;
+                let mean = c.values.iter().sum::<f64>() / n;
+                let se = if c.values.len() > 1 {
+                    (c.values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt() / n.sqrt()
+                } else {
+                    0.0
+                };
+                let line = BLACK.stroke_width(2);
+                chart.draw_series([
+                    PathElement::new(vec![(x + 0.32, mean - se), (x + 0.32, mean + se)], line),
+                    PathElement::new(vec![(x + 0.26, mean), (x + 0.38, mean)], BLACK.stroke_width(3)),
+                ])?;
+            }
+            let (px, _) = chart.backend_coord(&(x, y_lo));
+            let label = fit(&format!("{} (n={})", c.label, c.values.len()), 12, slot.max(40) as u32 - 8);
+            upper.draw(&Text::new(
+                label,
+                (px, py_bottom + 8),
+                text_style(12).pos(Pos::new(HPos::Center, VPos::Top)),
+            ))?;
+        }
+    }
+    draw_legend(&lower, &legend)?;
     Ok(())
 }
 
