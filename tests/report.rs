@@ -595,3 +595,38 @@ fn efficiency_scatter_front_matches_brute_force() {
         .count();
     assert!(ink as f64 / (img.width * img.height) as f64 > 0.01, "nearly blank");
 }
+
+/// A study directory with SNR scans (`seed-N/snr-*.json`, as graft's studies keep them) gets the SNR picture on its
+/// page: one heatmap row per scan, with a caption naming the scans; the page passes the browser check.
+#[test]
+fn study_snr_scans_are_on_the_page() {
+    let (dir, results, _) = setup();
+    let fixture = |p: &str| Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(p).display().to_string();
+    for (seed, model) in [("seed-0", "mlp/base"), ("seed-0", "mlp/ft_a"), ("seed-1", "mlp/ft_b")] {
+        let out = graft(&["snr", &fixture(model), "--json"]);
+        let sub = dir.path().join(seed);
+        std::fs::create_dir_all(&sub).unwrap();
+        let name = model.rsplit('/').next().unwrap();
+        std::fs::write(sub.join(format!("snr-{name}.json")), ok(&out)).unwrap();
+    }
+    let out_dir = dir.path().join("report");
+    ok(&graft(&["report", results.to_str().unwrap(), "-o", out_dir.to_str().unwrap()]));
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(out_dir.join("summary.json")).unwrap()).unwrap();
+    let plot = doc["plots"].as_array().unwrap().iter().find(|p| p["name"] == "snr_heatmap").expect("SNR figure");
+    assert_eq!(plot["section"], "snr");
+    let svg = std::fs::read_to_string(out_dir.join("plots/snr_heatmap.svg")).unwrap();
+    // The models are named by their paths as the scans record them (fixtures: their directory names).
+    for name in ["base", "ft_a", "ft_b"] {
+        assert!(svg.contains(&format!(">\n{name}\n</text>")), "no row {name}");
+    }
+    let img = png::decode(&std::fs::read(out_dir.join("plots/snr_heatmap.png")).unwrap()).unwrap();
+    let ink = (0..img.height)
+        .flat_map(|y| (0..img.width).map(move |x| (x, y)))
+        .filter(|&(x, y)| img.pixel(x, y)[..3] != [255, 255, 255])
+        .count();
+    assert!(ink as f64 / (img.width * img.height) as f64 > 0.05, "nearly blank");
+    let html = std::fs::read_to_string(out_dir.join("index.html")).unwrap();
+    assert!(html.contains("<h2>SNR of the study&#39;s models</h2>"), "no SNR section");
+    assert!(html.contains("src=\"plots/snr_heatmap.png\"") && html.contains("snr-ft_b.json"));
+    browser_check(&out_dir);
+}

@@ -7,6 +7,7 @@ use std::fmt::Write;
 use super::plots::{Chart, Section};
 use super::summary::{Cell, Summary};
 use super::table::{curve_metrics, kind_title, row_label, ColumnFormat};
+use super::Figure;
 
 pub fn escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -40,7 +41,7 @@ fn cell_html(fmt: &ColumnFormat, cell: Option<&Cell>) -> String {
 }
 
 /// The page. `inputs` are the results files as given on the command line.
-pub fn page(summary: &Summary, charts: &[Chart], inputs: &[String]) -> String {
+pub fn page(summary: &Summary, charts: &[Chart], figures: &[Figure], inputs: &[String]) -> String {
     let mut s = String::new();
     let _ = write!(
         s,
@@ -122,6 +123,19 @@ pub fn page(summary: &Summary, charts: &[Chart], inputs: &[String]) -> String {
             "<figure id=\"{name}\"><img src=\"plots/{name}.png\" alt=\"{title}\">\
              <figcaption>{title} (<a href=\"plots/{name}.svg\">SVG</a>)</figcaption></figure>",
             title = escape(&c.title)
+        );
+    }
+    if !figures.is_empty() {
+        let _ = writeln!(s, "<h2>{}</h2>", escape(Section::Snr.title()));
+    }
+    for f in figures {
+        let name = escape(&f.name);
+        let _ = writeln!(
+            s,
+            "<figure id=\"{name}\"><img src=\"plots/{name}.png\" alt=\"{title}\">\
+             <figcaption><b>{title}.</b> {caption} (<a href=\"plots/{name}.svg\">SVG</a>)</figcaption></figure>",
+            title = escape(&f.title),
+            caption = escape(&f.caption)
         );
     }
     let _ = writeln!(

@@ -25,6 +25,7 @@ pub enum Section {
     Numeric,
     Categorical,
     Interpolation,
+    Snr,
 }
 
 impl Section {
@@ -36,6 +37,7 @@ impl Section {
             Section::Numeric => "Metrics against numeric parameters",
             Section::Categorical => "Metrics by category",
             Section::Interpolation => "Interpolation curves",
+            Section::Snr => "SNR of the study's models",
         }
     }
 }
