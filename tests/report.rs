@@ -204,7 +204,7 @@ fn end_to_end_report() {
         let (w, h) = png::dimensions(&bytes).unwrap();
         let img = png::decode(&bytes).unwrap_or_else(|e| panic!("{}: {e}", png_path.display()));
         assert_eq!((img.width, img.height), (w, h));
-        assert!(w >= 900 && h >= 320, "{}: {w}x{h}", png_path.display());
+        assert!(w >= 1800 && h >= 640, "{}: {w}x{h}", png_path.display());
         let background = img.pixel(0, 0).to_vec();
         assert_eq!(&background[..3], &[255, 255, 255]);
         let mut colours = std::collections::HashSet::new();
@@ -227,11 +227,17 @@ fn end_to_end_report() {
         let svg = std::fs::read_to_string(&svg_path).unwrap();
         let elements = png::check_svg(&svg, 30).unwrap_or_else(|e| panic!("{}: {e}", svg_path.display()));
         assert!(elements >= 30);
-        assert!(svg.contains(&format!("width=\"{w}\"")) && svg.contains(&format!("height=\"{h}\"")));
+        // The PNG at print resolution: twice the SVG's (layout) size, the same picture.
+        assert!(w % 2 == 0 && h % 2 == 0, "{w}x{h}");
+        assert!(svg.contains(&format!("width=\"{}\"", w / 2)) && svg.contains(&format!("height=\"{}\"", h / 2)));
         let title = p["title"].as_str().unwrap();
         assert!(svg.contains(&title.replace('&', "&amp;")), "{}: no title", svg_path.display());
     }
     check_chart_rules(plots);
+    for p in plots {
+        let svg = std::fs::read_to_string(out_dir.join(p["svg"].as_str().unwrap())).unwrap();
+        check_text_does_not_overlap(&svg, p["name"].as_str().unwrap());
+    }
     // Bar charts: groups coloured by method with the method's own Okabe-Ito colour (lerp blue, ties orange), the
     // same colours in the violins (points by method) and the efficiency scatter.
     let bars = std::fs::read_to_string(out_dir.join("plots/train_bars_accuracy.svg")).unwrap();
@@ -274,6 +280,60 @@ fn check_chart_rules(plots: &[Value]) {
             assert!(!label.contains("=-") && label.trim() != "-" && !label.contains('='), "{name}: label {label:?}");
         }
         assert!(legend.len() <= 9, "{name}: {} legend entries", legend.len());
+    }
+}
+
+/// No two texts of a chart overlap: every horizontal `<text>` of the SVG gets its box from its anchor (x, y,
+/// text-anchor, the vertical offset plotters writes as dy) and its width measured with the chart font, and no two
+/// boxes may intersect by more than a pixel. (Rotated axis titles are left out: they sit alone beside the axis.)
+fn check_text_does_not_overlap(svg: &str, name: &str) {
+    graft::report::render::ensure_font().unwrap();
+    let mut boxes: Vec<([f64; 4], String)> = Vec::new();
+    for part in svg.split("<text ").skip(1) {
+        let head = &part[..part.find('>').unwrap()];
+        if head.contains("rotate(") {
+            continue;
+        }
+        let attr = |key: &str| -> Option<&str> {
+            let at = head
+                .find(&format!(" {key}=\""))
+                .map(|i| i + 1)
+                .or_else(|| head.starts_with(&format!("{key}=\"")).then_some(0))?;
+            let rest = &head[at + key.len() + 2..];
+            Some(&rest[..rest.find('"').unwrap()])
+        };
+        let num = |key: &str| attr(key).unwrap().parse::<f64>().unwrap();
+        let text = part[part.find('>').unwrap() + 1..part.find("</text>").unwrap()].trim().to_string();
+        if text.is_empty() {
+            continue;
+        }
+        // plotters writes font-size as the requested size / 1.24.
+        let size = (num("font-size") * 1.24).round();
+        let w = graft::report::render::text_width(
+            &text.replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">"),
+            size as u32,
+        ) as f64;
+        let (x, y) = (num("x"), num("y"));
+        let x0 = match attr("text-anchor") {
+            Some("middle") => x - w / 2.0,
+            Some("end") => x - w,
+            _ => x,
+        };
+        let y0 = match attr("dy") {
+            Some("0.76em") => y,
+            Some("0.5ex") => y - size / 2.0,
+            Some("-0.5ex") => y - size,
+            _ => y - 0.76 * size,
+        };
+        boxes.push(([x0 + 1.0, y0 + 1.0, x0 + w - 1.0, y0 + size - 1.0], text));
+    }
+    assert!(boxes.len() >= 5, "{name}: {} texts", boxes.len());
+    for i in 0..boxes.len() {
+        for j in 0..i {
+            let (a, b) = (&boxes[i].0, &boxes[j].0);
+            let overlap = a[0] < b[2] && b[0] < a[2] && a[1] < b[3] && b[1] < a[3];
+            assert!(!overlap, "{name}: text {:?} at {a:?} overlaps {:?} at {b:?}", boxes[i].1, boxes[j].1);
+        }
     }
 }
 

@@ -306,6 +306,14 @@ fn bad_inputs_fail_with_one_line() {
     assert!(lines[1]["tensors"].is_array());
 }
 
+/// How many PNG pixels a pixel of the SVG's layout is (the PNG is drawn at print resolution).
+fn png_scale(svg: &str, png_width: u32) -> u32 {
+    let at = svg.find("width=\"").unwrap() + 7;
+    let w: u32 = svg[at..at + svg[at..].find('"').unwrap()].parse().unwrap();
+    assert_eq!(png_width % w, 0, "PNG {png_width} wide, SVG {w}");
+    png_width / w
+}
+
 /// The SVG's text elements as (x, y, text).
 fn svg_texts(svg: &str) -> Vec<(i64, i64, String)> {
     let mut out = Vec::new();
@@ -364,7 +372,8 @@ fn plot_draws_every_layer_and_type_cell_and_a_ranking_per_type() {
         for t in &types {
             let scored =
                 tensors.iter().any(|x| x["layer"].as_u64() == Some(*layer) && x["type"] == *t && x["rank"].is_u64());
-            let px = img.pixel(column(t) as u32, row(&format!("layer {layer}")) as u32).to_vec();
+            let k = png_scale(&svg, img.width);
+            let px = img.pixel(column(t) as u32 * k, row(&format!("layer {layer}")) as u32 * k).to_vec();
             if scored {
                 assert!(px[..3] != [255, 255, 255] && px[..3] != [0xF2, 0xF2, 0xF2], "layer {layer} {t}: {px:?}");
                 coloured += 1;
@@ -455,7 +464,8 @@ fn zoo_plot_has_a_row_per_model_and_every_cell() {
                     .find(|(_, y, s)| *y > panel_y && *y < next_y && s == name)
                     .unwrap_or_else(|| panic!("{t}: no row {name}"))
                     .1;
-                let px = img.pixel(x as u32, y as u32).to_vec();
+                let k = png_scale(&svg, img.width);
+                let px = img.pixel(x as u32 * k, y as u32 * k).to_vec();
                 if scored(doc, layer) {
                     assert!(px[..3] != [255, 255, 255] && px[..3] != [0xF2, 0xF2, 0xF2], "{name} {t} {label}: {px:?}");
                     coloured += 1;

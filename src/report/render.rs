@@ -21,7 +21,7 @@ static FONT_BYTES: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
 type DrawResult = std::result::Result<(), Box<dyn StdError>>;
 
 /// Registers the embedded font under every family name plotters may ask for. Idempotent.
-pub(crate) fn ensure_font() -> Result<()> {
+pub fn ensure_font() -> Result<()> {
     static REGISTERED: OnceLock<bool> = OnceLock::new();
     let ok = *REGISTERED.get_or_init(|| {
         ["sans-serif", "serif", "monospace"].iter().all(|family| {
@@ -94,7 +94,7 @@ fn text_style(size: u32) -> TextStyle<'static> {
     TextStyle::from((FONT, size).into_font()).color(&BLACK)
 }
 
-pub(crate) fn text_width(text: &str, size: u32) -> u32 {
+pub fn text_width(text: &str, size: u32) -> u32 {
     (FONT, size).into_font().box_size(text).map(|(w, _)| w).unwrap_or(text.len() as u32 * size / 2)
 }
 
@@ -233,13 +233,154 @@ pub fn size(chart: &Chart) -> (u32, u32) {
     }
 }
 
-/// Renders a chart as `<dir>/<name>.png` and `<dir>/<name>.svg`.
+/// PNGs are drawn this many times larger than the layout (and the SVG): 1800 pixels for a 900-pixel chart, print
+/// resolution at a page's width, with the same layout (text is rendered at the larger size, not magnified).
+pub const PRINT_SCALE: u32 = 2;
+
+/// A backend that draws everything `factor` times larger on an inner one: charts lay out in logical pixels, and the
+/// PNG gets `factor` device pixels for each (coordinates, line widths, radii and font sizes all scaled).
+pub struct Scaled<B> {
+    inner: B,
+    factor: i32,
+}
+
+impl<B: DrawingBackend> Scaled<B> {
+    /// `inner` must be `factor` times the logical size in each direction.
+    pub fn new(inner: B, factor: u32) -> Scaled<B> {
+        Scaled { inner, factor: factor as i32 }
+    }
+
+    fn at(&self, (x, y): (i32, i32)) -> (i32, i32) {
+        (x * self.factor, y * self.factor)
+    }
+
+    /// The last device pixel of a logical pixel: filled areas cover whole logical pixels.
+    fn end(&self, (x, y): (i32, i32)) -> (i32, i32) {
+        (x * self.factor + self.factor - 1, y * self.factor + self.factor - 1)
+    }
+
+    fn style<S: plotters_backend::BackendStyle>(&self, s: &S) -> ScaledStyle {
+        ScaledStyle { color: s.color(), width: s.stroke_width() * self.factor as u32 }
+    }
+}
+
+pub struct ScaledStyle {
+    color: plotters_backend::BackendColor,
+    width: u32,
+}
+
+impl plotters_backend::BackendStyle for ScaledStyle {
+    fn color(&self) -> plotters_backend::BackendColor {
+        self.color
+    }
+    fn stroke_width(&self) -> u32 {
+        self.width
+    }
+}
+
+type BackendResult<E> = std::result::Result<(), plotters_backend::DrawingErrorKind<E>>;
+
+impl<B: DrawingBackend> DrawingBackend for Scaled<B> {
+    type ErrorType = B::ErrorType;
+
+    fn get_size(&self) -> (u32, u32) {
+        let (w, h) = self.inner.get_size();
+        (w / self.factor as u32, h / self.factor as u32)
+    }
+
+    fn ensure_prepared(&mut self) -> BackendResult<B::ErrorType> {
+        self.inner.ensure_prepared()
+    }
+
+    fn present(&mut self) -> BackendResult<B::ErrorType> {
+        self.inner.present()
+    }
+
+    fn draw_pixel(&mut self, p: (i32, i32), color: plotters_backend::BackendColor) -> BackendResult<B::ErrorType> {
+        let (a, b) = (self.at(p), self.end(p));
+        self.inner.draw_rect(a, b, &color, true)
+    }
+
+    fn draw_line<S: plotters_backend::BackendStyle>(
+        &mut self,
+        from: (i32, i32),
+        to: (i32, i32),
+        style: &S,
+    ) -> BackendResult<B::ErrorType> {
+        let st = self.style(style);
+        self.inner.draw_line(self.at(from), self.at(to), &st)
+    }
+
+    fn draw_rect<S: plotters_backend::BackendStyle>(
+        &mut self,
+        upper_left: (i32, i32),
+        bottom_right: (i32, i32),
+        style: &S,
+        fill: bool,
+    ) -> BackendResult<B::ErrorType> {
+        let st = self.style(style);
+        let (a, b) = if fill {
+            (self.at(upper_left), self.end(bottom_right))
+        } else {
+            (self.at(upper_left), self.at(bottom_right))
+        };
+        self.inner.draw_rect(a, b, &st, fill)
+    }
+
+    fn draw_path<S: plotters_backend::BackendStyle, I: IntoIterator<Item = (i32, i32)>>(
+        &mut self,
+        path: I,
+        style: &S,
+    ) -> BackendResult<B::ErrorType> {
+        let st = self.style(style);
+        let f = self.factor;
+        self.inner.draw_path(path.into_iter().map(|(x, y)| (x * f, y * f)), &st)
+    }
+
+    fn draw_circle<S: plotters_backend::BackendStyle>(
+        &mut self,
+        center: (i32, i32),
+        radius: u32,
+        style: &S,
+        fill: bool,
+    ) -> BackendResult<B::ErrorType> {
+        let st = self.style(style);
+        self.inner.draw_circle(self.at(center), radius * self.factor as u32, &st, fill)
+    }
+
+    fn fill_polygon<S: plotters_backend::BackendStyle, I: IntoIterator<Item = (i32, i32)>>(
+        &mut self,
+        vert: I,
+        style: &S,
+    ) -> BackendResult<B::ErrorType> {
+        let st = self.style(style);
+        let f = self.factor;
+        self.inner.fill_polygon(vert.into_iter().map(|(x, y)| (x * f, y * f)), &st)
+    }
+
+    fn draw_text<T: plotters_backend::BackendTextStyle>(
+        &mut self,
+        text: &str,
+        style: &T,
+        pos: (i32, i32),
+    ) -> BackendResult<B::ErrorType> {
+        let c = style.color();
+        let font = FontDesc::new(style.family(), style.size() * self.factor as f64, style.style())
+            .transform(style.transform());
+        let colour = RGBAColor(c.rgb.0, c.rgb.1, c.rgb.2, c.alpha);
+        let scaled = TextStyle::from(font).color(&colour).pos(style.anchor());
+        self.inner.draw_text(text, &scaled, self.at(pos))
+    }
+}
+
+/// Renders a chart as `<dir>/<name>.png` (at `PRINT_SCALE`) and `<dir>/<name>.svg`.
 pub fn render(chart: &Chart, dir: &Path) -> Result<()> {
     ensure_font()?;
     let dims = size(chart);
     let png = dir.join(format!("{}.png", chart.name));
     {
-        let root = BitMapBackend::new(&png, dims).into_drawing_area();
+        let device = BitMapBackend::new(&png, (dims.0 * PRINT_SCALE, dims.1 * PRINT_SCALE));
+        let root = Scaled::new(device, PRINT_SCALE).into_drawing_area();
         draw(&root, chart).and_then(|_| Ok(root.present()?)).map_err(|e| plot_error(chart, &png, e))?;
     }
     let mut svg = String::new();

@@ -478,7 +478,8 @@ pub fn write_zoo(grids: &[Grid], dir: &Path, stem: &str, title: &str) -> Result<
         Error::invalid(format!("{}: drawing the SNR zoo heatmap failed: {e}", p.display()))
     };
     {
-        let root = BitMapBackend::new(&png, (z.width, z.height)).into_drawing_area();
+        let device = BitMapBackend::new(&png, (z.width * render::PRINT_SCALE, z.height * render::PRINT_SCALE));
+        let root = render::Scaled::new(device, render::PRINT_SCALE).into_drawing_area();
         draw_zoo(&root, grids, title).and_then(|_| Ok(root.present()?)).map_err(|e| failed(&png, e))?;
     }
     let mut svg = String::new();
@@ -553,7 +554,8 @@ pub fn write_heatmap(grid: &Grid, title: &str, dir: &Path, stem: &str) -> Result
         Error::invalid(format!("{}: drawing the SNR heatmap failed: {e}", p.display()))
     };
     {
-        let root = BitMapBackend::new(&png, (w, h)).into_drawing_area();
+        let device = BitMapBackend::new(&png, (w * render::PRINT_SCALE, h * render::PRINT_SCALE));
+        let root = render::Scaled::new(device, render::PRINT_SCALE).into_drawing_area();
         draw_heatmap(&root, &grid, &title).and_then(|_| Ok(root.present()?)).map_err(|e| failed(&png, e))?;
     }
     let mut svg = String::new();
