@@ -1148,6 +1148,9 @@ fn policy_text(policy: &str) -> String {
     }
 }
 
+/// A violin's half outline: the bandwidth and (value, density) points.
+type Outline = (f64, Vec<(f64, f64)>);
+
 /// Gaussian kernel density of `values` at `y`, bandwidth by Silverman's rule (0.9 min(sd, IQR / 1.34) n^-1/5).
 pub fn silverman_bandwidth(values: &[f64]) -> f64 {
     let n = values.len() as f64;
@@ -1230,7 +1233,7 @@ where
             ))?;
         }
         // Densities share one scale within a panel, the widest reaching 0.4 on either side.
-        let shapes: Vec<Option<(f64, Vec<(f64, f64)>)>> = panel
+        let shapes: Vec<Option<Outline>> = panel
             .categories
             .iter()
             .map(|c| {

@@ -243,9 +243,12 @@ where
     Ok(())
 }
 
-/// What a zoo picture shows: panels of (title, columns); a column is a (type, layer) cell position.
+/// A zoo panel: its title and its columns, each a (type, layer) cell position.
+type ZooPanel = (String, Vec<(String, Option<usize>)>);
+
+/// What a zoo picture shows.
 struct ZooLayout {
-    panels: Vec<(String, Vec<(String, Option<usize>)>)>,
+    panels: Vec<ZooPanel>,
     /// Every type one matrix: one panel whose columns are the types (labelled by type, not layer).
     by_type: bool,
     label_w: u32,
@@ -275,7 +278,7 @@ fn zoo_layout(grids: &[Grid]) -> ZooLayout {
         ls
     };
     let by_type = types.iter().all(|t| layers_of(t).len() <= 1);
-    let panels: Vec<(String, Vec<(String, Option<usize>)>)> = if by_type {
+    let panels: Vec<ZooPanel> = if by_type {
         vec![(String::new(), types.iter().map(|t| (t.clone(), layers_of(t).first().copied().flatten())).collect())]
     } else {
         types.iter().map(|t| (t.clone(), layers_of(t).into_iter().map(|l| (t.clone(), l)).collect())).collect()
