@@ -24,7 +24,9 @@ pub fn escape(s: &str) -> String {
     out
 }
 
+// Tables wider than the page (a study with many metrics) scroll inside their box instead of running off the page.
 const STYLE: &str = "body{font-family:sans-serif;margin:2em auto;max-width:1100px;padding:0 1em;color:#222}\
+div.wide{overflow-x:auto}\
 table{border-collapse:collapse;margin:1em 0;font-size:14px}\
 th,td{border:1px solid #ccc;padding:4px 8px;text-align:right;white-space:nowrap}\
 th:first-child,td:first-child{text-align:left}\
@@ -63,7 +65,11 @@ pub fn page(summary: &Summary, charts: &[Chart], figures: &[Figure], inputs: &[S
     );
     for t in &summary.tables {
         let formats: Vec<ColumnFormat> = t.metrics.iter().map(|m| t.format(m)).collect();
-        let _ = writeln!(s, "<h2>{}</h2>\n<table>\n<tr><th>experiment</th>", escape(kind_title(t.kind)));
+        let _ = writeln!(
+            s,
+            "<h2>{}</h2>\n<div class=\"wide\"><table>\n<tr><th>experiment</th>",
+            escape(kind_title(t.kind))
+        );
         for (m, f) in t.metrics.iter().zip(&formats) {
             let _ = write!(s, "<th>{}</th>", escape(&f.header(&m.label)));
         }
@@ -76,13 +82,13 @@ pub fn page(summary: &Summary, charts: &[Chart], figures: &[Figure], inputs: &[S
             }
             s.push_str("</tr>\n");
         }
-        s.push_str("</table>\n");
+        s.push_str("</table></div>\n");
     }
     let metrics = curve_metrics(&summary.curves);
     if !metrics.is_empty() {
         s.push_str(
             "<h2>Interpolation barriers</h2>\n<p class=\"note\">Largest excess over the straight line between the \
-             endpoints (loss above it, accuracy/F1 below it); 0 or less: no barrier.</p>\n<table>\n<tr><th>interpolation</th>",
+             endpoints (loss above it, accuracy/F1 below it); 0 or less: no barrier.</p>\n<div class=\"wide\"><table>\n<tr><th>interpolation</th>",
         );
         let formats: Vec<ColumnFormat> = metrics
             .iter()
@@ -109,7 +115,7 @@ pub fn page(summary: &Summary, charts: &[Chart], figures: &[Figure], inputs: &[S
             }
             s.push_str("</tr>\n");
         }
-        s.push_str("</table>\n");
+        s.push_str("</table></div>\n");
     }
     let mut section: Option<Section> = None;
     for c in charts {
