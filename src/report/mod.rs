@@ -5,7 +5,7 @@
 //! (markdown, CSV), `plots` decides the charts, `render` draws them (PNG + SVG), `html` makes the page. This module
 //! writes the report directory, all at once: everything is built in a sibling staging directory first and moved into
 //! place at the end, so a failure never leaves a half report. `snr_plot` draws `graft snr --plot`'s pictures with
-//! the same renderer.
+//! the same renderer, and the SNR scans a study keeps next to its results file onto the page.
 
 pub mod bootstrap;
 pub mod format;

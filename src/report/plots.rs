@@ -1,8 +1,10 @@
-//! Which charts a report has, as plain data: grouped bar charts per metric with the baseline as a dashed line,
-//! efficiency charts against the baseline, metric-vs-parameter line plots (numeric parameters) and box plots
-//! (categorical parameters), metric-vs-lambda curves of interpolations, and per-domain grouped bars of studies whose
-//! metrics are named `<prefix>_<domain>` (the LLM study's perplexity and gain kept per domain). `render` draws them; keeping the
-//! planning separate lets tests check the numbers a chart shows without reading pixels.
+//! Which charts a report has, as plain data: bars per metric with the baseline as a dashed line, the efficiency
+//! scatter (the main metric against training time and peak memory, with its Pareto front), percentage change/saving
+//! against the baseline, metric-vs-parameter line plots (numeric parameters), violins of the main metric per
+//! categorical parameter, metric-vs-lambda curves of interpolations, and per-domain grouped bars of studies whose
+//! metrics are named `<prefix>_<domain>` (the LLM study's perplexity and gain kept per domain). The freeze policy is
+//! read in words here, for every chart alike. `render` draws them; keeping the planning separate lets tests check the
+//! numbers a chart shows without reading pixels.
 //!
 //! Values are in the units the tables print (fractions, seconds, KB/MB/GB), so a chart and its table agree.
 

@@ -1,6 +1,7 @@
 //! Drawing the planned charts with plotters, to PNG (bitmap backend) and SVG, with the DejaVu Sans font embedded in
 //! the binary (registered with plotters' ab_glyph font table): no system font is ever looked up, so charts render the
-//! same on every machine.
+//! same on every machine. PNGs go through `Scaled`, which draws the same layout at `PRINT_SCALE` times the pixels.
+//! One mapping everywhere: colour = merge method, marker = freeze policy.
 
 use std::error::Error as StdError;
 use std::path::Path;
