@@ -190,8 +190,8 @@ fn end_to_end_report() {
         "train_saving_time_s",
         "train_saving_peak_memory_bytes",
         "train_accuracy_vs_top_p",
-        "train_accuracy_by_method",
-        "train_accuracy_by_freeze",
+        "train_accuracy_by_parameter",
+        "train_efficiency_accuracy",
         "eval_accuracy_vs_top_p",
         "interpolate_loss",
         "interpolate_accuracy",
@@ -204,7 +204,7 @@ fn end_to_end_report() {
         let (w, h) = png::dimensions(&bytes).unwrap();
         let img = png::decode(&bytes).unwrap_or_else(|e| panic!("{}: {e}", png_path.display()));
         assert_eq!((img.width, img.height), (w, h));
-        assert!(w >= 900 && h >= 320, "{}: {w}x{h}", png_path.display());
+        assert!(w >= 1800 && h >= 640, "{}: {w}x{h}", png_path.display());
         let background = img.pixel(0, 0).to_vec();
         assert_eq!(&background[..3], &[255, 255, 255]);
         let mut colours = std::collections::HashSet::new();
@@ -227,17 +227,25 @@ fn end_to_end_report() {
         let svg = std::fs::read_to_string(&svg_path).unwrap();
         let elements = png::check_svg(&svg, 30).unwrap_or_else(|e| panic!("{}: {e}", svg_path.display()));
         assert!(elements >= 30);
-        assert!(svg.contains(&format!("width=\"{w}\"")) && svg.contains(&format!("height=\"{h}\"")));
+        // The PNG at print resolution: twice the SVG's (layout) size, the same picture.
+        assert!(w % 2 == 0 && h % 2 == 0, "{w}x{h}");
+        assert!(svg.contains(&format!("width=\"{}\"", w / 2)) && svg.contains(&format!("height=\"{}\"", h / 2)));
         let title = p["title"].as_str().unwrap();
         assert!(svg.contains(&title.replace('&', "&amp;")), "{}: no title", svg_path.display());
     }
     check_chart_rules(plots);
+    for p in plots {
+        let svg = std::fs::read_to_string(out_dir.join(p["svg"].as_str().unwrap())).unwrap();
+        check_text_does_not_overlap(&svg, p["name"].as_str().unwrap());
+    }
     // Bar charts: groups coloured by method with the method's own Okabe-Ito colour (lerp blue, ties orange), the
-    // same colours in the box plots by method.
+    // same colours in the violins (points by method) and the efficiency scatter.
     let bars = std::fs::read_to_string(out_dir.join("plots/train_bars_accuracy.svg")).unwrap();
     assert!(bars.contains("fill=\"#0072B2\"") && bars.contains("fill=\"#E69F00\""), "groups not coloured");
-    let by_method = std::fs::read_to_string(out_dir.join("plots/train_accuracy_by_method.svg")).unwrap();
-    assert!(by_method.contains("#0072B2") && by_method.contains("#E69F00"), "methods change colour between charts");
+    for chart in ["train_accuracy_by_parameter", "train_efficiency_accuracy"] {
+        let svg = std::fs::read_to_string(out_dir.join(format!("plots/{chart}.svg"))).unwrap();
+        assert!(svg.contains("#0072B2") && svg.contains("#E69F00"), "{chart}: methods change colour between charts");
+    }
     assert!(bars.contains("baseline (base + full FT)"));
 
     // index.html: every table and chart, nothing from a network, every referenced file present.
@@ -272,6 +280,60 @@ fn check_chart_rules(plots: &[Value]) {
             assert!(!label.contains("=-") && label.trim() != "-" && !label.contains('='), "{name}: label {label:?}");
         }
         assert!(legend.len() <= 9, "{name}: {} legend entries", legend.len());
+    }
+}
+
+/// No two texts of a chart overlap: every horizontal `<text>` of the SVG gets its box from its anchor (x, y,
+/// text-anchor, the vertical offset plotters writes as dy) and its width measured with the chart font, and no two
+/// boxes may intersect by more than a pixel. (Rotated axis titles are left out: they sit alone beside the axis.)
+fn check_text_does_not_overlap(svg: &str, name: &str) {
+    graft::report::render::ensure_font().unwrap();
+    let mut boxes: Vec<([f64; 4], String)> = Vec::new();
+    for part in svg.split("<text ").skip(1) {
+        let head = &part[..part.find('>').unwrap()];
+        if head.contains("rotate(") {
+            continue;
+        }
+        let attr = |key: &str| -> Option<&str> {
+            let at = head
+                .find(&format!(" {key}=\""))
+                .map(|i| i + 1)
+                .or_else(|| head.starts_with(&format!("{key}=\"")).then_some(0))?;
+            let rest = &head[at + key.len() + 2..];
+            Some(&rest[..rest.find('"').unwrap()])
+        };
+        let num = |key: &str| attr(key).unwrap().parse::<f64>().unwrap();
+        let text = part[part.find('>').unwrap() + 1..part.find("</text>").unwrap()].trim().to_string();
+        if text.is_empty() {
+            continue;
+        }
+        // plotters writes font-size as the requested size / 1.24.
+        let size = (num("font-size") * 1.24).round();
+        let w = graft::report::render::text_width(
+            &text.replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">"),
+            size as u32,
+        ) as f64;
+        let (x, y) = (num("x"), num("y"));
+        let x0 = match attr("text-anchor") {
+            Some("middle") => x - w / 2.0,
+            Some("end") => x - w,
+            _ => x,
+        };
+        let y0 = match attr("dy") {
+            Some("0.76em") => y,
+            Some("0.5ex") => y - size / 2.0,
+            Some("-0.5ex") => y - size,
+            _ => y - 0.76 * size,
+        };
+        boxes.push(([x0 + 1.0, y0 + 1.0, x0 + w - 1.0, y0 + size - 1.0], text));
+    }
+    assert!(boxes.len() >= 5, "{name}: {} texts", boxes.len());
+    for i in 0..boxes.len() {
+        for j in 0..i {
+            let (a, b) = (&boxes[i].0, &boxes[j].0);
+            let overlap = a[0] < b[2] && b[0] < a[2] && a[1] < b[3] && b[1] < a[3];
+            assert!(!overlap, "{name}: text {:?} at {a:?} overlaps {:?} at {b:?}", boxes[i].1, boxes[j].1);
+        }
     }
 }
 
@@ -534,4 +596,97 @@ fn json_output_and_superseded_lines() {
     assert!((naive["mean"].as_f64().unwrap() - 0.3).abs() < 0.02, "{naive}");
     assert_eq!(aligned["best"], true);
     assert_eq!(naive["best"], false);
+}
+
+/// The efficiency scatter's Pareto fronts (accuracy against training time, against peak memory) equal fronts found
+/// here by brute force from the results file's own numbers: an experiment is on the front when no other experiment
+/// has cost <= and accuracy >= with one strict. Legend entries distinct; the chart has ink.
+#[test]
+fn efficiency_scatter_front_matches_brute_force() {
+    let (dir, results, study) = setup();
+    let out_dir = dir.path().join("report");
+    ok(&graft(&["report", results.to_str().unwrap(), "-o", out_dir.to_str().unwrap(), "--json"]));
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(out_dir.join("summary.json")).unwrap()).unwrap();
+    let plot =
+        doc["plots"].as_array().unwrap().iter().find(|p| p["name"] == "train_efficiency_accuracy").expect("chart");
+    let mut experiments: Vec<String> = Vec::new();
+    for l in &study.lines {
+        let e = l["experiment"].as_str().unwrap().to_string();
+        if l["kind"] == "train" && !experiments.contains(&e) {
+            experiments.push(e);
+        }
+    }
+    let mean = |v: Vec<f64>| v.iter().sum::<f64>() / v.len() as f64;
+    let fronts = plot["pareto_front"].as_array().unwrap();
+    assert_eq!(fronts.len(), 2);
+    for (front, cost) in fronts.iter().zip(["time_s", "peak_memory_bytes"]) {
+        let pts: Vec<(f64, f64)> = experiments
+            .iter()
+            .map(|e| (mean(study.values("train", e, cost)), mean(study.values("train", e, "accuracy"))))
+            .collect();
+        let mut want: Vec<&str> = experiments
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| {
+                !pts.iter()
+                    .enumerate()
+                    .any(|(j, q)| j != i && q.0 <= pts[i].0 && q.1 >= pts[i].1 && (q.0 < pts[i].0 || q.1 > pts[i].1))
+            })
+            .map(|(_, e)| e.as_str())
+            .collect();
+        let mut got: Vec<&str> = front["experiments"].as_array().unwrap().iter().map(|e| e.as_str().unwrap()).collect();
+        assert!(!got.is_empty());
+        // By increasing cost.
+        let cost_of = |e: &str| pts[experiments.iter().position(|x| x == e).unwrap()].0;
+        assert!(got.windows(2).all(|w| cost_of(w[0]) <= cost_of(w[1])), "{cost}: {got:?}");
+        want.sort();
+        got.sort();
+        assert_eq!(got, want, "{cost}");
+    }
+    let legend: Vec<&str> = plot["legend"].as_array().unwrap().iter().map(|l| l.as_str().unwrap()).collect();
+    for want in ["lerp", "ties", "head only", "SNR-selected layers", "full fine-tuning", "baseline (base + full FT)"] {
+        assert!(legend.contains(&want), "{want} not in {legend:?}");
+    }
+    check_chart_rules(std::slice::from_ref(plot));
+    let img = png::decode(&std::fs::read(out_dir.join("plots/train_efficiency_accuracy.png")).unwrap()).unwrap();
+    let ink = (0..img.height)
+        .flat_map(|y| (0..img.width).map(move |x| (x, y)))
+        .filter(|&(x, y)| img.pixel(x, y)[..3] != [255, 255, 255])
+        .count();
+    assert!(ink as f64 / (img.width * img.height) as f64 > 0.01, "nearly blank");
+}
+
+/// A study directory with SNR scans (`seed-N/snr-*.json`, as graft's studies keep them) gets the SNR picture on its
+/// page: one heatmap row per scan, with a caption naming the scans; the page passes the browser check.
+#[test]
+fn study_snr_scans_are_on_the_page() {
+    let (dir, results, _) = setup();
+    let fixture = |p: &str| Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(p).display().to_string();
+    for (seed, model) in [("seed-0", "mlp/base"), ("seed-0", "mlp/ft_a"), ("seed-1", "mlp/ft_b")] {
+        let out = graft(&["snr", &fixture(model), "--json"]);
+        let sub = dir.path().join(seed);
+        std::fs::create_dir_all(&sub).unwrap();
+        let name = model.rsplit('/').next().unwrap();
+        std::fs::write(sub.join(format!("snr-{name}.json")), ok(&out)).unwrap();
+    }
+    let out_dir = dir.path().join("report");
+    ok(&graft(&["report", results.to_str().unwrap(), "-o", out_dir.to_str().unwrap()]));
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(out_dir.join("summary.json")).unwrap()).unwrap();
+    let plot = doc["plots"].as_array().unwrap().iter().find(|p| p["name"] == "snr_heatmap").expect("SNR figure");
+    assert_eq!(plot["section"], "snr");
+    let svg = std::fs::read_to_string(out_dir.join("plots/snr_heatmap.svg")).unwrap();
+    // The models are named by their paths as the scans record them (fixtures: their directory names).
+    for name in ["base", "ft_a", "ft_b"] {
+        assert!(svg.contains(&format!(">\n{name}\n</text>")), "no row {name}");
+    }
+    let img = png::decode(&std::fs::read(out_dir.join("plots/snr_heatmap.png")).unwrap()).unwrap();
+    let ink = (0..img.height)
+        .flat_map(|y| (0..img.width).map(move |x| (x, y)))
+        .filter(|&(x, y)| img.pixel(x, y)[..3] != [255, 255, 255])
+        .count();
+    assert!(ink as f64 / (img.width * img.height) as f64 > 0.05, "nearly blank");
+    let html = std::fs::read_to_string(out_dir.join("index.html")).unwrap();
+    assert!(html.contains("<h2>SNR of the study&#39;s models</h2>"), "no SNR section");
+    assert!(html.contains("src=\"plots/snr_heatmap.png\"") && html.contains("snr-ft_b.json"));
+    browser_check(&out_dir);
 }

@@ -306,6 +306,14 @@ fn bad_inputs_fail_with_one_line() {
     assert!(lines[1]["tensors"].is_array());
 }
 
+/// How many PNG pixels a pixel of the SVG's layout is (the PNG is drawn at print resolution).
+fn png_scale(svg: &str, png_width: u32) -> u32 {
+    let at = svg.find("width=\"").unwrap() + 7;
+    let w: u32 = svg[at..at + svg[at..].find('"').unwrap()].parse().unwrap();
+    assert_eq!(png_width % w, 0, "PNG {png_width} wide, SVG {w}");
+    png_width / w
+}
+
 /// The SVG's text elements as (x, y, text).
 fn svg_texts(svg: &str) -> Vec<(i64, i64, String)> {
     let mut out = Vec::new();
@@ -364,7 +372,8 @@ fn plot_draws_every_layer_and_type_cell_and_a_ranking_per_type() {
         for t in &types {
             let scored =
                 tensors.iter().any(|x| x["layer"].as_u64() == Some(*layer) && x["type"] == *t && x["rank"].is_u64());
-            let px = img.pixel(column(t) as u32, row(&format!("layer {layer}")) as u32).to_vec();
+            let k = png_scale(&svg, img.width);
+            let px = img.pixel(column(t) as u32 * k, row(&format!("layer {layer}")) as u32 * k).to_vec();
             if scored {
                 assert!(px[..3] != [255, 255, 255] && px[..3] != [0xF2, 0xF2, 0xF2], "layer {layer} {t}: {px:?}");
                 coloured += 1;
@@ -392,4 +401,86 @@ fn plot_draws_every_layer_and_type_cell_and_a_ranking_per_type() {
         assert!(ink as f64 / (img.width * img.height) as f64 > 0.01, "{stem}: nearly blank");
         assert!(out.join(format!("{stem}.svg")).is_file());
     }
+}
+
+/// `--plot` on several models also draws the zoo picture: a panel per layer type, a row per model, a column per
+/// layer. Every (model, type, layer) cell is found through the SVG's panel title, row label and layer number, and
+/// its pixel read back from the PNG: coloured where the model's scan scored that matrix, empty grey elsewhere.
+#[test]
+fn zoo_plot_has_a_row_per_model_and_every_cell() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("plots");
+    let models = [fixture("llama/base"), fixture("llama/ft_a")];
+    let stdout = ok(&["snr", &models[0], &models[1], "--jsonl", "--plot", out.to_str().unwrap()]);
+    let docs: Vec<Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(docs.len(), 2);
+    let per_model =
+        std::fs::read_dir(&out).unwrap().flatten().filter(|e| e.path().join("heatmap.png").is_file()).count();
+    assert_eq!(per_model, 2, "a heatmap directory per model");
+    let svg = std::fs::read_to_string(out.join("zoo.svg")).unwrap();
+    png::check_svg(&svg, 30).unwrap_or_else(|e| panic!("zoo.svg: {e}"));
+    let texts = svg_texts(&svg);
+    let img = png::decode(&std::fs::read(out.join("zoo.png")).unwrap()).unwrap();
+    let mut checked = 0;
+    let mut coloured = 0;
+    let types: Vec<String> = docs[0]["types"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().into()).collect();
+    for t in &types {
+        // Layers by index; matrices without one (the head) in a column "-".
+        let scored = |doc: &Value, layer: Option<u64>| {
+            doc["tensors"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|x| x["type"] == *t && x["layer"].as_u64() == layer && x["rank"].is_u64())
+        };
+        let layers: std::collections::BTreeSet<Option<u64>> = docs
+            .iter()
+            .flat_map(|d| d["tensors"].as_array().unwrap().iter().filter(|x| x["type"] == *t && x["rank"].is_u64()))
+            .map(|x| x["layer"].as_u64())
+            .collect();
+        if layers.is_empty() {
+            // Types with nothing scored (norms) get no panel.
+            assert!(!texts.iter().any(|(_, _, s)| s == t), "{t}: a panel without a scored matrix");
+            continue;
+        }
+        let panel_y = texts.iter().find(|(_, _, s)| s == t).unwrap_or_else(|| panic!("no panel for {t}")).1;
+        // The next panel's title bounds this one.
+        let next_y = texts
+            .iter()
+            .filter(|(_, y, s)| *y > panel_y && types.contains(s))
+            .map(|(_, y, _)| *y)
+            .min()
+            .unwrap_or(i64::MAX);
+        for layer in layers {
+            let label = layer.map(|l| l.to_string()).unwrap_or_else(|| "-".into());
+            let x = texts
+                .iter()
+                .find(|(_, y, s)| *y > panel_y && *y < panel_y + 50 && *s == label)
+                .unwrap_or_else(|| panic!("{t}: no column for layer {label}"))
+                .0;
+            for (doc, name) in docs.iter().zip(["base", "ft_a"]) {
+                let y = texts
+                    .iter()
+                    .find(|(_, y, s)| *y > panel_y && *y < next_y && s == name)
+                    .unwrap_or_else(|| panic!("{t}: no row {name}"))
+                    .1;
+                let k = png_scale(&svg, img.width);
+                let px = img.pixel(x as u32 * k, y as u32 * k).to_vec();
+                if scored(doc, layer) {
+                    assert!(px[..3] != [255, 255, 255] && px[..3] != [0xF2, 0xF2, 0xF2], "{name} {t} {label}: {px:?}");
+                    coloured += 1;
+                } else {
+                    assert_eq!(px[..3], [0xF2, 0xF2, 0xF2], "{name} {t} {label}: drawn without a matrix");
+                }
+                checked += 1;
+            }
+        }
+    }
+    let scored_total: usize =
+        docs.iter().map(|d| d["tensors"].as_array().unwrap().iter().filter(|x| x["rank"].is_u64()).count()).sum();
+    assert_eq!(coloured, scored_total, "{checked} cells checked");
+    // One frame per selected matrix of either model, plus the key's.
+    let selected: usize = docs.iter().map(|d| d["selected"].as_array().unwrap().len()).sum();
+    assert!(selected > 0);
+    assert_eq!(svg.matches("fill=\"none\" stroke=\"#000000\"").count(), selected + 1, "frames + key");
 }

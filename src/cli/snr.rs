@@ -50,7 +50,7 @@ pub struct Args {
     #[arg(long, value_name = "FILE")]
     selection_json: Option<String>,
     /// Draw each model's SNR heatmap (layers x types, the selection framed) and per-type rankings into DIR, as PNG
-    /// and SVG (`DIR/<model>/` when several models are scanned).
+    /// and SVG (`DIR/<model>/` when several models are scanned, and `DIR/zoo.png`: a heatmap row per model).
     #[arg(long, value_name = "DIR")]
     plot: Option<PathBuf>,
     /// Append each model's JSON line to FILE and skip models already recorded there (restartable zoo scans).
@@ -104,13 +104,23 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
     let opts = ScanOptions { filter, include_vectors: args.include_vectors, types: args.types.clone() };
 
     let json = args.jsonl || args.json;
-    super::run_batch(&models, json, "model", "models could not be scanned", String::clone, |model| {
+    let mut grids = Vec::new();
+    let scanned = super::run_batch(&models, json, "model", "models could not be scanned", String::clone, |model| {
         if done.contains(&canonical(model)) {
             eprintln!("graft: snr: {model}: already in the resume file, skipped");
             return Ok(());
         }
-        scan_model(model, &args, &opts, &exec)
-    })
+        scan_model(model, &args, &opts, &exec, &mut grids)
+    });
+    // A zoo: every scanned model in one picture, a heatmap row each, on one colour scale.
+    if let Some(dir) = &args.plot {
+        if grids.len() > 1 {
+            let title =
+                format!("SNR of every weight matrix, a row per model (top {}% per type framed)", args.top_percent);
+            crate::report::snr_plot::write_zoo(&grids, dir, "zoo", &title)?;
+        }
+    }
+    scanned
 }
 
 /// This shard's models; with a resume file, its manifest (every model's canonical path) is written beside it first, so
@@ -128,7 +138,13 @@ fn shard_of_zoo(models: &[String], shard: crate::shard::Shard, resume: Option<&P
     Ok(mine)
 }
 
-fn scan_model(model: &str, args: &Args, opts: &ScanOptions, exec: &Executor) -> Result<()> {
+fn scan_model(
+    model: &str,
+    args: &Args,
+    opts: &ScanOptions,
+    exec: &Executor,
+    grids: &mut Vec<crate::report::snr_plot::Grid>,
+) -> Result<()> {
     let ck = Checkpoint::open(model)?;
     if let Some(types) = &opts.types {
         let present: Vec<String> = {
@@ -177,7 +193,9 @@ fn scan_model(model: &str, args: &Args, opts: &ScanOptions, exec: &Executor) -> 
         // Titles name the model by its file or directory name, not its whole path.
         let trimmed = model.trim_end_matches('/');
         let name = Path::new(trimmed).file_name().map(|n| n.to_string_lossy().to_string());
-        crate::report::snr_plot::write_model(name.as_deref().unwrap_or(trimmed), &selection, &dir)?;
+        let name = name.as_deref().unwrap_or(trimmed);
+        crate::report::snr_plot::write_model(name, &selection, &dir)?;
+        grids.push(crate::report::snr_plot::Grid::new(name, &selection));
     }
 
     let needs_doc = args.json || args.jsonl || args.resume.is_some();

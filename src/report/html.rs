@@ -7,6 +7,7 @@ use std::fmt::Write;
 use super::plots::{Chart, Section};
 use super::summary::{Cell, Summary};
 use super::table::{curve_metrics, kind_title, row_label, ColumnFormat};
+use super::Figure;
 
 pub fn escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -23,7 +24,9 @@ pub fn escape(s: &str) -> String {
     out
 }
 
+// Tables wider than the page (a study with many metrics) scroll inside their box instead of running off the page.
 const STYLE: &str = "body{font-family:sans-serif;margin:2em auto;max-width:1100px;padding:0 1em;color:#222}\
+div.wide{overflow-x:auto}\
 table{border-collapse:collapse;margin:1em 0;font-size:14px}\
 th,td{border:1px solid #ccc;padding:4px 8px;text-align:right;white-space:nowrap}\
 th:first-child,td:first-child{text-align:left}\
@@ -40,7 +43,7 @@ fn cell_html(fmt: &ColumnFormat, cell: Option<&Cell>) -> String {
 }
 
 /// The page. `inputs` are the results files as given on the command line.
-pub fn page(summary: &Summary, charts: &[Chart], inputs: &[String]) -> String {
+pub fn page(summary: &Summary, charts: &[Chart], figures: &[Figure], inputs: &[String]) -> String {
     let mut s = String::new();
     let _ = write!(
         s,
@@ -62,7 +65,11 @@ pub fn page(summary: &Summary, charts: &[Chart], inputs: &[String]) -> String {
     );
     for t in &summary.tables {
         let formats: Vec<ColumnFormat> = t.metrics.iter().map(|m| t.format(m)).collect();
-        let _ = writeln!(s, "<h2>{}</h2>\n<table>\n<tr><th>experiment</th>", escape(kind_title(t.kind)));
+        let _ = writeln!(
+            s,
+            "<h2>{}</h2>\n<div class=\"wide\"><table>\n<tr><th>experiment</th>",
+            escape(kind_title(t.kind))
+        );
         for (m, f) in t.metrics.iter().zip(&formats) {
             let _ = write!(s, "<th>{}</th>", escape(&f.header(&m.label)));
         }
@@ -75,13 +82,13 @@ pub fn page(summary: &Summary, charts: &[Chart], inputs: &[String]) -> String {
             }
             s.push_str("</tr>\n");
         }
-        s.push_str("</table>\n");
+        s.push_str("</table></div>\n");
     }
     let metrics = curve_metrics(&summary.curves);
     if !metrics.is_empty() {
         s.push_str(
             "<h2>Interpolation barriers</h2>\n<p class=\"note\">Largest excess over the straight line between the \
-             endpoints (loss above it, accuracy/F1 below it); 0 or less: no barrier.</p>\n<table>\n<tr><th>interpolation</th>",
+             endpoints (loss above it, accuracy/F1 below it); 0 or less: no barrier.</p>\n<div class=\"wide\"><table>\n<tr><th>interpolation</th>",
         );
         let formats: Vec<ColumnFormat> = metrics
             .iter()
@@ -108,7 +115,7 @@ pub fn page(summary: &Summary, charts: &[Chart], inputs: &[String]) -> String {
             }
             s.push_str("</tr>\n");
         }
-        s.push_str("</table>\n");
+        s.push_str("</table></div>\n");
     }
     let mut section: Option<Section> = None;
     for c in charts {
@@ -122,6 +129,19 @@ pub fn page(summary: &Summary, charts: &[Chart], inputs: &[String]) -> String {
             "<figure id=\"{name}\"><img src=\"plots/{name}.png\" alt=\"{title}\">\
              <figcaption>{title} (<a href=\"plots/{name}.svg\">SVG</a>)</figcaption></figure>",
             title = escape(&c.title)
+        );
+    }
+    if !figures.is_empty() {
+        let _ = writeln!(s, "<h2>{}</h2>", escape(Section::Snr.title()));
+    }
+    for f in figures {
+        let name = escape(&f.name);
+        let _ = writeln!(
+            s,
+            "<figure id=\"{name}\"><img src=\"plots/{name}.png\" alt=\"{title}\">\
+             <figcaption><b>{title}.</b> {caption} (<a href=\"plots/{name}.svg\">SVG</a>)</figcaption></figure>",
+            title = escape(&f.title),
+            caption = escape(&f.caption)
         );
     }
     let _ = writeln!(

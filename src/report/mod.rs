@@ -5,7 +5,7 @@
 //! (markdown, CSV), `plots` decides the charts, `render` draws them (PNG + SVG), `html` makes the page. This module
 //! writes the report directory, all at once: everything is built in a sibling staging directory first and moved into
 //! place at the end, so a failure never leaves a half report. `snr_plot` draws `graft snr --plot`'s pictures with
-//! the same renderer.
+//! the same renderer, and the SNR scans a study keeps next to its results file onto the page.
 
 pub mod bootstrap;
 pub mod format;
@@ -49,6 +49,9 @@ pub struct PlotFiles {
     pub svg: String,
     /// Legend texts in order.
     pub legend: Vec<String>,
+    /// Efficiency scatters: per panel (cost), the experiments on the Pareto front by increasing cost.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pareto_front: Vec<plots::Front>,
 }
 
 /// `summary.json`: the summary with everything needed to find the files (paths relative to the report directory).
@@ -98,6 +101,7 @@ pub fn generate(inputs: &[PathBuf], out: &Path, options: &Options) -> Result<Rep
     let set = results::read_files(inputs)?;
     let summary = summary::summarize(&set, options.seed, options.resamples);
     let charts = plots::plan(&summary);
+    let scans = snr_plot::study_scans(inputs);
     let markdown = table::markdown(&summary);
     let inputs: Vec<String> = inputs.iter().map(|p| p.display().to_string()).collect();
     let superseded = set.superseded.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
@@ -105,7 +109,7 @@ pub fn generate(inputs: &[PathBuf], out: &Path, options: &Options) -> Result<Rep
         Report { dir: out.to_path_buf(), summary, markdown, plots: Vec::new(), files: Vec::new(), inputs, superseded };
 
     let staging = sibling(out, "graft-tmp")?;
-    let written = write_all(&staging, &mut report, &charts);
+    let written = write_all(&staging, &mut report, &charts, &scans);
     if let Err(e) = written {
         let _ = std::fs::remove_dir_all(&staging);
         return Err(e);
@@ -114,9 +118,66 @@ pub fn generate(inputs: &[PathBuf], out: &Path, options: &Options) -> Result<Rep
     Ok(report)
 }
 
-fn write_all(dir: &Path, report: &mut Report, charts: &[Chart]) -> Result<()> {
+/// A figure of the page that is not a planned chart (the SNR pictures): file stem, title, caption.
+pub struct Figure {
+    pub name: String,
+    pub title: String,
+    pub caption: String,
+}
+
+/// The SNR pictures of a study with scans: one heatmap for one scan, the zoo heatmap (a row per scan) for several.
+fn snr_figures(scans: &[(snr_plot::Grid, f64, PathBuf)], plots_dir: &Path) -> Result<Vec<Figure>> {
+    let Some((first, top, _)) = scans.first() else { return Ok(Vec::new()) };
+    let grids: Vec<snr_plot::Grid> = scans.iter().map(|s| s.0.clone()).collect();
+    let files: Vec<String> = scans.iter().map(|s| s.2.display().to_string()).collect();
+    let same_top = scans.iter().all(|s| s.1 == *top);
+    let framed = if same_top { format!("top {top}% per type framed") } else { "each scan's selection framed".into() };
+    let (title, caption) = if grids.len() == 1 {
+        snr_plot::write_heatmap(
+            first,
+            &format!("{}: SNR by layer and type ({framed})", first.model),
+            plots_dir,
+            "snr_heatmap",
+        )?;
+        (
+            format!("SNR of every weight matrix of {}", first.model),
+            format!("Signal-to-noise ratio of every weight matrix (rows: layers, columns: layer types; log colour scale, yellow = most signal), the matrices Spectrum's rule selects ({framed}). From {}.", files.join(", ")),
+        )
+    } else {
+        snr_plot::write_zoo(
+            &grids,
+            plots_dir,
+            "snr_heatmap",
+            &format!("SNR of every weight matrix, a row per model ({framed})"),
+        )?;
+        (
+            format!("SNR of every weight matrix of the study's {} scanned models", grids.len()),
+            format!("A row per scanned model, a cell per weight matrix (by layer type and layer), on one log colour scale so rows compare (yellow = most signal); framed: the matrices Spectrum's rule selects ({framed}). From {}.", files.join(", ")),
+        )
+    };
+    Ok(vec![Figure { name: "snr_heatmap".into(), title, caption }])
+}
+
+fn write_all(
+    dir: &Path,
+    report: &mut Report,
+    charts: &[Chart],
+    scans: &[(snr_plot::Grid, f64, PathBuf)],
+) -> Result<()> {
     let plots_dir = dir.join("plots");
     std::fs::create_dir_all(&plots_dir).map_err(|e| Error::io(&plots_dir, e))?;
+    let figures = snr_figures(scans, &plots_dir)?;
+    for f in &figures {
+        report.plots.push(PlotFiles {
+            name: f.name.clone(),
+            title: f.title.clone(),
+            section: Section::Snr,
+            png: format!("plots/{}.png", f.name),
+            svg: format!("plots/{}.svg", f.name),
+            legend: Vec::new(),
+            pareto_front: Vec::new(),
+        });
+    }
     for chart in charts {
         render::render(chart, &plots_dir)?;
         report.plots.push(PlotFiles {
@@ -126,6 +187,7 @@ fn write_all(dir: &Path, report: &mut Report, charts: &[Chart]) -> Result<()> {
             png: format!("plots/{}.png", chart.name),
             svg: format!("plots/{}.svg", chart.name),
             legend: render::legend_labels(chart),
+            pareto_front: plots::fronts(chart),
         });
     }
     let mut files: Vec<(String, String)> = Vec::new();
@@ -136,12 +198,15 @@ fn write_all(dir: &Path, report: &mut Report, charts: &[Chart]) -> Result<()> {
             md.push_str(&format!("![{}](plots/{}.png)\n\n", c.title, c.name));
         }
     }
+    for f in &figures {
+        md.push_str(&format!("![{}](plots/{}.png)\n\n{}\n\n", f.title, f.name, f.caption));
+    }
     files.push(("report.md".into(), md));
     files.push(("summary.csv".into(), table::csv(&report.summary)));
     if report.summary.curves.iter().any(|c| c.barrier.is_some()) {
         files.push(("barriers.csv".into(), table::barriers_csv(&report.summary.curves)));
     }
-    files.push(("index.html".into(), html::page(&report.summary, charts, &report.inputs)));
+    files.push(("index.html".into(), html::page(&report.summary, charts, &figures, &report.inputs)));
     let mut names: Vec<String> = files.iter().map(|(n, _)| n.clone()).collect();
     names.push("summary.json".into());
     for p in &report.plots {

@@ -1,8 +1,10 @@
-//! Which charts a report has, as plain data: grouped bar charts per metric with the baseline as a dashed line,
-//! efficiency charts against the baseline, metric-vs-parameter line plots (numeric parameters) and box plots
-//! (categorical parameters), metric-vs-lambda curves of interpolations, and per-domain grouped bars of studies whose
-//! metrics are named `<prefix>_<domain>` (the LLM study's perplexity and gain kept per domain). `render` draws them; keeping the
-//! planning separate lets tests check the numbers a chart shows without reading pixels.
+//! Which charts a report has, as plain data: bars per metric with the baseline as a dashed line, the efficiency
+//! scatter (the main metric against training time and peak memory, with its Pareto front), percentage change/saving
+//! against the baseline, metric-vs-parameter line plots (numeric parameters), violins of the main metric per
+//! categorical parameter, metric-vs-lambda curves of interpolations, and per-domain grouped bars of studies whose
+//! metrics are named `<prefix>_<domain>` (the LLM study's perplexity and gain kept per domain). The freeze policy is
+//! read in words here, for every chart alike. `render` draws them; keeping the planning separate lets tests check the
+//! numbers a chart shows without reading pixels.
 //!
 //! Values are in the units the tables print (fractions, seconds, KB/MB/GB), so a chart and its table agree.
 
@@ -10,6 +12,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+use super::format::Direction;
 use super::results::Kind;
 use super::summary::{Curve, KindTable, MetricSpec, Param, Row, Summary, Unit};
 use super::table::ColumnFormat;
@@ -24,6 +27,7 @@ pub enum Section {
     Numeric,
     Categorical,
     Interpolation,
+    Snr,
 }
 
 impl Section {
@@ -35,6 +39,7 @@ impl Section {
             Section::Numeric => "Metrics against numeric parameters",
             Section::Categorical => "Metrics by category",
             Section::Interpolation => "Interpolation curves",
+            Section::Snr => "SNR of the study's models",
         }
     }
 }
@@ -52,8 +57,40 @@ pub struct Chart {
 pub enum Body {
     Bars(BarChart),
     Lines(LineChart),
-    Boxes(BoxChart),
+    Violins(ViolinChart),
     Grouped(GroupedBarChart),
+    Scatter(ScatterChart),
+}
+
+/// The main metric against costs, one panel per cost (training time, peak memory), every experiment a point:
+/// colour by method, marker by freeze policy, the Pareto front (nothing else is both cheaper and better) joined by a
+/// line and ringed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ScatterChart {
+    pub y_label: String,
+    pub panels: Vec<ScatterPanel>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ScatterPanel {
+    pub x_label: String,
+    pub points: Vec<ScatterPoint>,
+    /// Indices into `points` of the Pareto front, by increasing cost.
+    pub front: Vec<usize>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ScatterPoint {
+    /// The experiment, in words.
+    pub label: String,
+    /// Colour key: the merge method ("" for none; the baseline is drawn black).
+    pub method: String,
+    /// Marker key: the freeze policy in words ("full", "head", "selected"), "" when unknown.
+    pub policy: String,
+    pub baseline: bool,
+    /// (mean, standard error) of the cost and of the metric.
+    pub x: (f64, f64),
+    pub y: (f64, f64),
 }
 
 /// Vertical bars in groups along x (one group per category), one bar per series in each group, a colour per series.
@@ -121,12 +158,26 @@ pub struct Series {
     pub runs: Vec<(f64, f64)>,
     /// A dashed straight line (interpolation curves: between the endpoints, what "no barrier" would be).
     pub chord: Option<[(f64, f64); 2]>,
+    /// The freeze policy in words, for the marker ("" without one).
+    pub policy: String,
+}
+
+/// The main metric's runs per value of each categorical parameter, one panel per parameter (method, freeze policy,
+/// top-p as a category...): a violin (density) with quartiles where a value has enough runs, else the runs as
+/// points with their mean +- standard error. Points keep the method's colour and the policy's marker.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ViolinChart {
+    pub y_label: String,
+    pub panels: Vec<ViolinPanel>,
+    /// The baseline, drawn as a dashed line across every panel.
+    pub reference: Option<Reference>,
+    pub decimals: usize,
 }
 
 #[derive(Clone, Debug, PartialEq)]
-pub struct BoxChart {
-    pub x_label: String,
-    pub y_label: String,
+pub struct ViolinPanel {
+    /// The parameter in words.
+    pub param: String,
     pub categories: Vec<Category>,
 }
 
@@ -135,6 +186,9 @@ pub struct Category {
     pub label: String,
     /// One value per run.
     pub values: Vec<f64>,
+    /// Per value: the run's method ("" without one) and freeze policy in words, for its colour and marker.
+    pub methods: Vec<String>,
+    pub policies: Vec<String>,
 }
 
 /// Metrics that get a bar chart, in order.
@@ -143,23 +197,30 @@ const BAR_METRICS: &[&str] =
 /// Metrics compared with the baseline: quality as percentage change, cost as percentage saved.
 const CHANGE_METRICS: &[&str] = &["accuracy", "f1_weighted", "f1_macro", "zero_shot_accuracy"];
 const SAVING_METRICS: &[&str] = &["time_s", "peak_memory_bytes"];
-/// Metrics plotted against parameters.
-const PARAM_METRICS: &[&str] = &["accuracy", "f1_weighted", "zero_shot_accuracy", "time_s", "peak_memory_bytes"];
+/// Metrics plotted against numeric parameters. Costs are not: the efficiency scatter shows them against quality.
+const PARAM_METRICS: &[&str] = &["accuracy", "f1_weighted", "zero_shot_accuracy"];
+/// Config entries that are results of other parameters (the trainable parameter count follows from the freeze
+/// policy), not factors of a study: no chart groups or plots by them.
+const DERIVED_PARAMS: &[&str] = &["trainable_params"];
+/// A numeric parameter with at most this many values is also shown as a category (top-p: 10%, 15%, all layers).
+const MAX_NUMERIC_CATEGORIES: usize = 6;
 /// Series in one line-chart panel: more get facets, since a reader cannot tell more colours apart.
 pub const MAX_SERIES: usize = 8;
-/// Categorical parameters with more values than this are identifiers, not factors.
-const MAX_CATEGORIES: usize = 12;
 
 /// Every chart of a report, in page order.
 pub fn plan(summary: &Summary) -> Vec<Chart> {
     let mut charts = Vec::new();
     let several_kinds = summary.tables.len() > 1;
-    for t in &summary.tables {
+    let tables: Vec<KindTable> = summary.tables.iter().map(with_policies).collect();
+    for t in &tables {
         let prefix = if several_kinds { format!("{}_", t.kind.as_str()) } else { String::new() };
         charts.extend(bar_charts(t, &prefix));
+        if t.kind == Kind::Train {
+            charts.extend(efficiency_scatter(t, &prefix));
+        }
         charts.extend(efficiency_charts(t, &prefix));
         charts.extend(numeric_charts(t, &prefix));
-        charts.extend(categorical_charts(t, &prefix));
+        charts.extend(violin_chart(t, &prefix));
         charts.extend(domain_charts(t, &prefix));
     }
     charts.extend(interpolation_charts(&summary.curves));
@@ -260,6 +321,145 @@ fn bar_charts(t: &KindTable, prefix: &str) -> Vec<Chart> {
         });
     }
     out
+}
+
+/// A table as the charts see it: `freeze` in words on every row where the policy is known (the runs of a
+/// selected-layers experiment each name their own selection file, so the summary keeps no shared value), and
+/// derived config entries dropped.
+fn with_policies(t: &KindTable) -> KindTable {
+    let mut t = t.clone();
+    for r in &mut t.rows {
+        let policy = freeze_policy(r);
+        if !policy.is_empty() {
+            r.params.insert("freeze".into(), Param::Text(policy));
+        }
+        for k in DERIVED_PARAMS {
+            r.params.remove(*k);
+        }
+    }
+    t
+}
+
+/// The metric a study is judged by, first of these present: the efficiency scatter and the violins show it.
+const MAIN_METRICS: &[&str] = &["accuracy", "f1_weighted", "f1_macro", "zero_shot_accuracy"];
+
+fn main_metric(t: &KindTable) -> Option<&MetricSpec> {
+    MAIN_METRICS.iter().find_map(|k| spec(t, k))
+}
+
+/// A freeze setting in words: "full" (nothing frozen), "head" (all but the head frozen), "selected" (the SNR
+/// selection trains), other values as written.
+pub fn policy_word(freeze: &str) -> String {
+    match freeze {
+        "none" | "full" => "full".into(),
+        "all-but-head" | "head" => "head".into(),
+        f if f.starts_with("selected") => "selected".into(),
+        other => other.into(),
+    }
+}
+
+/// A row's freeze policy in words: from its `freeze` parameter, or, where the runs disagree on it (a selection file
+/// per seed), from the `NAME / POLICY` experiment name graft's studies write; "" when neither says.
+pub fn freeze_policy(r: &Row) -> String {
+    if let Some(f) = r.params.get("freeze") {
+        return policy_word(&f.display());
+    }
+    match r.experiment.rsplit_once(" / ") {
+        Some((_, p)) if ["full", "head", "selected"].contains(&p.trim()) => p.trim().into(),
+        _ => String::new(),
+    }
+}
+
+/// The Pareto front of (cost, value) points, lower cost and higher value better: the points no other point beats on
+/// both (cost <= and value >=, one strictly). Identical points are both on it. Indices by increasing cost.
+/// A sweep: by cost, then value descending; a point is on the front when its value beats every cheaper point's.
+pub fn pareto_front(points: &[(f64, f64)]) -> Vec<usize> {
+    let mut order: Vec<usize> =
+        (0..points.len()).filter(|&i| points[i].0.is_finite() && points[i].1.is_finite()).collect();
+    order.sort_by(|&a, &b| points[a].0.total_cmp(&points[b].0).then(points[b].1.total_cmp(&points[a].1)));
+    let mut front = Vec::new();
+    let mut best: Option<(f64, f64)> = None;
+    for i in order {
+        let (x, y) = points[i];
+        match best {
+            Some((bx, by)) if y < by || (y == by && x != bx) => continue,
+            Some((_, by)) if y == by => {}
+            _ => best = Some((x, y)),
+        }
+        front.push(i);
+    }
+    front
+}
+
+/// One panel's Pareto front by name, as `summary.json` lists it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Front {
+    pub cost: String,
+    pub experiments: Vec<String>,
+}
+
+/// The Pareto fronts of a scatter chart's panels; none for other charts.
+pub fn fronts(chart: &Chart) -> Vec<Front> {
+    let Body::Scatter(s) = &chart.body else { return Vec::new() };
+    s.panels
+        .iter()
+        .map(|p| Front {
+            cost: p.x_label.clone(),
+            experiments: p.front.iter().map(|&i| p.points[i].label.clone()).collect(),
+        })
+        .collect()
+}
+
+/// The main metric against training time and against peak memory, every experiment (the baseline too) a point.
+fn efficiency_scatter(t: &KindTable, prefix: &str) -> Option<Chart> {
+    let m = main_metric(t)?;
+    if m.direction != Direction::Higher {
+        return None;
+    }
+    let fy = t.format(m);
+    let mut panels = Vec::new();
+    for key in ["time_s", "peak_memory_bytes"] {
+        let Some(cost) = spec(t, key) else { continue };
+        let fx = t.format(cost);
+        let points: Vec<ScatterPoint> = t
+            .rows
+            .iter()
+            .filter_map(|r| {
+                let (c, v) = (r.cell(key)?, r.cell(&m.key)?);
+                Some(ScatterPoint {
+                    label: r.experiment.clone(),
+                    method: if r.baseline { String::new() } else { r.group.clone() },
+                    policy: freeze_policy(r),
+                    baseline: r.baseline,
+                    x: (c.estimate.mean / fx.scale, c.estimate.se / fx.scale),
+                    y: (v.estimate.mean / fy.scale, v.estimate.se / fy.scale),
+                })
+            })
+            .collect();
+        if points.len() < 2 {
+            continue;
+        }
+        let front = pareto_front(&points.iter().map(|p| (p.x.0, p.y.0)).collect::<Vec<_>>());
+        let what = if key == "time_s" { "training time" } else { "peak memory" };
+        panels.push(ScatterPanel { x_label: fx.header(what), points, front });
+    }
+    if panels.is_empty() {
+        return None;
+    }
+    let costs: Vec<&str> = panels
+        .iter()
+        .map(|p| if p.x_label.starts_with("training") { "training time" } else { "peak memory" })
+        .collect();
+    Some(Chart {
+        name: format!("{prefix}efficiency_{}", m.key),
+        title: format!(
+            "{} for its cost: against {} (the Pareto front joined)",
+            metric_title(t.kind, m),
+            costs.join(" and ")
+        ),
+        section: Section::Efficiency,
+        body: Body::Scatter(ScatterChart { y_label: axis_label(m, &fy), panels }),
+    })
 }
 
 /// Percentage change of quality metrics, (x - b) / b, and percentage saved of cost metrics, (b - x) / b, against the
@@ -383,8 +583,13 @@ fn numeric_charts(t: &KindTable, prefix: &str) -> Vec<Chart> {
         for key in PARAM_METRICS {
             let Some(m) = spec(t, key) else { continue };
             let fmt = t.format(m);
-            let rows: Vec<&Row> =
-                t.rows.iter().filter(|r| r.params.contains_key(&param) && r.cell(key).is_some()).collect();
+            // The baseline is a reference, not a setting of the study's factors: a parameter only it changes (its own
+            // learning rate) is no axis.
+            let rows: Vec<&Row> = t
+                .rows
+                .iter()
+                .filter(|r| !r.baseline && r.params.contains_key(&param) && r.cell(key).is_some())
+                .collect();
             let mut xs: Vec<f64> = rows.iter().filter_map(|r| r.params[&param].as_number()).collect();
             xs.sort_by(f64::total_cmp);
             xs.dedup();
@@ -426,7 +631,13 @@ fn numeric_charts(t: &KindTable, prefix: &str) -> Vec<Chart> {
                 let idx = match series.iter().position(|s| s.label == label) {
                     Some(i) => i,
                     None => {
-                        series.push(Series { label, points: vec![], runs: vec![], chord: None });
+                        series.push(Series {
+                            label,
+                            points: vec![],
+                            runs: vec![],
+                            chord: None,
+                            policy: r.params.get("freeze").map(Param::display).unwrap_or_default(),
+                        });
                         series.len() - 1
                     }
                 };
@@ -462,7 +673,7 @@ fn numeric_charts(t: &KindTable, prefix: &str) -> Vec<Chart> {
                         title: format!("{title}{suffix}"),
                         section: Section::Numeric,
                         body: Body::Lines(LineChart {
-                            x_label: param.clone(),
+                            x_label: param_title(&param),
                             y_label: axis_label(m, &fmt),
                             series: chunk.to_vec(),
                         }),
@@ -474,39 +685,74 @@ fn numeric_charts(t: &KindTable, prefix: &str) -> Vec<Chart> {
     out
 }
 
-/// Box plots of a metric's runs per value of a categorical parameter.
-fn categorical_charts(t: &KindTable, prefix: &str) -> Vec<Chart> {
-    let all: Vec<&Row> = t.rows.iter().collect();
-    let mut out = Vec::new();
-    for (param, numeric) in varying_params(&all) {
-        if numeric {
-            continue;
-        }
-        for key in PARAM_METRICS {
-            let Some(m) = spec(t, key) else { continue };
-            let fmt = t.format(m);
-            let mut categories: Vec<Category> = Vec::new();
-            for r in &t.rows {
-                let (Some(p), Some(c)) = (r.params.get(&param), r.cell(key)) else { continue };
-                let label = p.display();
-                let values = c.values.iter().map(|v| v / fmt.scale);
-                match categories.iter_mut().find(|c| c.label == label) {
-                    Some(cat) => cat.values.extend(values),
-                    None => categories.push(Category { label, values: values.collect() }),
-                }
+/// A parameter's name in words, as a panel title.
+fn param_title(key: &str) -> String {
+    match key {
+        "freeze" => "freeze policy".into(),
+        "top_p" => "top-p (share of layers merged)".into(),
+        k => k.replace('_', " "),
+    }
+}
+
+/// Violins (or points where few) of the main metric's runs per value of every categorical parameter, and of numeric
+/// ones with few values, one panel each; the baseline as a line. A parameter qualifies with 2 to `MAX_SERIES` values
+/// among the non-baseline rows, one of them shared by two experiments or more (else it names experiments).
+fn violin_chart(t: &KindTable, prefix: &str) -> Option<Chart> {
+    let m = main_metric(t)?;
+    let fmt = t.format(m);
+    let rows: Vec<&Row> = t.rows.iter().filter(|r| !r.baseline && r.cell(&m.key).is_some()).collect();
+    let mut panels = Vec::new();
+    for (param, numeric) in varying_params(&rows) {
+        let mut cats: Vec<(Param, Vec<&Row>)> = Vec::new();
+        for r in &rows {
+            let Some(v) = r.params.get(&param) else { continue };
+            match cats.iter_mut().find(|(p, _)| p == v) {
+                Some((_, rs)) => rs.push(r),
+                None => cats.push((v.clone(), vec![r])),
             }
-            if categories.len() < 2 || categories.len() > MAX_CATEGORIES {
+        }
+        if numeric {
+            if cats.len() > MAX_NUMERIC_CATEGORIES {
                 continue;
             }
-            out.push(Chart {
-                name: format!("{prefix}{key}_by_{}", slug(&param)),
-                title: format!("{} by {param}", metric_title(t.kind, m)),
-                section: Section::Categorical,
-                body: Body::Boxes(BoxChart { x_label: param.clone(), y_label: axis_label(m, &fmt), categories }),
-            });
+            cats.sort_by(|a, b| a.0.as_number().unwrap_or(0.0).total_cmp(&b.0.as_number().unwrap_or(0.0)));
         }
+        if cats.len() < 2 || cats.len() > MAX_SERIES || cats.iter().all(|(_, rs)| rs.len() < 2) {
+            continue;
+        }
+        let categories = cats
+            .into_iter()
+            .map(|(p, rs)| {
+                let mut c = Category { label: p.display(), values: vec![], methods: vec![], policies: vec![] };
+                for r in rs {
+                    let cell = r.cell(&m.key).expect("filtered");
+                    for v in &cell.values {
+                        c.values.push(v / fmt.scale);
+                        c.methods.push(r.group.clone());
+                        c.policies.push(r.params.get("freeze").map(Param::display).unwrap_or_default());
+                    }
+                }
+                c
+            })
+            .collect();
+        panels.push(ViolinPanel { param: param_title(&param), categories });
     }
-    out
+    if panels.is_empty() {
+        return None;
+    }
+    let reference = t.baseline().and_then(|b| {
+        let c = b.cell(&m.key)?;
+        Some(Reference {
+            label: format!("baseline ({}): {}", b.experiment, fmt.number(c.estimate.mean)),
+            value: c.estimate.mean / fmt.scale,
+        })
+    });
+    Some(Chart {
+        name: format!("{prefix}{}_by_parameter", m.key),
+        title: format!("{} by parameter: its spread over each value (every run a point)", metric_title(t.kind, m)),
+        section: Section::Categorical,
+        body: Body::Violins(ViolinChart { y_label: axis_label(m, &fmt), panels, reference, decimals: fmt.decimals }),
+    })
 }
 
 /// A metric against lambda, one series per interpolate experiment, with the straight line between the endpoints.
@@ -534,7 +780,7 @@ fn interpolation_charts(curves: &[Curve]) -> Vec<Chart> {
                 let chord = at(0.0).zip(at(1.0)).map(|(a, b)| [a, b]);
                 let runs =
                     c.points.iter().flat_map(|p| p.values.iter().map(move |v| (p.lambda, v / fmt.scale))).collect();
-                Series { label: c.experiment.clone(), points, runs, chord }
+                Series { label: c.experiment.clone(), points, runs, chord, policy: String::new() }
             })
             .collect();
         out.push(Chart {
@@ -748,12 +994,27 @@ mod tests {
         assert!(
             pts[0].0 == 0.1 && (pts[0].1 - 0.76).abs() < 1e-12 && pts[1].0 == 0.2 && (pts[1].1 - 0.78).abs() < 1e-12
         );
-        // Box plot by freeze: the baseline has freeze=full too.
-        let Body::Boxes(by) = &find(&charts, "accuracy_by_freeze").body else { panic!() };
-        assert_eq!(by.categories.iter().map(|c| c.label.as_str()).collect::<Vec<_>>(), ["full", "head"]);
-        assert_eq!(by.categories[0].values, [0.80, 0.84, 0.82]);
-        let Body::Boxes(by_method) = &find(&charts, "accuracy_by_method").body else { panic!() };
-        assert_eq!(by_method.categories.len(), 2);
+        // Violins: one panel per parameter over the non-baseline rows, top-p as a category; runs keep their
+        // method and policy for colour and marker.
+        let Body::Violins(v) = &find(&charts, "accuracy_by_parameter").body else { panic!() };
+        let panels: Vec<&str> = v.panels.iter().map(|p| p.param.as_str()).collect();
+        assert_eq!(panels, ["freeze policy", "method", "top-p (share of layers merged)"]);
+        let freeze = &v.panels[0].categories;
+        assert_eq!(freeze.iter().map(|c| c.label.as_str()).collect::<Vec<_>>(), ["head", "full"]);
+        assert_eq!(freeze[1].values, [0.84, 0.82]);
+        assert_eq!(freeze[1].methods, ["ties", "ties"]);
+        assert_eq!(freeze[0].policies, ["head", "head"]);
+        let top_p = &v.panels[2].categories;
+        assert_eq!(top_p.iter().map(|c| c.label.as_str()).collect::<Vec<_>>(), ["0.1", "0.2"]);
+        assert_eq!(top_p[0].values, [0.76, 0.84]);
+        assert!((v.reference.as_ref().unwrap().value - 0.80).abs() < 1e-12);
+        // Costs are in the scatter, not against parameters.
+        assert!(charts.iter().all(|c| !c.name.starts_with("time_s_vs") && !c.name.starts_with("peak_memory")));
+        let Body::Scatter(sc) = &find(&charts, "efficiency_accuracy").body else { panic!() };
+        // Time: base (100 s, 0.80), lerp 10% (40, 0.76), lerp 20% (45, 0.78), ties 10% (100, 0.84), ties 20% (110,
+        // 0.82): the front is lerp 10%, lerp 20%, ties 10%.
+        let names: Vec<&str> = sc.panels[0].front.iter().map(|&i| sc.panels[0].points[i].label.as_str()).collect();
+        assert_eq!(names, ["lerp 10% head", "lerp 20% head", "ties 10% full"]);
         // Sections in page order.
         let sections: Vec<Section> = charts.iter().map(|c| c.section).collect();
         assert!(sections.windows(2).all(|w| w[0] <= w[1]));
@@ -769,8 +1030,8 @@ mod tests {
         assert!(charts.iter().all(|c| c.section != Section::Efficiency));
         let Body::Bars(b) = &find(&charts, "bars_accuracy").body else { panic!() };
         assert!(b.reference.is_none());
-        // Two categories of one row each still make a (small) box plot.
-        assert!(charts.iter().any(|c| c.name == "accuracy_by_tag"));
+        // A parameter with a value per experiment names experiments: no violin panel, so no chart.
+        assert!(charts.iter().all(|c| !c.name.ends_with("_by_parameter")));
     }
 
     #[test]
@@ -808,6 +1069,20 @@ mod tests {
         assert_eq!(gain.series[1].values, [Some((0.75, 0.0))]);
         assert_eq!(gain.references, [(None, 1.0)]);
         assert!(charts.iter().filter(|c| c.section == Section::Domains).count() == 2);
+    }
+
+    #[test]
+    fn pareto_front_by_hand() {
+        // (cost, value): 0 and 3 coincide at the cheapest best; 1 is costlier and no better; 2 costs more and is
+        // better; 4 is beaten by 2 on both; 5 has the same value as 2 at a higher cost.
+        let pts = [(1.0, 0.8), (2.0, 0.8), (3.0, 0.9), (1.0, 0.8), (4.0, 0.85), (5.0, 0.9), (f64::NAN, 1.0)];
+        assert_eq!(pareto_front(&pts), [0, 3, 2]);
+        assert_eq!(pareto_front(&[]), Vec::<usize>::new());
+        // Strictly better and cheaper in turn: all on the front, by cost.
+        assert_eq!(pareto_front(&[(3.0, 3.0), (1.0, 1.0), (2.0, 2.0)]), [1, 2, 0]);
+        assert_eq!(policy_word("selected:/runs/x"), "selected");
+        assert_eq!(policy_word("all-but-head"), "head");
+        assert_eq!(policy_word("none"), "full");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Drawing the planned charts with plotters, to PNG (bitmap backend) and SVG, with the DejaVu Sans font embedded in
 //! the binary (registered with plotters' ab_glyph font table): no system font is ever looked up, so charts render the
-//! same on every machine.
+//! same on every machine. PNGs go through `Scaled`, which draws the same layout at `PRINT_SCALE` times the pixels.
+//! One mapping everywhere: colour = merge method, marker = freeze policy.
 
 use std::error::Error as StdError;
 use std::path::Path;
@@ -12,7 +13,7 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use super::bootstrap::percentile;
-use super::plots::{BarChart, Body, BoxChart, Chart, GroupedBarChart, LineChart};
+use super::plots::{BarChart, Body, Chart, GroupedBarChart, LineChart, ScatterChart, ScatterPanel, ViolinChart};
 use crate::error::{Error, Result};
 
 const FONT: &str = "sans-serif";
@@ -21,7 +22,7 @@ static FONT_BYTES: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
 type DrawResult = std::result::Result<(), Box<dyn StdError>>;
 
 /// Registers the embedded font under every family name plotters may ask for. Idempotent.
-pub(crate) fn ensure_font() -> Result<()> {
+pub fn ensure_font() -> Result<()> {
     static REGISTERED: OnceLock<bool> = OnceLock::new();
     let ok = *REGISTERED.get_or_init(|| {
         ["sans-serif", "serif", "monospace"].iter().all(|family| {
@@ -94,7 +95,7 @@ fn text_style(size: u32) -> TextStyle<'static> {
     TextStyle::from((FONT, size).into_font()).color(&BLACK)
 }
 
-pub(crate) fn text_width(text: &str, size: u32) -> u32 {
+pub fn text_width(text: &str, size: u32) -> u32 {
     (FONT, size).into_font().box_size(text).map(|(w, _)| w).unwrap_or(text.len() as u32 * size / 2)
 }
 
@@ -115,11 +116,19 @@ fn fit(text: &str, size: u32, max: u32) -> String {
 }
 
 /// A legend entry's mark.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 enum Mark {
     Swatch(RGBColor),
     Line(RGBColor),
     Dashed(RGBColor),
+    /// A line series: colour, marker, dash pattern (0 solid, 1 dashed, 2 dotted).
+    Series(RGBColor, Shape, usize),
+    /// A scatter marker: policy shape in a colour.
+    Marker(Shape, RGBColor),
+    /// The Pareto front: a black line through a ringed point.
+    Front,
+    /// A numbered key entry: the number as drawn next to its point.
+    Number(String),
 }
 
 const LEGEND_SIZE: u32 = 13;
@@ -165,7 +174,7 @@ where
         for &(x, i) in row {
             let x = left + x as i32;
             let (label, mark) = &entries[i];
-            match *mark {
+            match mark.clone() {
                 Mark::Swatch(c) => area.draw(&Rectangle::new([(x, y - 6), (x + 20, y + 6)], c.filled()))?,
                 Mark::Line(c) => {
                     area.draw(&PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)))?;
@@ -173,6 +182,20 @@ where
                 }
                 Mark::Dashed(c) => {
                     area.draw(&DashedPathElement::new(vec![(x, y), (x + 22, y)], 5, 3, c.stroke_width(2)))?
+                }
+                Mark::Series(c, shape, dash) => {
+                    let (on, off) = dash_pattern(dash);
+                    area.draw(&DashedPathElement::new(vec![(x, y), (x + 22, y)], on, off, c.stroke_width(2)))?;
+                    draw_marker_sized(area, (x + 11, y), shape, c, 4)?;
+                }
+                Mark::Marker(shape, c) => draw_marker(area, (x + 10, y), shape, c)?,
+                Mark::Front => {
+                    area.draw(&PathElement::new(vec![(x, y), (x + 22, y)], BLACK.stroke_width(2)))?;
+                    area.draw(&Circle::new((x + 11, y), 7, BLACK.stroke_width(2)))?;
+                }
+                Mark::Number(n) => {
+                    let style = text_style(LEGEND_SIZE).pos(Pos::new(HPos::Right, VPos::Center));
+                    area.draw(&Text::new(n.clone(), (x + 22, y), style))?;
                 }
             }
             let style = text_style(LEGEND_SIZE).pos(Pos::new(HPos::Left, VPos::Center));
@@ -192,7 +215,15 @@ pub fn size(chart: &Chart) -> (u32, u32) {
             (1000, (plot + 130 + legend).max(320))
         }
         Body::Lines(l) => (900, 560 + legend_height(&line_legend(l), 900)),
-        Body::Boxes(_) => (900, 560),
+        Body::Violins(v) => {
+            let w = violin_width(v);
+            (w, 560 + legend_height(&violin_legend(v), w))
+        }
+        Body::Scatter(s) => {
+            let w = scatter_width(s);
+            let key = scatter_key(s).unwrap_or_default();
+            (w, SCATTER_H + legend_height(&scatter_legend(s), w) + legend_height(&key, w))
+        }
         Body::Grouped(g) => {
             // Wide enough for every category's name under its group and 30 px per bar, within print width.
             let name_px = g.categories.iter().map(|c| text_width(c, 13) + 24).max().unwrap_or(0);
@@ -203,13 +234,154 @@ pub fn size(chart: &Chart) -> (u32, u32) {
     }
 }
 
-/// Renders a chart as `<dir>/<name>.png` and `<dir>/<name>.svg`.
+/// PNGs are drawn this many times larger than the layout (and the SVG): 1800 pixels for a 900-pixel chart, print
+/// resolution at a page's width, with the same layout (text is rendered at the larger size, not magnified).
+pub const PRINT_SCALE: u32 = 2;
+
+/// A backend that draws everything `factor` times larger on an inner one: charts lay out in logical pixels, and the
+/// PNG gets `factor` device pixels for each (coordinates, line widths, radii and font sizes all scaled).
+pub struct Scaled<B> {
+    inner: B,
+    factor: i32,
+}
+
+impl<B: DrawingBackend> Scaled<B> {
+    /// `inner` must be `factor` times the logical size in each direction.
+    pub fn new(inner: B, factor: u32) -> Scaled<B> {
+        Scaled { inner, factor: factor as i32 }
+    }
+
+    fn at(&self, (x, y): (i32, i32)) -> (i32, i32) {
+        (x * self.factor, y * self.factor)
+    }
+
+    /// The last device pixel of a logical pixel: filled areas cover whole logical pixels.
+    fn end(&self, (x, y): (i32, i32)) -> (i32, i32) {
+        (x * self.factor + self.factor - 1, y * self.factor + self.factor - 1)
+    }
+
+    fn style<S: plotters_backend::BackendStyle>(&self, s: &S) -> ScaledStyle {
+        ScaledStyle { color: s.color(), width: s.stroke_width() * self.factor as u32 }
+    }
+}
+
+pub struct ScaledStyle {
+    color: plotters_backend::BackendColor,
+    width: u32,
+}
+
+impl plotters_backend::BackendStyle for ScaledStyle {
+    fn color(&self) -> plotters_backend::BackendColor {
+        self.color
+    }
+    fn stroke_width(&self) -> u32 {
+        self.width
+    }
+}
+
+type BackendResult<E> = std::result::Result<(), plotters_backend::DrawingErrorKind<E>>;
+
+impl<B: DrawingBackend> DrawingBackend for Scaled<B> {
+    type ErrorType = B::ErrorType;
+
+    fn get_size(&self) -> (u32, u32) {
+        let (w, h) = self.inner.get_size();
+        (w / self.factor as u32, h / self.factor as u32)
+    }
+
+    fn ensure_prepared(&mut self) -> BackendResult<B::ErrorType> {
+        self.inner.ensure_prepared()
+    }
+
+    fn present(&mut self) -> BackendResult<B::ErrorType> {
+        self.inner.present()
+    }
+
+    fn draw_pixel(&mut self, p: (i32, i32), color: plotters_backend::BackendColor) -> BackendResult<B::ErrorType> {
+        let (a, b) = (self.at(p), self.end(p));
+        self.inner.draw_rect(a, b, &color, true)
+    }
+
+    fn draw_line<S: plotters_backend::BackendStyle>(
+        &mut self,
+        from: (i32, i32),
+        to: (i32, i32),
+        style: &S,
+    ) -> BackendResult<B::ErrorType> {
+        let st = self.style(style);
+        self.inner.draw_line(self.at(from), self.at(to), &st)
+    }
+
+    fn draw_rect<S: plotters_backend::BackendStyle>(
+        &mut self,
+        upper_left: (i32, i32),
+        bottom_right: (i32, i32),
+        style: &S,
+        fill: bool,
+    ) -> BackendResult<B::ErrorType> {
+        let st = self.style(style);
+        let (a, b) = if fill {
+            (self.at(upper_left), self.end(bottom_right))
+        } else {
+            (self.at(upper_left), self.at(bottom_right))
+        };
+        self.inner.draw_rect(a, b, &st, fill)
+    }
+
+    fn draw_path<S: plotters_backend::BackendStyle, I: IntoIterator<Item = (i32, i32)>>(
+        &mut self,
+        path: I,
+        style: &S,
+    ) -> BackendResult<B::ErrorType> {
+        let st = self.style(style);
+        let f = self.factor;
+        self.inner.draw_path(path.into_iter().map(|(x, y)| (x * f, y * f)), &st)
+    }
+
+    fn draw_circle<S: plotters_backend::BackendStyle>(
+        &mut self,
+        center: (i32, i32),
+        radius: u32,
+        style: &S,
+        fill: bool,
+    ) -> BackendResult<B::ErrorType> {
+        let st = self.style(style);
+        self.inner.draw_circle(self.at(center), radius * self.factor as u32, &st, fill)
+    }
+
+    fn fill_polygon<S: plotters_backend::BackendStyle, I: IntoIterator<Item = (i32, i32)>>(
+        &mut self,
+        vert: I,
+        style: &S,
+    ) -> BackendResult<B::ErrorType> {
+        let st = self.style(style);
+        let f = self.factor;
+        self.inner.fill_polygon(vert.into_iter().map(|(x, y)| (x * f, y * f)), &st)
+    }
+
+    fn draw_text<T: plotters_backend::BackendTextStyle>(
+        &mut self,
+        text: &str,
+        style: &T,
+        pos: (i32, i32),
+    ) -> BackendResult<B::ErrorType> {
+        let c = style.color();
+        let font = FontDesc::new(style.family(), style.size() * self.factor as f64, style.style())
+            .transform(style.transform());
+        let colour = RGBAColor(c.rgb.0, c.rgb.1, c.rgb.2, c.alpha);
+        let scaled = TextStyle::from(font).color(&colour).pos(style.anchor());
+        self.inner.draw_text(text, &scaled, self.at(pos))
+    }
+}
+
+/// Renders a chart as `<dir>/<name>.png` (at `PRINT_SCALE`) and `<dir>/<name>.svg`.
 pub fn render(chart: &Chart, dir: &Path) -> Result<()> {
     ensure_font()?;
     let dims = size(chart);
     let png = dir.join(format!("{}.png", chart.name));
     {
-        let root = BitMapBackend::new(&png, dims).into_drawing_area();
+        let device = BitMapBackend::new(&png, (dims.0 * PRINT_SCALE, dims.1 * PRINT_SCALE));
+        let root = Scaled::new(device, PRINT_SCALE).into_drawing_area();
         draw(&root, chart).and_then(|_| Ok(root.present()?)).map_err(|e| plot_error(chart, &png, e))?;
     }
     let mut svg = String::new();
@@ -233,8 +405,9 @@ where
     match &chart.body {
         Body::Bars(b) => draw_bars(root, &chart.title, b),
         Body::Lines(l) => draw_lines(root, &chart.title, l),
-        Body::Boxes(b) => draw_boxes(root, &chart.title, b),
+        Body::Violins(v) => draw_violins(root, &chart.title, v),
         Body::Grouped(g) => draw_grouped(root, &chart.title, g),
+        Body::Scatter(s) => draw_scatter(root, &chart.title, s),
     }
 }
 
@@ -389,16 +562,42 @@ pub fn legend_labels(chart: &Chart) -> Vec<String> {
     let entries = match &chart.body {
         Body::Bars(b) => bar_legend(b),
         Body::Lines(l) => line_legend(l),
-        Body::Boxes(_) => Vec::new(),
+        Body::Violins(v) => violin_legend(v),
         Body::Grouped(g) => grouped_legend(g),
+        Body::Scatter(s) => scatter_legend(s),
     };
     entries.into_iter().map(|(label, _)| label).collect()
 }
 
-fn line_legend(l: &LineChart) -> Vec<(String, Mark)> {
+/// Dash patterns (on, off pixels) of a line series: solid, dashed, dotted.
+fn dash_pattern(dash: usize) -> (u32, u32) {
+    match dash {
+        0 => (1000, 0),
+        1 => (8, 4),
+        _ => (2, 3),
+    }
+}
+
+/// Each series' colour (its method's), marker (its freeze policy's) and dash: series that would look the same by
+/// colour and marker (the same method and policy, another setting) are told apart by dashes.
+fn line_styles(l: &LineChart) -> Vec<(RGBColor, Shape, usize)> {
     let colours = series_colours(l);
-    let mut entries: Vec<(String, Mark)> =
-        l.series.iter().zip(colours).map(|(s, c)| (s.label.clone(), Mark::Line(c))).collect();
+    let mut out: Vec<(RGBColor, Shape, usize)> = Vec::new();
+    for (s, c) in l.series.iter().zip(colours) {
+        let shape = if s.policy.is_empty() { Shape::Circle } else { policy_shape(&s.policy) };
+        let dash = out.iter().filter(|(c2, s2, _)| *c2 == c && *s2 == shape).count();
+        out.push((c, shape, dash));
+    }
+    out
+}
+
+fn line_legend(l: &LineChart) -> Vec<(String, Mark)> {
+    let mut entries: Vec<(String, Mark)> = l
+        .series
+        .iter()
+        .zip(line_styles(l))
+        .map(|(s, (c, shape, dash))| (s.label.clone(), Mark::Series(c, shape, dash)))
+        .collect();
     if l.series.iter().any(|s| s.chord.is_some()) {
         entries.push(("straight line between the endpoints".into(), Mark::Dashed(RGBColor(0x55, 0x55, 0x55))));
     }
@@ -434,19 +633,22 @@ where
         .label_style(text_style(12))
         .axis_desc_style(text_style(14))
         .draw()?;
-    for (s, c) in l.series.iter().zip(series_colours(l)) {
+    for (s, (c, shape, dash)) in l.series.iter().zip(line_styles(l)) {
         chart.draw_series(s.runs.iter().map(|&(x, y)| Circle::new((x, y), 3, c.mix(0.35).filled())))?;
         if let Some([a, b]) = s.chord {
             chart.draw_series(DashedLineSeries::new(vec![a, b], 6, 4, c.mix(0.8).stroke_width(1)))?;
         }
-        chart.draw_series(LineSeries::new(s.points.iter().map(|p| (p.0, p.1)), c.stroke_width(2)))?;
+        let (on, off) = dash_pattern(dash);
+        chart.draw_series(DashedLineSeries::new(s.points.iter().map(|p| (p.0, p.1)), on, off, c.stroke_width(2)))?;
         for &(x, y, e) in &s.points {
             if e > 0.0 {
                 chart
                     .draw_series(std::iter::once(PathElement::new(vec![(x, y - e), (x, y + e)], c.stroke_width(1))))?;
             }
         }
-        chart.draw_series(s.points.iter().map(|&(x, y, _)| Circle::new((x, y), 4, c.filled())))?;
+        for &(x, y, _) in &s.points {
+            draw_marker_sized(&upper, chart.backend_coord(&(x, y)), shape, c, 4)?;
+        }
     }
     draw_legend(&lower, &legend)?;
     Ok(())
@@ -548,6 +750,329 @@ where
     Ok(())
 }
 
+/// Scatter marker shapes, one per freeze policy, the same in every chart.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Shape {
+    Circle,
+    Triangle,
+    Square,
+    Diamond,
+    Cross,
+}
+
+/// Full fine-tuning a circle, head only a triangle, the SNR selection a square; no policy a diamond, others a cross.
+pub fn policy_shape(policy: &str) -> Shape {
+    match policy {
+        "full" => Shape::Circle,
+        "head" => Shape::Triangle,
+        "selected" => Shape::Square,
+        "" => Shape::Diamond,
+        _ => Shape::Cross,
+    }
+}
+
+const MARKER_R: i32 = 5;
+
+fn draw_marker<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    at: (i32, i32),
+    shape: Shape,
+    c: RGBColor,
+) -> DrawResult
+where
+    DB::ErrorType: 'static,
+{
+    draw_marker_sized(area, at, shape, c, MARKER_R)
+}
+
+fn draw_marker_sized<DB: DrawingBackend, C: Color + Copy>(
+    area: &DrawingArea<DB, Shift>,
+    (x, y): (i32, i32),
+    shape: Shape,
+    c: C,
+    r: i32,
+) -> DrawResult
+where
+    DB::ErrorType: 'static,
+{
+    match shape {
+        Shape::Circle => area.draw(&Circle::new((x, y), r, c.filled()))?,
+        Shape::Triangle => {
+            area.draw(&Polygon::new(vec![(x, y - r - 1), (x - r - 1, y + r), (x + r + 1, y + r)], c.filled()))?
+        }
+        Shape::Square => area.draw(&Rectangle::new([(x - r + 1, y - r + 1), (x + r - 1, y + r - 1)], c.filled()))?,
+        Shape::Diamond => {
+            area.draw(&Polygon::new(vec![(x, y - r - 1), (x + r + 1, y), (x, y + r + 1), (x - r - 1, y)], c.filled()))?
+        }
+        Shape::Cross => {
+            area.draw(&PathElement::new(vec![(x - r, y - r), (x + r, y + r)], c.stroke_width(3)))?;
+            area.draw(&PathElement::new(vec![(x - r, y + r), (x + r, y - r)], c.stroke_width(3)))?;
+        }
+    }
+    Ok(())
+}
+
+/// Height of the title and panels of a scatter chart; legend and key go below.
+const SCATTER_H: u32 = 600;
+const SCATTER_LABEL_SIZE: u32 = 11;
+const SCATTER_LINE: i32 = 13;
+
+fn scatter_width(s: &ScatterChart) -> u32 {
+    (s.panels.len() as u32 * 720).max(900)
+}
+
+/// Methods in order of appearance (the baseline is not a method) with their colours: a known method keeps its own.
+fn scatter_methods(s: &ScatterChart) -> Vec<(String, RGBColor)> {
+    let mut methods: Vec<String> = Vec::new();
+    for p in s.panels.iter().flat_map(|p| &p.points) {
+        if !p.baseline && !methods.contains(&p.method) {
+            methods.push(p.method.clone());
+        }
+    }
+    let colours = assign_colours(&methods);
+    methods.into_iter().zip(colours).collect()
+}
+
+fn scatter_colour(methods: &[(String, RGBColor)], method: &str, baseline: bool) -> RGBColor {
+    if baseline {
+        return BASELINE_COLOR;
+    }
+    methods.iter().find(|(m, _)| m == method).map(|x| x.1).unwrap_or(PALETTE[7])
+}
+
+fn scatter_legend(s: &ScatterChart) -> Vec<(String, Mark)> {
+    let grey = RGBColor(0x55, 0x55, 0x55);
+    let mut entries: Vec<(String, Mark)> = scatter_methods(s)
+        .into_iter()
+        .map(|(m, c)| (if m.is_empty() { "(no method)".to_string() } else { m }, Mark::Swatch(c)))
+        .collect();
+    let mut policies: Vec<String> = Vec::new();
+    for p in s.panels.iter().flat_map(|p| &p.points) {
+        if !policies.contains(&p.policy) {
+            policies.push(p.policy.clone());
+        }
+    }
+    for policy in policies {
+        entries.push((policy_text(&policy), Mark::Marker(policy_shape(&policy), grey)));
+    }
+    if let Some(b) = s.panels.iter().flat_map(|p| &p.points).find(|p| p.baseline) {
+        entries.push((format!("baseline ({})", b.label), Mark::Marker(policy_shape(&b.policy), BASELINE_COLOR)));
+    }
+    entries.push(("Pareto front: nothing else is both cheaper and better".into(), Mark::Front));
+    entries
+}
+
+/// The numbered key of points whose names did not fit beside them, from a dry run of the layout (it depends only on
+/// the panels, which have the same size in the dry run).
+fn scatter_key(s: &ScatterChart) -> Option<Vec<(String, Mark)>> {
+    ensure_font().ok()?;
+    let mut svg = String::new();
+    let w = scatter_width(s);
+    let root = SVGBackend::with_string(&mut svg, (w, SCATTER_H)).into_drawing_area();
+    let key = draw_scatter_panels(&root, "", s).ok()?;
+    Some(key_entries(&key))
+}
+
+fn key_entries(key: &[String]) -> Vec<(String, Mark)> {
+    key.iter().enumerate().map(|(i, label)| (label.clone(), Mark::Number(format!("{}", i + 1)))).collect()
+}
+
+fn draw_scatter<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, title: &str, s: &ScatterChart) -> DrawResult
+where
+    DB::ErrorType: 'static,
+{
+    let (w, _) = root.dim_in_pixel();
+    let (upper, rest) = root.split_vertically(SCATTER_H);
+    let key = draw_scatter_panels(&upper, title, s)?;
+    let legend = scatter_legend(s);
+    let (legend_area, key_area) = rest.split_vertically(legend_height(&legend, w));
+    draw_legend(&legend_area, &legend)?;
+    draw_legend(&key_area, &key_entries(&key))?;
+    Ok(())
+}
+
+/// A pixel box (x0, y0, x1, y1), for keeping labels apart.
+type PixelBox = (i32, i32, i32, i32);
+
+fn overlaps(a: PixelBox, b: PixelBox) -> bool {
+    a.0 < b.2 && b.0 < a.2 && a.1 < b.3 && b.1 < a.3
+}
+
+/// Where a label of size (w, h) may go around a point, nearest first: right, left, above, below, the diagonals, then
+/// the same further out (drawn with a leader line).
+fn label_candidates((x, y): (i32, i32), (w, h): (i32, i32)) -> Vec<PixelBox> {
+    let mut out = Vec::new();
+    for d in [9, 22, 38] {
+        let places = [
+            (x + d, y - h / 2),
+            (x - d - w, y - h / 2),
+            (x - w / 2, y - d - h),
+            (x - w / 2, y + d),
+            (x + d - 3, y - d - h + 3),
+            (x + d - 3, y + d - 3),
+            (x - d - w + 3, y - d - h + 3),
+            (x - d - w + 3, y + d - 3),
+        ];
+        out.extend(places.iter().map(|&(x0, y0)| (x0, y0, x0 + w, y0 + h)));
+    }
+    out
+}
+
+/// Draws the title and the panels; returns the key: names drawn as numbers (number = index + 1).
+fn draw_scatter_panels<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    title: &str,
+    s: &ScatterChart,
+) -> std::result::Result<Vec<String>, Box<dyn StdError>>
+where
+    DB::ErrorType: 'static,
+{
+    let (w, _) = area.dim_in_pixel();
+    area.draw(&Text::new(
+        fit(title, 20, w - 20),
+        (w as i32 / 2, 12),
+        text_style(20).pos(Pos::new(HPos::Center, VPos::Top)),
+    ))?;
+    let (_, body) = area.split_vertically(44);
+    let methods = scatter_methods(s);
+    let panel_areas = body.split_evenly((1, s.panels.len().max(1)));
+    let mut key: Vec<String> = Vec::new();
+    for (panel_area, panel) in panel_areas.iter().zip(&s.panels) {
+        draw_scatter_panel(area, panel_area, panel, &s.y_label, &methods, &mut key)?;
+    }
+    Ok(key)
+}
+
+fn draw_scatter_panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    panel_area: &DrawingArea<DB, Shift>,
+    panel: &ScatterPanel,
+    y_label: &str,
+    methods: &[(String, RGBColor)],
+    key: &mut Vec<String>,
+) -> DrawResult
+where
+    DB::ErrorType: 'static,
+{
+    let xs = panel.points.iter().flat_map(|p| [p.x.0 - p.x.1, p.x.0 + p.x.1]);
+    let (x_lo, mut x_hi) = padded_range(xs, None);
+    x_hi += 0.12 * (x_hi - x_lo); // room for the names right of the costliest points
+    let ys = panel.points.iter().flat_map(|p| [p.y.0 - p.y.1, p.y.0 + p.y.1]);
+    let (y_lo, y_hi) = padded_range(ys, None);
+    let mut chart = ChartBuilder::on(panel_area)
+        .margin(14)
+        .x_label_area_size(48)
+        .y_label_area_size(70)
+        .build_cartesian_2d(x_lo..x_hi, y_lo..y_hi)?;
+    chart
+        .configure_mesh()
+        .light_line_style(TRANSPARENT)
+        .bold_line_style(GRID_COLOR)
+        .x_desc(panel.x_label.as_str())
+        .y_desc(y_label)
+        .label_style(text_style(12))
+        .axis_desc_style(text_style(14))
+        .draw()?;
+    let colour = |i: usize| {
+        let p = &panel.points[i];
+        scatter_colour(methods, &p.method, p.baseline)
+    };
+    for (i, p) in panel.points.iter().enumerate() {
+        let c = colour(i).mix(0.6);
+        if p.x.1 > 0.0 {
+            chart.draw_series(std::iter::once(PathElement::new(
+                vec![(p.x.0 - p.x.1, p.y.0), (p.x.0 + p.x.1, p.y.0)],
+                c.stroke_width(1),
+            )))?;
+        }
+        if p.y.1 > 0.0 {
+            chart.draw_series(std::iter::once(PathElement::new(
+                vec![(p.x.0, p.y.0 - p.y.1), (p.x.0, p.y.0 + p.y.1)],
+                c.stroke_width(1),
+            )))?;
+        }
+    }
+    let front: Vec<(f64, f64)> = panel.front.iter().map(|&i| (panel.points[i].x.0, panel.points[i].y.0)).collect();
+    chart.draw_series(LineSeries::new(front, BLACK.stroke_width(2)))?;
+    let at: Vec<(i32, i32)> = panel.points.iter().map(|p| chart.backend_coord(&(p.x.0, p.y.0))).collect();
+    // Pareto points ringed; markers over the front line.
+    for &i in &panel.front {
+        area.draw(&Circle::new(at[i], MARKER_R + 4, BLACK.stroke_width(2)))?;
+    }
+    for (i, p) in panel.points.iter().enumerate() {
+        draw_marker(area, at[i], policy_shape(&p.policy), colour(i))?;
+    }
+
+    // Names: points on one pixel share a label (one name per line); the front first, then the rest in order. A name
+    // goes beside its point where it overlaps no marker, ring or other name and stays in the plot; else a number
+    // does, and the name goes in the key under the chart.
+    let (px0, py0) = chart.backend_coord(&(x_lo, y_hi));
+    let (px1, py1) = chart.backend_coord(&(x_hi, y_lo));
+    let plot: PixelBox = (px0, py0, px1, py1);
+    let mut taken: Vec<PixelBox> =
+        at.iter().map(|&(x, y)| (x - MARKER_R - 5, y - MARKER_R - 5, x + MARKER_R + 5, y + MARKER_R + 5)).collect();
+    let mut order: Vec<usize> = panel.front.clone();
+    order.extend((0..panel.points.len()).filter(|i| !panel.front.contains(i)));
+    let mut done = vec![false; panel.points.len()];
+    for i in order {
+        if done[i] {
+            continue;
+        }
+        let group: Vec<usize> = (0..panel.points.len())
+            .filter(|&j| !done[j] && (at[j].0 - at[i].0).abs() <= 2 && (at[j].1 - at[i].1).abs() <= 2)
+            .collect();
+        for &j in &group {
+            done[j] = true;
+        }
+        let names: Vec<String> = group.iter().map(|&j| panel.points[j].label.clone()).collect();
+        let fits = |lines: &[String], taken: &[PixelBox]| -> Option<PixelBox> {
+            let w = lines.iter().map(|l| text_width(l, SCATTER_LABEL_SIZE) as i32).max().unwrap_or(0) + 4;
+            let h = SCATTER_LINE * lines.len() as i32 + 2;
+            label_candidates(at[i], (w, h)).into_iter().find(|b| {
+                b.0 >= plot.0
+                    && b.1 >= plot.1
+                    && b.2 <= plot.2
+                    && b.3 <= plot.3
+                    && taken.iter().all(|t| !overlaps(*b, *t))
+            })
+        };
+        let (lines, placed) = match fits(&names, &taken) {
+            Some(b) => (names, Some(b)),
+            None => {
+                let numbers: Vec<String> = names
+                    .iter()
+                    .map(|n| {
+                        let k = key.iter().position(|x| x == n).unwrap_or_else(|| {
+                            key.push(n.clone());
+                            key.len() - 1
+                        });
+                        format!("{}", k + 1)
+                    })
+                    .collect();
+                let line = vec![numbers.join(", ")];
+                let b = fits(&line, &taken);
+                (line, b)
+            }
+        };
+        // Nowhere free even for a number: it goes right of the point regardless.
+        let b = placed.unwrap_or_else(|| {
+            label_candidates(at[i], (text_width(&lines[0], SCATTER_LABEL_SIZE) as i32 + 4, SCATTER_LINE + 2))[0]
+        });
+        taken.push(b);
+        let near =
+            (at[i].0 - b.0.max(at[i].0.min(b.2))).abs() <= 12 && (at[i].1 - b.1.max(at[i].1.min(b.3))).abs() <= 12;
+        if !near {
+            let to = (at[i].0.clamp(b.0, b.2), at[i].1.clamp(b.1, b.3));
+            area.draw(&PathElement::new(vec![at[i], to], RGBColor(0x88, 0x88, 0x88).stroke_width(1)))?;
+        }
+        for (k, line) in lines.iter().enumerate() {
+            let style = text_style(SCATTER_LABEL_SIZE).pos(Pos::new(HPos::Left, VPos::Top));
+            area.draw(&Text::new(line.clone(), (b.0 + 2, b.1 + 1 + k as i32 * SCATTER_LINE), style))?;
+        }
+    }
+    Ok(())
+}
+
 /// Quartiles (numpy's linear interpolation) and Tukey whiskers (the furthest runs within 1.5 IQR of the box).
 pub fn box_stats(values: &[f64]) -> Option<[f64; 5]> {
     if values.is_empty() {
@@ -562,60 +1087,227 @@ pub fn box_stats(values: &[f64]) -> Option<[f64; 5]> {
     Some([low, q1, median, q3, high])
 }
 
-fn draw_boxes<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, title: &str, b: &BoxChart) -> DrawResult
+/// Runs a category needs for a density (violin); fewer are drawn as points with mean +- standard error.
+pub const VIOLIN_MIN_RUNS: usize = 8;
+
+fn violin_width(v: &ViolinChart) -> u32 {
+    let cats: usize = v.panels.iter().map(|p| p.categories.len()).sum();
+    (cats as u32 * 120 + v.panels.len() as u32 * 80 + 40).clamp(900, 1800)
+}
+
+fn violin_methods(v: &ViolinChart) -> Vec<(String, RGBColor)> {
+    let mut methods: Vec<String> = Vec::new();
+    for m in v.panels.iter().flat_map(|p| p.categories.iter().flat_map(|c| &c.methods)) {
+        if !methods.contains(m) {
+            methods.push(m.clone());
+        }
+    }
+    let colours = assign_colours(&methods);
+    methods.into_iter().zip(colours).collect()
+}
+
+fn violin_legend(v: &ViolinChart) -> Vec<(String, Mark)> {
+    let grey = RGBColor(0x55, 0x55, 0x55);
+    let mut entries: Vec<(String, Mark)> = violin_methods(v)
+        .into_iter()
+        .map(|(m, c)| (if m.is_empty() { "(no method)".to_string() } else { m }, Mark::Swatch(c)))
+        .collect();
+    let mut policies: Vec<String> = Vec::new();
+    for p in v.panels.iter().flat_map(|p| p.categories.iter().flat_map(|c| &c.policies)) {
+        if !policies.contains(p) {
+            policies.push(p.clone());
+        }
+    }
+    if policies.len() > 1 || policies.iter().any(|p| !p.is_empty()) {
+        for p in policies {
+            entries.push((policy_text(&p), Mark::Marker(policy_shape(&p), grey)));
+        }
+    }
+    let cats = || v.panels.iter().flat_map(|p| &p.categories);
+    if cats().any(|c| c.values.len() >= VIOLIN_MIN_RUNS) {
+        entries.push(("density of the runs, quartiles, median".into(), Mark::Swatch(VIOLIN_FILL)));
+    }
+    if cats().any(|c| c.values.len() < VIOLIN_MIN_RUNS) {
+        entries.push(("mean +- standard error (few runs)".into(), Mark::Line(BLACK)));
+    }
+    if let Some(r) = &v.reference {
+        entries.push((r.label.clone(), Mark::Dashed(BASELINE_COLOR)));
+    }
+    entries
+}
+
+const VIOLIN_FILL: RGBColor = RGBColor(0xC8, 0xC8, 0xC8);
+
+/// A freeze policy's legend text.
+fn policy_text(policy: &str) -> String {
+    match policy {
+        "" => "policy not recorded".to_string(),
+        "full" => "full fine-tuning".to_string(),
+        "head" => "head only".to_string(),
+        "selected" => "SNR-selected layers".to_string(),
+        other => format!("freeze {other}"),
+    }
+}
+
+/// A violin's half outline: the bandwidth and (value, density) points.
+type Outline = (f64, Vec<(f64, f64)>);
+
+/// Gaussian kernel density of `values` at `y`, bandwidth by Silverman's rule (0.9 min(sd, IQR / 1.34) n^-1/5).
+pub fn silverman_bandwidth(values: &[f64]) -> f64 {
+    let n = values.len() as f64;
+    if values.len() < 2 {
+        return 0.0;
+    }
+    let mean = values.iter().sum::<f64>() / n;
+    let sd = (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
+    let mut s = values.to_vec();
+    s.sort_by(f64::total_cmp);
+    let iqr = percentile(&s, 0.75) - percentile(&s, 0.25);
+    let spread = if iqr > 0.0 { sd.min(iqr / 1.34) } else { sd };
+    0.9 * spread * n.powf(-0.2)
+}
+
+fn density(values: &[f64], h: f64, y: f64) -> f64 {
+    let norm = 1.0 / (values.len() as f64 * h * (2.0 * std::f64::consts::PI).sqrt());
+    values.iter().map(|v| (-0.5 * ((y - v) / h).powi(2)).exp()).sum::<f64>() * norm
+}
+
+fn draw_violins<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, title: &str, v: &ViolinChart) -> DrawResult
 where
     DB::ErrorType: 'static,
 {
-    let k = b.categories.len();
-    let values = b.categories.iter().flat_map(|c| c.values.iter().copied());
-    let (y_lo, y_hi) = padded_range(values, None);
-    let mut chart = ChartBuilder::on(root)
-        .caption(title, text_style(20))
-        .margin(14)
-        .x_label_area_size(56)
-        .y_label_area_size(70)
-        .build_cartesian_2d(-0.6..k as f64 - 0.4, y_lo..y_hi)?;
-    chart
-        .configure_mesh()
-        .disable_x_mesh()
-        .x_labels(0)
-        .x_label_formatter(&|_| String::new())
-        .light_line_style(TRANSPARENT)
-        .bold_line_style(GRID_COLOR)
-        .x_desc(b.x_label.as_str())
-        .y_desc(b.y_label.as_str())
-        .label_style(text_style(12))
-        .axis_desc_style(text_style(14))
-        .draw()?;
-    let (w, _) = root.dim_in_pixel();
-    let slot = (w.saturating_sub(120) / k.max(1) as u32).max(40) - 8;
-    let labels: Vec<String> = b.categories.iter().map(|c| c.label.clone()).collect();
-    for (i, (cat, c)) in b.categories.iter().zip(assign_colours(&labels)).enumerate() {
-        let x = i as f64;
-        if let Some([low, q1, median, q3, high]) = box_stats(&cat.values) {
-            let line = c.stroke_width(2);
-            chart.draw_series([
-                PathElement::new(vec![(x, low), (x, q1)], line),
-                PathElement::new(vec![(x, q3), (x, high)], line),
-                PathElement::new(vec![(x - 0.12, low), (x + 0.12, low)], line),
-                PathElement::new(vec![(x - 0.12, high), (x + 0.12, high)], line),
-            ])?;
-            chart.draw_series(std::iter::once(Rectangle::new([(x - 0.3, q1), (x + 0.3, q3)], c.mix(0.25).filled())))?;
-            chart.draw_series(std::iter::once(Rectangle::new([(x - 0.3, q1), (x + 0.3, q3)], line)))?;
-            chart.draw_series(std::iter::once(PathElement::new(
-                vec![(x - 0.3, median), (x + 0.3, median)],
-                BLACK.stroke_width(3),
-            )))?;
-        }
-        // Every run as a point, spread sideways by a fixed low-discrepancy sequence (deterministic jitter).
-        chart.draw_series(cat.values.iter().enumerate().map(|(j, &v)| {
-            let jitter = ((j as f64 * 0.618_033_988_75).fract() - 0.5) * 0.36;
-            Circle::new((x + jitter, v), 3, BLACK.mix(0.6).filled())
-        }))?;
-        let (px, py) = chart.backend_coord(&(x, y_lo));
-        let label = fit(&format!("{} (n={})", cat.label, cat.values.len()), 12, slot);
-        root.draw(&Text::new(label, (px, py + 6), text_style(12).pos(Pos::new(HPos::Center, VPos::Top))))?;
+    let (w, h) = root.dim_in_pixel();
+    let legend = violin_legend(v);
+    let (upper, lower) = root.split_vertically(h - legend_height(&legend, w));
+    upper.draw(&Text::new(
+        fit(title, 20, w - 20),
+        (w as i32 / 2, 12),
+        text_style(20).pos(Pos::new(HPos::Center, VPos::Top)),
+    ))?;
+    let (_, body) = upper.split_vertically(44);
+    let values = v.panels.iter().flat_map(|p| p.categories.iter().flat_map(|c| c.values.iter().copied()));
+    let (y_lo, y_hi) = padded_range(values.chain(v.reference.as_ref().map(|r| r.value)), None);
+    // Panels as wide as their categories, the first wider by its axis labels.
+    let weights: Vec<u32> = v
+        .panels
+        .iter()
+        .enumerate()
+        .map(|(i, p)| p.categories.len() as u32 * 120 + if i == 0 { 110 } else { 40 })
+        .collect();
+    let total: u32 = weights.iter().sum();
+    let mut breaks = Vec::new();
+    let mut acc = 0;
+    for wt in &weights[..weights.len() - 1] {
+        acc += wt;
+        breaks.push((acc as u64 * w as u64 / total as u64) as i32);
     }
+    let areas = body.split_by_breakpoints(breaks, Vec::<i32>::new());
+    let methods = violin_methods(v);
+    for (pi, (area, panel)) in areas.iter().zip(&v.panels).enumerate() {
+        let k = panel.categories.len();
+        let mut chart = ChartBuilder::on(area)
+            .caption(panel.param.as_str(), text_style(15))
+            .margin(10)
+            .x_label_area_size(40)
+            .y_label_area_size(if pi == 0 { 80 } else { 10 })
+            .build_cartesian_2d(-0.6..k as f64 - 0.4, y_lo..y_hi)?;
+        let mut mesh = chart.configure_mesh();
+        mesh.disable_x_mesh()
+            .x_labels(0)
+            .x_label_formatter(&|_| String::new())
+            .light_line_style(TRANSPARENT)
+            .bold_line_style(GRID_COLOR)
+            .label_style(text_style(12))
+            .axis_desc_style(text_style(14));
+        if pi == 0 {
+            mesh.y_desc(v.y_label.as_str());
+        } else {
+            mesh.y_labels(0).y_label_formatter(&|_| String::new());
+        }
+        mesh.draw()?;
+        if let Some(r) = &v.reference {
+            chart.draw_series(DashedLineSeries::new(
+                vec![(-0.6, r.value), (k as f64 - 0.4, r.value)],
+                8,
+                5,
+                BASELINE_COLOR.stroke_width(2),
+            ))?;
+        }
+        // Densities share one scale within a panel, the widest reaching 0.4 on either side.
+        let shapes: Vec<Option<Outline>> = panel
+            .categories
+            .iter()
+            .map(|c| {
+                let bw = silverman_bandwidth(&c.values);
+                (c.values.len() >= VIOLIN_MIN_RUNS && bw > 0.0).then(|| {
+                    let (lo, hi) =
+                        c.values.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
+                    // The density is cut at the extreme runs, as seaborn's cut=0: no tails past the data.
+                    let pts: Vec<(f64, f64)> = (0..=80)
+                        .map(|i| {
+                            let y = lo + (hi - lo) * i as f64 / 80.0;
+                            (y, density(&c.values, bw, y))
+                        })
+                        .collect();
+                    (bw, pts)
+                })
+            })
+            .collect();
+        let peak = shapes.iter().flatten().flat_map(|(_, pts)| pts.iter().map(|p| p.1)).fold(0.0, f64::max);
+        let (_, py_bottom) = chart.backend_coord(&(0.0, y_lo));
+        let slot = (area.dim_in_pixel().0 as i32 - if pi == 0 { 100 } else { 30 }) / k.max(1) as i32;
+        for (ci, c) in panel.categories.iter().enumerate() {
+            let x = ci as f64;
+            if let Some((_, pts)) = &shapes[ci] {
+                let half = |d: f64| 0.4 * d / peak;
+                let mut outline: Vec<(f64, f64)> = pts.iter().map(|&(y, d)| (x - half(d), y)).collect();
+                outline.extend(pts.iter().rev().map(|&(y, d)| (x + half(d), y)));
+                chart.draw_series(std::iter::once(Polygon::new(outline.clone(), VIOLIN_FILL.mix(0.7).filled())))?;
+                outline.push(outline[0]);
+                chart.draw_series(std::iter::once(PathElement::new(
+                    outline,
+                    RGBColor(0x77, 0x77, 0x77).stroke_width(1),
+                )))?;
+                if let Some([_, q1, median, q3, _]) = box_stats(&c.values) {
+                    chart.draw_series(std::iter::once(Rectangle::new(
+                        [(x - 0.04, q1), (x + 0.04, q3)],
+                        BLACK.filled(),
+                    )))?;
+                    let (mx, my) = chart.backend_coord(&(x, median));
+                    upper.draw(&Circle::new((mx, my), 3, WHITE.filled()))?;
+                }
+            }
+            // Every run a point, spread sideways by a fixed low-discrepancy sequence (deterministic jitter).
+            for (j, &val) in c.values.iter().enumerate() {
+                let jitter = ((j as f64 * 0.618_033_988_75).fract() - 0.5) * 0.5;
+                let colour = methods.iter().find(|(m, _)| *m == c.methods[j]).map(|x| x.1).unwrap_or(PALETTE[7]);
+                let at = chart.backend_coord(&(x + jitter, val));
+                draw_marker_sized(&upper, at, policy_shape(&c.policies[j]), colour.mix(0.85), 3)?;
+            }
+            if shapes[ci].is_none() && !c.values.is_empty() {
+                let n = c.values.len() as f64;
+                let mean = c.values.iter().sum::<f64>() / n;
+                let se = if c.values.len() > 1 {
+                    (c.values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt() / n.sqrt()
+                } else {
+                    0.0
+                };
+                let line = BLACK.stroke_width(2);
+                chart.draw_series([
+                    PathElement::new(vec![(x + 0.32, mean - se), (x + 0.32, mean + se)], line),
+                    PathElement::new(vec![(x + 0.26, mean), (x + 0.38, mean)], BLACK.stroke_width(3)),
+                ])?;
+            }
+            let (px, _) = chart.backend_coord(&(x, y_lo));
+            let label = fit(&format!("{} (n={})", c.label, c.values.len()), 12, slot.max(40) as u32 - 8);
+            upper.draw(&Text::new(
+                label,
+                (px, py_bottom + 8),
+                text_style(12).pos(Pos::new(HPos::Center, VPos::Top)),
+            ))?;
+        }
+    }
+    draw_legend(&lower, &legend)?;
     Ok(())
 }
 
