@@ -10,7 +10,8 @@
 //! list is updated). An accepted config must have written a complete output directory (weights, `config.json`,
 //! tokenizer); no config may make graft panic. With `GRAFT_CORPUS_DIR=DIR` the working directories are built there
 //! and kept, with a `manifest.tsv` (config, working copy, graft's verdict and reason) that `tools/mergekit-corpus`
-//! reads to run mergekit on the same stand-ins.
+//! reads to run mergekit on the same stand-ins (from `mergekit-NAME`, a copy naming the cached snapshot directories
+//! instead of the ids: mergekit 0.1.5 lists an id's files on the Hub even when they are cached).
 
 #[path = "support/st.rs"]
 mod st;
@@ -210,22 +211,30 @@ fn link(target: &Path, at: &Path) {
     std::os::unix::fs::symlink(target, at).unwrap();
 }
 
+/// Where a reference was placed.
+enum Placed {
+    /// In the cache, at this snapshot directory (relative to the working directory).
+    Hub(String),
+    /// As a local path: the config's own text, or (for an absolute path) the relative path used instead.
+    Local(Option<String>),
+}
+
 /// Points `reference` at `standin` in the working directory `work` (local paths) or its cache `work/hub` (ids).
-/// Returns the text to use in the config instead of `reference` when it had to change (absolute paths).
-fn place(reference: &str, standin: &Path, work: &Path) -> Option<String> {
+fn place(reference: &str, standin: &Path, work: &Path) -> Placed {
     let model = reference.split('+').next().unwrap();
     if let Some((dir, rev)) = hub_id(model) {
         // A fixed fake commit hash per revision, one snapshot each.
         let hash = format!("{:040x}", rev.bytes().fold(7u128, |h, b| h.wrapping_mul(131).wrapping_add(b as u128)));
-        let repo = work.join("hub").join(format!("models--{dir}"));
-        std::fs::create_dir_all(repo.join("refs")).unwrap();
-        std::fs::write(repo.join("refs").join(&rev), &hash).unwrap();
-        link(standin, &repo.join("snapshots").join(&hash));
-        return None;
+        let repo = format!("hub/models--{dir}");
+        std::fs::create_dir_all(work.join(&repo).join("refs")).unwrap();
+        std::fs::write(work.join(&repo).join("refs").join(&rev), &hash).unwrap();
+        let snapshot = format!("{repo}/snapshots/{hash}");
+        link(standin, &work.join(&snapshot));
+        return Placed::Hub(snapshot);
     }
     let relative = model.trim_start_matches('/');
     link(standin, &work.join(relative));
-    (relative != model).then(|| relative.to_string())
+    Placed::Local((relative != model).then(|| relative.to_string()))
 }
 
 struct Outcome {
@@ -313,15 +322,23 @@ fn real_mergekit_configs_on_standins() {
         let mut text = std::fs::read_to_string(config).unwrap();
         let docs = documents(&text).unwrap_or_default();
         let layers = layers_needed(&docs);
+        // mergekit 0.1.5 asks the Hub for an id's file list even when it is cached, so its copy names the cached
+        // snapshot directories instead (the same files); longest ids first, so `org/name@rev` goes before `org/name`.
+        let mut snapshots: Vec<(String, String)> = Vec::new();
         for (variant, reference) in references(&docs).iter().enumerate() {
             let standin = standins.get(layers, variant);
-            if let Some(relative) = place(reference, &standin, &work) {
-                let model = reference.split('+').next().unwrap();
-                text = text.replace(model, &relative);
+            let model = reference.split('+').next().unwrap().to_string();
+            match place(reference, &standin, &work) {
+                Placed::Hub(snapshot) => snapshots.push((model, snapshot)),
+                Placed::Local(Some(relative)) => text = text.replace(&model, &relative),
+                Placed::Local(None) => {}
             }
         }
         let copy = work.join(&name);
         std::fs::write(&copy, &text).unwrap();
+        snapshots.sort_by_key(|(id, _)| std::cmp::Reverse(id.len()));
+        let for_mergekit = snapshots.iter().fold(text.clone(), |t, (id, snap)| t.replace(id, snap));
+        std::fs::write(work.join(format!("mergekit-{name}")), for_mergekit).unwrap();
         let outcome = run_graft(&copy, &work);
         manifest.push_str(&format!(
             "{name}\t{}\t{}\t{}\t{}\n",
