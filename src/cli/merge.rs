@@ -1,7 +1,8 @@
-//! `graft merge`: merge models with a mergekit method, from flags or a mergekit YAML config (docs/merge.md).
+//! `graft merge`: merge models with a mergekit method, from flags or a mergekit YAML config (docs/merge.md); a
+//! multi-document config (mergekit-multi) runs as one single-document merge per stage (`crate::merge::multi`).
 
 use std::fmt::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::{emit, table, Global, OutputArgs};
@@ -11,6 +12,7 @@ use crate::exec::Executor;
 use crate::merge::config::{self, Flags, Inputs, MergeConfig};
 use crate::merge::execute::{self, RunOptions, Summary};
 use crate::merge::method::AlphaTarget;
+use crate::merge::multi::{self, Stages};
 use crate::merge::output;
 use crate::merge::params::{Kind, Scalar, Setting};
 use crate::merge::plan::{self, Op, Plan};
@@ -51,7 +53,7 @@ enum Reference {
     First,
 }
 
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Debug, Clone)]
 pub struct Args {
     #[command(flatten)]
     pub values: super::ValueArgs,
@@ -142,6 +144,11 @@ pub struct Args {
     /// Unknown methods and unsupported features stay errors.
     #[arg(long)]
     lenient: bool,
+    /// Multi-document configs: where the named stages' merges are written (default: OUT.stages beside the
+    /// output). A stage whose output there is complete and made from the same config, options and input files is
+    /// skipped.
+    #[arg(long, value_name = "DIR")]
+    intermediate_dir: Option<PathBuf>,
     /// Print the plan (which tensor from which models with which parameters) and write nothing.
     #[arg(long)]
     dry_run: bool,
@@ -317,8 +324,129 @@ fn build_config(a: &Args) -> Result<MergeConfig> {
 }
 
 pub fn run(a: Args, global: &Global) -> Result<()> {
+    if is_config(&a.inputs) {
+        let file = &a.inputs[0];
+        let text = std::fs::read_to_string(file).map_err(|e| Error::io(file, e))?;
+        let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
+        let intermediates =
+            a.intermediate_dir.clone().unwrap_or_else(|| multi::default_intermediates(&a.output.output));
+        if let Some(stages) = multi::split(&text, file, &dir, &intermediates)? {
+            return run_stages(&a, &stages, &intermediates, global);
+        }
+    }
+    if a.intermediate_dir.is_some() {
+        return Err(Error::usage("--intermediate-dir applies to multi-document configs only"));
+    }
+    run_one(&a, global)
+}
+
+/// The options that change what a stage writes, as its stamp records them.
+fn stamp_options(a: &Args) -> String {
+    format!(
+        "seed={} compat={:?} ties_variant={:?} reference={:?} snr_select={:?} snr_from={} alpha={:?} \
+         no_copy_tokenizer={} chat_template={:?} lenient={} allow_nonfinite={} max_shard_size={}",
+        a.seed,
+        a.compat,
+        a.ties_variant,
+        a.reference,
+        a.snr_select,
+        a.snr_from,
+        a.alpha,
+        a.no_copy_tokenizer,
+        a.chat_template,
+        a.lenient,
+        a.values.allow_nonfinite,
+        a.output.max_shard_size
+    )
+}
+
+/// Runs a multi-document config: each stage's config is written to `<intermediates>/<stage>.yml` and merged into
+/// `<intermediates>/<stage>` (the output stage into the output path), in dependency order, skipping current stages.
+fn run_stages(a: &Args, stages: &Stages, intermediates: &Path, global: &Global) -> Result<()> {
+    let file = a.inputs[0].display().to_string();
+    let out_of = |k: usize| -> PathBuf {
+        if k == stages.output {
+            a.output.output.clone()
+        } else {
+            intermediates.join(stages.stages[k].stem())
+        }
+    };
+    if a.dry_run {
+        let mut text = String::new();
+        for (k, s) in stages.stages.iter().enumerate() {
+            let reads: Vec<&str> = s.needs.iter().map(|&j| stages.stages[j].stem()).collect();
+            let reads = if reads.is_empty() { String::new() } else { format!(", reads {}", reads.join(", ")) };
+            let _ = writeln!(text, "{}/{} {} -> {}{reads}", k + 1, stages.stages.len(), s.label(), out_of(k).display());
+        }
+        return emit(&text);
+    }
+    std::fs::create_dir_all(intermediates).map_err(|e| Error::io(intermediates, e))?;
+    let options = stamp_options(a);
+    // Writes stage k's config file and returns it, its stamp file and the stamp it would write now.
+    let prepare = |k: usize| -> Result<(PathBuf, PathBuf, String)> {
+        let stage = &stages.stages[k];
+        let config_file = intermediates.join(format!("{}.yml", stage.stem()));
+        std::fs::write(&config_file, &stage.yaml).map_err(|e| Error::io(&config_file, e))?;
+        // The inputs as the stage will read them; a config that does not load is reported when the stage runs.
+        let inputs = config::load(&config_file, a.lenient).map(|l| l.config.model_paths()).unwrap_or_default();
+        let stamp = multi::stamp(&stage.yaml, &options, &inputs);
+        Ok((config_file, intermediates.join(format!("{}.stamp.json", stage.stem())), stamp))
+    };
+    // An existing output is replaced only with --force: refuse before any stage runs if the output or a stage it
+    // reads is out of date.
+    if !a.output.force && a.output.output.exists() {
+        let mut chain = vec![stages.output];
+        let mut i = 0;
+        while i < chain.len() {
+            for &j in &stages.stages[chain[i]].needs {
+                if !chain.contains(&j) {
+                    chain.push(j);
+                }
+            }
+            i += 1;
+        }
+        chain.sort_unstable();
+        for k in chain {
+            let (_, stamp_file, stamp) = prepare(k)?;
+            if !multi::is_current(&out_of(k), &stamp_file, &stamp) {
+                return Err(Error::usage(format!(
+                    "{file}: {} exists and {} is out of date; pass --force to replace it",
+                    a.output.output.display(),
+                    stages.stages[k].label()
+                )));
+            }
+        }
+    }
+    for (k, stage) in stages.stages.iter().enumerate() {
+        let out = out_of(k);
+        let (config_file, stamp_file, stamp) = prepare(k)?;
+        if multi::is_current(&out, &stamp_file, &stamp) {
+            eprintln!("{file}: {} is up to date: {} (skipped)", stage.label(), out.display());
+            continue;
+        }
+        let _ = std::fs::remove_file(&stamp_file);
+        let mut one = a.clone();
+        one.inputs = vec![config_file];
+        one.output.output = out;
+        one.intermediate_dir = None;
+        // Intermediates are graft's own files; the output is replaced only with --force, as for any merge.
+        one.output.force |= k != stages.output;
+        run_one(&one, global).map_err(|e| {
+            let at = format!("{file}: {}", stage.label());
+            match e {
+                Error::Usage(m) => Error::usage(format!("{at}: {m}")),
+                Error::Invalid(m) => Error::invalid(format!("{at}: {m}")),
+                other => Error::invalid(format!("{at}: {other}")),
+            }
+        })?;
+        std::fs::write(&stamp_file, &stamp).map_err(|e| Error::io(&stamp_file, e))?;
+    }
+    Ok(())
+}
+
+fn run_one(a: &Args, global: &Global) -> Result<()> {
     let started = Instant::now();
-    let mut cfg = build_config(&a)?;
+    let mut cfg = build_config(a)?;
     let run = RunOptions { seed: a.seed, compat: a.compat == Some(Compat::Mergekit) };
     run.check(cfg.method)?;
     cfg.copy_mismatched = a.snr_select.is_some();

@@ -7,8 +7,9 @@
 //! `out_dtype`, `tokenizer_source: base | union | <model>` and the `tokenizer:` block (`source`, `tokens`,
 //! `pad_to_multiple_of`; built by `super::vocab`), `chat_template` (`super::chat_template`). mergekit keys graft
 //! does not implement (several `modules`, `residual_weight`) and unknown methods are errors that
-//! name the key. Unknown keys (mergekit silently drops them; they are often typos) are errors too, or with
-//! `lenient` one warning each. Model references are local paths (relative to the working directory, then to the
+//! name the key. Unknown keys and unknown parameter names (mergekit silently drops them; they are often typos), and
+//! per-model weights given for the base of a base-relative method (mergekit never reads them), are errors too, or
+//! with `lenient` one warning each. Model references are local paths (relative to the working directory, then to the
 //! config file's directory) or Hugging Face ids found in the local cache (`crate::hub`), each with an optional
 //! `+adapter` (a PEFT LoRA directory, `super::lora`).
 
@@ -19,7 +20,7 @@ use yaml_serde::{Mapping, Value as Yaml};
 
 use super::chat_template::ChatTemplate;
 use super::method::{BaseRole, MergeMethod};
-use super::params::{Conditional, Scalar, Setting, Settings, Value};
+use super::params::{Conditional, Scalar, Scope, Setting, Settings, Value};
 use super::vocab::{EmbedSource, TokenRef, TokenSetting, TokenizerSpec, VocabSource};
 use crate::checkpoint::Dtype;
 use crate::error::{Error, Result};
@@ -203,7 +204,7 @@ impl Parser<'_> {
             Some(Yaml::String(s)) => Some(super::chat_template::parse(s).map_err(|e| p.err(e))?),
             Some(_) => return Err(p.err("'chat_template' must be a string")),
         };
-        Ok(MergeConfig {
+        let mut cfg = MergeConfig {
             method,
             base_model,
             inputs,
@@ -215,7 +216,60 @@ impl Parser<'_> {
             chat_template,
             reference: None,
             copy_mismatched: false,
-        })
+        };
+        p.ignored_parameters(&mut cfg)?;
+        Ok(cfg)
+    }
+
+    /// Parameters mergekit reads past without a word: names the method does not have (often typos, such as
+    /// `nomalize`), and per-model weights given for the base of a base-relative method. Errors naming the parameter
+    /// and where it is; with `lenient`, one warning each and the parameter dropped.
+    fn ignored_parameters(&self, cfg: &mut MergeConfig) -> Result<()> {
+        let method = cfg.method;
+        let defs = method.params();
+        let accepted = defs.iter().map(|d| d.name).collect::<Vec<_>>().join(", ");
+        let takes_base = method.base_role().takes_base();
+        let base = cfg.base_model.clone();
+        let mut places: Vec<(String, &mut Settings, bool)> = vec![("parameters".into(), &mut cfg.parameters, false)];
+        match &mut cfg.inputs {
+            Inputs::Models(ms) => {
+                for (i, m) in ms.iter_mut().enumerate() {
+                    let is_base = takes_base && base.as_ref() == Some(&m.model);
+                    places.push((format!("models[{i}].parameters"), &mut m.parameters, is_base));
+                }
+            }
+            Inputs::Slices(ss) => {
+                for (i, s) in ss.iter_mut().enumerate() {
+                    places.push((format!("slices[{i}].parameters"), &mut s.parameters, false));
+                    for (j, src) in s.sources.iter_mut().enumerate() {
+                        places.push((format!("slices[{i}].sources[{j}].parameters"), &mut src.parameters, false));
+                    }
+                }
+            }
+        }
+        for (what, settings, is_base) in places {
+            let names: Vec<String> = settings.keys().cloned().collect();
+            for name in names {
+                let msg = match defs.iter().find(|d| d.name == name) {
+                    None => {
+                        format!("unknown parameter '{name}' for {} in {what} (accepted: {accepted})", method.name())
+                    }
+                    Some(d) if is_base && d.scope == Scope::NonBase => format!(
+                        "parameter '{name}' in {what} is given for the base model, which {} does not weight",
+                        method.name()
+                    ),
+                    Some(_) => continue,
+                };
+                if !self.lenient {
+                    return Err(
+                        self.err(format!("{msg}; mergekit would ignore it silently (--lenient: warn and go on)"))
+                    );
+                }
+                self.warnings.borrow_mut().push(format!("warning: {}: {msg}; ignored", self.file.display()));
+                settings.remove(&name);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -815,6 +869,40 @@ tokenizer_source: base
             .unwrap();
             assert!(load(&cfg, true).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn parameters_mergekit_ignores_are_errors_or_lenient_warnings() {
+        let d = tempfile::tempdir().unwrap();
+        for m in ["base", "a", "b"] {
+            std::fs::create_dir(d.path().join(m)).unwrap();
+        }
+        let cfg = d.path().join("c.yml");
+        // A typo at the top level (mergekit drops it: the default `normalize` applies), a name ties does not have
+        // on a slice-less model, and a density for the base, which ties never weights.
+        let text = "merge_method: ties\nbase_model: base\nmodels:\n  - model: base\n    parameters: {density: 0.5}\n  \
+                    - model: a\n    parameters: {weight: 1, density: 0.5, t: 0.3}\n  - model: b\n    parameters: {weight: 1}\n\
+                    parameters: {nomalize: false}\n";
+        std::fs::write(&cfg, text).unwrap();
+        let e = load(&cfg, false).unwrap_err().to_string();
+        assert!(
+            e.contains("unknown parameter 'nomalize' for ties in parameters (accepted: ") && e.contains("--lenient"),
+            "{e}"
+        );
+        let loaded = load(&cfg, true).unwrap();
+        let w = &loaded.warnings;
+        assert_eq!(w.len(), 3, "{w:?}");
+        assert!(w[0].contains("'nomalize'") && w[0].ends_with("; ignored"), "{w:?}");
+        assert!(w[1].contains("parameter 'density' in models[0].parameters is given for the base model"), "{w:?}");
+        assert!(w[2].contains("unknown parameter 't' for ties in models[1].parameters"), "{w:?}");
+        let Inputs::Models(ms) = &loaded.config.inputs else { panic!() };
+        assert!(loaded.config.parameters.is_empty() && ms[0].parameters.is_empty());
+        assert_eq!(ms[1].parameters.keys().collect::<Vec<_>>(), ["density", "weight"]);
+        // A density for a model that is not the base stays, and linear weights every model, the base included.
+        let linear = text.replace("merge_method: ties", "merge_method: linear").replace("nomalize", "normalize");
+        std::fs::write(&cfg, linear.replace(", t: 0.3", "")).unwrap();
+        let e = load(&cfg, false).unwrap_err().to_string();
+        assert!(e.contains("unknown parameter 'density' for linear in models[0].parameters"), "{e}");
     }
 
     #[test]

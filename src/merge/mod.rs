@@ -3,7 +3,7 @@
 //! This module is the registry (method name -> implementation). The pieces: `method` (the interface), one file per
 //! method, `scratch` (per-thread buffers and cache blocks), `rank` (the radix select behind every rank-based trim),
 //! `sparsify` (trim/keep masks), `params` (per-tensor parameter resolution), `config` (mergekit YAML and flags),
-//! `plan` (which inputs feed which output tensor), `select` (SNR top-p selection), `vocab` (output vocabularies, row remapping), `lora` (`model+adapter` inputs), `execute` (streaming the plan
+//! `plan` (which inputs feed which output tensor), `select` (SNR top-p selection), `vocab` (output vocabularies, row remapping), `lora` (`model+adapter` inputs), `multi` (multi-document configs: stages, order, stamps), `execute` (streaming the plan
 //! through the executor and writer).
 //!
 //! Adding a merge method is its file plus one line here:
@@ -30,6 +30,7 @@ pub mod linear;
 pub mod lora;
 pub mod method;
 pub mod model_stock;
+pub mod multi;
 pub mod multislerp;
 pub mod nearswap;
 pub mod nuslerp;
