@@ -218,29 +218,7 @@ where
         }
     }
     // Colour scale and key.
-    let ly = (h - LEGEND_H + 24) as i32;
-    let bar_w = 300;
-    for i in 0..bar_w {
-        let c = scale_colour(i as f64 / (bar_w - 1) as f64);
-        root.draw(&Rectangle::new([(x0 + i, ly), (x0 + i + 1, ly + 14)], c.filled()))?;
-    }
-    let fmt = |v: f64| format!("{:.3}", 10f64.powf(v));
-    root.draw(&Text::new(fmt(lo), (x0, ly + 18), style(11).pos(Pos::new(HPos::Left, VPos::Top))))?;
-    root.draw(&Text::new(fmt(hi), (x0 + bar_w, ly + 18), style(11).pos(Pos::new(HPos::Right, VPos::Top))))?;
-    root.draw(&Text::new(
-        "SNR (log scale)".to_string(),
-        (x0 + bar_w / 2, ly - 4),
-        style(12).pos(Pos::new(HPos::Center, VPos::Bottom)),
-    ))?;
-    let kx = x0 + bar_w + 40;
-    root.draw(&Rectangle::new([(kx, ly), (kx + 22, ly + 14)], BLACK.stroke_width(3)))?;
-    root.draw(&Text::new(
-        "selected (top-percent per type)".to_string(),
-        (kx + 30, ly + 7),
-        style(12).pos(Pos::new(HPos::Left, VPos::Center)),
-    ))?;
-    let _ = w;
-    Ok(())
+    draw_scale(root, x0, (h - LEGEND_H + 24) as i32, lo, hi)
 }
 
 /// A zoo panel: its title and its columns, each a (type, layer) cell position.
