@@ -1,6 +1,6 @@
 //! `graft merge`'s output directory as mergekit lays it out: tokenizer, generation config and chat template carried
 //! from the base, `config.json` describing the tensors written (dtype, layers, vocabulary), `tokenizer_source`
-//! donors, `modules:`, `--lenient`, and Hugging Face ids resolved from a local cache. Driven through the binary on
+//! donors (their vocabulary, with rows remapped onto it), `modules:`, `--lenient`, and Hugging Face ids resolved from a local cache. Driven through the binary on
 //! `fixtures/llama` (whose base and fine-tunes carry a 128-token WordLevel tokenizer).
 
 use std::collections::BTreeSet;
@@ -189,22 +189,31 @@ fn donor_tokenizer_source_brings_its_tokenizer_but_not_its_config() {
 }
 
 #[test]
-fn a_donor_tokenizer_larger_than_the_embeddings_is_refused() {
+fn a_donor_tokenizer_larger_than_the_embeddings_gets_rows_for_every_token() {
     let d = tempfile::tempdir().unwrap();
-    let mut tok = json(fx("llama/base/tokenizer.json"));
-    // 300 token ids against 128 embedding rows: ids 128..299 would index past the matrix.
-    tok["added_tokens"].as_array_mut().unwrap().push(serde_json::json!({
-        "id": 299, "content": "<extra>", "single_word": false, "lstrip": false, "rstrip": false,
-        "normalized": false, "special": true
-    }));
-    let donor = donor(d.path(), &tok);
+    let extra = |id: u64| {
+        let mut tok = json(fx("llama/base/tokenizer.json"));
+        tok["added_tokens"].as_array_mut().unwrap().push(serde_json::json!({
+            "id": id, "content": "<extra>", "single_word": false, "lstrip": false, "rstrip": false,
+            "normalized": false, "special": true
+        }));
+        tok
+    };
+    // 129 token ids against 128 embedding rows: the rows are remapped onto the donor's vocabulary, and the token no
+    // merged model holds gets zeros (mergekit's rule).
+    let larger = donor(d.path(), &extra(128));
     let out = d.path().join("out");
-    let (code, e) =
-        fail_env(&["merge", &ta_config(d.path(), &format!("tokenizer_source: {}\n", s(&donor))), "-o", &s(&out)], &[]);
-    assert_eq!(code, 2, "{e}");
-    assert!(e.contains(&s(&donor.join("tokenizer.json"))) && e.contains("300 tokens"), "{e}");
-    assert!(e.contains("128 rows") && e.contains(&s(&fx("llama/base/config.json"))) && e.contains("remap"), "{e}");
-    assert!(!out.exists(), "nothing is written");
+    ok(&["merge", &ta_config(d.path(), &format!("tokenizer_source: {}\n", s(&larger))), "-o", &s(&out)]);
+    assert_eq!(json(out.join("config.json"))["vocab_size"], 129);
+    let merged = Checkpoint::open(&out).unwrap();
+    for name in ["model.embed_tokens.weight", "lm_head.weight"] {
+        let t = merged.tensor(name).unwrap();
+        assert_eq!(t.shape[0], 129, "{name}");
+        let values = t.to_f32().unwrap();
+        let width = t.shape[1];
+        assert!(values[128 * width..].iter().all(|&x| x == 0.0), "{name}: row 128");
+        assert!(values[..width].iter().any(|&x| x != 0.0), "{name}: row 0");
+    }
 }
 
 #[test]

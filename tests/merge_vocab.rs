@@ -1,8 +1,10 @@
-//! Output vocabularies (`tokenizer_source: union`, the `tokenizer:` block): graft's union merge of fixtures whose
+//! Output vocabularies (`tokenizer_source: base | union | <model>`, the `tokenizer:` block): graft's union merge of fixtures whose
 //! tokenizers differ against mergekit's own output (fixtures/expected/union_llama, made by
 //! tools/mergekit_vocab_parity.py), and against a plain f64 reference of mergekit's row rule written here; the
 //! output tokenizer loads and encodes with the output's ids; per-token sources, `force` and padding; identical
-//! tokenizers leave the merge bit for bit as it was.
+//! tokenizers leave the merge bit for bit as it was; `tokenizer_source: <model>` equals the block form and, like
+//! `tokenizer_source: base`, puts each token's merged row at the output's id for it; embeddings padded past the
+//! tokenizer stay as they are when no row moves.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -249,6 +251,108 @@ fn identical_tokenizers_leave_the_merge_unchanged() {
     };
     assert_eq!(bytes(&plain), bytes(&union));
     assert_eq!(vocab(&union), vocab(&fx("llama/ft_a")));
+}
+
+/// Every tensor's name and raw bytes.
+fn tensor_bytes(p: &Path) -> Vec<(String, Vec<u8>)> {
+    let ck = Checkpoint::open(p).unwrap();
+    ck.iter().map(|t| (t.name.to_string(), t.data.to_vec())).collect()
+}
+
+/// The linear merge's rows of `got` checked by token against an f64 reference: each model's row for the token, or
+/// mergekit's default for a model lacking it, weighted. Returns the worst difference over both vocabulary tensors.
+fn worst_by_token(got: &Model, models: &[Model]) -> f64 {
+    let mut worst = 0f64;
+    for tensor in VOCAB_TENSORS {
+        for (token, &id) in &got.vocab {
+            let inputs: Vec<Vec<f64>> = models
+                .iter()
+                .map(|m| m.token_row(tensor, token).unwrap_or_else(|| default_row(models, tensor, token)))
+                .collect();
+            worst = worst.max(max_diff(&got.row(tensor, id), &weighted(&inputs, &WEIGHTS)));
+        }
+    }
+    worst
+}
+
+#[test]
+fn legacy_tokenizer_source_model_remaps_rows_as_the_block_form() {
+    let tmp = tempfile::tempdir().unwrap();
+    let donor = fx("llama-vocab/donor_a");
+    let legacy =
+        merge(&tmp.path().join("l").tap_mkdir(), &format!("{}tokenizer_source: {}\n", union_config(), s(&donor)));
+    let block =
+        merge(&tmp.path().join("b").tap_mkdir(), &format!("{}tokenizer:\n  source: {}\n", union_config(), s(&donor)));
+    assert_eq!(tensor_bytes(&legacy), tensor_bytes(&block));
+
+    // The donor's whole vocabulary (131 tokens, "the" and "a" swapped against the base), its tokenizer file as is.
+    let got = Model::load(&legacy);
+    assert_eq!(got.vocab, vocab(&donor));
+    assert_eq!((got.vocab["the"], got.vocab["a"], got.vocab["<|im_start|>"]), (4, 3, 130));
+    assert_eq!(
+        std::fs::read(legacy.join("tokenizer.json")).unwrap(),
+        std::fs::read(donor.join("tokenizer.json")).unwrap()
+    );
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(legacy.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["vocab_size"], 131);
+    for tensor in VOCAB_TENSORS {
+        assert_eq!(got.rows[tensor].0, 131, "{tensor} rows");
+    }
+    let worst = worst_by_token(&got, &inputs());
+    assert!(worst <= 1e-7, "{worst} from the f64 reference");
+}
+
+#[test]
+fn legacy_tokenizer_source_base_puts_each_tokens_row_at_the_base_id() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = merge(tmp.path(), &format!("{}tokenizer_source: base\n", union_config()));
+    let models = inputs();
+    let got = Model::load(&out);
+    let base = fx("llama/base");
+    assert_eq!(got.vocab, vocab(&base));
+    assert_eq!(std::fs::read(out.join("tokenizer.json")).unwrap(), std::fs::read(base.join("tokenizer.json")).unwrap());
+    for tensor in VOCAB_TENSORS {
+        assert_eq!(got.rows[tensor].0, 128, "{tensor} rows");
+    }
+    let worst = worst_by_token(&got, &models);
+    assert!(worst <= 1e-7, "{worst} from the f64 reference");
+    // donor_a holds "the" at id 4: merging by id instead of by token would give another row at the base's id 3.
+    assert_eq!((models[1].vocab["the"], got.vocab["the"]), (4, 3));
+    let tensor = VOCAB_TENSORS[0];
+    let by_id = weighted(&models.iter().map(|m| m.row(tensor, 3)).collect::<Vec<_>>(), &WEIGHTS);
+    assert!(max_diff(&got.row(tensor, 3), &by_id) > 1e-3, "the rows were not remapped");
+}
+
+#[test]
+fn embeddings_padded_past_the_tokenizer_stay_when_no_row_moves() {
+    // ft_a and ft_b with the last token dropped from their tokenizers: 127 tokens, 128 embedding rows each.
+    let tmp = tempfile::tempdir().unwrap();
+    let padded: Vec<PathBuf> = ["llama/ft_a", "llama/ft_b"]
+        .iter()
+        .map(|m| {
+            let dir = tmp.path().join(Path::new(m).file_name().unwrap()).tap_mkdir();
+            for f in ["config.json", "model.safetensors"] {
+                std::fs::copy(fx(m).join(f), dir.join(f)).unwrap();
+            }
+            let mut tok: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(fx(m).join("tokenizer.json")).unwrap()).unwrap();
+            assert_eq!(tok["model"]["vocab"].as_object_mut().unwrap().remove("through"), Some(127.into()));
+            std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
+            dir
+        })
+        .collect();
+    let yaml = format!(
+        "merge_method: linear\nmodels:\n  - model: {}\n    parameters: {{weight: 0.4}}\n  - model: {}\n    parameters: \
+         {{weight: 0.6}}\n",
+        s(&padded[0]),
+        s(&padded[1])
+    );
+    let plain = merge(&tmp.path().join("p").tap_mkdir(), &yaml);
+    let base = merge(&tmp.path().join("b").tap_mkdir(), &format!("{yaml}tokenizer_source: base\n"));
+    assert_eq!(tensor_bytes(&plain), tensor_bytes(&base));
+    assert_eq!(Model::load(&base).rows[VOCAB_TENSORS[0]].0, 128);
+    assert_eq!(vocab(&base).len(), 127);
 }
 
 #[test]

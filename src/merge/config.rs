@@ -4,8 +4,8 @@
 //! optional `parameters`) or `slices` (each `sources` of `model` + `layer_range` + optional `parameters`, optional
 //! `base_model` and `parameters`) or `modules` with a single module (its `models` or `slices`, and `parameters`
 //! between the slice's and the top level's), top-level `parameters` (scalars, gradients, filter lists), `dtype`,
-//! `out_dtype`, `tokenizer_source: base | union | <model>` and the `tokenizer:` block (`source`, `tokens`,
-//! `pad_to_multiple_of`; built by `super::vocab`), `chat_template` (`super::chat_template`). mergekit keys graft
+//! `out_dtype`, `tokenizer_source: base | union | <model>` (read as the `tokenizer:` block's `source`, as mergekit
+//! reads it) and the `tokenizer:` block (`source`, `tokens`, `pad_to_multiple_of`; built by `super::vocab`), `chat_template` (`super::chat_template`). mergekit keys graft
 //! does not implement (several `modules`, `residual_weight`) and unknown methods are errors that
 //! name the key. Unknown keys and unknown parameter names (mergekit silently drops them; they are often typos), and
 //! per-model weights given for the base of a base-relative method (mergekit never reads them), are errors too, or
@@ -52,14 +52,6 @@ pub enum Inputs {
     Slices(Vec<SliceDef>),
 }
 
-#[derive(Clone, Debug, PartialEq)]
-pub enum TokenizerSource {
-    /// Config and tokenizer files from the base model (or the first model without a base).
-    Base,
-    /// From this model's directory.
-    Model(PathBuf),
-}
-
 /// One merge, however it was described.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MergeConfig {
@@ -72,8 +64,8 @@ pub struct MergeConfig {
     /// when `out_dtype` is absent.
     pub dtype: Option<Dtype>,
     pub out_dtype: Option<Dtype>,
-    pub tokenizer_source: Option<TokenizerSource>,
-    /// A vocabulary to build (`tokenizer:` block or `tokenizer_source: union`); it overrides `tokenizer_source`.
+    /// A vocabulary to build (`tokenizer:` block, or `tokenizer_source`, which mergekit reads as the block's
+    /// `source`). None: the primary model's tokenizer files are copied and no rows move.
     pub tokenizer: Option<TokenizerSpec>,
     /// The chat template written with the tokenizer (None: the tokenizer's own, as copied).
     pub chat_template: Option<ChatTemplate>,
@@ -182,19 +174,16 @@ impl Parser<'_> {
         };
         let dtype = p.dtype(top.get("dtype"), "dtype")?;
         let out_dtype = p.dtype(top.get("out_dtype"), "out_dtype")?;
-        let mut tokenizer = None;
-        let tokenizer_source = match top.get("tokenizer_source") {
+        // mergekit builds the vocabulary of the legacy `tokenizer_source: X` exactly as `tokenizer: {source: X}`.
+        let legacy = |source| TokenizerSpec { source, tokens: Vec::new(), pad_to_multiple_of: None };
+        let mut tokenizer = match top.get("tokenizer_source") {
             None | Some(Yaml::Null) => None,
-            Some(Yaml::String(s)) if s == "base" => Some(TokenizerSource::Base),
-            Some(Yaml::String(s)) if s == "union" => {
-                tokenizer =
-                    Some(TokenizerSpec { source: VocabSource::Union, tokens: Vec::new(), pad_to_multiple_of: None });
-                None
-            }
-            Some(v) => Some(TokenizerSource::Model(p.model(v, "tokenizer_source")?)),
+            Some(Yaml::String(s)) if s == "base" => Some(legacy(VocabSource::Base)),
+            Some(Yaml::String(s)) if s == "union" => Some(legacy(VocabSource::Union)),
+            Some(v) => Some(legacy(VocabSource::Model(p.model(v, "tokenizer_source")?))),
         };
         if let Some(block) = top.get("tokenizer").filter(|v| !v.is_null()) {
-            if top.get("tokenizer_source").is_some_and(|v| !v.is_null()) {
+            if tokenizer.is_some() {
                 return Err(p.err("give 'tokenizer' or 'tokenizer_source', not both (mergekit uses only 'tokenizer')"));
             }
             tokenizer = Some(p.tokenizer(block)?);
@@ -211,7 +200,6 @@ impl Parser<'_> {
             parameters,
             dtype,
             out_dtype,
-            tokenizer_source,
             tokenizer,
             chat_template,
             reference: None,
@@ -674,7 +662,6 @@ impl Flags {
             parameters: self.shared.into_iter().collect(),
             dtype: self.dtype,
             out_dtype: self.out_dtype,
-            tokenizer_source: Some(TokenizerSource::Base),
             tokenizer: None,
             chat_template: None,
             reference,
@@ -751,15 +738,21 @@ tokenizer_source: base
         .unwrap();
         let Inputs::Slices(s) = &c.inputs else { panic!() };
         assert_eq!(s[0].sources[1].layer_range, (0, 2));
-        assert_eq!(c.tokenizer_source, Some(TokenizerSource::Base));
+        assert_eq!(c.tokenizer.unwrap().source, VocabSource::Base);
     }
 
     #[test]
     fn parses_the_tokenizer_block() {
         let base = "merge_method: linear\nmodels:\n  - model: a\n  - model: b\n";
-        let c = parse_str(&format!("{base}tokenizer_source: union\n")).unwrap();
-        assert_eq!(c.tokenizer.unwrap().source, VocabSource::Union);
-        assert_eq!(c.tokenizer_source, None);
+        // The legacy key builds the same vocabulary as the block's `source` (mergekit's plan.py).
+        for (legacy, source) in
+            [("union", VocabSource::Union), ("base", VocabSource::Base), ("b", VocabSource::Model("b".into()))]
+        {
+            let c = parse_str(&format!("{base}tokenizer_source: {legacy}\n")).unwrap();
+            let block = parse_str(&format!("{base}tokenizer: {{source: {legacy}}}\n")).unwrap();
+            assert_eq!(c.tokenizer, block.tokenizer, "{legacy}");
+            assert_eq!(c.tokenizer.unwrap().source, source, "{legacy}");
+        }
         let c = parse_str(&format!(
             "{base}tokenizer:\n  source: base\n  pad_to_multiple_of: 64\n  tokens:\n    <a>: {{source: b, force: true}}\n    \
              <b>:\n      source: {{kind: model_token, model: a, token: x}}\n    <c>: {{source: {{kind: zero}}}}\n    \

@@ -4,11 +4,10 @@
 //! - `config.json` and `generation_config.json` from the primary model (the base, else the first model; for a
 //!   selective merge the reference, whose tensors fill everything not merged), with `config.json`'s `dtype`
 //!   (and `torch_dtype` where present), layer count and `vocab_size` set to what was written;
-//! - tokenizer files and chat templates from the primary model, or from `tokenizer_source: <model>`, unless
-//!   `--no-copy-tokenizer`. A donor tokenizer with more tokens than the written embedding rows is refused (that
-//!   form does not remap vocabularies). With a built vocabulary (`super::vocab`: `tokenizer_source: union`, the
-//!   `tokenizer:` block) the files come from its source model, `tokenizer.json` is the built one, and
-//!   `tokenizer_config.json`'s `added_tokens_decoder` lists its added tokens;
+//! - tokenizer files and chat templates from the primary model, unless `--no-copy-tokenizer`. With a built
+//!   vocabulary (`super::vocab`: `tokenizer_source: base | union | <model>`, the `tokenizer:` block, whose rows are
+//!   remapped before the plan) the files come from its source model instead; when tokens were added to it,
+//!   `tokenizer.json` is the built one and `tokenizer_config.json`'s `added_tokens_decoder` lists its added tokens;
 //! - the config's `chat_template` (`super::chat_template` chooses it) as `chat_template.jinja`, replacing the
 //!   tokenizer's own (also one kept in `chat_template.json` or `tokenizer_config.json`).
 //!
@@ -19,7 +18,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use super::chat_template;
-use super::config::{MergeConfig, TokenizerSource};
+use super::config::MergeConfig;
 use super::plan::Plan;
 use super::vocab::{self, Vocabulary};
 use crate::checkpoint::hf_config::{self, Patch};
@@ -77,51 +76,7 @@ pub fn written_vocab(plan: &Plan) -> Option<(usize, &str)> {
     })
 }
 
-/// The number of token ids a tokenizer in `dir` can produce, with the file that says so: the highest id in
-/// `tokenizer.json` (model vocabulary and added tokens) + 1, else `vocab.txt`'s lines or `vocab.json`'s entries
-/// (+ `added_tokens.json`), else `config.json`'s `vocab_size`.
-pub fn tokenizer_vocab(dir: &Path) -> Result<Option<(usize, PathBuf)>> {
-    let json = |p: &Path| -> Result<Option<serde_json::Value>> {
-        match std::fs::read_to_string(p) {
-            Ok(t) => serde_json::from_str(&t).map(Some).map_err(|e| Error::format(p, format!("not valid JSON: {e}"))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Error::io(p, e)),
-        }
-    };
-    let ids_of = |v: &serde_json::Value| -> Vec<u64> {
-        v.as_object().map(|m| m.values().filter_map(|x| x.as_u64()).collect()).unwrap_or_default()
-    };
-    let tj = dir.join("tokenizer.json");
-    if let Some(v) = json(&tj)? {
-        let model = &v["model"]["vocab"];
-        // BPE/WordPiece/WordLevel map token -> id; Unigram lists [token, score] in id order.
-        let mut n = match model {
-            serde_json::Value::Array(a) => a.len() as u64,
-            other => ids_of(other).into_iter().max().map_or(0, |m| m + 1),
-        };
-        if let Some(added) = v["added_tokens"].as_array() {
-            for id in added.iter().filter_map(|a| a["id"].as_u64()) {
-                n = n.max(id + 1);
-            }
-        }
-        return Ok(Some((n as usize, tj)));
-    }
-    let added = json(&dir.join("added_tokens.json"))?.map(|v| ids_of(&v)).unwrap_or_default();
-    let with_added = |n: u64| added.iter().map(|id| id + 1).fold(n, u64::max) as usize;
-    let vt = dir.join("vocab.txt");
-    if vt.is_file() {
-        let text = std::fs::read_to_string(&vt).map_err(|e| Error::io(&vt, e))?;
-        return Ok(Some((with_added(text.lines().count() as u64), vt)));
-    }
-    let vj = dir.join("vocab.json");
-    if let Some(v) = json(&vj)? {
-        return Ok(Some((with_added(ids_of(&v).into_iter().max().map_or(0, |m| m + 1)), vj)));
-    }
-    let cj = dir.join("config.json");
-    Ok(hf_config::read(&cj)?.and_then(|c| c.get("vocab_size").and_then(|v| v.as_u64())).map(|n| (n as usize, cj)))
-}
-
-/// Decides where the output's config and tokenizer come from and checks that they fit the planned tensors.
+/// Decides where the output's config and tokenizer come from.
 /// `copy_tokenizer` is false with `--no-copy-tokenizer`. A single-file output (`.safetensors`) gets no side files.
 /// `vocabulary` is the one `super::vocab::prepare` built, if any.
 pub fn plan(
@@ -153,34 +108,10 @@ pub fn plan(
     let primary = if cfg.copy_mismatched { plan.reference } else { plan.base.unwrap_or(plan.reference) };
     let config_dir = dir_of(primary);
     let vocabulary = vocabulary.filter(|_| copy_tokenizer).cloned();
-    let tokenizer_dir = match (&cfg.tokenizer_source, copy_tokenizer) {
+    let tokenizer_dir = match (&vocabulary, copy_tokenizer) {
         (_, false) => None,
-        _ if vocabulary.is_some() => vocabulary.as_ref().map(|v| v.files_from.clone()),
-        (None | Some(TokenizerSource::Base), true) => config_dir.clone(),
-        (Some(TokenizerSource::Model(p)), true) => {
-            let dir = match plan.models.iter().position(|m| m == p) {
-                Some(i) => dir_of(i),
-                None if p.is_dir() => Some(p.clone()),
-                None => p.parent().map(Path::to_path_buf),
-            };
-            if let (Some(d), Some((rows, tensor))) = (&dir, written_vocab(plan)) {
-                if let Some((tokens, file)) = tokenizer_vocab(d)? {
-                    if tokens > rows {
-                        let config = config_dir.as_ref().map(|c| c.join("config.json")).unwrap_or_default();
-                        return Err(Error::usage(format!(
-                            "tokenizer_source {}: {} has {tokens} tokens but the merged '{tensor}' has {rows} rows \
-                             (the output's config is {}); graft does not remap vocabularies yet, so the tokenizer \
-                             must fit the merged embeddings (use tokenizer_source: base, or a model with the same \
-                             vocabulary)",
-                            p.display(),
-                            file.display(),
-                            config.display()
-                        )));
-                    }
-                }
-            }
-            dir
-        }
+        (Some(v), true) => Some(v.files_from.clone()),
+        (None, true) => config_dir.clone(),
     };
     let chat_template =
         match &cfg.chat_template {
@@ -211,9 +142,9 @@ pub fn files(layout: &Layout) -> Result<Vec<(String, Vec<u8>)>> {
         for f in tokenizer_files() {
             read_into(src, f, &mut files)?;
         }
-        if let Some(v) = &layout.vocabulary {
+        if let Some((v, json)) = layout.vocabulary.as_ref().and_then(|v| v.tokenizer_json.as_ref().map(|j| (v, j))) {
             files.retain(|(name, _)| name != "tokenizer.json");
-            files.push(("tokenizer.json".to_string(), v.tokenizer_json.clone().into_bytes()));
+            files.push(("tokenizer.json".to_string(), json.clone().into_bytes()));
             if let Some((name, bytes)) = files.iter_mut().find(|(name, _)| name == "tokenizer_config.json") {
                 *bytes = vocab::patch_tokenizer_config(&src.join(name.as_str()), bytes, &v.added)?;
             }

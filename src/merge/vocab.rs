@@ -1,6 +1,7 @@
-//! Output vocabularies: `tokenizer_source: union` and the `tokenizer:` block (`source: base | union | <model>`,
-//! per-token `tokens:` embedding sources, `pad_to_multiple_of`), with mergekit's rules, and the remapping of every
-//! model's vocabulary-indexed rows (`embed_tokens`, `lm_head`, ...) onto the output vocabulary.
+//! Output vocabularies: the `tokenizer:` block (`source: base | union | <model>`, per-token `tokens:` embedding
+//! sources, `pad_to_multiple_of`) and `tokenizer_source: base | union | <model>` (mergekit reads it as the block's
+//! `source`), with mergekit's rules, and the remapping of every model's vocabulary-indexed rows (`embed_tokens`,
+//! `lm_head`, ...) onto the output vocabulary.
 //!
 //! The output vocabulary (read and written with the `tokenizers` crate, from each model's `tokenizer.json`):
 //! - `base`: the base's (else the first model's) tokens with ids below its config's `vocab_size`;
@@ -19,9 +20,10 @@
 //! `prepare` builds the vocabulary, and for each model whose rows do not already line up with it writes the
 //! remapped tensors (in the config's `dtype`, else their stored one: mergekit's working dtype) to a temporary safetensors file beside the output; the plan
 //! (`super::plan::build_with`) then reads those tensors in place of the originals, so every method and
-//! `--snr-select` see remapped rows. Tied embeddings stay tied: both tensors get the same remapping. mergekit
-//! truncates embeddings padded beyond the tokenizer even when no row moves; graft keeps such a model's rows as
-//! they are when its tokens already sit at the output's ids.
+//! `--snr-select` see remapped rows. Tied embeddings stay tied: both tensors get the same remapping. A model whose
+//! tokens already sit at the output's ids is read as it is; mergekit truncates embeddings padded beyond the
+//! tokenizer even when no row moves, graft keeps every model's rows, padding included, when no model's rows move
+//! and all have one row count. The output's `tokenizer.json` is the source's own file unless tokens were added.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsString;
@@ -126,8 +128,9 @@ fn by_id(ids: &HashMap<String, usize>) -> Vec<(&str, usize)> {
 /// The output vocabulary and the file-level facts the output needs.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Vocabulary {
-    /// The output tokenizer, serialised (`tokenizer.json`).
-    pub tokenizer_json: String,
+    /// The output tokenizer, serialised (`tokenizer.json`); None when no token was added to the source's, whose
+    /// file is then copied as it is.
+    pub tokenizer_json: Option<String>,
     /// Added tokens of the output tokenizer by id, as `tokenizer_config.json`'s `added_tokens_decoder` lists them.
     pub added: BTreeMap<usize, serde_json::Value>,
     /// The model whose other tokenizer files (configs, special tokens map) go with it.
@@ -247,6 +250,7 @@ pub fn prepare(cfg: &MergeConfig, models: &[Checkpoint], out: &Path) -> Result<O
             vocabs[base].size
         )));
     }
+    let source_tokens = tokenizer.get_vocab_size(true);
     let add = |tokenizer: &mut Tokenizer, tokens: Vec<AddedToken>| -> Result<()> {
         tokenizer.add_tokens(tokens).map(|_| ()).map_err(|e| Error::invalid(format!("tokenizer: adding tokens: {e}")))
     };
@@ -290,7 +294,8 @@ pub fn prepare(cfg: &MergeConfig, models: &[Checkpoint], out: &Path) -> Result<O
     let n = out_vocab.len();
     if let Some((t, &i)) = out_vocab.iter().find(|(_, &i)| i >= n) {
         return Err(Error::usage(format!(
-            "tokenizer: the output vocabulary has {n} tokens but '{t}' has id {i}; graft needs contiguous ids"
+            "tokenizer: the output vocabulary (from {}) has {n} tokens but '{t}' has id {i}; graft needs contiguous ids",
+            files_from.join("tokenizer.json").display()
         )));
     }
     let rows = match spec.pad_to_multiple_of {
@@ -377,10 +382,21 @@ pub fn prepare(cfg: &MergeConfig, models: &[Checkpoint], out: &Path) -> Result<O
         .filter(|t| t.shape.len() == 2 && VOCAB_TENSOR_SUFFIXES.iter().any(|s| t.name.ends_with(s)))
         .map(|t| t.name.clone())
         .collect();
+    let in_place = |m: usize| plans[m].iter().enumerate().all(|(i, r)| *r == Row::Own(i));
+    // When every model's tokens already sit at the output's ids and all their vocabulary tensors have one row
+    // count (padding past the tokenizer included, as Qwen ships it), nothing moves: every model is read as it is.
+    let stored_rows: std::collections::BTreeSet<usize> = (0..models.len())
+        .flat_map(|m| vocab_tensors.iter().filter_map(move |t| models[m].info(t)).map(|i| i.shape[0]))
+        .collect();
+    let all_in_place = rows == n
+        && stored_rows.len() == 1
+        && stored_rows.first().is_some_and(|&r| r >= n)
+        && (0..models.len()).all(in_place);
+    let rows = if all_in_place { *stored_rows.first().expect("one row count") } else { rows };
     for m in 0..models.len() {
-        let identity = plans[m].iter().enumerate().all(|(i, r)| *r == Row::Own(i))
-            && vocab_tensors.iter().all(|t| models[m].info(t).is_none_or(|i| i.shape[0] == rows));
-        if identity {
+        let identity =
+            in_place(m) && vocab_tensors.iter().all(|t| models[m].info(t).is_none_or(|i| i.shape[0] == rows));
+        if all_in_place || identity {
             continue;
         }
         let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
@@ -470,8 +486,11 @@ pub fn prepare(cfg: &MergeConfig, models: &[Checkpoint], out: &Path) -> Result<O
             (i as usize, entry)
         })
         .collect();
-    let tokenizer_json =
-        tokenizer.to_string(true).map_err(|e| Error::invalid(format!("tokenizer: serialising the output: {e}")))?;
+    let tokenizer_json = if tokenizer.get_vocab_size(true) == source_tokens {
+        None
+    } else {
+        Some(tokenizer.to_string(true).map_err(|e| Error::invalid(format!("tokenizer: serialising the output: {e}")))?)
+    };
     Ok(Some(Remap { vocabulary: Vocabulary { tokenizer_json, added, files_from, rows }, substitutes }))
 }
 
