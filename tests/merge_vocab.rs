@@ -2,7 +2,8 @@
 //! tokenizers differ against mergekit's own output (fixtures/expected/union_llama, made by
 //! tools/mergekit_vocab_parity.py), and against a plain f64 reference of mergekit's row rule written here; the
 //! output tokenizer loads and encodes with the output's ids; per-token sources, `force` and padding; identical
-//! tokenizers leave the merge bit for bit as it was; `tokenizer_source: <model>` equals the block form and, like
+//! tokenizers leave the merge bit for bit as it was; `tokenizer_source: <model>` equals the block form and
+//! mergekit's output (fixtures/expected/donor_llama) and, like
 //! `tokenizer_source: base`, puts each token's merged row at the output's id for it; embeddings padded past the
 //! tokenizer stay as they are when no row moves.
 
@@ -301,6 +302,19 @@ fn legacy_tokenizer_source_model_remaps_rows_as_the_block_form() {
     }
     let worst = worst_by_token(&got, &inputs());
     assert!(worst <= 1e-7, "{worst} from the f64 reference");
+
+    // mergekit's output for the same config (fixtures/expected/donor_llama): every row by token, every other tensor.
+    let expected = Model::load(&fx("expected/donor_llama"));
+    assert_eq!(expected.vocab.len(), 131);
+    for tensor in VOCAB_TENSORS {
+        for (token, &id) in &expected.vocab {
+            assert_eq!(got.token_row(tensor, token).unwrap(), expected.row(tensor, id), "{tensor} '{token}'");
+        }
+    }
+    let (a, b) = (Checkpoint::open(&legacy).unwrap(), Checkpoint::open(fx("expected/donor_llama")).unwrap());
+    for t in b.iter().filter(|t| !VOCAB_TENSORS.contains(&t.name)) {
+        assert_eq!(t.to_f32().unwrap(), a.tensor(t.name).unwrap().to_f32().unwrap(), "{}", t.name);
+    }
 }
 
 #[test]

@@ -10,7 +10,9 @@ Writes
   "<|im_start|>" appended (rows drawn from a seeded generator);
 - fixtures/llama-vocab/donor_b: fixtures/llama/ft_b with "merge" and "vocab" appended;
 - fixtures/expected/union_llama: mergekit's `tokenizer_source: union` linear merge of fixtures/llama/base and the
-  two donors (config.yml, model.safetensors, tokenizer.json, config.json).
+  two donors (config.yml, model.safetensors, tokenizer.json, config.json);
+- fixtures/expected/donor_llama: the same merge with `tokenizer_source: fixtures/llama-vocab/donor_a` (the legacy
+  key, which mergekit reads as `tokenizer: {source: ...}`: rows remapped onto donor_a's vocabulary).
 
 So the output vocabulary has tokens held by all three models (at moved ids in donor_a), by one donor only ("graft",
 "vocab", "<|im_start|>": mergekit's rule gives every model lacking them the donor's row) and by both donors but not
@@ -34,6 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 L = os.path.join(ROOT, "fixtures", "llama")
 V = os.path.join(ROOT, "fixtures", "llama-vocab")
 OUT = os.path.join(ROOT, "fixtures", "expected", "union_llama")
+DONOR_OUT = os.path.join(ROOT, "fixtures", "expected", "donor_llama")
 VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
 
 
@@ -88,17 +91,23 @@ def main():
         "tokenizer_source": "union",
         "dtype": "float32",
     }
+    expected_merge(config, OUT)
+    expected_merge(dict(config, tokenizer_source="fixtures/llama-vocab/donor_a"), DONOR_OUT)
+    print("wrote", V, "and", OUT, "and", DONOR_OUT, file=sys.stderr)
+
+
+def expected_merge(config, out):
+    """Runs mergekit on `config` (paths relative to the repository) and keeps its tensors, tokenizer and config."""
     os.chdir(ROOT)
     with tempfile.TemporaryDirectory() as tmp:
         run_merge(MergeConfiguration.model_validate(config), tmp, MergeOptions(copy_tokenizer=True))
-        if os.path.exists(OUT):
-            shutil.rmtree(OUT)
-        os.makedirs(OUT)
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        os.makedirs(out)
         for f in ("model.safetensors", "tokenizer.json", "config.json"):
-            shutil.copy(os.path.join(tmp, f), os.path.join(OUT, f))
-    with open(os.path.join(OUT, "config.yml"), "w") as f:
+            shutil.copy(os.path.join(tmp, f), os.path.join(out, f))
+    with open(os.path.join(out, "config.yml"), "w") as f:
         yaml.safe_dump(config, f, sort_keys=False)
-    print("wrote", V, "and", OUT, file=sys.stderr)
 
 
 if __name__ == "__main__":
