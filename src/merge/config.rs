@@ -2,16 +2,16 @@
 //!
 //! The YAML schema is mergekit's for the methods graft has: `merge_method`, `base_model`, `models` (each `model` and
 //! optional `parameters`) or `slices` (each `sources` of `model` + `layer_range` + optional `parameters`, optional
-//! `base_model` and `parameters`) or `modules` with a single module (its `models` or `slices`, and `parameters`
-//! between the slice's and the top level's), top-level `parameters` (scalars, gradients, filter lists), `dtype`,
-//! `out_dtype`, `tokenizer_source: base | union | <model>` (read as the `tokenizer:` block's `source`, as mergekit
-//! reads it) and the `tokenizer:` block (`source`, `tokens`, `pad_to_multiple_of`; built by `super::vocab`), `chat_template` (`super::chat_template`). mergekit keys graft
-//! does not implement (several `modules`, `residual_weight`) and unknown methods are errors that
-//! name the key. Unknown keys and unknown parameter names (mergekit silently drops them; they are often typos), and
-//! per-model weights given for the base of a base-relative method (mergekit never reads them), are errors too, or
-//! with `lenient` one warning each. Model references are local paths (relative to the working directory, then to the
-//! config file's directory) or Hugging Face ids found in the local cache (`crate::hub`), each with an optional
-//! `+adapter` (a PEFT LoRA directory, `super::lora`).
+//! `base_model` and `parameters`) or `modules` with a single module (its `models` or `slices`, and `parameters` between
+//! the slice's and the top level's), top-level `parameters` (scalars, gradients, filter lists), `dtype`, `out_dtype`,
+//! `tokenizer_source: base | union | <model>` (read as the `tokenizer:` block's `source`, as mergekit reads it) and the
+//! `tokenizer:` block (`source`, `tokens`, `pad_to_multiple_of`; built by `super::vocab`), `chat_template`
+//! (`super::chat_template`). mergekit keys graft does not implement (several `modules`, `residual_weight`) and unknown
+//! methods are errors that name the key. Unknown keys and unknown parameter names (mergekit silently drops them; they
+//! are often typos), and per-model weights given for the base of a base-relative method (mergekit never reads them),
+//! are errors too, or with `lenient` one warning each. Model references are local paths (relative to the working
+//! directory, then to the config file's directory) or Hugging Face ids found in the local cache (`crate::hub`), each
+//! with an optional `+adapter` (a PEFT LoRA directory, `super::lora`).
 
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};

@@ -2,9 +2,10 @@
 //!
 //! This module is the registry (method name -> implementation). The pieces: `method` (the interface), one file per
 //! method, `scratch` (per-thread buffers and cache blocks), `rank` (the radix select behind every rank-based trim),
-//! `sparsify` (trim/keep masks), `params` (per-tensor parameter resolution), `config` (mergekit YAML and flags),
-//! `plan` (which inputs feed which output tensor), `select` (SNR top-p selection), `vocab` (output vocabularies, row remapping), `lora` (`model+adapter` inputs), `multi` (multi-document configs: stages, order, stamps), `execute` (streaming the plan
-//! through the executor and writer).
+//! `sparsify` (trim/keep masks), `params` (per-tensor parameter resolution), `config` (mergekit YAML and flags), `plan`
+//! (which inputs feed which output tensor), `select` (SNR top-p selection), `vocab` (output vocabularies, row
+//! remapping), `lora` (`model+adapter` inputs), `multi` (multi-document configs: stages, order, stamps), `execute`
+//! (streaming the plan through the executor and writer).
 //!
 //! Adding a merge method is its file plus one line here:
 //! 1. `merge/<name>.rs`: a unit struct implementing `MergeMethod` (`name`, `about`, `params`, `contract`, `prepare`
