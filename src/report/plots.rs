@@ -12,6 +12,9 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+use crate::rng::Rng;
+
+use super::bootstrap::bootstrap_mean;
 use super::format::Direction;
 use super::results::Kind;
 use super::summary::{Curve, KindTable, MetricSpec, Param, Row, Summary, Unit};
@@ -164,7 +167,8 @@ pub struct Series {
 
 /// The main metric's runs per value of each categorical parameter, one panel per parameter (method, freeze policy,
 /// top-p as a category...): a violin (density) with quartiles where a value has enough runs, else the runs as
-/// points with their mean +- standard error. Points keep the method's colour and the policy's marker.
+/// points with their mean +- the bootstrap standard error (as the tables quote it). Points keep the method's colour
+/// and the policy's marker.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ViolinChart {
     pub y_label: String,
@@ -189,6 +193,8 @@ pub struct Category {
     /// Per value: the run's method ("" without one) and freeze policy in words, for its colour and marker.
     pub methods: Vec<String>,
     pub policies: Vec<String>,
+    /// Bootstrap standard error of the mean of `values` (the summary's seed and resamples, a stream of its own).
+    pub se: f64,
 }
 
 /// Metrics that get a bar chart, in order.
@@ -220,7 +226,7 @@ pub fn plan(summary: &Summary) -> Vec<Chart> {
         }
         charts.extend(efficiency_charts(t, &prefix));
         charts.extend(numeric_charts(t, &prefix));
-        charts.extend(violin_chart(t, &prefix));
+        charts.extend(violin_chart(t, &prefix, summary));
         charts.extend(domain_charts(t, &prefix));
     }
     charts.extend(interpolation_charts(&summary.curves));
@@ -697,7 +703,7 @@ fn param_title(key: &str) -> String {
 /// Violins (or points where few) of the main metric's runs per value of every categorical parameter, and of numeric
 /// ones with few values, one panel each; the baseline as a line. A parameter qualifies with 2 to `MAX_SERIES` values
 /// among the non-baseline rows, one of them shared by two experiments or more (else it names experiments).
-fn violin_chart(t: &KindTable, prefix: &str) -> Option<Chart> {
+fn violin_chart(t: &KindTable, prefix: &str, summary: &Summary) -> Option<Chart> {
     let m = main_metric(t)?;
     let fmt = t.format(m);
     let rows: Vec<&Row> = t.rows.iter().filter(|r| !r.baseline && r.cell(&m.key).is_some()).collect();
@@ -723,7 +729,8 @@ fn violin_chart(t: &KindTable, prefix: &str) -> Option<Chart> {
         let categories = cats
             .into_iter()
             .map(|(p, rs)| {
-                let mut c = Category { label: p.display(), values: vec![], methods: vec![], policies: vec![] };
+                let label = p.display();
+                let mut c = Category { label, values: vec![], methods: vec![], policies: vec![], se: 0.0 };
                 for r in rs {
                     let cell = r.cell(&m.key).expect("filtered");
                     for v in &cell.values {
@@ -732,6 +739,9 @@ fn violin_chart(t: &KindTable, prefix: &str) -> Option<Chart> {
                         c.policies.push(r.params.get("freeze").map(Param::display).unwrap_or_default());
                     }
                 }
+                let stream = format!("violin/{}/{}/{param}/{}", t.kind.as_str(), m.key, c.label);
+                let mut rng = Rng::for_label(summary.seed, &stream);
+                c.se = bootstrap_mean(&c.values, summary.resamples, &mut rng).map_or(0.0, |e| e.se);
                 c
             })
             .collect();
@@ -1004,6 +1014,10 @@ mod tests {
         assert_eq!(freeze[1].values, [0.84, 0.82]);
         assert_eq!(freeze[1].methods, ["ties", "ties"]);
         assert_eq!(freeze[0].policies, ["head", "head"]);
+        // The error bar is the bootstrap SE, as the tables quote: for two runs 0.84 and 0.82 the resample mean is
+        // 0.84, 0.83 or 0.82 with chances 1/4, 1/2, 1/4, so its standard deviation is 0.01 / sqrt(2).
+        let by_hand = 0.01 / 2f64.sqrt();
+        assert!((freeze[1].se - by_hand).abs() < 0.15 * by_hand, "{} vs {by_hand}", freeze[1].se);
         let top_p = &v.panels[2].categories;
         assert_eq!(top_p.iter().map(|c| c.label.as_str()).collect::<Vec<_>>(), ["0.1", "0.2"]);
         assert_eq!(top_p[0].values, [0.76, 0.84]);

@@ -1287,11 +1287,7 @@ where
             if shapes[ci].is_none() && !c.values.is_empty() {
                 let n = c.values.len() as f64;
                 let mean = c.values.iter().sum::<f64>() / n;
-                let se = if c.values.len() > 1 {
-                    (c.values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt() / n.sqrt()
-                } else {
-                    0.0
-                };
+                let se = c.se;
                 let line = BLACK.stroke_width(2);
                 chart.draw_series([
                     PathElement::new(vec![(x + 0.32, mean - se), (x + 0.32, mean + se)], line),
