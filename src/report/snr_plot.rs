@@ -157,9 +157,9 @@ fn type_lines(t: &str) -> (&str, &str) {
     }
 }
 
-fn heatmap_size(grid: &Grid) -> (u32, u32, u32, u32) {
-    let col_w = grid
-        .types
+/// The width of the widest line of any type's two-line column label (60 without types).
+fn widest_type_label(types: &[String]) -> u32 {
+    types
         .iter()
         .flat_map(|t| {
             let (a, b) = type_lines(t);
@@ -167,8 +167,10 @@ fn heatmap_size(grid: &Grid) -> (u32, u32, u32, u32) {
         })
         .max()
         .unwrap_or(60)
-        .max(60)
-        + 16;
+}
+
+fn heatmap_size(grid: &Grid) -> (u32, u32, u32, u32) {
+    let col_w = widest_type_label(&grid.types).max(60) + 16;
     let label_w = 90;
     let w = (label_w + col_w * grid.types.len() as u32 + 40).max(700);
     let h = TOP + CELL_H * grid.rows.len() as u32 + LEGEND_H;
@@ -263,20 +265,7 @@ fn zoo_layout(grids: &[Grid]) -> ZooLayout {
     };
     let label_w = grids.iter().map(|g| render::text_width(&g.model, 12)).max().unwrap_or(60) + 20;
     let most = panels.iter().map(|p| p.1.len()).max().unwrap_or(1).max(1) as u32;
-    let col_w = if by_type {
-        types
-            .iter()
-            .flat_map(|t| {
-                let (a, b) = type_lines(t);
-                [render::text_width(a, 12), render::text_width(b, 12)]
-            })
-            .max()
-            .unwrap_or(60)
-            .max(40)
-            + 12
-    } else {
-        (1000 / most).clamp(16, 40)
-    };
+    let col_w = if by_type { widest_type_label(&types).max(40) + 12 } else { (1000 / most).clamp(16, 40) };
     let width = (label_w + col_w * most + 40).max(700);
     let rows = grids.len() as u32;
     let height = ZOO_TOP + panels.len() as u32 * (ZOO_PANEL_HEAD + rows * CELL_H + ZOO_GAP) + LEGEND_H;
