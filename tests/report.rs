@@ -337,6 +337,18 @@ fn check_text_does_not_overlap(svg: &str, name: &str) {
     }
 }
 
+/// Writes `lines` as DIR/results.jsonl, reports them into DIR/report (50 resamples) and returns that directory and
+/// its summary.json, whose charts have passed the chart rules.
+fn report_of(dir: &Path, lines: &[Value]) -> (PathBuf, Value) {
+    let results = dir.join("results.jsonl");
+    std::fs::write(&results, lines.iter().map(|l| l.to_string() + "\n").collect::<String>()).unwrap();
+    let out_dir = dir.join("report");
+    ok(&graft(&["report", results.to_str().unwrap(), "-o", out_dir.to_str().unwrap(), "--resamples", "50"]));
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(out_dir.join("summary.json")).unwrap()).unwrap();
+    check_chart_rules(doc["plots"].as_array().unwrap());
+    (out_dir, doc)
+}
+
 /// Opens the page in headless Chromium with tools/check-report-page when Chromium is installed (CI installs it).
 fn browser_check(report: &Path) {
     let tool = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/check-report-page");
@@ -369,13 +381,8 @@ fn crowded_line_charts_are_faceted_by_method() {
             }
         }
     }
-    let results = dir.path().join("results.jsonl");
-    std::fs::write(&results, lines.iter().map(|l| l.to_string() + "\n").collect::<String>()).unwrap();
-    let out_dir = dir.path().join("report");
-    ok(&graft(&["report", results.to_str().unwrap(), "-o", out_dir.to_str().unwrap(), "--resamples", "50"]));
-    let doc: Value = serde_json::from_str(&std::fs::read_to_string(out_dir.join("summary.json")).unwrap()).unwrap();
+    let (_, doc) = report_of(dir.path(), &lines);
     let plots = doc["plots"].as_array().unwrap();
-    check_chart_rules(plots);
     let facets: Vec<&Value> =
         plots.iter().filter(|p| p["name"].as_str().unwrap().starts_with("accuracy_vs_top_p")).collect();
     assert_eq!(facets.len(), 4, "{facets:?}");
@@ -421,13 +428,8 @@ fn llm_study_gets_perplexity_and_gain_kept_charts_per_domain() {
             }
         }
     }
-    let results = dir.path().join("results.jsonl");
-    std::fs::write(&results, lines.iter().map(|l| l.to_string() + "\n").collect::<String>()).unwrap();
-    let out_dir = dir.path().join("report");
-    ok(&graft(&["report", results.to_str().unwrap(), "-o", out_dir.to_str().unwrap(), "--resamples", "50"]));
-    let doc: Value = serde_json::from_str(&std::fs::read_to_string(out_dir.join("summary.json")).unwrap()).unwrap();
+    let (out_dir, doc) = report_of(dir.path(), &lines);
     let plots = doc["plots"].as_array().unwrap();
-    check_chart_rules(plots);
     let plot = |name: &str| plots.iter().find(|p| p["name"] == name).unwrap_or_else(|| panic!("no chart {name}"));
     let legend = |name: &str| -> Vec<String> {
         plot(name)["legend"].as_array().unwrap().iter().map(|l| l.as_str().unwrap().to_string()).collect()
