@@ -4,26 +4,14 @@
 //! output tensor read its inputs, compute in f32, convert (`exec`) -> write (`checkpoint::writer`). Algorithms take
 //! and return plain f32 slices and small structs, never files, so they can be tested with plain vectors; the CLI
 //! (`cli`) only parses arguments, calls the library and prints.
+//!
+//! The library lives in the workspace's crates, one layer each (see `Cargo.toml`): graft-core, graft-ops,
+//! graft-train, graft-study. This crate holds the command line and re-exports their modules under one name, so that
+//! `graft::merge`, `graft::checkpoint` and the rest read as one library to tools and tests.
 
-pub mod align;
-pub mod alloc;
-pub mod checkpoint;
+pub use graft_core::{alloc, checkpoint, convert, error, exec, gguf, names, rng, shard, Error, Result};
+pub use graft_ops::{align, hub, inspect, interpolate, merge, snr, taskvec};
+pub use graft_study::{experiment, report};
+pub use graft_train::train;
+
 pub mod cli;
-pub mod convert;
-pub mod error;
-pub mod exec;
-pub mod experiment;
-pub mod gguf;
-pub mod hub;
-pub mod inspect;
-pub mod interpolate;
-pub mod merge;
-pub mod names;
-pub mod report;
-pub mod rng;
-pub mod shard;
-pub mod snr;
-pub mod taskvec;
-pub mod train;
-
-pub use error::{Error, Result};

@@ -44,6 +44,7 @@ pub fn convert(
 
 /// Plans the Hugging Face checkpoint of GGUF `g`: each tensor under its Hugging Face name, in `dtype` when given,
 /// otherwise F16/BF16 as stored and f32 for quantised ones (their exact dequantised values).
+#[cfg(feature = "gguf")]
 pub fn plan_gguf(mapped: &[crate::gguf::Mapped], dtype: Option<Dtype>) -> Vec<TensorDecl> {
     mapped
         .iter()
@@ -55,6 +56,7 @@ pub fn plan_gguf(mapped: &[crate::gguf::Mapped], dtype: Option<Dtype>) -> Vec<Te
 /// put back in Hugging Face's rotary layout (`gguf::hf_bytes`, the bytes `Checkpoint::open` serves for a GGUF too),
 /// `config.json` and tokenizer files from the metadata (`gguf::hf_side_files`). Each tensor is read and dequantised
 /// when the executor asks for it, so memory holds a few tensors at a time, not the model.
+#[cfg(feature = "gguf")]
 pub fn convert_gguf(
     g: &crate::gguf::GgufFile,
     out: &std::path::Path,

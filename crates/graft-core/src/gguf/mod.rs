@@ -22,9 +22,7 @@ use crate::checkpoint::Dtype;
 use crate::error::{Error, Result};
 
 /// True when `path` names a GGUF file (by extension).
-pub fn is_gguf_path(path: &Path) -> bool {
-    path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
-}
+pub use crate::checkpoint::reader::is_gguf_path;
 
 /// One tensor of the file, in torch order (candle reverses GGUF's innermost-first dims on read).
 #[derive(Clone, Debug, Serialize)]

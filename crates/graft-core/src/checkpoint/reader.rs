@@ -15,6 +15,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
+#[cfg(feature = "gguf")]
 use std::sync::OnceLock;
 
 use memmap2::Mmap;
@@ -158,13 +159,25 @@ pub struct Checkpoint {
     gguf: Option<GgufTensors>,
 }
 
+/// Whether `path` names a GGUF file (by its extension, as llama.cpp names them).
+pub fn is_gguf_path(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}
+
 /// The GGUF part of a checkpoint: the one shard is the GGUF file's map.
+#[cfg(feature = "gguf")]
 #[derive(Debug)]
 struct GgufTensors {
     slots: Vec<GgufSlot>,
     side_dir: OnceLock<Option<PathBuf>>,
 }
 
+/// Built without the `gguf` feature no checkpoint has a GGUF part: the type has no values.
+#[cfg(not(feature = "gguf"))]
+#[derive(Debug)]
+enum GgufTensors {}
+
+#[cfg(feature = "gguf")]
 struct GgufSlot {
     mapped: crate::gguf::Mapped,
     /// The stored bytes' range in the map.
@@ -175,6 +188,7 @@ struct GgufSlot {
     decoded: OnceLock<Box<[u8]>>,
 }
 
+#[cfg(feature = "gguf")]
 impl std::fmt::Debug for GgufSlot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GgufSlot")
@@ -229,7 +243,7 @@ impl Checkpoint {
                 ),
             });
         }
-        if crate::gguf::is_gguf_path(path) {
+        if is_gguf_path(path) {
             return Self::open_gguf(path);
         }
         if path.to_string_lossy().ends_with(".index.json") {
@@ -243,7 +257,14 @@ impl Checkpoint {
         Self::open_files(path, None, None, vec![path.to_path_buf()], None)
     }
 
+    /// Built without the `gguf` feature (a merge-only build), a GGUF input is refused with the reason.
+    #[cfg(not(feature = "gguf"))]
+    fn open_gguf(path: &Path) -> Result<Checkpoint> {
+        Err(Error::format(path, "this build of graft reads no GGUF files (graft-core's `gguf` feature is off)"))
+    }
+
     /// Opens GGUF file `path` as the Hugging Face checkpoint convert would make of it (see the header).
+    #[cfg(feature = "gguf")]
     fn open_gguf(path: &Path) -> Result<Checkpoint> {
         let g = crate::gguf::GgufFile::open(path)?;
         let (_, mapped) = crate::gguf::map_llama(&g)?;
@@ -438,6 +459,9 @@ impl Checkpoint {
     pub fn dir(&self) -> Option<&Path> {
         match &self.gguf {
             None => self.dir.as_deref(),
+            #[cfg(not(feature = "gguf"))]
+            Some(g) => match *g {},
+            #[cfg(feature = "gguf")]
             Some(g) => g
                 .side_dir
                 .get_or_init(|| match crate::gguf::side::dir(&self.path) {
@@ -512,6 +536,9 @@ impl Checkpoint {
         let s = &self.shards[t.shard];
         let data = match &self.gguf {
             None => &s.map[s.data_start + t.begin..s.data_start + t.end],
+            #[cfg(not(feature = "gguf"))]
+            Some(g) => match *g {},
+            #[cfg(feature = "gguf")]
             Some(g) => {
                 let slot = &g.slots[i];
                 let raw = &s.map[slot.raw.clone()];
@@ -529,6 +556,7 @@ impl Checkpoint {
     /// `release_bytes`). Unknown names are ignored. For a GGUF tensor decoded into a buffer, the stored bytes' pages
     /// are released; the buffer stays until the checkpoint is dropped (views may still borrow it).
     pub fn release(&self, name: &str) {
+        #[cfg(feature = "gguf")]
         if let (Some(g), Some(&i)) = (&self.gguf, self.by_name.get(name)) {
             let s = &self.shards[0];
             self.release_bytes(&s.map[g.slots[i].raw.clone()]);
