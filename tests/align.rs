@@ -2,11 +2,10 @@
 //! forward passes), exact recovery of randomly permuted copies, objective gains and determinism on independently
 //! initialised models, spec errors, cycle consistency, and `graft interpolate`.
 
-#[path = "common/forward.rs"]
-mod forward;
+use crate::support::forward;
+use crate::support::{graft, ok};
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use forward::{max_abs_diff, Map, Weights};
 use graft::align::{builtin, permute, Arch, Perms, Resolved};
@@ -16,16 +15,6 @@ use graft::rng::Rng;
 
 fn fixture(family: &str, variant: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(family).join(variant)
-}
-
-fn graft(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_graft")).args(args).output().unwrap()
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = graft(args);
-    assert!(out.status.success(), "graft {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
 }
 
 fn s(p: &Path) -> &str {

@@ -1,20 +1,13 @@
 //! Checkpoint reading and writing end to end: round trips of every fixture, the corrupt-file matrix, interrupted
 //! writers, refusal to overwrite inputs, and `graft inspect` on hand-counted fixtures.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use crate::support::{fixture, graft};
+
+use std::path::Path;
 
 use graft::checkpoint::{dtype, Checkpoint, CheckpointWriter, Dtype, TensorDecl, WriterOptions};
 use graft::convert::convert;
 use graft::exec::Executor;
-
-fn graft(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_graft")).args(args).output().expect("run graft")
-}
-
-fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(rel)
-}
 
 const FIXTURES: &[&str] = &[
     "mlp/base",

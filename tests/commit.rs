@@ -3,29 +3,13 @@
 //! readers), nothing left behind (full disk, SIGINT, SIGTERM), `--force` replaces only the old checkpoint's files,
 //! and zero-element tensors round-trip. See `docs/outputs.md`.
 
+use crate::support::{fixture, graft, s, stderr, BIN};
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use graft::checkpoint::{Checkpoint, CheckpointWriter, Dtype, TensorDecl, WriterOptions};
-
-const BIN: &str = env!("CARGO_BIN_EXE_graft");
-
-fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(rel)
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn graft(args: &[&str]) -> Output {
-    Command::new(BIN).args(args).output().expect("run graft")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).to_string()
-}
 
 /// A checkpoint's content, independent of its sharding: name -> (dtype, shape, bytes).
 type Content = BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>;
@@ -178,7 +162,7 @@ fn a_kill_anywhere_leaves_the_old_or_the_new_checkpoint_and_every_foreign_file()
 
     // The old checkpoint (3 shards) with foreign files, as a template for each try.
     let template = tmp.path().join("template");
-    let o = graft(&["convert", s(&fixture("llama/ft_a")), "-o", s(&template), "--max-shard-size", "20KB"]);
+    let o = graft(&["convert", &s(&fixture("llama/ft_a")), "-o", &s(&template), "--max-shard-size", "20KB"]);
     assert!(o.status.success(), "{}", stderr(&o));
     add_foreign_files(&template);
 
@@ -195,7 +179,7 @@ fn a_kill_anywhere_leaves_the_old_or_the_new_checkpoint_and_every_foreign_file()
         }
     };
     let sharded_new = |out: &Path| -> Vec<String> {
-        ["convert", s(&fixture("llama/ft_b")), "-o", s(out), "--force", "--max-shard-size", "12KB"]
+        ["convert", &s(&fixture("llama/ft_b")), "-o", &s(out), "--force", "--max-shard-size", "12KB"]
             .map(String::from)
             .to_vec()
     };
@@ -221,7 +205,7 @@ fn a_kill_anywhere_leaves_the_old_or_the_new_checkpoint_and_every_foreign_file()
         Scenario {
             name: "--force single file over a sharded checkpoint",
             setup: &reset,
-            args: ["convert", s(&fixture("llama/ft_b")), "-o", s(&dest.join("model.safetensors")), "--force"]
+            args: ["convert", &s(&fixture("llama/ft_b")), "-o", &s(&dest.join("model.safetensors")), "--force"]
                 .map(String::from)
                 .to_vec(),
             dest: dest.clone(),
@@ -264,7 +248,7 @@ fn a_kill_anywhere_leaves_the_old_or_the_new_checkpoint_and_every_foreign_file()
 fn force_replaces_only_the_old_checkpoint_even_through_a_symlink() {
     let tmp = tempfile::tempdir().unwrap();
     let real = tmp.path().join("real");
-    let o = graft(&["convert", s(&fixture("llama/ft_a")), "-o", s(&real), "--max-shard-size", "20KB"]);
+    let o = graft(&["convert", &s(&fixture("llama/ft_a")), "-o", &s(&real), "--max-shard-size", "20KB"]);
     assert!(o.status.success(), "{}", stderr(&o));
     add_foreign_files(&real);
     let before = foreign(&real);
@@ -272,11 +256,11 @@ fn force_replaces_only_the_old_checkpoint_even_through_a_symlink() {
     std::os::unix::fs::symlink(&real, &link).unwrap();
 
     // Without --force: refused, naming the checkpoint (not a foreign file).
-    let o = graft(&["convert", s(&fixture("llama/ft_b")), "-o", s(&link)]);
+    let o = graft(&["convert", &s(&fixture("llama/ft_b")), "-o", &s(&link)]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("already holds a checkpoint (model.safetensors.index.json)"), "{}", stderr(&o));
 
-    let o = graft(&["convert", s(&fixture("llama/ft_b")), "-o", s(&link), "--force"]);
+    let o = graft(&["convert", &s(&fixture("llama/ft_b")), "-o", &s(&link), "--force"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink(), "the symlink was replaced");
     assert_eq!(foreign(&real), before);
@@ -306,7 +290,7 @@ fn force_replaces_only_the_old_checkpoint_even_through_a_symlink() {
     std::fs::create_dir(&plain).unwrap();
     add_foreign_files(&plain);
     let before = foreign(&plain);
-    let o = graft(&["convert", s(&fixture("llama/ft_b")), "-o", s(&plain)]);
+    let o = graft(&["convert", &s(&fixture("llama/ft_b")), "-o", &s(&plain)]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(foreign(&plain), before);
 
@@ -314,7 +298,7 @@ fn force_replaces_only_the_old_checkpoint_even_through_a_symlink() {
     let blocked = tmp.path().join("blocked");
     std::fs::create_dir(&blocked).unwrap();
     std::fs::write(blocked.join("model-00001-of-00003.safetensors"), "mine").unwrap();
-    let o = graft(&["convert", s(&fixture("llama/ft_b")), "-o", s(&blocked), "--max-shard-size", "20KB", "--force"]);
+    let o = graft(&["convert", &s(&fixture("llama/ft_b")), "-o", &s(&blocked), "--max-shard-size", "20KB", "--force"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("model-00001-of-00003.safetensors: is not part of the checkpoint"), "{}", stderr(&o));
     assert_eq!(std::fs::read(blocked.join("model-00001-of-00003.safetensors")).unwrap(), b"mine");
@@ -324,17 +308,22 @@ fn force_replaces_only_the_old_checkpoint_even_through_a_symlink() {
 fn a_single_file_beside_a_sharded_checkpoint_is_refused_without_force() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("s");
-    let o = graft(&["convert", s(&fixture("llama/ft_a")), "-o", s(&dir), "--max-shard-size", "20KB"]);
+    let o = graft(&["convert", &s(&fixture("llama/ft_a")), "-o", &s(&dir), "--max-shard-size", "20KB"]);
     assert!(o.status.success());
     let before = tree(&dir);
-    let o = graft(&["convert", s(&fixture("llama/ft_b")), "-o", s(&dir.join("model.safetensors"))]);
+    let o = graft(&["convert", &s(&fixture("llama/ft_b")), "-o", &s(&dir.join("model.safetensors"))]);
     assert_eq!(o.status.code(), Some(2));
     let e = stderr(&o);
     assert!(e.contains("s/model.safetensors") && e.contains("holds a sharded checkpoint"), "{e}");
     assert_eq!(e.lines().count(), 1, "{e}");
     // Writing over one of its shards is refused even with --force.
-    let o =
-        graft(&["convert", s(&fixture("mlp/base")), "-o", s(&dir.join("model-00002-of-00003.safetensors")), "--force"]);
+    let o = graft(&[
+        "convert",
+        &s(&fixture("mlp/base")),
+        "-o",
+        &s(&dir.join("model-00002-of-00003.safetensors")),
+        "--force",
+    ]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("is a shard of the sharded checkpoint"), "{}", stderr(&o));
     assert_eq!(tree(&dir), before);
@@ -353,7 +342,7 @@ fn a_directory_with_one_oddly_named_shard_is_not_a_checkpoint() {
         ),
         "{e}"
     );
-    let o = graft(&["inspect", s(&dir)]);
+    let o = graft(&["inspect", &s(&dir)]);
     assert_eq!(o.status.code(), Some(1));
     // The file itself still opens.
     assert!(Checkpoint::open(dir.join("model-00001-of-00002.safetensors")).is_ok());
@@ -368,7 +357,7 @@ fn a_second_writer_is_refused_naming_the_holder_and_its_temporaries_are_left_alo
     let lock = graft::checkpoint::commit::OutputLock::acquire(tmp.path(), &"out".into(), Path::new("out")).unwrap();
     let live_temp = tmp.path().join(".out.graft-tmp-99999999-1-0");
     std::fs::create_dir(&live_temp).unwrap();
-    let o = graft(&["convert", s(&fixture("mlp/base")), "-o", s(&out)]);
+    let o = graft(&["convert", &s(&fixture("mlp/base")), "-o", &s(&out)]);
     assert_eq!(o.status.code(), Some(1));
     let e = stderr(&o);
     assert!(
@@ -379,7 +368,7 @@ fn a_second_writer_is_refused_naming_the_holder_and_its_temporaries_are_left_alo
     assert!(!out.exists());
     drop(lock);
     // Once the holder is gone its temporary is dead, and the next writer sweeps it.
-    let o = graft(&["convert", s(&fixture("mlp/base")), "-o", s(&out)]);
+    let o = graft(&["convert", &s(&fixture("mlp/base")), "-o", &s(&out)]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(leftovers(tmp.path()), Vec::<String>::new());
 }
@@ -394,7 +383,7 @@ fn racing_writers_one_wins_the_others_are_refused_and_readers_see_whole_checkpoi
         if dest.exists() {
             std::fs::remove_dir_all(&dest).unwrap();
         }
-        let o = graft(&["convert", s(&fixture("llama/ft_a")), "-o", s(&dest), "--max-shard-size", "20KB"]);
+        let o = graft(&["convert", &s(&fixture("llama/ft_a")), "-o", &s(&dest), "--max-shard-size", "20KB"]);
         assert!(o.status.success());
         add_foreign_files(&dest);
         let before = foreign(&dest);
@@ -420,10 +409,10 @@ fn racing_writers_one_wins_the_others_are_refused_and_readers_see_whole_checkpoi
                         // Sharded and single-file writers into the same directory contend for the same lock.
                         if k == 1 {
                             let target = dest.join("model.safetensors");
-                            graft(&["convert", s(&fixture("llama/ft_b")), "-o", s(&target), "--force"])
+                            graft(&["convert", &s(&fixture("llama/ft_b")), "-o", &s(&target), "--force"])
                         } else {
                             let args = ["--force", "--max-shard-size", "12KB"];
-                            graft(&[&["convert", s(&fixture("llama/ft_b")), "-o", s(dest)][..], &args].concat())
+                            graft(&[&["convert", &s(&fixture("llama/ft_b")), "-o", &s(dest)][..], &args].concat())
                         }
                     })
                 })
@@ -472,7 +461,7 @@ fn sigint_and_sigterm_remove_every_temporary_and_exit_130_and_143() {
         loop {
             tries += 1;
             let mut child = Command::new(BIN)
-                .args(["convert", s(&src), "-o", s(&out), "--dtype", "bf16", "--max-shard-size", "100MB"])
+                .args(["convert", &s(&src), "-o", &s(&out), "--dtype", "bf16", "--max-shard-size", "100MB"])
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())
                 .spawn()
@@ -524,8 +513,10 @@ struct Tmpfs(PathBuf);
 impl Tmpfs {
     fn mount(at: &Path, kib: usize) -> Option<Tmpfs> {
         std::fs::create_dir_all(at).unwrap();
-        let o =
-            Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={kib}k"), "tmpfs", s(at)]).output().ok()?;
+        let o = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={kib}k"), "tmpfs", &s(at)])
+            .output()
+            .ok()?;
         if !o.status.success() {
             eprintln!("SKIPPED: cannot mount a tmpfs here ({})", stderr(&o).trim());
             return None;
@@ -552,7 +543,7 @@ fn a_full_disk_is_one_line_naming_the_output_and_leaves_nothing_behind() {
         std::fs::write(mnt.join("keep.txt"), vec![b'k'; 4000]).unwrap();
         let before = tree(&mnt);
         let out = mnt.join("out");
-        let o = graft(&["convert", s(&fixture("llama/ft_a")), "-o", s(&out), "--max-shard-size", "12KB"]);
+        let o = graft(&["convert", &s(&fixture("llama/ft_a")), "-o", &s(&out), "--max-shard-size", "12KB"]);
         if o.status.success() {
             assert_eq!(content(&out).unwrap(), content(&fixture("llama/ft_a")).unwrap());
             drop(fs);
@@ -603,12 +594,13 @@ fn zero_element_tensors_round_trip_through_convert_and_inspect() {
     assert_eq!(original["e"].1, vec![0, 4]);
     for (name, extra) in [("single.safetensors", &[][..]), ("sharded", &["--max-shard-size", "8"][..])] {
         let out = tmp.path().join(name);
-        let mut args = vec!["convert", s(&src), "-o", s(&out)];
+        let (src_arg, out_arg) = (s(&src), s(&out));
+        let mut args = vec!["convert", src_arg.as_str(), "-o", out_arg.as_str()];
         args.extend(extra);
         let o = graft(&args);
         assert!(o.status.success(), "{name}: {}", stderr(&o));
         assert_eq!(content(&out).unwrap(), original, "{name}");
-        let o = graft(&["inspect", s(&out), "--json"]);
+        let o = graft(&["inspect", &s(&out), "--json"]);
         assert!(o.status.success(), "{name}: {}", stderr(&o));
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
         let text = v.to_string();
@@ -616,7 +608,7 @@ fn zero_element_tensors_round_trip_through_convert_and_inspect() {
     }
     // Widened to f32: the empty tensors stay empty, the bf16 values widen exactly.
     let out = tmp.path().join("f32");
-    let o = graft(&["convert", s(&src), "-o", s(&out), "--dtype", "f32"]);
+    let o = graft(&["convert", &s(&src), "-o", &s(&out), "--dtype", "f32"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let c = content(&out).unwrap();
     assert_eq!(c["e"], (Dtype::F32, vec![0, 4], vec![]));

@@ -1,14 +1,8 @@
 //! `graft demo` end to end (the README's first command): the whole study on the bundled digits, the report table's
 //! contents, valid non-blank charts, and a rerun that redoes nothing.
 
-#[path = "support/png.rs"]
-mod png;
-
-use std::process::Command;
-
-fn graft(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_graft")).args(args).output().expect("run graft")
-}
+use crate::support::graft;
+use crate::support::png;
 
 #[test]
 fn demo_runs_the_whole_study_reports_it_and_resumes_without_redoing_steps() {

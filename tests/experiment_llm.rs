@@ -4,8 +4,8 @@
 //! base's bytes, a task-arithmetic merge equals base + (A - base) + (B - base) recomputed in f64 from the files, and
 //! each results line's perplexities are the `graft eval` reports' own.
 
-#[path = "common/llama_vocab.rs"]
-mod llama_vocab;
+use crate::support::graft;
+use crate::support::llama_vocab;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -15,10 +15,6 @@ use llama_vocab::vocabulary;
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/llama").join(name)
-}
-
-fn graft(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_graft")).args(args).output().expect("run graft")
 }
 
 /// A learnable stream of `words` words: a cycle of `period` words starting at word `first` with step `stride`, one

@@ -4,10 +4,7 @@
 //! exit 0, 1 or 2, never 101 or a signal), no hang, a failure is one line naming the file, and a failed convert leaves
 //! its output directory empty. `GRAFT_FUZZ_CASES` / `GRAFT_FUZZ_SEED` raise the count (see `tools/fuzz-headers`).
 
-#[path = "support/st.rs"]
-mod st;
-
-use st::{empty, f32t, st_bytes, T};
+use crate::support::st::{empty, f32t, st_bytes, T};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -187,7 +184,7 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 fn mutated_headers_and_indexes_fail_cleanly() {
     let count: usize = std::env::var("GRAFT_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
     let seed: u64 = std::env::var("GRAFT_FUZZ_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(13);
-    let root = st::tmp("fuzz", &seed.to_string());
+    let root = crate::support::tmp("fuzz", &seed.to_string());
     let mut findings = Vec::new();
     let mut refused = 0usize;
     for case in 0..count {

@@ -7,15 +7,12 @@
 //! merge, snr, similarity, diff, apply, eval and train giving the same results on `X.gguf` as on `graft convert`'s
 //! output (byte for byte, the recorded input paths aside).
 
+use crate::support::graft;
+
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use graft::checkpoint::{Checkpoint, Dtype};
 use graft::gguf::{hf_name, permute_rows, unpermute_rows};
-
-fn graft(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_graft")).args(args).output().expect("run graft")
-}
 
 // ggml type ids and GGUF metadata value types (GGUF spec).
 const T_F32: u32 = 0;

@@ -1,14 +1,9 @@
 //! `graft interpolate --eval-data`: every point of the path between two trained models is evaluated; the end points
 //! must score exactly what `graft eval` gives the two models, and the results lines feed `graft report`.
 
-use std::path::Path;
-use std::process::Command;
+use crate::support::graft;
 
-fn graft(args: &[&str]) -> std::process::Output {
-    let o = Command::new(env!("CARGO_BIN_EXE_graft")).args(args).output().expect("run graft");
-    assert!(o.status.success(), "graft {args:?}: {}", String::from_utf8_lossy(&o.stderr));
-    o
-}
+use std::path::Path;
 
 const DIGITS: &str = concat!("idx:", env!("CARGO_MANIFEST_DIR"), "/fixtures/data/digits");
 

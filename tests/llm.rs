@@ -2,13 +2,11 @@
 //! log-likelihoods), single-file against sharded loading, `graft eval --data text:` perplexity against the reference
 //! on the same windows, thread-count determinism, the text sources (file, JSONL, directory), and one-line errors.
 
-#[path = "common/forward.rs"]
-mod forward;
-#[path = "common/llama_vocab.rs"]
-mod llama_vocab;
+use crate::support::forward;
+use crate::support::graft;
+use crate::support::llama_vocab;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use forward::Weights;
 use graft::train::lm_eval;
@@ -16,10 +14,6 @@ use llama_vocab::vocabulary;
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/llama").join(name)
-}
-
-fn graft(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_graft")).args(args).output().expect("run graft")
 }
 
 /// log p(ids[t+1] | ids[..=t]) from the f64 reference's logits.

@@ -1,27 +1,10 @@
 //! `graft merge` end to end on the committed fixtures: identities, determinism, non-float handling, configs, errors.
 
+use crate::support::{fail, ok};
+
 use std::path::Path;
-use std::process::{Command, Output};
 
 use graft::checkpoint::Checkpoint;
-
-fn graft(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_graft")).args(args).output().expect("run graft")
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = graft(args);
-    assert!(o.status.success(), "graft {args:?} failed: {}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8(o.stdout).unwrap()
-}
-
-fn fail(args: &[&str]) -> (i32, String) {
-    let o = graft(args);
-    assert!(!o.status.success(), "graft {args:?} should have failed");
-    let e = String::from_utf8(o.stderr).unwrap();
-    assert_eq!(e.trim_end().lines().count(), 1, "one-line error expected: {e}");
-    (o.status.code().unwrap(), e)
-}
 
 fn fx(p: &str) -> String {
     format!("fixtures/{p}")

@@ -13,8 +13,7 @@
 //! reads to run mergekit on the same stand-ins (from `mergekit-NAME`, a copy naming the cached snapshot directories
 //! instead of the ids: mergekit 0.1.5 lists an id's files on the Hub even when they are cached).
 
-#[path = "support/st.rs"]
-mod st;
+use crate::support::st;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

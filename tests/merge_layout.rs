@@ -3,42 +3,12 @@
 //! donors (their vocabulary, with rows remapped onto it), `modules:`, `--lenient`, and Hugging Face ids resolved from a local cache. Driven through the binary on
 //! `fixtures/llama` (whose base and fine-tunes carry a 128-token WordLevel tokenizer).
 
+use crate::support::{fail, fail_env, fixture, run_ok, run_ok_env, s};
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use graft::checkpoint::{Checkpoint, Dtype};
-
-fn fx(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(p)
-}
-
-fn graft_env(args: &[&str], env: &[(&str, &Path)]) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_graft"));
-    c.args(args).env_remove("HF_HUB_CACHE").env_remove("HF_HOME");
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    c.output().expect("run graft")
-}
-
-fn ok(args: &[&str]) -> Output {
-    ok_env(args, &[])
-}
-
-fn ok_env(args: &[&str], env: &[(&str, &Path)]) -> Output {
-    let o = graft_env(args, env);
-    assert!(o.status.success(), "graft {args:?} failed: {}", String::from_utf8_lossy(&o.stderr));
-    o
-}
-
-fn fail_env(args: &[&str], env: &[(&str, &Path)]) -> (i32, String) {
-    let o = graft_env(args, env);
-    assert!(!o.status.success(), "graft {args:?} should have failed");
-    let e = String::from_utf8(o.stderr).unwrap();
-    assert_eq!(e.trim_end().lines().count(), 1, "one-line error expected: {e}");
-    (o.status.code().unwrap(), e)
-}
 
 fn write_config(dir: &Path, name: &str, text: &str) -> String {
     let p = dir.join(name);
@@ -48,10 +18,6 @@ fn write_config(dir: &Path, name: &str, text: &str) -> String {
 
 fn json(p: impl AsRef<Path>) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(p.as_ref()).unwrap()).unwrap()
-}
-
-fn s(p: &Path) -> String {
-    p.display().to_string()
 }
 
 /// Every tensor's raw bytes, in name order (the header's metadata names the input paths, so files differ).
@@ -71,9 +37,9 @@ fn ta_config(dir: &Path, extra: &str) -> String {
         "ta.yml",
         &format!(
             "merge_method: task_arithmetic\nbase_model: {}\nmodels:\n  - model: {}\n    parameters: {{weight: 0.5}}\n  - model: {}\n    parameters: {{weight: 0.5}}\n{extra}",
-            s(&fx("llama/base")),
-            s(&fx("llama/ft_a")),
-            s(&fx("llama/ft_b"))
+            s(&fixture("llama/base")),
+            s(&fixture("llama/ft_a")),
+            s(&fixture("llama/ft_b"))
         ),
     )
 }
@@ -83,24 +49,24 @@ fn default_merge_carries_tokenizer_generation_config_and_chat_template() {
     let d = tempfile::tempdir().unwrap();
     let cfg = ta_config(d.path(), "");
     let out = d.path().join("out");
-    ok(&["merge", &cfg, "-o", &s(&out)]);
+    run_ok(&["merge", &cfg, "-o", &s(&out)]);
     for f in TOKENIZER_SIDE_FILES.iter().chain(&["generation_config.json"]) {
-        assert_eq!(std::fs::read(out.join(f)).unwrap(), std::fs::read(fx("llama/base").join(f)).unwrap(), "{f}");
+        assert_eq!(std::fs::read(out.join(f)).unwrap(), std::fs::read(fixture("llama/base").join(f)).unwrap(), "{f}");
     }
     // config.json is the base's, with the written dtype stated in both spellings.
-    let mut want = json(fx("llama/base/config.json"));
+    let mut want = json(fixture("llama/base/config.json"));
     want["dtype"] = "bfloat16".into();
     assert_eq!(json(out.join("config.json")), want);
     // A flag-built merge lays its output out the same way.
     let out2 = d.path().join("flags");
-    ok(&[
+    run_ok(&[
         "merge",
         "--method",
         "task_arithmetic",
         "--base",
-        &s(&fx("llama/base")),
-        &s(&fx("llama/ft_a")),
-        &s(&fx("llama/ft_b")),
+        &s(&fixture("llama/base")),
+        &s(&fixture("llama/ft_a")),
+        &s(&fixture("llama/ft_b")),
         "-o",
         &s(&out2),
     ]);
@@ -113,7 +79,7 @@ fn default_merge_carries_tokenizer_generation_config_and_chat_template() {
 fn no_copy_tokenizer_keeps_only_the_model_configs() {
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("out");
-    ok(&["merge", &ta_config(d.path(), ""), "--no-copy-tokenizer", "-o", &s(&out)]);
+    run_ok(&["merge", &ta_config(d.path(), ""), "--no-copy-tokenizer", "-o", &s(&out)]);
     for f in TOKENIZER_SIDE_FILES {
         assert!(!out.join(f).exists(), "{f} should not be copied");
     }
@@ -127,7 +93,7 @@ fn config_states_the_dtype_the_tensors_were_written_in() {
         [("dtype: float16\n", "float16", Dtype::F16), ("dtype: bfloat16\nout_dtype: float32\n", "float32", Dtype::F32)]
     {
         let out = d.path().join(name);
-        ok(&["merge", &ta_config(d.path(), extra), "-o", &s(&out)]);
+        run_ok(&["merge", &ta_config(d.path(), extra), "-o", &s(&out)]);
         let ck = Checkpoint::open(&out).unwrap();
         assert!(ck.iter().all(|t| t.dtype == dtype), "{name}: every tensor is written as {dtype:?}");
         let c = json(out.join("config.json"));
@@ -146,12 +112,12 @@ fn slices_set_the_layer_count_to_what_was_written() {
         "stack.yml",
         &format!(
             "merge_method: passthrough\nslices:\n  - sources:\n      - {{model: {}, layer_range: [0, 2]}}\n  - sources:\n      - {{model: {}, layer_range: [1, 2]}}\n",
-            s(&fx("llama/ft_a")),
-            s(&fx("llama/ft_b"))
+            s(&fixture("llama/ft_a")),
+            s(&fixture("llama/ft_b"))
         ),
     );
     let out = d.path().join("out");
-    ok(&["merge", &cfg, "-o", &s(&out)]);
+    run_ok(&["merge", &cfg, "-o", &s(&out)]);
     let layers: BTreeSet<String> = Checkpoint::open(&out)
         .unwrap()
         .iter()
@@ -159,15 +125,15 @@ fn slices_set_the_layer_count_to_what_was_written() {
         .collect();
     assert_eq!(layers.len(), 3, "{layers:?}");
     assert_eq!(json(out.join("config.json"))["num_hidden_layers"], 3);
-    assert_eq!(json(fx("llama/ft_a/config.json"))["num_hidden_layers"], 2);
+    assert_eq!(json(fixture("llama/ft_a/config.json"))["num_hidden_layers"], 2);
 }
 
 /// A donor model directory: ft_b's tensors, a config that differs from the base's, and `tokenizer_json`.
 fn donor(dir: &Path, tokenizer_json: &serde_json::Value) -> PathBuf {
     let donor = dir.join("donor");
     std::fs::create_dir_all(&donor).unwrap();
-    std::fs::copy(fx("llama/ft_b/model.safetensors"), donor.join("model.safetensors")).unwrap();
-    let mut c = json(fx("llama/ft_b/config.json"));
+    std::fs::copy(fixture("llama/ft_b/model.safetensors"), donor.join("model.safetensors")).unwrap();
+    let mut c = json(fixture("llama/ft_b/config.json"));
     c["donor_marker"] = true.into();
     std::fs::write(donor.join("config.json"), c.to_string()).unwrap();
     std::fs::write(donor.join("tokenizer.json"), tokenizer_json.to_string()).unwrap();
@@ -177,11 +143,11 @@ fn donor(dir: &Path, tokenizer_json: &serde_json::Value) -> PathBuf {
 #[test]
 fn donor_tokenizer_source_brings_its_tokenizer_but_not_its_config() {
     let d = tempfile::tempdir().unwrap();
-    let mut tok = json(fx("llama/base/tokenizer.json"));
+    let mut tok = json(fixture("llama/base/tokenizer.json"));
     tok["normalizer"] = serde_json::Value::Null;
     let donor = donor(d.path(), &tok);
     let out = d.path().join("out");
-    ok(&["merge", &ta_config(d.path(), &format!("tokenizer_source: {}\n", s(&donor))), "-o", &s(&out)]);
+    run_ok(&["merge", &ta_config(d.path(), &format!("tokenizer_source: {}\n", s(&donor))), "-o", &s(&out)]);
     assert_eq!(json(out.join("tokenizer.json")), tok);
     let c = json(out.join("config.json"));
     assert!(c.get("donor_marker").is_none(), "config.json must be the base's: {c}");
@@ -192,7 +158,7 @@ fn donor_tokenizer_source_brings_its_tokenizer_but_not_its_config() {
 fn a_donor_tokenizer_larger_than_the_embeddings_gets_rows_for_every_token() {
     let d = tempfile::tempdir().unwrap();
     let extra = |id: u64| {
-        let mut tok = json(fx("llama/base/tokenizer.json"));
+        let mut tok = json(fixture("llama/base/tokenizer.json"));
         tok["added_tokens"].as_array_mut().unwrap().push(serde_json::json!({
             "id": id, "content": "<extra>", "single_word": false, "lstrip": false, "rstrip": false,
             "normalized": false, "special": true
@@ -203,7 +169,7 @@ fn a_donor_tokenizer_larger_than_the_embeddings_gets_rows_for_every_token() {
     // merged model holds gets zeros (mergekit's rule).
     let larger = donor(d.path(), &extra(128));
     let out = d.path().join("out");
-    ok(&["merge", &ta_config(d.path(), &format!("tokenizer_source: {}\n", s(&larger))), "-o", &s(&out)]);
+    run_ok(&["merge", &ta_config(d.path(), &format!("tokenizer_source: {}\n", s(&larger))), "-o", &s(&out)]);
     assert_eq!(json(out.join("config.json"))["vocab_size"], 129);
     let merged = Checkpoint::open(&out).unwrap();
     for name in ["model.embed_tokens.weight", "lm_head.weight"] {
@@ -221,19 +187,19 @@ fn a_single_module_merges_like_its_slices_and_two_are_refused() {
     let d = tempfile::tempdir().unwrap();
     let slices = format!(
         "slices:\n  - sources:\n      - {{model: {}, layer_range: [0, 2]}}\n      - {{model: {}, layer_range: [0, 2]}}\n",
-        s(&fx("llama/ft_a")),
-        s(&fx("llama/ft_b"))
+        s(&fixture("llama/ft_a")),
+        s(&fixture("llama/ft_b"))
     );
     let indented: String = slices.lines().map(|l| format!("    {l}\n")).collect();
-    let head = format!("merge_method: slerp\nbase_model: {}\nparameters: {{t: 0.3}}\n", s(&fx("llama/ft_a")));
+    let head = format!("merge_method: slerp\nbase_model: {}\nparameters: {{t: 0.3}}\n", s(&fixture("llama/ft_a")));
     let plain = write_config(d.path(), "plain.yml", &format!("{head}{slices}"));
     let module = write_config(d.path(), "module.yml", &format!("{head}modules:\n  default:\n{indented}"));
     let (a, b) = (d.path().join("a"), d.path().join("b"));
-    ok(&["merge", &plain, "-o", &s(&a)]);
-    ok(&["merge", &module, "-o", &s(&b)]);
+    run_ok(&["merge", &plain, "-o", &s(&a)]);
+    run_ok(&["merge", &module, "-o", &s(&b)]);
     assert_eq!(tensors(&a), tensors(&b));
     let two = write_config(d.path(), "two.yml", &format!("{head}modules:\n  text:\n{indented}  vision:\n{indented}"));
-    let (code, e) = fail_env(&["merge", &two, "-o", &s(&d.path().join("c"))], &[]);
+    let (code, e) = fail(&["merge", &two, "-o", &s(&d.path().join("c"))]);
     assert_eq!(code, 2);
     assert!(e.contains("multi-module") && e.contains("two.yml"), "{e}");
 }
@@ -243,10 +209,10 @@ fn lenient_warns_about_ignored_keys_and_runs() {
     let d = tempfile::tempdir().unwrap();
     let cfg = ta_config(d.path(), "select_topk: 0.5\n");
     let out = d.path().join("out");
-    let (code, e) = fail_env(&["merge", &cfg, "-o", &s(&out)], &[]);
+    let (code, e) = fail(&["merge", &cfg, "-o", &s(&out)]);
     assert_eq!(code, 2);
     assert!(e.contains("unknown key 'select_topk'"), "{e}");
-    let o = ok(&["merge", &cfg, "--lenient", "-o", &s(&out)]);
+    let o = run_ok(&["merge", &cfg, "--lenient", "-o", &s(&out)]);
     let err = String::from_utf8(o.stderr).unwrap();
     let warnings: Vec<&str> = err.lines().filter(|l| l.starts_with("warning: ")).collect();
     assert_eq!(warnings.len(), 1, "{err}");
@@ -254,7 +220,7 @@ fn lenient_warns_about_ignored_keys_and_runs() {
     assert!(out.join("model.safetensors").is_file());
     // A bad value is not an ignored key: still an error.
     let cfg = ta_config(d.path(), "chat_template: chatlm\n");
-    assert_eq!(fail_env(&["merge", &cfg, "--lenient", "-o", &s(&d.path().join("x"))], &[]).0, 2);
+    assert_eq!(fail(&["merge", &cfg, "--lenient", "-o", &s(&d.path().join("x"))]).0, 2);
 }
 
 /// A Hugging Face cache holding `org/llama-base` (refs/main -> a snapshot with the base's files).
@@ -263,7 +229,7 @@ fn hub_cache(root: &Path) -> PathBuf {
     let repo = root.join("hub").join("models--org--llama-base");
     let snap = repo.join("snapshots").join(hash);
     std::fs::create_dir_all(&snap).unwrap();
-    for e in std::fs::read_dir(fx("llama/base")).unwrap() {
+    for e in std::fs::read_dir(fixture("llama/base")).unwrap() {
         let e = e.unwrap();
         std::fs::copy(e.path(), snap.join(e.file_name())).unwrap();
     }
@@ -278,8 +244,8 @@ fn hugging_face_ids_resolve_from_the_local_cache() {
     let cache = hub_cache(d.path());
     let models = format!(
         "models:\n  - model: {}\n    parameters: {{weight: 0.5}}\n  - model: {}\n    parameters: {{weight: 0.5}}\n",
-        s(&fx("llama/ft_a")),
-        s(&fx("llama/ft_b"))
+        s(&fixture("llama/ft_a")),
+        s(&fixture("llama/ft_b"))
     );
     let by_id = write_config(
         d.path(),
@@ -289,23 +255,23 @@ fn hugging_face_ids_resolve_from_the_local_cache() {
     let by_path = write_config(
         d.path(),
         "path.yml",
-        &format!("merge_method: task_arithmetic\nbase_model: {}\n{models}", s(&fx("llama/base"))),
+        &format!("merge_method: task_arithmetic\nbase_model: {}\n{models}", s(&fixture("llama/base"))),
     );
     let (a, b, c) = (d.path().join("a"), d.path().join("b"), d.path().join("c"));
-    ok(&["merge", &by_path, "-o", &s(&a)]);
-    ok_env(&["merge", &by_id, "-o", &s(&b)], &[("HF_HUB_CACHE", &cache)]);
+    run_ok(&["merge", &by_path, "-o", &s(&a)]);
+    run_ok_env(&["merge", &by_id, "-o", &s(&b)], &[("HF_HUB_CACHE", &cache)]);
     assert_eq!(tensors(&a), tensors(&b));
     assert!(b.join("tokenizer.json").is_file(), "the tokenizer comes from the cached snapshot");
     // HF_HOME/hub is the cache when HF_HUB_CACHE is unset; the flag form resolves ids too.
-    ok_env(
+    run_ok_env(
         &[
             "merge",
             "--method",
             "task_arithmetic",
             "--base",
             "org/llama-base",
-            &s(&fx("llama/ft_a")),
-            &s(&fx("llama/ft_b")),
+            &s(&fixture("llama/ft_a")),
+            &s(&fixture("llama/ft_b")),
             "-o",
             &s(&c),
         ],
@@ -325,7 +291,7 @@ fn hugging_face_ids_resolve_from_the_local_cache() {
     assert!(e.contains("huggingface-cli download org/absent"), "{e}");
     // A local path that does not exist is named, not a bare OS error.
     let nopath = write_config(d.path(), "nopath.yml", "merge_method: linear\nmodels:\n  - model: ./no/such/model\n");
-    let (code, e) = fail_env(&["merge", &nopath, "-o", &s(&d.path().join("y"))], &[]);
+    let (code, e) = fail(&["merge", &nopath, "-o", &s(&d.path().join("y"))]);
     assert_eq!(code, 2, "{e}");
     assert!(e.contains("models[0].model: './no/such/model' does not exist"), "{e}");
 }
@@ -336,13 +302,13 @@ fn hugging_face_ids_resolve_from_the_local_cache() {
 fn a_named_chat_template_is_written_where_and_as_mergekit_writes_it() {
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("out");
-    ok(&["merge", &ta_config(d.path(), "chat_template: chatml\n"), "-o", &s(&out)]);
-    let want = std::fs::read(fx("expected/chat_template_chatml/chat_template.jinja")).unwrap();
+    run_ok(&["merge", &ta_config(d.path(), "chat_template: chatml\n"), "-o", &s(&out)]);
+    let want = std::fs::read(fixture("expected/chat_template_chatml/chat_template.jinja")).unwrap();
     assert_eq!(std::fs::read(out.join("chat_template.jinja")).unwrap(), want);
-    assert_ne!(std::fs::read(fx("llama/base/chat_template.jinja")).unwrap(), want, "the base's is replaced");
+    assert_ne!(std::fs::read(fixture("llama/base/chat_template.jinja")).unwrap(), want, "the base's is replaced");
     assert_eq!(
         std::fs::read(out.join("tokenizer.json")).unwrap(),
-        std::fs::read(fx("llama/base/tokenizer.json")).unwrap()
+        std::fs::read(fixture("llama/base/tokenizer.json")).unwrap()
     );
 }
 
@@ -352,12 +318,12 @@ fn chat_template_auto_takes_the_inputs_most_common_and_literals_and_flags_work()
     // ft_b keeps its template in tokenizer_config.json (the older place) and differs from base's and ft_a's.
     let other = d.path().join("other");
     std::fs::create_dir_all(&other).unwrap();
-    std::fs::copy(fx("llama/ft_b/model.safetensors"), other.join("model.safetensors")).unwrap();
-    std::fs::copy(fx("llama/ft_b/config.json"), other.join("config.json")).unwrap();
-    let mut tc = json(fx("llama/ft_b/tokenizer_config.json"));
+    std::fs::copy(fixture("llama/ft_b/model.safetensors"), other.join("model.safetensors")).unwrap();
+    std::fs::copy(fixture("llama/ft_b/config.json"), other.join("config.json")).unwrap();
+    let mut tc = json(fixture("llama/ft_b/tokenizer_config.json"));
     tc["chat_template"] = "{% for m in messages %}{{ m['content'] }}{% endfor %}".into();
     std::fs::write(other.join("tokenizer_config.json"), tc.to_string()).unwrap();
-    let base_template = std::fs::read_to_string(fx("llama/base/chat_template.jinja")).unwrap();
+    let base_template = std::fs::read_to_string(fixture("llama/base/chat_template.jinja")).unwrap();
     let config = |extra: &str| {
         write_config(
             d.path(),
@@ -365,29 +331,27 @@ fn chat_template_auto_takes_the_inputs_most_common_and_literals_and_flags_work()
             &format!(
                 "merge_method: linear\nmodels:\n  - model: {}\n    parameters: {{weight: 1.0}}\n  - model: {}\n    parameters: {{weight: 1.0}}\n  - model: {}\n    parameters: {{weight: 1.0}}\n{extra}",
                 s(&other),
-                s(&fx("llama/ft_a")),
-                s(&fx("llama/base")),
+                s(&fixture("llama/ft_a")),
+                s(&fixture("llama/base")),
             ),
         )
     };
     let out = d.path().join("auto");
-    ok(&["merge", &config("chat_template: auto\n"), "-o", &s(&out)]);
+    run_ok(&["merge", &config("chat_template: auto\n"), "-o", &s(&out)]);
     assert_eq!(std::fs::read_to_string(out.join("chat_template.jinja")).unwrap(), base_template.trim(), "two of three");
 
     // A literal template from the first model's directory replaces the one in its tokenizer_config.json too.
     let literal = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}";
     let out = d.path().join("literal");
-    ok(&["merge", &config(""), "--chat-template", literal, "-o", &s(&out)]);
+    run_ok(&["merge", &config(""), "--chat-template", literal, "-o", &s(&out)]);
     assert_eq!(std::fs::read_to_string(out.join("chat_template.jinja")).unwrap(), literal);
     assert!(json(out.join("tokenizer_config.json")).get("chat_template").is_none());
 
-    let (code, e) = fail_env(&["merge", &config("chat_template: chatlm\n"), "-o", &s(&d.path().join("x"))], &[]);
+    let (code, e) = fail(&["merge", &config("chat_template: chatlm\n"), "-o", &s(&d.path().join("x"))]);
     assert_eq!(code, 2, "{e}");
     assert!(e.contains("chatlm") && e.contains("chatml") && e.contains("auto.yml"), "{e}");
-    let (code, e) = fail_env(
-        &["merge", &config("chat_template: chatml\n"), "--no-copy-tokenizer", "-o", &s(&d.path().join("y"))],
-        &[],
-    );
+    let (code, e) =
+        fail(&["merge", &config("chat_template: chatml\n"), "--no-copy-tokenizer", "-o", &s(&d.path().join("y"))]);
     assert_eq!(code, 2, "{e}");
     assert!(e.contains("--no-copy-tokenizer"), "{e}");
 }

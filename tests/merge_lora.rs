@@ -3,22 +3,12 @@
 //! and with rank-stabilised `alpha / sqrt(r)` scaling, in config and flag form; a bad adapter reference is a
 //! one-line usage error.
 
-#[path = "support/st.rs"]
-mod st;
-
 use std::path::{Path, PathBuf};
 
+use crate::support::st::{f32t, write_st, T};
+use crate::support::{fixture, graft, s};
 use graft::checkpoint::dtype::from_f32_vec;
 use graft::checkpoint::{Checkpoint, Dtype};
-use st::{write_st, T};
-
-fn fx(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(p)
-}
-
-fn s(p: &Path) -> String {
-    p.display().to_string()
-}
 
 const TARGETS: [&str; 4] = [
     "model.layers.0.self_attn.q_proj.weight",
@@ -47,7 +37,7 @@ fn leak(s: String) -> &'static str {
 /// A PEFT adapter for ft_a in `dir`: per target, A (r x in) and B (out x r) in f32.
 fn adapter(dir: &Path, rslora: bool) -> Vec<(String, Vec<f32>, Vec<f32>)> {
     std::fs::create_dir_all(dir).unwrap();
-    let model = Checkpoint::open(fx("llama/ft_a")).unwrap();
+    let model = Checkpoint::open(fixture("llama/ft_a")).unwrap();
     let mut tensors = Vec::new();
     let mut ab = Vec::new();
     for (i, t) in TARGETS.iter().enumerate() {
@@ -56,8 +46,8 @@ fn adapter(dir: &Path, rslora: bool) -> Vec<(String, Vec<f32>, Vec<f32>)> {
         let a = values(2 * i as u64, RANK * inp);
         let b = values(2 * i as u64 + 1, out * RANK);
         let module = t.strip_suffix(".weight").unwrap();
-        tensors.push(st::f32t(leak(format!("base_model.model.{module}.lora_A.weight")), &[RANK, inp], &a));
-        tensors.push(st::f32t(leak(format!("base_model.model.{module}.lora_B.weight")), &[out, RANK], &b));
+        tensors.push(f32t(leak(format!("base_model.model.{module}.lora_A.weight")), &[RANK, inp], &a));
+        tensors.push(f32t(leak(format!("base_model.model.{module}.lora_B.weight")), &[out, RANK], &b));
         ab.push((t.to_string(), a, b));
     }
     write_st(&dir.join("adapter_model.safetensors"), &tensors);
@@ -70,11 +60,11 @@ fn adapter(dir: &Path, rslora: bool) -> Vec<(String, Vec<f32>, Vec<f32>)> {
 /// ft_a with the adapter baked in, computed here: W + scale * B @ A in f64, rounded to f32, then to W's dtype.
 fn baked(dir: &Path, ab: &[(String, Vec<f32>, Vec<f32>)], scale: f64) {
     std::fs::create_dir_all(dir).unwrap();
-    for f in std::fs::read_dir(fx("llama/ft_a")).unwrap() {
+    for f in std::fs::read_dir(fixture("llama/ft_a")).unwrap() {
         let f = f.unwrap().path();
         std::fs::copy(&f, dir.join(f.file_name().unwrap())).unwrap();
     }
-    let model = Checkpoint::open(fx("llama/ft_a")).unwrap();
+    let model = Checkpoint::open(fixture("llama/ft_a")).unwrap();
     let mut tensors = Vec::new();
     for t in model.iter() {
         let mut data = t.data.to_vec();
@@ -102,12 +92,12 @@ fn merge(dir: &Path, a: &str, name: &str) -> PathBuf {
     let yaml = format!(
         "merge_method: task_arithmetic\nbase_model: {b}\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.7}}\n  - model: \
          {c}\n    parameters: {{weight: 0.4}}\ndtype: float32\n",
-        b = s(&fx("llama/base")),
-        c = s(&fx("llama/ft_b"))
+        b = s(&fixture("llama/base")),
+        c = s(&fixture("llama/ft_b"))
     );
     std::fs::write(&cfg, yaml).unwrap();
     let out = dir.join(name);
-    let o = st::graft(&["merge", &s(&cfg), "-o", &s(&out)]);
+    let o = graft(&["merge", &s(&cfg), "-o", &s(&out)]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     out
 }
@@ -127,17 +117,18 @@ fn model_plus_adapter_merges_as_the_baked_model() {
         let tag = if rslora { "rs" } else { "plain" };
         let ab = adapter(&d.join(format!("adapter-{tag}")), rslora);
         baked(&d.join(format!("baked-{tag}")), &ab, scale);
-        let with_adapter = merge(d, &format!("{}+{}", s(&fx("llama/ft_a")), s(&d.join(format!("adapter-{tag}")))), tag);
+        let with_adapter =
+            merge(d, &format!("{}+{}", s(&fixture("llama/ft_a")), s(&d.join(format!("adapter-{tag}")))), tag);
         let with_baked = merge(d, &s(&d.join(format!("baked-{tag}"))), &format!("{tag}-baked"));
         assert_eq!(tensors(&with_adapter), tensors(&with_baked), "{tag}");
         // The flag form reads the same reference.
         let flags = |reference: String, name: &str| {
             let out = d.join(name);
-            let o = st::graft(&["merge", "--method", "linear", &reference, &s(&fx("llama/ft_b")), "-o", &s(&out)]);
+            let o = graft(&["merge", "--method", "linear", &reference, &s(&fixture("llama/ft_b")), "-o", &s(&out)]);
             assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
             tensors(&out)
         };
-        let adapted = flags(format!("{}+{}", s(&fx("llama/ft_a")), s(&d.join(format!("adapter-{tag}")))), "f1");
+        let adapted = flags(format!("{}+{}", s(&fixture("llama/ft_a")), s(&d.join(format!("adapter-{tag}")))), "f1");
         assert_eq!(adapted, flags(s(&d.join(format!("baked-{tag}"))), "f2"), "{tag}: flag form");
         std::fs::remove_dir_all(d.join("f1")).unwrap();
         std::fs::remove_dir_all(d.join("f2")).unwrap();
@@ -150,8 +141,8 @@ fn model_plus_adapter_merges_as_the_baked_model() {
 fn a_missing_adapter_is_a_usage_error() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
-    let reference = format!("{}+{}", s(&fx("llama/ft_a")), s(&tmp.path().join("no-adapter")));
-    let o = st::graft(&["merge", "--method", "linear", &reference, &s(&fx("llama/ft_b")), "-o", &s(&out)]);
+    let reference = format!("{}+{}", s(&fixture("llama/ft_a")), s(&tmp.path().join("no-adapter")));
+    let o = graft(&["merge", "--method", "linear", &reference, &s(&fixture("llama/ft_b")), "-o", &s(&out)]);
     let e = String::from_utf8(o.stderr).unwrap();
     assert_eq!(o.status.code(), Some(2), "{e}");
     assert_eq!(e.trim_end().lines().count(), 1, "{e}");

@@ -3,23 +3,14 @@
 //! arithmetic, current stages are skipped and stale ones (changed config, changed input) re-run, and malformed files
 //! are one-line usage errors.
 
-#[path = "support/st.rs"]
-mod st;
+use crate::support::st;
+use crate::support::{graft, run_ok, s};
 
 use std::path::Path;
-use std::process::Output;
 use std::time::SystemTime;
 
 fn fx(p: &str) -> String {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/llama").join(p).display().to_string()
-}
-
-fn graft(args: &[&str]) -> Output {
-    st::graft(args)
-}
-
-fn ok(args: &[&str]) -> Output {
-    st::ok(args)
 }
 
 fn mtime(p: &Path) -> SystemTime {
@@ -48,7 +39,7 @@ fn stages_chain_like_separate_merges_and_match_the_arithmetic() {
     let config = d.join("multi.yml");
     std::fs::write(&config, two_stage(1.0)).unwrap();
     let out = d.join("merged");
-    ok(&["merge", &st::s(&config), "-o", &st::s(&out), "--threads", "2"]);
+    run_ok(&["merge", &s(&config), "-o", &s(&out), "--threads", "2"]);
     let stages = d.join("merged.stages");
     assert!(stages.join("avg/model.safetensors").is_file(), "the named stage is an intermediate beside the output");
     assert!(stages.join("avg.stamp.json").is_file() && stages.join("output.stamp.json").is_file());
@@ -57,7 +48,7 @@ fn stages_chain_like_separate_merges_and_match_the_arithmetic() {
     let first = d.join("first.yml");
     let avg = d.join("avg-by-hand");
     std::fs::write(&first, two_stage(1.0).split("---\n").nth(1).unwrap().replace("name: avg\n", "")).unwrap();
-    ok(&["merge", &st::s(&first), "-o", &st::s(&avg)]);
+    run_ok(&["merge", &s(&first), "-o", &s(&avg)]);
     let second = d.join("second.yml");
     std::fs::write(
         &second,
@@ -65,7 +56,7 @@ fn stages_chain_like_separate_merges_and_match_the_arithmetic() {
     )
     .unwrap();
     let by_hand = d.join("by-hand");
-    ok(&["merge", &st::s(&second), "-o", &st::s(&by_hand)]);
+    run_ok(&["merge", &s(&second), "-o", &s(&by_hand)]);
     let header = st::header(&by_hand.join("model.safetensors"));
     for name in header.as_object().unwrap().keys().filter(|k| *k != "__metadata__") {
         assert_eq!(
@@ -108,14 +99,8 @@ fn current_stages_are_skipped_and_stale_ones_rerun() {
     let out = d.join("merged");
     let stages = d.join("work");
     let args = |force: bool| {
-        let mut v = vec![
-            "merge".to_string(),
-            st::s(&config),
-            "-o".into(),
-            st::s(&out),
-            "--intermediate-dir".into(),
-            st::s(&stages),
-        ];
+        let mut v =
+            vec!["merge".to_string(), s(&config), "-o".into(), s(&out), "--intermediate-dir".into(), s(&stages)];
         if force {
             v.push("--force".into());
         }
@@ -123,7 +108,7 @@ fn current_stages_are_skipped_and_stale_ones_rerun() {
     };
     let run = |force: bool| {
         let a = args(force);
-        let o = ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+        let o = run_ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
         String::from_utf8(o.stderr).unwrap()
     };
     run(false);
@@ -169,7 +154,7 @@ fn current_stages_are_skipped_and_stale_ones_rerun() {
         let f = f.unwrap().path();
         std::fs::copy(&f, copy.join(f.file_name().unwrap())).unwrap();
     }
-    std::fs::write(&config, two_stage(3.0).replace(&fx("ft_b"), &st::s(&copy))).unwrap();
+    std::fs::write(&config, two_stage(3.0).replace(&fx("ft_b"), &s(&copy))).unwrap();
     run(true);
     let t_avg = mtime(&avg_file);
     assert!(run(true).contains("is up to date"));
@@ -195,12 +180,12 @@ fn all_named_stages_write_the_last_document_and_dry_run_lists_the_order() {
     let config = d.join("named.yaml");
     std::fs::write(&config, text).unwrap();
     let out = d.join("out");
-    let plan = String::from_utf8(ok(&["merge", &st::s(&config), "-o", &st::s(&out), "--dry-run"]).stdout).unwrap();
+    let plan = String::from_utf8(run_ok(&["merge", &s(&config), "-o", &s(&out), "--dry-run"]).stdout).unwrap();
     let lines: Vec<&str> = plan.lines().collect();
     assert!(lines[0].starts_with("1/2 stage 'avg' (document 1) -> ") && lines[0].ends_with("out.stages/avg"), "{plan}");
     assert!(lines[1].starts_with("2/2 stage 'final' (document 2) -> ") && lines[1].ends_with(", reads avg"), "{plan}");
     assert!(!out.exists() && !d.join("out.stages").exists(), "--dry-run writes nothing");
-    ok(&["merge", &st::s(&config), "-o", &st::s(&out)]);
+    run_ok(&["merge", &s(&config), "-o", &s(&out)]);
     assert!(out.join("model.safetensors").is_file() && out.join("tokenizer.json").is_file());
     assert!(!d.join("out.stages/final").exists(), "the output stage is written to the output path only");
 }
@@ -226,14 +211,14 @@ fn malformed_multi_document_configs_are_one_line_usage_errors() {
     for (i, (text, want)) in cases.iter().enumerate() {
         let config = d.join(format!("bad{i}.yml"));
         std::fs::write(&config, text).unwrap();
-        let o = graft(&["merge", &st::s(&config), "-o", &st::s(&d.join(format!("out{i}")))]);
+        let o = graft(&["merge", &s(&config), "-o", &s(&d.join(format!("out{i}")))]);
         let e = String::from_utf8(o.stderr).unwrap();
         assert_eq!(o.status.code(), Some(2), "{e}");
         assert!(e.contains(want) && e.contains(&format!("bad{i}.yml")) && e.trim_end().lines().count() == 1, "{e}");
     }
     let single = d.join("single.yml");
     std::fs::write(&single, linear("x", &fx("ft_b")).replace("name: x\n", "")).unwrap();
-    let o = graft(&["merge", &st::s(&single), "-o", &st::s(&d.join("o")), "--intermediate-dir", &st::s(d)]);
+    let o = graft(&["merge", &s(&single), "-o", &s(&d.join("o")), "--intermediate-dir", &s(d)]);
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("--intermediate-dir applies to multi-document configs only"));
 }

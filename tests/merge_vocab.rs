@@ -7,30 +7,14 @@
 //! `tokenizer_source: base`, puts each token's merged row at the output's id for it; embeddings padded past the
 //! tokenizer stay as they are when no row moves.
 
+use crate::support::{fixture, graft, s};
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use graft::checkpoint::Checkpoint;
 
 const VOCAB_TENSORS: [&str; 2] = ["model.embed_tokens.weight", "lm_head.weight"];
-
-fn fx(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(p)
-}
-
-fn s(p: &Path) -> String {
-    p.display().to_string()
-}
-
-fn graft(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_graft"))
-        .args(args)
-        .env_remove("HF_HUB_CACHE")
-        .env_remove("HF_HOME")
-        .output()
-        .expect("run graft")
-}
 
 fn merge(dir: &Path, yaml: &str) -> PathBuf {
     let cfg = dir.join("c.yml");
@@ -103,16 +87,16 @@ fn union_config() -> String {
     format!(
         "merge_method: linear\nbase_model: {b}\nmodels:\n  - model: {b}\n    parameters: {{weight: 0.5}}\n  - model: {a}\n    \
          parameters: {{weight: 0.3}}\n  - model: {c}\n    parameters: {{weight: 0.2}}\ndtype: float32\n",
-        b = s(&fx("llama/base")),
-        a = s(&fx("llama-vocab/donor_a")),
-        c = s(&fx("llama-vocab/donor_b")),
+        b = s(&fixture("llama/base")),
+        a = s(&fixture("llama-vocab/donor_a")),
+        c = s(&fixture("llama-vocab/donor_b")),
     )
 }
 
 const WEIGHTS: [f64; 3] = [0.5, 0.3, 0.2];
 
 fn inputs() -> Vec<Model> {
-    ["llama/base", "llama-vocab/donor_a", "llama-vocab/donor_b"].iter().map(|p| Model::load(&fx(p))).collect()
+    ["llama/base", "llama-vocab/donor_a", "llama-vocab/donor_b"].iter().map(|p| Model::load(&fixture(p))).collect()
 }
 
 /// mergekit's rule for one model's row of a token it lacks (no `tokens:` settings): one holder's row, the base's
@@ -134,7 +118,7 @@ fn union_merge_matches_mergekit_and_the_row_rule() {
     let out = merge(tmp.path(), &format!("{}tokenizer_source: union\n", union_config()));
     let models = inputs();
     let got = Model::load(&out);
-    let expected = Model::load(&fx("expected/union_llama"));
+    let expected = Model::load(&fixture("expected/union_llama"));
 
     // The same vocabulary as mergekit's; graft numbers the new ordinary tokens in model then id order (mergekit in
     // hash order), the added token after them.
@@ -169,7 +153,7 @@ fn union_merge_matches_mergekit_and_the_row_rule() {
         assert!(worst_reference <= 1e-7, "{tensor}: {worst_reference} from the f64 reference");
     }
     // Every other tensor is as mergekit wrote it too.
-    let (a, b) = (Checkpoint::open(&out).unwrap(), Checkpoint::open(fx("expected/union_llama")).unwrap());
+    let (a, b) = (Checkpoint::open(&out).unwrap(), Checkpoint::open(fixture("expected/union_llama")).unwrap());
     for t in b.iter().filter(|t| !VOCAB_TENSORS.contains(&t.name)) {
         let (x, y) = (t.to_f32().unwrap(), a.tensor(t.name).unwrap().to_f32().unwrap());
         assert_eq!(x, y, "{}", t.name);
@@ -187,8 +171,8 @@ fn union_merge_matches_mergekit_and_the_row_rule() {
 #[test]
 fn token_sources_force_and_padding() {
     let tmp = tempfile::tempdir().unwrap();
-    let base = s(&fx("llama/base"));
-    let b = s(&fx("llama-vocab/donor_b"));
+    let base = s(&fixture("llama/base"));
+    let b = s(&fixture("llama-vocab/donor_b"));
     let yaml = format!(
         "{}tokenizer:\n  source: union\n  pad_to_multiple_of: 8\n  tokens:\n    the:\n      source: {{kind: model_token, \
          model: {b}, token: a}}\n      force: true\n    <|im_start|>: {{source: {{kind: zero}}}}\n    <new>: {{source: \
@@ -241,8 +225,8 @@ fn identical_tokenizers_leave_the_merge_unchanged() {
     let yaml = format!(
         "merge_method: linear\nmodels:\n  - model: {}\n    parameters: {{weight: 0.4}}\n  - model: {}\n    parameters: \
          {{weight: 0.6}}\n",
-        s(&fx("llama/ft_a")),
-        s(&fx("llama/ft_b"))
+        s(&fixture("llama/ft_a")),
+        s(&fixture("llama/ft_b"))
     );
     let plain = merge(&tmp.path().join("p").tap_mkdir(), &yaml);
     let union = merge(&tmp.path().join("u").tap_mkdir(), &format!("{yaml}tokenizer_source: union\n"));
@@ -251,7 +235,7 @@ fn identical_tokenizers_leave_the_merge_unchanged() {
         ck.iter().map(|t| (t.name.to_string(), t.data.to_vec())).collect::<Vec<_>>()
     };
     assert_eq!(bytes(&plain), bytes(&union));
-    assert_eq!(vocab(&union), vocab(&fx("llama/ft_a")));
+    assert_eq!(vocab(&union), vocab(&fixture("llama/ft_a")));
 }
 
 /// Every tensor's name and raw bytes.
@@ -279,7 +263,7 @@ fn worst_by_token(got: &Model, models: &[Model]) -> f64 {
 #[test]
 fn legacy_tokenizer_source_model_remaps_rows_as_the_block_form() {
     let tmp = tempfile::tempdir().unwrap();
-    let donor = fx("llama-vocab/donor_a");
+    let donor = fixture("llama-vocab/donor_a");
     let legacy =
         merge(&tmp.path().join("l").tap_mkdir(), &format!("{}tokenizer_source: {}\n", union_config(), s(&donor)));
     let block =
@@ -304,14 +288,14 @@ fn legacy_tokenizer_source_model_remaps_rows_as_the_block_form() {
     assert!(worst <= 1e-7, "{worst} from the f64 reference");
 
     // mergekit's output for the same config (fixtures/expected/donor_llama): every row by token, every other tensor.
-    let expected = Model::load(&fx("expected/donor_llama"));
+    let expected = Model::load(&fixture("expected/donor_llama"));
     assert_eq!(expected.vocab.len(), 131);
     for tensor in VOCAB_TENSORS {
         for (token, &id) in &expected.vocab {
             assert_eq!(got.token_row(tensor, token).unwrap(), expected.row(tensor, id), "{tensor} '{token}'");
         }
     }
-    let (a, b) = (Checkpoint::open(&legacy).unwrap(), Checkpoint::open(fx("expected/donor_llama")).unwrap());
+    let (a, b) = (Checkpoint::open(&legacy).unwrap(), Checkpoint::open(fixture("expected/donor_llama")).unwrap());
     for t in b.iter().filter(|t| !VOCAB_TENSORS.contains(&t.name)) {
         assert_eq!(t.to_f32().unwrap(), a.tensor(t.name).unwrap().to_f32().unwrap(), "{}", t.name);
     }
@@ -323,7 +307,7 @@ fn legacy_tokenizer_source_base_puts_each_tokens_row_at_the_base_id() {
     let out = merge(tmp.path(), &format!("{}tokenizer_source: base\n", union_config()));
     let models = inputs();
     let got = Model::load(&out);
-    let base = fx("llama/base");
+    let base = fixture("llama/base");
     assert_eq!(got.vocab, vocab(&base));
     assert_eq!(std::fs::read(out.join("tokenizer.json")).unwrap(), std::fs::read(base.join("tokenizer.json")).unwrap());
     for tensor in VOCAB_TENSORS {
@@ -347,10 +331,10 @@ fn embeddings_padded_past_the_tokenizer_stay_when_no_row_moves() {
         .map(|m| {
             let dir = tmp.path().join(Path::new(m).file_name().unwrap()).tap_mkdir();
             for f in ["config.json", "model.safetensors"] {
-                std::fs::copy(fx(m).join(f), dir.join(f)).unwrap();
+                std::fs::copy(fixture(m).join(f), dir.join(f)).unwrap();
             }
             let mut tok: serde_json::Value =
-                serde_json::from_str(&std::fs::read_to_string(fx(m).join("tokenizer.json")).unwrap()).unwrap();
+                serde_json::from_str(&std::fs::read_to_string(fixture(m).join("tokenizer.json")).unwrap()).unwrap();
             assert_eq!(tok["model"]["vocab"].as_object_mut().unwrap().remove("through"), Some(127.into()));
             std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
             dir
@@ -372,7 +356,7 @@ fn embeddings_padded_past_the_tokenizer_stay_when_no_row_moves() {
 #[test]
 fn a_token_source_outside_the_merge_is_a_usage_error() {
     let tmp = tempfile::tempdir().unwrap();
-    let yaml = format!("{}tokenizer:\n  tokens:\n    x: {{source: {}}}\n", union_config(), s(&fx("llama/ft_a")));
+    let yaml = format!("{}tokenizer:\n  tokens:\n    x: {{source: {}}}\n", union_config(), s(&fixture("llama/ft_a")));
     let cfg = tmp.path().join("c.yml");
     std::fs::write(&cfg, yaml).unwrap();
     let out = tmp.path().join("out");

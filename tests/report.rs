@@ -1,22 +1,13 @@
 //! `graft report` end to end: a results file built here (a baseline, merge experiments over methods, top-p and freeze
 //! policies, several seeds, zero-shot eval lines, interpolation curves) -> tables, CSV/JSON, charts, HTML.
 
-#[path = "support/png.rs"]
-mod png;
+use crate::support::png;
+use crate::support::{graft, succeeded};
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use serde_json::{json, Value};
-
-fn graft(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_graft")).args(args).output().expect("graft runs")
-}
-
-fn ok(out: &Output) -> String {
-    assert!(out.status.success(), "graft failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
 
 /// A deterministic "noise" in [-1, 1] so the values are irregular but written out by the test.
 fn wiggle(i: usize) -> f64 {
@@ -113,7 +104,7 @@ fn row<'a>(doc: &'a Value, kind: &str, experiment: &str) -> &'a Value {
 fn end_to_end_report() {
     let (dir, results, study) = setup();
     let out_dir = dir.path().join("report");
-    let stdout = ok(&graft(&["report", results.to_str().unwrap(), "-o", out_dir.to_str().unwrap()]));
+    let stdout = succeeded(&graft(&["report", results.to_str().unwrap(), "-o", out_dir.to_str().unwrap()]), "graft");
 
     // The markdown table: headers, the baseline, every method and freeze policy, best marks, file locations.
     assert!(stdout.contains("## Fine-tuning runs (train)"), "{stdout}");
@@ -343,7 +334,10 @@ fn report_of(dir: &Path, lines: &[Value]) -> (PathBuf, Value) {
     let results = dir.join("results.jsonl");
     std::fs::write(&results, lines.iter().map(|l| l.to_string() + "\n").collect::<String>()).unwrap();
     let out_dir = dir.join("report");
-    ok(&graft(&["report", results.to_str().unwrap(), "-o", out_dir.to_str().unwrap(), "--resamples", "50"]));
+    succeeded(
+        &graft(&["report", results.to_str().unwrap(), "-o", out_dir.to_str().unwrap(), "--resamples", "50"]),
+        "graft",
+    );
     let doc: Value = serde_json::from_str(&std::fs::read_to_string(out_dir.join("summary.json")).unwrap()).unwrap();
     check_chart_rules(doc["plots"].as_array().unwrap());
     (out_dir, doc)
@@ -475,8 +469,8 @@ fn reports_are_deterministic_and_replace_earlier_reports() {
     let r = results.to_str().unwrap();
     let a = dir.path().join("a");
     let b = dir.path().join("b");
-    ok(&graft(&["--threads", "1", "report", r, "-o", a.to_str().unwrap(), "--resamples", "2000"]));
-    ok(&graft(&["--threads", "2", "report", r, "-o", b.to_str().unwrap(), "--resamples", "2000"]));
+    succeeded(&graft(&["--threads", "1", "report", r, "-o", a.to_str().unwrap(), "--resamples", "2000"]), "graft");
+    succeeded(&graft(&["--threads", "2", "report", r, "-o", b.to_str().unwrap(), "--resamples", "2000"]), "graft");
     let files = |d: &Path| {
         let mut v: Vec<PathBuf> = Vec::new();
         for sub in [d.to_path_buf(), d.join("plots")] {
@@ -497,7 +491,7 @@ fn reports_are_deterministic_and_replace_earlier_reports() {
 
     // Another seed moves the standard errors, never the means (balanced bootstrap).
     let c = dir.path().join("c");
-    ok(&graft(&["report", r, "-o", c.to_str().unwrap(), "--resamples", "2000", "--seed", "7"]));
+    succeeded(&graft(&["report", r, "-o", c.to_str().unwrap(), "--resamples", "2000", "--seed", "7"]), "graft");
     let doc = |d: &Path| -> Value {
         serde_json::from_str(&std::fs::read_to_string(d.join("summary.json")).unwrap()).unwrap()
     };
@@ -509,7 +503,7 @@ fn reports_are_deterministic_and_replace_earlier_reports() {
 
     // Rerunning into an existing report replaces it whole (a stray old chart does not survive).
     std::fs::write(a.join("plots/stale.png"), b"old").unwrap();
-    ok(&graft(&["report", r, "-o", a.to_str().unwrap(), "--resamples", "2000"]));
+    succeeded(&graft(&["report", r, "-o", a.to_str().unwrap(), "--resamples", "2000"]), "graft");
     assert!(!a.join("plots/stale.png").exists());
     assert!(a.join("index.html").is_file());
 
@@ -578,7 +572,7 @@ fn json_output_and_superseded_lines() {
         "--resamples",
         "1000",
     ]);
-    let doc: Value = serde_json::from_str(&ok(&out)).unwrap();
+    let doc: Value = serde_json::from_str(&succeeded(&out, "graft")).unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(&format!("{}:1 (same run)", rerun.display())), "{stderr}");
     assert_eq!(doc["generator"], "graft report");
@@ -607,7 +601,7 @@ fn json_output_and_superseded_lines() {
 fn efficiency_scatter_front_matches_brute_force() {
     let (dir, results, study) = setup();
     let out_dir = dir.path().join("report");
-    ok(&graft(&["report", results.to_str().unwrap(), "-o", out_dir.to_str().unwrap(), "--json"]));
+    succeeded(&graft(&["report", results.to_str().unwrap(), "-o", out_dir.to_str().unwrap(), "--json"]), "graft");
     let doc: Value = serde_json::from_str(&std::fs::read_to_string(out_dir.join("summary.json")).unwrap()).unwrap();
     let plot =
         doc["plots"].as_array().unwrap().iter().find(|p| p["name"] == "train_efficiency_accuracy").expect("chart");
@@ -669,10 +663,10 @@ fn study_snr_scans_are_on_the_page() {
         let sub = dir.path().join(seed);
         std::fs::create_dir_all(&sub).unwrap();
         let name = model.rsplit('/').next().unwrap();
-        std::fs::write(sub.join(format!("snr-{name}.json")), ok(&out)).unwrap();
+        std::fs::write(sub.join(format!("snr-{name}.json")), succeeded(&out, "graft")).unwrap();
     }
     let out_dir = dir.path().join("report");
-    ok(&graft(&["report", results.to_str().unwrap(), "-o", out_dir.to_str().unwrap()]));
+    succeeded(&graft(&["report", results.to_str().unwrap(), "-o", out_dir.to_str().unwrap()]), "graft");
     let doc: Value = serde_json::from_str(&std::fs::read_to_string(out_dir.join("summary.json")).unwrap()).unwrap();
     let plot = doc["plots"].as_array().unwrap().iter().find(|p| p["name"] == "snr_heatmap").expect("SNR figure");
     assert_eq!(plot["section"], "snr");

@@ -5,29 +5,13 @@
 //! Test checkpoints are written here by a plain safetensors encoder (header JSON + little-endian data), independent
 //! of graft's writer, so a writer bug cannot hide a reader bug.
 
-#[path = "support/st.rs"]
-mod st;
-
-use st::{f32t, graft, i32t, ok, read_f32, s, write_st};
+use crate::support::st::{f32t, i32t, read_f32, write_st};
+use crate::support::{fails, graft, run_ok, s, stderr};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).to_string()
-}
-
-/// Runs a command that must fail with `code`; returns its stderr, checked to be one bounded line.
-fn fails(args: &[&str], code: i32) -> String {
-    let out = graft(args);
-    let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(code), "graft {args:?}: {err}");
-    assert_eq!(err.lines().count(), 1, "graft {args:?}: not one line: {err}");
-    assert!(err.len() < 1200, "graft {args:?}: long error line: {err}");
-    err
-}
+use std::process::Command;
 
 fn tmp(name: &str) -> PathBuf {
-    st::tmp("robust", name)
+    crate::support::tmp("robust", name)
 }
 
 /// A base, a fine-tuned model with one NaN and one -Inf in `w`, and a clean second fine-tuned model.
@@ -72,7 +56,7 @@ fn nonfinite_inputs_are_refused_naming_file_tensor_and_count_then_allowed_with_o
         assert!(e.contains("--allow-nonfinite"), "{e}");
         let mut allowed = args.clone();
         allowed.extend(["--allow-nonfinite", "--force"]);
-        let o = ok(&allowed);
+        let o = run_ok(&allowed);
         let err = stderr(&o);
         let warnings: Vec<&str> = err.lines().filter(|l| l.contains("warning") && l.contains(&bad)).collect();
         assert_eq!(warnings.len(), 1, "{args:?}: one warning for the bad input tensor: {err}");
@@ -81,7 +65,7 @@ fn nonfinite_inputs_are_refused_naming_file_tensor_and_count_then_allowed_with_o
     // The task vector written under the flag carries the NaN and -Inf: apply refuses it, naming the task vector.
     let e = fails(&["apply", &base, "--vector", &tv, "-o", &out("a.safetensors")], 1);
     assert!(e.contains(&tv) && e.contains("tensor 'w'") && e.contains("2 of 6"), "{e}");
-    let o = ok(&["apply", &base, "--vector", &tv, "-o", &out("a.safetensors"), "--allow-nonfinite"]);
+    let o = run_ok(&["apply", &base, "--vector", &tv, "-o", &out("a.safetensors"), "--allow-nonfinite"]);
     assert!(stderr(&o).contains("warning"), "{}", stderr(&o));
     let applied = read_f32(&dir.join("a.safetensors"), "w");
     // base + (bad - base) = bad where finite; the NaN stays NaN and -Inf stays -Inf.
@@ -100,7 +84,7 @@ fn output_overflow_to_f16_is_refused_then_warned() {
     let e = fails(&["convert", &s(&input), "--dtype", "f16", "-o", &out], 1);
     assert!(e.contains("output tensor 'w'") && e.contains("2 of 4") && e.contains("F16"), "{e}");
     assert!(!Path::new(&out).exists(), "no output left behind after a refused overflow");
-    let o = ok(&["convert", &s(&input), "--dtype", "f16", "-o", &out, "--allow-nonfinite"]);
+    let o = run_ok(&["convert", &s(&input), "--dtype", "f16", "-o", &out, "--allow-nonfinite"]);
     let err = stderr(&o);
     assert_eq!(err.lines().filter(|l| l.contains("warning") && l.contains("'w'")).count(), 1, "{err}");
     let _ = std::fs::remove_dir_all(&dir);
@@ -148,7 +132,7 @@ fn outputs_are_byte_identical_for_one_and_two_threads() {
     // Same output paths for both runs (the recorded command line names them), moved aside after each run.
     let (merged, converted) = (dir.join("m"), dir.join("c.safetensors"));
     for threads in ["1", "2"] {
-        ok(&[
+        run_ok(&[
             "--threads",
             threads,
             "merge",
@@ -162,7 +146,7 @@ fn outputs_are_byte_identical_for_one_and_two_threads() {
             &s(&merged),
         ]);
         std::fs::rename(&merged, dir.join(format!("m{threads}"))).unwrap();
-        ok(&["convert", &s(&good), "--dtype", "bf16", "-o", &s(&converted), &format!("--threads={threads}")]);
+        run_ok(&["convert", &s(&good), "--dtype", "bf16", "-o", &s(&converted), &format!("--threads={threads}")]);
         std::fs::rename(&converted, dir.join(format!("c{threads}.safetensors"))).unwrap();
     }
     for (a, b) in [("m1/model.safetensors", "m2/model.safetensors"), ("c1.safetensors", "c2.safetensors")] {

@@ -2,28 +2,11 @@
 //! environment of Slurm arrays and Kubernetes indexed Jobs) gathers to the same file, and gathers over incomplete or
 //! overlapping shards fail naming what is wrong.
 
+use crate::support::{graft, graft_env, s, succeeded};
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use graft::checkpoint::{CheckpointWriter, Dtype, TensorDecl, WriterOptions};
-
-fn graft_env(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_graft"));
-    c.args(args).env_remove("SLURM_ARRAY_TASK_ID").env_remove("JOB_COMPLETION_INDEX");
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    c.output().expect("run graft")
-}
-
-fn graft(args: &[&str]) -> Output {
-    graft_env(args, &[])
-}
-
-fn ok(out: Output, what: &str) -> String {
-    assert!(out.status.success(), "{what} failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
-}
 
 /// `n` small checkpoints with distinct pseudo-random weights (a fixed LCG, so every run sees the same zoo).
 fn zoo(dir: &Path, n: usize) -> PathBuf {
@@ -48,17 +31,13 @@ fn zoo(dir: &Path, n: usize) -> PathBuf {
     zoo
 }
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 /// Scans the zoo as `count` shards with `--shard k/count`; returns the shard files.
 fn scan_shards(dir: &Path, pattern: &str, count: usize) -> Vec<PathBuf> {
     (0..count)
         .map(|k| {
             let file = dir.join(format!("shard-{k}.jsonl"));
             let spec = format!("{k}/{count}");
-            ok(graft(&["snr", pattern, "--shard", &spec, "--resume", s(&file)]), "shard scan");
+            succeeded(&graft(&["snr", pattern, "--shard", &spec, "--resume", &s(&file)]), "shard scan");
             file
         })
         .collect()
@@ -69,7 +48,7 @@ fn shards_gather_to_the_single_process_result() {
     let dir = tempfile::tempdir().unwrap();
     let pattern = format!("{}/*", s(&zoo(dir.path(), 9)));
     let single = dir.path().join("single.jsonl");
-    ok(graft(&["snr", &pattern, "--resume", s(&single)]), "single scan");
+    succeeded(&graft(&["snr", &pattern, "--resume", &s(&single)]), "single scan");
     let single_text = std::fs::read_to_string(&single).unwrap();
     assert_eq!(single_text.lines().count(), 9);
 
@@ -77,13 +56,14 @@ fn shards_gather_to_the_single_process_result() {
     let sizes: Vec<usize> = files.iter().map(|f| std::fs::read_to_string(f).unwrap().lines().count()).collect();
     assert_eq!(sizes, [3, 2, 2, 2], "round robin over 9 models");
     let gathered = dir.path().join("gathered.jsonl");
-    let mut args = vec!["gather", s(&gathered)];
-    args.extend(files.iter().rev().map(|f| s(f))); // any order of shard files
-    ok(graft(&args), "gather");
+    let (gathered_arg, file_args) = (s(&gathered), files.iter().rev().map(|f| s(f)).collect::<Vec<_>>());
+    let mut args = vec!["gather", gathered_arg.as_str()];
+    args.extend(file_args.iter().map(String::as_str)); // any order of shard files
+    succeeded(&graft(&args), "gather");
     assert_eq!(std::fs::read_to_string(&gathered).unwrap(), single_text);
 
     // A resumed shard does nothing new, and its file still gathers to the same result.
-    let again = graft(&["snr", &pattern, "--shard", "0/4", "--resume", s(&files[0])]);
+    let again = graft(&["snr", &pattern, "--shard", "0/4", "--resume", &s(&files[0])]);
     assert!(String::from_utf8_lossy(&again.stderr).contains("already in the resume file"));
     assert_eq!(std::fs::read_to_string(&files[0]).unwrap().lines().count(), 3);
 }
@@ -96,15 +76,15 @@ fn shard_from_slurm_array_and_indexed_job_environment() {
     // A Slurm array --array=1-2: task 2 is shard 1 of 2.
     let slurm = dir.path().join("slurm.jsonl");
     let env = [("SLURM_ARRAY_TASK_ID", "2"), ("SLURM_ARRAY_TASK_COUNT", "2"), ("SLURM_ARRAY_TASK_MIN", "1")];
-    ok(graft_env(&["snr", &pattern, "--shard", "auto", "--resume", s(&slurm)], &env), "slurm shard");
+    succeeded(&graft_env(&["snr", &pattern, "--shard", "auto", "--resume", &s(&slurm)], &env), "slurm shard");
     assert_eq!(std::fs::read_to_string(&slurm).unwrap(), std::fs::read_to_string(&by_flag[1]).unwrap());
     // A Kubernetes indexed Job with completions 2: index 0 is shard 0 of 2.
     let k8s = dir.path().join("k8s.jsonl");
     let env = [("JOB_COMPLETION_INDEX", "0")];
-    ok(graft_env(&["snr", &pattern, "--shard-count", "2", "--resume", s(&k8s)], &env), "k8s shard");
+    succeeded(&graft_env(&["snr", &pattern, "--shard-count", "2", "--resume", &s(&k8s)], &env), "k8s shard");
     assert_eq!(std::fs::read_to_string(&k8s).unwrap(), std::fs::read_to_string(&by_flag[0]).unwrap());
     let gathered = dir.path().join("all.jsonl");
-    ok(graft(&["gather", s(&gathered), s(&k8s), s(&slurm)]), "gather");
+    succeeded(&graft(&["gather", &s(&gathered), &s(&k8s), &s(&slurm)]), "gather");
     assert_eq!(std::fs::read_to_string(&gathered).unwrap().lines().count(), 5);
 }
 
@@ -117,7 +97,7 @@ fn gather_names_missing_and_duplicated_items() {
     let out = s(&out_path);
 
     // Shard 1 of 3 (m01, m04) not given.
-    let r = graft(&["gather", out, s(&files[0]), s(&files[2])]);
+    let r = graft(&["gather", &out, &s(&files[0]), &s(&files[2])]);
     assert_eq!(r.status.code(), Some(1));
     let err = String::from_utf8_lossy(&r.stderr);
     assert!(err.contains("2 of 6 items missing") && err.contains("m01") && err.contains("m04"), "{err}");
@@ -129,7 +109,7 @@ fn gather_names_missing_and_duplicated_items() {
     let text = std::fs::read_to_string(&files[1]).unwrap();
     std::fs::write(&cut, &text[..text.len() - 10]).unwrap();
     std::fs::copy(format!("{}.shard.json", s(&files[1])), format!("{}.shard.json", s(&cut))).unwrap();
-    let r = graft(&["gather", out, s(&files[0]), s(&cut), s(&files[2])]);
+    let r = graft(&["gather", &out, &s(&files[0]), &s(&cut), &s(&files[2])]);
     let err = String::from_utf8_lossy(&r.stderr);
     assert!(r.status.code() == Some(1) && err.contains("1 of 6 items missing") && err.contains("m04"), "{err}");
 
@@ -139,16 +119,16 @@ fn gather_names_missing_and_duplicated_items() {
     text.push_str(&first_line);
     text.push('\n');
     std::fs::write(&files[2], text).unwrap();
-    let r = graft(&["gather", out, s(&files[0]), s(&files[1]), s(&files[2])]);
+    let r = graft(&["gather", &out, &s(&files[0]), &s(&files[1]), &s(&files[2])]);
     let err = String::from_utf8_lossy(&r.stderr);
     assert!(r.status.code() == Some(1) && err.contains("recorded more than once") && err.contains("m00"), "{err}");
 
     // The same shard twice is a usage error; a file without a manifest is named.
-    let r = graft(&["gather", out, s(&files[0]), s(&files[0])]);
+    let r = graft(&["gather", &out, &s(&files[0]), &s(&files[0])]);
     assert_eq!(r.status.code(), Some(2), "{}", String::from_utf8_lossy(&r.stderr));
     let bare = dir.path().join("bare.jsonl");
     std::fs::write(&bare, "").unwrap();
-    let r = graft(&["gather", out, s(&bare)]);
+    let r = graft(&["gather", &out, &s(&bare)]);
     assert_eq!(r.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&r.stderr).contains("bare.jsonl"));
 }
@@ -167,8 +147,8 @@ fn invalid_shards_are_usage_errors() {
     }
     // A shard restarted over another work list does not mix into its old results file.
     let file = dir.path().join("s.jsonl");
-    ok(graft(&["snr", &pattern, "--shard", "0/2", "--resume", s(&file)]), "shard");
-    let r = graft(&["snr", &pattern, "--shard", "0/3", "--resume", s(&file)]);
+    succeeded(&graft(&["snr", &pattern, "--shard", "0/2", "--resume", &s(&file)]), "shard");
+    let r = graft(&["snr", &pattern, "--shard", "0/3", "--resume", &s(&file)]);
     assert_eq!(r.status.code(), Some(2));
 }
 
@@ -184,7 +164,7 @@ fn inspect_shards_cover_the_paths_once() {
         let spec = format!("{k}/3");
         let mut args = vec!["inspect", "--json", "--shard", &spec];
         args.extend(paths.iter().map(String::as_str));
-        for line in ok(graft(&args), "inspect shard").lines() {
+        for line in succeeded(&graft(&args), "inspect shard").lines() {
             let v: serde_json::Value = serde_json::from_str(line).unwrap();
             seen.push(v["path"].as_str().unwrap().to_string());
         }

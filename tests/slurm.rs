@@ -4,6 +4,8 @@
 //! step with its log (`--status` too). Skipped, saying so, where `sinfo` is absent or no node is up; the error for a
 //! missing `sbatch` is checked everywhere.
 
+use crate::support::graft;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -97,10 +99,6 @@ fn job_array_gathers_to_the_single_process_result() {
 }
 
 // graft experiment --executor slurm
-
-fn graft(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_graft")).args(args).output().expect("run graft")
-}
 
 fn text(o: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))

@@ -1,23 +1,12 @@
 //! `graft snr` end to end on the fixtures and on small checkpoints written here with known answers.
 
-#[path = "support/png.rs"]
-mod png;
+use crate::support::png;
+use crate::support::{graft, ok};
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use graft::checkpoint::{CheckpointWriter, Dtype, TensorDecl, WriterOptions};
 use serde_json::Value;
-
-fn graft(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_graft")).args(args).output().expect("run graft")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = graft(args);
-    assert!(out.status.success(), "graft {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
-}
 
 fn fixture(p: &str) -> String {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(p).display().to_string()

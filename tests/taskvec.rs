@@ -2,48 +2,21 @@
 //! here with exactly representable values. Expected values come from plain f64 loops in this file, from the rounding
 //! bound stated in `taskvec::apply`, or from identities (cos(v, v) = 1, LERP consistency = 1).
 
+use crate::support::{fails, graft, run_ok, s};
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use graft::checkpoint::dtype::{from_f32_vec, to_f32_vec};
 use graft::checkpoint::{Checkpoint, CheckpointWriter, Dtype, TensorDecl, WriterOptions};
 use serde_json::Value;
 
-fn graft(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_graft")).args(args).output().expect("graft runs")
-}
-
-fn ok(args: &[&str]) -> Output {
-    let out = graft(args);
-    assert!(
-        out.status.success(),
-        "graft {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// Runs a command that must fail with `code` and returns its stderr.
-fn fails(args: &[&str], code: i32) -> String {
-    let out = graft(args);
-    assert_eq!(out.status.code(), Some(code), "graft {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!err.trim().is_empty());
-    err
-}
-
 fn json(args: &[&str]) -> Value {
-    serde_json::from_slice(&ok(args).stdout).expect("JSON on stdout")
+    serde_json::from_slice(&run_ok(args).stdout).expect("JSON on stdout")
 }
 
 fn fixture(family: &str, variant: &str) -> String {
     format!("{}/fixtures/{family}/{variant}", env!("CARGO_MANIFEST_DIR"))
-}
-
-fn s(p: &Path) -> String {
-    p.display().to_string()
 }
 
 fn values(ck: &Checkpoint, name: &str) -> Vec<f64> {
@@ -105,8 +78,8 @@ fn check_round_trip(family: &str, precision: i32) -> (usize, usize, usize) {
     let dir = tempfile::tempdir().unwrap();
     let (tv, out) = (dir.path().join("tv"), dir.path().join("out"));
     let (base_p, ft_p) = (fixture(family, "base"), fixture(family, "ft_a"));
-    ok(&["diff", &ft_p, "--base", &base_p, "-o", &s(&tv)]);
-    ok(&["apply", &base_p, "--vector", &s(&tv), "-o", &s(&out)]);
+    run_ok(&["diff", &ft_p, "--base", &base_p, "-o", &s(&tv)]);
+    run_ok(&["apply", &base_p, "--vector", &s(&tv), "-o", &s(&out)]);
     let (base, ft) = (Checkpoint::open(&base_p).unwrap(), Checkpoint::open(&ft_p).unwrap());
     let (tv, out) = (Checkpoint::open(&tv).unwrap(), Checkpoint::open(&out).unwrap());
     let (mut n, mut predicted, mut equal) = (0, 0, 0);
@@ -180,9 +153,9 @@ fn lambda_zero_returns_the_base_bit_for_bit() {
     let dir = tempfile::tempdir().unwrap();
     let (tv, out, out2) = (dir.path().join("tv"), dir.path().join("out"), dir.path().join("out2"));
     let base_p = fixture("sepcnn", "base");
-    ok(&["diff", &fixture("sepcnn", "ft_a"), "--base", &base_p, "-o", &s(&tv)]);
-    ok(&["apply", &base_p, "--vector", &format!("{}:0", s(&tv)), "-o", &s(&out)]);
-    ok(&["apply", &base_p, "--finetuned", &format!("{}:0.0", fixture("sepcnn", "ft_b")), "-o", &s(&out2)]);
+    run_ok(&["diff", &fixture("sepcnn", "ft_a"), "--base", &base_p, "-o", &s(&tv)]);
+    run_ok(&["apply", &base_p, "--vector", &format!("{}:0", s(&tv)), "-o", &s(&out)]);
+    run_ok(&["apply", &base_p, "--finetuned", &format!("{}:0.0", fixture("sepcnn", "ft_b")), "-o", &s(&out2)]);
     let base = Checkpoint::open(&base_p).unwrap();
     for o in [&out, &out2] {
         let o = Checkpoint::open(o).unwrap();
@@ -202,8 +175,8 @@ fn two_vectors_with_lambdas_match_an_f64_loop() {
         let dir = tempfile::tempdir().unwrap();
         let (ta, tb, out) = (dir.path().join("ta"), dir.path().join("tb"), dir.path().join("out"));
         let base_p = fixture(family, "base");
-        ok(&["diff", &fixture(family, "ft_a"), "--base", &base_p, "-o", &s(&ta)]);
-        ok(&["diff", &fixture(family, "ft_b"), "--base", &base_p, "-o", &s(&tb)]);
+        run_ok(&["diff", &fixture(family, "ft_a"), "--base", &base_p, "-o", &s(&ta)]);
+        run_ok(&["diff", &fixture(family, "ft_b"), "--base", &base_p, "-o", &s(&tb)]);
         let r = json(&[
             "apply",
             &base_p,
@@ -240,9 +213,9 @@ fn finetuned_on_the_fly_equals_the_written_vector() {
     let dir = tempfile::tempdir().unwrap();
     let (tv, o1, o2) = (dir.path().join("tv"), dir.path().join("o1"), dir.path().join("o2.safetensors"));
     let base_p = fixture("bert", "base");
-    ok(&["diff", &fixture("bert", "ft_a"), "--base", &base_p, "-o", &s(&tv)]);
-    ok(&["apply", &base_p, "--vector", &format!("{}:-0.5", s(&tv)), "-o", &s(&o1)]);
-    ok(&["apply", &base_p, "--finetuned", &format!("{}:-0.5", fixture("bert", "ft_a")), "-o", &s(&o2)]);
+    run_ok(&["diff", &fixture("bert", "ft_a"), "--base", &base_p, "-o", &s(&tv)]);
+    run_ok(&["apply", &base_p, "--vector", &format!("{}:-0.5", s(&tv)), "-o", &s(&o1)]);
+    run_ok(&["apply", &base_p, "--finetuned", &format!("{}:-0.5", fixture("bert", "ft_a")), "-o", &s(&o2)]);
     let (o1, o2) = (Checkpoint::open(&o1).unwrap(), Checkpoint::open(&o2).unwrap());
     for t in o1.iter() {
         assert_eq!(o2.tensor(t.name).unwrap().data, t.data, "{}", t.name);
@@ -314,8 +287,9 @@ fn equal_tensors_are_left_out_and_apply_passes_the_base_through() {
     let r = json(&["diff", &s(&ft_dir), "--base", &base_p, "-o", &s(&tv), "--json"]);
     assert_eq!(r["tensors"], 1);
     assert_eq!(r["skipped_equal"].as_array().unwrap().len(), base.len() - 1);
-    let text = String::from_utf8_lossy(&ok(&["diff", &s(&ft_dir), "--base", &base_p, "-o", &s(&tv), "--force"]).stdout)
-        .to_string();
+    let text =
+        String::from_utf8_lossy(&run_ok(&["diff", &s(&ft_dir), "--base", &base_p, "-o", &s(&tv), "--force"]).stdout)
+            .to_string();
     assert!(text.contains("equal in both"), "{text}");
     let tv_ck = Checkpoint::open(&tv).unwrap();
     assert_eq!(tv_ck.names().collect::<Vec<_>>(), ["layers.1.weight"]);
@@ -326,7 +300,7 @@ fn equal_tensors_are_left_out_and_apply_passes_the_base_through() {
     assert!(values(&keep, "layers.0.weight").iter().all(|&x| x == 0.0));
 
     let out = dir.path().join("out");
-    ok(&["apply", &base_p, "--vector", &s(&tv), "-o", &s(&out)]);
+    run_ok(&["apply", &base_p, "--vector", &s(&tv), "-o", &s(&out)]);
     let (out, ft) = (Checkpoint::open(&out).unwrap(), Checkpoint::open(&ft_dir).unwrap());
     for t in base.iter() {
         assert_eq!(out.tensor(t.name).unwrap().data, ft.tensor(t.name).unwrap().data, "{}", t.name);
@@ -472,14 +446,14 @@ fn chunked_tensors_give_thread_count_independent_results() {
     assert!((r1["total"]["pairs"][0]["dot"].as_f64().unwrap() - dot).abs() < 1e-9 * dot.abs());
 
     let (t1, t2) = (dir.path().join("t1.safetensors"), dir.path().join("t2.safetensors"));
-    ok(&["diff", &paths[1], "--base", &paths[0], "-o", &s(&t1), "--threads", "1"]);
-    ok(&["diff", &paths[1], "--base", &paths[0], "-o", &s(&t2), "--threads", "2"]);
+    run_ok(&["diff", &paths[1], "--base", &paths[0], "-o", &s(&t1), "--threads", "1"]);
+    run_ok(&["diff", &paths[1], "--base", &paths[0], "-o", &s(&t2), "--threads", "2"]);
     let (c1, c2) = (Checkpoint::open(&t1).unwrap(), Checkpoint::open(&t2).unwrap());
     assert_eq!(c1.tensor("big.weight").unwrap().data, c2.tensor("big.weight").unwrap().data);
     let (o1, o2) = (dir.path().join("o1.safetensors"), dir.path().join("o2.safetensors"));
     for (o, threads) in [(&o1, "1"), (&o2, "2")] {
         let (va, vb) = (format!("{}:0.3", s(&t1)), format!("{}:-0.6", paths[2]));
-        ok(&["apply", &paths[0], "--vector", &va, "--finetuned", &vb, "-o", &s(o), "--threads", threads]);
+        run_ok(&["apply", &paths[0], "--vector", &va, "--finetuned", &vb, "-o", &s(o), "--threads", threads]);
     }
     let (o1, o2) = (Checkpoint::open(&o1).unwrap(), Checkpoint::open(&o2).unwrap());
     assert_eq!(o1.tensor("big.weight").unwrap().data, o2.tensor("big.weight").unwrap().data);
@@ -575,7 +549,7 @@ fn half_half_lerp_is_exactly_consistent_on_the_merged_tensors() {
     // Text output names both cosines.
     let a = args(&["--only-merged"]);
     let text = String::from_utf8_lossy(
-        &ok(&a.iter().map(String::as_str).filter(|x| *x != "--json").collect::<Vec<_>>()).stdout,
+        &run_ok(&a.iter().map(String::as_str).filter(|x| *x != "--json").collect::<Vec<_>>()).stdout,
     )
     .to_string();
     assert!(text.contains("recover A") && text.contains("1.000000"), "{text}");
@@ -637,12 +611,12 @@ fn mismatched_models_are_errors_listing_every_name() {
     let err = fails(&["similarity", "--merged", &s(&bad), "--experts", &ft, &ft, "--base", &base_p], 1);
     assert!(err.contains("layers.2.bias"), "{err}");
     // --allow-missing skips them with a warning per tensor.
-    let o = ok(&["diff", &s(&bad), "--base", &base_p, "-o", &s(&out), "--allow-missing", "--keep-equal"]);
+    let o = run_ok(&["diff", &s(&bad), "--base", &base_p, "-o", &s(&out), "--allow-missing", "--keep-equal"]);
     let warn = String::from_utf8_lossy(&o.stderr);
     assert_eq!(warn.matches("graft: warning: skipping tensor").count(), 5, "{warn}");
     let tv = Checkpoint::open(&out).unwrap();
     assert_eq!(tv.names().collect::<Vec<_>>(), ["layers.0.weight", "layers.1.weight", "layers.2.weight"]);
-    let o = ok(&["similarity", &s(&bad), "--base", &base_p, "--allow-missing", "--json"]);
+    let o = run_ok(&["similarity", &s(&bad), "--base", &base_p, "--allow-missing", "--json"]);
     let r: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(r["tensors"], 3);
     assert_eq!(r["skipped_mismatched"].as_array().unwrap().len(), 5);
@@ -682,7 +656,7 @@ fn apply_errors_and_warnings() {
     let err = fails(&["apply", &base_p, "-o", &s(&out)], 2);
     assert!(err.contains("nothing to apply"), "{err}");
     let tv = dir.path().join("tv");
-    ok(&["diff", &fixture("llama", "ft_a"), "--base", &base_p, "-o", &s(&tv)]);
+    run_ok(&["diff", &fixture("llama", "ft_a"), "--base", &base_p, "-o", &s(&tv)]);
     let err = fails(&["apply", &base_p, "--vector", &s(&tv), "-o", &s(&out), "--dtype", "i64"], 2);
     assert!(err.contains("not a float type"), "{err}");
     let err = fails(&["apply", &base_p, "--vector", &format!("{}:inf", s(&tv)), "-o", &s(&out)], 2);
@@ -690,18 +664,18 @@ fn apply_errors_and_warnings() {
     let err = fails(&["diff", &fixture("llama", "ft_a"), "--base", &base_p, "-o", &s(&out), "--dtype", "q4"], 2);
     assert!(err.contains("unknown dtype"), "{err}");
     // A vector applied to another base than the one it was computed against: a warning, not an error.
-    let o = ok(&["apply", &fixture("llama", "indep"), "--vector", &s(&tv), "-o", &s(&out)]);
+    let o = run_ok(&["apply", &fixture("llama", "indep"), "--vector", &s(&tv), "-o", &s(&out)]);
     let warn = String::from_utf8_lossy(&o.stderr);
     assert!(warn.contains("graft: warning:") && warn.contains("task vector of a model against base"), "{warn}");
     // The same base, as its directory or as the file in it: no warning.
-    let o = ok(&["apply", &base_p, "--vector", &s(&tv), "-o", &s(&dir.path().join("out2"))]);
+    let o = run_ok(&["apply", &base_p, "--vector", &s(&tv), "-o", &s(&dir.path().join("out2"))]);
     assert!(o.stderr.is_empty(), "{}", String::from_utf8_lossy(&o.stderr));
     let base_file = format!("{base_p}/model.safetensors");
-    let o = ok(&["apply", &base_file, "--vector", &s(&tv), "-o", &s(&dir.path().join("out3.safetensors"))]);
+    let o = run_ok(&["apply", &base_file, "--vector", &s(&tv), "-o", &s(&dir.path().join("out3.safetensors"))]);
     assert!(o.stderr.is_empty(), "{}", String::from_utf8_lossy(&o.stderr));
     // --dtype f32 widens the base's BF16 tensors.
     let o3 = dir.path().join("o3.safetensors");
-    ok(&["apply", &base_p, "--vector", &format!("{}:0", s(&tv)), "-o", &s(&o3), "--dtype", "f32"]);
+    run_ok(&["apply", &base_p, "--vector", &format!("{}:0", s(&tv)), "-o", &s(&o3), "--dtype", "f32"]);
     let (o3, base) = (Checkpoint::open(&o3).unwrap(), Checkpoint::open(&base_p).unwrap());
     let t = o3.tensor("lm_head.weight").unwrap();
     assert_eq!(t.dtype, Dtype::F32);
@@ -726,7 +700,7 @@ fn apply_finetuned_must_match_the_base() {
     assert!(err.contains("1 tensor only in the base (layers.2.bias)"), "{err}");
     assert!(!out.exists());
     // With --allow-missing the missing tensor gets a zero delta: the base's bytes; the others the fine-tuned values.
-    let o = ok(&["apply", &base_p, "--finetuned", &s(&partial), "-o", &s(&out), "--allow-missing"]);
+    let o = run_ok(&["apply", &base_p, "--finetuned", &s(&partial), "-o", &s(&out), "--allow-missing"]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("skipping tensor 'layers.2.bias'"));
     let out = Checkpoint::open(&out).unwrap();
     assert_eq!(out.tensor("layers.2.bias").unwrap().data, base.tensor("layers.2.bias").unwrap().data);

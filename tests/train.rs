@@ -1,6 +1,8 @@
 //! `graft train` and `graft eval` end to end on the fixtures and on small synthetic data sets written here.
 
-use std::path::{Path, PathBuf};
+use crate::support::fixture;
+
+use std::path::Path;
 use std::process::Command;
 
 use graft::checkpoint::Checkpoint;
@@ -9,10 +11,6 @@ use graft::train::data::idx;
 
 fn graft() -> Command {
     Command::new(env!("CARGO_BIN_EXE_graft"))
-}
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
 }
 
 fn run(args: &[&str]) -> String {

@@ -5,15 +5,13 @@
 //! `GRAFT_TEST_DEVICE=cuda` runs them all on a GPU (a `cuda` build; `tools/check-cuda` does), where the figure is the
 //! CUDA memory pool's.
 
+use crate::support::fixture;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use graft::rng::Rng;
 use graft::train::data::idx;
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
-}
 
 /// The device every run trains on: `GRAFT_TEST_DEVICE` (default `cpu`; `cuda` on a GPU machine with a `cuda` build,
 /// where the figure comes from the CUDA memory pool instead of the host allocator, and the same orderings must hold).

@@ -5,10 +5,8 @@
 //! nothing divides 0 by 0: similarity reports undefined ratios over zero elements as null, snr lists empty tensors
 //! with status "empty" instead of scoring them.
 
-#[path = "support/st.rs"]
-mod st;
-
-use st::{empty, f32t, header, ok, read_f32, s, tmp, write_st};
+use crate::support::st::{empty, f32t, header, read_f32, write_st};
+use crate::support::{run_ok, s, tmp};
 use std::path::{Path, PathBuf};
 
 const BASE_W: [f32; 6] = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
@@ -47,15 +45,15 @@ fn assert_close(got: &[f32], want: &[f64], what: &str) {
 fn inspect_and_convert_keep_zero_element_tensors() {
     let dir = tmp("zero", "convert");
     let (_, a, _) = models(&dir);
-    let out = ok(&["inspect", &s(&a)]);
+    let out = run_ok(&["inspect", &s(&a)]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("empty16") && text.contains("[4, 0]"), "{text}");
     let plain = dir.join("plain.safetensors");
-    ok(&["convert", &s(&a), "-o", &s(&plain)]);
+    run_ok(&["convert", &s(&a), "-o", &s(&plain)]);
     assert_empties_kept(&plain, None);
     assert_close(&read_f32(&plain, "w"), &BASE_W.map(|x| x as f64 + 0.5), "convert w");
     let f16 = dir.join("f16.safetensors");
-    ok(&["convert", &s(&a), "--dtype", "f16", "-o", &s(&f16)]);
+    run_ok(&["convert", &s(&a), "--dtype", "f16", "-o", &s(&f16)]);
     assert_empties_kept(&f16, Some("F16"));
     assert_eq!(header(&f16)["w"]["data_offsets"][1], 12, "six f16 values");
 }
@@ -66,12 +64,12 @@ fn diff_and_apply_keep_zero_element_tensors() {
     let (base, a, _) = models(&dir);
     let tv = dir.join("tv.safetensors");
     // A zero-element tensor equals its base trivially: --keep-equal keeps it, as it keeps any unchanged tensor.
-    ok(&["diff", "--base", &s(&base), &s(&a), "--keep-equal", "-o", &s(&tv)]);
+    run_ok(&["diff", "--base", &s(&base), &s(&a), "--keep-equal", "-o", &s(&tv)]);
     // Deltas are written in f32 by default (`diff --dtype`), empty ones included.
     assert_empties_kept(&tv, Some("F32"));
     assert_close(&read_f32(&tv, "w"), &[0.5; 6], "task vector");
     let applied = dir.join("applied.safetensors");
-    ok(&["apply", &s(&base), "--vector", &format!("{}:0.5", s(&tv)), "-o", &s(&applied)]);
+    run_ok(&["apply", &s(&base), "--vector", &format!("{}:0.5", s(&tv)), "-o", &s(&applied)]);
     assert_empties_kept(&applied, None);
     assert_close(&read_f32(&applied, "w"), &BASE_W.map(|x| x as f64 + 0.25), "base + 0.5 tv");
 }
@@ -93,7 +91,7 @@ fn merge_with_every_registered_method_keeps_zero_element_tensors() {
             "arcee_fusion" => args.extend(["--base", &base, &a]),
             _ => args.extend(["--base", &base, &a, &b]),
         }
-        ok(&args);
+        run_ok(&args);
         assert_empties_kept(&out, None);
         let w = read_f32(&out, "w");
         assert!(w.len() == 6 && w.iter().all(|x| x.is_finite()), "{name}: {w:?}");
@@ -114,7 +112,7 @@ fn merge_with_every_registered_method_keeps_zero_element_tensors() {
 fn similarity_and_snr_report_empty_tensors_without_nan() {
     let dir = tmp("zero", "stats");
     let (base, a, b) = models(&dir);
-    let out = ok(&["similarity", "--base", &s(&base), &s(&a), &s(&b), "--json"]);
+    let out = run_ok(&["similarity", "--base", &s(&base), &s(&a), &s(&b), "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("similarity prints JSON");
     // The empty tensors add no parameters: only w's six count, and the cosine of two parallel task vectors is 1.
     assert_eq!(v["total"]["params"], 6, "{v}");
@@ -125,14 +123,14 @@ fn similarity_and_snr_report_empty_tensors_without_nan() {
     for p in &only_empty {
         write_st(p, &[empty("empty", "F32", &[0, 4])]);
     }
-    let out = ok(&["similarity", "--base", &s(&only_empty[0]), &s(&only_empty[1]), &s(&only_empty[2]), "--json"]);
+    let out = run_ok(&["similarity", "--base", &s(&only_empty[0]), &s(&only_empty[1]), &s(&only_empty[2]), "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("similarity prints JSON");
     assert_eq!(v["total"]["params"], 0, "{v}");
     assert!(v["total"]["pairs"][0]["cosine"].is_null(), "{v}");
     assert!(v["total"]["models"][0]["zero_fraction"].is_null(), "{v}");
     assert_eq!(v["total"]["models"][0]["l2_norm"], 0.0, "{v}");
 
-    let out = ok(&["snr", &s(&a), "--json"]);
+    let out = run_ok(&["snr", &s(&a), "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("snr prints JSON");
     let text = v.to_string();
     assert!(!text.contains("NaN"), "{text}");
@@ -165,7 +163,7 @@ fn interpolate_keeps_zero_element_tensors_at_every_step() {
     let dir = tmp("zero", "interpolate");
     let (_, a, b) = models(&dir);
     let out = dir.join("path");
-    ok(&["interpolate", &s(&a), &s(&b), "--steps", "3", "-o", &s(&out)]);
+    run_ok(&["interpolate", &s(&a), &s(&b), "--steps", "3", "-o", &s(&out)]);
     for (step, l) in [0.0f64, 0.5, 1.0].iter().enumerate() {
         let d = out.join(format!("step-{step:03}"));
         let file = std::fs::read_dir(&d)

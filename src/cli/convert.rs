@@ -39,7 +39,7 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
             _ => Err(Error::usage(format!("--dtype '{d}' is not a float dtype (bf16, f16, f32, f64)"))),
         })
         .transpose()?;
-    if crate::gguf::is_gguf_path(&args.input) {
+    if crate::checkpoint::is_gguf_path(&args.input) {
         // A GGUF file becomes a Hugging Face checkpoint: nothing to carry, the config is rebuilt from its metadata.
         let g = crate::gguf::GgufFile::open(&args.input)?;
         let opts = args.output.writer_options(vec![args.input.clone()]);

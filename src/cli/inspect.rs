@@ -39,7 +39,7 @@ pub fn run(mut args: Args, _global: &Global) -> Result<()> {
     }
     let name = |p: &PathBuf| p.display().to_string();
     super::run_batch(&args.paths, args.json, "path", "checkpoints could not be read", name, |path| {
-        if crate::gguf::is_gguf_path(path) {
+        if crate::checkpoint::is_gguf_path(path) {
             let g = crate::gguf::GgufFile::open(path)?.summary();
             return if args.json {
                 emit(&(serde_json::to_string(&g).unwrap() + "\n"))

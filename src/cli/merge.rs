@@ -455,7 +455,12 @@ fn run_one(a: &Args, global: &Global) -> Result<()> {
     // LoRA adapters are applied and a built vocabulary remaps embedding rows before the plan, so every method and
     // --snr-select see the result; the new tensors are checkpoints appended to `models`.
     let mut adapted = crate::merge::lora::prepare(&models, &adapters, &a.output.output)?;
-    let mut remap = crate::merge::vocab::prepare(&cfg, &models, &a.output.output)?;
+    let paths = cfg.model_paths();
+    let mut remap = (cfg.tokenizer.as_ref())
+        .map(|spec| {
+            crate::merge::vocab::prepare(spec, &paths, cfg.base_model.as_ref(), cfg.dtype, &models, &a.output.output)
+        })
+        .transpose()?;
     let mut substitutes = std::collections::BTreeMap::new();
     for s in std::iter::once(&mut adapted).chain(remap.as_mut().map(|r| &mut r.substitutes)) {
         let first = models.len();

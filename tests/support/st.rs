@@ -3,8 +3,7 @@
 
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 
 /// One tensor of a test file: name, dtype name, shape, little-endian bytes.
 pub struct T {
@@ -71,30 +70,4 @@ pub fn read_f32(path: &Path, name: &str) -> Vec<f32> {
     assert_eq!(t["dtype"], "F32", "{name}");
     let [a, b] = [0, 1].map(|i| t["data_offsets"][i].as_u64().unwrap() as usize);
     bytes[8 + n + a..8 + n + b].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
-}
-
-pub fn graft(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_graft")).args(args).output().expect("graft runs")
-}
-
-pub fn ok(args: &[&str]) -> Output {
-    let out = graft(args);
-    assert!(
-        out.status.success(),
-        "graft {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-pub fn tmp(prefix: &str, name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("graft-{prefix}-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-pub fn s(p: &Path) -> String {
-    p.display().to_string()
 }

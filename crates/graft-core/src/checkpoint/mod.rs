@@ -12,7 +12,7 @@ pub mod writer;
 
 pub use commit::write_atomic;
 pub use dtype::Dtype;
-pub use reader::{Checkpoint, TensorInfo, TensorView, INDEX_NAME, SINGLE_NAME};
+pub use reader::{is_gguf_path, Checkpoint, TensorInfo, TensorView, INDEX_NAME, SINGLE_NAME};
 pub use writer::{CheckpointWriter, TensorDecl, WriterOptions, Written, CARRIED_FILES, DEFAULT_MAX_SHARD_SIZE};
 
 /// Parses a size such as `5GB`, `500MB`, `2GiB` or a plain byte count (Hugging Face's decimal/binary units).

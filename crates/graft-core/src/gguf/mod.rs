@@ -22,7 +22,6 @@ use crate::checkpoint::Dtype;
 use crate::error::{Error, Result};
 
 /// True when `path` names a GGUF file (by extension).
-pub use crate::checkpoint::reader::is_gguf_path;
 
 /// One tensor of the file, in torch order (candle reverses GGUF's innermost-first dims on read).
 #[derive(Clone, Debug, Serialize)]

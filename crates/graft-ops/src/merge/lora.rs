@@ -186,8 +186,12 @@ impl Adapter {
 }
 
 /// The adapted weights of every model with an adapter (`adapters[i]` goes with `models[i]`), written beside `out`.
-pub fn prepare(models: &[Checkpoint], adapters: &[Option<Adapter>], out: &Path) -> Result<super::vocab::Substitutes> {
-    let mut subs = super::vocab::Substitutes::default();
+pub fn prepare(
+    models: &[Checkpoint],
+    adapters: &[Option<Adapter>],
+    out: &Path,
+) -> Result<super::substitute::Substitutes> {
+    let mut subs = super::substitute::Substitutes::default();
     for (m, adapter) in adapters.iter().enumerate() {
         let Some(adapter) = adapter else { continue };
         let mut tensors = Vec::new();

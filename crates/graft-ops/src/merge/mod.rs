@@ -46,6 +46,7 @@ pub mod scratch;
 pub mod select;
 pub mod slerp;
 pub mod sparsify;
+pub mod substitute;
 pub mod task_arithmetic;
 pub mod ties;
 pub mod vocab;

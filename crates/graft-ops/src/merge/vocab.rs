@@ -26,13 +26,11 @@
 //! and all have one row count. The output's `tokenizer.json` is the source's own file unless tokens were added.
 
 use std::collections::{BTreeMap, HashMap};
-use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use tokenizers::{AddedToken, Tokenizer};
 
-use super::config::MergeConfig;
-use crate::checkpoint::commit::TempDir;
+use super::substitute::Substitutes;
 use crate::checkpoint::dtype::{from_f32_vec, round_in_place};
 use crate::checkpoint::{hf_config, Checkpoint, Dtype};
 use crate::error::{Error, Result};
@@ -145,43 +143,6 @@ pub struct Remap {
     pub substitutes: Substitutes,
 }
 
-/// Tensors that replace inputs' originals in the plan (`super::plan::build_with`): remapped vocabulary rows here,
-/// adapted weights in `super::lora`. Their files live in a temporary directory beside the output until this is
-/// dropped.
-#[derive(Default)]
-pub struct Substitutes {
-    /// (model index, tensor name) -> index into `checkpoints`.
-    pub map: BTreeMap<(usize, String), usize>,
-    pub checkpoints: Vec<Checkpoint>,
-    dir: Option<TempDir>,
-}
-
-impl Substitutes {
-    /// Writes `tensors` (name, dtype, shape, bytes) as substitutes of model `model`'s; `kind` names the file.
-    pub fn add(
-        &mut self,
-        model: usize,
-        tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)>,
-        out: &Path,
-        kind: &str,
-    ) -> Result<()> {
-        if self.dir.is_none() {
-            let (parent, name) = crate::checkpoint::commit::split(out)?;
-            let mut stem = OsString::from(format!("{kind}-"));
-            stem.push(&name);
-            self.dir = Some(TempDir::create(&parent, &stem).map_err(|e| Error::io(&parent, e))?);
-        }
-        let dir = &self.dir.as_ref().expect("created above").path;
-        let file = dir.join(format!("{kind}-{model}-{}.safetensors", self.checkpoints.len()));
-        write_safetensors(&file, &tensors)?;
-        for (name, ..) in &tensors {
-            self.map.insert((model, name.clone()), self.checkpoints.len());
-        }
-        self.checkpoints.push(Checkpoint::open(&file)?);
-        Ok(())
-    }
-}
-
 /// Per output row of one model: where its values come from.
 #[derive(Clone, Debug, PartialEq)]
 enum Row {
@@ -203,12 +164,18 @@ enum Default {
     Zero,
 }
 
-/// Builds the output vocabulary of `cfg.tokenizer` (None: nothing to do) and remaps the vocabulary tensors of every
-/// model (`models[i]` opened from `cfg.model_paths()[i]`) whose rows do not line up with it. Substitute files are
+/// Builds the output vocabulary of a merge config's `tokenizer:` setting `spec` and remaps the vocabulary tensors of
+/// every model (`models[i]` opened from `paths[i]`; `base_model` one of them) whose rows do not line up with it;
+/// float rows are written in `out_dtype` when the config sets one. Substitute files are
 /// written in a temporary directory beside `out`.
-pub fn prepare(cfg: &MergeConfig, models: &[Checkpoint], out: &Path) -> Result<Option<Remap>> {
-    let Some(spec) = &cfg.tokenizer else { return Ok(None) };
-    let paths = cfg.model_paths();
+pub fn prepare(
+    spec: &TokenizerSpec,
+    paths: &[PathBuf],
+    base_model: Option<&PathBuf>,
+    out_dtype: Option<Dtype>,
+    models: &[Checkpoint],
+    out: &Path,
+) -> Result<Remap> {
     let dir_of = |i: usize| -> Result<PathBuf> {
         models[i].dir().map(Path::to_path_buf).ok_or_else(|| {
             Error::usage(format!(
@@ -223,7 +190,7 @@ pub fn prepare(cfg: &MergeConfig, models: &[Checkpoint], out: &Path) -> Result<O
             .position(|q| q == p)
             .ok_or_else(|| Error::usage(format!("tokenizer: {what} {} is not one of the merged models", p.display())))
     };
-    let base = match &cfg.base_model {
+    let base = match base_model {
         Some(b) => index_of(b, "base")?,
         None => 0,
     };
@@ -467,7 +434,7 @@ pub fn prepare(cfg: &MergeConfig, models: &[Checkpoint], out: &Path) -> Result<O
                 }
             }
             // Kept in mergekit's working dtype: the config's `dtype`, else the stored one.
-            let dtype = cfg.dtype.filter(|d| d.is_float()).unwrap_or(info.dtype);
+            let dtype = out_dtype.filter(|d| d.is_float()).unwrap_or(info.dtype);
             round_in_place(dtype, &mut data);
             let mut shape = info.shape.clone();
             shape[0] = rows;
@@ -491,7 +458,7 @@ pub fn prepare(cfg: &MergeConfig, models: &[Checkpoint], out: &Path) -> Result<O
     } else {
         Some(tokenizer.to_string(true).map_err(|e| Error::invalid(format!("tokenizer: serialising the output: {e}")))?)
     };
-    Ok(Some(Remap { vocabulary: Vocabulary { tokenizer_json, added, files_from, rows }, substitutes }))
+    Ok(Remap { vocabulary: Vocabulary { tokenizer_json, added, files_from, rows }, substitutes })
 }
 
 fn check_row(model: &Path, tensor: &str, row: usize, rows: usize) -> Result<()> {
@@ -499,30 +466,6 @@ fn check_row(model: &Path, tensor: &str, row: usize, rows: usize) -> Result<()> 
         return Err(Error::tensor(model, tensor, format!("token id {row} is past its {rows} rows")));
     }
     Ok(())
-}
-
-/// Writes a plain safetensors file (header, then the tensors in order).
-fn write_safetensors(path: &Path, tensors: &[(String, Dtype, Vec<usize>, Vec<u8>)]) -> Result<()> {
-    let mut header = serde_json::Map::new();
-    let mut offset = 0usize;
-    for (name, dtype, shape, bytes) in tensors {
-        header.insert(
-            name.clone(),
-            serde_json::json!({"dtype": dtype.name(), "shape": shape, "data_offsets": [offset, offset + bytes.len()]}),
-        );
-        offset += bytes.len();
-    }
-    let mut text = serde_json::Value::Object(header).to_string().into_bytes();
-    while !text.len().is_multiple_of(8) {
-        text.push(b' ');
-    }
-    let mut file = Vec::with_capacity(8 + text.len() + offset);
-    file.extend_from_slice(&(text.len() as u64).to_le_bytes());
-    file.extend_from_slice(&text);
-    for (.., bytes) in tensors {
-        file.extend_from_slice(bytes);
-    }
-    std::fs::write(path, file).map_err(|e| Error::io(path, e))
 }
 
 /// `tokenizer_config.json` with `added_tokens_decoder` listing every added token of the output tokenizer (when the

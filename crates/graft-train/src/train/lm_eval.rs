@@ -68,7 +68,7 @@ pub fn is_causal_lm(checkpoint: &Path) -> bool {
 /// The directory holding a checkpoint's `config.json` and tokenizer: the checkpoint's own, or a file's parent; for a
 /// GGUF file, the files convert would write from it (`gguf::side`).
 pub fn config_dir(checkpoint: &Path) -> Option<PathBuf> {
-    if crate::gguf::is_gguf_path(checkpoint) {
+    if crate::checkpoint::is_gguf_path(checkpoint) {
         return crate::gguf::side::dir(checkpoint).ok();
     }
     if checkpoint.is_dir() {

@@ -137,7 +137,7 @@ fn study_network_has_944494_parameters() {
 }
 
 fn fixture(name: &str) -> Checkpoint {
-    Checkpoint::open(Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name).join("base")).unwrap()
+    Checkpoint::open(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures").join(name).join("base")).unwrap()
 }
 
 fn load_fixture(name: &str) -> Box<dyn Model> {
