@@ -9,7 +9,7 @@
 //! graft-train, graft-study. This crate holds the command line and re-exports their modules under one name, so that
 //! `graft::merge`, `graft::checkpoint` and the rest read as one library to tools and tests.
 
-pub use graft_core::{alloc, checkpoint, convert, error, exec, gguf, names, rng, shard, Error, Result};
+pub use graft_core::{alloc, checkpoint, convert, error, exec, files, gguf, names, rng, shard, Error, Result};
 pub use graft_ops::{align, hub, inspect, interpolate, merge, snr, taskvec};
 pub use graft_study::{experiment, report};
 pub use graft_train::train;

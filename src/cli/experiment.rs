@@ -288,7 +288,7 @@ pub fn demo(args: DemoArgs, global: &Global) -> Result<()> {
     for (name, bytes) in [("train-images-idx3-ubyte", DIGITS_IMAGES), ("train-labels-idx1-ubyte", DIGITS_LABELS)] {
         let p = data.join(name);
         if std::fs::read(&p).ok().as_deref() != Some(bytes) {
-            std::fs::write(&p, bytes).map_err(|e| Error::io(&p, e))?;
+            crate::files::write_atomic(&p, bytes)?;
         }
     }
     let mut plan = Plan::demo(&data);

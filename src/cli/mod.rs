@@ -81,10 +81,15 @@ pub struct Global {
 pub fn run() -> Result<()> {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
-        Err(e) => {
-            // clap renders help/version (exit 0) and usage errors (exit 2) itself.
+        Err(e) if !e.use_stderr() => {
+            // --help and --version: clap prints them, exit 0.
             let _ = e.print();
-            std::process::exit(if e.use_stderr() { 2 } else { 0 });
+            std::process::exit(0);
+        }
+        Err(e) => {
+            // A usage error is one line like every other error, so that scripts can read stderr line by line.
+            eprintln!("graft: error: {}", crate::error::bounded(&usage_error_line(&e.render().to_string())));
+            std::process::exit(2);
         }
     };
     let global = Global { threads: cli.threads };
@@ -107,6 +112,27 @@ pub fn run() -> Result<()> {
         Command::Interpolate(a) => interpolate::run(a, &global),
         Command::Gather(a) => gather::run(a, &global),
     }
+}
+
+/// clap's rendering of a usage error (the problem, indented details, a blank line, the usage, a pointer to --help)
+/// folded onto one line: the problem and its details, then the usage in parentheses.
+fn usage_error_line(rendered: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    let mut usage = None;
+    for line in rendered.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with("For more information") {
+            continue;
+        }
+        match line.strip_prefix("Usage: ") {
+            Some(u) => usage = Some(u),
+            None => parts.push(line.strip_prefix("error: ").unwrap_or(line)),
+        }
+    }
+    let mut text = parts.join(" ");
+    if let Some(u) = usage {
+        text.push_str(&format!(" (usage: {u})"));
+    }
+    text
 }
 
 /// Options shared by every command that reads tensor values (one group, so the flag reads the same everywhere).
@@ -366,5 +392,20 @@ mod tests {
         let args = ["graft", "--threads", "4", "merge", "a", "b", "--threads=2", "--quiet", "-o", "out", "--force"];
         let got = super::recorded_args(args.iter().map(|s| s.to_string()));
         assert_eq!(got, ["graft", "merge", "a", "b", "-o", "out"]);
+    }
+
+    #[test]
+    fn usage_errors_fold_onto_one_line() {
+        use clap::Parser;
+        let e = super::Cli::try_parse_from(["graft", "similarity", "m", "--base", "b", "--only", "x"]).unwrap_err();
+        let rendered = e.render().to_string();
+        assert!(rendered.trim_end().lines().count() > 1, "clap renders several lines: {rendered}");
+        let line = super::usage_error_line(&rendered);
+        assert!(!line.contains('\n'), "{line}");
+        // The problem, each missing argument, and the usage, in that order.
+        let at = |needle: &str| line.find(needle).unwrap_or_else(|| panic!("{needle} missing from {line}"));
+        assert!(at("required arguments were not provided") < at("--experts <A> <B>"));
+        assert!(at("--merged <M>") < at("(usage: graft similarity"));
+        assert!(!line.starts_with("error:") && !line.contains("For more information"), "{line}");
     }
 }

@@ -13,7 +13,7 @@
 //! ```
 
 // graft-core's and graft-ops' modules under the names this crate's code has always used.
-use graft_core::{error, rng};
+use graft_core::{error, files, rng};
 use graft_ops::snr;
 
 pub mod experiment;

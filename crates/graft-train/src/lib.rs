@@ -14,6 +14,6 @@
 //! ```
 
 // graft-core's modules under the names this crate's code has always used (`crate::checkpoint`, `crate::exec`...).
-use graft_core::{alloc, checkpoint, error, exec, gguf, names, rng};
+use graft_core::{alloc, checkpoint, error, exec, files, gguf, names, rng};
 
 pub mod train;

@@ -57,12 +57,7 @@ pub struct Options {
 /// Reads `config.json` next to the checkpoint, if there is one.
 pub fn config(ck: &Checkpoint) -> Result<Option<serde_json::Value>> {
     let Some(dir) = ck.dir() else { return Ok(None) };
-    let path = dir.join("config.json");
-    if !path.is_file() {
-        return Ok(None);
-    }
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    serde_json::from_str(&text).map(Some).map_err(|e| Error::format(&path, format!("not valid JSON: {e}")))
+    Ok(crate::checkpoint::hf_config::read(&dir.join("config.json"))?.map(serde_json::Value::Object))
 }
 
 /// The architecture of a checkpoint: from `config.json` (`graft_arch`, `model_type`), else from tensor names.

@@ -62,13 +62,7 @@ pub fn of_model(dir: &Path) -> Result<Option<String>> {
     }
     for file in [LEGACY_TEMPLATE_FILE, "tokenizer_config.json"] {
         let path = dir.join(file);
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(Error::io(&path, e)),
-        };
-        let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| Error::format(&path, format!("not valid JSON: {e}")))?;
+        let Some(json) = crate::files::read_json_if_exists::<serde_json::Value>(&path)? else { continue };
         let template = match &json["chat_template"] {
             serde_json::Value::String(s) => Some(s.clone()),
             serde_json::Value::Array(named) => {

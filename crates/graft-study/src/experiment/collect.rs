@@ -25,8 +25,7 @@ pub fn alignment_changed(report: &Value) -> bool {
 
 /// Reads the JSON document a step left on its standard output.
 pub fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map_err(|e| Error::format(path, format!("not a JSON document: {e}")))
+    crate::files::read_json(path)
 }
 
 /// Concatenates the results lines of every `*.jsonl` under each seed's `results/` directory into `out` (written

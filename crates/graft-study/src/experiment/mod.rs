@@ -90,12 +90,12 @@ fn write_plan_copy(rundir: &Path, plan: &impl serde::Serialize) -> Result<()> {
     std::fs::create_dir_all(rundir).map_err(|e| Error::io(rundir, e))?;
     let plan_copy = rundir.join("plan.yml");
     let yaml = yaml_serde::to_string(plan).map_err(|e| Error::invalid(format!("cannot serialise the plan: {e}")))?;
-    std::fs::write(&plan_copy, yaml).map_err(|e| Error::io(&plan_copy, e))?;
+    crate::files::write_atomic(&plan_copy, yaml.as_bytes())?;
     runner::create_dirs(rundir)?;
     let workdir = std::env::current_dir().map_err(|e| Error::io(".", e))?;
     let origin = Origin { rundir: rundir.to_path_buf(), workdir };
     let path = rundir.join(".steps").join("origin.json");
-    std::fs::write(&path, serde_json::to_string(&origin).unwrap()).map_err(|e| Error::io(&path, e))
+    crate::files::write_atomic(&path, serde_json::to_string(&origin).unwrap().as_bytes())
 }
 
 /// The run directory as the run named it and the directory it was started from: step commands and markers hold

@@ -131,12 +131,12 @@ pub fn execute(program: &Path, rundir: &Path, step: &Step, log: Log) -> Result<S
     match run_one(program, step, &log_path, log) {
         Ok(()) => {
             let m = serde_json::to_string(&Marker { args: step.args.clone() }).unwrap();
-            std::fs::write(&marker, m).map_err(|e| Error::io(&marker, e))?;
+            crate::files::write_atomic(&marker, m.as_bytes())?;
             Ok(Status::Ran { secs: t.elapsed().as_secs_f64() })
         }
         Err(error) => {
             let f = Failure { args: step.args.clone(), error: error.clone(), log: log_path };
-            std::fs::write(&failure, serde_json::to_string(&f).unwrap()).map_err(|e| Error::io(&failure, e))?;
+            crate::files::write_atomic(&failure, serde_json::to_string(&f).unwrap().as_bytes())?;
             Ok(Status::Failed { error })
         }
     }

@@ -208,7 +208,7 @@ fn scancel(job: &str) {
 }
 
 fn write(path: &Path, text: &str) -> Result<()> {
-    std::fs::write(path, text).map_err(|e| Error::io(path, e))
+    crate::files::write_atomic(path, text.as_bytes())
 }
 
 /// One pass over the steps: each is found done, found queued or running, found failed, or submitted now.

@@ -157,12 +157,7 @@ pub fn arch_of(ck: &Checkpoint) -> Result<Option<ArchSpec>> {
     }
     let Some(dir) = ck.dir() else { return Ok(None) };
     let path = dir.join("config.json");
-    if !path.is_file() {
-        return Ok(None);
-    }
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error::format(&path, format!("not valid JSON: {e}")))?;
+    let Some(v) = crate::checkpoint::hf_config::read(&path)?.map(serde_json::Value::Object) else { return Ok(None) };
     if v.get("graft_arch").is_none() && v.get("model_type").and_then(|m| m.as_str()) != Some("bert") {
         return Ok(None);
     }

@@ -82,9 +82,8 @@ fn read_config(checkpoint: &Path) -> Result<Option<(serde_json::Value, PathBuf)>
     let Some(path) = config_dir(checkpoint).map(|d| d.join("config.json")).filter(|p| p.is_file()) else {
         return Ok(None);
     };
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    let v = serde_json::from_str(&text).map_err(|e| Error::format(&path, format!("invalid JSON: {e}")))?;
-    Ok(Some((v, path)))
+    let v = crate::checkpoint::hf_config::read(&path)?.map(serde_json::Value::Object);
+    Ok(v.map(|v| (v, path)))
 }
 
 /// Loads a llama-family checkpoint (single file or sharded directory) with its `config.json`.

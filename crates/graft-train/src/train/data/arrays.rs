@@ -28,9 +28,7 @@ struct Meta {
 
 pub fn read_dir(dir: &Path) -> Result<(Dataset, Option<Dataset>)> {
     let mpath = dir.join(META);
-    let text = std::fs::read_to_string(&mpath).map_err(|e| Error::io(&mpath, e))?;
-    let meta: Meta =
-        serde_json::from_str(&text).map_err(|e| Error::format(&mpath, format!("invalid meta.json: {e}")))?;
+    let meta: Meta = crate::files::read_json(&mpath)?;
     if meta.shape.is_empty() || meta.shape.contains(&0) {
         return Err(Error::format(&mpath, format!("shape {:?} must be non-empty and positive", meta.shape)));
     }
