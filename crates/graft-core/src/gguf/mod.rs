@@ -21,8 +21,6 @@ use serde::Serialize;
 use crate::checkpoint::Dtype;
 use crate::error::{Error, Result};
 
-/// True when `path` names a GGUF file (by extension).
-
 /// One tensor of the file, in torch order (candle reverses GGUF's innermost-first dims on read).
 #[derive(Clone, Debug, Serialize)]
 pub struct GgufTensor {
