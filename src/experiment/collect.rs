@@ -67,6 +67,24 @@ pub fn collect(
     Ok(n)
 }
 
+/// The consistency numbers of the merge a fine-tuning line starts from (its `config.init` is the seed's
+/// `merge-ID` directory), from the study's `consistency-ID.json` (`graft similarity --merged --json`):
+/// `consistency_merged` over the merged tensors and `consistency_all` over every float tensor, each the mean of the
+/// two cosines. None for lines that start from no merge, or whose consistency step left no report.
+pub fn consistency_metrics(rundir: &Path, line: &Value) -> Vec<(String, f64)> {
+    let (Some(seed), Some(init)) = (line["seed"].as_u64(), line["config"]["init"].as_str()) else { return Vec::new() };
+    let Some(id) = Path::new(init).file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix("merge-")) else {
+        return Vec::new();
+    };
+    let Ok(report) = read_json(&steps::seed_dir(rundir, seed).join(format!("consistency-{id}.json"))) else {
+        return Vec::new();
+    };
+    [("consistency_merged", "selected"), ("consistency_all", "all")]
+        .into_iter()
+        .filter_map(|(key, scope)| report[scope]["mean"].as_f64().map(|v| (key.to_string(), v)))
+        .collect()
+}
+
 /// Writes `text` to `out` whole: under a temporary name first, then renamed.
 fn write_whole(out: &Path, text: &str) -> Result<()> {
     let tmp = out.with_extension("jsonl.partial");
