@@ -179,6 +179,23 @@ mod tests {
     }
 
     #[test]
+    fn fine_tuning_lines_get_their_merges_consistency() {
+        let dir = tempfile::tempdir().unwrap();
+        let seed_dir = steps::seed_dir(dir.path(), 1);
+        std::fs::create_dir_all(&seed_dir).unwrap();
+        let report = serde_json::json!({"all": {"mean": 0.8}, "selected": {"mean": 0.99, "recover_a": 1.0}});
+        std::fs::write(seed_dir.join("consistency-ties-p0.1.json"), report.to_string()).unwrap();
+        // The run directory as the step named it need not be this one: the seed and the merge's name are enough.
+        let line = |seed: u64, init: &str| serde_json::json!({"seed": seed, "config": {"init": init}});
+        let got = consistency_metrics(dir.path(), &line(1, "elsewhere/seed-1/merge-ties-p0.1"));
+        assert_eq!(got, [("consistency_merged".to_string(), 0.99), ("consistency_all".to_string(), 0.8)]);
+        // Another seed's merge, a line from the base, a merge without a report: nothing.
+        assert!(consistency_metrics(dir.path(), &line(0, "x/seed-0/merge-ties-p0.1")).is_empty());
+        assert!(consistency_metrics(dir.path(), &line(1, "x/seed-1/base")).is_empty());
+        assert!(consistency_metrics(dir.path(), &line(1, "x/seed-1/merge-lerp-p1")).is_empty());
+    }
+
+    #[test]
     fn gain_kept_is_the_share_of_the_experts_nll_drop() {
         // Base 4.0, expert 3.0: a model at 3.25 keeps three quarters of the drop; one worse than the base, less than 0.
         assert_eq!(gain_kept(4.0, 3.0, 3.25), Some(0.75));
