@@ -1028,7 +1028,7 @@ fn interpolation_charts(curves: &[Curve]) -> Vec<Chart> {
     // said to be aligned, is the path before alignment.
     let start = |c: &Curve| c.params.get("a").map(Param::display);
     let aligned_starts: Vec<String> =
-        curves.iter().filter(|c| alignment_of(c) == Some(true)).filter_map(|c| start(c)).collect();
+        curves.iter().filter(|c| alignment_of(c) == Some(true)).filter_map(&start).collect();
     let alignment = |c: &Curve| match alignment_of(c) {
         None if start(c).is_some_and(|a| aligned_starts.contains(&a)) => Some(false),
         known => known,
