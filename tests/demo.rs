@@ -62,6 +62,12 @@ fn demo_runs_the_whole_study_reports_it_and_resumes_without_redoing_steps() {
         }
     }
     assert!(pngs >= 8, "only {pngs} charts");
+    // Every fine-tune of a merge carries that merge's consistency with its experts; the report draws it.
+    for l in lines.iter().filter(|l| l["config"]["method"] != "none") {
+        let c = l["metrics"]["consistency_merged"].as_f64().unwrap_or_else(|| panic!("no consistency in {l}"));
+        assert!((-1.0..=1.0 + 1e-9).contains(&c), "{c}");
+    }
+    assert!(plots.join("consistency.png").is_file());
     assert!(dir.join("report").join("index.html").exists());
 
     // Resumability: a rerun finds every step finished and redoes none of them.

@@ -173,11 +173,9 @@ fn end_to_end_report() {
     let names: Vec<&str> = plots.iter().map(|p| p["name"].as_str().unwrap()).collect();
     for want in [
         "train_bars_accuracy",
-        "train_bars_f1_weighted",
         "train_bars_time_s",
         "train_bars_peak_memory_bytes",
         "train_change_accuracy",
-        "train_change_f1_weighted",
         "train_saving_time_s",
         "train_saving_peak_memory_bytes",
         "train_accuracy_vs_top_p",
@@ -188,6 +186,16 @@ fn end_to_end_report() {
         "interpolate_accuracy",
     ] {
         assert!(names.contains(&want), "chart {want} missing from {names:?}");
+    }
+    // F1 tells the story accuracy tells: the tables keep it, no chart of its own.
+    assert!(names.iter().all(|n| !n.contains("f1_")), "{names:?}");
+    // Every chart says what it shows, on the page too.
+    let page = std::fs::read_to_string(out_dir.join("index.html")).unwrap();
+    for p in plots {
+        let caption = p["caption"].as_str().unwrap();
+        assert!(caption.len() > 60, "{}: caption {caption:?}", p["name"]);
+        let escaped = caption.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('\'', "&#39;");
+        assert!(page.contains(&escaped), "{}: caption not on the page", p["name"]);
     }
     for p in plots {
         let png_path = out_dir.join(p["png"].as_str().unwrap());
@@ -685,4 +693,184 @@ fn study_snr_scans_are_on_the_page() {
     assert!(html.contains("<h2>SNR of the study&#39;s models</h2>"), "no SNR section");
     assert!(html.contains("src=\"plots/snr_heatmap.png\"") && html.contains("snr-ft_b.json"));
     browser_check(&out_dir);
+}
+
+/// Ink share of a PNG: the pixels that are not white.
+fn ink(path: &Path) -> f64 {
+    let img = png::decode(&std::fs::read(path).unwrap()).unwrap();
+    let ink = (0..img.height)
+        .flat_map(|y| (0..img.width).map(move |x| (x, y)))
+        .filter(|&(x, y)| img.pixel(x, y)[..3] != [255, 255, 255])
+        .count();
+    ink as f64 / (img.width * img.height) as f64
+}
+
+fn plot<'a>(doc: &'a Value, name: &str) -> &'a Value {
+    doc["plots"].as_array().unwrap().iter().find(|p| p["name"] == name).unwrap_or_else(|| panic!("no chart {name}"))
+}
+
+fn legend(plot: &Value) -> Vec<String> {
+    plot["legend"].as_array().unwrap().iter().map(|l| l.as_str().unwrap().to_string()).collect()
+}
+
+/// A study's consistency numbers as `graft experiment` writes them (each fine-tuning line of a merge carries its
+/// merge's numbers; the selected-layers runs name a selection file per seed) and interpolation paths as `graft
+/// interpolate --results` writes them (named by their end models, `a` in the config): grouped consistency bars per
+/// top-p with a bar per method and variant and the all-tensors value as a tick; barrier curves with the path before
+/// alignment told apart and each barrier's height, checked against the height built into the data; the freeze
+/// policy carried in words by the summary.
+#[test]
+fn consistency_bars_and_barrier_curves() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut lines = Vec::new();
+    for seed in 0..3usize {
+        lines.push(json!({
+            "kind": "train", "run_id": format!("base-{seed}"), "experiment": "base / full", "seed": seed,
+            "config": {"freeze": "none", "method": "none"}, "metrics": {"accuracy": 0.95}, "baseline": true
+        }));
+        for (method, snr_from) in [("lerp", "base"), ("lerp", "avg"), ("ties", "base")] {
+            for top_p in [0.1, 1.0] {
+                if snr_from == "avg" && top_p == 1.0 {
+                    continue;
+                }
+                let merged = if method == "lerp" { 1.0 } else { 0.70 + 0.01 * seed as f64 + 0.02 * top_p };
+                let all = merged - 0.2;
+                for freeze in ["all-but-head".to_string(), format!("selected:runs/seed-{seed}/merge-{method}-p{top_p}")]
+                {
+                    let policy = if freeze.starts_with("selected") { "selected" } else { "head" };
+                    let variant = if snr_from == "avg" { " (SNR avg)" } else { "" };
+                    lines.push(json!({
+                        "kind": "train", "run_id": format!("{method}-{snr_from}-{top_p}-{policy}-{seed}"),
+                        "experiment": format!("{method} top-{}%{variant} / {policy}", top_p * 100.0), "seed": seed,
+                        "config": {"method": method, "top_p": top_p, "snr_from": snr_from, "aligned": "true",
+                                   "freeze": freeze},
+                        "metrics": {"accuracy": 0.9 + 0.01 * wiggle(seed + lines.len()),
+                                    "consistency_merged": merged, "consistency_all": all}
+                    }));
+                }
+            }
+        }
+        // Loss along two paths from one start: a bump of height h (times 1 + seed / 10) over a straight rise.
+        for (b, h) in [("s1/base", 0.4), ("s1/aligned-b", 0.05)] {
+            for i in 0..=4 {
+                let lambda = i as f64 / 4.0;
+                let bump = h * (1.0 + seed as f64 / 10.0) * 4.0 * lambda * (1.0 - lambda);
+                lines.push(json!({
+                    "kind": "interpolate", "run_id": format!("{b}-{seed}-{i}"),
+                    "experiment": format!("interpolate s0/base -> {b}"), "seed": seed,
+                    "config": {"a": "s0/base", "b": b, "lambda": lambda},
+                    "metrics": {"loss": 0.3 + 0.1 * lambda + bump}
+                }));
+            }
+        }
+    }
+    let (out_dir, doc) = report_of(dir.path(), &lines);
+
+    let consistency = plot(&doc, "consistency");
+    assert_eq!(consistency["section"], "consistency");
+    assert_eq!(legend(consistency), ["lerp", "lerp, SNR avg", "ties", "over all tensors", "1: fully consistent"]);
+    assert!(ink(&out_dir.join("plots/consistency.png")) > 0.05, "consistency chart nearly blank");
+    let svg = std::fs::read_to_string(out_dir.join("plots/consistency.svg")).unwrap();
+    assert!(svg.contains("#0072B2") && svg.contains("#E69F00"), "methods not in their colours");
+    assert!(svg.contains(">\ntop-10%\n</text>") && svg.contains(">\nall layers\n</text>"), "top-p groups");
+    // ties at top-10%: 0.702, 0.712, 0.722 over the seeds, mean 0.712 as the bar's label.
+    assert!(svg.contains(">\n0.712\n</text>"), "ties top-10% bar label");
+
+    // Each seed names its own selection file: the summary carries the policy in words.
+    let r = row(&doc, "train", "lerp top-10% / selected");
+    assert_eq!(r["params"]["freeze"], "selected");
+    assert_eq!(row(&doc, "train", "ties top-100% / head")["params"]["freeze"], "head");
+    assert_eq!(row(&doc, "train", "base / full")["params"]["freeze"], "full");
+
+    let barrier = plot(&doc, "interpolate_loss");
+    let entries = legend(barrier);
+    let height = |b: &str| -> f64 {
+        let e = entries.iter().find(|e| e.starts_with(&format!("interpolate s0/base -> {b}"))).unwrap();
+        e.split("barrier ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap()
+    };
+    // The mean of h, 1.1 h, 1.2 h: 1.1 h, printed to 3 significant digits.
+    assert!((height("s1/base") - 0.44).abs() < 0.001, "{entries:?}");
+    assert!((height("s1/aligned-b") - 0.055).abs() < 0.0005, "{entries:?}");
+    assert!(entries[0].contains("(before alignment)") && !entries[1].contains("before"), "{entries:?}");
+    assert!(entries.iter().any(|e| e.starts_with("barrier:")), "{entries:?}");
+    assert!(ink(&out_dir.join("plots/interpolate_loss.png")) > 0.02, "barrier chart nearly blank");
+    // One pair, one colour (the first of the palette) before and after alignment; line styles: see render's tests.
+    let svg = std::fs::read_to_string(out_dir.join("plots/interpolate_loss.svg")).unwrap();
+    assert!(svg.contains("#0072B2") && !svg.contains("#E69F00"), "the pair changes colour");
+    for p in doc["plots"].as_array().unwrap() {
+        let svg = std::fs::read_to_string(out_dir.join(p["svg"].as_str().unwrap())).unwrap();
+        check_text_does_not_overlap(&svg, p["name"].as_str().unwrap());
+    }
+}
+
+/// `--dpi` sets the PNG's pixels per layout pixel (1, 2 or 3) and leaves the SVG as it is, for `graft report` and
+/// `graft snr --plot`; other values are usage errors.
+#[test]
+fn dpi_scales_the_png_and_not_the_svg() {
+    let dir = tempfile::tempdir().unwrap();
+    let lines: Vec<Value> = (0..4)
+        .map(|i| {
+            json!({"kind": "train", "run_id": format!("r{i}"), "experiment": format!("lerp {i}"), "seed": 0,
+                   "config": {"method": "lerp"}, "metrics": {"accuracy": 0.8 + 0.01 * i as f64}})
+        })
+        .collect();
+    let results = dir.path().join("results.jsonl");
+    std::fs::write(&results, lines.iter().map(|l| l.to_string() + "\n").collect::<String>()).unwrap();
+    let mut svgs = Vec::new();
+    for scale in [1u32, 3] {
+        let out = dir.path().join(format!("report{scale}"));
+        ok(&graft(&["report", results.to_str().unwrap(), "-o", out.to_str().unwrap(), "--dpi", &scale.to_string()]));
+        let svg = std::fs::read_to_string(out.join("plots/bars_accuracy.svg")).unwrap();
+        let (w, h) = png::dimensions(&std::fs::read(out.join("plots/bars_accuracy.png")).unwrap()).unwrap();
+        assert!(
+            svg.contains(&format!("width=\"{}\"", w / scale)) && svg.contains(&format!("height=\"{}\"", h / scale))
+        );
+        assert_eq!((w % scale, h % scale), (0, 0));
+        svgs.push(svg);
+    }
+    assert_eq!(svgs[0], svgs[1], "the SVG depends on --dpi");
+    let bad =
+        graft(&["report", results.to_str().unwrap(), "-o", dir.path().join("bad").to_str().unwrap(), "--dpi", "4"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--dpi"));
+    assert!(!dir.path().join("bad").exists());
+
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/mlp/base");
+    let plots = dir.path().join("snr");
+    ok(&graft(&["snr", model.to_str().unwrap(), "--plot", plots.to_str().unwrap(), "--dpi", "1"]));
+    let svg = std::fs::read_to_string(plots.join("heatmap.svg")).unwrap();
+    let (w, h) = png::dimensions(&std::fs::read(plots.join("heatmap.png")).unwrap()).unwrap();
+    assert!(svg.contains(&format!("width=\"{w}\"")) && svg.contains(&format!("height=\"{h}\"")), "{w}x{h}");
+}
+
+/// A crowded efficiency scatter: thirty experiments at nearly one cost and accuracy. Names that find no free spot
+/// beside their point become numbers listed in the key; no two texts overlap; every experiment is named somewhere.
+#[test]
+fn crowded_scatter_numbers_labels_without_overlap() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut lines = vec![json!({
+        "kind": "train", "run_id": "base", "experiment": "base / full", "seed": 0, "baseline": true,
+        "config": {"freeze": "none"}, "metrics": {"accuracy": 0.8, "time_s": 100.0, "peak_memory_bytes": 1.0e9}
+    })];
+    let mut names = Vec::new();
+    for i in 0..30usize {
+        let method = ["lerp", "ties", "slerp"][i % 3];
+        let freeze = ["head", "selected", "none"][i / 3 % 3];
+        let name = format!("{method} variant {i} / {}", ["head", "selected", "full"][i / 3 % 3]);
+        lines.push(json!({
+            "kind": "train", "run_id": format!("r{i}"), "experiment": name, "seed": 0,
+            "config": {"method": method, "freeze": freeze},
+            "metrics": {"accuracy": 0.8 + 0.002 * wiggle(i), "time_s": 100.0 + 0.5 * wiggle(i + 1),
+                        "peak_memory_bytes": 1.0e9 + 1.0e6 * wiggle(i + 2)}
+        }));
+        names.push(name);
+    }
+    let (out_dir, _) = report_of(dir.path(), &lines);
+    let svg = std::fs::read_to_string(out_dir.join("plots/efficiency_accuracy.svg")).unwrap();
+    check_text_does_not_overlap(&svg, "efficiency_accuracy");
+    assert!(svg.contains(">\n1\n</text>"), "no numbered label: the crowded case was not exercised");
+    for name in &names {
+        assert!(svg.contains(&format!(">\n{name}\n</text>")), "{name} is named nowhere");
+    }
+    assert!(ink(&out_dir.join("plots/efficiency_accuracy.png")) > 0.02);
 }

@@ -277,7 +277,7 @@ fn report(results: &Path, rundir: &Path) -> Result<()> {
     let r = generate(
         std::slice::from_ref(&results.to_path_buf()),
         &rundir.join("report"),
-        &Options { seed: 0, resamples: DEFAULT_RESAMPLES },
+        &Options { seed: 0, resamples: DEFAULT_RESAMPLES, ..Options::default() },
     )?;
     emit(&render_text(&r))
 }

@@ -21,13 +21,18 @@ pub struct Args {
     /// Bootstrap resamples per estimate.
     #[arg(long, default_value_t = DEFAULT_RESAMPLES, value_parser = super::resamples_arg)]
     resamples: usize,
+    /// PNG resolution as a multiple of the chart's layout size: 1 (screen), 2 (print) or 3; the SVG is the same
+    /// whatever the value.
+    #[arg(long, value_name = "N", default_value_t = crate::report::render::PRINT_SCALE,
+          value_parser = crate::report::render::parse_scale)]
+    dpi: u32,
     /// Print the summary as JSON (the contents of summary.json plus "dir") instead of the markdown tables.
     #[arg(long)]
     json: bool,
 }
 
 pub fn run(args: Args, _global: &Global) -> Result<()> {
-    let options = Options { seed: args.seed, resamples: args.resamples };
+    let options = Options { seed: args.seed, resamples: args.resamples, png_scale: args.dpi };
     let report = generate(&args.results, &args.output, &options)?;
     for (old, new) in &report.superseded {
         eprintln!("graft: note: {old} is replaced by {new} (same run)");

@@ -53,6 +53,10 @@ pub struct Args {
     /// and SVG (`DIR/<model>/` when several models are scanned, and `DIR/zoo.png`: a heatmap row per model).
     #[arg(long, value_name = "DIR")]
     plot: Option<PathBuf>,
+    /// With --plot: PNG resolution as a multiple of the layout size, 1, 2 (default) or 3; SVGs are unaffected.
+    #[arg(long, value_name = "N", default_value_t = crate::report::render::PRINT_SCALE,
+          value_parser = crate::report::render::parse_scale, requires = "plot")]
+    dpi: u32,
     /// Append each model's JSON line to FILE and skip models already recorded there (restartable zoo scans).
     #[arg(long, value_name = "FILE")]
     resume: Option<PathBuf>,
@@ -117,7 +121,7 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
         if grids.len() > 1 {
             let title =
                 format!("SNR of every weight matrix, a row per model (top {}% per type framed)", args.top_percent);
-            crate::report::snr_plot::write_zoo(&grids, dir, "zoo", &title)?;
+            crate::report::snr_plot::write_zoo(&grids, dir, "zoo", &title, args.dpi)?;
         }
     }
     scanned
@@ -194,7 +198,7 @@ fn scan_model(
         let trimmed = model.trim_end_matches('/');
         let name = Path::new(trimmed).file_name().map(|n| n.to_string_lossy().to_string());
         let name = name.as_deref().unwrap_or(trimmed);
-        crate::report::snr_plot::write_model(name, &selection, &dir)?;
+        crate::report::snr_plot::write_model(name, &selection, &dir, args.dpi)?;
         grids.push(crate::report::snr_plot::Grid::new(name, &selection));
     }
 

@@ -66,6 +66,24 @@ pub fn collect(
     Ok(n)
 }
 
+/// The consistency numbers of the merge a fine-tuning line starts from (its `config.init` is the seed's
+/// `merge-ID` directory), from the study's `consistency-ID.json` (`graft similarity --merged --json`):
+/// `consistency_merged` over the merged tensors and `consistency_all` over every float tensor, each the mean of the
+/// two cosines. None for lines that start from no merge, or whose consistency step left no report.
+pub fn consistency_metrics(rundir: &Path, line: &Value) -> Vec<(String, f64)> {
+    let (Some(seed), Some(init)) = (line["seed"].as_u64(), line["config"]["init"].as_str()) else { return Vec::new() };
+    let Some(id) = Path::new(init).file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix("merge-")) else {
+        return Vec::new();
+    };
+    let Ok(report) = read_json(&steps::seed_dir(rundir, seed).join(format!("consistency-{id}.json"))) else {
+        return Vec::new();
+    };
+    [("consistency_merged", "selected"), ("consistency_all", "all")]
+        .into_iter()
+        .filter_map(|(key, scope)| report[scope]["mean"].as_f64().map(|v| (key.to_string(), v)))
+        .collect()
+}
+
 /// Writes `text` to `out` whole: under a temporary name first, then renamed.
 fn write_whole(out: &Path, text: &str) -> Result<()> {
     let tmp = out.with_extension("jsonl.partial");
@@ -157,6 +175,23 @@ mod tests {
         assert!(!alignment_changed(&same));
         assert!(alignment_changed(&moved));
         assert!(alignment_changed(&serde_json::json!({"changed": true})));
+    }
+
+    #[test]
+    fn fine_tuning_lines_get_their_merges_consistency() {
+        let dir = tempfile::tempdir().unwrap();
+        let seed_dir = steps::seed_dir(dir.path(), 1);
+        std::fs::create_dir_all(&seed_dir).unwrap();
+        let report = serde_json::json!({"all": {"mean": 0.8}, "selected": {"mean": 0.99, "recover_a": 1.0}});
+        std::fs::write(seed_dir.join("consistency-ties-p0.1.json"), report.to_string()).unwrap();
+        // The run directory as the step named it need not be this one: the seed and the merge's name are enough.
+        let line = |seed: u64, init: &str| serde_json::json!({"seed": seed, "config": {"init": init}});
+        let got = consistency_metrics(dir.path(), &line(1, "elsewhere/seed-1/merge-ties-p0.1"));
+        assert_eq!(got, [("consistency_merged".to_string(), 0.99), ("consistency_all".to_string(), 0.8)]);
+        // Another seed's merge, a line from the base, a merge without a report: nothing.
+        assert!(consistency_metrics(dir.path(), &line(0, "x/seed-0/merge-ties-p0.1")).is_empty());
+        assert!(consistency_metrics(dir.path(), &line(1, "x/seed-1/base")).is_empty());
+        assert!(consistency_metrics(dir.path(), &line(1, "x/seed-1/merge-lerp-p1")).is_empty());
     }
 
     #[test]

@@ -53,7 +53,7 @@ pub fn run(plan: &Plan, rundir: &Path, program: &Path) -> Result<Summary> {
     outcomes = second;
 
     let results = rundir.join("results.jsonl");
-    let lines = collect::collect(rundir, &plan.seeds, &results, |_| Vec::new())?;
+    let lines = collect::collect(rundir, &plan.seeds, &results, |l| collect::consistency_metrics(rundir, l))?;
     Ok(Summary { outcomes, results, lines })
 }
 
@@ -271,7 +271,9 @@ pub fn run_slurm(
 fn collect_results(study: &Study, rundir: &Path) -> Result<(PathBuf, usize)> {
     let results = rundir.join("results.jsonl");
     let lines = match study {
-        Study::Classifier(plan) => collect::collect(rundir, &plan.seeds, &results, |_| Vec::new())?,
+        Study::Classifier(plan) => {
+            collect::collect(rundir, &plan.seeds, &results, |l| collect::consistency_metrics(rundir, l))?
+        }
         Study::Llm(plan) => collect::collect_llm(plan, rundir, &results)?,
     };
     Ok((results, lines))

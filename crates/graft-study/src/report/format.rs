@@ -47,6 +47,10 @@ const KNOWN_METRICS: &[(&str, &str, Unit, Direction)] = &[
     ("loss", "loss", Unit::Plain, Direction::Lower),
     ("time_s", "time", Unit::Seconds, Direction::Lower),
     ("peak_memory_bytes", "peak memory", Unit::Bytes, Direction::Lower),
+    // A merge's consistency with its experts (`graft similarity --merged`): the mean of the two cosines, over the
+    // tensors the merge merged and over every float tensor; 1 = taking either expert out points back at the other.
+    ("consistency_merged", "consistency (merged layers)", Unit::Plain, Direction::Higher),
+    ("consistency_all", "consistency (all tensors)", Unit::Plain, Direction::Higher),
 ];
 
 impl MetricSpec {

@@ -42,6 +42,15 @@ fn cell_html(fmt: &ColumnFormat, cell: Option<&Cell>) -> String {
     }
 }
 
+/// A title as the first sentence of a caption: a full stop added unless it ends a question or sentence already.
+fn sentence(title: &str) -> String {
+    if title.ends_with(['.', '?', '!']) {
+        title.to_string()
+    } else {
+        format!("{title}.")
+    }
+}
+
 /// The page. `inputs` are the results files as given on the command line.
 pub fn page(summary: &Summary, charts: &[Chart], figures: &[Figure], inputs: &[String]) -> String {
     let mut s = String::new();
@@ -127,8 +136,9 @@ pub fn page(summary: &Summary, charts: &[Chart], figures: &[Figure], inputs: &[S
         let _ = writeln!(
             s,
             "<figure id=\"{name}\"><img src=\"plots/{name}.png\" alt=\"{title}\">\
-             <figcaption>{title} (<a href=\"plots/{name}.svg\">SVG</a>)</figcaption></figure>",
-            title = escape(&c.title)
+             <figcaption><b>{title}</b> {caption} (<a href=\"plots/{name}.svg\">SVG</a>)</figcaption></figure>",
+            title = escape(&sentence(&c.title)),
+            caption = escape(&c.caption)
         );
     }
     if !figures.is_empty() {

@@ -32,11 +32,13 @@ pub const GENERATOR: &str = "graft report";
 pub struct Options {
     pub seed: u64,
     pub resamples: usize,
+    /// PNG pixels per layout (SVG) pixel: 1, 2 or 3 (`--dpi`).
+    pub png_scale: u32,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { seed: 0, resamples: bootstrap::DEFAULT_RESAMPLES }
+        Options { seed: 0, resamples: bootstrap::DEFAULT_RESAMPLES, png_scale: render::PRINT_SCALE }
     }
 }
 
@@ -44,6 +46,8 @@ impl Default for Options {
 pub struct PlotFiles {
     pub name: String,
     pub title: String,
+    /// What the chart shows, as the page prints it under the chart.
+    pub caption: String,
     pub section: Section,
     pub png: String,
     pub svg: String,
@@ -97,6 +101,9 @@ pub fn generate(inputs: &[PathBuf], out: &Path, options: &Options) -> Result<Rep
     if options.resamples < 2 {
         return Err(Error::usage("--resamples must be at least 2"));
     }
+    if !render::SCALES.contains(&options.png_scale) {
+        return Err(Error::usage(format!("--dpi {} is not 1, 2 or 3", options.png_scale)));
+    }
     check_output(out)?;
     let set = results::read_files(inputs)?;
     let summary = summary::summarize(&set, options.seed, options.resamples);
@@ -109,7 +116,7 @@ pub fn generate(inputs: &[PathBuf], out: &Path, options: &Options) -> Result<Rep
         Report { dir: out.to_path_buf(), summary, markdown, plots: Vec::new(), files: Vec::new(), inputs, superseded };
 
     let staging = sibling(out, "graft-tmp")?;
-    let written = write_all(&staging, &mut report, &charts, &scans);
+    let written = write_all(&staging, &mut report, &charts, &scans, options.png_scale);
     if let Err(e) = written {
         let _ = std::fs::remove_dir_all(&staging);
         return Err(e);
@@ -126,7 +133,7 @@ pub struct Figure {
 }
 
 /// The SNR pictures of a study with scans: one heatmap for one scan, the zoo heatmap (a row per scan) for several.
-fn snr_figures(scans: &[(snr_plot::Grid, f64, PathBuf)], plots_dir: &Path) -> Result<Vec<Figure>> {
+fn snr_figures(scans: &[(snr_plot::Grid, f64, PathBuf)], plots_dir: &Path, scale: u32) -> Result<Vec<Figure>> {
     let Some((first, top, _)) = scans.first() else { return Ok(Vec::new()) };
     let grids: Vec<snr_plot::Grid> = scans.iter().map(|s| s.0.clone()).collect();
     let files: Vec<String> = scans.iter().map(|s| s.2.display().to_string()).collect();
@@ -138,6 +145,7 @@ fn snr_figures(scans: &[(snr_plot::Grid, f64, PathBuf)], plots_dir: &Path) -> Re
             &format!("{}: SNR by layer and type ({framed})", first.model),
             plots_dir,
             "snr_heatmap",
+            scale,
         )?;
         (
             format!("SNR of every weight matrix of {}", first.model),
@@ -149,6 +157,7 @@ fn snr_figures(scans: &[(snr_plot::Grid, f64, PathBuf)], plots_dir: &Path) -> Re
             plots_dir,
             "snr_heatmap",
             &format!("SNR of every weight matrix, a row per model ({framed})"),
+            scale,
         )?;
         (
             format!("SNR of every weight matrix of the study's {} scanned models", grids.len()),
@@ -163,14 +172,16 @@ fn write_all(
     report: &mut Report,
     charts: &[Chart],
     scans: &[(snr_plot::Grid, f64, PathBuf)],
+    scale: u32,
 ) -> Result<()> {
     let plots_dir = dir.join("plots");
     std::fs::create_dir_all(&plots_dir).map_err(|e| Error::io(&plots_dir, e))?;
-    let figures = snr_figures(scans, &plots_dir)?;
+    let figures = snr_figures(scans, &plots_dir, scale)?;
     for f in &figures {
         report.plots.push(PlotFiles {
             name: f.name.clone(),
             title: f.title.clone(),
+            caption: f.caption.clone(),
             section: Section::Snr,
             png: format!("plots/{}.png", f.name),
             svg: format!("plots/{}.svg", f.name),
@@ -179,10 +190,11 @@ fn write_all(
         });
     }
     for chart in charts {
-        render::render(chart, &plots_dir)?;
+        render::render(chart, &plots_dir, scale)?;
         report.plots.push(PlotFiles {
             name: chart.name.clone(),
             title: chart.title.clone(),
+            caption: chart.caption.clone(),
             section: chart.section,
             png: format!("plots/{}.png", chart.name),
             svg: format!("plots/{}.svg", chart.name),
@@ -195,7 +207,7 @@ fn write_all(
     if !charts.is_empty() {
         md.push_str("\n## Charts\n\n");
         for c in charts {
-            md.push_str(&format!("![{}](plots/{}.png)\n\n", c.title, c.name));
+            md.push_str(&format!("![{}](plots/{}.png)\n\n{}\n\n", c.title, c.name, c.caption));
         }
     }
     for f in &figures {

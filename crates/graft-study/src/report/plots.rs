@@ -1,10 +1,13 @@
-//! Which charts a report has, as plain data: bars per metric with the baseline as a dashed line, the efficiency
-//! scatter (the main metric against training time and peak memory, with its Pareto front), percentage change/saving
-//! against the baseline, metric-vs-parameter line plots (numeric parameters), violins of the main metric per
-//! categorical parameter, metric-vs-lambda curves of interpolations, and per-domain grouped bars of studies whose
-//! metrics are named `<prefix>_<domain>` (the LLM study's perplexity and gain kept per domain). The freeze policy is
-//! read in words here, for every chart alike. `render` draws them; keeping the planning separate lets tests check the
-//! numbers a chart shows without reading pixels.
+//! Which charts a report has, as plain data, each with a title (the question it answers) and a caption (what it
+//! shows): bars per metric with the baseline as a dashed line, the efficiency scatter (the main metric against
+//! training time and peak memory, with its Pareto front), percentage change/saving against the baseline,
+//! metric-vs-parameter line plots (numeric parameters), violins of the main metric per categorical parameter, the
+//! merges' consistency with their experts (grouped bars per top-p), barrier curves of interpolations (before and after
+//! alignment told apart, the barrier marked), and per-domain grouped bars of studies whose metrics are named
+//! `<prefix>_<domain>` (the LLM study's perplexity and gain kept per domain). F1 gets no chart of its own where
+//! accuracy has one (it tells the same story); the tables keep it. The freeze policy comes in words from the
+//! summary. `render` draws the charts; keeping the planning separate lets tests check the numbers a chart shows
+//! without reading pixels.
 //!
 //! Values are in the units the tables print (fractions, seconds, KB/MB/GB), so a chart and its table agree.
 
@@ -17,6 +20,7 @@ use crate::rng::Rng;
 use super::bootstrap::bootstrap_mean;
 use super::format::Direction;
 use super::results::Kind;
+pub use super::summary::policy_word;
 use super::summary::{Curve, KindTable, MetricSpec, Param, Row, Summary, Unit};
 use super::table::ColumnFormat;
 
@@ -27,6 +31,7 @@ pub enum Section {
     Bars,
     Domains,
     Efficiency,
+    Consistency,
     Numeric,
     Categorical,
     Interpolation,
@@ -39,6 +44,7 @@ impl Section {
             Section::Bars => "Metrics per experiment",
             Section::Domains => "Metrics per domain",
             Section::Efficiency => "Efficiency against the baseline",
+            Section::Consistency => "Consistency of the merges",
             Section::Numeric => "Metrics against numeric parameters",
             Section::Categorical => "Metrics by category",
             Section::Interpolation => "Interpolation curves",
@@ -52,6 +58,8 @@ pub struct Chart {
     /// File stem under plots/ (unique in a report).
     pub name: String,
     pub title: String,
+    /// What the chart shows, in a sentence or three: the page prints it under the chart.
+    pub caption: String,
     pub section: Section,
     pub body: Body,
 }
@@ -106,6 +114,11 @@ pub struct GroupedBarChart {
     pub references: Vec<(Option<usize>, f64)>,
     /// The references' legend entry.
     pub reference_label: Option<String>,
+    /// The ticks' legend entry.
+    pub tick_label: Option<String>,
+    /// Series are merge methods (and variants of them): each takes its method's colour, a lighter shade for a
+    /// second variant of the same method. Otherwise series take the palette in order.
+    pub method_colours: bool,
     pub decimals: usize,
 }
 
@@ -114,6 +127,8 @@ pub struct GroupedSeries {
     pub label: String,
     /// (mean, standard error) per category; None where the series has no value there.
     pub values: Vec<Option<(f64, f64)>>,
+    /// A second number per category, drawn as a black tick across the bar (empty: none).
+    pub ticks: Vec<Option<f64>>,
 }
 
 /// Horizontal bars, one per experiment, coloured and separated by group (method).
@@ -163,6 +178,22 @@ pub struct Series {
     pub chord: Option<[(f64, f64); 2]>,
     /// The freeze policy in words, for the marker ("" without one).
     pub policy: String,
+    /// Interpolation curves: whether the path's end was aligned to its start (solid) or not (dashed); None when the
+    /// results do not say.
+    pub aligned: Option<bool>,
+    /// Colour key: series with the same key share a colour (one pair before and after alignment); "" = the label.
+    pub colour_key: String,
+    /// Interpolation curves: the barrier, drawn as a bar from the straight line to the curve.
+    pub barrier: Option<BarrierMark>,
+}
+
+/// Where a curve is furthest from the straight line between its endpoints (on its means): at `lambda`, from the
+/// line's value `from` to the curve's `to`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BarrierMark {
+    pub lambda: f64,
+    pub from: f64,
+    pub to: f64,
 }
 
 /// The main metric's runs per value of each categorical parameter, one panel per parameter (method, freeze policy,
@@ -197,6 +228,17 @@ pub struct Category {
     pub se: f64,
 }
 
+/// Metrics that tell the same story as accuracy: charted only where accuracy is not.
+const SECONDARY_METRICS: &[&str] = &["f1_weighted", "f1_macro"];
+
+/// The spec of a metric that gets charts of its own: present, and not an F1 score beside accuracy.
+fn charted<'a>(t: &'a KindTable, key: &str) -> Option<&'a MetricSpec> {
+    if SECONDARY_METRICS.contains(&key) && spec(t, "accuracy").is_some() {
+        return None;
+    }
+    spec(t, key)
+}
+
 /// Metrics that get a bar chart, in order.
 const BAR_METRICS: &[&str] =
     &["accuracy", "f1_weighted", "f1_macro", "zero_shot_accuracy", "time_s", "peak_memory_bytes"];
@@ -217,7 +259,7 @@ pub const MAX_SERIES: usize = 8;
 pub fn plan(summary: &Summary) -> Vec<Chart> {
     let mut charts = Vec::new();
     let several_kinds = summary.tables.len() > 1;
-    let tables: Vec<KindTable> = summary.tables.iter().map(with_policies).collect();
+    let tables: Vec<KindTable> = summary.tables.iter().map(without_derived).collect();
     for t in &tables {
         let prefix = if several_kinds { format!("{}_", t.kind.as_str()) } else { String::new() };
         charts.extend(bar_charts(t, &prefix));
@@ -225,6 +267,7 @@ pub fn plan(summary: &Summary) -> Vec<Chart> {
             charts.extend(efficiency_scatter(t, &prefix));
         }
         charts.extend(efficiency_charts(t, &prefix));
+        charts.extend(consistency_charts(t, &prefix));
         charts.extend(numeric_charts(t, &prefix));
         charts.extend(violin_chart(t, &prefix, summary));
         charts.extend(domain_charts(t, &prefix));
@@ -288,7 +331,7 @@ fn spec<'a>(t: &'a KindTable, key: &str) -> Option<&'a MetricSpec> {
 fn bar_charts(t: &KindTable, prefix: &str) -> Vec<Chart> {
     let mut out = Vec::new();
     for key in BAR_METRICS {
-        let Some(m) = spec(t, key) else { continue };
+        let Some(m) = charted(t, key) else { continue };
         let fmt = t.format(m);
         let bars: Vec<Bar> = t
             .rows
@@ -312,9 +355,18 @@ fn bar_charts(t: &KindTable, prefix: &str) -> Vec<Chart> {
             let value = c.estimate.mean / fmt.scale;
             Some(Reference { label: format!("baseline ({}): {}", b.experiment, fmt.number(c.estimate.mean)), value })
         });
+        let baseline = match t.baseline() {
+            Some(b) if b.cell(key).is_some() => format!("; the dashed line is the baseline ({})", b.experiment),
+            _ => String::new(),
+        };
         out.push(Chart {
             name: format!("{prefix}bars_{key}"),
             title: metric_title(t.kind, m),
+            caption: format!(
+                "Mean {} of each experiment over its runs, with the bootstrap standard error as whiskers, coloured \
+                 and grouped by merge method{baseline}.",
+                m.label
+            ),
             section: Section::Bars,
             body: Body::Bars(BarChart {
                 value_label: axis_label(m, &fmt),
@@ -329,16 +381,10 @@ fn bar_charts(t: &KindTable, prefix: &str) -> Vec<Chart> {
     out
 }
 
-/// A table as the charts see it: `freeze` in words on every row where the policy is known (the runs of a
-/// selected-layers experiment each name their own selection file, so the summary keeps no shared value), and
-/// derived config entries dropped.
-fn with_policies(t: &KindTable) -> KindTable {
+/// A table as the charts see it: derived config entries dropped.
+fn without_derived(t: &KindTable) -> KindTable {
     let mut t = t.clone();
     for r in &mut t.rows {
-        let policy = freeze_policy(r);
-        if !policy.is_empty() {
-            r.params.insert("freeze".into(), Param::Text(policy));
-        }
         for k in DERIVED_PARAMS {
             r.params.remove(*k);
         }
@@ -353,27 +399,9 @@ fn main_metric(t: &KindTable) -> Option<&MetricSpec> {
     MAIN_METRICS.iter().find_map(|k| spec(t, k))
 }
 
-/// A freeze setting in words: "full" (nothing frozen), "head" (all but the head frozen), "selected" (the SNR
-/// selection trains), other values as written.
-pub fn policy_word(freeze: &str) -> String {
-    match freeze {
-        "none" | "full" => "full".into(),
-        "all-but-head" | "head" => "head".into(),
-        f if f.starts_with("selected") => "selected".into(),
-        other => other.into(),
-    }
-}
-
-/// A row's freeze policy in words: from its `freeze` parameter, or, where the runs disagree on it (a selection file
-/// per seed), from the `NAME / POLICY` experiment name graft's studies write; "" when neither says.
+/// A row's freeze policy in words, as the summary carries it; "" when its lines do not say (or disagree).
 pub fn freeze_policy(r: &Row) -> String {
-    if let Some(f) = r.params.get("freeze") {
-        return policy_word(&f.display());
-    }
-    match r.experiment.rsplit_once(" / ") {
-        Some((_, p)) if ["full", "head", "selected"].contains(&p.trim()) => p.trim().into(),
-        _ => String::new(),
-    }
+    r.params.get("freeze").map(|f| policy_word(&f.display())).unwrap_or_default()
 }
 
 /// The Pareto front of (cost, value) points, lower cost and higher value better: the points no other point beats on
@@ -463,6 +491,16 @@ fn efficiency_scatter(t: &KindTable, prefix: &str) -> Option<Chart> {
             metric_title(t.kind, m),
             costs.join(" and ")
         ),
+        caption: format!(
+            "Each experiment's mean {} against its mean {} (a panel each), with standard errors both ways. Colour: \
+             merge method (black: the baseline); marker: freeze policy (circle full fine-tuning, triangle head only, \
+             square SNR-selected layers). Ringed and joined: the Pareto front, the experiments no other one beats on \
+             both cost and {}. Names that do not fit beside their point are numbered; the key under the chart lists \
+             them.",
+            m.label,
+            costs.join(" and its "),
+            m.label
+        ),
         section: Section::Efficiency,
         body: Body::Scatter(ScatterChart { y_label: axis_label(m, &fy), panels }),
     })
@@ -475,7 +513,7 @@ fn efficiency_charts(t: &KindTable, prefix: &str) -> Vec<Chart> {
     let Some(base) = t.baseline() else { return Vec::new() };
     let mut out = Vec::new();
     for key in CHANGE_METRICS.iter().chain(SAVING_METRICS) {
-        let Some(m) = spec(t, key) else { continue };
+        let Some(m) = charted(t, key) else { continue };
         let Some(b) = base.cell(key).map(|c| c.estimate.mean).filter(|&b| b != 0.0) else { continue };
         let saving = SAVING_METRICS.contains(key);
         let bars: Vec<Bar> = t
@@ -497,19 +535,34 @@ fn efficiency_charts(t: &KindTable, prefix: &str) -> Vec<Chart> {
         if bars.is_empty() {
             continue;
         }
-        let (name, title, axis) = if saving {
+        let (name, title, axis, caption) = if saving {
             let what = if *key == "time_s" { "training time" } else { "peak memory" };
-            (format!("{prefix}saving_{key}"), format!("Saving of {what} vs baseline"), format!("{what} saved (%)"))
+            (
+                format!("{prefix}saving_{key}"),
+                format!("Saving of {what} vs baseline"),
+                format!("{what} saved (%)"),
+                format!(
+                    "How much less {what} each experiment needs than the baseline ({}): (b - x) / b in percent, right \
+                     of 0 is cheaper; whiskers: the experiment's standard error relative to the baseline's mean.",
+                    base.experiment
+                ),
+            )
         } else {
             (
                 format!("{prefix}change_{key}"),
                 format!("Change of {} vs baseline", m.label),
                 format!("{} change (%)", m.label),
+                format!(
+                    "Each experiment's {} relative to the baseline's ({}): (x - b) / b in percent, right of 0 is \
+                     better; whiskers: the experiment's standard error relative to the baseline's mean.",
+                    m.label, base.experiment
+                ),
             )
         };
         out.push(Chart {
             name,
             title: format!("{title} ({})", base.experiment),
+            caption,
             section: Section::Efficiency,
             body: Body::Bars(BarChart {
                 value_label: axis,
@@ -522,6 +575,130 @@ fn efficiency_charts(t: &KindTable, prefix: &str) -> Vec<Chart> {
         });
     }
     out
+}
+
+/// A top-p in words, as the study names its merges: "top-15%", or "all layers" at 1.
+fn top_p_words(p: f64) -> String {
+    if p >= 1.0 {
+        "all layers".into()
+    } else {
+        format!("top-{}%", (p * 1000.0).round() / 10.0)
+    }
+}
+
+/// The merges' consistency with their experts (`consistency_merged`, over the tensors each merge merged, as bars;
+/// `consistency_all`, over every float tensor, as a tick across each bar): a group per top-p, a bar per merge method
+/// (and variant: another SNR source, the naive merge), mean over seeds with its bootstrap standard error. A merge
+/// fine-tuned under several freeze policies is one merge: its rows carry the same numbers, and the first one stands.
+fn consistency_charts(t: &KindTable, prefix: &str) -> Vec<Chart> {
+    let Some(main) = ["consistency_merged", "consistency_all"].into_iter().find(|k| spec(t, k).is_some()) else {
+        return Vec::new();
+    };
+    let tick = (main == "consistency_merged" && spec(t, "consistency_all").is_some()).then_some("consistency_all");
+    let merge_of = |r: &Row| -> Vec<(String, Param)> {
+        r.params.iter().filter(|(k, _)| k.as_str() != "freeze").map(|(k, v)| (k.clone(), v.clone())).collect()
+    };
+    let mut merges: Vec<&Row> = Vec::new();
+    for r in t.rows.iter().filter(|r| !r.baseline && r.cell(main).is_some()) {
+        if !merges.iter().any(|m| merge_of(m) == merge_of(r)) {
+            merges.push(r);
+        }
+    }
+    if merges.is_empty() {
+        return Vec::new();
+    }
+    let top_p = |r: &Row| r.params.get("top_p").and_then(Param::as_number);
+    let mut top_ps: Vec<f64> = merges.iter().filter_map(|r| top_p(r)).collect();
+    top_ps.sort_by(f64::total_cmp);
+    top_ps.dedup();
+    let by_top_p = !top_ps.is_empty() && merges.iter().all(|r| top_p(r).is_some());
+    // Series: the method, and what else tells merges apart beyond top-p, each named only where it departs from its
+    // most common value ("lerp", "lerp, SNR avg", "lerp, naive (unaligned)").
+    let variants: Vec<String> = varying_params(&merges)
+        .into_iter()
+        .map(|(k, _)| k)
+        .filter(|k| !["top_p", "freeze", "method"].contains(&k.as_str()))
+        .collect();
+    let usual: Vec<Option<String>> = variants
+        .iter()
+        .map(|k| {
+            let mut counts: Vec<(String, usize)> = Vec::new();
+            for r in &merges {
+                let v = param_text(r, k);
+                match counts.iter_mut().find(|(x, _)| *x == v) {
+                    Some((_, n)) => *n += 1,
+                    None => counts.push((v, 1)),
+                }
+            }
+            counts.into_iter().max_by_key(|(_, n)| *n).map(|(v, _)| v)
+        })
+        .collect();
+    let label = |r: &Row| -> String {
+        if !by_top_p {
+            return r.experiment.rsplit_once(" / ").map_or(r.experiment.as_str(), |(e, _)| e).to_string();
+        }
+        let mut words = vec![if r.group.is_empty() { "merge".to_string() } else { r.group.clone() }];
+        for (k, u) in variants.iter().zip(&usual) {
+            if Some(param_text(r, k)) != *u {
+                words.push(param_words(k, r.params.get(k)));
+            }
+        }
+        words.join(", ")
+    };
+    let categories: Vec<String> =
+        if by_top_p { top_ps.iter().map(|&p| top_p_words(p)).collect() } else { vec!["merges".to_string()] };
+    let mut series: Vec<GroupedSeries> = Vec::new();
+    for r in &merges {
+        let name = label(r);
+        let i = match series.iter().position(|s| s.label == name) {
+            Some(i) => i,
+            None => {
+                series.push(GroupedSeries {
+                    label: name,
+                    values: vec![None; categories.len()],
+                    ticks: if tick.is_some() { vec![None; categories.len()] } else { Vec::new() },
+                });
+                series.len() - 1
+            }
+        };
+        let ci = if by_top_p { top_ps.iter().position(|&p| Some(p) == top_p(r)).unwrap_or(0) } else { 0 };
+        let c = r.cell(main).expect("filtered");
+        series[i].values[ci] = Some((c.estimate.mean, c.estimate.se));
+        if let Some(k) = tick {
+            series[i].ticks[ci] = r.cell(k).map(|c| c.estimate.mean);
+        }
+    }
+    let scope = if main == "consistency_merged" { "the layers it merged" } else { "all its tensors" };
+    let tick_words = if tick.is_some() { " The black tick across a bar: the same over all tensors." } else { "" };
+    let parts = series.len().div_ceil(MAX_SERIES);
+    series
+        .chunks(MAX_SERIES)
+        .enumerate()
+        .map(|(i, chunk)| {
+            let (name, part) = part_names(format!("{prefix}consistency"), i, parts);
+            Chart {
+                name,
+                title: format!("How consistent is each merge with its experts? (1 = fully){part}"),
+                caption: format!(
+                    "The consistency of each merge M of experts A and B (graft similarity): the mean of cos(M - B, A \
+                     - B) and cos(M - A, B - A), 1 when taking either expert out of the merge points straight back at \
+                     the other. Bars: over {scope}, mean over seeds with its bootstrap standard error, a group per \
+                     top-p, colour = merge method.{tick_words}"
+                ),
+                section: Section::Consistency,
+                body: Body::Grouped(GroupedBarChart {
+                    y_label: "consistency (mean cosine)".into(),
+                    categories: categories.clone(),
+                    series: chunk.to_vec(),
+                    references: vec![(None, 1.0)],
+                    reference_label: Some("1: fully consistent".into()),
+                    tick_label: tick.map(|_| "over all tensors".to_string()),
+                    method_colours: true,
+                    decimals: 3,
+                }),
+            }
+        })
+        .collect()
 }
 
 /// Parameters with at least two values among `rows`; numeric when every value is a number.
@@ -554,13 +731,17 @@ fn param_text(r: &Row, key: &str) -> String {
     r.params.get(key).map(Param::display).unwrap_or_else(|| "-".into())
 }
 
-/// A parameter's value in words: the method by its name, others as "freeze head"; an absent value says so
-/// ("no freeze") instead of a `-` placeholder.
+/// A parameter's value in words: the method by its name, the study's alignment and SNR source as the experiment
+/// names say them ("naive (unaligned)", "SNR avg"), others as "freeze head"; an absent value says so ("no freeze")
+/// instead of a `-` placeholder.
 fn param_words(key: &str, value: Option<&Param>) -> String {
     match value {
         Some(v) if key == "method" => v.display(),
-        Some(v) => format!("{key} {}", v.display()),
-        None => format!("no {key}"),
+        Some(v) if key == "aligned" && v.display() == "true" => "aligned".into(),
+        Some(v) if key == "aligned" && v.display() == "false" => "naive (unaligned)".into(),
+        Some(v) if key == "snr_from" => format!("SNR {}", v.display()),
+        Some(v) => format!("{} {}", key.replace('_', " "), v.display()),
+        None => format!("no {}", key.replace('_', " ")),
     }
 }
 
@@ -587,7 +768,7 @@ fn numeric_charts(t: &KindTable, prefix: &str) -> Vec<Chart> {
             continue;
         }
         for key in PARAM_METRICS {
-            let Some(m) = spec(t, key) else { continue };
+            let Some(m) = charted(t, key) else { continue };
             let fmt = t.format(m);
             // The baseline is a reference, not a setting of the study's factors: a parameter only it changes (its own
             // learning rate) is no axis.
@@ -642,7 +823,10 @@ fn numeric_charts(t: &KindTable, prefix: &str) -> Vec<Chart> {
                             points: vec![],
                             runs: vec![],
                             chord: None,
-                            policy: r.params.get("freeze").map(Param::display).unwrap_or_default(),
+                            policy: freeze_policy(r),
+                            aligned: None,
+                            colour_key: String::new(),
+                            barrier: None,
                         });
                         series.len() - 1
                     }
@@ -677,6 +861,13 @@ fn numeric_charts(t: &KindTable, prefix: &str) -> Vec<Chart> {
                     out.push(Chart {
                         name: stem,
                         title: format!("{title}{suffix}"),
+                        caption: format!(
+                            "Mean {} at each {} (a line per setting of the other factors), with the bootstrap \
+                             standard error as whiskers and every run a faint dot. Colour: merge method; marker: \
+                             freeze policy; dashes tell apart settings that share both.",
+                            m.label,
+                            param_title(&param)
+                        ),
                         section: Section::Numeric,
                         body: Body::Lines(LineChart {
                             x_label: param_title(&param),
@@ -736,7 +927,7 @@ fn violin_chart(t: &KindTable, prefix: &str, summary: &Summary) -> Option<Chart>
                     for v in &cell.values {
                         c.values.push(v / fmt.scale);
                         c.methods.push(r.group.clone());
-                        c.policies.push(r.params.get("freeze").map(Param::display).unwrap_or_default());
+                        c.policies.push(freeze_policy(r));
                     }
                 }
                 let stream = format!("violin/{}/{}/{param}/{}", t.kind.as_str(), m.key, c.label);
@@ -760,12 +951,70 @@ fn violin_chart(t: &KindTable, prefix: &str, summary: &Summary) -> Option<Chart>
     Some(Chart {
         name: format!("{prefix}{}_by_parameter", m.key),
         title: format!("{} by parameter: its spread over each value (every run a point)", metric_title(t.kind, m)),
+        caption: format!(
+            "The {} of every run but the baseline's, grouped by the values of each parameter (a panel each): a violin \
+             (density) with the quartile box and median where a value has {} runs or more, else the mean +- the \
+             bootstrap standard error beside the runs. Points: colour = merge method, marker = freeze policy; \
+             dashed: the baseline.",
+            m.label,
+            super::render::VIOLIN_MIN_RUNS
+        ),
         section: Section::Categorical,
         body: Body::Violins(ViolinChart { y_label: axis_label(m, &fmt), panels, reference, decimals: fmt.decimals }),
     })
 }
 
-/// A metric against lambda, one series per interpolate experiment, with the straight line between the endpoints.
+/// Whether an interpolation ends at a model aligned to its start: the curve's `aligned` config entry when it has
+/// one, else its name ("naive", "unaligned", "before alignment" say no; "align" otherwise says yes, as in "A-B
+/// aligned" or a path to `graft align`'s output); None when neither says.
+pub fn alignment_of(c: &Curve) -> Option<bool> {
+    match c.params.get("aligned").map(Param::display).as_deref() {
+        Some("true") => return Some(true),
+        Some("false") => return Some(false),
+        _ => {}
+    }
+    let name = c.experiment.to_lowercase();
+    if ["naive", "unaligned", "not aligned", "before align", "without align"].iter().any(|w| name.contains(w)) {
+        Some(false)
+    } else if name.contains("align") {
+        Some(true)
+    } else {
+        None
+    }
+}
+
+/// The pair a curve interpolates, without its alignment: "A-B aligned" and "A-B naive" are the pair "a-b".
+fn pair_key(experiment: &str) -> String {
+    let lower = experiment.to_lowercase();
+    let words: Vec<&str> = lower
+        .split(|c: char| c.is_whitespace() || c == '(' || c == ')' || c == ',')
+        .filter(|w| !w.is_empty() && !["aligned", "unaligned", "naive", "alignment", "before", "after"].contains(w))
+        .collect();
+    words.join(" ")
+}
+
+/// Where the mean curve is furthest beyond the straight line between its endpoints (above it for loss, below it
+/// for accuracy-like metrics); None without both endpoints or without a point that crosses the line.
+fn barrier_mark(points: &[(f64, f64, f64)], direction: Direction) -> Option<BarrierMark> {
+    let at = |l: f64| points.iter().find(|p| (p.0 - l).abs() < 1e-9).map(|p| p.1);
+    let (start, end) = (at(0.0)?, at(1.0)?);
+    let sign = if direction == Direction::Higher { -1.0 } else { 1.0 };
+    points
+        .iter()
+        .filter(|p| p.0 > 1e-9 && p.0 < 1.0 - 1e-9)
+        .map(|&(l, v, _)| {
+            let line = (1.0 - l) * start + l * end;
+            (sign * (v - line), BarrierMark { lambda: l, from: line, to: v })
+        })
+        .filter(|(excess, _)| *excess > 0.0)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, m)| m)
+}
+
+/// Barrier curves: a metric along the interpolation path, one line per interpolate experiment (a pair of models),
+/// the straight line between the endpoints dashed thin, the barrier marked, each seed as dots. Pairs keep one colour
+/// before and after alignment; the line is solid after alignment and dashed before. More than `MAX_SERIES` curves
+/// are cut into parts.
 fn interpolation_charts(curves: &[Curve]) -> Vec<Chart> {
     let mut metrics: Vec<String> = Vec::new();
     for c in curves {
@@ -773,12 +1022,27 @@ fn interpolation_charts(curves: &[Curve]) -> Vec<Chart> {
             metrics.push(c.metric.clone());
         }
     }
+    let has_accuracy = metrics.iter().any(|m| m == "accuracy");
+    metrics.retain(|m| !(has_accuracy && SECONDARY_METRICS.contains(&m.as_str())));
+    // `graft interpolate` names a path by its end models: a path from the same start as an aligned one, not itself
+    // said to be aligned, is the path before alignment.
+    let start = |c: &Curve| c.params.get("a").map(Param::display);
+    let aligned_starts: Vec<String> =
+        curves.iter().filter(|c| alignment_of(c) == Some(true)).filter_map(&start).collect();
+    let alignment = |c: &Curve| match alignment_of(c) {
+        None if start(c).is_some_and(|a| aligned_starts.contains(&a)) => Some(false),
+        known => known,
+    };
     let mut out = Vec::new();
     for key in metrics {
         let m = MetricSpec::for_key(&key);
         let of_metric: Vec<&Curve> = curves.iter().filter(|c| c.metric == key).collect();
         let fmt = ColumnFormat::for_column(&m, of_metric.iter().flat_map(|c| c.points.iter().map(|p| p.estimate.mean)));
-        let series = of_metric
+        let barrier_fmt = ColumnFormat::for_column(
+            &m,
+            of_metric.iter().filter_map(|c| c.barrier.as_ref()).map(|b| b.estimate.mean.abs()),
+        );
+        let series: Vec<Series> = of_metric
             .iter()
             .map(|c| {
                 let points: Vec<(f64, f64, f64)> = c
@@ -790,15 +1054,58 @@ fn interpolation_charts(curves: &[Curve]) -> Vec<Chart> {
                 let chord = at(0.0).zip(at(1.0)).map(|(a, b)| [a, b]);
                 let runs =
                     c.points.iter().flat_map(|p| p.values.iter().map(move |v| (p.lambda, v / fmt.scale))).collect();
-                Series { label: c.experiment.clone(), points, runs, chord, policy: String::new() }
+                let aligned = alignment(c);
+                let mut label = c.experiment.clone();
+                let named = ["align", "naive"].iter().any(|w| label.to_lowercase().contains(w));
+                match aligned {
+                    Some(true) if !named => label.push_str(" (after alignment)"),
+                    Some(false) if !named => label.push_str(" (before alignment)"),
+                    _ => {}
+                }
+                if let Some(b) = &c.barrier {
+                    let se = if b.estimate.n > 1 {
+                        format!(" +- {}", barrier_fmt.number(b.estimate.se))
+                    } else {
+                        String::new()
+                    };
+                    label.push_str(&format!(": barrier {}{se}", barrier_fmt.number(b.estimate.mean)));
+                }
+                Series {
+                    label,
+                    barrier: barrier_mark(&points, m.direction),
+                    points,
+                    runs,
+                    chord,
+                    policy: String::new(),
+                    aligned,
+                    colour_key: start(c).map_or_else(|| pair_key(&c.experiment), |a| format!("from {a}")),
+                }
             })
             .collect();
-        out.push(Chart {
-            name: format!("interpolate_{}", slug(&key)),
-            title: format!("{} along the interpolation path", capitalize(&m.label)),
-            section: Section::Interpolation,
-            body: Body::Lines(LineChart { x_label: "lambda".into(), y_label: axis_label(&m, &fmt), series }),
-        });
+        let parts = series.len().div_ceil(MAX_SERIES);
+        let against = if m.direction == Direction::Higher { "below" } else { "above" };
+        for (i, chunk) in series.chunks(MAX_SERIES).enumerate() {
+            let (name, part) = part_names(format!("interpolate_{}", slug(&key)), i, parts);
+            out.push(Chart {
+                name,
+                title: format!(
+                    "Is there {} {} barrier between the models? {} along the path{part}",
+                    if m.label.starts_with(['a', 'e', 'i', 'o', 'u']) { "an" } else { "a" },
+                    m.label,
+                    capitalize(&m.label)
+                ),
+                caption: format!(
+                    "The {} of the models (1 - lambda) A + lambda B on the straight path between two models, a line \
+                     per pair (mean over seeds with its standard error, each seed a faint dot); the thin dashed line \
+                     joins the endpoints. A bar in the curve's colour marks its barrier, where the path is furthest {against} that \
+                     line; the legend gives its height as the table does (mean +- standard error of each seed's \
+                     barrier). A pair keeps its colour: solid after aligning B to A, dashed before.",
+                    m.label
+                ),
+                section: Section::Interpolation,
+                body: Body::Lines(LineChart { x_label: "lambda".into(), y_label: axis_label(&m, &fmt), series: chunk.to_vec() }),
+            });
+        }
     }
     out
 }
@@ -848,12 +1155,17 @@ fn domain_charts(t: &KindTable, prefix: &str) -> Vec<Chart> {
                     .map(|r| GroupedSeries {
                         label: r.experiment.clone(),
                         values: keys.iter().map(|k| value(r, k)).collect(),
+                        ticks: Vec::new(),
                     })
                     .collect();
                 let (name, part) = part_names(format!("{prefix}perplexity_per_domain"), i, parts);
                 out.push(Chart {
                     name,
                     title: format!("Which model predicts each domain best? Perplexity, lower is better{part}"),
+                    caption: "Each model's perplexity on each domain's test texts (a group per domain, a bar per \
+                              model, mean over seeds with its bootstrap standard error); dashed across a group: the \
+                              model before fine-tuning on that domain."
+                        .into(),
                     section: Section::Domains,
                     body: Body::Grouped(GroupedBarChart {
                         y_label: "perplexity (lower is better)".into(),
@@ -861,6 +1173,8 @@ fn domain_charts(t: &KindTable, prefix: &str) -> Vec<Chart> {
                         series,
                         references: references.clone(),
                         reference_label: base.map(|b| format!("{} (the model before fine-tuning)", b.experiment)),
+                        tick_label: None,
+                        method_colours: false,
                         decimals: fmt.decimals,
                     }),
                 });
@@ -884,12 +1198,17 @@ fn domain_charts(t: &KindTable, prefix: &str) -> Vec<Chart> {
                     .map(|(d, k)| GroupedSeries {
                         label: format!("on {d}"),
                         values: chunk.iter().map(|r| value(r, k)).collect(),
+                        ticks: Vec::new(),
                     })
                     .collect();
                 let (name, part) = part_names(format!("{prefix}gain_kept_per_merge"), i, parts);
                 out.push(Chart {
                     name,
                     title: format!("How much of each expert's gain does a merge keep? (1 = the expert's){part}"),
+                    caption: "For each merge and domain, the share of the domain expert's gain over the base that \
+                              the merge keeps, in mean per-token loss: 1 keeps all of it (dashed), 0 none, below 0 the \
+                              merge is worse than the base there. Mean over seeds with its bootstrap standard error."
+                        .into(),
                     section: Section::Domains,
                     body: Body::Grouped(GroupedBarChart {
                         y_label: "share of the expert's gain kept".into(),
@@ -897,6 +1216,8 @@ fn domain_charts(t: &KindTable, prefix: &str) -> Vec<Chart> {
                         series,
                         references: vec![(None, 1.0)],
                         reference_label: Some("1: the expert's own gain on its domain".into()),
+                        tick_label: None,
+                        method_colours: false,
                         decimals: fmt.decimals.max(2),
                     }),
                 });
@@ -1083,6 +1404,69 @@ mod tests {
         assert_eq!(gain.series[1].values, [Some((0.75, 0.0))]);
         assert_eq!(gain.references, [(None, 1.0)]);
         assert!(charts.iter().filter(|c| c.section == Section::Domains).count() == 2);
+    }
+
+    #[test]
+    fn consistency_bars_by_merge_and_top_p() {
+        let mut lines = Vec::new();
+        for seed in 0..2 {
+            for (method, snr, top_p, merged) in [
+                ("lerp", "base", 0.1, 1.0),
+                ("lerp", "avg", 0.1, 0.99),
+                ("ties", "base", 0.1, 0.7),
+                ("ties", "base", 1.0, 0.6),
+            ] {
+                for freeze in ["head", "none"] {
+                    let m = merged - 0.02 * seed as f64;
+                    lines.push((
+                        format!("{method} {snr} {top_p} / {freeze}"),
+                        format!("{method}-{snr}-{top_p}-{freeze}-{seed}"),
+                        format!(r#"{{"method":"{method}","top_p":{top_p},"snr_from":"{snr}","freeze":"{freeze}"}}"#),
+                        format!(r#"{{"accuracy":0.8,"consistency_merged":{m},"consistency_all":{}}}"#, m / 2.0),
+                    ));
+                }
+            }
+        }
+        // The summary helper gives each line its own seed: two runs per experiment all the same.
+        let owned: Vec<(&str, &str, &str, &str, bool)> =
+            lines.iter().map(|(e, r, c, m)| (e.as_str(), r.as_str(), c.as_str(), m.as_str(), false)).collect();
+        let charts = plan(&summary(&owned));
+        let c = find(&charts, "consistency");
+        assert_eq!(c.section, Section::Consistency);
+        let Body::Grouped(g) = &c.body else { panic!() };
+        assert_eq!(g.categories, ["top-10%", "all layers"]);
+        let labels: Vec<&str> = g.series.iter().map(|s| s.label.as_str()).collect();
+        // snr_from "base" is the usual value: named only where it differs.
+        assert_eq!(labels, ["lerp", "lerp, SNR avg", "ties"]);
+        // ties at top-10%: runs 0.7 and 0.68, mean 0.69; the tick is half of it.
+        let (mean, se) = g.series[2].values[0].unwrap();
+        assert!((mean - 0.69).abs() < 1e-12 && se > 0.0);
+        assert!((g.series[2].ticks[0].unwrap() - 0.345).abs() < 1e-12);
+        assert!((g.series[2].values[1].unwrap().0 - 0.59).abs() < 1e-12);
+        assert_eq!(g.series[0].values[1], None);
+        assert!(g.method_colours && g.tick_label.is_some());
+        assert!(!c.caption.is_empty());
+    }
+
+    #[test]
+    fn barrier_mark_and_alignment_by_hand() {
+        // Loss 0.5 at both ends, 0.9 at 0.5 and 0.6 at 0.25: the furthest point above the line is lambda 0.5.
+        let pts = [(0.0, 0.5, 0.0), (0.25, 0.6, 0.0), (0.5, 0.9, 0.0), (1.0, 0.5, 0.0)];
+        assert_eq!(barrier_mark(&pts, Direction::Lower), Some(BarrierMark { lambda: 0.5, from: 0.5, to: 0.9 }));
+        // For accuracy the same curve never drops below the line: no barrier to mark.
+        assert_eq!(barrier_mark(&pts, Direction::Higher), None);
+        let curve = |name: &str, aligned: Option<&str>| Curve {
+            experiment: name.into(),
+            metric: "loss".into(),
+            params: aligned.map(|a| ("aligned".to_string(), Param::Text(a.into()))).into_iter().collect(),
+            points: vec![],
+            barrier: None,
+        };
+        assert_eq!(alignment_of(&curve("A-B aligned", None)), Some(true));
+        assert_eq!(alignment_of(&curve("A-B naive", None)), Some(false));
+        assert_eq!(alignment_of(&curve("interpolate x -> y", Some("false"))), Some(false));
+        assert_eq!(alignment_of(&curve("interpolate x -> y", None)), None);
+        assert_eq!(pair_key("A-B aligned"), pair_key("A-B (naive)"));
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Drawing the planned charts with plotters, to PNG (bitmap backend) and SVG, with the DejaVu Sans font embedded in
 //! the binary (registered with plotters' ab_glyph font table): no system font is ever looked up, so charts render the
-//! same on every machine. PNGs go through `Scaled`, which draws the same layout at `PRINT_SCALE` times the pixels.
-//! One mapping everywhere: colour = merge method, marker = freeze policy.
+//! same on every machine. PNGs go through `Scaled`, which draws the same layout at a chosen multiple of the pixels
+//! (`--dpi`: 1, 2 by default, or 3); the SVG is the layout itself. One mapping everywhere: colour = merge method,
+//! marker = freeze policy; interpolation curves: colour = pair of models, solid after alignment, dashed before.
 
 use std::error::Error as StdError;
 use std::path::Path;
@@ -13,7 +14,9 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use super::bootstrap::percentile;
-use super::plots::{BarChart, Body, Chart, GroupedBarChart, LineChart, ScatterChart, ScatterPanel, ViolinChart};
+use super::plots::{
+    BarChart, BarrierMark, Body, Chart, GroupedBarChart, LineChart, ScatterChart, ScatterPanel, ViolinChart,
+};
 use crate::error::{Error, Result};
 
 const FONT: &str = "sans-serif";
@@ -129,6 +132,10 @@ enum Mark {
     Front,
     /// A numbered key entry: the number as drawn next to its point.
     Number(String),
+    /// A black tick across a bar.
+    Tick,
+    /// An interpolation barrier: a vertical black bar with end caps.
+    Barrier,
 }
 
 const LEGEND_SIZE: u32 = 13;
@@ -197,6 +204,11 @@ where
                     let style = text_style(LEGEND_SIZE).pos(Pos::new(HPos::Right, VPos::Center));
                     area.draw(&Text::new(n.clone(), (x + 22, y), style))?;
                 }
+                Mark::Tick => {
+                    area.draw(&Rectangle::new([(x, y - 6), (x + 20, y + 6)], RGBColor(0xBB, 0xBB, 0xBB).filled()))?;
+                    area.draw(&PathElement::new(vec![(x - 2, y), (x + 22, y)], BLACK.stroke_width(3)))?;
+                }
+                Mark::Barrier => draw_barrier_bar(area, (x + 11, y - 7), (x + 11, y + 7), BLACK)?,
             }
             let style = text_style(LEGEND_SIZE).pos(Pos::new(HPos::Left, VPos::Center));
             area.draw(&Text::new(label.clone(), (x + 28, y), style))?;
@@ -234,9 +246,24 @@ pub fn size(chart: &Chart) -> (u32, u32) {
     }
 }
 
-/// PNGs are drawn this many times larger than the layout (and the SVG): 1800 pixels for a 900-pixel chart, print
-/// resolution at a page's width, with the same layout (text is rendered at the larger size, not magnified).
+/// PNGs are drawn this many times larger than the layout (and the SVG) unless `--dpi` says otherwise: 1800 pixels
+/// for a 900-pixel chart, print resolution at a page's width, with the same layout (text is rendered at the larger
+/// size, not magnified).
 pub const PRINT_SCALE: u32 = 2;
+/// The PNG scales `--dpi` accepts: screen (1), print (2), large print or zooming (3).
+pub const SCALES: [u32; 3] = [1, 2, 3];
+
+/// Reads a `--dpi` value: the PNG's pixels per layout pixel, `1`, `2` or `3` (`1x`, `2x`, `3x` also read).
+pub fn parse_scale(text: &str) -> std::result::Result<u32, String> {
+    let digits = text.trim().trim_end_matches(['x', 'X']);
+    match digits.parse::<u32>() {
+        Ok(n) if SCALES.contains(&n) => Ok(n),
+        _ => Err(format!(
+            "'{text}' is not a PNG scale: 1 (screen), 2 (print, the default) or 3; the SVG is drawn at the layout size \
+             whatever the scale"
+        )),
+    }
+}
 
 /// A backend that draws everything `factor` times larger on an inner one: charts lay out in logical pixels, and the
 /// PNG gets `factor` device pixels for each (coordinates, line widths, radii and font sizes all scaled).
@@ -374,14 +401,14 @@ impl<B: DrawingBackend> DrawingBackend for Scaled<B> {
     }
 }
 
-/// Renders a chart as `<dir>/<name>.png` (at `PRINT_SCALE`) and `<dir>/<name>.svg`.
-pub fn render(chart: &Chart, dir: &Path) -> Result<()> {
+/// Renders a chart as `<dir>/<name>.png` (at `scale` PNG pixels per layout pixel) and `<dir>/<name>.svg`.
+pub fn render(chart: &Chart, dir: &Path, scale: u32) -> Result<()> {
     ensure_font()?;
     let dims = size(chart);
     let png = dir.join(format!("{}.png", chart.name));
     {
-        let device = BitMapBackend::new(&png, (dims.0 * PRINT_SCALE, dims.1 * PRINT_SCALE));
-        let root = Scaled::new(device, PRINT_SCALE).into_drawing_area();
+        let device = BitMapBackend::new(&png, (dims.0 * scale, dims.1 * scale));
+        let root = Scaled::new(device, scale).into_drawing_area();
         draw(&root, chart).and_then(|_| Ok(root.present()?)).map_err(|e| plot_error(chart, &png, e))?;
     }
     let mut svg = String::new();
@@ -579,8 +606,31 @@ fn dash_pattern(dash: usize) -> (u32, u32) {
 }
 
 /// Each series' colour (its method's), marker (its freeze policy's) and dash: series that would look the same by
-/// colour and marker (the same method and policy, another setting) are told apart by dashes.
+/// colour and marker (the same method and policy, another setting) are told apart by dashes. Interpolation curves
+/// with a known alignment: a colour per pair, solid with circles after alignment, dashed with diamonds before.
 fn line_styles(l: &LineChart) -> Vec<(RGBColor, Shape, usize)> {
+    if l.series.iter().any(|s| s.aligned.is_some()) {
+        let mut keys: Vec<String> = Vec::new();
+        for s in &l.series {
+            let k = if s.colour_key.is_empty() { s.label.clone() } else { s.colour_key.clone() };
+            if !keys.contains(&k) {
+                keys.push(k);
+            }
+        }
+        let colours = assign_colours(&keys);
+        return l
+            .series
+            .iter()
+            .map(|s| {
+                let k = if s.colour_key.is_empty() { &s.label } else { &s.colour_key };
+                let c = colours[keys.iter().position(|x| x == k).unwrap_or(0)];
+                match s.aligned {
+                    Some(false) => (c, Shape::Diamond, 1),
+                    _ => (c, Shape::Circle, 0),
+                }
+            })
+            .collect();
+    }
     let colours = series_colours(l);
     let mut out: Vec<(RGBColor, Shape, usize)> = Vec::new();
     for (s, c) in l.series.iter().zip(colours) {
@@ -589,6 +639,23 @@ fn line_styles(l: &LineChart) -> Vec<(RGBColor, Shape, usize)> {
         out.push((c, shape, dash));
     }
     out
+}
+
+/// A barrier's bar: 3 pixels wide in its curve's colour, with black end caps.
+fn draw_barrier_bar<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    a: (i32, i32),
+    b: (i32, i32),
+    colour: RGBColor,
+) -> DrawResult
+where
+    DB::ErrorType: 'static,
+{
+    area.draw(&PathElement::new(vec![a, b], colour.stroke_width(3)))?;
+    for (x, y) in [a, b] {
+        area.draw(&PathElement::new(vec![(x - 5, y), (x + 5, y)], BLACK.stroke_width(2)))?;
+    }
+    Ok(())
 }
 
 fn line_legend(l: &LineChart) -> Vec<(String, Mark)> {
@@ -600,6 +667,9 @@ fn line_legend(l: &LineChart) -> Vec<(String, Mark)> {
         .collect();
     if l.series.iter().any(|s| s.chord.is_some()) {
         entries.push(("straight line between the endpoints".into(), Mark::Dashed(RGBColor(0x55, 0x55, 0x55))));
+    }
+    if l.series.iter().any(|s| s.barrier.is_some()) {
+        entries.push(("barrier: the furthest gap to that line, in the curve's colour".into(), Mark::Barrier));
     }
     entries
 }
@@ -633,10 +703,19 @@ where
         .label_style(text_style(12))
         .axis_desc_style(text_style(14))
         .draw()?;
+    // Barriers at one lambda (curves peak alike) sit side by side, a few pixels apart, in their curve's colour.
+    let marked = l.series.iter().filter(|s| s.barrier.is_some()).count() as i32;
+    let mut nth_mark = 0;
     for (s, (c, shape, dash)) in l.series.iter().zip(line_styles(l)) {
         chart.draw_series(s.runs.iter().map(|&(x, y)| Circle::new((x, y), 3, c.mix(0.35).filled())))?;
         if let Some([a, b]) = s.chord {
             chart.draw_series(DashedLineSeries::new(vec![a, b], 6, 4, c.mix(0.8).stroke_width(1)))?;
+        }
+        if let Some(BarrierMark { lambda, from, to }) = s.barrier {
+            let dx = 8 * nth_mark - 4 * (marked - 1);
+            nth_mark += 1;
+            let (a, b) = (chart.backend_coord(&(lambda, from)), chart.backend_coord(&(lambda, to)));
+            draw_barrier_bar(&upper, (a.0 + dx, a.1), (b.0 + dx, b.1), c)?;
         }
         let (on, off) = dash_pattern(dash);
         chart.draw_series(DashedLineSeries::new(s.points.iter().map(|p| (p.0, p.1)), on, off, c.stroke_width(2)))?;
@@ -655,14 +734,30 @@ where
 }
 
 /// Grouped bars colour each series by its place: series labels (models, domains) are compared within one chart,
-/// and labels sharing a method would otherwise share its colour.
+/// and labels sharing a method would otherwise share its colour. Series that are merge methods keep their method's
+/// colour, a lighter shade for each further variant of one method.
 fn grouped_colours(g: &GroupedBarChart) -> Vec<RGBColor> {
-    (0..g.series.len()).map(|i| PALETTE[i % PALETTE.len()]).collect()
+    if !g.method_colours {
+        return (0..g.series.len()).map(|i| PALETTE[i % PALETTE.len()]).collect();
+    }
+    let base = assign_colours(&g.series.iter().map(|s| s.label.clone()).collect::<Vec<_>>());
+    base.iter()
+        .enumerate()
+        .map(|(i, &c)| {
+            let earlier = base[..i].iter().filter(|&&b| b == c).count() as f64;
+            let t = (0.45 * earlier).min(0.8);
+            let mix = |v: u8| (v as f64 + (255.0 - v as f64) * t).round() as u8;
+            RGBColor(mix(c.0), mix(c.1), mix(c.2))
+        })
+        .collect()
 }
 
 fn grouped_legend(g: &GroupedBarChart) -> Vec<(String, Mark)> {
     let mut entries: Vec<(String, Mark)> =
         g.series.iter().zip(grouped_colours(g)).map(|(s, c)| (s.label.clone(), Mark::Swatch(c))).collect();
+    if let Some(label) = &g.tick_label {
+        entries.push((label.clone(), Mark::Tick));
+    }
     if let Some(label) = &g.reference_label {
         entries.push((label.clone(), Mark::Dashed(BASELINE_COLOR)));
     }
@@ -678,7 +773,9 @@ where
     let (upper, lower) = root.split_vertically(h - legend_height(&legend, w));
     let colours = grouped_colours(g);
     let n = g.categories.len().max(1) as f64;
-    let ends = g.series.iter().flat_map(|s| s.values.iter().flatten().flat_map(|&(v, e)| [v - e, v + e]));
+    let ends = g.series.iter().flat_map(|s| {
+        s.values.iter().flatten().flat_map(|&(v, e)| [v - e, v + e]).chain(s.ticks.iter().flatten().copied())
+    });
     let (y_lo, mut y_hi) = padded_range(ends.chain(g.references.iter().map(|r| r.1)), Some(0.0));
     y_hi += 0.06 * (y_hi - y_lo); // room for the value labels
     let mut chart = ChartBuilder::on(&upper)
@@ -714,6 +811,14 @@ where
                     BLACK.stroke_width(1),
                 )))?;
             }
+        }
+        for (ci, t) in s.ticks.iter().enumerate() {
+            let Some(t) = *t else { continue };
+            let x0 = left(ci, si);
+            chart.draw_series(std::iter::once(PathElement::new(
+                vec![(x0 + 0.15 * width, t), (x0 + 0.85 * width, t)],
+                BLACK.stroke_width(3),
+            )))?;
         }
     }
     chart.draw_series(std::iter::once(PathElement::new(vec![(0.0, 0.0), (n, 0.0)], BLACK.stroke_width(1))))?;
@@ -918,6 +1023,20 @@ fn label_candidates((x, y): (i32, i32), (w, h): (i32, i32)) -> Vec<PixelBox> {
     out
 }
 
+/// Further places for a (short) numbered label when none of `label_candidates` is free: rings of 16 directions out
+/// to 200 pixels, nearest first, each drawn with a leader line to its point.
+fn far_label_candidates((x, y): (i32, i32), (w, h): (i32, i32)) -> Vec<PixelBox> {
+    let mut out = Vec::new();
+    for d in (50..=200).step_by(12) {
+        for k in 0..16 {
+            let angle = k as f64 * std::f64::consts::PI / 8.0;
+            let (cx, cy) = (x + (d as f64 * angle.cos()).round() as i32, y - (d as f64 * angle.sin()).round() as i32);
+            out.push((cx - w / 2, cy - h / 2, cx - w / 2 + w, cy - h / 2 + h));
+        }
+    }
+    out
+}
+
 /// Draws the title and the panels; returns the key: names drawn as numbers (number = index + 1).
 fn draw_scatter_panels<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
@@ -1025,10 +1144,11 @@ where
             done[j] = true;
         }
         let names: Vec<String> = group.iter().map(|&j| panel.points[j].label.clone()).collect();
-        let fits = |lines: &[String], taken: &[PixelBox]| -> Option<PixelBox> {
+        let fits = |lines: &[String], taken: &[PixelBox], far: bool| -> Option<PixelBox> {
             let w = lines.iter().map(|l| text_width(l, SCATTER_LABEL_SIZE) as i32).max().unwrap_or(0) + 4;
             let h = SCATTER_LINE * lines.len() as i32 + 2;
-            label_candidates(at[i], (w, h)).into_iter().find(|b| {
+            let candidates = if far { far_label_candidates(at[i], (w, h)) } else { label_candidates(at[i], (w, h)) };
+            candidates.into_iter().find(|b| {
                 b.0 >= plot.0
                     && b.1 >= plot.1
                     && b.2 <= plot.2
@@ -1036,7 +1156,7 @@ where
                     && taken.iter().all(|t| !overlaps(*b, *t))
             })
         };
-        let (lines, placed) = match fits(&names, &taken) {
+        let (lines, placed) = match fits(&names, &taken, false) {
             Some(b) => (names, Some(b)),
             None => {
                 let numbers: Vec<String> = names
@@ -1049,8 +1169,9 @@ where
                         format!("{}", k + 1)
                     })
                     .collect();
+                // A number is short: near the point if it can, else further out on a leader line.
                 let line = vec![numbers.join(", ")];
-                let b = fits(&line, &taken);
+                let b = fits(&line, &taken, false).or_else(|| fits(&line, &taken, true));
                 (line, b)
             }
         };
@@ -1332,6 +1453,81 @@ mod tests {
                 assert_ne!(colours[i], colours[j], "series {i} and {j} share a colour");
             }
         }
+    }
+
+    fn series(label: &str, key: &str, aligned: Option<bool>) -> super::super::plots::Series {
+        super::super::plots::Series {
+            label: label.into(),
+            points: vec![(0.0, 1.0, 0.0), (1.0, 1.0, 0.0)],
+            runs: vec![],
+            chord: None,
+            policy: String::new(),
+            aligned,
+            colour_key: key.into(),
+            barrier: None,
+        }
+    }
+
+    #[test]
+    fn interpolation_pairs_share_a_colour_and_alignment_sets_the_dashes() {
+        let l = LineChart {
+            x_label: "lambda".into(),
+            y_label: "loss".into(),
+            series: vec![
+                series("A-B naive", "a-b", Some(false)),
+                series("A-B aligned", "a-b", Some(true)),
+                series("C-D aligned", "c-d", Some(true)),
+            ],
+        };
+        let styles = line_styles(&l);
+        assert_eq!(styles[0].0, styles[1].0);
+        assert_ne!(styles[1].0, styles[2].0);
+        assert_eq!((styles[0].1, styles[0].2), (Shape::Diamond, 1));
+        assert_eq!((styles[1].1, styles[1].2), (Shape::Circle, 0));
+    }
+
+    #[test]
+    fn variants_of_a_method_are_lighter_shades_of_its_colour() {
+        let g = GroupedBarChart {
+            y_label: String::new(),
+            categories: vec!["top-10%".into()],
+            series: ["lerp", "lerp, SNR avg", "ties"]
+                .iter()
+                .map(|l| super::super::plots::GroupedSeries {
+                    label: l.to_string(),
+                    values: vec![Some((1.0, 0.0))],
+                    ticks: vec![],
+                })
+                .collect(),
+            references: vec![],
+            reference_label: None,
+            tick_label: None,
+            method_colours: true,
+            decimals: 3,
+        };
+        let c = grouped_colours(&g);
+        assert_eq!(c[0], PALETTE[0]);
+        assert_eq!(c[2], PALETTE[1]);
+        // 45% of the way to white: 0 + 255 * 0.45 = 114.75, 114 + 141 * 0.45 = 177.45, 178 + 77 * 0.45 = 212.65.
+        assert_eq!(c[1], RGBColor(115, 177, 213));
+    }
+
+    #[test]
+    fn dpi_values() {
+        assert_eq!(parse_scale("1"), Ok(1));
+        assert_eq!(parse_scale("3x"), Ok(3));
+        assert!(parse_scale("4").is_err() && parse_scale("300").is_err() && parse_scale("two").is_err());
+    }
+
+    #[test]
+    fn far_label_places_ring_the_point() {
+        let near = label_candidates((100, 100), (10, 10));
+        let far = far_label_candidates((100, 100), (10, 10));
+        assert!(far.len() > near.len());
+        // Nearest first, and none within the near places' reach.
+        let dist = |b: &PixelBox| (((b.0 + b.2) / 2 - 100).pow(2) + ((b.1 + b.3) / 2 - 100).pow(2)) as f64;
+        assert!(far.windows(2).all(|w| dist(&w[0]).sqrt() <= dist(&w[1]).sqrt() + 2.0));
+        assert!(far.iter().all(|b| dist(b).sqrt() >= 49.0));
     }
 
     #[test]

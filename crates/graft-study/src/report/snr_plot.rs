@@ -435,8 +435,9 @@ pub fn study_scans(results: &[std::path::PathBuf]) -> Vec<(Grid, f64, std::path:
     out
 }
 
-/// Writes `<dir>/<stem>.{png,svg}`: the SNR of several models, a heatmap row each, on one colour scale.
-pub fn write_zoo(grids: &[Grid], dir: &Path, stem: &str, title: &str) -> Result<()> {
+/// Writes `<dir>/<stem>.{png,svg}`: the SNR of several models, a heatmap row each, on one colour scale; the PNG at
+/// `scale` pixels per layout pixel.
+pub fn write_zoo(grids: &[Grid], dir: &Path, stem: &str, title: &str, scale: u32) -> Result<()> {
     render::ensure_font()?;
     if grids.is_empty() {
         return Err(Error::invalid(format!("{}: no SNR scan to plot", dir.display())));
@@ -448,8 +449,8 @@ pub fn write_zoo(grids: &[Grid], dir: &Path, stem: &str, title: &str) -> Result<
         Error::invalid(format!("{}: drawing the SNR zoo heatmap failed: {e}", p.display()))
     };
     {
-        let device = BitMapBackend::new(&png, (z.width * render::PRINT_SCALE, z.height * render::PRINT_SCALE));
-        let root = render::Scaled::new(device, render::PRINT_SCALE).into_drawing_area();
+        let device = BitMapBackend::new(&png, (z.width * scale, z.height * scale));
+        let root = render::Scaled::new(device, scale).into_drawing_area();
         draw_zoo(&root, grids, title).and_then(|_| Ok(root.present()?)).map_err(|e| failed(&png, e))?;
     }
     let mut svg = String::new();
@@ -480,6 +481,10 @@ pub fn ranking_chart(grid_model: &str, selection: &Selection, layer_type: &str) 
     Some(Chart {
         name: format!("ranking_{}", slug(layer_type)),
         title: format!("{grid_model}: which {layer_type} matrices carry the most signal? (SNR, ranked)"),
+        caption: format!(
+            "The signal-to-noise ratio of every {layer_type} matrix of {grid_model}, highest first; coloured apart: \
+             the ones Spectrum's rule selects."
+        ),
         section: Section::Bars,
         body: Body::Bars(BarChart {
             value_label: "SNR".into(),
@@ -492,8 +497,9 @@ pub fn ranking_chart(grid_model: &str, selection: &Selection, layer_type: &str) 
     })
 }
 
-/// Writes `<dir>/heatmap.{png,svg}` and `<dir>/ranking_<type>.{png,svg}` for one model; returns the file stems.
-pub fn write_model(model: &str, selection: &Selection, dir: &Path) -> Result<Vec<String>> {
+/// Writes `<dir>/heatmap.{png,svg}` and `<dir>/ranking_<type>.{png,svg}` for one model (PNGs at `scale` pixels per
+/// layout pixel); returns the file stems.
+pub fn write_model(model: &str, selection: &Selection, dir: &Path, scale: u32) -> Result<Vec<String>> {
     render::ensure_font()?;
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let grid = Grid::new(model, selection);
@@ -502,19 +508,19 @@ pub fn write_model(model: &str, selection: &Selection, dir: &Path) -> Result<Vec
     }
     let title =
         format!("{model}: SNR of every weight matrix by layer and type (top {}% framed)", selection.top_percent);
-    write_heatmap(&grid, &title, dir, "heatmap")?;
+    write_heatmap(&grid, &title, dir, "heatmap", scale)?;
     let mut stems = vec!["heatmap".to_string()];
     for t in &grid.types {
         if let Some(chart) = ranking_chart(model, selection, t) {
-            render::render(&chart, dir)?;
+            render::render(&chart, dir, scale)?;
             stems.push(chart.name);
         }
     }
     Ok(stems)
 }
 
-/// Writes `<dir>/<stem>.{png,svg}`: one model's heatmap.
-pub fn write_heatmap(grid: &Grid, title: &str, dir: &Path, stem: &str) -> Result<()> {
+/// Writes `<dir>/<stem>.{png,svg}`: one model's heatmap, the PNG at `scale` pixels per layout pixel.
+pub fn write_heatmap(grid: &Grid, title: &str, dir: &Path, stem: &str, scale: u32) -> Result<()> {
     render::ensure_font()?;
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let (grid, title) = (grid.clone(), title.to_string());
@@ -524,8 +530,8 @@ pub fn write_heatmap(grid: &Grid, title: &str, dir: &Path, stem: &str) -> Result
         Error::invalid(format!("{}: drawing the SNR heatmap failed: {e}", p.display()))
     };
     {
-        let device = BitMapBackend::new(&png, (w * render::PRINT_SCALE, h * render::PRINT_SCALE));
-        let root = render::Scaled::new(device, render::PRINT_SCALE).into_drawing_area();
+        let device = BitMapBackend::new(&png, (w * scale, h * scale));
+        let root = render::Scaled::new(device, scale).into_drawing_area();
         draw_heatmap(&root, &grid, &title).and_then(|_| Ok(root.present()?)).map_err(|e| failed(&png, e))?;
     }
     let mut svg = String::new();

@@ -4,7 +4,9 @@
 //! A row's *runs* are its distinct run_ids; each run contributes one value per metric (the mean of its lines, in the
 //! rare case that one run has several). A row's *parameters* are the config entries that are the same on every one of
 //! its lines (method, top_p, freeze...); entries that change from run to run (seed, output paths) are per-run noise
-//! and are left out, so plots against parameters only use what defines the experiment.
+//! and are left out, so plots against parameters only use what defines the experiment. The freeze policy is the
+//! exception: graft's studies name a selection file per seed (`selected:seed-0/merge-...`), so `freeze` is carried in
+//! words (`full`, `head`, `selected`) whenever every line of the experiment says the same in words.
 
 use std::collections::BTreeMap;
 
@@ -102,6 +104,9 @@ pub struct CurvePoint {
 pub struct Curve {
     pub experiment: String,
     pub metric: String,
+    /// The config entries shared by the experiment's lines but `lambda` (say, `aligned`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub params: BTreeMap<String, Param>,
     pub points: Vec<CurvePoint>,
     /// The barrier over seeds: per seed, the largest excess over the straight line between the endpoints (loss above
     /// it; for accuracy-like metrics, the drop below it). `None` without points at lambda 0, 1 and in between.
@@ -212,12 +217,33 @@ fn kind_table(kind: Kind, lines: &[&ResultLine], seed: u64, resamples: usize) ->
     table
 }
 
-/// The config entries with one value on every line of an experiment (seed excluded: it is per run by definition).
+/// A freeze setting in words: "full" (nothing frozen), "head" (all but the head frozen), "selected" (a selection
+/// trains, whichever file names it), other values as written.
+pub fn policy_word(freeze: &str) -> String {
+    match freeze {
+        "none" | "full" => "full".into(),
+        "all-but-head" | "head" => "head".into(),
+        f if f.starts_with("selected") => "selected".into(),
+        other => other.into(),
+    }
+}
+
+/// The config entries with one value on every line of an experiment (seed excluded: it is per run by definition),
+/// and `freeze` in words where every line's policy reads the same in words (each seed's own selection file is one
+/// policy, `selected`).
 fn shared_params(lines: &[&ResultLine]) -> BTreeMap<String, Param> {
     let mut out = BTreeMap::new();
     let Some(first) = lines.first() else { return out };
     for (k, v) in &first.config {
         if k == "seed" {
+            continue;
+        }
+        if k == "freeze" {
+            let word = |v: Option<&Value>| v.map(|v| policy_word(&Param::from_json(v).display()));
+            let first_word = word(Some(v));
+            if lines.iter().all(|l| word(l.config.get(k)) == first_word) {
+                out.insert(k.clone(), Param::Text(first_word.unwrap_or_default()));
+            }
             continue;
         }
         if lines.iter().all(|l| l.config.get(k) == Some(v)) {
@@ -309,7 +335,9 @@ fn curves(lines: &[&ResultLine], seed: u64, resamples: usize) -> Vec<Curve> {
             let label = format!("barrier\u{1f}{experiment}\u{1f}{}", m.key);
             let barrier = bootstrap_mean(&barriers, resamples, &mut Rng::for_label(seed, &label))
                 .map(|estimate| Cell { values: barriers, estimate, best: false });
-            out.push(Curve { experiment: experiment.clone(), metric: m.key, points, barrier });
+            let mut params = shared_params(&exp_lines);
+            params.remove("lambda");
+            out.push(Curve { experiment: experiment.clone(), metric: m.key, params, points, barrier });
         }
     }
     mark_best_barriers(&mut out);

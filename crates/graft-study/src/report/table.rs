@@ -252,6 +252,7 @@ mod tests {
         let curve = |e: &str, m: &str, b: Option<Cell>| Curve {
             experiment: e.into(),
             metric: m.into(),
+            params: BTreeMap::new(),
             points: vec![],
             barrier: b,
         };
