@@ -819,7 +819,10 @@ fn dpi_scales_the_png_and_not_the_svg() {
     let mut svgs = Vec::new();
     for scale in [1u32, 3] {
         let out = dir.path().join(format!("report{scale}"));
-        ok(&graft(&["report", results.to_str().unwrap(), "-o", out.to_str().unwrap(), "--dpi", &scale.to_string()]));
+        succeeded(
+            &graft(&["report", results.to_str().unwrap(), "-o", out.to_str().unwrap(), "--dpi", &scale.to_string()]),
+            "graft",
+        );
         let svg = std::fs::read_to_string(out.join("plots/bars_accuracy.svg")).unwrap();
         let (w, h) = png::dimensions(&std::fs::read(out.join("plots/bars_accuracy.png")).unwrap()).unwrap();
         assert!(
@@ -837,7 +840,7 @@ fn dpi_scales_the_png_and_not_the_svg() {
 
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/mlp/base");
     let plots = dir.path().join("snr");
-    ok(&graft(&["snr", model.to_str().unwrap(), "--plot", plots.to_str().unwrap(), "--dpi", "1"]));
+    succeeded(&graft(&["snr", model.to_str().unwrap(), "--plot", plots.to_str().unwrap(), "--dpi", "1"]), "graft");
     let svg = std::fs::read_to_string(plots.join("heatmap.svg")).unwrap();
     let (w, h) = png::dimensions(&std::fs::read(plots.join("heatmap.png")).unwrap()).unwrap();
     assert!(svg.contains(&format!("width=\"{w}\"")) && svg.contains(&format!("height=\"{h}\"")), "{w}x{h}");
