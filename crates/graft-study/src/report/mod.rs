@@ -230,7 +230,7 @@ fn write_all(
     files.push(("summary.json".into(), json));
     for (name, text) in files {
         let path = dir.join(&name);
-        std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
+        crate::files::write_atomic(&path, text.as_bytes())?;
     }
     Ok(())
 }

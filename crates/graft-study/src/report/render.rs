@@ -417,7 +417,7 @@ pub fn render(chart: &Chart, dir: &Path, scale: u32) -> Result<()> {
         draw(&root, chart).and_then(|_| Ok(root.present()?)).map_err(|e| plot_error(chart, &png, e))?;
     }
     let svg_path = dir.join(format!("{}.svg", chart.name));
-    std::fs::write(&svg_path, svg).map_err(|e| Error::io(&svg_path, e))
+    crate::files::write_atomic(&svg_path, svg.as_bytes())
 }
 
 fn plot_error(chart: &Chart, path: &Path, e: Box<dyn StdError>) -> Error {

@@ -459,7 +459,7 @@ pub fn write_zoo(grids: &[Grid], dir: &Path, stem: &str, title: &str, scale: u32
         draw_zoo(&root, grids, title).and_then(|_| Ok(root.present()?)).map_err(|e| failed(&png, e))?;
     }
     let svg_path = dir.join(format!("{stem}.svg"));
-    std::fs::write(&svg_path, svg).map_err(|e| Error::io(&svg_path, e))
+    crate::files::write_atomic(&svg_path, svg.as_bytes())
 }
 
 /// The ranking of one type as a report bar chart: layers in rank order, the selected ones first in their colour.
@@ -540,7 +540,7 @@ pub fn write_heatmap(grid: &Grid, title: &str, dir: &Path, stem: &str, scale: u3
         draw_heatmap(&root, &grid, &title).and_then(|_| Ok(root.present()?)).map_err(|e| failed(&png, e))?;
     }
     let svg_path = dir.join(format!("{stem}.svg"));
-    std::fs::write(&svg_path, svg).map_err(|e| Error::io(&svg_path, e))
+    crate::files::write_atomic(&svg_path, svg.as_bytes())
 }
 
 #[cfg(test)]
