@@ -22,7 +22,7 @@ use super::params::{ParamDef, Scope, TensorParams};
 use super::scratch::Buf;
 use crate::checkpoint::{dtype, Dtype, TensorView};
 use crate::error::{Error, Result};
-use crate::exec::Executor;
+use crate::exec::{Executor, Read};
 
 /// What a method does with a base model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -151,6 +151,9 @@ pub struct TensorInputs<'a> {
     /// Which input is the base, if the method has one.
     pub base: Option<usize>,
     pub arithmetic: Arithmetic,
+    /// Where each view's bytes are mapped (one per view, in input order), so that pre-passes can release the pages
+    /// they have read (`release_pages`); empty for views that are not mapped from a checkpoint (tests).
+    pub pages: Vec<Read<'a>>,
 }
 
 impl<'a> TensorInputs<'a> {
@@ -179,6 +182,13 @@ impl<'a> TensorInputs<'a> {
         self.views[i].read_f32_range(range, out)?;
         self.arithmetic.round(out);
         Ok(())
+    }
+
+    /// Drops the mapped pages of elements `range` of every input, for a pre-pass that is done with the range: the
+    /// kernel reads it again later and maps it again (a page fault per few pages, against holding every page of a
+    /// large tensor's inputs mapped from the pre-pass until the executor releases them after the merge).
+    pub fn release_pages(&self, range: Range<usize>) {
+        self.pages.iter().for_each(|p| p.release_range(range.clone()));
     }
 
     /// The inputs other than the base, in input order.
@@ -302,7 +312,7 @@ pub(crate) mod testing {
             .collect();
         let exec = Executor::new(Some(threads.max(1)))?.quiet();
         let mut ctx = Ctx { exec: &exec, seed, global: None };
-        let ti = TensorInputs { name: "t".into(), shape: shape.to_vec(), views, base, arithmetic };
+        let ti = TensorInputs { name: "t".into(), shape: shape.to_vec(), views, base, arithmetic, pages: Vec::new() };
         // A method with whole-model statistics gathers them first (the model being this one tensor).
         let [(ti, _)] = {
             let whole = [(ti, p.clone())];
