@@ -3,7 +3,8 @@
 //!
 //! A method merges one output tensor at a time from the input tensors' views. `prepare` runs whatever whole-tensor
 //! statistics the method needs (slerp's norms and dot product, TIES's magnitude thresholds, model stock's cosines) as
-//! pre-passes over fixed chunks with f64 accumulation, and returns a `Kernel` that computes any element range in f32.
+//! pre-passes over fixed chunks with f64 accumulation (a large tensor's pre-pass releases each chunk's input pages
+//! once read, `TensorInputs::release_pages`), and returns a `Kernel` that computes any element range in f32.
 //! Purely elementwise methods (linear, task arithmetic, DARE) skip the pre-pass. The executor then calls the kernel
 //! chunk by chunk, so no method ever holds a whole large tensor in memory.
 //!
@@ -141,6 +142,11 @@ impl Ctx<'_> {
     }
 }
 
+/// Largest tensor (elements) whose pre-pass keeps the input pages it has read mapped for the kernel: 8 chunks, 16 MB
+/// per bf16 input. Larger ones (a model's embeddings) release them chunk by chunk, so that a pre-pass does not hold
+/// every input page of the tensor at once (slerp's and TIES's peak RSS was 2.5-3 times linear's).
+pub const PREPASS_MAPPED_MAX: usize = 8 * crate::exec::CHUNK_ELEMS;
+
 /// The input tensors of one output tensor.
 pub struct TensorInputs<'a> {
     /// The output tensor's name (used in messages and to derive random streams).
@@ -185,10 +191,12 @@ impl<'a> TensorInputs<'a> {
     }
 
     /// Drops the mapped pages of elements `range` of every input, for a pre-pass that is done with the range: the
-    /// kernel reads it again later and maps it again (a page fault per few pages, against holding every page of a
-    /// large tensor's inputs mapped from the pre-pass until the executor releases them after the merge).
+    /// kernel reads it again later and maps it again. Only for tensors over `PREPASS_MAPPED_MAX` elements: mapping
+    /// again costs system time, and below that size holding the pages costs little memory.
     pub fn release_pages(&self, range: Range<usize>) {
-        self.pages.iter().for_each(|p| p.release_range(range.clone()));
+        if self.numel() > PREPASS_MAPPED_MAX {
+            self.pages.iter().for_each(|p| p.release_range(range.clone()));
+        }
     }
 
     /// The inputs other than the base, in input order.

@@ -54,6 +54,8 @@ enum Window {
 pub struct RankWindow {
     lo: usize,
     hi: usize,
+    /// The series length (no rank reaches it).
+    n: usize,
     window: Window,
 }
 
@@ -119,21 +121,26 @@ impl RankWindow {
             }
         };
         // Whether a boundary key's entries in a block are all kept or all dropped whatever their number: the ranks
-        // they can take there, `first..first + block length`, lie all inside or all outside [lo, hi). That holds for
-        // every block but the few around each boundary's crossing, and there the block needs one pass, counting
-        // and masking at once.
-        let decided = |first: usize, len: usize| -> Option<bool> {
-            if first >= lo && first + len <= hi {
+        // they can take there, from `first` to the smaller of `first + block length` and `limit` (no entry of the key
+        // ranks at `limit` or above), lie all inside or all outside [lo, hi). That holds for every block but the few
+        // around each boundary's crossing, and there the block needs one pass, counting and masking at once.
+        let decided = |first: usize, len: usize, limit: usize| -> Option<bool> {
+            let last = (first + len).min(limit);
+            if first >= lo && last <= hi {
                 Some(true)
-            } else if first + len <= lo || first >= hi {
+            } else if last <= lo || first >= hi {
                 Some(false)
             } else {
                 None
             }
         };
+        // Entries of the upper key rank below n; those of a smaller lower key below the upper key's first rank.
+        let limit_l = if lk < uk { upper.less } else { self.n };
         for block in d.chunks_mut(4096) {
             let len = block.len();
-            if let (Some(kl), Some(ku)) = (decided(lower.less + seen_lo, len), decided(upper.less + seen_hi, len)) {
+            let kl = decided(lower.less + seen_lo, len, limit_l);
+            let ku = decided(upper.less + seen_hi, len, self.n);
+            if let (Some(kl), Some(ku)) = (kl, ku) {
                 let (mut count_l, mut count_u) = (0u32, 0u32);
                 for x in block.iter_mut() {
                     let k = key(*x);
@@ -230,7 +237,7 @@ pub fn rank_windows(
         .iter()
         .zip(located)
         .map(|(&(lo, hi), mut found)| match (found.pop(), found.pop()) {
-            (Some(upper), Some(lower)) => RankWindow { lo, hi, window: Window::Bounded { lower, upper } },
+            (Some(upper), Some(lower)) => RankWindow { lo, hi, n, window: Window::Bounded { lower, upper } },
             _ => simple(lo, hi, n),
         })
         .collect())
@@ -239,7 +246,7 @@ pub fn rank_windows(
 fn simple(lo: usize, hi: usize, n: usize) -> RankWindow {
     let window = if hi <= lo { Window::Nothing } else { Window::All };
     debug_assert!(hi <= lo || (lo == 0 && hi >= n));
-    RankWindow { lo, hi: hi.min(n), window }
+    RankWindow { lo, hi: hi.min(n), n, window }
 }
 
 /// Identifies the random streams of one input's mask within one tensor.
