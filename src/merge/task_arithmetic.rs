@@ -421,7 +421,7 @@ impl Gta {
                 let b = k.inputs.read(k.base, r.clone())?;
                 let keys = pending.iter().map(|&(j, _)| k.delta(j, r.clone(), Some(&b))).collect();
                 // The rank pass reads a chunk in cache blocks: its pages go after the chunk's last block.
-                if r.end % CHUNK_ELEMS == 0 || r.end == n {
+                if r.end.is_multiple_of(CHUNK_ELEMS) || r.end == n {
                     k.inputs.release_pages(r.end.saturating_sub(1) / CHUNK_ELEMS * CHUNK_ELEMS..r.end);
                 }
                 keys
