@@ -12,7 +12,9 @@
 //! size of the output, and whole once the output tensor is done. Without that every page ever read stays mapped and
 //! counts towards resident memory, and a command passing a model through would hold the whole model. Kernels still
 //! read their own element ranges from the views (that is what lets them stream and run pre-passes); the executor
-//! only decides when the pages go.
+//! decides when the pages of the merge pass go. A merge method's pre-pass (slerp's norms, the TIES rank pass) reads
+//! the whole tensor before the first chunk is computed, so for a large tensor it releases what it has read itself,
+//! chunk by chunk, through the same `Read`s (`merge::method::TensorInputs::release_pages`).
 
 use std::io::IsTerminal;
 use std::ops::Range;

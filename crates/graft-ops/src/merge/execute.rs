@@ -121,10 +121,11 @@ pub fn execute(
     let inputs_of = |i: usize| -> Result<Option<(TensorInputs, &super::params::TensorParams)>> {
         let t = &plan.tensors[i];
         let Op::Merge { inputs, base, params } = &t.op else { return Ok(None) };
-        let views = inputs.iter().map(|s| models[s.model].tensor(&s.tensor)).collect::<Result<Vec<_>>>()?;
+        let pages = inputs.iter().map(|s| Read::new(&models[s.model], &s.tensor)).collect::<Result<Vec<_>>>()?;
+        let views = pages.iter().map(|p| p.tensor).collect();
         let arithmetic = if run.compat { Arithmetic::Mergekit(plan.working_dtype(models, i)) } else { Arithmetic::F32 };
         Ok(Some((
-            TensorInputs { name: t.name.clone(), shape: t.shape.clone(), views, base: *base, arithmetic },
+            TensorInputs { name: t.name.clone(), shape: t.shape.clone(), views, base: *base, arithmetic, pages },
             params,
         )))
     };

@@ -3,7 +3,8 @@
 //!
 //! A method merges one output tensor at a time from the input tensors' views. `prepare` runs whatever whole-tensor
 //! statistics the method needs (slerp's norms and dot product, TIES's magnitude thresholds, model stock's cosines) as
-//! pre-passes over fixed chunks with f64 accumulation, and returns a `Kernel` that computes any element range in f32.
+//! pre-passes over fixed chunks with f64 accumulation (a large tensor's pre-pass releases each chunk's input pages
+//! once read, `TensorInputs::release_pages`), and returns a `Kernel` that computes any element range in f32.
 //! Purely elementwise methods (linear, task arithmetic, DARE) skip the pre-pass. The executor then calls the kernel
 //! chunk by chunk, so no method ever holds a whole large tensor in memory.
 //!
@@ -22,7 +23,7 @@ use super::params::{ParamDef, Scope, TensorParams};
 use super::scratch::Buf;
 use crate::checkpoint::{dtype, Dtype, TensorView};
 use crate::error::{Error, Result};
-use crate::exec::Executor;
+use crate::exec::{Executor, Read};
 
 /// What a method does with a base model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -141,6 +142,11 @@ impl Ctx<'_> {
     }
 }
 
+/// Largest tensor (elements) whose pre-pass keeps the input pages it has read mapped for the kernel: 8 chunks, 16 MB
+/// per bf16 input. Larger ones (a model's embeddings) release them chunk by chunk, so that a pre-pass does not hold
+/// every input page of the tensor at once (slerp's and TIES's peak RSS was 2.5-3 times linear's).
+pub const PREPASS_MAPPED_MAX: usize = 8 * crate::exec::CHUNK_ELEMS;
+
 /// The input tensors of one output tensor.
 pub struct TensorInputs<'a> {
     /// The output tensor's name (used in messages and to derive random streams).
@@ -151,6 +157,9 @@ pub struct TensorInputs<'a> {
     /// Which input is the base, if the method has one.
     pub base: Option<usize>,
     pub arithmetic: Arithmetic,
+    /// Where each view's bytes are mapped (one per view, in input order), so that pre-passes can release the pages
+    /// they have read (`release_pages`); empty for views that are not mapped from a checkpoint (tests).
+    pub pages: Vec<Read<'a>>,
 }
 
 impl<'a> TensorInputs<'a> {
@@ -179,6 +188,15 @@ impl<'a> TensorInputs<'a> {
         self.views[i].read_f32_range(range, out)?;
         self.arithmetic.round(out);
         Ok(())
+    }
+
+    /// Drops the mapped pages of elements `range` of every input, for a pre-pass that is done with the range: the
+    /// kernel reads it again later and maps it again. Only for tensors over `PREPASS_MAPPED_MAX` elements: mapping
+    /// again costs system time, and below that size holding the pages costs little memory.
+    pub fn release_pages(&self, range: Range<usize>) {
+        if self.numel() > PREPASS_MAPPED_MAX {
+            self.pages.iter().for_each(|p| p.release_range(range.clone()));
+        }
     }
 
     /// The inputs other than the base, in input order.
@@ -302,7 +320,7 @@ pub(crate) mod testing {
             .collect();
         let exec = Executor::new(Some(threads.max(1)))?.quiet();
         let mut ctx = Ctx { exec: &exec, seed, global: None };
-        let ti = TensorInputs { name: "t".into(), shape: shape.to_vec(), views, base, arithmetic };
+        let ti = TensorInputs { name: "t".into(), shape: shape.to_vec(), views, base, arithmetic, pages: Vec::new() };
         // A method with whole-model statistics gathers them first (the model being this one tensor).
         let [(ti, _)] = {
             let whole = [(ti, p.clone())];

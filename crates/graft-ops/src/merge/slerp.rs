@@ -83,7 +83,7 @@ impl MergeMethod for Slerp {
         let b = 1 - a;
         let parts = ctx.chunked(inputs.numel(), |r| {
             let (mut aa, mut bb, mut ab) = (0f64, 0f64, 0f64);
-            for r in super::scratch::blocks(r) {
+            for r in super::scratch::blocks(r.clone()) {
                 let x = inputs.read(a, r.clone())?;
                 let y = inputs.read(b, r)?;
                 for (&u, &v) in x.iter().zip(&y) {
@@ -93,6 +93,7 @@ impl MergeMethod for Slerp {
                     ab += u * v;
                 }
             }
+            inputs.release_pages(r);
             Ok([aa, bb, ab])
         })?;
         let [aa, bb, ab] = parts.iter().fold([0f64; 3], |s, p| [s[0] + p[0], s[1] + p[1], s[2] + p[2]]);

@@ -18,8 +18,9 @@ use std::ops::Range;
 use super::method::{Arithmetic, BaseRole, Contract, Ctx, Kernel, MergeMethod, TensorInputs};
 use super::params::{Default, Kind, ParamDef, Scope, TensorParams};
 use super::scratch::Buf;
-use super::sparsify::{self, Cursor, Lines, RankWindow};
+use super::sparsify::{self, Cursor, Draws, Lines, RankWindow};
 use crate::error::{Error, Result};
+use crate::exec::CHUNK_ELEMS;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Sparsification {
@@ -79,8 +80,28 @@ enum Sparse {
     Zero,
     Window(RankWindow),
     Pending((usize, usize)),
-    Random(f64),
-    Della { density: f64, epsilon: f64 },
+    /// DARE's Bernoulli mask; `kept`: the keep bits of the whole tensor, drawn once by the rescale pass (see
+    /// `KEPT_BITS_MAX`), else drawn as the kernel goes.
+    Random {
+        density: f64,
+        kept: Option<Vec<u64>>,
+    },
+    Della {
+        density: f64,
+        epsilon: f64,
+    },
+}
+
+/// Largest total size of the DARE keep bits a kernel holds between the rescale pass and the merge (1/32 of the
+/// f32 task vectors they mask: 8 MiB for a 0.5B model's embedding and two task vectors): within it the merge reads
+/// the bits instead of drawing every element a second time.
+const KEPT_BITS_MAX: usize = 64 << 20;
+
+/// Where a walk through a chunk stands in one series' mask, between the chunk's consecutive cache blocks.
+enum Walk<'k> {
+    None,
+    Window(Cursor),
+    Draws(Draws<'k>),
 }
 
 struct Series {
@@ -126,23 +147,17 @@ impl GtaKernel<'_> {
         Ok(x)
     }
 
-    /// The sparsified (not yet rescaled) task vector of series `j` over `range`; `cursor` carries a rank window's
-    /// position between consecutive ranges.
-    fn sparse_delta(
-        &self,
-        j: usize,
-        range: Range<usize>,
-        base: Option<&[f32]>,
-        cursor: Option<&mut Cursor>,
-    ) -> Result<Buf> {
+    /// The sparsified (not yet rescaled) task vector of series `j` over `range`; `walk` carries a rank window's or
+    /// a random mask's position between consecutive ranges (`Walk::None`: start afresh at `range`).
+    fn sparse_delta(&self, j: usize, range: Range<usize>, base: Option<&[f32]>, walk: &mut Walk) -> Result<Buf> {
         match &self.series[j].sparse {
             Sparse::Keep => self.delta(j, range, base),
             Sparse::Zero => Ok(Buf::zeroed(range.len())),
             Sparse::Window(w) => {
                 let mut d = self.delta(j, range.clone(), base)?;
-                match cursor {
-                    Some(cur) => w.apply_at(cur, &mut d),
-                    None => {
+                match walk {
+                    Walk::Window(cur) => w.apply_at(cur, &mut d),
+                    _ => {
                         let prefix = |q: Range<usize>| -> Result<Buf> { self.delta(j, q, None) };
                         w.apply(range, &mut d, &prefix)?;
                     }
@@ -150,9 +165,13 @@ impl GtaKernel<'_> {
                 Ok(d)
             }
             Sparse::Pending(_) => unreachable!("rank windows are computed before the kernel runs"),
-            Sparse::Random(density) => {
+            Sparse::Random { density, kept } => {
                 let mut d = self.delta(j, range.clone(), base)?;
-                sparsify::bernoulli(self.streams(j), *density, range, &mut d);
+                match (kept, walk) {
+                    (Some(bits), _) => sparsify::apply_bits(bits, range.start, &mut d),
+                    (None, Walk::Draws(draws)) if draws.position() == range.start => draws.apply(&mut d),
+                    (None, _) => sparsify::bernoulli(self.streams(j), *density, range, &mut d),
+                }
                 Ok(d)
             }
             Sparse::Della { density, epsilon } => {
@@ -167,21 +186,95 @@ impl GtaKernel<'_> {
     }
 
     /// One cache-sized block of the merged tensor.
-    fn block(&self, range: Range<usize>, cursors: &mut [Option<Cursor>]) -> Result<Buf> {
-        // Whole-slice steps (vectorisable); in mergekit mode each step is followed by its rounding.
-        let ar = self.ar;
-        let n = range.len();
+    fn block(&self, range: Range<usize>, walks: &mut [Walk]) -> Result<Buf> {
         let base = self.inputs.read(self.base, range.clone())?;
         let mut e: Vec<Buf> = Vec::with_capacity(self.series.len());
-        for (j, s) in self.series.iter().enumerate() {
-            let mut d = self.sparse_delta(j, range.clone(), Some(&base), cursors[j].as_mut())?;
+        for (j, walk) in walks.iter_mut().enumerate() {
+            e.push(self.sparse_delta(j, range.clone(), Some(&base), walk)?);
+        }
+        if self.ar == Arithmetic::F32 && (1..=4).contains(&e.len()) {
+            let mut out = base;
+            match e.len() {
+                1 => self.combine::<1>(&mut out, &e),
+                2 => self.combine::<2>(&mut out, &e),
+                3 => self.combine::<3>(&mut out, &e),
+                _ => self.combine::<4>(&mut out, &e),
+            }
+            return Ok(out);
+        }
+        self.combine_steps(base, e)
+    }
+
+    /// Steps 2-4 of the module comment for `N` series in f32, in one pass over the elements: with no rounding
+    /// between steps, fusing the whole-slice passes of `combine_steps` changes neither an operation nor its order,
+    /// so the result is bit for bit the same. `out` holds the base and receives the result; `d` the sparsified
+    /// task vectors.
+    fn combine<const N: usize>(&self, out: &mut [f32], d: &[Buf]) {
+        let n = out.len();
+        let d: [&[f32]; N] = std::array::from_fn(|j| &d[j][..n]);
+        let scale: [Option<f32>; N] = std::array::from_fn(|j| self.series[j].scale);
+        let w: [f32; N] = std::array::from_fn(|j| self.series[j].weight);
+        let (normalize, lambda, weight_sum) = (self.normalize, self.lambda, self.weight_sum);
+        let weighted = |j: usize, k: usize| -> f32 {
+            let v = d[j][k];
+            let v = match scale[j] {
+                Some(s) => v * s,
+                None => v,
+            };
+            v * w[j]
+        };
+        match self.consensus {
+            Consensus::None => {
+                for (k, o) in out.iter_mut().enumerate() {
+                    let mut m = 0f32;
+                    for j in 0..N {
+                        m += weighted(j, k);
+                    }
+                    if normalize {
+                        m /= weight_sum;
+                    }
+                    if lambda != 1.0 {
+                        m *= lambda;
+                    }
+                    *o += m;
+                }
+            }
+            Consensus::Sum => {
+                for (k, o) in out.iter_mut().enumerate() {
+                    let e: [f32; N] = std::array::from_fn(|j| weighted(j, k));
+                    let mut total = 0f32;
+                    for v in e {
+                        total += v;
+                    }
+                    let (mut m, mut ws) = (0f32, 0f32);
+                    for (v, wj) in e.into_iter().zip(w) {
+                        let agree = if total >= 0.0 { v > 0.0 } else { v < 0.0 };
+                        m += if agree { v } else { 0.0 };
+                        ws += if agree { wj } else { 0.0 };
+                    }
+                    if normalize {
+                        m /= if ws == 0.0 { 1.0 } else { ws };
+                    }
+                    if lambda != 1.0 {
+                        m *= lambda;
+                    }
+                    *o += m;
+                }
+            }
+        }
+    }
+
+    /// Steps 2-4 as whole-slice passes, each followed by its rounding in mergekit mode.
+    fn combine_steps(&self, base: Buf, mut e: Vec<Buf>) -> Result<Buf> {
+        let ar = self.ar;
+        let n = base.len();
+        for (d, s) in e.iter_mut().zip(&self.series) {
             if let Some(scale) = s.scale {
                 d.iter_mut().for_each(|v| *v *= scale);
-                ar.round(&mut d);
+                ar.round(d);
             }
             d.iter_mut().for_each(|v| *v *= s.weight);
-            ar.round(&mut d);
-            e.push(d);
+            ar.round(d);
         }
         let mut mixed = Buf::zeroed(n);
         let divisor = match self.consensus {
@@ -236,22 +329,25 @@ impl Kernel for GtaKernel<'_> {
         // Cache-sized blocks keep the intermediate vectors out of main memory; DELLA ranks whole rows, so its
         // blocks are the whole range.
         let della = self.series.iter().any(|s| matches!(s.sparse, Sparse::Della { .. }));
-        let mut cursors = Vec::with_capacity(self.series.len());
+        let mut walks = Vec::with_capacity(self.series.len());
         for (j, s) in self.series.iter().enumerate() {
-            cursors.push(match &s.sparse {
+            walks.push(match &s.sparse {
                 Sparse::Window(w) => {
                     let prefix = |q: Range<usize>| -> Result<Buf> { self.delta(j, q, None) };
-                    Some(w.cursor(range.start, &prefix)?)
+                    Walk::Window(w.cursor(range.start, &prefix)?)
                 }
-                _ => None,
+                Sparse::Random { density, kept: None } => {
+                    Walk::Draws(Draws::at(self.streams(j), *density, range.start))
+                }
+                _ => Walk::None,
             });
         }
         if della {
-            return Ok(self.block(range, &mut cursors)?.into_vec());
+            return Ok(self.block(range, &mut walks)?.into_vec());
         }
         let mut out = Vec::with_capacity(range.len());
         for b in super::scratch::blocks(range) {
-            out.extend_from_slice(&self.block(b, &mut cursors)?);
+            out.extend_from_slice(&self.block(b, &mut walks)?);
         }
         Ok(out)
     }
@@ -274,7 +370,7 @@ impl Gta {
                     Sparsification::Outliers => {
                         Sparse::Pending(sparsify::outlier_window(n, density, p.input_f64(i, "gamma")?))
                     }
-                    Sparsification::Random => Sparse::Random(density),
+                    Sparsification::Random => Sparse::Random { density, kept: None },
                     Sparsification::Della if density <= 0.0 => Sparse::Zero,
                     Sparsification::Della => {
                         let epsilon = p.input_f64(i, "epsilon")?;
@@ -323,7 +419,12 @@ impl Gta {
             let windows: Vec<(usize, usize)> = pending.iter().map(|p| p.1).collect();
             let keys = |r: Range<usize>| -> Result<Vec<Buf>> {
                 let b = k.inputs.read(k.base, r.clone())?;
-                pending.iter().map(|&(j, _)| k.delta(j, r.clone(), Some(&b))).collect()
+                let keys = pending.iter().map(|&(j, _)| k.delta(j, r.clone(), Some(&b))).collect();
+                // The rank pass reads a chunk in cache blocks: its pages go after the chunk's last block.
+                if r.end.is_multiple_of(CHUNK_ELEMS) || r.end == n {
+                    k.inputs.release_pages(r.end.saturating_sub(1) / CHUNK_ELEMS * CHUNK_ELEMS..r.end);
+                }
+                keys
             };
             let found = sparsify::rank_windows(ctx.exec, n, &windows, &keys)?;
             for ((j, _), w) in pending.iter().zip(found) {
@@ -334,23 +435,46 @@ impl Gta {
             let targets: Vec<usize> =
                 (0..k.series.len()).filter(|&j| !matches!(k.series[j].sparse, Sparse::Keep)).collect();
             if !targets.is_empty() {
-                let parts = ctx.chunked(n, |r| {
+                // DARE's keep bits, drawn here once and kept for the merge when they fit the bound.
+                let random = targets.iter().filter(|&&j| matches!(k.series[j].sparse, Sparse::Random { .. })).count();
+                let keep_bits = random * n.div_ceil(64) * 8 <= KEPT_BITS_MAX;
+                let l1 = |d: &[f32]| -> f64 { d.iter().map(|&x| x.abs() as f64).sum() };
+                // Chunks start on a multiple of RNG_BLOCK, so each chunk's draws are a fresh walk.
+                let mut parts = ctx.chunked(n, |r| {
                     let b = k.inputs.read(k.base, r.clone())?;
-                    targets
+                    let sums = targets
                         .iter()
-                        .map(|&j| {
-                            let before: f64 = k.delta(j, r.clone(), Some(&b))?.iter().map(|&x| x.abs() as f64).sum();
-                            let after: f64 =
-                                k.sparse_delta(j, r.clone(), Some(&b), None)?.iter().map(|&x| x.abs() as f64).sum();
-                            Ok([before, after])
+                        .map(|&j| match &k.series[j].sparse {
+                            Sparse::Random { density, .. } => {
+                                let d = k.delta(j, r.clone(), Some(&b))?;
+                                let bits = Draws::at(k.streams(j), *density, r.start).keep_bits(r.len());
+                                let (before, after) = sparsify::l1_and_masked_l1(&d, &bits);
+                                Ok((before, after, keep_bits.then_some(bits)))
+                            }
+                            _ => {
+                                let before = l1(&k.delta(j, r.clone(), Some(&b))?);
+                                let after = l1(&k.sparse_delta(j, r.clone(), Some(&b), &mut Walk::None)?);
+                                Ok((before, after, None))
+                            }
                         })
-                        .collect::<Result<Vec<_>>>()
+                        .collect::<Result<Vec<_>>>();
+                    k.inputs.release_pages(r);
+                    sums
                 })?;
                 for (t, &j) in targets.iter().enumerate() {
-                    let before = ar.r(parts.iter().map(|p| p[t][0]).sum::<f64>() as f32);
-                    let after = ar.r(parts.iter().map(|p| p[t][1]).sum::<f64>() as f32);
+                    let before = ar.r(parts.iter().map(|p| p[t].0).sum::<f64>() as f32);
+                    let after = ar.r(parts.iter().map(|p| p[t].1).sum::<f64>() as f32);
                     if before >= 1e-7 && after >= 1e-7 {
                         k.series[j].scale = Some(ar.r(before / after));
+                    }
+                }
+                if keep_bits {
+                    for (t, &j) in targets.iter().enumerate() {
+                        if let Sparse::Random { kept, .. } = &mut k.series[j].sparse {
+                            // Chunks hold whole words (CHUNK_ELEMS is a multiple of 64), so the chunks' bits
+                            // concatenate into the tensor's.
+                            *kept = Some(parts.iter_mut().flat_map(|p| p[t].2.take().unwrap_or_default()).collect());
+                        }
                     }
                 }
             }

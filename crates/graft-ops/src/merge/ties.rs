@@ -357,6 +357,7 @@ mod tests {
                 .collect(),
             base: Some(0),
             arithmetic: Arithmetic::F32,
+            pages: Vec::new(),
         };
         let p = gta_params(
             true,
