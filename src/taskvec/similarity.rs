@@ -542,6 +542,21 @@ mod tests {
     }
 
     #[test]
+    fn chosen_pairs_equal_the_same_pairs_of_all_and_of_two() {
+        let vs: Vec<Vec<f32>> = (0..4).map(|k| randn(10 + k, 777)).collect();
+        let all = sums(&vs.iter().map(Vec::as_slice).collect::<Vec<_>>());
+        let chosen = Arc::from([(2, 3), (0, 2)]);
+        let mut some = Sums::with_pairs(4, chosen);
+        some.add(&vs.iter().map(Vec::as_slice).collect::<Vec<_>>());
+        // Pair (0, 2) is pair 1 of all's row-by-row order, (2, 3) pair 5.
+        for (p, q, (i, j)) in [(0, 5, (2, 3)), (1, 1, (0, 2))] {
+            let alone = sums(&[&vs[i], &vs[j]]);
+            assert_eq!(some.of_pair(p), alone, "chosen pair {p}");
+            assert_eq!(all.of_pair(q), alone, "pair {q} of all");
+        }
+    }
+
+    #[test]
     fn zero_vectors_have_no_cosine() {
         let z = vec![0f32; 10];
         let v = randn(4, 10);
