@@ -374,8 +374,8 @@ impl Results {
             }
             let v: serde_json::Value = serde_json::from_str(line)
                 .map_err(|e| Error::format(path, format!("line {}: not a JSON line: {e}", n + 1)))?;
-            let k = line_key(&v, key)
-                .ok_or_else(|| Error::format(path, format!("line {}: no \"{key}\" field", n + 1)))?;
+            let k =
+                line_key(&v, key).ok_or_else(|| Error::format(path, format!("line {}: no \"{key}\" field", n + 1)))?;
             done.insert(k);
         }
         Ok(Results { path: path.to_path_buf(), done })
@@ -391,8 +391,7 @@ impl Results {
     pub fn append(&mut self, key: &str, line: &str) -> Result<()> {
         use std::io::Write;
         let path = &self.path;
-        let mut f =
-            std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| Error::io(path, e))?;
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| Error::io(path, e))?;
         f.write_all(line.as_bytes()).and_then(|_| f.sync_data()).map_err(|e| Error::io(path, e))?;
         self.done.insert(key.to_string());
         Ok(())

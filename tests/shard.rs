@@ -213,7 +213,11 @@ fn single_and_gathered(
             let out = if k + 1 == count {
                 // A Slurm array `--array=3-(3+count-1)`: the last task is the last shard.
                 let (id, n) = ((3 + k).to_string(), count.to_string());
-                let env = [("SLURM_ARRAY_TASK_ID", id.as_str()), ("SLURM_ARRAY_TASK_COUNT", &n), ("SLURM_ARRAY_TASK_MIN", "3")];
+                let env = [
+                    ("SLURM_ARRAY_TASK_ID", id.as_str()),
+                    ("SLURM_ARRAY_TASK_COUNT", &n),
+                    ("SLURM_ARRAY_TASK_MIN", "3"),
+                ];
                 graft_env(&[args, &["--shard", "auto", "--resume", s(&file)]].concat(), &env)
             } else {
                 graft(&[args, &["--shard", &spec, "--resume", s(&file)]].concat())
@@ -252,7 +256,10 @@ fn gather_fails_naming(dir: &Path, files: &[PathBuf], left_out: usize, missing: 
     args.extend(files.iter().map(|f| s(f)));
     let r = graft(&args);
     let err = String::from_utf8_lossy(&r.stderr);
-    assert!(r.status.code() == Some(1) && err.contains("1 items recorded more than once") && err.contains(dup_names), "{err}");
+    assert!(
+        r.status.code() == Some(1) && err.contains("1 items recorded more than once") && err.contains(dup_names),
+        "{err}"
+    );
     assert!(!out.exists(), "no output from a failed gather");
 }
 
@@ -287,15 +294,16 @@ fn similarity_pairs_gather_to_the_single_process_lines() {
     let lines: Vec<serde_json::Value> = single.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 10, "5 models, 10 pairs");
     // Each pair's line is the two-model report of `graft similarity A B --json`, bit for bit, with its key.
-    let mut models: Vec<String> = std::fs::read_dir(dir.path().join("zoo"))
-        .unwrap()
-        .map(|e| e.unwrap().path().display().to_string())
-        .collect();
+    let mut models: Vec<String> =
+        std::fs::read_dir(dir.path().join("zoo")).unwrap().map(|e| e.unwrap().path().display().to_string()).collect();
     models.sort();
     let mut k = 0;
     for a in 0..models.len() {
         for b in a + 1..models.len() {
-            let two = ok(graft(&["similarity", &models[a], &models[b], "--base", s(&base), "--by", "layer", "--json"]), "pair");
+            let two = ok(
+                graft(&["similarity", &models[a], &models[b], "--base", s(&base), "--by", "layer", "--json"]),
+                "pair",
+            );
             let mut want: serde_json::Value = serde_json::from_str(&two).unwrap();
             let canon = |m: &str| std::fs::canonicalize(m).unwrap().display().to_string();
             want["pair"] = serde_json::json!([canon(&models[a]), canon(&models[b])]);
@@ -307,7 +315,18 @@ fn similarity_pairs_gather_to_the_single_process_lines() {
     let missing = ["m01.safetensors\",\"", "m02.safetensors\",\""];
     gather_fails_naming(dir.path(), &files, 1, &missing, "m01.safetensors");
     // A shard restarted resumes: nothing new is computed or appended.
-    let again = graft(&["similarity", &pattern, "--base", s(&base), "--by", "layer", "--shard", "0/3", "--resume", s(&files[0])]);
+    let again = graft(&[
+        "similarity",
+        &pattern,
+        "--base",
+        s(&base),
+        "--by",
+        "layer",
+        "--shard",
+        "0/3",
+        "--resume",
+        s(&files[0]),
+    ]);
     assert!(String::from_utf8_lossy(&again.stderr).contains("0 pairs compared"));
 }
 

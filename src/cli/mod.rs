@@ -370,7 +370,10 @@ mod tests {
         let sharded = ["graft", "merge", "c/*.yml", "-o", "out", "--shard", "1/4", "--resume", "s1.jsonl"];
         let auto = ["graft", "merge", "c/*.yml", "--shard=auto", "--shard-count", "4", "-o", "out"];
         for args in [&sharded[..], &auto[..]] {
-            assert_eq!(super::recorded_args(args.iter().map(|s| s.to_string())), ["graft", "merge", "c/*.yml", "-o", "out"]);
+            assert_eq!(
+                super::recorded_args(args.iter().map(|s| s.to_string())),
+                ["graft", "merge", "c/*.yml", "-o", "out"]
+            );
         }
     }
 }

@@ -80,7 +80,8 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
     let models = crate::shard::expand_globs(&args.models)?;
     // A shard's manifest names every model by its canonical path, the results lines' "path".
     let item = |m: &String| serde_json::Value::String(canonical(m));
-    let models = crate::shard::select(&models, args.shard.resolve()?, args.resume.as_deref(), "path", item, "snr", "models")?;
+    let models =
+        crate::shard::select(&models, args.shard.resolve()?, args.resume.as_deref(), "path", item, "snr", "models")?;
     if models.len() > 1 {
         for (flag, v) in [
             ("--spectrum-json", &args.spectrum_json),
