@@ -290,10 +290,13 @@ pub fn gather(files: &[PathBuf]) -> Result<String> {
             let key = line_key(&v, &m.key).ok_or_else(|| {
                 Error::format(file, format!("line {}: no \"{}\" field naming its item", n + 1, m.key))
             })?;
-            if lines.contains_key(&key) {
-                duplicated.insert(key);
-            } else {
-                lines.insert(key, (line.to_string(), file));
+            match lines.entry(key) {
+                std::collections::btree_map::Entry::Occupied(e) => {
+                    duplicated.insert(e.key().clone());
+                }
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    e.insert((line.to_string(), file));
+                }
             }
         }
     }
