@@ -401,6 +401,12 @@ impl Results {
     }
 }
 
+/// How a results line names a file or directory item: its canonical path (the path as given where it has none), so
+/// that lines written from different working directories agree.
+pub fn canonical(path: &str) -> String {
+    std::fs::canonicalize(path).map(|p| p.display().to_string()).unwrap_or_else(|_| path.to_string())
+}
+
 /// Arguments as given, with quoted globs (`*`, `?`, `[...]` in an argument that is not itself a path) expanded in
 /// sorted order, so that N processes started with the same quoted glob see one list whatever their shell does.
 pub fn expand_globs(args: &[String]) -> Result<Vec<String>> {

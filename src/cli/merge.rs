@@ -437,7 +437,7 @@ fn run_configs(a: &Args, configs: Vec<String>, global: &Global) -> Result<()> {
             )));
         }
     }
-    let canonical = |c: &String| std::fs::canonicalize(c).map(|p| p.display().to_string()).unwrap_or(c.clone());
+    let canonical = |c: &String| crate::shard::canonical(c);
     let item = |c: &String| serde_json::Value::String(canonical(c));
     let shard = a.shard.resolve()?;
     let mine = crate::shard::select(&configs, shard, a.resume.as_deref(), "config", item, "merge", "configs")?;

@@ -135,10 +135,6 @@ struct PairLine<'a> {
     report: &'a SimilarityReport,
 }
 
-fn canonical(model: &str) -> String {
-    std::fs::canonicalize(model).map(|p| p.display().to_string()).unwrap_or_else(|_| model.to_string())
-}
-
 /// The pairwise lines of a zoo: the pairs of the sorted model list (this shard's, less those the results file has),
 /// computed in one pass over the models they need.
 fn run_pairs(
@@ -157,7 +153,7 @@ fn run_pairs(
     if names.len() < 2 {
         return Err(Error::usage(format!("a zoo's pairs need at least two models; {} given", names.len())));
     }
-    let canonical: Vec<String> = names.iter().map(|m| canonical(m)).collect();
+    let canonical: Vec<String> = names.iter().map(|m| crate::shard::canonical(m)).collect();
     let key = |&(a, b): &(usize, usize)| serde_json::json!([canonical[a], canonical[b]]);
     let all: Vec<(usize, usize)> = (0..names.len()).flat_map(|a| (a + 1..names.len()).map(move |b| (a, b))).collect();
     let mine = crate::shard::select(&all, shard, args.resume.as_deref(), "pair", key, "similarity", "pairs")?;

@@ -13,6 +13,7 @@ use super::{emit, regex_arg, table, Global};
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::exec::Executor;
+use crate::shard::canonical;
 use crate::snr::formats::{spectrum_json, unfrozen_yaml, SelectionFile, TensorRecord};
 use crate::snr::{layer_type, rank_and_select, scan, scan_targets, ScanOptions, Selection, TensorSnr};
 
@@ -282,10 +283,6 @@ fn model_slug(model: &str) -> String {
     let trimmed = model.trim_end_matches('/');
     let s = trimmed.replace(['/', '_', '\\'], "-");
     s.trim_start_matches(['.', '-']).to_string()
-}
-
-fn canonical(model: &str) -> String {
-    std::fs::canonicalize(model).map(|p| p.display().to_string()).unwrap_or_else(|_| model.to_string())
 }
 
 /// Writes a whole file through a temporary sibling and a rename, so readers never see half of it.
