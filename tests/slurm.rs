@@ -1,5 +1,6 @@
 //! On a real Slurm cluster (`tools/start-slurm`, which `.ci/run` calls): a 4-task job array scanning a zoo of small
-//! checkpoints with `--shard auto` gathers to exactly the single-process result; `graft experiment --executor slurm`
+//! checkpoints with `--shard auto` gathers to exactly the single-process result, and so does a 4-task array
+//! comparing the zoo's pairs of task vectors (`graft similarity --shard auto`); `graft experiment --executor slurm`
 //! gives the local run's results, resumes after a cancelled job without redoing finished steps, and reports a failed
 //! step with its log (`--status` too). Skipped, saying so, where `sinfo` is absent or no node is up; the error for a
 //! missing `sbatch` is checked everywhere.
@@ -69,33 +70,83 @@ fn job_array_gathers_to_the_single_process_result() {
         ),
     )
     .unwrap();
+    let logs = run_array(dir.path(), &script, "graft-shard-test");
+
+    // The job wrote four shard files (array tasks 1..4 are shards 0..3), each with its manifest.
+    let shards: Vec<String> = (1..=4).map(|t| format!("{}/shard-{t}.jsonl", dir.path().display())).collect();
+    gathers_to_single(&shards, &[3, 3, 3, 3], &logs, &single);
+}
+
+/// The array's shard files (waited for: a finished job's files may show a moment later) have `sizes` lines and
+/// gather to the single process's results file.
+fn gathers_to_single(shards: &[String], sizes: &[usize], logs: &str, single: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !shards.iter().all(|s| Path::new(s).exists()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let got: Vec<usize> = shards.iter().map(|s| std::fs::read_to_string(s).unwrap().lines().count()).collect();
+    assert_eq!(got, sizes, "{logs}");
+    let gathered = single.with_file_name("gathered.jsonl");
+    let out = Command::new(env!("CARGO_BIN_EXE_graft")).arg("gather").arg(&gathered).args(shards).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read_to_string(&gathered).unwrap(), std::fs::read_to_string(single).unwrap());
+}
+
+/// Runs `script` (an `#SBATCH --array` job) to its end; returns the jobs' logs (`slurm-*` files in `dir`).
+fn run_array(dir: &Path, script: &Path, name: &str) -> String {
     let out = Command::new("sbatch")
-        .args(["--parsable", "--wait", "--job-name=graft-shard-test"])
-        .arg(format!("--output={}/slurm-%A_%a.out", dir.path().display()))
-        .arg(&script)
-        .current_dir(dir.path())
+        .args(["--parsable", "--wait", &format!("--job-name={name}")])
+        .arg(format!("--output={}/slurm-%A_%a.out", dir.display()))
+        .arg(script)
+        .current_dir(dir)
         .output()
         .unwrap();
-    let logs: String = std::fs::read_dir(dir.path())
+    let logs: String = std::fs::read_dir(dir)
         .unwrap()
         .filter_map(|e| e.ok())
         .filter(|e| e.file_name().to_string_lossy().starts_with("slurm-"))
         .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
         .collect();
     assert!(out.status.success(), "sbatch: {}\n{logs}", String::from_utf8_lossy(&out.stderr));
+    logs
+}
 
-    // The job wrote four shard files (array tasks 1..4 are shards 0..3), each with its manifest.
-    let shards: Vec<String> = (1..=4).map(|t| format!("{}/shard-{t}.jsonl", dir.path().display())).collect();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !shards.iter().all(|s| Path::new(s).exists()) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(200));
+#[test]
+fn similarity_job_array_gathers_to_the_single_process_pairs() {
+    if !slurm_up() {
+        return;
     }
-    let sizes: Vec<usize> = shards.iter().map(|s| std::fs::read_to_string(s).unwrap().lines().count()).collect();
-    assert_eq!(sizes, [3, 3, 3, 3], "{logs}");
-    let gathered = dir.path().join("gathered.jsonl");
-    let out = Command::new(graft).arg("gather").arg(&gathered).args(&shards).output().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let zoo = dir.path().join("zoo");
+    write_zoo(&zoo, 7);
+    let base = dir.path().join("base.safetensors");
+    std::fs::rename(zoo.join("m00.safetensors"), &base).unwrap();
+    let graft = env!("CARGO_BIN_EXE_graft");
+    let pattern = format!("{}/*", zoo.display());
+    let single = dir.path().join("single.jsonl");
+    let out = Command::new(graft)
+        .args(["similarity", &pattern, "--base", &base.display().to_string(), "--resume"])
+        .arg(&single)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(std::fs::read_to_string(&gathered).unwrap(), std::fs::read_to_string(&single).unwrap());
+
+    let script = dir.path().join("pairs.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/bash\n#SBATCH --array=0-3\n#SBATCH --cpus-per-task=1\n#SBATCH --mem=200M\n\
+             exec '{graft}' --threads 1 similarity '{pattern}' --base '{base}' --shard auto \
+             --resume \"{dir}/pairs-$SLURM_ARRAY_TASK_ID.jsonl\"\n",
+            base = base.display(),
+            dir = dir.path().display()
+        ),
+    )
+    .unwrap();
+    let logs = run_array(dir.path(), &script, "graft-pairs-test");
+    let shards: Vec<String> = (0..4).map(|t| format!("{}/pairs-{t}.jsonl", dir.path().display())).collect();
+    // 6 models, 15 pairs over 4 tasks.
+    gathers_to_single(&shards, &[4, 4, 4, 3], &logs, &single);
 }
 
 // graft experiment --executor slurm

@@ -1,9 +1,11 @@
 //! `graft inspect PATH...`: tensors, per-type summary, totals and metadata of each checkpoint, as tables or JSON lines;
-//! for a GGUF file, its tensors with their quantisation types, per-type totals and its metadata. `--shard K/N` does
-//! one part of the sorted path list (`crate::shard`).
+//! for a GGUF file, its tensors with their quantisation types, per-type totals and its metadata. A quoted glob
+//! (`'zoo/*'`) is expanded by graft; `--resume FILE` records each checkpoint's JSON line and skips those already
+//! there; `--shard K/N` does one part of the sorted path list (`crate::shard`; `graft gather` joins the shards'
+//! results files).
 
 use std::fmt::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::{emit, human_bytes, human_count, regex_arg, table, Global};
 use crate::checkpoint::Checkpoint;
@@ -12,9 +14,10 @@ use crate::inspect::{report, Report};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Checkpoints: `.safetensors` files, index files, or checkpoint directories.
+    /// Checkpoints: `.safetensors` files, index files, or checkpoint directories; a quoted glob (`'zoo/*'`) is
+    /// expanded by graft.
     #[arg(required = true)]
-    paths: Vec<PathBuf>,
+    paths: Vec<String>,
     /// Print one JSON document per checkpoint, one per line (schema in the README).
     #[arg(long)]
     json: bool,
@@ -24,35 +27,41 @@ pub struct Args {
     /// Leave out the per-tensor table (summary, totals and metadata only).
     #[arg(long)]
     summary: bool,
+    /// Append each checkpoint's JSON line (as --json prints it) to FILE and skip checkpoints already recorded there
+    /// (restartable zoo runs; with --shard, the file `graft gather` joins).
+    #[arg(long, value_name = "FILE")]
+    resume: Option<PathBuf>,
     #[command(flatten)]
     shard: crate::shard::ShardArgs,
 }
 
-pub fn run(mut args: Args, _global: &Global) -> Result<()> {
+pub fn run(args: Args, _global: &Global) -> Result<()> {
     let filter = args.filter.as_deref().map(|f| regex_arg("--filter", f)).transpose()?;
-    if let Some(shard) = args.shard.resolve()? {
-        args.paths = crate::shard::partition(&args.paths, shard);
-        if args.paths.is_empty() {
-            eprintln!("graft: inspect: shard {shard} has no checkpoints");
+    let paths = crate::shard::expand_globs(&args.paths)?;
+    // A line names its checkpoint by the path as given ("path"), which is what the shard's manifest lists.
+    let item = |p: &String| serde_json::Value::String(p.clone());
+    let shard = args.shard.resolve()?;
+    let paths = crate::shard::select(&paths, shard, args.resume.as_deref(), "path", item, "inspect", "checkpoints")?;
+    if paths.is_empty() {
+        return Ok(());
+    }
+    let mut results = args.resume.as_deref().map(|f| crate::shard::Results::open(f, "path")).transpose()?;
+    super::run_batch(&paths, args.json, "path", "checkpoints could not be read", String::clone, |path| {
+        if results.as_ref().is_some_and(|r| r.contains(path)) {
+            eprintln!("graft: inspect: {path}: already in the resume file, skipped");
             return Ok(());
         }
-    }
-    let name = |p: &PathBuf| p.display().to_string();
-    super::run_batch(&args.paths, args.json, "path", "checkpoints could not be read", name, |path| {
-        if crate::checkpoint::is_gguf_path(path) {
+        let (line, text) = if crate::checkpoint::is_gguf_path(Path::new(path)) {
             let g = crate::gguf::GgufFile::open(path)?.summary();
-            return if args.json {
-                emit(&(serde_json::to_string(&g).unwrap() + "\n"))
-            } else {
-                emit(&render_gguf(&g, args.summary))
-            };
-        }
-        let r = report(&Checkpoint::open(path)?, filter.as_ref());
-        if args.json {
-            emit(&(serde_json::to_string(&r).unwrap() + "\n"))
+            (serde_json::to_string(&g).unwrap() + "\n", render_gguf(&g, args.summary))
         } else {
-            emit(&render(&r, args.summary))
+            let r = report(&Checkpoint::open(path)?, filter.as_ref());
+            (serde_json::to_string(&r).unwrap() + "\n", render(&r, args.summary))
+        };
+        if let Some(r) = results.as_mut() {
+            r.append(path, &line)?;
         }
+        emit(if args.json { &line } else { &text })
     })
 }
 

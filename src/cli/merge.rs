@@ -1,5 +1,8 @@
 //! `graft merge`: merge models with a mergekit method, from flags or a mergekit YAML config (docs/merge.md); a
 //! multi-document config (mergekit-multi) runs as one single-document merge per stage (`crate::merge::multi`).
+//! Several configs (or a quoted glob of them) are a batch: each merges into `OUT/<config name>`, `--resume FILE`
+//! records a line per output, and `--shard K/N` splits the configs over processes (`crate::shard`). A
+//! multi-document config is one item of such a batch: its stages read each other's outputs, so they stay together.
 
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
@@ -57,7 +60,8 @@ enum Reference {
 pub struct Args {
     #[command(flatten)]
     pub values: super::ValueArgs,
-    /// A mergekit YAML config (`.yml`/`.yaml`), or the models to merge (files or checkpoint directories).
+    /// A mergekit YAML config (`.yml`/`.yaml`), or the models to merge (files or checkpoint directories). Several
+    /// configs, or a quoted glob of them (`'configs/*.yml'`), are merged one by one into `OUT/<config name>`.
     #[arg(required = true)]
     inputs: Vec<PathBuf>,
     /// Merge method.
@@ -155,6 +159,12 @@ pub struct Args {
     /// Print a JSON summary (or the plan as JSON with --dry-run).
     #[arg(long)]
     json: bool,
+    /// Several configs: append a line per merged output (config, output, tensors, files) to FILE and skip configs
+    /// already recorded there (with --shard, the file `graft gather` joins).
+    #[arg(long, value_name = "FILE")]
+    resume: Option<PathBuf>,
+    #[command(flatten)]
+    shard: crate::shard::ShardArgs,
     #[command(flatten)]
     output: OutputArgs,
 }
@@ -168,8 +178,12 @@ fn dtype_arg(flag: &str, s: &Option<String>) -> Result<Option<Dtype>> {
         .transpose()
 }
 
+fn is_yaml(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "yml" || e == "yaml")
+}
+
 fn is_config(inputs: &[PathBuf]) -> bool {
-    inputs.len() == 1 && inputs[0].extension().is_some_and(|e| e == "yml" || e == "yaml")
+    inputs.len() == 1 && is_yaml(&inputs[0])
 }
 
 /// A parameter given by a dedicated flag: shared (one setting) or per model (one value, or one per model).
@@ -324,6 +338,9 @@ fn build_config(a: &Args) -> Result<MergeConfig> {
 }
 
 pub fn run(a: Args, global: &Global) -> Result<()> {
+    if let Some(configs) = config_batch(&a)? {
+        return run_configs(&a, configs, global);
+    }
     if is_config(&a.inputs) {
         let file = &a.inputs[0];
         let text = std::fs::read_to_string(file).map_err(|e| Error::io(file, e))?;
@@ -338,6 +355,118 @@ pub fn run(a: Args, global: &Global) -> Result<()> {
         return Err(Error::usage("--intermediate-dir applies to multi-document configs only"));
     }
     run_one(&a, global)
+}
+
+/// The configs of a batch, sorted, when the inputs are several configs, a quoted glob, or any config with `--shard`
+/// or `--resume`; `None` for one merge.
+fn config_batch(a: &Args) -> Result<Option<Vec<String>>> {
+    let given: Vec<String> = a.inputs.iter().map(|p| p.to_string_lossy().into_owned()).collect();
+    let globbed = given.iter().any(|g| !Path::new(g).exists() && g.contains(['*', '?', '[']));
+    let batch_flags = a.resume.is_some() || a.shard.shard.is_some() || a.shard.shard_count.is_some();
+    let several_configs = a.inputs.len() > 1 && a.inputs.iter().all(|p| is_yaml(p));
+    if !globbed && !batch_flags && !several_configs {
+        return Ok(None);
+    }
+    let mut configs = crate::shard::expand_globs(&given)?;
+    if let Some(c) = configs.iter().find(|c| !is_yaml(Path::new(c))) {
+        return Err(Error::usage(format!(
+            "{c} is not a YAML config: several configs, a glob, --shard and --resume are for batches of mergekit \
+             configs, one merge each"
+        )));
+    }
+    configs.sort();
+    configs.dedup();
+    Ok(Some(configs))
+}
+
+/// One merged output of a batch, as its results line records it.
+#[derive(serde::Serialize)]
+struct BatchLine {
+    /// The config's canonical path (the line's key).
+    config: String,
+    output: String,
+    method: Option<String>,
+    tensors: usize,
+    params: u64,
+    /// The output directory's files and their sizes, by name.
+    files: std::collections::BTreeMap<String, u64>,
+}
+
+/// Describes a batch's output as written (read back from the disk, not from the merge's own account).
+fn batch_line(config: String, out: &Path) -> Result<BatchLine> {
+    let ck = Checkpoint::open(out)?;
+    let method = ck
+        .metadata()
+        .get("graft.merge")
+        .and_then(|m| serde_json::from_str::<serde_json::Value>(m).ok())
+        .and_then(|m| m.get("method").and_then(|x| x.as_str()).map(str::to_string));
+    let mut files = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(out).map_err(|e| Error::io(out, e))? {
+        let entry = entry.map_err(|e| Error::io(out, e))?;
+        let meta = entry.metadata().map_err(|e| Error::io(entry.path(), e))?;
+        if meta.is_file() {
+            files.insert(entry.file_name().to_string_lossy().into_owned(), meta.len());
+        }
+    }
+    Ok(BatchLine {
+        config,
+        output: out.display().to_string(),
+        method,
+        tensors: ck.infos().len(),
+        params: ck.infos().iter().map(|t| t.numel() as u64).sum(),
+        files,
+    })
+}
+
+/// A batch of configs: this shard's, each merged (as one merge of its own) into `OUT/<config name>`, skipping those
+/// the results file records. A failing config does not stop the others; the batch then fails naming how many.
+fn run_configs(a: &Args, configs: Vec<String>, global: &Global) -> Result<()> {
+    if a.intermediate_dir.is_some() {
+        return Err(Error::usage(
+            "--intermediate-dir applies to one multi-document config; in a batch each config's stages go to \
+             OUT/<config name>.stages",
+        ));
+    }
+    let name_of = |c: &str| Path::new(c).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let mut by_name: std::collections::BTreeMap<String, &String> = Default::default();
+    for c in &configs {
+        if let Some(other) = by_name.insert(name_of(c), c) {
+            return Err(Error::usage(format!(
+                "{other} and {c} would both be merged into {}; rename one",
+                a.output.output.join(name_of(c)).display()
+            )));
+        }
+    }
+    let canonical = |c: &String| crate::shard::canonical(c);
+    let item = |c: &String| serde_json::Value::String(canonical(c));
+    let shard = a.shard.resolve()?;
+    let mine = crate::shard::select(&configs, shard, a.resume.as_deref(), "config", item, "merge", "configs")?;
+    if mine.is_empty() {
+        return Ok(());
+    }
+    let dir = &a.output.output;
+    if !a.dry_run {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    let mut results = a.resume.as_deref().map(|f| crate::shard::Results::open(f, "config")).transpose()?;
+    super::run_batch(&mine, a.json, "config", "configs could not be merged", String::clone, |config| {
+        let key = canonical(config);
+        if results.as_ref().is_some_and(|r| r.contains(&key)) {
+            eprintln!("graft: merge: {config}: already in the results file, skipped");
+            return Ok(());
+        }
+        let mut one = a.clone();
+        one.inputs = vec![PathBuf::from(config)];
+        one.output.output = dir.join(name_of(config));
+        one.resume = None;
+        one.shard = Default::default();
+        run(one.clone(), global)?;
+        if let (Some(r), false) = (results.as_mut(), a.dry_run) {
+            let line = serde_json::to_string(&batch_line(key.clone(), &one.output.output)?).expect("plain struct");
+            r.append(&key, &(line + "\n"))?;
+        }
+        Ok(())
+    })
 }
 
 /// The options that change what a stage writes, as its stamp records them.

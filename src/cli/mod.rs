@@ -266,10 +266,11 @@ pub fn provenance() -> BTreeMap<String, String> {
     BTreeMap::from([("graft".to_string(), v.to_string())])
 }
 
-/// Flags that change how a command runs, never what it writes: left out of the recorded command line.
-const UNRECORDED_FLAGS: [&str; 3] = ["--threads", "--quiet", "--force"];
+/// Flags that change how a command runs, never what it writes: left out of the recorded command line (so a merge
+/// done by one shard of a batch writes the bytes a single process would).
+const UNRECORDED_FLAGS: [&str; 6] = ["--threads", "--quiet", "--force", "--shard", "--shard-count", "--resume"];
 /// Of those, the ones that take a value as the next argument.
-const UNRECORDED_WITH_VALUE: [&str; 1] = ["--threads"];
+const UNRECORDED_WITH_VALUE: [&str; 4] = ["--threads", "--shard", "--shard-count", "--resume"];
 
 fn recorded_args(args: impl Iterator<Item = String>) -> Vec<String> {
     let mut out = Vec::new();
@@ -392,6 +393,14 @@ mod tests {
         let args = ["graft", "--threads", "4", "merge", "a", "b", "--threads=2", "--quiet", "-o", "out", "--force"];
         let got = super::recorded_args(args.iter().map(|s| s.to_string()));
         assert_eq!(got, ["graft", "merge", "a", "b", "-o", "out"]);
+        let sharded = ["graft", "merge", "c/*.yml", "-o", "out", "--shard", "1/4", "--resume", "s1.jsonl"];
+        let auto = ["graft", "merge", "c/*.yml", "--shard=auto", "--shard-count", "4", "-o", "out"];
+        for args in [&sharded[..], &auto[..]] {
+            assert_eq!(
+                super::recorded_args(args.iter().map(|s| s.to_string())),
+                ["graft", "merge", "c/*.yml", "-o", "out"]
+            );
+        }
     }
 
     #[test]

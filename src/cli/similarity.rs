@@ -1,8 +1,15 @@
 //! `graft similarity MODEL... --base BASE` (task vector similarity, see `taskvec::similarity`) and
 //! `graft similarity --merged M --experts A B --base BASE` (the consistency analysis, see `taskvec::consistency`).
+//!
+//! Over a zoo (`'zoo/*'`, expanded by graft), `--jsonl` or `--resume FILE` give one JSON line per pair of models
+//! instead of one report: the work item of a zoo is a pair, since a pair's numbers need its two models and nothing
+//! else, while a model's own numbers (its norm) come with every pair it is in. Pairs split over processes with
+//! `--shard K/N` (`crate::shard`; `graft gather` joins the shards' results files).
 
 use std::fmt::Write;
 use std::path::PathBuf;
+
+use serde::Serialize;
 
 use super::diff::warn_skipped;
 use super::{emit, human_count, regex_arg, table, Global};
@@ -11,7 +18,9 @@ use crate::error::{Error, Result};
 use crate::exec::Executor;
 use crate::taskvec::consistency::{consistency, ConsistencyOptions, ConsistencyReport, ConsistencyStats, Selection};
 use crate::taskvec::name_list;
-use crate::taskvec::similarity::{similarity, GroupBy, GroupStats, SimilarityOptions, SimilarityReport};
+use crate::taskvec::similarity::{
+    similarity, similarity_pairs, GroupBy, GroupStats, SimilarityOptions, SimilarityReport,
+};
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 enum By {
@@ -27,9 +36,10 @@ enum By {
 pub struct Args {
     #[command(flatten)]
     pub values: super::ValueArgs,
-    /// Models whose task vectors against --base are compared (not with --merged).
+    /// Models whose task vectors against --base are compared (not with --merged); a quoted glob (`'zoo/*'`) is
+    /// expanded by graft.
     #[arg(required_unless_present = "merged", conflicts_with = "merged")]
-    models: Vec<PathBuf>,
+    models: Vec<String>,
     /// The common base checkpoint.
     #[arg(long)]
     base: PathBuf,
@@ -43,8 +53,18 @@ pub struct Args {
     #[arg(long)]
     allow_missing: bool,
     /// Print the report as one JSON object (schema in docs/similarity.md).
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["jsonl", "resume"])]
     json: bool,
+    /// A zoo's pairs: print one JSON line per pair of models (the --json report of the two, with a "pair" key of
+    /// their canonical paths), models sorted, pairs row by row.
+    #[arg(long, conflicts_with = "merged")]
+    jsonl: bool,
+    /// A zoo's pairs: append each pair's JSON line to FILE and skip pairs already recorded there (restartable; with
+    /// --shard, the file `graft gather` joins).
+    #[arg(long, value_name = "FILE", conflicts_with = "merged")]
+    resume: Option<PathBuf>,
+    #[command(flatten)]
+    shard: crate::shard::ShardArgs,
     /// Consistency analysis: the merge of the two --experts.
     #[arg(long, value_name = "M", requires = "experts")]
     merged: Option<PathBuf>,
@@ -86,8 +106,14 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
             emit(&render_consistency(&r))
         };
     }
+    let shard = args.shard.resolve()?;
+    let names = crate::shard::expand_globs(&args.models)?;
+    if args.jsonl || args.resume.is_some() || shard.is_some() {
+        let opts = SimilarityOptions { by, exclude, allow_missing: args.allow_missing };
+        return run_pairs(&args, names, shard, &base, &opts, &exec);
+    }
     let mut models = Vec::new();
-    for p in &args.models {
+    for p in &names {
         models.push(Checkpoint::open(p)?);
     }
     let refs: Vec<&Checkpoint> = models.iter().collect();
@@ -99,6 +125,74 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
     } else {
         emit(&render_similarity(&r))
     }
+}
+
+/// One pair's line: the report of the two models, keyed by their canonical paths.
+#[derive(Serialize)]
+struct PairLine<'a> {
+    pair: [String; 2],
+    #[serde(flatten)]
+    report: &'a SimilarityReport,
+}
+
+/// The pairwise lines of a zoo: the pairs of the sorted model list (this shard's, less those the results file has),
+/// computed in one pass over the models they need.
+fn run_pairs(
+    args: &Args,
+    mut names: Vec<String>,
+    shard: Option<crate::shard::Shard>,
+    base: &Checkpoint,
+    opts: &SimilarityOptions,
+    exec: &Executor,
+) -> Result<()> {
+    if args.json || args.merged.is_some() {
+        return Err(Error::usage("--shard splits a zoo's pairs (--jsonl or --resume FILE), not one --json report"));
+    }
+    names.sort();
+    names.dedup();
+    if names.len() < 2 {
+        return Err(Error::usage(format!("a zoo's pairs need at least two models; {} given", names.len())));
+    }
+    let canonical: Vec<String> = names.iter().map(|m| crate::shard::canonical(m)).collect();
+    let key = |&(a, b): &(usize, usize)| serde_json::json!([canonical[a], canonical[b]]);
+    let all: Vec<(usize, usize)> = (0..names.len()).flat_map(|a| (a + 1..names.len()).map(move |b| (a, b))).collect();
+    let mine = crate::shard::select(&all, shard, args.resume.as_deref(), "pair", key, "similarity", "pairs")?;
+    let mut results = args.resume.as_deref().map(|f| crate::shard::Results::open(f, "pair")).transpose()?;
+    let todo: Vec<(usize, usize)> = mine
+        .into_iter()
+        .filter(|p| !results.as_ref().is_some_and(|r| r.contains(&crate::shard::key_text(&key(p)))))
+        .collect();
+    // Every model is opened (the zoo's tensors that pair with the base decide what every pair compares); only the
+    // models of `todo` are read.
+    let mut models = Vec::new();
+    for p in &names {
+        models.push(Checkpoint::open(p)?);
+    }
+    let refs: Vec<&Checkpoint> = models.iter().collect();
+    let reports = if todo.is_empty() { Vec::new() } else { similarity_pairs(base, &refs, &todo, opts, exec)? };
+    if let Some(r) = reports.first() {
+        warn_skipped(&r.skipped_mismatched);
+    }
+    let skipped = if results.is_some() { " (the rest are in the results file)" } else { "" };
+    eprintln!("graft: similarity: {} pairs compared{skipped}", reports.len());
+    let mut table_rows = table(&["model a", "model b", "cosine", "sign agreement"]);
+    for (&(a, b), report) in todo.iter().zip(&reports) {
+        let pair = [canonical[a].clone(), canonical[b].clone()];
+        let line = serde_json::to_string(&PairLine { pair, report }).expect("plain structs") + "\n";
+        if let Some(r) = results.as_mut() {
+            r.append(&crate::shard::key_text(&key(&(a, b))), &line)?;
+        }
+        if args.jsonl {
+            emit(&line)?;
+        } else {
+            let t = &report.total.pairs[0];
+            table_rows.add_row(vec![names[a].clone(), names[b].clone(), num(t.cosine), num(t.sign_agreement)]);
+        }
+    }
+    if !args.jsonl && !reports.is_empty() {
+        emit(&format!("{table_rows}\n"))?;
+    }
+    Ok(())
 }
 
 fn num(v: Option<f64>) -> String {

@@ -4,7 +4,6 @@
 //! `graft gather` joins the shards' resume files).
 
 use std::fmt::Write as _;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -14,6 +13,7 @@ use super::{emit, regex_arg, table, Global};
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::exec::Executor;
+use crate::shard::canonical;
 use crate::snr::formats::{spectrum_json, unfrozen_yaml, SelectionFile, TensorRecord};
 use crate::snr::{layer_type, rank_and_select, scan, scan_targets, ScanOptions, Selection, TensorSnr};
 
@@ -82,10 +82,11 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
         return Err(Error::usage(format!("--top-percent {} is outside 0..=100", args.top_percent)));
     }
     let filter = args.filter.as_deref().map(|f| regex_arg("--filter", f)).transpose()?;
-    let mut models = expand_models(&args.models)?;
-    if let Some(shard) = args.shard.resolve()? {
-        models = shard_of_zoo(&models, shard, args.resume.as_deref())?;
-    }
+    let models = crate::shard::expand_globs(&args.models)?;
+    // A shard's manifest names every model by its canonical path, the results lines' "path".
+    let item = |m: &String| serde_json::Value::String(canonical(m));
+    let models =
+        crate::shard::select(&models, args.shard.resolve()?, args.resume.as_deref(), "path", item, "snr", "models")?;
     if models.len() > 1 {
         for (flag, v) in [
             ("--spectrum-json", &args.spectrum_json),
@@ -100,21 +101,18 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
             }
         }
     }
-    let done = match &args.resume {
-        Some(f) => resume_state(f)?,
-        None => Vec::new(),
-    };
+    let mut results = args.resume.as_deref().map(|f| crate::shard::Results::open(f, "path")).transpose()?;
     let exec = Executor::new(global.threads)?;
     let opts = ScanOptions { filter, include_vectors: args.include_vectors, types: args.types.clone() };
 
     let json = args.jsonl || args.json;
     let mut grids = Vec::new();
     let scanned = super::run_batch(&models, json, "model", "models could not be scanned", String::clone, |model| {
-        if done.contains(&canonical(model)) {
+        if results.as_ref().is_some_and(|r| r.contains(&canonical(model))) {
             eprintln!("graft: snr: {model}: already in the resume file, skipped");
             return Ok(());
         }
-        scan_model(model, &args, &opts, &exec, &mut grids)
+        scan_model(model, &args, &opts, &exec, &mut grids, results.as_mut())
     });
     // A zoo: every scanned model in one picture, a heatmap row each, on one colour scale.
     if let Some(dir) = &args.plot {
@@ -127,27 +125,13 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
     scanned
 }
 
-/// This shard's models; with a resume file, its manifest (every model's canonical path) is written beside it first, so
-/// that `graft gather` can name models a shard never recorded.
-fn shard_of_zoo(models: &[String], shard: crate::shard::Shard, resume: Option<&Path>) -> Result<Vec<String>> {
-    let mut all = models.to_vec();
-    all.sort();
-    all.dedup();
-    if let Some(results) = resume {
-        let items = all.iter().map(|m| canonical(m)).collect();
-        crate::shard::Manifest::new(shard, "path", items).write_for(results)?;
-    }
-    let mine = crate::shard::partition(&all, shard);
-    eprintln!("graft: snr: shard {shard}: {} of {} models", mine.len(), all.len());
-    Ok(mine)
-}
-
 fn scan_model(
     model: &str,
     args: &Args,
     opts: &ScanOptions,
     exec: &Executor,
     grids: &mut Vec<crate::report::snr_plot::Grid>,
+    results: Option<&mut crate::shard::Results>,
 ) -> Result<()> {
     let ck = Checkpoint::open(model)?;
     if let Some(types) = &opts.types {
@@ -206,8 +190,8 @@ fn scan_model(
     if needs_doc {
         let doc = report(model, args, &scans, &selection);
         let line = serde_json::to_string(&doc).expect("plain structs") + "\n";
-        if let Some(f) = &args.resume {
-            append_line(f, &line)?;
+        if let Some(r) = results {
+            r.append(&doc.path, &line)?;
         }
         if args.json {
             emit(&(serde_json::to_string_pretty(&doc).expect("plain structs") + "\n"))?;
@@ -305,10 +289,6 @@ fn model_slug(model: &str) -> String {
     s.trim_start_matches(['.', '-']).to_string()
 }
 
-fn canonical(model: &str) -> String {
-    std::fs::canonicalize(model).map(|p| p.display().to_string()).unwrap_or_else(|_| model.to_string())
-}
-
 /// Writes a whole file through a temporary sibling and a rename, so readers never see half of it.
 fn write_atomic(path: &Path, text: &str) -> Result<()> {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
@@ -319,127 +299,4 @@ fn write_atomic(path: &Path, text: &str) -> Result<()> {
         let _ = std::fs::remove_file(&tmp);
         Error::io(path, e)
     })
-}
-
-/// The canonical paths of the models a resume file records. A last line cut short by a crash is dropped from the
-/// file, so that the next append starts on a line of its own.
-fn resume_state(path: &Path) -> Result<Vec<String>> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(Error::io(path, e)),
-    };
-    let complete = match text.rfind('\n') {
-        Some(i) => &text[..=i],
-        None => "",
-    };
-    if complete.len() != text.len() {
-        std::fs::write(path, complete).map_err(|e| Error::io(path, e))?;
-    }
-    let mut done = Vec::new();
-    for (n, line) in complete.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: serde_json::Value = serde_json::from_str(line)
-            .map_err(|e| Error::format(path, format!("line {}: not a JSON line: {e}", n + 1)))?;
-        match v.get("path").and_then(|p| p.as_str()) {
-            Some(p) => done.push(p.to_string()),
-            None => return Err(Error::format(path, format!("line {}: no \"path\" field", n + 1))),
-        }
-    }
-    Ok(done)
-}
-
-fn append_line(path: &Path, line: &str) -> Result<()> {
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| Error::io(path, e))?;
-    f.write_all(line.as_bytes()).and_then(|_| f.sync_data()).map_err(|e| Error::io(path, e))
-}
-
-/// Arguments as given, with quoted globs (`*`, `?`, `[...]` in an argument that is not itself a path) expanded in
-/// sorted order.
-fn expand_models(args: &[String]) -> Result<Vec<String>> {
-    let mut out = Vec::new();
-    for a in args {
-        if Path::new(a).exists() || !a.contains(['*', '?', '[']) {
-            out.push(a.clone());
-            continue;
-        }
-        let found = glob(a)?;
-        if found.is_empty() {
-            return Err(Error::usage(format!("'{a}' matches no file or directory")));
-        }
-        out.extend(found);
-    }
-    Ok(out)
-}
-
-fn glob(pattern: &str) -> Result<Vec<String>> {
-    let absolute = pattern.starts_with('/');
-    let mut paths = vec![if absolute { PathBuf::from("/") } else { PathBuf::new() }];
-    for part in pattern.split('/').filter(|p| !p.is_empty()) {
-        let mut next = Vec::new();
-        if !part.contains(['*', '?', '[']) {
-            for p in paths {
-                let q = p.join(part);
-                if q.exists() {
-                    next.push(q);
-                }
-            }
-        } else {
-            let re = glob_regex(part)?;
-            for p in paths {
-                let dir = if p.as_os_str().is_empty() { Path::new(".") } else { p.as_path() };
-                let Ok(entries) = std::fs::read_dir(dir) else { continue };
-                let mut names: Vec<String> =
-                    entries.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
-                names.sort();
-                for n in names {
-                    // As in shells, wildcards do not match a leading dot.
-                    if re.is_match(&n) && (!n.starts_with('.') || part.starts_with('.')) {
-                        next.push(p.join(n));
-                    }
-                }
-            }
-        }
-        paths = next;
-    }
-    Ok(paths.into_iter().map(|p| p.display().to_string()).collect())
-}
-
-fn glob_regex(part: &str) -> Result<regex::Regex> {
-    let mut re = String::from("^");
-    let mut chars = part.chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
-            '*' => re.push_str(".*"),
-            '?' => re.push('.'),
-            '[' => {
-                let mut class = String::from("[");
-                if chars.peek() == Some(&'!') {
-                    chars.next();
-                    class.push('^');
-                }
-                let mut closed = false;
-                for d in chars.by_ref() {
-                    if d == ']' {
-                        closed = true;
-                        break;
-                    }
-                    if d == '\\' || d == '[' {
-                        class.push('\\');
-                    }
-                    class.push(d);
-                }
-                if !closed {
-                    return Err(Error::usage(format!("glob '{part}': unclosed '['")));
-                }
-                class.push(']');
-                re.push_str(&class);
-            }
-            c => re.push_str(&regex::escape(&c.to_string())),
-        }
-    }
-    re.push('$');
-    regex::Regex::new(&re).map_err(|e| Error::usage(format!("glob '{part}': {e}")))
 }

@@ -113,6 +113,11 @@ pub fn s(p: &Path) -> String {
     p.display().to_string()
 }
 
+/// Owned arguments as the `&[&str]` the runners take.
+pub fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
 /// A fresh, empty scratch directory for test `name` of suite `prefix`.
 pub fn tmp(prefix: &str, name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("graft-{prefix}-{}-{name}", std::process::id()));

@@ -1,6 +1,8 @@
 //! Sharded batch work: which part of a work list one process of N does (`--shard K/N`, or from the environment a
 //! Slurm job array or a Kubernetes indexed Job sets), the manifest each shard writes beside its results file, and
-//! gathering shard results files back into the one file a single process would have written.
+//! gathering shard results files back into the one file a single process would have written. Also what every batch
+//! command shares about its work list: quoted globs expanded by graft (`expand_globs`) and the keyed results file that
+//! `--resume FILE` appends to and skips from (`Results`).
 //!
 //! The partition is round-robin over the work list in sorted order (item i goes to shard i mod N): it depends only on
 //! the list and N, so N processes started anywhere cover the list exactly once, and neighbouring items (often of
@@ -123,6 +125,31 @@ fn from_env(shard_count: Option<&str>, env: impl Fn(&str) -> Option<String>) -> 
     ))
 }
 
+/// This process's part of a batch's work list. Without a shard: every item, as given. With one: the shard's items of
+/// the sorted list without repeats, after writing the shard's manifest beside `results` (when the command writes
+/// one), which names every item of the whole list by `item_key` under the results lines' field `key`, so that
+/// `gather` can name items a shard never recorded. `what` names the items in the progress line (`models`).
+pub fn select<T: Ord + Clone>(
+    items: &[T],
+    shard: Option<Shard>,
+    results: Option<&Path>,
+    key: &str,
+    item_key: impl Fn(&T) -> serde_json::Value,
+    command: &str,
+    what: &str,
+) -> Result<Vec<T>> {
+    let Some(shard) = shard else { return Ok(items.to_vec()) };
+    let mut all = items.to_vec();
+    all.sort();
+    all.dedup();
+    if let Some(results) = results {
+        Manifest::new(shard, key, all.iter().map(item_key).collect()).write_for(results)?;
+    }
+    let mine = partition(&all, shard);
+    eprintln!("graft: {command}: shard {shard}: {} of {} {what}", mine.len(), all.len());
+    Ok(mine)
+}
+
 /// Whether item `position` of the sorted work list belongs to `shard`.
 pub fn owns(shard: Shard, position: usize) -> bool {
     position % shard.count == shard.index
@@ -145,8 +172,9 @@ pub struct Manifest {
     pub count: usize,
     /// The JSON field of a results line that names its item.
     pub key: String,
-    /// The keys of the whole work list (every shard's), in partition order.
-    pub items: Vec<String>,
+    /// The keys of the whole work list (every shard's), in partition order: strings (a path), or for items named by
+    /// several values (a pair of models) JSON arrays.
+    pub items: Vec<serde_json::Value>,
 }
 
 const MANIFEST_FORMAT: &str = "graft-shard/1";
@@ -159,7 +187,7 @@ pub fn manifest_path(results: &Path) -> PathBuf {
 }
 
 impl Manifest {
-    pub fn new(shard: Shard, key: &str, items: Vec<String>) -> Manifest {
+    pub fn new(shard: Shard, key: &str, items: Vec<serde_json::Value>) -> Manifest {
         Manifest { format: MANIFEST_FORMAT.into(), shard: shard.index, count: shard.count, key: key.into(), items }
     }
 
@@ -259,31 +287,35 @@ pub fn gather(files: &[PathBuf]) -> Result<String> {
             }
             let v: serde_json::Value = serde_json::from_str(line)
                 .map_err(|e| Error::format(file, format!("line {}: not a JSON line: {e}", n + 1)))?;
-            let key = v.get(&m.key).and_then(|k| k.as_str()).ok_or_else(|| {
+            let key = line_key(&v, &m.key).ok_or_else(|| {
                 Error::format(file, format!("line {}: no \"{}\" field naming its item", n + 1, m.key))
             })?;
-            if lines.contains_key(key) {
-                duplicated.insert(key.to_string());
-            } else {
-                lines.insert(key.to_string(), (line.to_string(), file));
+            match lines.entry(key) {
+                std::collections::btree_map::Entry::Occupied(e) => {
+                    duplicated.insert(e.key().clone());
+                }
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    e.insert((line.to_string(), file));
+                }
             }
         }
     }
     let (manifest, _) = reference.expect("at least one file");
-    let listed: BTreeSet<&str> = manifest.items.iter().map(String::as_str).collect();
+    let items: Vec<String> = manifest.items.iter().map(key_text).collect();
+    let listed: BTreeSet<&str> = items.iter().map(String::as_str).collect();
     for key in lines.keys() {
         if !listed.contains(key.as_str()) {
             strays.push(key.clone());
         }
     }
-    let missing: Vec<String> = manifest.items.iter().filter(|k| !lines.contains_key(*k)).cloned().collect();
+    let missing: Vec<String> = items.iter().filter(|k| !lines.contains_key(*k)).cloned().collect();
     let absent_shards: Vec<String> = (0..manifest.count)
         .filter(|k| !shard_files.contains_key(k))
         .map(|k| format!("{k}/{}", manifest.count))
         .collect();
     let mut problems = Vec::new();
     if !missing.is_empty() {
-        problems.push(format!("{} of {} items missing: {}", missing.len(), manifest.items.len(), some(&missing)));
+        problems.push(format!("{} of {} items missing: {}", missing.len(), items.len(), some(&missing)));
     }
     if !absent_shards.is_empty() {
         problems.push(format!("shards not given: {}", absent_shards.join(", ")));
@@ -299,11 +331,168 @@ pub fn gather(files: &[PathBuf]) -> Result<String> {
         return Err(Error::invalid(format!("gather: {}", problems.join("; "))));
     }
     let mut out = String::new();
-    for key in &manifest.items {
+    for key in &items {
         out.push_str(&lines[key].0);
         out.push('\n');
     }
     Ok(out)
+}
+
+/// How an item's key reads in messages and compares: a string as it is, any other value as compact JSON.
+pub fn key_text(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// The key of a results line: its field `key` (absent or null: none).
+fn line_key(line: &serde_json::Value, key: &str) -> Option<String> {
+    line.get(key).filter(|k| !k.is_null()).map(key_text)
+}
+
+/// A batch's results file (`--resume FILE`): one JSON line per finished item, named by the field `key`. Opening it
+/// reads which items are done; a last line cut short by a crash is dropped from the file, so that the next append
+/// starts on a line of its own.
+pub struct Results {
+    path: PathBuf,
+    done: BTreeSet<String>,
+}
+
+impl Results {
+    pub fn open(path: &Path, key: &str) -> Result<Results> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(Error::io(path, e)),
+        };
+        let complete = text.rfind('\n').map_or("", |i| &text[..=i]);
+        if complete.len() != text.len() {
+            std::fs::write(path, complete).map_err(|e| Error::io(path, e))?;
+        }
+        let mut done = BTreeSet::new();
+        for (n, line) in complete.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let v: serde_json::Value = serde_json::from_str(line)
+                .map_err(|e| Error::format(path, format!("line {}: not a JSON line: {e}", n + 1)))?;
+            let k =
+                line_key(&v, key).ok_or_else(|| Error::format(path, format!("line {}: no \"{key}\" field", n + 1)))?;
+            done.insert(k);
+        }
+        Ok(Results { path: path.to_path_buf(), done })
+    }
+
+    /// Whether the item keyed `key` (as `key_text` writes it) is recorded.
+    pub fn contains(&self, key: &str) -> bool {
+        self.done.contains(key)
+    }
+
+    /// Appends one finished item's line (ending in a newline) and syncs it, so a crash loses at most the line being
+    /// written.
+    pub fn append(&mut self, key: &str, line: &str) -> Result<()> {
+        use std::io::Write;
+        let path = &self.path;
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| Error::io(path, e))?;
+        f.write_all(line.as_bytes()).and_then(|_| f.sync_data()).map_err(|e| Error::io(path, e))?;
+        self.done.insert(key.to_string());
+        Ok(())
+    }
+}
+
+/// How a results line names a file or directory item: its canonical path (the path as given where it has none), so
+/// that lines written from different working directories agree.
+pub fn canonical(path: &str) -> String {
+    std::fs::canonicalize(path).map(|p| p.display().to_string()).unwrap_or_else(|_| path.to_string())
+}
+
+/// Arguments as given, with quoted globs (`*`, `?`, `[...]` in an argument that is not itself a path) expanded in
+/// sorted order, so that N processes started with the same quoted glob see one list whatever their shell does.
+pub fn expand_globs(args: &[String]) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for a in args {
+        if Path::new(a).exists() || !a.contains(['*', '?', '[']) {
+            out.push(a.clone());
+            continue;
+        }
+        let found = glob(a)?;
+        if found.is_empty() {
+            return Err(Error::usage(format!("'{a}' matches no file or directory")));
+        }
+        out.extend(found);
+    }
+    Ok(out)
+}
+
+fn glob(pattern: &str) -> Result<Vec<String>> {
+    let absolute = pattern.starts_with('/');
+    let mut paths = vec![if absolute { PathBuf::from("/") } else { PathBuf::new() }];
+    for part in pattern.split('/').filter(|p| !p.is_empty()) {
+        let mut next = Vec::new();
+        if !part.contains(['*', '?', '[']) {
+            for p in paths {
+                let q = p.join(part);
+                if q.exists() {
+                    next.push(q);
+                }
+            }
+        } else {
+            let re = glob_regex(part)?;
+            for p in paths {
+                let dir = if p.as_os_str().is_empty() { Path::new(".") } else { p.as_path() };
+                let Ok(entries) = std::fs::read_dir(dir) else { continue };
+                let mut names: Vec<String> =
+                    entries.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+                names.sort();
+                for n in names {
+                    // As in shells, wildcards do not match a leading dot.
+                    if re.is_match(&n) && (!n.starts_with('.') || part.starts_with('.')) {
+                        next.push(p.join(n));
+                    }
+                }
+            }
+        }
+        paths = next;
+    }
+    Ok(paths.into_iter().map(|p| p.display().to_string()).collect())
+}
+
+fn glob_regex(part: &str) -> Result<regex::Regex> {
+    let mut re = String::from("^");
+    let mut chars = part.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '*' => re.push_str(".*"),
+            '?' => re.push('.'),
+            '[' => {
+                let mut class = String::from("[");
+                if chars.peek() == Some(&'!') {
+                    chars.next();
+                    class.push('^');
+                }
+                let mut closed = false;
+                for d in chars.by_ref() {
+                    if d == ']' {
+                        closed = true;
+                        break;
+                    }
+                    if d == '\\' || d == '[' {
+                        class.push('\\');
+                    }
+                    class.push(d);
+                }
+                if !closed {
+                    return Err(Error::usage(format!("glob '{part}': unclosed '['")));
+                }
+                class.push(']');
+                re.push_str(&class);
+            }
+            c => re.push_str(&regex::escape(&c.to_string())),
+        }
+    }
+    re.push('$');
+    regex::Regex::new(&re).map_err(|e| Error::usage(format!("glob '{part}': {e}")))
 }
 
 #[cfg(test)]

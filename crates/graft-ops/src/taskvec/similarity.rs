@@ -7,9 +7,13 @@
 //! in f64: sequentially inside each fixed chunk of a tensor, then chunk partials in chunk order, tensors in the base's
 //! storage order. Chunk boundaries never depend on the thread count, so every number is identical for any
 //! `--threads`.
+//!
+//! Over a zoo, `similarity_pairs` computes chosen pairs only, each as the report of its two models: a pair's numbers
+//! do not depend on which other pairs are computed alongside, so the pairs of a zoo can be split over processes.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
+use std::sync::Arc;
 
 use regex::Regex;
 use serde::Serialize;
@@ -148,7 +152,9 @@ pub struct Sums {
     pub sumsq: Vec<f64>,
     /// Per model: entries exactly zero.
     pub zeros: Vec<u64>,
-    /// Per pair (i < j, row by row): dot product.
+    /// The pairs of models compared (every i < j, row by row, unless chosen); shared by a tensor's partials.
+    pub pairs: Arc<[(usize, usize)]>,
+    /// Per pair: dot product.
     pub dot: Vec<f64>,
     /// Per pair: entries where both are non-zero with the same sign.
     pub same_sign: Vec<u64>,
@@ -157,15 +163,36 @@ pub struct Sums {
 }
 
 impl Sums {
+    /// Sums of `models` task vectors and every pair of them.
     pub fn new(models: usize) -> Self {
-        let pairs = models * models.saturating_sub(1) / 2;
+        Self::with_pairs(models, (0..models).flat_map(|i| (i + 1..models).map(move |j| (i, j))).collect())
+    }
+
+    /// Sums of `models` task vectors and the pairs `pairs` of them only.
+    pub fn with_pairs(models: usize, pairs: Arc<[(usize, usize)]>) -> Self {
+        let n = pairs.len();
         Sums {
             count: 0,
             sumsq: vec![0.0; models],
             zeros: vec![0; models],
-            dot: vec![0.0; pairs],
-            same_sign: vec![0; pairs],
-            both_nonzero: vec![0; pairs],
+            pairs,
+            dot: vec![0.0; n],
+            same_sign: vec![0; n],
+            both_nonzero: vec![0; n],
+        }
+    }
+
+    /// The sums of pair `p` alone, as those of a comparison of its two models.
+    pub fn of_pair(&self, p: usize) -> Sums {
+        let (i, j) = self.pairs[p];
+        Sums {
+            count: self.count,
+            sumsq: vec![self.sumsq[i], self.sumsq[j]],
+            zeros: vec![self.zeros[i], self.zeros[j]],
+            pairs: Arc::from([(0, 1)]),
+            dot: vec![self.dot[p]],
+            same_sign: vec![self.same_sign[p]],
+            both_nonzero: vec![self.both_nonzero[p]],
         }
     }
 
@@ -190,21 +217,17 @@ impl Sums {
             self.sumsq[m] += s;
             self.zeros[m] += z;
         }
-        let mut p = 0;
-        for i in 0..n {
-            for j in i + 1..n {
-                let (mut dot, mut same, mut both) = (0f64, 0u64, 0u64);
-                for (&x, &y) in deltas[i].iter().zip(deltas[j].iter()) {
-                    dot += x as f64 * y as f64;
-                    let nz = x != 0.0 && y != 0.0;
-                    both += nz as u64;
-                    same += (nz && (x > 0.0) == (y > 0.0)) as u64;
-                }
-                self.dot[p] += dot;
-                self.same_sign[p] += same;
-                self.both_nonzero[p] += both;
-                p += 1;
+        for (p, &(i, j)) in self.pairs.iter().enumerate() {
+            let (mut dot, mut same, mut both) = (0f64, 0u64, 0u64);
+            for (&x, &y) in deltas[i].iter().zip(deltas[j].iter()) {
+                dot += x as f64 * y as f64;
+                let nz = x != 0.0 && y != 0.0;
+                both += nz as u64;
+                same += (nz && (x > 0.0) == (y > 0.0)) as u64;
             }
+            self.dot[p] += dot;
+            self.same_sign[p] += same;
+            self.both_nonzero[p] += both;
         }
     }
 }
@@ -280,8 +303,10 @@ impl GroupStats {
                 zero_fraction: frac(s.zeros[m], s.count),
             })
             .collect();
-        let index_pairs = (0..n).flat_map(|i| (i + 1..n).map(move |j| (i, j)));
-        let pairs: Vec<PairStats> = index_pairs
+        let pairs: Vec<PairStats> = s
+            .pairs
+            .iter()
+            .copied()
             .enumerate()
             .map(|(p, (i, j))| PairStats {
                 a: i,
@@ -395,6 +420,61 @@ pub fn similarity(
     })
 }
 
+/// Compares the task vectors of the pairs `pairs` (indices into `models`, `a < b`) of a zoo, each pair as its own
+/// report of two models. Every pair compares the tensors that all of `models` pair with the base (so the pairs of a
+/// zoo are comparable, and with `allow_missing` every report lists the zoo's mismatches); only models in some pair
+/// are read. A pair's report is bit-identical to that of `similarity` over its two models when those pair with the
+/// base over the same tensors, and never depends on the other pairs computed alongside.
+pub fn similarity_pairs(
+    base: &Checkpoint,
+    models: &[&Checkpoint],
+    pairs: &[(usize, usize)],
+    opts: &SimilarityOptions,
+    exec: &Executor,
+) -> Result<Vec<SimilarityReport>> {
+    let pairing = pair_all(base, models, opts.allow_missing)?;
+    let (used, skipped_nonfloat, excluded) = select(base, pairing.common, opts.exclude.as_ref());
+    let mut read: Vec<usize> = pairs.iter().flat_map(|&(a, b)| [a, b]).collect();
+    read.sort_unstable();
+    read.dedup();
+    let local = |m: usize| read.binary_search(&m).expect("read lists every model of a pair");
+    let local_pairs: Arc<[(usize, usize)]> = pairs.iter().map(|&(a, b)| (local(a), local(b))).collect();
+    let empty = || Sums::with_pairs(read.len(), local_pairs.clone());
+    let numels: Vec<usize> = used.iter().map(|name| base.info(name).map_or(0, |t| t.numel())).collect();
+    let parts = reduce_tensors(exec, &numels, "similarity", empty, |i, r| {
+        let b = Read::new(base, &used[i])?.take_f32(r.clone())?;
+        let mut deltas = Vec::with_capacity(read.len());
+        for &m in &read {
+            deltas.push(delta(&Read::new(models[m], &used[i])?.take_f32(r.clone())?, &b));
+        }
+        let mut s = empty();
+        s.add(&deltas.iter().map(Vec::as_slice).collect::<Vec<_>>());
+        Ok(s)
+    })?;
+    let (total, groups) = group(&used, &parts, opts.by, empty);
+    let name = |m: usize| models[m].path().display().to_string();
+    Ok(pairs
+        .iter()
+        .enumerate()
+        .map(|(p, &(a, b))| SimilarityReport {
+            base: base.path().display().to_string(),
+            models: vec![name(a), name(b)],
+            by: opts.by,
+            exclude: opts.exclude.as_ref().map(|r| r.as_str().to_string()),
+            tensors: used.len(),
+            params: total.count,
+            skipped_nonfloat: skipped_nonfloat.clone(),
+            excluded: excluded.clone(),
+            skipped_mismatched: pairing.skipped.clone(),
+            total: GroupStats::from_sums("all".into(), None, used.len(), &total.of_pair(p)),
+            groups: groups
+                .iter()
+                .map(|g| GroupStats::from_sums(g.label.clone(), g.layer, g.tensors, &g.sums.of_pair(p)))
+                .collect(),
+        })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -459,6 +539,21 @@ mod tests {
         assert_eq!(g.models[1].zeros, 100);
         assert_eq!(g.models[1].zero_fraction, Some(100.0 / 3000.0));
         assert_eq!((g.pairs[0].both_nonzero, s.same_sign[0]), (both, same));
+    }
+
+    #[test]
+    fn chosen_pairs_equal_the_same_pairs_of_all_and_of_two() {
+        let vs: Vec<Vec<f32>> = (0..4).map(|k| randn(10 + k, 777)).collect();
+        let all = sums(&vs.iter().map(Vec::as_slice).collect::<Vec<_>>());
+        let chosen = Arc::from([(2, 3), (0, 2)]);
+        let mut some = Sums::with_pairs(4, chosen);
+        some.add(&vs.iter().map(Vec::as_slice).collect::<Vec<_>>());
+        // Pair (0, 2) is pair 1 of all's row-by-row order, (2, 3) pair 5.
+        for (p, q, (i, j)) in [(0, 5, (2, 3)), (1, 1, (0, 2))] {
+            let alone = sums(&[&vs[i], &vs[j]]);
+            assert_eq!(some.of_pair(p), alone, "chosen pair {p}");
+            assert_eq!(all.of_pair(q), alone, "pair {q} of all");
+        }
     }
 
     #[test]

@@ -956,13 +956,15 @@ fn violin_chart(t: &KindTable, prefix: &str, summary: &Summary) -> Option<Chart>
              (density) with the quartile box and median where a value has {} runs or more, else the mean +- the \
              bootstrap standard error beside the runs. Points: colour = merge method, marker = freeze policy; \
              dashed: the baseline.",
-            m.label,
-            super::render::VIOLIN_MIN_RUNS
+            m.label, VIOLIN_MIN_RUNS
         ),
         section: Section::Categorical,
         body: Body::Violins(ViolinChart { y_label: axis_label(m, &fmt), panels, reference, decimals: fmt.decimals }),
     })
 }
+
+/// Runs a category needs for a density (violin); fewer are drawn as points with mean +- standard error.
+pub const VIOLIN_MIN_RUNS: usize = 8;
 
 /// Whether an interpolation ends at a model aligned to its start: the curve's `aligned` config entry when it has
 /// one, else its name ("naive", "unaligned", "before alignment" say no; "align" otherwise says yes, as in "A-B

@@ -16,6 +16,7 @@ use plotters::style::text_anchor::{HPos, Pos, VPos};
 use super::bootstrap::percentile;
 use super::plots::{
     BarChart, BarrierMark, Body, Chart, GroupedBarChart, LineChart, ScatterChart, ScatterPanel, ViolinChart,
+    VIOLIN_MIN_RUNS,
 };
 use crate::error::{Error, Result};
 
@@ -1207,9 +1208,6 @@ pub fn box_stats(values: &[f64]) -> Option<[f64; 5]> {
     let high = s.iter().rev().copied().find(|&v| v <= q3 + 1.5 * iqr).unwrap_or(q3);
     Some([low, q1, median, q3, high])
 }
-
-/// Runs a category needs for a density (violin); fewer are drawn as points with mean +- standard error.
-pub const VIOLIN_MIN_RUNS: usize = 8;
 
 fn violin_width(v: &ViolinChart) -> u32 {
     let cats: usize = v.panels.iter().map(|p| p.categories.len()).sum();
