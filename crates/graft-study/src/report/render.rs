@@ -402,16 +402,38 @@ impl<B: DrawingBackend> DrawingBackend for Scaled<B> {
     }
 }
 
+/// The area a PNG is drawn on: a bitmap in memory, `scale` device pixels per layout pixel.
+pub type PngArea<'a> = DrawingArea<Scaled<BitMapBackend<'a>>, Shift>;
+
+/// Draws a `width x height` (layout pixels) picture with `paint` at `scale` and encodes it as PNG bytes, so that the
+/// file can be written whole (`files::write_atomic`) rather than by plotters straight to its final path.
+pub fn png_bytes(
+    (width, height): (u32, u32),
+    scale: u32,
+    paint: impl FnOnce(&PngArea<'_>) -> std::result::Result<(), Box<dyn StdError>>,
+) -> std::result::Result<Vec<u8>, Box<dyn StdError>> {
+    let (w, h) = (width * scale, height * scale);
+    let mut rgb = vec![0u8; w as usize * h as usize * 3];
+    {
+        let root = Scaled::new(BitMapBackend::with_buffer(&mut rgb, (w, h)), scale).into_drawing_area();
+        paint(&root)?;
+        root.present()?;
+    }
+    let mut bytes = Vec::new();
+    let mut encoder = png::Encoder::new(&mut bytes, w, h);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    encoder.write_header()?.write_image_data(&rgb)?;
+    Ok(bytes)
+}
+
 /// Renders a chart as `<dir>/<name>.png` (at `scale` PNG pixels per layout pixel) and `<dir>/<name>.svg`.
 pub fn render(chart: &Chart, dir: &Path, scale: u32) -> Result<()> {
     ensure_font()?;
     let dims = size(chart);
     let png = dir.join(format!("{}.png", chart.name));
-    {
-        let device = BitMapBackend::new(&png, (dims.0 * scale, dims.1 * scale));
-        let root = Scaled::new(device, scale).into_drawing_area();
-        draw(&root, chart).and_then(|_| Ok(root.present()?)).map_err(|e| plot_error(chart, &png, e))?;
-    }
+    let bytes = png_bytes(dims, scale, |root| draw(root, chart)).map_err(|e| plot_error(chart, &png, e))?;
+    crate::files::write_atomic(&png, &bytes)?;
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, dims).into_drawing_area();

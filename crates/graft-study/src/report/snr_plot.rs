@@ -448,11 +448,9 @@ pub fn write_zoo(grids: &[Grid], dir: &Path, stem: &str, title: &str, scale: u32
     let failed = |p: &Path, e: Box<dyn StdError>| {
         Error::invalid(format!("{}: drawing the SNR zoo heatmap failed: {e}", p.display()))
     };
-    {
-        let device = BitMapBackend::new(&png, (z.width * scale, z.height * scale));
-        let root = render::Scaled::new(device, scale).into_drawing_area();
-        draw_zoo(&root, grids, title).and_then(|_| Ok(root.present()?)).map_err(|e| failed(&png, e))?;
-    }
+    let bytes = render::png_bytes((z.width, z.height), scale, |root| draw_zoo(root, grids, title))
+        .map_err(|e| failed(&png, e))?;
+    crate::files::write_atomic(&png, &bytes)?;
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (z.width, z.height)).into_drawing_area();
@@ -529,11 +527,9 @@ pub fn write_heatmap(grid: &Grid, title: &str, dir: &Path, stem: &str, scale: u3
     let failed = |p: &Path, e: Box<dyn StdError>| {
         Error::invalid(format!("{}: drawing the SNR heatmap failed: {e}", p.display()))
     };
-    {
-        let device = BitMapBackend::new(&png, (w * scale, h * scale));
-        let root = render::Scaled::new(device, scale).into_drawing_area();
-        draw_heatmap(&root, &grid, &title).and_then(|_| Ok(root.present()?)).map_err(|e| failed(&png, e))?;
-    }
+    let bytes =
+        render::png_bytes((w, h), scale, |root| draw_heatmap(root, &grid, &title)).map_err(|e| failed(&png, e))?;
+    crate::files::write_atomic(&png, &bytes)?;
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (w, h)).into_drawing_area();
