@@ -439,16 +439,18 @@ impl Lines {
 /// entries not drawn are zeroed.
 pub fn della_mask(streams: Streams, density: f64, epsilon: f64, lines: Lines, first_block: usize, d: &mut [f32]) {
     let bs = lines.block();
-    let mut order: Vec<u32> = Vec::with_capacity(lines.len);
+    // Each entry's magnitude key above its index, read once: sorting these plain integers gives the (key, index)
+    // order without re-reading the strided column for every comparison (that was most of a della merge).
+    let mut order: Vec<u64> = Vec::with_capacity(lines.len);
     let mut rank = vec![0usize; lines.len];
     let mut prob = vec![0f64; bs];
     for (b, block) in d.chunks_mut(bs).enumerate() {
         for j in 0..lines.inner {
             order.clear();
-            order.extend(0..lines.len as u32);
-            order.sort_unstable_by_key(|&i| (key(block[i as usize * lines.inner + j]), i));
-            for (r, &i) in order.iter().enumerate() {
-                rank[i as usize] = r;
+            order.extend((0..lines.len).map(|i| (u64::from(key(block[i * lines.inner + j])) << 32) | i as u64));
+            order.sort_unstable();
+            for (r, &ki) in order.iter().enumerate() {
+                rank[(ki & u64::from(u32::MAX)) as usize] = r;
             }
             for i in 0..lines.len {
                 let norm = if lines.len > 1 { rank[i] as f64 / (lines.len - 1) as f64 } else { 0.0 };
