@@ -14,7 +14,7 @@ use graft::exec::Executor;
 use graft::rng::Rng;
 
 fn fixture(family: &str, variant: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(family).join(variant)
+    crate::support::fixture(family).join(variant)
 }
 
 fn s(p: &Path) -> &str {

@@ -145,7 +145,7 @@ fn kill_at_every(strace: &str, sc: &Scenario, syscalls: &str) -> usize {
             return n - 1;
         }
         // The next run sweeps what the killed one left, and succeeds.
-        let o = Command::new(BIN).args(&sc.args).output().unwrap();
+        let o = crate::support::command(&[]).args(&sc.args).output().unwrap();
         assert!(o.status.success(), "{}: rerun after kill #{n}: {}", sc.name, stderr(&o));
         assert_eq!(leftovers(&sc.parent), Vec::<String>::new(), "{}: after the rerun following kill #{n}", sc.name);
         assert_eq!(&content(&sc.dest).unwrap(), sc.allowed.last().unwrap().as_ref().unwrap());
@@ -460,7 +460,7 @@ fn sigint_and_sigterm_remove_every_temporary_and_exit_130_and_143() {
         let mut tries = 0;
         loop {
             tries += 1;
-            let mut child = Command::new(BIN)
+            let mut child = crate::support::command(&[])
                 .args(["convert", &s(&src), "-o", &s(&out), "--dtype", "bf16", "--max-shard-size", "100MB"])
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())

@@ -14,7 +14,7 @@ use graft::checkpoint::Checkpoint;
 use llama_vocab::vocabulary;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/llama").join(name)
+    crate::support::fixture("llama").join(name)
 }
 
 /// A learnable stream of `words` words: a cycle of `period` words starting at word `first` with step `stride`, one

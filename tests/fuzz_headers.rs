@@ -6,7 +6,7 @@
 
 use crate::support::st::{empty, f32t, st_bytes, T};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 struct Rng(u64);
@@ -137,12 +137,8 @@ fn write_case(rng: &mut Rng, dir: &Path) -> (String, PathBuf) {
 
 /// Runs graft with a hang guard; returns (exit code or None for a signal, stderr).
 fn run(args: &[&str]) -> (Option<i32>, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_graft"))
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child =
+        crate::support::command(&[]).args(args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     let start = Instant::now();
     loop {
         if let Some(status) = child.try_wait().unwrap() {

@@ -13,7 +13,7 @@ use graft::train::lm_eval;
 use llama_vocab::vocabulary;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/llama").join(name)
+    crate::support::fixture("llama").join(name)
 }
 
 /// log p(ids[t+1] | ids[..=t]) from the f64 reference's logits.

@@ -17,7 +17,6 @@ use crate::support::st;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use half::bf16;
 use serde::Deserialize;
@@ -276,7 +275,7 @@ fn run_graft_once(config: &Path, work: &Path, lenient: bool) -> Outcome {
     if lenient {
         args.push("--lenient");
     }
-    let run = Command::new(env!("CARGO_BIN_EXE_graft"))
+    let run = crate::support::command(&[])
         .current_dir(work)
         .env("HF_HUB_CACHE", work.join("hub"))
         .env_remove("HF_HOME")

@@ -10,14 +10,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn fx(p: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(p).display().to_string()
+    crate::support::fixture(p).display().to_string()
 }
 
 fn merge(dir: &Path, name: &str, yaml: &str) -> PathBuf {
     let config = dir.join(format!("{name}.yml"));
     std::fs::write(&config, yaml).unwrap();
     let out = dir.join(name);
-    let o = Command::new(env!("CARGO_BIN_EXE_graft")).arg("merge").arg(&config).arg("-o").arg(&out).output().unwrap();
+    let o = crate::support::command(&[]).arg("merge").arg(&config).arg("-o").arg(&out).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     out
 }

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::SystemTime;
 
 fn fx(p: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/llama").join(p).display().to_string()
+    crate::support::fixture("llama").join(p).display().to_string()
 }
 
 fn mtime(p: &Path) -> SystemTime {

@@ -11,7 +11,6 @@
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::process::Command;
 
 use graft::checkpoint::Checkpoint;
 use half::bf16;
@@ -37,9 +36,9 @@ fn run_graft(case: &str, compat: bool, out: &Path) -> serde_json::Value {
     if compat {
         args.extend(["--compat", "mergekit"]);
     }
-    let o = Command::new(env!("CARGO_BIN_EXE_graft")).args(&args).output().unwrap();
+    let o = crate::support::command(&[]).args(&args).output().unwrap();
     assert!(o.status.success(), "{case}: {}", String::from_utf8_lossy(&o.stderr));
-    let plan = Command::new(env!("CARGO_BIN_EXE_graft")).args(&args).args(["--dry-run", "--json"]).output().unwrap();
+    let plan = crate::support::command(&[]).args(&args).args(["--dry-run", "--json"]).output().unwrap();
     serde_json::from_str(&String::from_utf8(plan.stdout).unwrap()).unwrap()
 }
 

@@ -665,7 +665,7 @@ fn efficiency_scatter_front_matches_brute_force() {
 #[test]
 fn study_snr_scans_are_on_the_page() {
     let (dir, results, _) = setup();
-    let fixture = |p: &str| Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(p).display().to_string();
+    let fixture = |p: &str| crate::support::fixture(p).display().to_string();
     for (seed, model) in [("seed-0", "mlp/base"), ("seed-0", "mlp/ft_a"), ("seed-1", "mlp/ft_b")] {
         let out = graft(&["snr", &fixture(model), "--json"]);
         let sub = dir.path().join(seed);
@@ -838,7 +838,7 @@ fn dpi_scales_the_png_and_not_the_svg() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--dpi"));
     assert!(!dir.path().join("bad").exists());
 
-    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/mlp/base");
+    let model = crate::support::fixture("mlp/base");
     let plots = dir.path().join("snr");
     succeeded(&graft(&["snr", model.to_str().unwrap(), "--plot", plots.to_str().unwrap(), "--dpi", "1"]), "graft");
     let svg = std::fs::read_to_string(plots.join("heatmap.svg")).unwrap();

@@ -328,7 +328,7 @@ fn similarity_over_a_zoo_needs_pairs_and_refuses_one_report() {
 #[test]
 fn merge_config_batches_gather_to_the_single_process_lines_and_bytes() {
     let dir = tempfile::tempdir().unwrap();
-    let llama = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/llama");
+    let llama = crate::support::fixture("llama");
     let (a, b, base) = (llama.join("ft_a"), llama.join("ft_b"), llama.join("base"));
     let configs = dir.path().join("configs");
     std::fs::create_dir(&configs).unwrap();

@@ -54,7 +54,7 @@ fn job_array_gathers_to_the_single_process_result() {
     let dir = tempfile::tempdir().unwrap();
     let zoo = dir.path().join("zoo");
     write_zoo(&zoo, 12);
-    let graft = env!("CARGO_BIN_EXE_graft");
+    let graft = crate::support::BIN;
     let pattern = format!("{}/*", zoo.display());
     let single = dir.path().join("single.jsonl");
     let out = Command::new(graft).args(["snr", &pattern, "--resume"]).arg(&single).output().unwrap();
@@ -87,7 +87,7 @@ fn gathers_to_single(shards: &[String], sizes: &[usize], logs: &str, single: &Pa
     let got: Vec<usize> = shards.iter().map(|s| std::fs::read_to_string(s).unwrap().lines().count()).collect();
     assert_eq!(got, sizes, "{logs}");
     let gathered = single.with_file_name("gathered.jsonl");
-    let out = Command::new(env!("CARGO_BIN_EXE_graft")).arg("gather").arg(&gathered).args(shards).output().unwrap();
+    let out = crate::support::command(&[]).arg("gather").arg(&gathered).args(shards).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(std::fs::read_to_string(&gathered).unwrap(), std::fs::read_to_string(single).unwrap());
 }
@@ -121,7 +121,7 @@ fn similarity_job_array_gathers_to_the_single_process_pairs() {
     write_zoo(&zoo, 7);
     let base = dir.path().join("base.safetensors");
     std::fs::rename(zoo.join("m00.safetensors"), &base).unwrap();
-    let graft = env!("CARGO_BIN_EXE_graft");
+    let graft = crate::support::BIN;
     let pattern = format!("{}/*", zoo.display());
     let single = dir.path().join("single.jsonl");
     let out = Command::new(graft)
@@ -158,7 +158,7 @@ fn text(o: &Output) -> String {
 /// A small classifier study on the bundled digits: 15 steps (8 in phase one, 7 in phase two), seconds of work.
 /// `hidden` and `expert_epochs` make the experts' training as slow as a test needs; `expert_a` may inject bad input.
 fn write_plan(dir: &Path, hidden: &str, expert_epochs: usize, expert_a: &str) -> PathBuf {
-    let digits = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/data/digits");
+    let digits = crate::support::fixture("data/digits");
     let plan = dir.join("plan.yml");
     std::fs::write(
         &plan,
@@ -253,7 +253,7 @@ fn experiment_under_slurm_gives_the_local_results() {
     assert_eq!(states(&status).len(), 15);
     assert!(states(&status).iter().all(|(_, s)| s == "done"), "{status}");
     // The run directory named another way (relative, from elsewhere) is the same run.
-    let o = Command::new(env!("CARGO_BIN_EXE_graft"))
+    let o = crate::support::command(&[])
         .args(["experiment", "--status", "slurm"])
         .current_dir(dir.path())
         .output()
@@ -383,7 +383,7 @@ fn the_slurm_executor_without_sbatch_is_a_usage_error() {
     let plan = write_plan(dir.path(), "16", 1, "0, 1, 8, 9");
     let empty = dir.path().join("no-slurm-here");
     std::fs::create_dir(&empty).unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_graft"))
+    let o = crate::support::command(&[])
         .args(["experiment", plan.to_str().unwrap(), "-o", dir.path().join("run").to_str().unwrap()])
         .args(["--executor", "slurm"])
         .env("PATH", &empty)

@@ -9,7 +9,7 @@ use graft::checkpoint::{CheckpointWriter, Dtype, TensorDecl, WriterOptions};
 use serde_json::Value;
 
 fn fixture(p: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(p).display().to_string()
+    crate::support::fixture(p).display().to_string()
 }
 
 fn json(args: &[&str]) -> Value {

@@ -16,7 +16,7 @@ fn json(args: &[&str]) -> Value {
 }
 
 fn fixture(family: &str, variant: &str) -> String {
-    format!("{}/fixtures/{family}/{variant}", env!("CARGO_MANIFEST_DIR"))
+    crate::support::s(&crate::support::fixture(&format!("{family}/{variant}")))
 }
 
 fn values(ck: &Checkpoint, name: &str) -> Vec<f64> {

@@ -10,7 +10,7 @@ use graft::rng::Rng;
 use graft::train::data::idx;
 
 fn graft() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_graft"))
+    crate::support::command(&[])
 }
 
 fn run(args: &[&str]) -> String {

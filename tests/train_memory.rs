@@ -8,7 +8,6 @@
 use crate::support::fixture;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use graft::rng::Rng;
 use graft::train::data::idx;
@@ -20,7 +19,7 @@ fn test_device() -> String {
 }
 
 fn train_json(args: &[&str]) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_graft"))
+    let out = crate::support::command(&[])
         .arg("train")
         .args(args)
         .args(["--quiet", "--json", "--device", &test_device()])

@@ -2,7 +2,6 @@
 //! `cargo test --release --test train_real -- --ignored --nocapture`.
 
 use std::path::PathBuf;
-use std::process::Command;
 
 fn data_dir() -> PathBuf {
     std::env::var_os("GRAFT_DATA")
@@ -11,8 +10,7 @@ fn data_dir() -> PathBuf {
 }
 
 fn train(args: &[&str]) -> serde_json::Value {
-    let out =
-        Command::new(env!("CARGO_BIN_EXE_graft")).arg("train").args(args).args(["--json", "--quiet"]).output().unwrap();
+    let out = crate::support::command(&[]).arg("train").args(args).args(["--json", "--quiet"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
 }
