@@ -278,6 +278,21 @@ fn hugging_face_ids_resolve_from_the_local_cache() {
         &[("HF_HOME", d.path())],
     );
     assert_eq!(tensors(&a).len(), tensors(&c).len());
+    // Errors about a model resolved from an id name the id as written (then the snapshot it resolved to).
+    let (code, e) = fail_env(
+        &["merge", "--method", "linear", "org/llama-base", "org/llama-base", "-o", &s(&d.path().join("z"))],
+        &[("HF_HUB_CACHE", &cache)],
+    );
+    assert_eq!(code, 2, "{e}");
+    assert!(e.contains("model org/llama-base (") && e.contains("is listed twice"), "{e}");
+    let twice = write_config(
+        d.path(),
+        "twice.yml",
+        "merge_method: linear\nmodels:\n  - model: org/llama-base\n  - model: org/llama-base\n",
+    );
+    let (code, e) = fail_env(&["merge", &twice, "-o", &s(&d.path().join("z"))], &[("HF_HUB_CACHE", &cache)]);
+    assert_eq!(code, 2, "{e}");
+    assert!(e.contains("model org/llama-base (") && e.contains("snapshots"), "{e}");
 
     // Not cached: a usage error naming the id, the cache and the command that fetches it.
     let missing = write_config(

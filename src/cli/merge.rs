@@ -313,6 +313,8 @@ fn build_config(a: &Args) -> Result<MergeConfig> {
         let resolve = |p: &PathBuf, what: &str| crate::merge::lora::resolve(&p.to_string_lossy(), None, &env, what);
         let models = a.inputs.iter().map(|p| resolve(p, "model argument")).collect::<Result<Vec<_>>>()?;
         let base = a.base.as_ref().map(|b| resolve(b, "--base")).transpose()?;
+        let written = a.inputs.iter().zip(&models).chain(a.base.iter().zip(&base));
+        let labels = written.filter(|(w, r)| w != r).map(|(w, r)| (r.clone(), w.display().to_string())).collect();
         let mut cfg = Flags {
             models,
             base,
@@ -324,6 +326,7 @@ fn build_config(a: &Args) -> Result<MergeConfig> {
             ..Flags::new(method)
         }
         .into_config()?;
+        cfg.labels = labels;
         apply_param_args(a, &mut cfg)?;
         cfg
     };
@@ -587,7 +590,16 @@ fn run_one(a: &Args, global: &Global) -> Result<()> {
     let paths = cfg.model_paths();
     let mut remap = (cfg.tokenizer.as_ref())
         .map(|spec| {
-            crate::merge::vocab::prepare(spec, &paths, cfg.base_model.as_ref(), cfg.dtype, &models, &a.output.output)
+            let label = |p: &Path| cfg.label(p);
+            crate::merge::vocab::prepare(
+                spec,
+                &paths,
+                &label,
+                cfg.base_model.as_ref(),
+                cfg.dtype,
+                &models,
+                &a.output.output,
+            )
         })
         .transpose()?;
     let mut substitutes = std::collections::BTreeMap::new();

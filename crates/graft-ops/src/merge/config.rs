@@ -14,6 +14,7 @@
 //! with an optional `+adapter` (a PEFT LoRA directory, `super::lora`).
 
 use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use yaml_serde::{Mapping, Value as Yaml};
@@ -74,9 +75,21 @@ pub struct MergeConfig {
     /// Plan tensors whose shapes differ between the inputs (task-specific heads of experts) as copies from the
     /// reference instead of refusing the merge. Only selective merges set it: they merge a subset by design.
     pub copy_mismatched: bool,
+    /// The reference as written for each model path that resolution changed (a Hugging Face id resolved to its
+    /// cached snapshot, a relative path joined to the config's directory), so that errors name what the user wrote.
+    pub labels: BTreeMap<PathBuf, String>,
 }
 
 impl MergeConfig {
+    /// How errors name model `path`: the reference as written where it was resolved to another path, with the
+    /// resolved path after it when the two differ in more than a directory prefix.
+    pub fn label(&self, path: &Path) -> String {
+        match self.labels.get(path) {
+            Some(written) if !path.ends_with(written) => format!("{written} ({})", path.display()),
+            _ => path.display().to_string(),
+        }
+    }
+
     /// Every model path the merge reads, in first-mention order (models or slice sources, then the base and reference).
     pub fn model_paths(&self) -> Vec<PathBuf> {
         let mut v: Vec<PathBuf> = Vec::new();
@@ -114,7 +127,14 @@ pub struct Loaded {
 pub fn load(path: &Path, lenient: bool) -> Result<Loaded> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    let p = Parser { file: path, dir: &dir, lenient, env: Some(CacheEnv::from_env()), warnings: RefCell::default() };
+    let p = Parser {
+        file: path,
+        dir: &dir,
+        lenient,
+        env: Some(CacheEnv::from_env()),
+        warnings: RefCell::default(),
+        labels: RefCell::default(),
+    };
     let config = p.config(&text)?;
     Ok(Loaded { config, warnings: p.warnings.into_inner() })
 }
@@ -122,7 +142,8 @@ pub fn load(path: &Path, lenient: bool) -> Result<Loaded> {
 /// Parses YAML `text` strictly, without looking model references up (`file` names it in errors; relative model
 /// paths may resolve against `dir`).
 pub fn parse(text: &str, file: &Path, dir: &Path) -> Result<MergeConfig> {
-    Parser { file, dir, lenient: false, env: None, warnings: RefCell::default() }.config(text)
+    Parser { file, dir, lenient: false, env: None, warnings: RefCell::default(), labels: RefCell::default() }
+        .config(text)
 }
 
 impl Parser<'_> {
@@ -204,6 +225,7 @@ impl Parser<'_> {
             chat_template,
             reference: None,
             copy_mismatched: false,
+            labels: p.labels.take(),
         };
         p.ignored_parameters(&mut cfg)?;
         Ok(cfg)
@@ -269,6 +291,8 @@ struct Parser<'a> {
     /// Where Hugging Face ids are looked up; None: model references are kept as written (unit tests).
     env: Option<CacheEnv>,
     warnings: RefCell<Vec<String>>,
+    /// Resolved model path -> the reference as written (`MergeConfig::labels`).
+    labels: RefCell<BTreeMap<PathBuf, String>>,
 }
 
 impl Parser<'_> {
@@ -406,7 +430,11 @@ impl Parser<'_> {
             return Err(self.err(format!("'{what}' must be a model path")));
         };
         if let Some(env) = &self.env {
-            return super::lora::resolve(s, Some(self.dir), env, &format!("{}: {what}", self.file.display()));
+            let resolved = super::lora::resolve(s, Some(self.dir), env, &format!("{}: {what}", self.file.display()))?;
+            if resolved != Path::new(s) {
+                self.labels.borrow_mut().insert(resolved.clone(), s.clone());
+            }
+            return Ok(resolved);
         }
         let p = PathBuf::from(s);
         if p.exists() || p.is_absolute() {
@@ -666,6 +694,7 @@ impl Flags {
             chat_template: None,
             reference,
             copy_mismatched: false,
+            labels: BTreeMap::new(),
         })
     }
 }

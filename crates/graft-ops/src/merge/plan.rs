@@ -202,7 +202,7 @@ impl Builder<'_> {
     }
 
     fn label(&self, i: usize) -> String {
-        self.paths[i].display().to_string()
+        self.cfg.label(&self.paths[i])
     }
 
     fn check_parameter_names(&self) -> Result<()> {
@@ -239,7 +239,7 @@ impl Builder<'_> {
             Inputs::Models(ms) => {
                 for (i, m) in ms.iter().enumerate() {
                     let is_base = base_relative && self.cfg.base_model.as_ref() == Some(&m.model);
-                    check(&m.parameters, &format!("models[{i}] ({})", m.model.display()), true, is_base)?;
+                    check(&m.parameters, &format!("models[{i}] ({})", self.cfg.label(&m.model)), true, is_base)?;
                 }
             }
             Inputs::Slices(ss) => {
@@ -528,7 +528,7 @@ impl Builder<'_> {
             let bi = self.index(b);
             match s.sources.iter().position(|src| self.index(&src.model) == bi) {
                 Some(p) => Ok(Some(p)),
-                None => Err(Error::usage(format!("base model {} is not among the slice's sources", b.display()))),
+                None => Err(Error::usage(format!("base model {} is not among the slice's sources", self.cfg.label(b)))),
             }
         };
         let mut first_ref = None;

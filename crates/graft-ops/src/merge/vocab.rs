@@ -171,6 +171,7 @@ enum Default {
 pub fn prepare(
     spec: &TokenizerSpec,
     paths: &[PathBuf],
+    label: &dyn Fn(&Path) -> String,
     base_model: Option<&PathBuf>,
     out_dtype: Option<Dtype>,
     models: &[Checkpoint],
@@ -180,7 +181,7 @@ pub fn prepare(
         models[i].dir().map(Path::to_path_buf).ok_or_else(|| {
             Error::usage(format!(
                 "tokenizer: {} is not a model directory, so it has no tokenizer to merge",
-                paths[i].display()
+                label(&paths[i])
             ))
         })
     };
@@ -188,7 +189,7 @@ pub fn prepare(
         paths
             .iter()
             .position(|q| q == p)
-            .ok_or_else(|| Error::usage(format!("tokenizer: {what} {} is not one of the merged models", p.display())))
+            .ok_or_else(|| Error::usage(format!("tokenizer: {what} {} is not one of the merged models", label(p))))
     };
     let base = match base_model {
         Some(b) => index_of(b, "base")?,
@@ -213,7 +214,7 @@ pub fn prepare(
     {
         return Err(Error::usage(format!(
             "tokenizer: {} has tokens beyond its config's vocab_size {}; graft does not strip them",
-            paths[base].display(),
+            label(&paths[base]),
             vocabs[base].size
         )));
     }
@@ -390,7 +391,7 @@ pub fn prepare(
                         return Err(Error::tensor(
                             &paths[k],
                             name,
-                            format!("rows of {wk} values, but {} has {width}", paths[m].display()),
+                            format!("rows of {wk} values, but {} has {width}", label(&paths[m])),
                         ));
                     }
                     slot.insert((v, rk));
