@@ -8,7 +8,7 @@ use super::train::DataArgs;
 use super::{emit, table, Global};
 use crate::error::Result;
 use crate::train::models::Pooling;
-use crate::train::{self, ArchOptions, EvalOptions};
+use crate::train::{self, ArchOptions, DeviceKind, EvalOptions, Split};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -16,9 +16,9 @@ pub struct Args {
     checkpoint: PathBuf,
     #[command(flatten)]
     data: DataArgs,
-    /// Which split to measure: test, val or train.
-    #[arg(long, default_value = "test")]
-    split: String,
+    /// Which split to measure.
+    #[arg(long, value_enum, default_value_t = Split::Test)]
+    split: Split,
     /// Expected architecture (checked against the checkpoint's).
     #[arg(long)]
     arch: Option<String>,
@@ -30,8 +30,8 @@ pub struct Args {
     /// Seed of the validation/test split (as given to graft train).
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
+    device: DeviceKind,
     /// Append a results line (JSONL) to this file.
     #[arg(long)]
     results: Option<PathBuf>,
@@ -50,10 +50,10 @@ pub fn run(a: Args, global: &Global) -> Result<()> {
         checkpoint: a.checkpoint.clone(),
         arch: ArchOptions { arch: a.arch.clone(), pooling: a.pooling, ..Default::default() },
         data: a.data.options()?,
-        split: a.split.clone(),
+        split: a.split,
         batch: a.batch.max(1),
         seed: a.seed,
-        device: a.device.clone(),
+        device: a.device,
         results: a.results.clone(),
         experiment: a.experiment.clone(),
     };
@@ -68,7 +68,7 @@ pub fn run(a: Args, global: &Global) -> Result<()> {
         "{}  ({} on {} split of {}, {} samples)",
         out.checkpoint.display(),
         out.arch["graft_arch"].as_str().unwrap_or("?"),
-        out.split,
+        out.split.as_str(),
         out.data,
         m.samples
     );
@@ -110,7 +110,7 @@ fn run_lm(a: Args, global: &Global) -> Result<()> {
         tokenizer: data.tokenizer.clone(),
         max_len: data.max_len,
         batch: a.batch.max(1),
-        device: a.device.clone(),
+        device: a.device,
         results: a.results.clone(),
         experiment: a.experiment.clone(),
     };

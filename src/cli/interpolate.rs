@@ -88,10 +88,10 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
                     tokenizer: None,
                     max_len: 128,
                 },
-                split: "test".into(),
+                split: crate::train::Split::Test,
                 batch: 512,
                 seed: args.seed,
-                device: "cpu".into(),
+                device: crate::train::DeviceKind::Cpu,
                 results: None,
                 experiment: None,
             };
@@ -99,7 +99,7 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
             if let Some(r) = &args.results {
                 let line =
                     crate::train::results::interpolate_line(&experiment, args.seed, p.lambda, &config, &out.metrics);
-                crate::train::results::append(r, &line)?;
+                line.append(r)?;
             }
             *m = Some(serde_json::json!({
                 "accuracy": out.metrics.accuracy, "f1_weighted": out.metrics.f1_weighted,

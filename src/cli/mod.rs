@@ -7,7 +7,7 @@ use std::io::Write;
 use clap::{Parser, Subcommand};
 
 use crate::checkpoint::{parse_size, WriterOptions, DEFAULT_MAX_SHARD_SIZE};
-use crate::error::{Error, Result};
+use crate::error::{Arg, Error, Result};
 
 mod align;
 mod apply;
@@ -78,7 +78,53 @@ pub struct Global {
     pub threads: Option<usize>,
 }
 
+/// The one table from the library's arguments to the flags that set them: library errors name an `Arg`, and the
+/// command line shows it as its flag. The match is exhaustive, so a new argument cannot go unnamed, and a test
+/// checks that every flag here is one that some subcommand has.
+pub fn flag_of(arg: Arg) -> &'static str {
+    match arg {
+        Arg::Alpha => "--alpha",
+        Arg::AllowMissing => "--allow-missing",
+        Arg::AllowNonfinite => "--allow-nonfinite",
+        Arg::Arch => "--arch",
+        Arg::Base => "--base",
+        Arg::Classes => "--classes",
+        Arg::Compat => "--compat",
+        Arg::Data => "--data",
+        Arg::Device => "--device",
+        Arg::Dpi => "--dpi",
+        Arg::Dtype => "--dtype",
+        Arg::Executor => "--executor",
+        Arg::Finetuned => "--finetuned",
+        Arg::Force => "--force",
+        Arg::Freeze => "--freeze",
+        Arg::Init => "--init",
+        Arg::Lenient => "--lenient",
+        Arg::Lr => "--lr",
+        Arg::MaxLen => "--max-len",
+        Arg::Method => "--method",
+        Arg::NoCopyTokenizer => "--no-copy-tokenizer",
+        Arg::Normalize => "--normalize",
+        Arg::Resamples => "--resamples",
+        Arg::Resume => "--resume",
+        Arg::Shard => "--shard",
+        Arg::ShardCount => "--shard-count",
+        Arg::SnrFrom => "--snr-from",
+        Arg::SnrSelect => "--snr-select",
+        Arg::Spec => "--spec",
+        Arg::Steps => "--steps",
+        Arg::TestFraction => "--test-fraction",
+        Arg::TiesVariant => "--ties-variant",
+        Arg::Tokenizer => "--tokenizer",
+        Arg::TrainLastLayers => "--train-last-layers",
+        Arg::TransferBody => "--transfer-body",
+        Arg::ValFraction => "--val-fraction",
+        Arg::Vector => "--vector",
+    }
+}
+
 pub fn run() -> Result<()> {
+    crate::error::name_args_with(flag_of);
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) if !e.use_stderr() => {
@@ -378,6 +424,22 @@ pub fn human_count(n: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn every_library_argument_is_named_by_a_flag_some_subcommand_has() {
+        use clap::CommandFactory;
+        let cli = super::Cli::command();
+        let longs: std::collections::BTreeSet<String> = cli
+            .get_subcommands()
+            .flat_map(|c| c.get_arguments())
+            .chain(cli.get_arguments())
+            .filter_map(|a| a.get_long().map(|l| format!("--{l}")))
+            .collect();
+        for &arg in crate::error::Arg::ALL {
+            let flag = super::flag_of(arg);
+            assert!(longs.contains(flag), "{arg:?} is shown as {flag}, which no subcommand has");
+        }
+    }
+
     #[test]
     fn count_flags_are_bounded() {
         assert_eq!(super::steps_arg("25"), Ok(25));

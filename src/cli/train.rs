@@ -9,7 +9,7 @@ use crate::train::data::subset::parse_classes;
 use crate::train::freeze::FreezePolicy;
 use crate::train::models::{BnStats, Pooling};
 use crate::train::trainer::TrainConfig;
-use crate::train::{self, ArchOptions, DataOptions, TrainOptions};
+use crate::train::{self, ArchOptions, DataOptions, DeviceKind, TrainOptions};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -75,8 +75,8 @@ pub struct Args {
     #[arg(long)]
     head_hidden: Option<usize>,
     /// cpu, or cuda (needs a build with the `cuda` feature).
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
+    device: DeviceKind,
     /// Output checkpoint (directory or .safetensors); without it nothing is written.
     #[arg(short = 'o', long = "output")]
     output: Option<PathBuf>,
@@ -206,7 +206,7 @@ pub fn run(a: Args, global: &Global) -> Result<()> {
             time_with_eval: a.time_with_eval,
             progress: !a.quiet,
         },
-        device: a.device.clone(),
+        device: a.device,
         output: a.output.clone(),
         writer: out.writer_options(Vec::new()),
         results: a.results.clone(),
@@ -322,7 +322,7 @@ fn run_lm(a: Args, global: &Global, freeze: FreezePolicy, epochs: usize, lr: f64
         lr,
         weight_decay: a.weight_decay,
         seed: a.seed,
-        device: a.device.clone(),
+        device: a.device,
         output: a.output.clone(),
         writer: out.writer_options(Vec::new()),
         threads: global.threads,

@@ -1,7 +1,9 @@
 //! The one error type of graft. Every variant carries the file (and, where there is one, the tensor) it is about, and
 //! renders as a single line, so that `main` can print it as is and exit non-zero.
 
+use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -58,6 +60,84 @@ impl Error {
     }
 }
 
+macro_rules! args {
+    ($($variant:ident => $name:literal,)*) => {
+        /// An argument of a library entry point that error messages name. How a message shows it is the front end's
+        /// choice, made once (`name_args_with`): the command line shows its flag (`--snr-select`, from the one
+        /// table in `cli::flags`); without a front end a message shows the parameter's own name (`snr_select`).
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum Arg {
+            $($variant,)*
+        }
+
+        impl Arg {
+            /// Every parameter, for front ends that check their naming covers them.
+            pub const ALL: &'static [Arg] = &[$(Arg::$variant,)*];
+
+            /// The parameter's own name (the library's field or argument name).
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(Arg::$variant => $name,)*
+                }
+            }
+        }
+    };
+}
+
+args! {
+    Alpha => "alpha",
+    AllowMissing => "allow_missing",
+    AllowNonfinite => "allow_nonfinite",
+    Arch => "arch",
+    Base => "base",
+    Classes => "classes",
+    Compat => "compat",
+    Data => "data",
+    Device => "device",
+    Dpi => "dpi",
+    Dtype => "dtype",
+    Executor => "executor",
+    Finetuned => "finetuned",
+    Force => "force",
+    Freeze => "freeze",
+    Init => "init",
+    Lenient => "lenient",
+    Lr => "lr",
+    MaxLen => "max_len",
+    Method => "method",
+    NoCopyTokenizer => "no_copy_tokenizer",
+    Normalize => "normalize",
+    Resamples => "resamples",
+    Resume => "resume",
+    Shard => "shard",
+    ShardCount => "shard_count",
+    SnrFrom => "snr_from",
+    SnrSelect => "snr_select",
+    Spec => "spec",
+    Steps => "steps",
+    TestFraction => "test_fraction",
+    TiesVariant => "ties_variant",
+    Tokenizer => "tokenizer",
+    TrainLastLayers => "train_last_layers",
+    TransferBody => "transfer_body",
+    ValFraction => "val_fraction",
+    Vector => "vector",
+}
+
+static ARG_NAMING: OnceLock<fn(Arg) -> &'static str> = OnceLock::new();
+
+/// Makes messages show each argument as `naming` says (the first call wins; later ones are ignored). Call it
+/// before anything can fail: a message shows a parameter as it is named when the message is made.
+pub fn name_args_with(naming: fn(Arg) -> &'static str) {
+    let _ = ARG_NAMING.set(naming);
+}
+
+impl fmt::Display for Arg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(ARG_NAMING.get().map_or(self.name(), |naming| naming(*self)))
+    }
+}
+
 /// The longest message graft prints for one error or warning, in characters. Messages quote user data (JSON
 /// fragments, tensor names, whole header fields) that a hostile file can make megabytes long.
 pub const MAX_MESSAGE_CHARS: usize = 1000;
@@ -84,6 +164,15 @@ pub fn bounded(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn arguments_have_distinct_snake_case_names() {
+        let mut names: Vec<&str> = Arg::ALL.iter().map(|p| p.name()).collect();
+        assert!(names.iter().all(|n| n.chars().all(|c| c.is_ascii_lowercase() || c == '_')), "{names:?}");
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), Arg::ALL.len());
+    }
 
     #[test]
     fn long_messages_are_cut_on_one_line() {

@@ -3,7 +3,8 @@
 //! It owns how checkpoints are read and written (`checkpoint`: safetensors files, sharded directories, the commit
 //! protocol that makes every output whole or absent; GGUF files behind the `gguf` feature), how stored dtypes become
 //! f32 and back (`checkpoint::dtype`), the one tensor-streaming executor that reads inputs, computes in f32 and hands
-//! chunks to the writer (`exec`), small whole files written atomically and read as JSON (`files`), checkpoint conversion (`convert`), the error type and its exit codes (`error`),
+//! chunks to the writer (`exec`), small whole files written atomically and read as JSON (`files`), the results-line schema that runs write
+//! and reports read (`results`), checkpoint conversion (`convert`), the error type and its exit codes (`error`),
 //! deterministic randomness (`rng`), the layer and module naming rules (`names`), work partitions for sharded batch
 //! runs (`shard`) and the process allocator (`alloc`). Nothing here knows about merge methods, training or reports.
 //!
@@ -26,7 +27,8 @@ pub mod files;
 #[cfg(feature = "gguf")]
 pub mod gguf;
 pub mod names;
+pub mod results;
 pub mod rng;
 pub mod shard;
 
-pub use error::{Error, Result};
+pub use error::{Arg, Error, Result};

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{Arg, Error, Result};
 
 /// Shard `index` of `count` (0-based: `0 <= index < count`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,11 +69,13 @@ fn checked(what: &str, index: usize, count: usize) -> Result<Shard> {
 
 /// Parses `K/N`.
 pub fn parse(spec: &str) -> Result<Shard> {
-    let (k, n) =
-        spec.split_once('/').ok_or_else(|| Error::usage(format!("--shard '{spec}' is not K/N (e.g. 0/4) or auto")))?;
-    let count = count_arg("--shard", n)?;
-    let index = index_arg("--shard", k)?;
-    checked(&format!("--shard {spec}"), index, count)
+    let (k, n) = spec
+        .split_once('/')
+        .ok_or_else(|| Error::usage(format!("{} '{spec}' is not K/N (e.g. 0/4) or auto", Arg::Shard)))?;
+    let shard = Arg::Shard.to_string();
+    let count = count_arg(&shard, n)?;
+    let index = index_arg(&shard, k)?;
+    checked(&format!("{shard} {spec}"), index, count)
 }
 
 /// The shard from the flags, reading the environment through `env` for `auto` (or a lone `--shard-count`).
@@ -86,7 +88,11 @@ pub fn resolve(
         None if shard_count.is_none() => Ok(None),
         Some(s) if s != "auto" => {
             if shard_count.is_some() {
-                return Err(Error::usage("--shard-count goes with --shard auto, not with --shard K/N"));
+                return Err(Error::usage(format!(
+                    "{count} goes with {shard} auto, not with {shard} K/N",
+                    count = Arg::ShardCount,
+                    shard = Arg::Shard
+                )));
             }
             parse(s).map(Some)
         }
@@ -97,32 +103,40 @@ pub fn resolve(
 fn from_env(shard_count: Option<&str>, env: impl Fn(&str) -> Option<String>) -> Result<Shard> {
     if let Some(id) = env("SLURM_ARRAY_TASK_ID") {
         let count = match (env("SLURM_ARRAY_TASK_COUNT"), shard_count) {
-            (_, Some(n)) => count_arg("--shard-count", n)?,
+            (_, Some(n)) => count_arg(&Arg::ShardCount.to_string(), n)?,
             (Some(n), None) => count_arg("SLURM_ARRAY_TASK_COUNT", &n)?,
             (None, None) => return Err(Error::usage("SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT is not")),
         };
         // Arrays may start anywhere (`--array=1-4`): the shard is the offset from the first task.
         let min = env("SLURM_ARRAY_TASK_MIN").map(|m| index_arg("SLURM_ARRAY_TASK_MIN", &m)).transpose()?.unwrap_or(0);
         if let Some(step) = env("SLURM_ARRAY_TASK_STEP").filter(|s| s.trim() != "1") {
-            return Err(Error::usage(format!("SLURM_ARRAY_TASK_STEP is {step}: --shard auto needs a dense array")));
+            return Err(Error::usage(format!(
+                "SLURM_ARRAY_TASK_STEP is {step}: {} auto needs a dense array",
+                Arg::Shard
+            )));
         }
         let id = index_arg("SLURM_ARRAY_TASK_ID", &id)?;
         let index = id
             .checked_sub(min)
             .ok_or_else(|| Error::usage(format!("SLURM_ARRAY_TASK_ID {id} is below SLURM_ARRAY_TASK_MIN {min}")))?;
-        return checked("--shard auto (Slurm array)", index, count);
+        return checked(&format!("{} auto (Slurm array)", Arg::Shard), index, count);
     }
     if let Some(i) = env("JOB_COMPLETION_INDEX") {
         let n = shard_count.ok_or_else(|| {
-            Error::usage("--shard auto in a Kubernetes indexed Job needs --shard-count N (the Job's completions)")
+            Error::usage(format!(
+                "{} auto in a Kubernetes indexed Job needs {} N (the Job's completions)",
+                Arg::Shard,
+                Arg::ShardCount
+            ))
         })?;
-        let count = count_arg("--shard-count", n)?;
+        let count = count_arg(&Arg::ShardCount.to_string(), n)?;
         let index = index_arg("JOB_COMPLETION_INDEX", &i)?;
-        return checked("--shard auto (JOB_COMPLETION_INDEX)", index, count);
+        return checked(&format!("{} auto (JOB_COMPLETION_INDEX)", Arg::Shard), index, count);
     }
-    Err(Error::usage(
-        "--shard auto: neither SLURM_ARRAY_TASK_ID nor JOB_COMPLETION_INDEX is set (give --shard K/N instead)",
-    ))
+    Err(Error::usage(format!(
+        "{shard} auto: neither SLURM_ARRAY_TASK_ID nor JOB_COMPLETION_INDEX is set (give {shard} K/N instead)",
+        shard = Arg::Shard
+    )))
 }
 
 /// This process's part of a batch's work list. Without a shard: every item, as given. With one: the shard's items of
@@ -247,7 +261,12 @@ pub fn gather(files: &[PathBuf]) -> Result<String> {
         if !mpath.exists() {
             return Err(Error::format(
                 file,
-                format!("no shard manifest {} (shard results are written by --shard with --resume)", mpath.display()),
+                format!(
+                    "no shard manifest {} (shard results are written by {} with {})",
+                    mpath.display(),
+                    Arg::Shard,
+                    Arg::Resume
+                ),
             ));
         }
         let m = Manifest::read(&mpath)?;

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use serde::Serialize;
 
 use crate::checkpoint::{Checkpoint, CheckpointWriter, TensorDecl, WriterOptions, Written};
-use crate::error::{Error, Result};
+use crate::error::{Arg, Error, Result};
 use crate::exec::{Executor, Produce, Read};
 
 /// One point of the path.
@@ -29,7 +29,7 @@ pub struct Point {
 /// `steps` evenly spaced weights from 0 to 1 inclusive.
 pub fn lambdas(steps: usize) -> Result<Vec<f64>> {
     if steps < 2 {
-        return Err(Error::usage(format!("--steps must be at least 2 (both end points), not {steps}")));
+        return Err(Error::usage(format!("{} must be at least 2 (both end points), not {steps}", Arg::Steps)));
     }
     Ok((0..steps).map(|i| i as f64 / (steps - 1) as f64).collect())
 }

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use super::dtype::Dtype;
-use crate::error::{Error, Result};
+use crate::error::{Arg, Error, Result};
 
 static ALLOW_NONFINITE: AtomicBool = AtomicBool::new(false);
 
@@ -72,7 +72,8 @@ pub fn nonfinite_output(name: &str, dtype: Dtype, numel: usize, count: usize) ->
         format!("output tensor '{name}': {count} of {numel} values are NaN or infinite after rounding to {dtype}");
     if !allow_nonfinite() {
         return Err(Error::invalid(format!(
-            "{what} (overflow of the output dtype, or non-finite inputs); pass --allow-nonfinite to write them anyway"
+            "{what} (overflow of the output dtype, or non-finite inputs); pass {} to write them anyway",
+            Arg::AllowNonfinite
         )));
     }
     warn_once(Path::new(""), name, &format!("{what}; written as they are"));

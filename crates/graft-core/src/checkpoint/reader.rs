@@ -22,7 +22,7 @@ use memmap2::Mmap;
 
 use super::dtype::{self, Dtype};
 use super::header;
-use crate::error::{Error, Result};
+use crate::error::{Arg, Error, Result};
 
 pub const INDEX_NAME: &str = "model.safetensors.index.json";
 pub const SINGLE_NAME: &str = "model.safetensors";
@@ -85,7 +85,7 @@ impl<'a> TensorView<'a> {
             return Err(Error::tensor(
                 self.file,
                 self.name,
-                format!("{what}; pass --allow-nonfinite to use them anyway"),
+                format!("{what}; pass {} to use them anyway", Arg::AllowNonfinite),
             ));
         }
         let line = format!("{}: tensor '{}': {what}; let through", self.file.display(), self.name);

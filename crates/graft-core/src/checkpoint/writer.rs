@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use super::commit;
 use super::dtype::{self, Dtype};
 use super::reader::{INDEX_NAME, SINGLE_NAME};
-use crate::error::{Error, Result};
+use crate::error::{Arg, Error, Result};
 
 /// Hugging Face's default `max_shard_size` ("5GB", decimal).
 pub const DEFAULT_MAX_SHARD_SIZE: u64 = 5_000_000_000;
@@ -411,8 +411,9 @@ impl CheckpointWriter {
             }
             if meta.is_some() && !self.opts.overwrite {
                 return Err(Error::usage(format!(
-                    "{}: already exists; pass --force to replace it",
-                    self.out.display()
+                    "{}: already exists; pass {} to replace it",
+                    self.out.display(),
+                    Arg::Force
                 )));
             }
             return Ok(());
@@ -439,8 +440,9 @@ impl CheckpointWriter {
         if !self.opts.overwrite {
             if let Some(existing) = old.first() {
                 return Err(Error::usage(format!(
-                    "{}: already holds a checkpoint ({existing}); pass --force to replace it",
-                    shown.display()
+                    "{}: already holds a checkpoint ({existing}); pass {} to replace it",
+                    shown.display(),
+                    Arg::Force
                 )));
             }
         }

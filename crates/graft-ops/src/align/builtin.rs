@@ -26,7 +26,7 @@ use std::collections::HashMap;
 
 use super::spec::{AxisRef, GroupDecl, Spec, TensorAxes};
 use crate::checkpoint::{Checkpoint, TensorInfo};
-use crate::error::{Error, Result};
+use crate::error::{Arg, Error, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -86,8 +86,10 @@ pub fn detect(ck: &Checkpoint) -> Result<Arch> {
         Ok(Arch::Mlp)
     } else {
         Err(Error::usage(format!(
-            "{}: cannot tell the architecture from config.json or tensor names; pass --arch or --spec",
-            ck.path().display()
+            "{}: cannot tell the architecture from config.json or tensor names; pass {} or {}",
+            ck.path().display(),
+            Arg::Arch,
+            Arg::Spec
         )))
     }
 }
@@ -498,7 +500,7 @@ fn module_kind(ck: &Checkpoint, module: &str, params: &[&TensorInfo], residual: 
     let kind = match weight.map(|w| (w, w.shape.len())) {
         Some((w, n)) if n >= 3 => {
             if !residual {
-                return Err(err(&w.name, "a convolution weight; use --arch cnn".into()));
+                return Err(err(&w.name, format!("a convolution weight; use {} cnn", Arg::Arch)));
             }
             Kind::Conv { out: w.shape[0], in_per_group: w.shape[1] }
         }

@@ -24,7 +24,7 @@ use super::method::{BaseRole, MergeMethod};
 use super::params::{Conditional, Scalar, Scope, Setting, Settings, Value};
 use super::vocab::{EmbedSource, TokenRef, TokenSetting, TokenizerSpec, VocabSource};
 use crate::checkpoint::Dtype;
-use crate::error::{Error, Result};
+use crate::error::{Arg, Error, Result};
 use crate::hub::CacheEnv;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -271,9 +271,8 @@ impl Parser<'_> {
                     Some(_) => continue,
                 };
                 if !self.lenient {
-                    return Err(
-                        self.err(format!("{msg}; mergekit would ignore it silently (--lenient: warn and go on)"))
-                    );
+                    return Err(self
+                        .err(format!("{msg}; mergekit would ignore it silently ({}: warn and go on)", Arg::Lenient)));
                 }
                 self.warnings.borrow_mut().push(format!("warning: {}: {msg}; ignored", self.file.display()));
                 settings.remove(&name);
@@ -327,7 +326,9 @@ impl Parser<'_> {
             }
             let msg = format!("unknown key '{k}' in {what} (allowed: {})", allowed.join(", "));
             if !self.lenient {
-                return Err(self.err(format!("{msg}; mergekit would ignore it silently (--lenient: warn and go on)")));
+                return Err(
+                    self.err(format!("{msg}; mergekit would ignore it silently ({}: warn and go on)", Arg::Lenient))
+                );
             }
             self.warnings.borrow_mut().push(format!("warning: {}: {msg}; ignored", self.file.display()));
         }
@@ -654,8 +655,10 @@ impl Flags {
             BaseRole::TaskVectorBase => {
                 let b = self.base.clone().ok_or_else(|| {
                     Error::usage(format!(
-                        "--method {} needs --base (the model task vectors are taken against)",
-                        m.name()
+                        "{} {} needs {} (the model task vectors are taken against)",
+                        Arg::Method,
+                        m.name(),
+                        Arg::Base
                     ))
                 })?;
                 (Some(b), None)

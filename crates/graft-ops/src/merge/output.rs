@@ -23,7 +23,7 @@ use super::plan::Plan;
 use super::vocab::{self, Vocabulary};
 use crate::checkpoint::hf_config::{self, Patch};
 use crate::checkpoint::{Checkpoint, Dtype, CARRIED_FILES};
-use crate::error::{Error, Result};
+use crate::error::{Arg, Error, Result};
 
 /// Tokenizer files and chat templates, copied from the tokenizer's model when present: the files the writer carries
 /// (`CARRIED_FILES`) other than the model's own configs.
@@ -113,18 +113,20 @@ pub fn plan(
         (Some(v), true) => Some(v.files_from.clone()),
         (None, true) => config_dir.clone(),
     };
-    let chat_template =
-        match &cfg.chat_template {
-            None => None,
-            Some(_) if tokenizer_dir.is_none() => return Err(Error::usage(
-                "chat_template is written with the tokenizer, which --no-copy-tokenizer leaves out (drop one of them)",
-            )),
-            Some(setting) => {
-                // mergekit's `auto` looks at the base first, then the other inputs.
-                let dirs: Vec<PathBuf> = plan.base.into_iter().chain(0..models.len()).filter_map(dir_of).collect();
-                chat_template::choose(setting, &dirs)?
-            }
-        };
+    let chat_template = match &cfg.chat_template {
+        None => None,
+        Some(_) if tokenizer_dir.is_none() => {
+            return Err(Error::usage(format!(
+                "chat_template is written with the tokenizer, which {} leaves out (drop one of them)",
+                Arg::NoCopyTokenizer
+            )))
+        }
+        Some(setting) => {
+            // mergekit's `auto` looks at the base first, then the other inputs.
+            let dirs: Vec<PathBuf> = plan.base.into_iter().chain(0..models.len()).filter_map(dir_of).collect();
+            chat_template::choose(setting, &dirs)?
+        }
+    };
     Ok(Layout { config_dir, tokenizer_dir, patch, chat_template, vocabulary })
 }
 

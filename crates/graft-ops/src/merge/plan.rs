@@ -18,7 +18,7 @@ use super::config::{Inputs, MergeConfig};
 use super::method::{serialize_name, MergeMethod};
 use super::params::{resolve, Scalar, Scope, Settings, TensorParams};
 use crate::checkpoint::{Checkpoint, Dtype, TensorInfo};
-use crate::error::{Error, Result};
+use crate::error::{Arg, Error, Result};
 use crate::names::layer_of;
 
 /// One input tensor: a model (index into `Plan::models`) and a tensor name in it.
@@ -272,7 +272,8 @@ impl Builder<'_> {
         }
         if c.base.requires_base() && base.is_none() {
             return Err(Error::usage(format!(
-                "{name} needs a base model among its inputs{what} (base_model / --base)"
+                "{name} needs a base model among its inputs{what} (base_model / {})",
+                Arg::Base
             )));
         }
         Ok(())

@@ -24,7 +24,7 @@ use serde::Serialize;
 use super::method::AlphaTarget;
 use super::plan::{Op, Plan, Source};
 use crate::checkpoint::Checkpoint;
-use crate::error::{Error, Result};
+use crate::error::{Arg, Error, Result};
 use crate::exec::Executor;
 use crate::names::layer_of;
 use crate::snr::{formats::SelectionFile, scan, ScanOptions};
@@ -72,9 +72,9 @@ pub fn parse_top_p(s: &str) -> Result<f64> {
     let v = s
         .strip_prefix("top-p=")
         .and_then(|v| v.trim().parse::<f64>().ok())
-        .ok_or_else(|| Error::usage(format!("--snr-select '{s}': expected top-p=P with P between 0 and 1")))?;
+        .ok_or_else(|| Error::usage(format!("{} '{s}': expected top-p=P with P between 0 and 1", Arg::SnrSelect)))?;
     if !(0.0..=1.0).contains(&v) {
-        return Err(Error::usage(format!("--snr-select '{s}': P must lie between 0 and 1")));
+        return Err(Error::usage(format!("{} '{s}': P must lie between 0 and 1", Arg::SnrSelect)));
     }
     Ok(v)
 }
@@ -172,10 +172,17 @@ pub fn apply(plan: &mut Plan, models: &[Checkpoint], exec: &Executor, opts: &Sel
             Op::Copy { from, .. } => from.tensor != t.name,
         })
     {
-        return Err(Error::usage("--snr-select works on merges of whole models (models:), not on slices"));
+        return Err(Error::usage(format!(
+            "{} works on merges of whole models (models:), not on slices",
+            Arg::SnrSelect
+        )));
     }
     if plan.method.contract().max_inputs == Some(1) {
-        return Err(Error::usage(format!("--snr-select needs a merge method; {} merges nothing", plan.method.name())));
+        return Err(Error::usage(format!(
+            "{} needs a merge method; {} merges nothing",
+            Arg::SnrSelect,
+            plan.method.name()
+        )));
     }
     let experts = experts(plan);
     let mut expert_scores: Vec<HashMap<String, f64>> = Vec::new();
@@ -188,7 +195,7 @@ pub fn apply(plan: &mut Plan, models: &[Checkpoint], exec: &Executor, opts: &Sel
         SnrSource::Base => scores_of(&models[plan.reference], exec)?,
         SnrSource::Avg => {
             if expert_scores.is_empty() {
-                return Err(Error::usage("--snr-from avg needs at least one expert model"));
+                return Err(Error::usage(format!("{} avg needs at least one expert model", Arg::SnrFrom)));
             }
             let mut avg = HashMap::new();
             for name in expert_scores[0].keys() {
@@ -228,14 +235,15 @@ pub fn apply(plan: &mut Plan, models: &[Checkpoint], exec: &Executor, opts: &Sel
     };
     if opts.alpha == Alpha::Snr && experts.len() != 2 {
         return Err(Error::usage(format!(
-            "--alpha snr needs exactly two expert models; this merge has {}",
+            "{} snr needs exactly two expert models; this merge has {}",
+            Arg::Alpha,
             experts.len()
         )));
     }
     // slerp takes the SNR weight as its `t`; the weighted methods as their per-model weights.
     let alpha_target = plan.method.snr_alpha();
     if opts.alpha == Alpha::Snr && alpha_target.is_none() {
-        return Err(Error::usage(format!("--alpha snr does not apply to {}", plan.method.name())));
+        return Err(Error::usage(format!("{} snr does not apply to {}", Arg::Alpha, plan.method.name())));
     }
     // Merge-candidate matrices by name, for the vectors to follow.
     let matrices: Vec<(usize, &str)> = plan

@@ -37,7 +37,7 @@ use serde::Serialize;
 use super::matching::{pair, Coverage, Skipped};
 use super::{canonical_display, TASK_ARITHMETIC, TASK_VECTOR_OF};
 use crate::checkpoint::{Checkpoint, CheckpointWriter, Dtype, TensorDecl, TensorView, WriterOptions};
-use crate::error::{Error, Result};
+use crate::error::{Arg, Error, Result};
 use crate::exec::{Executor, Produce, Read};
 
 /// Whether a term is a stored task vector or a fine-tuned model whose delta is computed on the fly.
@@ -118,10 +118,10 @@ pub fn apply(
     mut writer_opts: WriterOptions,
 ) -> Result<ApplyReport> {
     if terms.is_empty() {
-        return Err(Error::usage("nothing to apply: give at least one --vector or --finetuned"));
+        return Err(Error::usage(format!("nothing to apply: give at least one {} or {}", Arg::Vector, Arg::Finetuned)));
     }
     if let Some(d) = opts.dtype.filter(|d| !d.is_float()) {
-        return Err(Error::usage(format!("--dtype must be a float type, not {d}")));
+        return Err(Error::usage(format!("{} must be a float type, not {d}", Arg::Dtype)));
     }
     if let Some(t) = terms.iter().find(|t| !t.lambda.is_finite()) {
         return Err(Error::usage(format!("{}: lambda {} is not a finite number", t.ck.path().display(), t.lambda)));

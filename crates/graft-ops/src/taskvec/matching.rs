@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use super::name_list;
 use crate::checkpoint::Checkpoint;
-use crate::error::{Error, Result};
+use crate::error::{Arg, Error, Result};
 
 /// Which tensors the other checkpoint must have.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,9 +96,10 @@ pub fn pair(base: &Checkpoint, other: &Checkpoint, coverage: Coverage, allow_mis
             ));
         }
         return Err(Error::invalid(format!(
-            "{other_name} does not match the base {}: {}; pass --allow-missing to skip them",
+            "{other_name} does not match the base {}: {}; pass {} to skip them",
             base.path().display(),
-            parts.join("; ")
+            parts.join("; "),
+            Arg::AllowMissing
         )));
     }
     Ok(Pairing { common, skipped })

@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use graft_core::results::{Kind, Line};
 use serde_json::{json, Value};
 
 use super::plan::LlmPlan;
@@ -30,12 +31,7 @@ pub fn read_json(path: &Path) -> Result<Value> {
 
 /// Concatenates the results lines of every `*.jsonl` under each seed's `results/` directory into `out` (written
 /// whole under a temporary name, then renamed), adding `extra(line)` metrics to each. Returns the line count.
-pub fn collect(
-    rundir: &Path,
-    seeds: &[u64],
-    out: &Path,
-    extra: impl Fn(&Value) -> Vec<(String, f64)>,
-) -> Result<usize> {
+pub fn collect(rundir: &Path, seeds: &[u64], out: &Path, extra: impl Fn(&Line) -> Vec<(String, f64)>) -> Result<usize> {
     let mut text = String::new();
     let mut n = 0;
     for &seed in seeds {
@@ -50,14 +46,11 @@ pub fn collect(
             let body = std::fs::read_to_string(&f).map_err(|e| Error::io(&f, e))?;
             // A step that was rerun appended again: its last line is the current one.
             let Some(last) = body.lines().rev().find(|l| !l.trim().is_empty()) else { continue };
-            let mut line: Value =
-                serde_json::from_str(last).map_err(|e| Error::format(&f, format!("not a results line: {e}")))?;
+            let mut line = Line::parse(last).map_err(|e| Error::format(&f, format!("not a results line: {e}")))?;
             for (k, v) in extra(&line) {
-                if let Some(m) = line.get_mut("metrics").and_then(|m| m.as_object_mut()) {
-                    m.insert(k, serde_json::json!(v));
-                }
+                line.metrics.set(k, v);
             }
-            text.push_str(&line.to_string());
+            text.push_str(&line.to_text());
             text.push('\n');
             n += 1;
         }
@@ -70,8 +63,10 @@ pub fn collect(
 /// `merge-ID` directory), from the study's `consistency-ID.json` (`graft similarity --merged --json`):
 /// `consistency_merged` over the merged tensors and `consistency_all` over every float tensor, each the mean of the
 /// two cosines. None for lines that start from no merge, or whose consistency step left no report.
-pub fn consistency_metrics(rundir: &Path, line: &Value) -> Vec<(String, f64)> {
-    let (Some(seed), Some(init)) = (line["seed"].as_u64(), line["config"]["init"].as_str()) else { return Vec::new() };
+pub fn consistency_metrics(rundir: &Path, line: &Line) -> Vec<(String, f64)> {
+    let (Ok(seed), Some(init)) = (u64::try_from(line.seed), line.config.get("init").and_then(Value::as_str)) else {
+        return Vec::new();
+    };
     let Some(id) = Path::new(init).file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix("merge-")) else {
         return Vec::new();
     };
@@ -86,9 +81,7 @@ pub fn consistency_metrics(rundir: &Path, line: &Value) -> Vec<(String, f64)> {
 
 /// Writes `text` to `out` whole: under a temporary name first, then renamed.
 fn write_whole(out: &Path, text: &str) -> Result<()> {
-    let tmp = out.with_extension("jsonl.partial");
-    std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))
+    crate::files::write_atomic(out, text.as_bytes())
 }
 
 /// The share of an expert's gain on its own domain that `model` keeps: (NLL of the base - NLL of the model) /
@@ -114,7 +107,16 @@ pub fn collect_llm(plan: &LlmPlan, rundir: &Path, out: &Path) -> Result<usize> {
             if model.id == "base" && i > 0 {
                 continue;
             }
-            let mut metrics = serde_json::Map::new();
+            let mut config = json!({"model": model.id, "unfrozen_percent": plan.unfrozen_percent,
+                                    "eval_max_len": plan.eval_max_len});
+            if let Some(m) = &model.merge {
+                config["method"] = json!(m.method);
+                config["top_p"] = json!(m.top_p);
+            }
+            let mut line =
+                Line::new(Kind::Eval, format!("seed{seed}/{}", model.id), &*model.label, seed as i64, &config);
+            line.baseline = model.id == "base";
+            let metrics = &mut line.metrics;
             let mut complete = true;
             for (key, name) in domains {
                 let (Some(m), Some(b), e) =
@@ -123,38 +125,24 @@ pub fn collect_llm(plan: &LlmPlan, rundir: &Path, out: &Path) -> Result<usize> {
                     complete = false;
                     continue;
                 };
-                metrics.insert(format!("perplexity_{name}"), json!(m.exp()));
-                if let Some(kept) = e.and_then(|e| gain_kept(b, e, m)) {
-                    metrics.insert(format!("gain_kept_{name}"), json!(kept));
-                }
+                metrics.set(format!("perplexity_{name}"), m.exp());
+                metrics.set_some(format!("gain_kept_{name}"), e.and_then(|e| gain_kept(b, e, m)));
             }
             if !complete {
                 continue;
             }
             let report = read_json(&steps::llm_step_report(rundir, seed, &model.id)).ok();
-            let mut config = json!({"model": model.id, "unfrozen_percent": plan.unfrozen_percent,
-                                    "eval_max_len": plan.eval_max_len});
-            if let Some(m) = &model.merge {
-                config["method"] = json!(m.method);
-                config["top_p"] = json!(m.top_p);
+            if model.merge.is_some() {
                 if let Some(secs) = report.as_ref().and_then(|r| r["seconds"].as_f64()) {
-                    metrics.insert("merge_time_s".into(), json!(secs));
+                    metrics.set("merge_time_s", secs);
                 }
             } else if let Some(r) = report.filter(|_| model.id.starts_with("expert-")) {
                 for (from, to) in [("time_s", "train_time_s"), ("peak_memory_bytes", "train_peak_memory_bytes")] {
-                    if let Some(v) = r[from].as_f64() {
-                        metrics.insert(to.into(), json!(v));
-                    }
+                    metrics.set_some(to, r[from].as_f64());
                 }
-                if let Some(v) = r["freeze"]["trainable_params"].as_f64() {
-                    metrics.insert("trainable_params".into(), json!(v));
-                }
+                metrics.set_some("trainable_params", r["freeze"]["trainable_params"].as_f64());
             }
-            let line = json!({
-                "kind": "eval", "run_id": format!("seed{seed}/{}", model.id), "experiment": model.label,
-                "seed": seed, "config": config, "metrics": metrics, "baseline": model.id == "base",
-            });
-            text.push_str(&line.to_string());
+            text.push_str(&line.to_text());
             text.push('\n');
             n += 1;
         }
@@ -185,7 +173,7 @@ mod tests {
         let report = serde_json::json!({"all": {"mean": 0.8}, "selected": {"mean": 0.99, "recover_a": 1.0}});
         std::fs::write(seed_dir.join("consistency-ties-p0.1.json"), report.to_string()).unwrap();
         // The run directory as the step named it need not be this one: the seed and the merge's name are enough.
-        let line = |seed: u64, init: &str| serde_json::json!({"seed": seed, "config": {"init": init}});
+        let line = |seed: i64, init: &str| Line::new(Kind::Train, "r", "e", seed, &json!({"init": init}));
         let got = consistency_metrics(dir.path(), &line(1, "elsewhere/seed-1/merge-ties-p0.1"));
         assert_eq!(got, [("consistency_merged".to_string(), 0.99), ("consistency_all".to_string(), 0.8)]);
         // Another seed's merge, a line from the base, a merge without a report: nothing.

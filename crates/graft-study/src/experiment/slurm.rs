@@ -18,7 +18,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::runner::{self, Step};
-use crate::error::{Error, Result};
+use crate::error::{Arg, Error, Result};
 
 /// How jobs are submitted: the scheduler's knobs from the command line, and what the jobs run.
 #[derive(Clone, Debug, Default)]
@@ -80,7 +80,7 @@ pub fn check_sbatch() -> Result<()> {
             "--executor slurm needs Slurm's `sbatch`, which is not on PATH (run on a Slurm login node, or use \
              --executor local)",
         )),
-        Err(e) => Err(Error::usage(format!("--executor slurm: cannot run `sbatch`: {e}"))),
+        Err(e) => Err(Error::usage(format!("{} slurm: cannot run `sbatch`: {e}", Arg::Executor))),
     }
 }
 
@@ -188,7 +188,9 @@ fn sbatch(opts: &Options, args: &[String], script: &Path) -> Result<String> {
     }
     cmd.args(&opts.extra).arg(script);
     let out = cmd.output().map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => Error::usage("--executor slurm needs Slurm's `sbatch`, which is not on PATH"),
+        std::io::ErrorKind::NotFound => {
+            Error::usage(format!("{} slurm needs Slurm's `sbatch`, which is not on PATH", Arg::Executor))
+        }
         _ => Error::invalid(format!("cannot run `sbatch`: {e}")),
     })?;
     if !out.status.success() {

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::error::{Error, Result};
+use crate::error::{Arg, Error, Result};
 use plots::{Chart, Section};
 use summary::Summary;
 
@@ -99,10 +99,10 @@ impl Report {
 /// Reads `inputs`, computes the summary and writes the report directory `out`.
 pub fn generate(inputs: &[PathBuf], out: &Path, options: &Options) -> Result<Report> {
     if options.resamples < 2 {
-        return Err(Error::usage("--resamples must be at least 2"));
+        return Err(Error::usage(format!("{} must be at least 2", Arg::Resamples)));
     }
     if !render::SCALES.contains(&options.png_scale) {
-        return Err(Error::usage(format!("--dpi {} is not 1, 2 or 3", options.png_scale)));
+        return Err(Error::usage(format!("{} {} is not 1, 2 or 3", Arg::Dpi, options.png_scale)));
     }
     check_output(out)?;
     let set = results::read_files(inputs)?;

@@ -4,42 +4,15 @@
 //!
 //! A bad line is an error naming `FILE:LINE`; unknown fields are ignored so that older readers accept newer writers.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fmt;
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::error::{Error, Result};
-
-/// What produced a results line.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Kind {
-    Train,
-    Eval,
-    Interpolate,
-}
-
-impl Kind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Kind::Train => "train",
-            Kind::Eval => "eval",
-            Kind::Interpolate => "interpolate",
-        }
-    }
-
-    fn parse(s: &str) -> Option<Kind> {
-        match s {
-            "train" => Some(Kind::Train),
-            "eval" => Some(Kind::Eval),
-            "interpolate" => Some(Kind::Interpolate),
-            _ => None,
-        }
-    }
-}
+pub use graft_core::results::{Kind, Line, FRACTION_METRICS, NON_NEGATIVE_METRICS};
 
 /// Where a line came from: renders as `FILE:LINE` (1-based line numbers, as editors count).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -62,37 +35,20 @@ impl Location {
     }
 }
 
-/// One validated results line.
+/// One validated results line and where it was read. It reads as the `Line` itself (`line.kind`, `line.metric(..)`):
+/// the location only matters for messages.
 #[derive(Clone, Debug)]
 pub struct ResultLine {
     pub location: Location,
-    pub kind: Kind,
-    pub run_id: String,
-    pub experiment: String,
-    pub seed: i64,
-    /// The run's parameters, in the order the writer gave them.
-    pub config: Map<String, Value>,
-    /// Every numeric metric of the line (known and unknown names), in base units: fractions, seconds, bytes.
-    pub metrics: BTreeMap<String, f64>,
-    pub epochs: Vec<BTreeMap<String, f64>>,
-    pub baseline: bool,
+    pub line: Line,
 }
 
-impl ResultLine {
-    pub fn metric(&self, name: &str) -> Option<f64> {
-        self.metrics.get(name).copied()
-    }
-
-    /// `config.lambda` of an interpolate line (checked present and numeric when the line was read).
-    pub fn lambda(&self) -> f64 {
-        self.config.get("lambda").and_then(Value::as_f64).unwrap_or(f64::NAN)
+impl Deref for ResultLine {
+    type Target = Line;
+    fn deref(&self) -> &Line {
+        &self.line
     }
 }
-
-/// Metrics that are fractions of the test set: the schema requires them in [0, 1].
-pub const FRACTION_METRICS: &[&str] = &["accuracy", "f1_weighted", "f1_macro", "zero_shot_accuracy"];
-/// Metrics that count something and cannot be negative.
-pub const NON_NEGATIVE_METRICS: &[&str] = &["time_s", "peak_memory_bytes", "loss"];
 
 /// The lines of several results files, with later lines for the same run replacing earlier ones.
 #[derive(Debug, Default)]
@@ -133,109 +89,10 @@ pub fn parse_lines(path: &Path, bytes: &[u8]) -> Result<Vec<ResultLine>> {
     Ok(out)
 }
 
-/// Validates one line against the schema.
+/// Validates one line against the schema (`graft_core::results::Line::parse`); errors name `FILE:LINE`.
 pub fn parse_line(location: Location, text: &str) -> Result<ResultLine> {
-    let value: Value = serde_json::from_str(text).map_err(|e| location.error(format!("not valid JSON: {e}")))?;
-    let Value::Object(obj) = value else {
-        return Err(location.error(format!("expected a JSON object, found {}", type_name(&value))));
-    };
-    let field = |name: &str| obj.get(name).ok_or_else(|| location.error(format!("missing field '{name}'")));
-    let string_field = |name: &str| -> Result<String> {
-        match field(name)? {
-            Value::String(s) if !s.trim().is_empty() => Ok(s.clone()),
-            Value::String(_) => Err(location.error(format!("field '{name}' is empty"))),
-            v => Err(location.error(format!("field '{name}' must be a string, found {}", type_name(v)))),
-        }
-    };
-
-    let kind_text = string_field("kind")?;
-    let kind = Kind::parse(&kind_text).ok_or_else(|| {
-        location.error(format!("unknown kind '{kind_text}' (expected 'train', 'eval' or 'interpolate')"))
-    })?;
-    let run_id = string_field("run_id")?;
-    let experiment = string_field("experiment")?;
-    let seed = match field("seed")? {
-        Value::Number(n) if n.as_i64().is_some() => n.as_i64().unwrap(),
-        v => return Err(location.error(format!("field 'seed' must be an integer, found {}", type_name(v)))),
-    };
-    let config = match field("config")? {
-        Value::Object(m) => m.clone(),
-        v => return Err(location.error(format!("field 'config' must be an object, found {}", type_name(v)))),
-    };
-    let metrics = match field("metrics")? {
-        Value::Object(m) => numeric_map(&location, "metrics", m)?,
-        v => return Err(location.error(format!("field 'metrics' must be an object, found {}", type_name(v)))),
-    };
-    for (name, &v) in &metrics {
-        if FRACTION_METRICS.contains(&name.as_str()) && !(0.0..=1.0).contains(&v) {
-            return Err(location.error(format!(
-                "metrics.{name} = {v} is outside [0, 1] (accuracy and F1 are fractions, not percentages)"
-            )));
-        }
-        if NON_NEGATIVE_METRICS.contains(&name.as_str()) && v < 0.0 {
-            return Err(location.error(format!("metrics.{name} = {v} is negative")));
-        }
-    }
-    let epochs = match obj.get("epochs") {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::Array(items)) => items
-            .iter()
-            .enumerate()
-            .map(|(i, item)| match item {
-                Value::Object(m) => numeric_map(&location, &format!("epochs[{i}]"), m),
-                v => Err(location.error(format!("epochs[{i}] must be an object, found {}", type_name(v)))),
-            })
-            .collect::<Result<_>>()?,
-        Some(v) => return Err(location.error(format!("field 'epochs' must be an array, found {}", type_name(v)))),
-    };
-    let baseline = match obj.get("baseline") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(v) => {
-            return Err(location.error(format!("field 'baseline' must be true or false, found {}", type_name(v))))
-        }
-    };
-    if kind == Kind::Interpolate {
-        match config.get("lambda") {
-            Some(Value::Number(n)) if n.as_f64().is_some_and(f64::is_finite) => {}
-            Some(v) => {
-                return Err(location.error(format!("config.lambda must be a number, found {}", type_name(v))));
-            }
-            None => return Err(location.error("an interpolate line needs config.lambda (the interpolation weight)")),
-        }
-    }
-    Ok(ResultLine { location, kind, run_id, experiment, seed, config, metrics, epochs, baseline })
-}
-
-/// A map of numbers; `null` means "not measured" and is left out.
-fn numeric_map(location: &Location, what: &str, m: &Map<String, Value>) -> Result<BTreeMap<String, f64>> {
-    let mut out = BTreeMap::new();
-    for (k, v) in m {
-        match v {
-            Value::Null => {}
-            Value::Number(n) => {
-                let x = n.as_f64().filter(|x| x.is_finite());
-                let x = x.ok_or_else(|| location.error(format!("{what}.{k} = {n} is not a finite number")))?;
-                out.insert(k.clone(), x);
-            }
-            v => return Err(location.error(format!("{what}.{k} must be a number, found {}", type_name(v)))),
-        }
-    }
-    Ok(out)
-}
-
-fn type_name(v: &Value) -> String {
-    match v {
-        Value::Null => "null".into(),
-        Value::Bool(b) => format!("{b}"),
-        Value::Number(n) => format!("the number {n}"),
-        Value::String(s) if s.chars().count() > 40 => {
-            format!("a string (\"{}...\")", s.chars().take(40).collect::<String>())
-        }
-        Value::String(s) => format!("a string (\"{s}\")"),
-        Value::Array(_) => "an array".into(),
-        Value::Object(_) => "an object".into(),
-    }
+    let line = Line::parse(text).map_err(|e| location.error(e))?;
+    Ok(ResultLine { location, line })
 }
 
 /// Results files are append-only logs: rerunning a command with the same configuration appends a line for the same

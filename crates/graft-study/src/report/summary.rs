@@ -159,7 +159,7 @@ fn kind_table(kind: Kind, lines: &[&ResultLine], seed: u64, resamples: usize) ->
     let mut metric_keys: Vec<MetricSpec> = Vec::new();
     for l in lines {
         for k in l.metrics.keys() {
-            if !metric_keys.iter().any(|m| &m.key == k) {
+            if !metric_keys.iter().any(|m| m.key == k) {
                 metric_keys.push(MetricSpec::for_key(k));
             }
         }
@@ -289,7 +289,7 @@ fn curves(lines: &[&ResultLine], seed: u64, resamples: usize) -> Vec<Curve> {
         let mut metric_keys: Vec<MetricSpec> = Vec::new();
         for l in &exp_lines {
             for k in l.metrics.keys() {
-                if !metric_keys.iter().any(|m| &m.key == k) {
+                if !metric_keys.iter().any(|m| m.key == k) {
                     metric_keys.push(MetricSpec::for_key(k));
                 }
             }

@@ -16,7 +16,7 @@ use serde::Serialize;
 use super::models::Model;
 use super::params::ParamStore;
 use crate::checkpoint::Checkpoint;
-use crate::error::{Error, Result};
+use crate::error::{Arg, Error, Result};
 
 /// The metadata key under which merges record the tensors they changed (JSON array of names).
 pub const MERGED_TENSORS_KEY: &str = "graft.merged_tensors";
@@ -43,7 +43,8 @@ impl FreezePolicy {
                     Ok(FreezePolicy::Regex(f.into()))
                 } else {
                     Err(Error::usage(format!(
-                        "--freeze '{s}': expected none, all-but-head, selected:FILE or regex:FILE"
+                        "{} '{s}': expected none, all-but-head, selected:FILE or regex:FILE",
+                        Arg::Freeze
                     )))
                 }
             }
@@ -128,7 +129,8 @@ pub fn apply<M: FreezeTarget + ?Sized>(model: &M, policy: &FreezePolicy) -> Resu
             let layers = model.encoder_layers();
             if layers == 0 {
                 return Err(Error::usage(format!(
-                    "--train-last-layers applies to transformer encoders; the {} model has none",
+                    "{} applies to transformer encoders; the {} model has none",
+                    Arg::TrainLastLayers,
                     model.arch_name()
                 )));
             }

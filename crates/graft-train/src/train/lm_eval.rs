@@ -19,9 +19,9 @@ use serde_json::json;
 
 use super::models::llama::{Llama, LlamaConfig, WORKING_DTYPE};
 use super::params::ParamStore;
-use super::{checkpoint_io, device, results, tokenize, trainer};
+use super::{checkpoint_io, results, tokenize, trainer, DeviceKind};
 use crate::checkpoint::Checkpoint;
-use crate::error::{Error, Result};
+use crate::error::{Arg, Error, Result};
 
 /// Logit elements one forward pass may hold (windows are batched up to this, 8 Mi f32 = 32 MiB: larger batches only add memory traffic on the logits).
 const LOGIT_BUDGET: usize = 8 << 20;
@@ -35,7 +35,7 @@ pub struct LmEvalOptions {
     pub max_len: usize,
     /// At most this many windows per forward pass.
     pub batch: usize,
-    pub device: String,
+    pub device: DeviceKind,
     pub results: Option<PathBuf>,
     pub experiment: Option<String>,
 }
@@ -103,7 +103,7 @@ pub fn load_llama(checkpoint: &Path, device: &candle_core::Device) -> Result<Lla
 pub fn read_documents(spec: &str) -> Result<Vec<String>> {
     let path = PathBuf::from(spec.strip_prefix("text:").unwrap_or(spec));
     if !path.exists() {
-        return Err(Error::usage(format!("{}: no such file or directory (--data)", path.display())));
+        return Err(Error::usage(format!("{}: no such file or directory ({})", path.display(), Arg::Data)));
     }
     let files: Vec<PathBuf> = if path.is_dir() {
         let mut v: Vec<PathBuf> = std::fs::read_dir(&path)
@@ -114,8 +114,9 @@ pub fn read_documents(spec: &str) -> Result<Vec<String>> {
         v.sort();
         if v.is_empty() {
             return Err(Error::usage(format!(
-                "{}: no .txt or .jsonl files in this directory (--data)",
-                path.display()
+                "{}: no .txt or .jsonl files in this directory ({})",
+                path.display(),
+                Arg::Data
             )));
         }
         v
@@ -141,7 +142,7 @@ pub fn read_documents(spec: &str) -> Result<Vec<String>> {
         }
     }
     if docs.is_empty() {
-        return Err(Error::usage(format!("{spec}: no text to score (--data)")));
+        return Err(Error::usage(format!("{spec}: no text to score ({})", Arg::Data)));
     }
     Ok(docs)
 }
@@ -191,7 +192,7 @@ pub fn token_logprobs(model: &Llama, windows: &[&[u32]], batch: usize) -> Result
 
 pub fn run(o: &LmEvalOptions) -> Result<LmEvalOutcome> {
     crate::alloc::tune_allocator();
-    let dev = device(&o.device)?;
+    let dev = o.device.open()?;
     let model = load_llama(&o.checkpoint, &dev)?;
     model.config.check_sequence_length(o.max_len, &o.checkpoint.join("config.json").display().to_string())?;
     let tokenizer = tokenize::find(o.tokenizer.as_deref(), config_dir(&o.checkpoint).as_deref())?;
@@ -229,18 +230,13 @@ pub fn run(o: &LmEvalOptions) -> Result<LmEvalOutcome> {
         });
         let id = super::run_id(&config, 0);
         let experiment = o.experiment.clone().unwrap_or_else(|| o.checkpoint.display().to_string());
-        let mut metrics = json!({
-            "nll": outcome.nll, "loss": outcome.nll, "perplexity": outcome.perplexity, "tokens": outcome.tokens,
-            "predicted_tokens": outcome.predicted_tokens, "time_s": outcome.time_s,
-            "tokens_per_s": outcome.tokens_per_s,
-        });
-        if let Some(p) = outcome.peak_memory_bytes {
-            metrics["peak_memory_bytes"] = json!(p);
-        }
-        let line = json!({
-            "kind": "eval", "run_id": id, "experiment": experiment, "seed": 0, "config": config, "metrics": metrics,
-        });
-        results::append(path, &line)?;
+        let mut line = results::Line::new(results::Kind::Eval, id, experiment, 0, &config);
+        let m = &mut line.metrics;
+        m.set("nll", outcome.nll).set("loss", outcome.nll).set("perplexity", outcome.perplexity);
+        m.set("tokens", outcome.tokens).set("predicted_tokens", outcome.predicted_tokens);
+        m.set("time_s", outcome.time_s).set("tokens_per_s", outcome.tokens_per_s);
+        m.set_some("peak_memory_bytes", outcome.peak_memory_bytes);
+        line.append(path)?;
     }
     Ok(outcome)
 }

@@ -23,9 +23,9 @@ use super::lm_eval::{self, config_dir};
 use super::memory::MemoryMeter;
 use super::models::llama::Llama;
 use super::optim::{AdamW, AdamWConfig};
-use super::{device, results, tokenize, trainer};
+use super::{results, tokenize, trainer, DeviceKind};
 use crate::checkpoint::{Checkpoint, CheckpointWriter, TensorDecl, WriterOptions};
-use crate::error::{Error, Result};
+use crate::error::{Arg, Error, Result};
 use crate::exec::{Executor, Produce};
 use crate::rng::Rng;
 
@@ -45,7 +45,7 @@ pub struct LmTrainOptions {
     pub lr: f64,
     pub weight_decay: f64,
     pub seed: u64,
-    pub device: String,
+    pub device: DeviceKind,
     pub output: Option<PathBuf>,
     pub writer: WriterOptions,
     pub threads: Option<usize>,
@@ -162,9 +162,9 @@ pub fn run(o: &LmTrainOptions) -> Result<LmTrainOutcome> {
         CheckpointWriter::check_destination_free(out, &o.writer)?;
     }
     if !(0.0..1.0).contains(&o.val_fraction) || o.val_fraction == 0.0 {
-        return Err(Error::usage(format!("--val-fraction {}: expected a fraction in (0, 1)", o.val_fraction)));
+        return Err(Error::usage(format!("{} {}: expected a fraction in (0, 1)", Arg::ValFraction, o.val_fraction)));
     }
-    let dev = device(&o.device)?;
+    let dev = o.device.open()?;
     // Training memory counts from here: the model's parameters are part of it (the text read next is counted too,
     // a few bytes per token beside the model).
     let meter = MemoryMeter::for_device(&dev);
@@ -177,10 +177,11 @@ pub fn run(o: &LmTrainOptions) -> Result<LmTrainOutcome> {
     let seqs = lm_eval::windows(&ids, o.max_len);
     if seqs.len() < 2 {
         return Err(Error::usage(format!(
-            "{}: {} tokens make {} sequence(s) of --max-len {}; training needs at least 2 (one for validation)",
+            "{}: {} tokens make {} sequence(s) of {} {}; training needs at least 2 (one for validation)",
             o.data,
             ids.len(),
             seqs.len(),
+            Arg::MaxLen,
             o.max_len
         )));
     }
@@ -194,7 +195,8 @@ pub fn run(o: &LmTrainOptions) -> Result<LmTrainOutcome> {
     let fsum = freeze::apply(&model, &o.freeze)?;
     if fsum.trainable_params == 0 {
         return Err(Error::usage(format!(
-            "--freeze {}: no parameter of the {} model trains under this policy",
+            "{} {}: no parameter of the {} model trains under this policy",
+            Arg::Freeze,
             o.freeze.describe(),
             model.config.model_type
         )));
@@ -283,27 +285,19 @@ pub fn run(o: &LmTrainOptions) -> Result<LmTrainOutcome> {
     if let Some(path) = &o.results {
         let experiment =
             o.experiment.clone().unwrap_or_else(|| format!("{} / {}", model.config.model_type, outcome.freeze.policy));
-        let mut metrics = json!({
-            "perplexity": outcome.perplexity, "perplexity_before": outcome.perplexity_before, "nll": outcome.nll,
-            "loss": outcome.nll, "time_s": outcome.time_s, "eval_s": outcome.eval_s,
-            "tokens_per_s": outcome.tokens_per_s, "trainable_params": outcome.freeze.trainable_params,
-        });
-        if let Some(p) = outcome.peak_rss_bytes {
-            metrics["peak_rss_bytes"] = json!(p);
+        let mut line = results::Line::new(results::Kind::Train, run_id.as_str(), experiment, o.seed as i64, &config);
+        let m = &mut line.metrics;
+        m.set("perplexity", outcome.perplexity).set("perplexity_before", outcome.perplexity_before);
+        m.set("nll", outcome.nll).set("loss", outcome.nll).set("time_s", outcome.time_s);
+        m.set("eval_s", outcome.eval_s).set("tokens_per_s", outcome.tokens_per_s);
+        m.set("trainable_params", outcome.freeze.trainable_params);
+        m.set_some("peak_rss_bytes", outcome.peak_rss_bytes).set_some("peak_memory_bytes", outcome.peak_memory_bytes);
+        for e in &outcome.epochs {
+            let mut o = results::Numbers::new();
+            o.set("epoch", e.epoch).set("train_loss", e.train_loss).set("val_loss", e.val_nll).set("time_s", e.time_s);
+            line.epochs.push(o);
         }
-        if let Some(p) = outcome.peak_memory_bytes {
-            metrics["peak_memory_bytes"] = json!(p);
-        }
-        let epochs: Vec<serde_json::Value> = outcome
-            .epochs
-            .iter()
-            .map(|e| json!({"epoch": e.epoch, "train_loss": e.train_loss, "val_loss": e.val_nll, "time_s": e.time_s}))
-            .collect();
-        let line = json!({
-            "kind": "train", "run_id": run_id, "experiment": experiment, "seed": o.seed, "config": config,
-            "metrics": metrics, "epochs": epochs,
-        });
-        results::append(path, &line)?;
+        line.append(path)?;
     }
     Ok(outcome)
 }

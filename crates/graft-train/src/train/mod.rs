@@ -28,7 +28,7 @@ use candle_core::{DType, Device};
 use serde::Serialize;
 
 use crate::checkpoint::{Checkpoint, WriterOptions};
-use crate::error::{Error, Result};
+use crate::error::{Arg, Error, Result};
 use data::{Normalize, Samples, SplitOptions, Splits};
 use freeze::{FreezePolicy, FreezeSummary};
 use models::{ArchSpec, BnStats, Model, Pooling};
@@ -84,7 +84,7 @@ pub struct TrainOptions {
     pub freeze: FreezePolicy,
     pub bn_stats: BnStats,
     pub train: TrainConfig,
-    pub device: String,
+    pub device: DeviceKind,
     pub output: Option<PathBuf>,
     pub writer: WriterOptions,
     pub results: Option<PathBuf>,
@@ -115,14 +115,56 @@ pub struct TrainOutcome {
     pub output: Option<PathBuf>,
 }
 
-pub fn device(name: &str) -> Result<Device> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" if cfg!(feature = "cuda") => {
-            Device::new_cuda(0).map_err(|e| Error::invalid(format!("--device cuda: cannot open GPU 0: {e}")))
+/// Where a model trains or evaluates (`--device`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    #[default]
+    Cpu,
+    /// GPU 0 (needs a build with the `cuda` feature).
+    Cuda,
+}
+
+impl DeviceKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceKind::Cpu => "cpu",
+            DeviceKind::Cuda => "cuda",
         }
-        "cuda" => Err(Error::usage("--device cuda: this graft was built without the `cuda` cargo feature")),
-        other => Err(Error::usage(format!("--device '{other}': expected cpu or cuda"))),
+    }
+
+    /// Opens the device: CUDA needs the `cuda` feature and a GPU.
+    pub fn open(self) -> Result<Device> {
+        match self {
+            DeviceKind::Cpu => Ok(Device::Cpu),
+            DeviceKind::Cuda if cfg!(feature = "cuda") => {
+                Device::new_cuda(0).map_err(|e| Error::invalid(format!("{} cuda: cannot open GPU 0: {e}", Arg::Device)))
+            }
+            DeviceKind::Cuda => Err(Error::usage(format!(
+                "{} cuda: this graft was built without the `cuda` cargo feature",
+                Arg::Device
+            ))),
+        }
+    }
+}
+
+/// Which split of the data an evaluation measures (`--split`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Split {
+    #[default]
+    Test,
+    Val,
+    Train,
+}
+
+impl Split {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Split::Test => "test",
+            Split::Val => "val",
+            Split::Train => "train",
+        }
     }
 }
 
@@ -173,7 +215,8 @@ fn resolve_arch(
     let mut spec = match (from_ck, &opts.arch) {
         (Some(s), Some(a)) if s.name() != a => {
             return Err(Error::usage(format!(
-                "--arch {a} but {} holds a {} model",
+                "{} {a} but {} holds a {} model",
+                Arg::Arch,
                 ck.unwrap().path().display(),
                 s.name()
             )))
@@ -183,11 +226,17 @@ fn resolve_arch(
         (None, None) => {
             return Err(Error::usage(match ck {
                 Some(ck) => format!(
-                    "{}: no architecture in its metadata ('{}') or config.json; pass --arch",
+                    "{}: no architecture in its metadata ('{}') or config.json; pass {}",
                     ck.path().display(),
-                    checkpoint_io::ARCH_KEY
+                    checkpoint_io::ARCH_KEY,
+                    Arg::Arch
                 ),
-                None => "pass --arch (mlp, sepcnn, resnet20, bert) or --init/--transfer-body CHECKPOINT".into(),
+                None => format!(
+                    "pass {} (mlp, sepcnn, resnet20, bert) or {}/{} CHECKPOINT",
+                    Arg::Arch,
+                    Arg::Init,
+                    Arg::TransferBody
+                ),
             }))
         }
     };
@@ -206,8 +255,9 @@ fn resolve_arch(
             spec = spec.with_num_classes(classes);
         } else {
             return Err(Error::usage(format!(
-                "the model has {} outputs but the data has {classes} classes; use --transfer-body to start a new head",
-                spec.num_classes()
+                "the model has {} outputs but the data has {classes} classes; use {} to start a new head",
+                spec.num_classes(),
+                Arg::TransferBody
             )));
         }
     }
@@ -226,9 +276,14 @@ fn fresh_arch(name: &str, o: &ArchOptions, shape: &[usize], classes: usize) -> R
         "sepcnn" => models::sepcnn::spec(channels, o.width, &o.depths, classes),
         "resnet20" => models::resnet20::spec(channels, o.width, classes),
         "bert" => {
-            return Err(Error::usage("--arch bert needs a pretrained checkpoint: pass --init or --transfer-body DIR"))
+            return Err(Error::usage(format!(
+                "{} bert needs a pretrained checkpoint: pass {} or {} DIR",
+                Arg::Arch,
+                Arg::Init,
+                Arg::TransferBody
+            )))
         }
-        other => return Err(Error::usage(format!("--arch '{other}': expected mlp, sepcnn, resnet20 or bert"))),
+        other => return Err(Error::usage(format!("{} '{other}': expected mlp, sepcnn, resnet20 or bert", Arg::Arch))),
     })
 }
 
@@ -263,9 +318,13 @@ pub fn run_train(o: &TrainOptions) -> Result<TrainOutcome> {
     if let Some(out) = &o.output {
         crate::checkpoint::CheckpointWriter::check_destination_free(out, &o.writer)?;
     }
-    let dev = device(&o.device)?;
+    let dev = o.device.open()?;
     if o.init.is_some() && o.transfer_body.is_some() {
-        return Err(Error::usage("--init and --transfer-body are exclusive (one starting checkpoint)"));
+        return Err(Error::usage(format!(
+            "{} and {} are exclusive (one starting checkpoint)",
+            Arg::Init,
+            Arg::TransferBody
+        )));
     }
     let start = o.init.as_ref().or(o.transfer_body.as_ref());
     let ck = start.map(Checkpoint::open).transpose()?;
@@ -387,7 +446,7 @@ pub fn run_train(o: &TrainOptions) -> Result<TrainOutcome> {
         let experiment = o.experiment.clone().unwrap_or_else(|| format!("{} / {}", spec.name(), fsum.policy));
         let line =
             results::train_line(&id, &experiment, o.train.seed, &config, &test, &report, peak, zero_shot, o.baseline);
-        results::append(path, &line)?;
+        line.append(path)?;
     }
     let mut samples = BTreeMap::new();
     samples.insert("train", splits.train.len());
@@ -415,11 +474,10 @@ pub struct EvalOptions {
     pub checkpoint: PathBuf,
     pub arch: ArchOptions,
     pub data: DataOptions,
-    /// Which split to measure: test (default), val, train.
-    pub split: String,
+    pub split: Split,
     pub batch: usize,
     pub seed: u64,
-    pub device: String,
+    pub device: DeviceKind,
     pub results: Option<PathBuf>,
     pub experiment: Option<String>,
 }
@@ -429,7 +487,7 @@ pub struct EvalOutcome {
     pub checkpoint: PathBuf,
     pub arch: serde_json::Value,
     pub data: String,
-    pub split: String,
+    pub split: Split,
     pub classes: Vec<String>,
     #[serde(flatten)]
     pub metrics: metrics::Metrics,
@@ -438,7 +496,7 @@ pub struct EvalOutcome {
 
 pub fn run_eval(o: &EvalOptions) -> Result<EvalOutcome> {
     crate::alloc::tune_allocator();
-    let dev = device(&o.device)?;
+    let dev = o.device.open()?;
     let ck = Checkpoint::open(&o.checkpoint)?;
     let (splits, _) = load_data(&o.data, o.seed, ck.dir())?;
     let shape = splits.train.data.samples.sample_shape();
@@ -446,14 +504,13 @@ pub fn run_eval(o: &EvalOptions) -> Result<EvalOutcome> {
     spec.check_input(&shape)?;
     let model = build_model(&spec, Some(&ck), false, DType::F32, &dev, o.seed)?;
     let norm = normalisation(&o.data, &splits)?;
-    let part = match o.split.as_str() {
-        "test" => &splits.test,
-        "val" => &splits.val,
-        "train" => &splits.train,
-        other => return Err(Error::usage(format!("--split '{other}': expected test, val or train"))),
+    let part = match o.split {
+        Split::Test => &splits.test,
+        Split::Val => &splits.val,
+        Split::Train => &splits.train,
     };
     if part.is_empty() {
-        return Err(Error::usage(format!("the {} split is empty", o.split)));
+        return Err(Error::usage(format!("the {} split is empty", o.split.as_str())));
     }
     let t = std::time::Instant::now();
     let m = trainer::evaluate(&*model, part, &norm, o.batch)?;
@@ -462,17 +519,17 @@ pub fn run_eval(o: &EvalOptions) -> Result<EvalOutcome> {
         let config = serde_json::json!({
             "checkpoint": o.checkpoint.display().to_string(), "arch": spec.name(), "data": o.data.spec,
             "classes": o.data.classes.as_ref().map(|c| c.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",")),
-            "split": o.split,
+            "split": o.split.as_str(),
         });
         let id = run_id(&config, o.seed);
         let experiment = o.experiment.clone().unwrap_or_else(|| o.checkpoint.display().to_string());
-        results::append(path, &results::eval_line(&id, &experiment, o.seed, &config, &m))?;
+        results::eval_line(&id, &experiment, o.seed, &config, &m).append(path)?;
     }
     Ok(EvalOutcome {
         checkpoint: o.checkpoint.clone(),
         arch: spec.to_json(),
         data: o.data.spec.clone(),
-        split: o.split.clone(),
+        split: o.split,
         classes: splits.class_names.clone(),
         metrics: m,
         time_s,

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use super::data::{Dataset, Samples};
-use crate::error::{Error, Result};
+use crate::error::{Arg, Error, Result};
 
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
@@ -17,12 +17,15 @@ pub fn find(explicit: Option<&Path>, checkpoint_dir: Option<&Path>) -> Result<Pa
         (Some(p), _) => p.to_path_buf(),
         (None, Some(d)) => d.to_path_buf(),
         (None, None) => {
-            return Err(Error::usage("text data needs a tokenizer: pass --tokenizer FILE or a checkpoint directory"))
+            return Err(Error::usage(format!(
+                "text data needs a tokenizer: pass {} FILE or a checkpoint directory",
+                Arg::Tokenizer
+            )))
         }
     };
     let file = if cand.is_dir() { cand.join("tokenizer.json") } else { cand };
     if !file.is_file() {
-        return Err(Error::usage(format!("{}: no tokenizer.json (pass --tokenizer)", file.display())));
+        return Err(Error::usage(format!("{}: no tokenizer.json (pass {})", file.display(), Arg::Tokenizer)));
     }
     Ok(file)
 }

@@ -18,7 +18,7 @@ use super::metrics::{self, Metrics};
 use super::models::{Ctx, Input, Model};
 use super::optim::{AdamW, AdamWConfig};
 use super::params::{ParamStore, Slot};
-use crate::error::{Error, Result};
+use crate::error::{Arg, Error, Result};
 use crate::rng::Rng;
 
 pub fn ce(e: candle_core::Error) -> Error {
@@ -129,7 +129,8 @@ pub fn train(
             let l = loss.to_dtype(DType::F64).and_then(|l| l.to_scalar::<f64>()).map_err(ce)?;
             if !l.is_finite() {
                 return Err(Error::invalid(format!(
-                    "training diverged at epoch {epoch}, step {step}: loss is {l}; lower --lr"
+                    "training diverged at epoch {epoch}, step {step}: loss is {l}; lower {}",
+                    Arg::Lr
                 )));
             }
             if opt.state_len() > 0 {

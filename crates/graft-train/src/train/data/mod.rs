@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::error::{Error, Result};
+use crate::error::{Arg, Error, Result};
 pub use subset::{Normalize, SplitOptions, Splits};
 
 /// Per-sample features.
@@ -83,7 +83,7 @@ pub fn open(spec: &str) -> Result<Source> {
         _ => (None, PathBuf::from(spec)),
     };
     if !path.exists() {
-        return Err(Error::usage(format!("{}: no such file or directory (--data)", path.display())));
+        return Err(Error::usage(format!("{}: no such file or directory ({})", path.display(), Arg::Data)));
     }
     let format = match format {
         Some(f) => f,

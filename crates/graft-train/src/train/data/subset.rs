@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use super::{Dataset, Features, Part, Samples, Source};
-use crate::error::{Error, Result};
+use crate::error::{Arg, Error, Result};
 use crate::rng::Rng;
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
@@ -30,7 +30,7 @@ impl Normalize {
                 .map(|x| {
                     x.trim()
                         .parse::<f32>()
-                        .map_err(|_| Error::usage(format!("--normalize '{s}': '{x}' is not a number")))
+                        .map_err(|_| Error::usage(format!("{} '{s}': '{x}' is not a number", Arg::Normalize)))
                 })
                 .collect()
         };
@@ -43,12 +43,18 @@ impl Normalize {
                 } else {
                     let v = nums(s)?;
                     if v.len() != 2 {
-                        return Err(Error::usage(format!("--normalize '{s}': expected MEAN,STD or M1,M2..:S1,S2..")));
+                        return Err(Error::usage(format!(
+                            "{} '{s}': expected MEAN,STD or M1,M2..:S1,S2..",
+                            Arg::Normalize
+                        )));
                     }
                     (vec![v[0]], vec![v[1]])
                 };
                 if mean.len() != std.len() || std.iter().any(|&x| x <= 0.0) {
-                    return Err(Error::usage(format!("--normalize '{s}': as many means as stds, stds positive")));
+                    return Err(Error::usage(format!(
+                        "{} '{s}': as many means as stds, stds positive",
+                        Arg::Normalize
+                    )));
                 }
                 Ok(Some(Normalize { mean, std }))
             }
@@ -126,15 +132,17 @@ pub fn parse_classes(s: &str) -> Result<Vec<u32>> {
     let v: Vec<u32> = s
         .split(',')
         .map(|x| {
-            x.trim().parse::<u32>().map_err(|_| Error::usage(format!("--classes '{s}': '{x}' is not a class index")))
+            x.trim()
+                .parse::<u32>()
+                .map_err(|_| Error::usage(format!("{} '{s}': '{x}' is not a class index", Arg::Classes)))
         })
         .collect::<Result<_>>()?;
     let mut seen = std::collections::BTreeSet::new();
     if let Some(d) = v.iter().find(|c| !seen.insert(**c)) {
-        return Err(Error::usage(format!("--classes '{s}': class {d} is listed twice")));
+        return Err(Error::usage(format!("{} '{s}': class {d} is listed twice", Arg::Classes)));
     }
     if v.is_empty() {
-        return Err(Error::usage("--classes needs at least one class"));
+        return Err(Error::usage(format!("{} needs at least one class", Arg::Classes)));
     }
     Ok(v)
 }
@@ -143,7 +151,7 @@ pub fn parse_classes(s: &str) -> Result<Vec<u32>> {
 fn remap(ds: &mut Dataset, classes: &[u32]) -> Result<Vec<usize>> {
     let n = ds.classes() as u32;
     if let Some(c) = classes.iter().find(|&&c| c >= n) {
-        return Err(Error::usage(format!("--classes: class {c} does not exist (the data has {n} classes)")));
+        return Err(Error::usage(format!("{}: class {c} does not exist (the data has {n} classes)", Arg::Classes)));
     }
     let mut map = vec![u32::MAX; n as usize];
     for (new, &old) in classes.iter().enumerate() {
@@ -160,7 +168,7 @@ fn remap(ds: &mut Dataset, classes: &[u32]) -> Result<Vec<usize>> {
 /// Splits a source into train/validation/test parts.
 pub fn split(mut src: Source, opts: &SplitOptions) -> Result<Splits> {
     if !(0.0..1.0).contains(&opts.val_fraction) || !(0.0..1.0).contains(&opts.test_fraction) {
-        return Err(Error::usage("--val-fraction and --test-fraction must be in [0, 1)"));
+        return Err(Error::usage(format!("{} and {} must be in [0, 1)", Arg::ValFraction, Arg::TestFraction)));
     }
     let mut train_keep: Vec<usize> = (0..src.train.len()).collect();
     let mut test_keep: Vec<usize> = src.test.as_ref().map(|t| (0..t.len()).collect()).unwrap_or_default();

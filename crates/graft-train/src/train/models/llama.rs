@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Tensor, D};
 use serde::Deserialize;
 
 use super::layers::Linear;
-use crate::error::{Error, Result};
+use crate::error::{Arg, Error, Result};
 use crate::train::ops;
 use crate::train::params::{Init, Param, ParamStore};
 
@@ -140,8 +140,9 @@ impl LlamaConfig {
     pub fn check_sequence_length(&self, len: usize, shown: &str) -> Result<()> {
         match self.attention_window() {
             Some(w) if len > w => Err(Error::usage(format!(
-                "{shown}: sliding_window {w} is shorter than --max-len {len}; graft does not implement sliding-window \
-                 attention, use --max-len {w} or less"
+                "{shown}: sliding_window {w} is shorter than {max_len} {len}; graft does not implement sliding-window \
+                 attention, use {max_len} {w} or less",
+                max_len = Arg::MaxLen
             ))),
             _ => Ok(()),
         }
