@@ -176,6 +176,17 @@ fn llama_fixture_sized(
     variant: usize,
     extra_meta: Vec<(&'static str, Meta)>,
 ) -> Fixture {
+    llama_fixture_full(arch, vocab, variant, extra_meta, Vec::new())
+}
+
+/// The fixture with `extra_tensors` stored after the model's.
+fn llama_fixture_full(
+    arch: &'static str,
+    vocab: usize,
+    variant: usize,
+    extra_meta: Vec<(&'static str, Meta)>,
+    extra_tensors: Vec<RawTensor>,
+) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let mut tensors = Vec::new();
     let mut emb = Vec::new();
@@ -237,6 +248,7 @@ fn llama_fixture_sized(
         ("tokenizer.ggml.eos_token_id", Meta::U32(2)),
     ];
     meta.extend(extra_meta);
+    tensors.extend(extra_tensors);
     let gguf = dir.path().join("tiny.gguf");
     std::fs::write(&gguf, gguf_bytes(&meta, &tensors)).unwrap();
     Fixture { _dir: dir, gguf, wq, wk, wv }
@@ -538,11 +550,13 @@ fn byte_level_bpe_tokenizer_is_rebuilt_from_the_vocabulary() {
         convert(&fx.gguf, &out, &[]);
         let tok = tokenizers::Tokenizer::from_file(out.join("tokenizer.json")).unwrap();
         let ids = |text: &str| tok.encode(text, true).unwrap().get_ids().to_vec();
-        // Worked by hand: "hello" merges to 12, " world" to 17 ("Ġworld"), "€" to its respelling (22), the
-        // control token stays whole (0), "<think>" is matched whole (23); BOS (id 1, "h") only when asked.
+        // Worked by hand, and what transformers gives reading this GGUF (checked once with transformers 5.25):
+        // BOS "h" (1) and EOS "e" (2) are named special tokens, so they are matched whole before BPE runs and
+        // "hello" becomes h, e, "ll" (10), "o" (4); " world" merges to 17 ("Ġworld"), "€" to its respelling (22),
+        // the control token stays whole (0), "<think>" is matched whole (23); BOS prepended only when asked.
         let bos: Vec<u32> = if add_bos { vec![1] } else { vec![] };
-        assert_eq!(ids("hello world€<|endoftext|>"), [bos.clone(), vec![12, 17, 22, 0]].concat());
-        assert_eq!(ids("hello<think>"), [bos.clone(), vec![12, 23]].concat());
+        assert_eq!(ids("hello world€<|endoftext|>"), [bos.clone(), vec![1, 2, 10, 4, 17, 22, 0]].concat());
+        assert_eq!(ids("hello<think>"), [bos.clone(), vec![1, 2, 10, 4, 23]].concat());
         assert_eq!(tok.decode(&[12, 17, 22], false).unwrap(), "hello world€");
         let added: Vec<String> = tok.get_added_tokens_decoder().values().map(|t| t.content.clone()).collect();
         assert!(!added.iter().any(|t| t.starts_with("<|bad")), "{added:?}");
@@ -557,12 +571,133 @@ fn byte_level_bpe_tokenizer_is_rebuilt_from_the_vocabulary() {
 
 #[test]
 fn other_tokenizer_types_are_not_rebuilt_and_say_so() {
-    let fx = llama_fixture_with("llama", vec![("tokenizer.ggml.model", Meta::Str("llama"))]);
+    let fx = llama_fixture_with("llama", vec![("tokenizer.ggml.model", Meta::Str("t5"))]);
     let out = fx._dir.path().join("hf");
     let o = graft(&["convert", fx.gguf.to_str().unwrap(), "-o", out.to_str().unwrap()]);
     assert!(o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("'llama' is not rebuilt"));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("'t5' is not rebuilt"));
     assert!(!out.join("tokenizer.json").exists() && out.join("config.json").exists());
+}
+
+// ---- sentencepiece vocabularies and Llama 3's rope_freqs (fixtures/gguf-sp, made by tools/make-gguf-fixtures) ----
+
+fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn sentencepiece_vocabulary_tokenises_as_transformers_does() {
+    let out = crate::support::tmp("gguf", "sp");
+    convert(&crate::support::fixture("gguf-sp/sp-llama.gguf"), &out, &[]);
+    let tok = tokenizers::Tokenizer::from_file(out.join("tokenizer.json")).unwrap();
+    // The reference: transformers' ids when it builds the tokenizer from the GGUF itself (recorded by the generator).
+    let cases = read_json(&crate::support::fixture("gguf-sp/sp-llama.expected.json"));
+    for case in cases.as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let want: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+        assert_eq!(tok.encode(text, true).unwrap().get_ids(), want, "{text:?}");
+    }
+    // A character outside the vocabulary falls back to its UTF-8 bytes (☃ is E2 98 83), and decodes back.
+    let snowman = tok.encode("a ☃", false).unwrap();
+    let pieces = snowman.get_tokens().join(" ");
+    assert!(pieces.contains("<0xE2> <0x98> <0x83>"), "{pieces}");
+    assert_eq!(tok.decode(snowman.get_ids(), false).unwrap(), "a ☃");
+    // BOS first (add_bos_token), the control pieces whole, the user-defined one whole and not special.
+    let ids = tok.encode("<|im_start|>x<tool>", true).unwrap().get_ids().to_vec();
+    let id = |t: &str| tok.token_to_id(t).unwrap();
+    assert_eq!((ids[0], ids[1], ids[ids.len() - 1]), (id("<s>"), id("<|im_start|>"), id("<tool>")));
+    let cfg = read_json(&out.join("tokenizer_config.json"));
+    assert_eq!((cfg["bos_token"].as_str(), cfg["eos_token"].as_str()), (Some("<s>"), Some("</s>")));
+    assert_eq!(
+        (cfg["unk_token"].as_str(), &cfg["add_bos_token"], &cfg["add_eos_token"]),
+        (Some("<unk>"), &true.into(), &false.into())
+    );
+    assert!(cfg["chat_template"].as_str().unwrap().contains("<|im_start|>"));
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
+fn llama3_rope_freqs_become_a_rope_scaling_that_reproduces_them() {
+    use graft::gguf::rope::{llama3_rope_freqs, Llama3Rope};
+    let gguf = crate::support::fixture("gguf-sp/rope-llama3.gguf");
+    let out = crate::support::tmp("gguf", "rope");
+    let dir = out.join("hf");
+    convert(&gguf, &dir, &[]);
+    let cfg = read_json(&dir.join("config.json"));
+    // The generator's parameters (Llama 3.2's), recovered from the tensor alone.
+    let rs = &cfg["rope_scaling"];
+    assert_eq!(
+        rs,
+        &serde_json::json!({"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                            "original_max_position_embeddings": 8192})
+    );
+    let p = Llama3Rope {
+        factor: rs["factor"].as_f64().unwrap(),
+        low_freq_factor: rs["low_freq_factor"].as_f64().unwrap(),
+        high_freq_factor: rs["high_freq_factor"].as_f64().unwrap(),
+        original_max_position_embeddings: rs["original_max_position_embeddings"].as_u64().unwrap(),
+    };
+    let stored = graft::gguf::GgufFile::open(&gguf).unwrap().dequantize("rope_freqs.weight").unwrap();
+    let again = llama3_rope_freqs(cfg["rope_theta"].as_f64().unwrap(), cfg["head_dim"].as_u64().unwrap() as usize, &p);
+    assert_eq!(
+        again.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+        stored.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+    );
+    assert!(!Checkpoint::open(&dir).unwrap().names().any(|n| n.contains("rope")));
+
+    // eval uses the scaling: the GGUF scores as its conversion does, and the conversion without rope_scaling differs.
+    let text = out.join("text.txt");
+    std::fs::write(&text, "The quick brown fox jumps over the lazy dog. ".repeat(12)).unwrap();
+    let nll = |ck: &Path| {
+        let data = format!("text:{}", text.display());
+        json_of(&["eval", ck.to_str().unwrap(), "--data", &data, "--max-len", "64", "--json"])["nll"].as_f64().unwrap()
+    };
+    let (on_gguf, on_dir) = (nll(&gguf), nll(&dir));
+    assert_eq!(on_gguf, on_dir);
+    let mut unscaled = cfg.clone();
+    unscaled.as_object_mut().unwrap().remove("rope_scaling");
+    std::fs::write(dir.join("config.json"), serde_json::to_string(&unscaled).unwrap()).unwrap();
+    assert_ne!(nll(&dir), on_dir);
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
+fn rope_freqs_of_llama3_parameter_sets_are_recovered_bit_for_bit() {
+    use graft::gguf::rope::{llama3_rope_freqs, recover_llama3};
+    // Each case's tensor was computed by llama.cpp's converter's formula in torch (tools/make-gguf-fixtures).
+    let cases = read_json(&crate::support::fixture("gguf-sp/rope_freqs_cases.json"));
+    for case in cases.as_array().unwrap() {
+        let bits: Vec<u32> = case["bits"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap() as u32).collect();
+        let values: Vec<f32> = bits.iter().map(|b| f32::from_bits(*b)).collect();
+        let (theta, dim) = (case["theta"].as_f64().unwrap(), case["head_dim"].as_u64().unwrap() as usize);
+        let p = recover_llama3(&values, theta, dim, None, None).unwrap_or_else(|e| panic!("{case}: {e}"));
+        let again: Vec<u32> = llama3_rope_freqs(theta, dim, &p).iter().map(|x| x.to_bits()).collect();
+        assert_eq!(again, bits, "{case}");
+        // Only the factor and the two wavelengths (original / low, original / high) are determined by the tensor.
+        let num = |k: &str| case[k].as_f64().unwrap();
+        let original = num("original_max_position_embeddings");
+        let o = p.original_max_position_embeddings as f64;
+        assert_eq!(p.factor, num("factor"));
+        assert!((o / p.low_freq_factor - original / num("low_freq_factor")).abs() < 1e-6, "{p:?} {case}");
+        assert!((o / p.high_freq_factor - original / num("high_freq_factor")).abs() < 1e-6, "{p:?} {case}");
+    }
+}
+
+#[test]
+fn unknown_tokenizer_types_and_unreproducible_rope_freqs_are_one_line_errors() {
+    let o = "/nonexistent-out";
+    let fx = llama_fixture_with("llama", vec![("tokenizer.ggml.model", Meta::Str("wordpiece-9"))]);
+    let err = one_line_error(&["convert", fx.gguf.to_str().unwrap(), "-o", o]);
+    assert!(err.contains("tiny.gguf") && err.contains("'wordpiece-9' is not a tokenizer type"), "{err}");
+
+    // Divisors between 1 and the factor that no single smooth ramp gives.
+    let bad = [1.0f32, 1.0, 1.0, 1.0, 1.5, 1.5, 1.5, 3.0];
+    let rope = RawTensor { name: "rope_freqs.weight".into(), ggml_type: T_F32, shape: vec![8], data: f32_bytes(&bad) };
+    let fx = llama_fixture_full("llama", VOCAB, 0, Vec::new(), vec![rope]);
+    for cmd in [vec!["convert", fx.gguf.to_str().unwrap(), "-o", o], vec!["snr", fx.gguf.to_str().unwrap()]] {
+        let err = one_line_error(&cmd);
+        assert!(err.contains("tiny.gguf") && err.contains("rope_freqs.weight") && err.contains("no llama3"), "{err}");
+    }
 }
 
 // ---- a GGUF as an input to every command: the result equals the result on its `graft convert` output ----------

@@ -283,7 +283,8 @@ impl Checkpoint {
             gguf: None,
         };
         let mut slots = Vec::with_capacity(mapped.len());
-        for (m, t) in mapped.into_iter().zip(g.tensors()) {
+        // Looked up by name: a GGUF tensor that becomes configuration (`rope_freqs`) has no mapped entry.
+        for (m, t) in mapped.into_iter().filter_map(|m| g.tensor_info(&m.gguf).cloned().map(|t| (m, t))) {
             // `GgufFile::open` checked the range against the file's length; the map is of the same file.
             let begin = data_start + t.offset as usize;
             let raw = begin..begin + t.bytes as usize;

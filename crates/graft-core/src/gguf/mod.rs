@@ -3,8 +3,10 @@
 //! llama-family mapping to Hugging Face: tensor names, the inverse of llama.cpp's rotary row permutation of the query
 //! and key projections, and `config.json` from the metadata. `graft convert MODEL.gguf -o DIR` is built on this
 //! (`convert::convert_gguf`); `graft inspect MODEL.gguf` on `GgufFile::summary`. The tokenizer files are rebuilt
-//! from the vocabulary in `tokenizer`.
+//! from the vocabulary in `tokenizer`; rotary scaling (metadata, Llama 3's `rope_freqs` tensor) becomes the config's
+//! `rope_scaling` in `rope`.
 
+pub mod rope;
 pub mod side;
 pub mod tokenizer;
 
@@ -411,8 +413,11 @@ pub fn map_llama(g: &GgufFile) -> Result<(Family, Vec<Mapped>)> {
         .ok_or_else(|| Error::format(g.path(), format!("metadata has no {}", key("attention.head_count"))))?
         as usize;
     let n_kv = g.meta_u64(&key("attention.head_count_kv")).map(|x| x as usize).unwrap_or(n_head);
+    // `rope_freqs.weight` becomes the config's rope_scaling, not a tensor; it is checked here, so that no command
+    // reads a model whose scaling would be lost.
+    rope::rope_scaling(g, family)?;
     let mut out = Vec::new();
-    for t in g.tensors() {
+    for t in g.tensors().iter().filter(|t| t.name != "rope_freqs.weight") {
         let hf = hf_name(&t.name).ok_or_else(|| {
             Error::tensor(g.path(), &t.name, format!("no Hugging Face counterpart in the {arch} mapping"))
         })?;
@@ -483,6 +488,9 @@ pub fn hf_config(g: &GgufFile, family: Family, dtype: Dtype) -> Result<serde_jso
     }
     if family == Family::Qwen2 {
         c["attention_bias"] = true.into();
+    }
+    if let Some(scaling) = rope::rope_scaling(g, family)? {
+        c["rope_scaling"] = scaling;
     }
     Ok(c)
 }
