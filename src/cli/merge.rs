@@ -6,19 +6,18 @@
 
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use super::{emit, table, Global, OutputArgs};
 use crate::checkpoint::{Checkpoint, Dtype};
 use crate::error::{Error, Result};
 use crate::exec::Executor;
 use crate::merge::config::{self, Flags, Inputs, MergeConfig};
-use crate::merge::execute::{self, RunOptions, Summary};
+use crate::merge::execute::RunOptions;
 use crate::merge::method::AlphaTarget;
 use crate::merge::multi::{self, Stages};
-use crate::merge::output;
 use crate::merge::params::{Kind, Scalar, Setting};
-use crate::merge::plan::{self, Op, Plan};
+use crate::merge::plan::{Op, Plan};
+use crate::merge::request::{Outcome, Request};
 use crate::merge::select::{self, Alpha, SelectOptions, SelectionReport, SnrSource};
 use crate::merge::MergeMethod;
 
@@ -577,107 +576,45 @@ fn run_stages(a: &Args, stages: &Stages, intermediates: &Path, global: &Global) 
 }
 
 fn run_one(a: &Args, global: &Global) -> Result<()> {
-    let started = Instant::now();
-    let mut cfg = build_config(a)?;
-    let run = RunOptions { seed: a.seed, compat: a.compat == Some(Compat::Mergekit) };
-    run.check(cfg.method)?;
-    cfg.copy_mismatched = a.snr_select.is_some();
-    let (mut models, adapters): (Vec<Checkpoint>, Vec<_>) =
-        cfg.model_paths().iter().map(|p| crate::merge::lora::open(p)).collect::<Result<Vec<_>>>()?.into_iter().unzip();
-    // LoRA adapters are applied and a built vocabulary remaps embedding rows before the plan, so every method and
-    // --snr-select see the result; the new tensors are checkpoints appended to `models`.
-    let mut adapted = crate::merge::lora::prepare(&models, &adapters, &a.output.output)?;
-    let paths = cfg.model_paths();
-    let mut remap = (cfg.tokenizer.as_ref())
-        .map(|spec| {
-            let label = |p: &Path| cfg.label(p);
-            crate::merge::vocab::prepare(
-                spec,
-                &paths,
-                &label,
-                cfg.base_model.as_ref(),
-                cfg.dtype,
-                &models,
-                &a.output.output,
-            )
-        })
-        .transpose()?;
-    let mut substitutes = std::collections::BTreeMap::new();
-    for s in std::iter::once(&mut adapted).chain(remap.as_mut().map(|r| &mut r.substitutes)) {
-        let first = models.len();
-        models.append(&mut s.checkpoints);
-        for ((m, tensor), &i) in &s.map {
-            if substitutes.insert((*m, tensor.clone()), first + i).is_some() {
-                return Err(Error::usage(format!(
-                    "{}: its LoRA adapter changes '{tensor}', whose rows the tokenizer settings remap; graft does not \
-                     do both (bake the adapter in first)",
-                    cfg.model_paths()[*m].display()
-                )));
-            }
+    let select = match &a.snr_select {
+        Some(s) => Some(SelectOptions {
+            top_p: select::parse_top_p(s)?,
+            from: SnrSource::parse(&a.snr_from),
+            alpha: if a.alpha == AlphaArg::Snr { Alpha::Snr } else { Alpha::Fixed },
+        }),
+        None if a.alpha == AlphaArg::Snr || a.snr_from != "base" => {
+            return Err(Error::usage("--alpha and --snr-from need --snr-select"))
         }
-    }
-    let mut plan = plan::build_with(&cfg, &models, &substitutes)?;
-    let exec = Executor::new(global.threads)?;
-    let selection = match &a.snr_select {
-        Some(s) => {
-            let opts = SelectOptions {
-                top_p: select::parse_top_p(s)?,
-                from: SnrSource::parse(&a.snr_from),
-                alpha: if a.alpha == AlphaArg::Snr { Alpha::Snr } else { Alpha::Fixed },
-            };
-            Some(select::apply(&mut plan, &models, &exec, &opts)?)
-        }
-        None => {
-            if a.alpha == AlphaArg::Snr || a.snr_from != "base" {
-                return Err(Error::usage("--alpha and --snr-from need --snr-select"));
-            }
-            None
-        }
+        None => None,
     };
-    // Decided (and the tokenizer checked against the planned embeddings) before anything is written.
-    let vocabulary = remap.as_ref().map(|r| &r.vocabulary);
-    let layout = output::plan(&cfg, &plan, &models, &a.output.output, !a.no_copy_tokenizer, vocabulary)?;
-    if a.dry_run {
-        return if a.json {
+    let request = Request {
+        config: build_config(a)?,
+        run: RunOptions { seed: a.seed, compat: a.compat == Some(Compat::Mergekit) },
+        select,
+        output: a.output.output.clone(),
+        writer: a.output.writer_options(Vec::new()),
+        copy_tokenizer: !a.no_copy_tokenizer,
+        dry_run: a.dry_run,
+    };
+    request.validate()?;
+    let exec = Executor::new(global.threads)?;
+    match crate::merge::request::run(&request, &exec)? {
+        Outcome::Planned { plan, selection } if a.json => {
             let mut v = serde_json::to_value(&plan).unwrap();
             if let Some(s) = &selection {
                 v["selection"] = serde_json::to_value(s).unwrap();
             }
             emit(&(v.to_string() + "\n"))
-        } else {
+        }
+        Outcome::Planned { plan, selection } => {
             let mut text = render_plan(&plan);
             if let Some(s) = &selection {
                 text.push_str(&render_selection(s));
             }
             emit(&text)
-        };
-    }
-    let inputs: Vec<PathBuf> = models.iter().flat_map(|m| m.files()).collect();
-    let mut opts = a.output.writer_options(inputs);
-    opts.metadata.extend(execute::merge_metadata(
-        &plan,
-        &cfg,
-        &run,
-        selection.as_ref().map(|s| serde_json::to_value(s).unwrap()),
-    ));
-    let side_files = output::files(&layout)?;
-    let written = execute::execute(&plan, &models, &exec, &a.output.output, opts, side_files, &run)?;
-    let merged = plan.merged_count();
-    let summary = Summary {
-        output: written.path.clone(),
-        method: plan.method.name().to_string(),
-        models: plan.models.clone(),
-        tensors: written.tensors,
-        merged,
-        copied: written.tensors - merged,
-        bytes: written.total_bytes,
-        files: written.files.clone(),
-        seconds: started.elapsed().as_secs_f64(),
-    };
-    if a.json {
-        emit(&(serde_json::to_string(&summary).unwrap() + "\n"))
-    } else {
-        emit(&format!(
+        }
+        Outcome::Written(summary) if a.json => emit(&(serde_json::to_string(&summary).unwrap() + "\n")),
+        Outcome::Written(summary) => emit(&format!(
             "{}: {} tensors ({} merged with {}, {} copied), {} in {:.2}s\n",
             summary.output.display(),
             summary.tensors,
@@ -686,7 +623,7 @@ fn run_one(a: &Args, global: &Global) -> Result<()> {
             summary.copied,
             super::human_bytes(summary.bytes),
             summary.seconds
-        ))
+        )),
     }
 }
 

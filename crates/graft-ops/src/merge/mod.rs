@@ -5,7 +5,8 @@
 //! `sparsify` (trim/keep masks), `params` (per-tensor parameter resolution), `config` (mergekit YAML and flags), `plan`
 //! (which inputs feed which output tensor), `select` (SNR top-p selection), `vocab` (output vocabularies, row
 //! remapping), `lora` (`model+adapter` inputs), `multi` (multi-document configs: stages, order, stamps), `execute`
-//! (streaming the plan through the executor and writer).
+//! (streaming the plan through the executor and writer), `request` (one merge as a typed request and the one entry
+//! point, `request::run`, that carries it out).
 //!
 //! Adding a merge method is its file plus one line here:
 //! 1. `merge/<name>.rs`: a unit struct implementing `MergeMethod` (`name`, `about`, `params`, `contract`, `prepare`
@@ -41,6 +42,7 @@ pub mod passthrough;
 pub mod plan;
 pub mod ram;
 pub mod rank;
+pub mod request;
 pub mod sce;
 pub mod scratch;
 pub mod select;

@@ -242,9 +242,8 @@ pub fn apply(plan: &mut Plan, models: &[Checkpoint], exec: &Executor, opts: &Sel
     }
     // slerp takes the SNR weight as its `t`; the weighted methods as their per-model weights.
     let alpha_target = plan.method.snr_alpha();
-    if opts.alpha == Alpha::Snr && alpha_target.is_none() {
-        return Err(Error::usage(format!("{} snr does not apply to {}", Arg::Alpha, plan.method.name())));
-    }
+    // `--alpha snr` with a method that has no such weight was refused before any model was read
+    // (`super::request::Request::validate`).
     // Merge-candidate matrices by name, for the vectors to follow.
     let matrices: Vec<(usize, &str)> = plan
         .tensors
