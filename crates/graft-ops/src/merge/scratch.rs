@@ -92,15 +92,26 @@ impl DerefMut for Buf {
 /// intermediate vectors of an elementwise kernel then stay in cache instead of streaming through memory per step.
 /// `out` holds leftover values, not zeros: `block` must write every element. (Zero-filling each chunk's result
 /// first was a pass over memory of its own, 5% of a linear merge.)
-pub fn blocked(range: Range<usize>, mut block: impl FnMut(Range<usize>, &mut [f32]) -> Result<()>) -> Result<Vec<f32>> {
+pub fn blocked(range: Range<usize>, block: impl FnMut(Range<usize>, &mut [f32]) -> Result<()>) -> Result<Vec<f32>> {
     let mut out = Vec::with_capacity(range.len());
+    blocked_pieces(range, block, &mut |piece| out.extend_from_slice(piece))?;
+    Ok(out)
+}
+
+/// Like `blocked`, handing each block's result to `sink` as it is done (in order) instead of collecting them: the
+/// executor narrows it while it is in cache (`exec::Produce::Pieces`).
+pub fn blocked_pieces(
+    range: Range<usize>,
+    mut block: impl FnMut(Range<usize>, &mut [f32]) -> Result<()>,
+    sink: &mut dyn FnMut(&[f32]),
+) -> Result<()> {
     let mut piece = Buf::scratch(BLOCK.min(range.len()));
     for b in blocks(range) {
         let dst = &mut piece[..b.len()];
         block(b, dst)?;
-        out.extend_from_slice(dst);
+        sink(dst);
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Elements per cache-sized block of a chunk (64 KiB of f32 per buffer).
