@@ -1,7 +1,9 @@
 //! Element types of safetensors files and the one place where stored values become f32 and f32 become stored values.
 //!
 //! Reading widens F16/BF16/F64 to f32; writing narrows f32 with round-to-nearest-even (the `half` crate's conversions
-//! and Rust's `as f32` both round that way). Other dtypes are opaque bytes that pass through untouched.
+//! and Rust's `as f32` both round that way). Other dtypes are opaque bytes that pass through untouched. Task vectors
+//! of bf16 tensors are subtracted straight from the stored bits (`bf16_difference_counting`), the same values as
+//! widening both and subtracting.
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;

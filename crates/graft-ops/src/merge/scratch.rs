@@ -1,5 +1,6 @@
 //! Per-thread scratch memory of the merge kernels: chunk-sized f32 buffers reused from a pool (`Buf`), and the
-//! cache-sized blocks (`BLOCK`, `blocks`, `blocked`) that elementwise kernels and rank passes walk a chunk in.
+//! cache-sized blocks (`BLOCK`, `blocks`, `blocked`, `blocked_pieces`) that elementwise kernels and rank passes walk a
+//! chunk in.
 //!
 //! This file depends on nothing else in `merge`, so the method interface, the masks and the methods can all use it
 //! without importing one another.
