@@ -71,6 +71,9 @@ impl<'a> Read<'a> {
 /// An elementwise computation: any element range can be computed on its own.
 pub type Compute<'a> = Box<dyn Fn(Range<usize>) -> Result<Vec<f32>> + Send + Sync + 'a>;
 
+/// An elementwise computation that hands the values of a range to its sink in consecutive pieces, in order.
+pub type ComputePieces<'a> = Box<dyn Fn(Range<usize>, &mut dyn FnMut(&[f32])) -> Result<()> + Send + Sync + 'a>;
+
 /// How the executor obtains one output tensor.
 pub enum Produce<'a> {
     /// Computed bytes already in the declared dtype.
@@ -82,6 +85,10 @@ pub enum Produce<'a> {
     Input(Read<'a>),
     /// An elementwise computation, called per chunk, and the inputs it reads, released as described in the header.
     Elementwise { compute: Compute<'a>, reads: Vec<Read<'a>> },
+    /// Like `Elementwise`, for a computation that works in cache-sized pieces: each piece is narrowed to the
+    /// declared dtype as it is handed over, while it is still in cache, instead of being copied into a chunk-sized
+    /// f32 vector that is then read again (the copy alone was 5-7% of a merge's CPU time).
+    Pieces { compute: ComputePieces<'a>, reads: Vec<Read<'a>> },
 }
 
 impl<'a> Produce<'a> {
@@ -96,6 +103,14 @@ impl<'a> Produce<'a> {
         compute: impl Fn(Range<usize>) -> Result<Vec<f32>> + Send + Sync + 'a,
     ) -> Produce<'a> {
         Produce::Elementwise { compute: Box::new(compute), reads }
+    }
+
+    /// `compute` run per chunk, reading `reads`, handing over its values in pieces (see `Produce::Pieces`).
+    pub fn pieces(
+        reads: Vec<Read<'a>>,
+        compute: impl Fn(Range<usize>, &mut dyn FnMut(&[f32])) -> Result<()> + Send + Sync + 'a,
+    ) -> Produce<'a> {
+        Produce::Pieces { compute: Box::new(compute), reads }
     }
 }
 
@@ -272,19 +287,36 @@ impl Executor {
                 Ok(())
             }
             Produce::Input(read) => {
-                self.produce_chunks(d, &|r: Range<usize>| read.tensor.f32_range(r), std::slice::from_ref(&read), send)
+                let chunk = |r: Range<usize>| narrow_whole(d, r.len(), read.tensor.f32_range(r)?);
+                self.produce_chunks(d, &chunk, std::slice::from_ref(&read), send)
             }
-            Produce::Elementwise { compute, reads } => self.produce_chunks(d, &*compute, &reads, send),
+            Produce::Elementwise { compute, reads } => {
+                self.produce_chunks(d, &|r: Range<usize>| narrow_whole(d, r.len(), compute(r)?), &reads, send)
+            }
+            Produce::Pieces { compute, reads } => {
+                let chunk = |r: Range<usize>| {
+                    let mut bytes = Vec::with_capacity(r.len() * d.dtype.size());
+                    let (mut values, mut nonfinite) = (0usize, 0usize);
+                    compute(r.clone(), &mut |piece| {
+                        values += piece.len();
+                        nonfinite += dtype::from_f32_counting(d.dtype, piece, &mut bytes);
+                    })?;
+                    check_len(d, r.len(), values)?;
+                    Ok((bytes, nonfinite))
+                };
+                self.produce_chunks(d, &chunk, &reads, send)
+            }
             other => send(Pending::Tensor(d.name.clone(), finish_small(d, other)?)),
         }
     }
 
     /// Computes a large tensor's chunks in parallel windows and sends them in order, releasing each input's pages
     /// of a chunk once it is computed (inputs the size of the output) and every input once the tensor is done.
+    /// `chunk(r)` returns the bytes of elements `r` in the declared dtype and how many of them are non-finite.
     fn produce_chunks<'a>(
         &self,
         d: &TensorDecl,
-        compute: &(dyn Fn(Range<usize>) -> Result<Vec<f32>> + Sync),
+        chunk: &(dyn Fn(Range<usize>) -> Result<(Vec<u8>, usize)> + Sync),
         reads: &[Read<'a>],
         send: &dyn Fn(Pending<'a>) -> Result<()>,
     ) -> Result<()> {
@@ -298,10 +330,9 @@ impl Executor {
                 window
                     .par_iter()
                     .map(|r| {
-                        let v = compute(r.clone())?;
-                        check_len(d, r.len(), v.len())?;
+                        let narrowed = chunk(r.clone())?;
                         aligned.iter().for_each(|read| read.release_range(r.clone()));
-                        Ok(dtype::from_f32_vec_counting(d.dtype, &v))
+                        Ok(narrowed)
                     })
                     .collect()
             });
@@ -366,6 +397,12 @@ fn window_end(start: usize, len: usize, max_items: usize, budget: u64, cost: imp
         end += 1;
     }
     end
+}
+
+/// `v` (computed for `want` elements) narrowed to `d`'s dtype, with its count of non-finite values.
+fn narrow_whole(d: &TensorDecl, want: usize, v: Vec<f32>) -> Result<(Vec<u8>, usize)> {
+    check_len(d, want, v.len())?;
+    Ok(dtype::from_f32_vec_counting(d.dtype, &v))
 }
 
 fn check_len(d: &TensorDecl, want: usize, got: usize) -> Result<()> {
@@ -454,6 +491,17 @@ fn finish_small<'a>(d: &TensorDecl, p: Produce<'a>) -> Result<Ready<'a>> {
             reads.iter().for_each(Read::release);
             narrow_checked(d, &v)
         }
+        Produce::Pieces { compute, reads } => {
+            float_needed(d)?;
+            let mut v = Vec::with_capacity(d.numel());
+            for r in chunk_ranges(d.numel()) {
+                let before = v.len();
+                compute(r.clone(), &mut |piece| v.extend_from_slice(piece))?;
+                check_len(d, r.len(), v.len() - before)?;
+            }
+            reads.iter().for_each(Read::release);
+            narrow_checked(d, &v)
+        }
     }
 }
 
@@ -524,6 +572,48 @@ mod tests {
             assert_eq!(ck.tensor("before").unwrap().data, f32_bytes(&small).as_slice());
             let after: Vec<u8> = small.iter().flat_map(|&x| bf16_reference(x)).collect();
             assert_eq!(ck.tensor("after").unwrap().data, after.as_slice());
+        }
+    }
+
+    #[test]
+    fn pieces_are_narrowed_as_handed_over_the_same_with_one_two_and_three_threads() {
+        let dir = tempfile::tempdir().unwrap();
+        let decls =
+            vec![TensorDecl::new("large", Dtype::BF16, vec![LARGE]), TensorDecl::new("small", Dtype::F16, vec![1000])];
+        // Pieces of uneven sizes that cross nothing in particular: the executor must not care where they end.
+        let pieces = |r: Range<usize>, sink: &mut dyn FnMut(&[f32])| -> Result<()> {
+            let v: Vec<f32> = r.map(value).collect();
+            let mut rest = &v[..];
+            let mut size = 1;
+            while !rest.is_empty() {
+                let (piece, tail) = rest.split_at(size.min(rest.len()));
+                sink(piece);
+                rest = tail;
+                size = size * 7 % 40_009 + 1;
+            }
+            Ok(())
+        };
+        let large: Vec<u8> = (0..LARGE).flat_map(|i| bf16_reference(value(i))).collect();
+        let small: Vec<u8> = (0..1000).flat_map(|i| half::f16::from_f32(value(i)).to_bits().to_le_bytes()).collect();
+        for threads in [1, 2, 3] {
+            let out = dir.path().join(format!("p{threads}.safetensors"));
+            let writer = CheckpointWriter::create(&out, decls.clone(), WriterOptions::default()).unwrap();
+            exec(threads).write(writer, "test", |_, _| Ok(Produce::pieces(Vec::new(), pieces))).unwrap();
+            let ck = Checkpoint::open(&out).unwrap();
+            assert!(ck.tensor("large").unwrap().data == large.as_slice(), "{threads} threads");
+            assert_eq!(ck.tensor("small").unwrap().data, small.as_slice(), "{threads} threads");
+        }
+        // A computation that hands over fewer values than its range is an error naming the tensor, large or small.
+        for (name, n) in [("large", LARGE), ("small", 1000)] {
+            let out = dir.path().join("short.safetensors");
+            let decl = TensorDecl::new(name, Dtype::BF16, vec![n]);
+            let writer = CheckpointWriter::create(&out, vec![decl], WriterOptions::default()).unwrap();
+            let short = |r: Range<usize>, sink: &mut dyn FnMut(&[f32])| -> Result<()> {
+                sink(&vec![1.0; r.len() - 1]);
+                Ok(())
+            };
+            let err = exec(2).write(writer, "test", |_, _| Ok(Produce::pieces(Vec::new(), short))).unwrap_err();
+            assert!(err.to_string().contains(&format!("'{name}'")) && err.to_string().contains("expected"), "{err}");
         }
     }
 

@@ -1,7 +1,9 @@
 //! Element types of safetensors files and the one place where stored values become f32 and f32 become stored values.
 //!
 //! Reading widens F16/BF16/F64 to f32; writing narrows f32 with round-to-nearest-even (the `half` crate's conversions
-//! and Rust's `as f32` both round that way). Other dtypes are opaque bytes that pass through untouched.
+//! and Rust's `as f32` both round that way). Other dtypes are opaque bytes that pass through untouched. Task vectors
+//! of bf16 tensors are subtracted straight from the stored bits (`bf16_difference_counting`), the same values as
+//! widening both and subtracting.
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
@@ -167,6 +169,20 @@ pub fn to_f32_counting(dtype: Dtype, bytes: &[u8], out: &mut [f32]) -> usize {
     count
 }
 
+/// `out = x - base` for two bf16 tensors' little-endian bytes (`out.len()` elements each), computed as widening both
+/// to f32 and subtracting does, in one pass: a task vector without the two f32 copies of its inputs. Returns how
+/// many values of `x` and of `base` are NaN or infinite, or None (nothing written) where the bytes cannot be read as
+/// bf16 in place (unaligned, a big-endian machine): the caller then widens and subtracts.
+pub fn bf16_difference_counting(x: &[u8], base: &[u8], out: &mut [f32]) -> Option<(usize, usize)> {
+    assert!(x.len() == out.len() * 2 && base.len() == out.len() * 2, "bf16 difference length mismatch");
+    if !cfg!(target_endian = "little") {
+        return None;
+    }
+    let x = bytemuck::try_cast_slice::<u8, u16>(x).ok()?;
+    let base = bytemuck::try_cast_slice::<u8, u16>(base).ok()?;
+    Some(bf16_kernels::difference_counting(x, base, out))
+}
+
 /// How many of `values` are NaN or infinite (exponent all ones). Branch-free, so it vectorises.
 pub fn count_nonfinite(values: &[f32]) -> usize {
     values
@@ -196,18 +212,24 @@ pub fn count_nonfinite_stored(dtype: Dtype, bytes: &[u8]) -> usize {
 /// Narrows like `from_f32_vec` and returns how many stored values are NaN or infinite after rounding (an f32
 /// beyond 65504 becomes an f16 infinity; beyond bf16's range a bf16 one).
 pub fn from_f32_vec_counting(dtype: Dtype, src: &[f32]) -> (Vec<u8>, usize) {
+    let mut bytes = Vec::with_capacity(src.len() * dtype.size());
+    let count = from_f32_counting(dtype, src, &mut bytes);
+    (bytes, count)
+}
+
+/// Narrows like `from_f32`, appending to `out`, and returns how many of the appended values are NaN or infinite
+/// after rounding.
+pub fn from_f32_counting(dtype: Dtype, src: &[f32], out: &mut Vec<u8>) -> usize {
     if dtype == Dtype::BF16 {
-        let mut bytes = Vec::with_capacity(src.len() * 2);
-        let count = bf16_kernels::narrow_counting(src, &mut bytes);
-        return (bytes, count);
+        return bf16_kernels::narrow_counting(src, out);
     }
-    let bytes = from_f32_vec(dtype, src);
-    let count = match dtype {
+    let start = out.len();
+    from_f32(dtype, src, out);
+    match dtype {
         // Widening to f64 and copying f32 keep finiteness: count on the f32 values (the vectorised path).
         Dtype::F32 | Dtype::F64 => count_nonfinite(src),
-        _ => count_nonfinite_stored(dtype, &bytes),
-    };
-    (bytes, count)
+        _ => count_nonfinite_stored(dtype, &out[start..]),
+    }
 }
 
 /// Widens a whole float tensor to a fresh f32 vector, converting in cache-sized chunks.
@@ -336,6 +358,41 @@ mod bf16_kernels {
         widen_counting_body(src, out)
     }
 
+    #[inline(always)]
+    fn difference_counting_body(x: &[u16], base: &[u16], out: &mut [f32]) -> (usize, usize) {
+        let (mut in_x, mut in_base) = (0, 0);
+        let pieces = out.chunks_mut(CONVERT_CHUNK).zip(x.chunks(CONVERT_CHUNK)).zip(base.chunks(CONVERT_CHUNK));
+        for ((o, xs), bs) in pieces {
+            let (mut block_x, mut block_base) = (0u32, 0u32);
+            for ((o, &hx), &hb) in o.iter_mut().zip(xs).zip(bs) {
+                *o = widen(hx) - widen(hb);
+                block_x += nonfinite(hx);
+                block_base += nonfinite(hb);
+            }
+            in_x += block_x as usize;
+            in_base += block_base as usize;
+        }
+        (in_x, in_base)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn difference_counting_avx2(x: &[u16], base: &[u16], out: &mut [f32]) -> (usize, usize) {
+        difference_counting_body(x, base, out)
+    }
+
+    /// `out = widen(x) - widen(base)` (all the same length) and how many values of `x` and of `base` are NaN or
+    /// infinite.
+    pub fn difference_counting(x: &[u16], base: &[u16], out: &mut [f32]) -> (usize, usize) {
+        assert!(x.len() == out.len() && base.len() == out.len(), "bf16 difference length mismatch");
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2, checked just above.
+            return unsafe { difference_counting_avx2(x, base, out) };
+        }
+        difference_counting_body(x, base, out)
+    }
+
     /// Appends the little-endian bf16 bytes of `src` (round to nearest even) to `out`; returns how many stored
     /// values are NaN or infinite.
     pub fn narrow_counting(src: &[f32], out: &mut Vec<u8>) -> usize {
@@ -389,6 +446,26 @@ mod bf16_kernels {
             let mut base = vec![0f32; src.len()];
             assert_eq!(widen_counting_body(&src, &mut base), count);
             assert!(base.iter().zip(&out).all(|(a, b)| a.to_bits() == b.to_bits()));
+        }
+
+        #[test]
+        fn a_difference_is_the_difference_of_the_widened_values_and_counts_each_sides_nonfinite() {
+            // Every bf16 against a stride of others (edges included), so the pairs cover zeros, subnormals,
+            // cancellation, infinities and NaNs on either side.
+            let x: Vec<u16> = (0..=u16::MAX).collect();
+            let base: Vec<u16> = x.iter().map(|&h| h.wrapping_mul(40503).rotate_left(3)).collect();
+            let mut out = vec![0f32; x.len()];
+            let (in_x, in_base) = difference_counting(&x, &base, &mut out);
+            let f = |h: u16| half::bf16::from_bits(h).to_f32();
+            for ((&hx, &hb), &d) in x.iter().zip(&base).zip(&out) {
+                let r = f(hx) - f(hb);
+                assert!(d.to_bits() == r.to_bits() || (d.is_nan() && r.is_nan()), "{hx:#06x} - {hb:#06x}");
+            }
+            let nonfinite = |v: &[u16]| v.iter().filter(|&&h| !f(h).is_finite()).count();
+            assert_eq!((in_x, in_base), (nonfinite(&x), nonfinite(&base)));
+            let mut plain = vec![0f32; x.len()];
+            assert_eq!(difference_counting_body(&x, &base, &mut plain), (in_x, in_base));
+            assert!(plain.iter().zip(&out).all(|(a, b)| a.to_bits() == b.to_bits()));
         }
 
         #[test]

@@ -110,11 +110,42 @@ struct ShardPlan {
 /// Pieces of at least this many bytes are written to the file directly instead of through its buffer.
 const DIRECT_WRITE_BYTES: usize = 1 << 20;
 
+/// Bytes of a shard handed to the kernel between two writeback starts (`Open::start_writeback`).
+const WRITEBACK_BYTES: u64 = 16 << 20;
+
 struct Open {
     shard: usize,
     /// The file as the user will see it, for messages.
     shown: PathBuf,
     file: BufWriter<File>,
+    /// Bytes written to the shard so far (header included), whether still in `file`'s buffer or not.
+    written: u64,
+    /// Offset up to which the disk write of the shard has been started.
+    submitted: u64,
+}
+
+impl Open {
+    /// Starts the disk write of what the kernel holds of the shard past `submitted`, once that is `WRITEBACK_BYTES`
+    /// or more, without waiting for it. Otherwise every byte waits in the page cache for `sync_all` at the end,
+    /// which then writes the whole shard while nothing else runs (0.3 s per GB here, 40% of the time `cp` and
+    /// `sync` take to copy a file); started as the data arrives, the disk writes while the merge computes, and the
+    /// final sync finds little left. Only advice: the commit protocol's `sync_all` still makes the file durable.
+    fn start_writeback(&mut self) {
+        let in_kernel = self.written - self.file.buffer().len() as u64;
+        if in_kernel - self.submitted < WRITEBACK_BYTES {
+            return;
+        }
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            let fd = self.file.get_ref().as_raw_fd();
+            let (from, len) = (self.submitted as i64, (in_kernel - self.submitted) as i64);
+            // SAFETY: a plain syscall on a file descriptor this writer owns; it reads no memory of ours. A failure
+            // (a file system without writeback control) is ignored: `sync_all` reports real write errors.
+            let _ = unsafe { libc::sync_file_range(fd, from as _, len as _, libc::SYNC_FILE_RANGE_WRITE) };
+        }
+        self.submitted = in_kernel;
+    }
 }
 
 /// Where the output is committed, after following symlinks.
@@ -549,6 +580,8 @@ impl CheckpointWriter {
                 open.file.write_all(piece)
             };
             written.map_err(|e| Error::io(&open.shown, e))?;
+            open.written += take as u64;
+            open.start_writeback();
             self.remaining -= take as u64;
             bytes = &bytes[take..];
             if self.remaining == 0 {
@@ -603,7 +636,8 @@ impl CheckpointWriter {
         self.opened = shard + 1;
         let mut file = BufWriter::with_capacity(8 << 20, f);
         file.write_all(&self.headers[shard]).map_err(|e| Error::io(&shown, e))?;
-        self.open = Some(Open { shard, shown, file });
+        let written = self.headers[shard].len() as u64;
+        self.open = Some(Open { shard, shown, file, written, submitted: 0 });
         Ok(())
     }
 

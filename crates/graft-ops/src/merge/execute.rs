@@ -162,7 +162,7 @@ pub fn execute(
                 let (ti, params) = inputs_of(i)?.expect("a merge op");
                 let reads = inputs.iter().map(|s| Read::new(&models[s.model], &s.tensor)).collect::<Result<_>>()?;
                 let kernel = method.prepare(ti, params, &ctx)?;
-                Ok(Produce::elementwise(reads, move |r| kernel.compute(r)))
+                Ok(Produce::pieces(reads, move |r, sink| kernel.compute_pieces(r, sink)))
             }
         }
     })?;

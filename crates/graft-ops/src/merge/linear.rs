@@ -6,7 +6,7 @@ use std::ops::Range;
 
 use super::method::{Arithmetic, BaseRole, Contract, Ctx, Kernel, MergeMethod, TensorInputs};
 use super::params::{Default, Kind, ParamDef, Scope, TensorParams};
-use super::scratch::blocked;
+use super::scratch::{blocked, blocked_pieces};
 use crate::error::{Error, Result};
 
 pub struct Linear;
@@ -67,22 +67,30 @@ struct LinearKernel<'a> {
     arithmetic: Arithmetic,
 }
 
+impl LinearKernel<'_> {
+    /// One cache-sized block of the merged tensor into `acc`.
+    fn block(&self, r: Range<usize>, acc: &mut [f32]) -> Result<()> {
+        // The first model is read straight into the sum: no zeroed accumulator, one buffer fewer.
+        self.inputs.read_into(0, r.clone(), acc)?;
+        fused_first(acc, self.weights[0]);
+        for (i, &w) in self.weights.iter().enumerate().skip(1) {
+            let x = self.inputs.read(i, r.clone())?;
+            fused_accumulate(acc, &x, w);
+        }
+        if let Some(d) = self.divisor {
+            acc.iter_mut().for_each(|a| *a /= d);
+        }
+        self.arithmetic.round(acc);
+        Ok(())
+    }
+}
+
 impl Kernel for LinearKernel<'_> {
     fn compute(&self, range: Range<usize>) -> Result<Vec<f32>> {
-        blocked(range, |r, acc| {
-            // The first model is read straight into the sum: no zeroed accumulator, one buffer fewer.
-            self.inputs.read_into(0, r.clone(), acc)?;
-            fused_first(acc, self.weights[0]);
-            for (i, &w) in self.weights.iter().enumerate().skip(1) {
-                let x = self.inputs.read(i, r.clone())?;
-                fused_accumulate(acc, &x, w);
-            }
-            if let Some(d) = self.divisor {
-                acc.iter_mut().for_each(|a| *a /= d);
-            }
-            self.arithmetic.round(acc);
-            Ok(())
-        })
+        blocked(range, |r, acc| self.block(r, acc))
+    }
+    fn compute_pieces(&self, range: Range<usize>, sink: &mut dyn FnMut(&[f32])) -> Result<()> {
+        blocked_pieces(range, |r, acc| self.block(r, acc), sink)
     }
 }
 

@@ -190,6 +190,36 @@ impl<'a> TensorInputs<'a> {
         Ok(())
     }
 
+    /// Elements `range` of input `i` minus those of input `base`, as reading both and subtracting computes them
+    /// (each input rounded to the working dtype, then the difference, in mergekit mode). Two bf16 inputs in f32
+    /// arithmetic are subtracted straight from their stored bits in one pass (`dtype::bf16_difference_counting`),
+    /// without widening either into a buffer first: a task vector is what TIES's rank pass and every
+    /// task-arithmetic merge read most.
+    pub fn read_difference(&self, i: usize, base: usize, range: Range<usize>) -> Result<Buf> {
+        let (x, b) = (&self.views[i], &self.views[base]);
+        let fits = range.end <= x.numel() && range.end <= b.numel() && range.start <= range.end;
+        if self.arithmetic == Arithmetic::F32 && x.dtype == Dtype::BF16 && b.dtype == Dtype::BF16 && fits {
+            let mut out = Buf::scratch(range.len());
+            let bytes = range.start * 2..range.end * 2;
+            let (xs, bs) = (&x.data[bytes.clone()], &b.data[bytes]);
+            if let Some((in_x, in_base)) = dtype::bf16_difference_counting(xs, bs, &mut out) {
+                // The base first, as the callers used to read it first.
+                if in_base > 0 {
+                    b.nonfinite_found()?;
+                }
+                if in_x > 0 {
+                    x.nonfinite_found()?;
+                }
+                return Ok(out);
+            }
+        }
+        let mut out = self.read(i, range.clone())?;
+        let base_values = self.read(base, range)?;
+        out.iter_mut().zip(base_values.iter()).for_each(|(v, &bv)| *v -= bv);
+        self.arithmetic.round(&mut out);
+        Ok(out)
+    }
+
     /// Drops the mapped pages of elements `range` of every input, for a pre-pass that is done with the range: the
     /// kernel reads it again later and maps it again. Only for tensors over `PREPASS_MAPPED_MAX` elements: mapping
     /// again costs system time, and below that size holding the pages costs little memory.
@@ -213,6 +243,14 @@ impl<'a> TensorInputs<'a> {
 /// Computes any element range of one merged tensor.
 pub trait Kernel: Send + Sync {
     fn compute(&self, range: Range<usize>) -> Result<Vec<f32>>;
+
+    /// The values of `range`, handed to `sink` in order in one or more consecutive pieces. Kernels that work in
+    /// cache-sized blocks hand over each block as it is done, so that the executor narrows it while it is still in
+    /// cache (`exec::Produce::Pieces`); the default hands over `compute`'s result whole.
+    fn compute_pieces(&self, range: Range<usize>, sink: &mut dyn FnMut(&[f32])) -> Result<()> {
+        sink(&self.compute(range)?);
+        Ok(())
+    }
 }
 
 /// One merge method. Implementations are stateless; per-tensor state lives in the kernel `prepare` returns.
@@ -346,5 +384,54 @@ pub(crate) mod testing {
     pub fn randn(seed: u64, n: usize, std: f64) -> Vec<f32> {
         let mut r = crate::rng::Rng::new(seed);
         (0..n).map(|_| (r.normal() * std) as f32).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn bf16_bytes(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|&x| half::bf16::from_f32(x).to_bits().to_le_bytes()).collect()
+    }
+
+    fn inputs<'a>(data: [&'a [u8]; 2], shape: &'a [usize], arithmetic: Arithmetic) -> TensorInputs<'a> {
+        let view =
+            |data: &'a [u8], name: &'a str| TensorView { name, dtype: Dtype::BF16, shape, data, file: Path::new(name) };
+        let views = vec![view(data[0], "x"), view(data[1], "base")];
+        TensorInputs { name: "t".into(), shape: shape.to_vec(), views, base: Some(1), arithmetic, pages: Vec::new() }
+    }
+
+    #[test]
+    fn a_difference_read_from_bf16_bits_equals_reading_both_and_subtracting() {
+        let n = 5000;
+        let x: Vec<f32> = testing::randn(1, n, 2.0);
+        let b: Vec<f32> = testing::randn(2, n, 2.0);
+        let (xb, bb) = (bf16_bytes(&x), bf16_bytes(&b));
+        let shape = [n];
+        // An odd offset makes the bytes unaligned for u16: the widening path runs instead, with the same result.
+        let mut shifted = vec![0u8; 2 * n + 1];
+        shifted[1..].copy_from_slice(&xb);
+        for xs in [&xb[..], &shifted[1..]] {
+            for arithmetic in [Arithmetic::F32, Arithmetic::Mergekit(Dtype::F16)] {
+                let ti = inputs([xs, &bb[..]], &shape, arithmetic);
+                let got = ti.read_difference(0, 1, 123..4567).unwrap();
+                let mut want = ti.read(0, 123..4567).unwrap();
+                let base = ti.read(1, 123..4567).unwrap();
+                want.iter_mut().zip(base.iter()).for_each(|(w, &v)| *w -= v);
+                arithmetic.round(&mut want);
+                assert!(got.iter().zip(want.iter()).all(|(g, w)| g.to_bits() == w.to_bits()), "{arithmetic:?}");
+            }
+        }
+        // A non-finite value is an error naming the input that holds it.
+        let mut bad = b.clone();
+        bad[200] = f32::NAN;
+        let bad = bf16_bytes(&bad);
+        let Err(err) = inputs([&xb[..], &bad[..]], &shape, Arithmetic::F32).read_difference(0, 1, 0..n) else {
+            panic!("a NaN in the base was let through");
+        };
+        let err = err.to_string();
+        assert!(err.contains("base") && err.contains("NaN"), "{err}");
     }
 }

@@ -1,5 +1,6 @@
 //! Per-thread scratch memory of the merge kernels: chunk-sized f32 buffers reused from a pool (`Buf`), and the
-//! cache-sized blocks (`BLOCK`, `blocks`, `blocked`) that elementwise kernels and rank passes walk a chunk in.
+//! cache-sized blocks (`BLOCK`, `blocks`, `blocked`, `blocked_pieces`) that elementwise kernels and rank passes walk a
+//! chunk in.
 //!
 //! This file depends on nothing else in `merge`, so the method interface, the masks and the methods can all use it
 //! without importing one another.
@@ -92,15 +93,26 @@ impl DerefMut for Buf {
 /// intermediate vectors of an elementwise kernel then stay in cache instead of streaming through memory per step.
 /// `out` holds leftover values, not zeros: `block` must write every element. (Zero-filling each chunk's result
 /// first was a pass over memory of its own, 5% of a linear merge.)
-pub fn blocked(range: Range<usize>, mut block: impl FnMut(Range<usize>, &mut [f32]) -> Result<()>) -> Result<Vec<f32>> {
+pub fn blocked(range: Range<usize>, block: impl FnMut(Range<usize>, &mut [f32]) -> Result<()>) -> Result<Vec<f32>> {
     let mut out = Vec::with_capacity(range.len());
+    blocked_pieces(range, block, &mut |piece| out.extend_from_slice(piece))?;
+    Ok(out)
+}
+
+/// Like `blocked`, handing each block's result to `sink` as it is done (in order) instead of collecting them: the
+/// executor narrows it while it is in cache (`exec::Produce::Pieces`).
+pub fn blocked_pieces(
+    range: Range<usize>,
+    mut block: impl FnMut(Range<usize>, &mut [f32]) -> Result<()>,
+    sink: &mut dyn FnMut(&[f32]),
+) -> Result<()> {
     let mut piece = Buf::scratch(BLOCK.min(range.len()));
     for b in blocks(range) {
         let dst = &mut piece[..b.len()];
         block(b, dst)?;
-        out.extend_from_slice(dst);
+        sink(dst);
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Elements per cache-sized block of a chunk (64 KiB of f32 per buffer).

@@ -8,7 +8,7 @@ use std::ops::Range;
 
 use super::method::{AlphaTarget, BaseRole, Contract, Ctx, Kernel, MergeMethod, TensorInputs};
 use super::params::{Default, Kind, ParamDef, Scope, TensorParams};
-use super::scratch::blocked;
+use super::scratch::{blocked, blocked_pieces};
 use crate::error::Result;
 
 pub struct Slerp;
@@ -40,24 +40,32 @@ struct SlerpKernel<'a> {
     s1: f32,
 }
 
+impl SlerpKernel<'_> {
+    /// One cache-sized block of the interpolated tensor into `x`.
+    fn block(&self, r: Range<usize>, x: &mut [f32]) -> Result<()> {
+        self.inputs.read_into(self.a, r.clone(), x)?;
+        // t = 0 and t = 1 must return an input exactly, whatever the other holds.
+        if self.s1 != 0.0 {
+            let y = self.inputs.read(self.b, r)?;
+            if self.s0 == 0.0 {
+                x.iter_mut().zip(&y).for_each(|(u, v)| *u = v * self.s1);
+            } else {
+                x.iter_mut().zip(&y).for_each(|(u, v)| *u = self.s0 * *u + self.s1 * v);
+            }
+        } else if self.s0 != 1.0 {
+            x.iter_mut().for_each(|u| *u *= self.s0);
+        }
+        self.inputs.arithmetic.round(x);
+        Ok(())
+    }
+}
+
 impl Kernel for SlerpKernel<'_> {
     fn compute(&self, range: Range<usize>) -> Result<Vec<f32>> {
-        blocked(range, |r, x| {
-            self.inputs.read_into(self.a, r.clone(), x)?;
-            // t = 0 and t = 1 must return an input exactly, whatever the other holds.
-            if self.s1 != 0.0 {
-                let y = self.inputs.read(self.b, r)?;
-                if self.s0 == 0.0 {
-                    x.iter_mut().zip(&y).for_each(|(u, v)| *u = v * self.s1);
-                } else {
-                    x.iter_mut().zip(&y).for_each(|(u, v)| *u = self.s0 * *u + self.s1 * v);
-                }
-            } else if self.s0 != 1.0 {
-                x.iter_mut().for_each(|u| *u *= self.s0);
-            }
-            self.inputs.arithmetic.round(x);
-            Ok(())
-        })
+        blocked(range, |r, x| self.block(r, x))
+    }
+    fn compute_pieces(&self, range: Range<usize>, sink: &mut dyn FnMut(&[f32])) -> Result<()> {
+        blocked_pieces(range, |r, x| self.block(r, x), sink)
     }
 }
 

@@ -19,6 +19,7 @@ use super::method::{Arithmetic, BaseRole, Contract, Ctx, Kernel, MergeMethod, Te
 use super::params::{Default, Kind, ParamDef, Scope, TensorParams};
 use super::scratch::Buf;
 use super::sparsify::{self, Cursor, Draws, Lines, RankWindow};
+use crate::checkpoint::Dtype;
 use crate::error::{Error, Result};
 use crate::exec::CHUNK_ELEMS;
 
@@ -133,6 +134,9 @@ impl GtaKernel<'_> {
 
     /// The task vector of series `j` over `range`, using `base` when it is already read for that range.
     fn delta(&self, j: usize, range: Range<usize>, base: Option<&[f32]>) -> Result<Buf> {
+        if base.is_none() || self.fused_delta() {
+            return self.inputs.read_difference(self.series[j].input, self.base, range);
+        }
         let mut x = self.inputs.read(self.series[j].input, range.clone())?;
         let owned;
         let b = match base {
@@ -145,6 +149,13 @@ impl GtaKernel<'_> {
         x.iter_mut().zip(b).for_each(|(v, &bv)| *v -= bv);
         self.ar.round(&mut x);
         Ok(x)
+    }
+
+    /// Whether task vectors are subtracted from the stored bf16 bits (`TensorInputs::read_difference`): then a
+    /// base already widened for the range saves nothing, and a pass that needs only task vectors reads no base.
+    fn fused_delta(&self) -> bool {
+        let bf16 = |i: usize| self.inputs.views[i].dtype == Dtype::BF16;
+        self.ar == Arithmetic::F32 && bf16(self.base) && self.series.iter().all(|s| bf16(s.input))
     }
 
     /// The sparsified (not yet rescaled) task vector of series `j` over `range`; `walk` carries a rank window's or
@@ -326,6 +337,12 @@ impl GtaKernel<'_> {
 
 impl Kernel for GtaKernel<'_> {
     fn compute(&self, range: Range<usize>) -> Result<Vec<f32>> {
+        let mut out = Vec::with_capacity(range.len());
+        self.compute_pieces(range, &mut |piece| out.extend_from_slice(piece))?;
+        Ok(out)
+    }
+
+    fn compute_pieces(&self, range: Range<usize>, sink: &mut dyn FnMut(&[f32])) -> Result<()> {
         // Cache-sized blocks keep the intermediate vectors out of main memory; DELLA ranks whole rows, so its
         // blocks are the whole range.
         let della = self.series.iter().any(|s| matches!(s.sparse, Sparse::Della { .. }));
@@ -343,13 +360,13 @@ impl Kernel for GtaKernel<'_> {
             });
         }
         if della {
-            return Ok(self.block(range, &mut walks)?.into_vec());
+            sink(&self.block(range, &mut walks)?);
+            return Ok(());
         }
-        let mut out = Vec::with_capacity(range.len());
         for b in super::scratch::blocks(range) {
-            out.extend_from_slice(&self.block(b, &mut walks)?);
+            sink(&self.block(b, &mut walks)?);
         }
-        Ok(out)
+        Ok(())
     }
 }
 
@@ -417,9 +434,10 @@ impl Gta {
             .collect();
         if !pending.is_empty() {
             let windows: Vec<(usize, usize)> = pending.iter().map(|p| p.1).collect();
+            let fused = k.fused_delta();
             let keys = |r: Range<usize>| -> Result<Vec<Buf>> {
-                let b = k.inputs.read(k.base, r.clone())?;
-                let keys = pending.iter().map(|&(j, _)| k.delta(j, r.clone(), Some(&b))).collect();
+                let b = if fused { None } else { Some(k.inputs.read(k.base, r.clone())?) };
+                let keys = pending.iter().map(|&(j, _)| k.delta(j, r.clone(), b.as_ref().map(|b| &b[..]))).collect();
                 // The rank pass reads a chunk in cache blocks: its pages go after the chunk's last block.
                 if r.end.is_multiple_of(CHUNK_ELEMS) || r.end == n {
                     k.inputs.release_pages(r.end.saturating_sub(1) / CHUNK_ELEMS * CHUNK_ELEMS..r.end);
