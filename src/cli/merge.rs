@@ -732,7 +732,7 @@ mod tests {
     fn resolved(argv: &[&str]) -> Vec<crate::merge::params::TensorParams> {
         let cfg = build_config(&args(argv)).unwrap();
         let models: Vec<Checkpoint> = cfg.model_paths().iter().map(Checkpoint::open).collect::<Result<_>>().unwrap();
-        let plan = plan::build(&cfg, &models).unwrap();
+        let plan = crate::merge::plan::build(&cfg, &models).unwrap();
         plan.tensors
             .into_iter()
             .filter_map(|t| match t.op {
