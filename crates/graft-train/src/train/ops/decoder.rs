@@ -17,22 +17,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
-use super::{contiguous, dot_f64, unsupported, CResult};
-
-/// The exponential in the working precision (f32 for f32 tensors: its rounding is within f32's own).
-trait Exp: WithDType {
-    fn exp_(self) -> Self;
-}
-impl Exp for f32 {
-    fn exp_(self) -> f32 {
-        self.exp()
-    }
-}
-impl Exp for f64 {
-    fn exp_(self) -> f64 {
-        self.exp()
-    }
-}
+use super::{contiguous, dot_f64, unsupported, CResult, Exp};
 
 fn last_dim(l: &Layout) -> usize {
     l.shape().dims().last().copied().unwrap_or(1).max(1)
@@ -62,7 +47,10 @@ fn inv_rms<T: WithDType>(x: &[T], eps: f64) -> f64 {
 fn check_norm_weight(l: &Layout, wl: &Layout, op: &str) -> CResult<usize> {
     let d = last_dim(l);
     if wl.shape().elem_count() != d {
-        return Err(candle_core::Error::Msg(format!("{op}: weight of {} values for rows of {d}", wl.shape().elem_count())));
+        return Err(candle_core::Error::Msg(format!(
+            "{op}: weight of {} values for rows of {d}",
+            wl.shape().elem_count()
+        )));
     }
     Ok(d)
 }
@@ -186,7 +174,11 @@ impl CustomOp2 for RmsNormGradWeight {
 /// `silu(gate) * up`, elementwise, for two tensors of one shape.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
     if gate.shape() != up.shape() {
-        return Err(candle_core::Error::Msg(format!("graft-swiglu: gate {:?} and up {:?} differ", gate.dims(), up.dims())));
+        return Err(candle_core::Error::Msg(format!(
+            "graft-swiglu: gate {:?} and up {:?} differ",
+            gate.dims(),
+            up.dims()
+        )));
     }
     gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
 }
@@ -366,7 +358,8 @@ impl CustomOp1 for CausalSoftmax {
             y.par_chunks_mut(t).zip(x.par_chunks(t)).enumerate().for_each(|(row, (y, x))| {
                 let seen = row % t + 1;
                 let (x, y) = (&x[..seen], &mut y[..seen]);
-                let m = x.iter().fold(T::from_f64(f64::NEG_INFINITY), |a, &b| if b * scale > a { b * scale } else { a });
+                let m =
+                    x.iter().fold(T::from_f64(f64::NEG_INFINITY), |a, &b| if b * scale > a { b * scale } else { a });
                 let mut sum = 0f64;
                 for (y, &v) in y.iter_mut().zip(x) {
                     let e = (v * scale - m).exp_();
@@ -401,13 +394,15 @@ impl CustomOp2 for CausalSoftmaxGrad {
             let g = contiguous::<T>(gs, gl, self.name())?;
             let y = contiguous::<T>(ys, yl, self.name())?;
             let mut dx = vec![T::from_f64(0.0); g.len()];
-            dx.par_chunks_mut(t).zip(g.par_chunks(t).zip(y.par_chunks(t))).enumerate().for_each(|(row, (o, (g, y)))| {
-                let seen = row % t + 1;
-                let dot: f64 = g[..seen].iter().zip(&y[..seen]).map(|(a, b)| a.to_f64() * b.to_f64()).sum();
-                for ((o, &g), &y) in o[..seen].iter_mut().zip(g).zip(y) {
-                    *o = T::from_f64(self.scale * y.to_f64() * (g.to_f64() - dot));
-                }
-            });
+            dx.par_chunks_mut(t).zip(g.par_chunks(t).zip(y.par_chunks(t))).enumerate().for_each(
+                |(row, (o, (g, y)))| {
+                    let seen = row % t + 1;
+                    let dot: f64 = g[..seen].iter().zip(&y[..seen]).map(|(a, b)| a.to_f64() * b.to_f64()).sum();
+                    for ((o, &g), &y) in o[..seen].iter_mut().zip(g).zip(y) {
+                        *o = T::from_f64(self.scale * y.to_f64() * (g.to_f64() - dot));
+                    }
+                },
+            );
             Ok((T::to_cpu_storage_owned(dx), gl.shape().clone()))
         })
     }

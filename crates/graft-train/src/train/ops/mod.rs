@@ -60,6 +60,21 @@ macro_rules! dispatch {
     };
 }
 
+/// The exponential in the working precision: an f32 one is within f32's rounding of the exact value.
+trait Exp: WithDType {
+    fn exp_(self) -> Self;
+}
+impl Exp for f32 {
+    fn exp_(self) -> f32 {
+        self.exp()
+    }
+}
+impl Exp for f64 {
+    fn exp_(self) -> f64 {
+        self.exp()
+    }
+}
+
 fn from_f64_vec<T: WithDType>(v: &[f64]) -> Vec<T> {
     v.iter().map(|&x| T::from_f64(x)).collect()
 }
