@@ -203,7 +203,8 @@ pub fn run(o: &LmEvalOptions) -> Result<LmEvalOutcome> {
         return Err(Error::usage(format!("{}: the text has {} token(s); at least 2 are needed", o.data, ids.len())));
     }
     let start = Instant::now();
-    let logprobs = token_logprobs(&model, &wins, o.batch)?;
+    // Scoring needs no gradient: without a graph no activation outlives its use.
+    let logprobs = trainer::without_graph(model.store(), || token_logprobs(&model, &wins, o.batch))?;
     let time_s = start.elapsed().as_secs_f64();
     let predicted: usize = logprobs.iter().map(Vec::len).sum();
     let nll = -logprobs.iter().flat_map(|w| w.iter()).map(|&x| x as f64).sum::<f64>() / predicted as f64;

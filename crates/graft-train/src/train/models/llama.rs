@@ -8,8 +8,14 @@
 //! inverse frequencies (the `rotate_half` layout, which is what Hugging Face checkpoints store; `graft convert`
 //! undoes llama.cpp's interleaved one), softmax over masked scores scaled by `1/sqrt(head_dim)`.
 //!
+//! On the CPU the layer runs on graft's fused kernels (`ops::decoder`: RMSNorm, SwiGLU, rotary embedding into head
+//! order, scaled causal softmax), grouped-query attention without copying the shared key/value heads, and the head
+//! only on the positions that predict a token; other devices take the same functions from candle's generic ops.
+//!
 //! Parameters live in a `ParamStore`, so the same model serves evaluation now and selective fine-tuning later: a
 //! frozen parameter enters the forward pass detached.
+
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, D};
 use serde::Deserialize;
@@ -224,6 +230,9 @@ impl RmsNorm {
         Ok(RmsNorm { weight: store.param(&format!("{name}.weight"), &[n], Init::Const(1.0))?, eps })
     }
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if ops::fused_available(x) {
+            return ops::rms_norm(x, &self.weight.t(), self.eps);
+        }
         let variance = x.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = x.broadcast_div(&(variance + self.eps)?.sqrt()?)?;
         match self.weight.trainable() {
@@ -325,8 +334,30 @@ impl Llama {
         Ok((Tensor::from_vec(cos, (t, 2 * half), device)?, Tensor::from_vec(sin, (t, 2 * half), device)?))
     }
 
+    /// The rotary angles' cos and sin for positions `0..t` as the fused CPU kernels take them: one value per angle
+    /// (the `rotate_half` layout uses each twice), the same f32-rounded values `rotary` gives.
+    fn rope_tables(&self, t: usize) -> Arc<ops::RopeTables> {
+        let half = self.inv_freq.len();
+        let (mut cos, mut sin) = (Vec::with_capacity(t * half), Vec::with_capacity(t * half));
+        for pos in 0..t {
+            for &f in &self.inv_freq {
+                let a = (pos as f32 * f) as f64;
+                cos.push(a.cos() as f32 as f64);
+                sin.push(a.sin() as f32 as f64);
+            }
+        }
+        Arc::new(ops::RopeTables { positions: t, half, cos, sin })
+    }
+
     /// Logits (batch, time, vocab) for token ids (batch, time), attending causally.
     pub fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let x = self.hidden(ids)?;
+        let (b, t, _) = x.dims3()?;
+        self.head(&x.reshape((b * t, self.config.hidden_size))?)?.reshape((b, t, self.config.vocab_size))
+    }
+
+    /// The final hidden states (batch, time, hidden) for token ids (batch, time), after the final norm.
+    fn hidden(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let c = &self.config;
         let (heads, kv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
@@ -334,12 +365,15 @@ impl Llama {
         let embed = self.embed.t();
         let mut x = embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, c.hidden_size))?;
         let dtype = x.dtype();
+        let scale = 1.0 / (hd as f64).sqrt();
+        if ops::fused_available(&x) {
+            return self.hidden_fused(x, b, t);
+        }
         let (cos, sin) = self.rotary(t, device)?;
         let (cos, sin) = (cos.to_dtype(dtype)?, sin.to_dtype(dtype)?);
         let mask: Vec<f32> =
             (0..t).flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY })).collect();
         let mask = Tensor::from_vec(mask, (t, t), device)?.to_dtype(dtype)?;
-        let scale = 1.0 / (hd as f64).sqrt();
         for block in &self.blocks {
             let h = block.input_norm.forward(&x)?;
             let q = block.q.forward(&h)?.reshape((b, t, heads, hd))?.transpose(1, 2)?;
@@ -364,17 +398,44 @@ impl Llama {
                 block.down.forward(&(candle_nn::ops::silu(&block.gate.forward(&h)?)? * block.up.forward(&h)?)?)?;
             x = if x.track_op() { (x + mlp)? } else { ops::frozen_shift(&mlp, &x)? };
         }
-        let x = self.norm.forward(&x)?;
+        self.norm.forward(&x)
+    }
+
+    /// `hidden` on the CPU with graft's fused kernels: RMSNorm, the rotary embedding applied while the query and
+    /// key move into head order, grouped-query attention without copies of the shared key/value heads (each key
+    /// head's query heads stacked along the rows of one product), one scaled causal softmax, and SwiGLU.
+    fn hidden_fused(&self, mut x: Tensor, b: usize, t: usize) -> candle_core::Result<Tensor> {
+        let c = &self.config;
+        let (heads, kv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
+        let group = heads / kv;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let rope = self.rope_tables(t);
+        for block in &self.blocks {
+            let h = block.input_norm.forward(&x)?;
+            let q = ops::rope_to_heads(&block.q.forward(&h)?.reshape((b, t, heads, hd))?, &rope)?;
+            let k = ops::rope_to_heads(&block.k.forward(&h)?.reshape((b, t, kv, hd))?, &rope)?;
+            let v = block.v.forward(&h)?.reshape((b, t, kv, hd))?.transpose(1, 2)?.contiguous()?;
+            // Query heads g * group .. (g + 1) * group share key head g: as rows they are one (group * t, hd) block.
+            let scores = q.reshape((b, kv, group * t, hd))?.matmul(&k.t()?)?;
+            let attn = ops::causal_softmax(&scores, scale)?;
+            let o = attn.matmul(&v)?.reshape((b, heads, t, hd))?.transpose(1, 2)?.reshape((b, t, heads * hd))?;
+            let attn_out = block.o.forward(&o)?;
+            x = if x.track_op() { (x + attn_out)? } else { ops::frozen_shift(&attn_out, &x)? };
+            let h = block.post_norm.forward(&x)?;
+            let mlp = block.down.forward(&ops::swiglu(&block.gate.forward(&h)?, &block.up.forward(&h)?)?)?;
+            x = if x.track_op() { (x + mlp)? } else { ops::frozen_shift(&mlp, &x)? };
+        }
+        self.norm.forward(&x)
+    }
+
+    /// Logits (rows, vocab) of hidden-state rows (rows, hidden).
+    fn head(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match &self.head {
-            Some(head) => head.forward(&x),
-            None => {
-                let x = x.reshape((b * t, c.hidden_size))?;
-                let rows = match self.embed.trainable() {
-                    true => x.matmul(&embed.t()?)?,
-                    false => ops::frozen_linear(&x, &embed, None)?,
-                };
-                rows.reshape((b, t, c.vocab_size))
-            }
+            Some(head) => head.forward(x),
+            None => match self.embed.trainable() {
+                true => x.matmul(&self.embed.t().t()?),
+                false => ops::frozen_linear(x, &self.embed.t(), None),
+            },
         }
     }
 
@@ -382,10 +443,21 @@ impl Llama {
     /// logits in one fused pass per position (sums in f64).
     pub fn next_token_logprobs(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        let logits = self.forward(ids)?.narrow(1, 0, t - 1)?;
-        let rows = logits.contiguous()?.reshape((b * (t - 1), self.config.vocab_size))?;
+        // The last position predicts nothing: the head runs on the other rows only.
+        let x = self.hidden(ids)?.narrow(1, 0, t - 1)?.contiguous()?.reshape((b * (t - 1), self.config.hidden_size))?;
         let targets = ids.narrow(1, 1, t - 1)?.contiguous()?.flatten_all()?;
-        ops::target_logprobs(&rows, &targets)?.reshape((b, t - 1))
+        let rows = b * (t - 1);
+        if x.track_op() || rows <= HEAD_ROWS {
+            return ops::target_logprobs(&self.head(&x)?, &targets)?.reshape((b, t - 1));
+        }
+        // Without a graph, the logits are needed one block of rows at a time: a block stays in cache between the
+        // product that writes it and the pass that reads it, and no tensor of rows x vocabulary is ever allocated.
+        let mut parts = Vec::with_capacity(rows.div_ceil(HEAD_ROWS));
+        for start in (0..rows).step_by(HEAD_ROWS) {
+            let n = HEAD_ROWS.min(rows - start);
+            parts.push(ops::target_logprobs(&self.head(&x.narrow(0, start, n)?)?, &targets.narrow(0, start, n)?)?);
+        }
+        Tensor::cat(&parts, 0)?.reshape((b, t - 1))
     }
 }
 
@@ -433,6 +505,9 @@ fn repeat_kv(x: &Tensor, n: usize) -> candle_core::Result<Tensor> {
     let (b, kv, t, d) = x.dims4()?;
     x.unsqueeze(2)?.expand((b, kv, n, t, d))?.contiguous()?.reshape((b, kv * n, t, d))
 }
+
+/// Rows of logits computed at a time when no gradient is needed (32 x 49,152 f32 for SmolLM2: 6 MiB).
+const HEAD_ROWS: usize = 32;
 
 /// The working dtype of the causal LM (transformers' perplexities are measured in f32 here too).
 pub const WORKING_DTYPE: DType = DType::F32;

@@ -5,7 +5,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
-use super::{contiguous, fused_available, unsupported, CResult};
+use super::{contiguous, fused_available, unsupported, CResult, Exp};
 
 /// `log softmax(logits)[row, targets[row]]` for logits (rows, classes) and u32 targets (rows,): a (rows,) tensor.
 pub fn target_logprobs(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
@@ -17,6 +17,13 @@ pub fn target_logprobs(logits: &Tensor, targets: &Tensor) -> candle_core::Result
 }
 
 struct TargetLogprob;
+
+/// The row's maximum and `sum(exp(x - max))`: each exponential in the working precision (an f32 one is within
+/// f32's rounding of the exact value, and several times cheaper than f64's), the sum in f64.
+fn max_and_exp_sum<T: Exp>(row: &[T]) -> (T, f64) {
+    let m = row.iter().fold(row[0], |a, &b| if b > a { b } else { a });
+    (m, row.iter().map(|&v| (v - m).exp_().to_f64()).sum())
+}
 
 fn targets_of<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> CResult<&'a [u32]> {
     match s {
@@ -41,9 +48,8 @@ impl CustomOp2 for TargetLogprob {
                 .par_chunks(n)
                 .zip(targets.par_iter())
                 .map(|(row, &t)| {
-                    let m = row.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b.to_f64()));
-                    let sum: f64 = row.iter().map(|&v| (v.to_f64() - m).exp()).sum();
-                    T::from_f64(row[t as usize].to_f64() - m - sum.ln())
+                    let (m, sum) = max_and_exp_sum(row);
+                    T::from_f64(row[t as usize].to_f64() - m.to_f64() - sum.ln())
                 })
                 .collect();
             Ok((T::to_cpu_storage_owned(out), Shape::from(rows)))
@@ -78,13 +84,12 @@ impl CustomOp3 for TargetLogprobBackward {
             let mut dx = vec![T::from_f64(0.0); x.len()];
             dx.par_chunks_mut(n).zip(x.par_chunks(n)).zip(targets.par_iter().zip(g.par_iter())).for_each(
                 |((o, row), (&t, &g))| {
-                    let m = row.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b.to_f64()));
-                    let sum: f64 = row.iter().map(|&v| (v.to_f64() - m).exp()).sum();
-                    let g = g.to_f64();
+                    let (m, sum) = max_and_exp_sum(row);
+                    let scale = T::from_f64(-g.to_f64() / sum);
                     for (o, &v) in o.iter_mut().zip(row) {
-                        *o = T::from_f64(-g * (v.to_f64() - m).exp() / sum);
+                        *o = scale * (v - m).exp_();
                     }
-                    o[t as usize] = T::from_f64(o[t as usize].to_f64() + g);
+                    o[t as usize] = T::from_f64(o[t as usize].to_f64() + g.to_f64());
                 },
             );
             Ok((T::to_cpu_storage_owned(dx), l.shape().clone()))

@@ -12,7 +12,8 @@
 //! `frozen` is not a kernel but works on every device: products with frozen operands that differentiate only the
 //! tracked input (candle's own backward pass would compute and keep the frozen operands' gradients too).
 //!
-//! The pieces: `activation` (ReLU, softmax), `conv` (pointwise and depthwise convolution), `batchnorm` (training-mode
+//! The pieces: `activation` (ReLU, softmax), `decoder` (a llama decoder layer's RMSNorm, SwiGLU, rotary embedding
+//! and causal softmax), `conv` (pointwise and depthwise convolution), `batchnorm` (training-mode
 //! BatchNorm and the fixed affine map), `pool` (max pooling), `separable` (the separable convolution as one graph
 //! node, built from `conv` and `batchnorm`). The shared helpers below (dtype dispatch, lane reductions) are theirs.
 
@@ -57,6 +58,21 @@ macro_rules! dispatch {
             _ => Err(unsupported($op)),
         }
     };
+}
+
+/// The exponential in the working precision: an f32 one is within f32's rounding of the exact value.
+trait Exp: WithDType {
+    fn exp_(self) -> Self;
+}
+impl Exp for f32 {
+    fn exp_(self) -> f32 {
+        self.exp()
+    }
+}
+impl Exp for f64 {
+    fn exp_(self) -> f64 {
+        self.exp()
+    }
 }
 
 fn from_f64_vec<T: WithDType>(v: &[f64]) -> Vec<T> {
@@ -112,6 +128,7 @@ fn sum_f64<T: WithDType>(a: &[T]) -> f64 {
 mod activation;
 mod batchnorm;
 mod conv;
+mod decoder;
 mod frozen;
 mod logprob;
 mod pool;
@@ -122,6 +139,7 @@ mod tests;
 pub use activation::{relu, softmax_last_dim};
 pub use batchnorm::{batch_norm_train, channel_affine_const, BatchStats};
 pub use conv::{depthwise_conv, pointwise_conv};
+pub use decoder::{causal_softmax, rms_norm, rope_to_heads, swiglu, RopeTables};
 pub use frozen::{frozen_linear, frozen_scale, frozen_shift, linear_of_constant_input};
 pub use logprob::target_logprobs;
 pub use pool::max_pool;

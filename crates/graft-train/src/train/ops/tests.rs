@@ -135,3 +135,123 @@ fn target_logprobs_match_log_softmax_and_gather() {
     };
     compare(|t| target_logprobs(&t[0], &targets).unwrap(), generic, &[(rand_tensor(&[5, 7], 7) * 4.0).unwrap()], 1e-12);
 }
+
+/// The gradient of `sum(f(inputs) * weights)` by central differences in f64 against autograd, at the entry of each
+/// input with the largest gradient and a few others.
+fn finite_differences(f: impl Fn(&[Tensor]) -> Tensor, inputs: &[Tensor]) {
+    let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let weights = rand_tensor(f(&ts).dims(), 77);
+    let loss = |xs: &[Tensor]| (f(xs) * &weights).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+    let grads = (f(&ts) * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+    let h = 1e-6;
+    for (i, t) in inputs.iter().enumerate() {
+        let g = grads.get(&ts[i]).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let values = t.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let top = (0..g.len()).max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs())).unwrap();
+        for k in [top, 0, g.len() / 2, g.len() - 1] {
+            let at = |delta: f64| {
+                let mut v = values.clone();
+                v[k] += delta;
+                let mut xs = inputs.to_vec();
+                xs[i] = Tensor::from_vec(v, t.shape(), &Device::Cpu).unwrap();
+                loss(&xs)
+            };
+            let numeric = (at(h) - at(-h)) / (2.0 * h);
+            assert!(
+                (numeric - g[k]).abs() <= 1e-6 * g[k].abs().max(1e-2),
+                "input {i}[{k}]: autograd {} finite difference {numeric}",
+                g[k]
+            );
+        }
+    }
+}
+
+/// Checks a fused op against its unfused composition (forward, every gradient) and by finite differences.
+fn check_fused(fused: impl Fn(&[Tensor]) -> Tensor + Copy, generic: impl Fn(&[Tensor]) -> Tensor, inputs: &[Tensor]) {
+    compare(fused, generic, inputs, 1e-12);
+    finite_differences(fused, inputs);
+}
+
+#[test]
+fn rms_norm_matches_the_unfused_formula() {
+    let inputs = [rand_tensor(&[2, 5, 12], 21), rand_tensor(&[12], 22)];
+    let generic = |t: &[Tensor]| {
+        let variance = t[0].sqr().unwrap().mean_keepdim(2).unwrap();
+        let normed = t[0].broadcast_div(&(variance + 1e-5).unwrap().sqrt().unwrap()).unwrap();
+        normed.broadcast_mul(&t[1]).unwrap()
+    };
+    check_fused(|t| rms_norm(&t[0], &t[1], 1e-5).unwrap(), generic, &inputs);
+}
+
+/// More rows than one block of the scale's gradient, and a frozen scale: the input's gradient only.
+#[test]
+fn rms_norm_weight_gradient_spans_blocks_and_a_frozen_scale_gets_none() {
+    let x = Var::from_tensor(&rand_tensor(&[70, 6], 23)).unwrap();
+    let w = Var::from_tensor(&rand_tensor(&[6], 24)).unwrap();
+    let generic = |w: &Tensor| {
+        let variance = x.sqr().unwrap().mean_keepdim(1).unwrap();
+        x.broadcast_div(&(variance + 1e-6).unwrap().sqrt().unwrap()).unwrap().broadcast_mul(w).unwrap()
+    };
+    let weights = rand_tensor(&[70, 6], 25);
+    let gf = (rms_norm(&x, &w, 1e-6).unwrap() * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+    let gg = (generic(&w) * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+    assert!(max_abs_diff(gf.get(&w).unwrap(), gg.get(&w).unwrap()) < 1e-12);
+    let frozen = w.as_tensor().detach();
+    // A loss with no constant operand of its own (candle's product would keep a gradient for `weights`).
+    let gf = rms_norm(&x, &frozen, 1e-6).unwrap().sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    let gg = generic(&frozen).sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    assert!(max_abs_diff(gf.get(&x).unwrap(), gg.get(&x).unwrap()) < 1e-12);
+    assert_eq!(gf.get_ids().count(), 1, "only the input's gradient is kept");
+}
+
+#[test]
+fn swiglu_matches_silu_times_up() {
+    let inputs = [rand_tensor(&[3, 4, 10], 31), rand_tensor(&[3, 4, 10], 32)];
+    let generic = |t: &[Tensor]| {
+        let sigmoid = (t[0].neg().unwrap().exp().unwrap() + 1.0).unwrap().recip().unwrap();
+        (&t[0] * sigmoid).unwrap().mul(&t[1]).unwrap()
+    };
+    check_fused(|t| swiglu(&t[0], &t[1]).unwrap(), generic, &inputs);
+}
+
+/// Tables for `t` positions of head_dim `2 * half` with arbitrary angles.
+fn tables(t: usize, half: usize) -> std::sync::Arc<RopeTables> {
+    let angles: Vec<f64> = (0..t * half).map(|i| 0.3 * i as f64 + 0.1).collect();
+    std::sync::Arc::new(RopeTables {
+        positions: t,
+        half,
+        cos: angles.iter().map(|a| a.cos()).collect(),
+        sin: angles.iter().map(|a| a.sin()).collect(),
+    })
+}
+
+#[test]
+fn rope_to_heads_matches_transpose_and_rotate_half() {
+    let (b, t, h, half) = (2, 5, 3, 4);
+    let tab = tables(t, half);
+    // The `rotate_half` layout: each angle's cos and sin for element i and i + half.
+    let full = |v: &[f64]| {
+        let rows: Vec<f64> = v.chunks(half).flat_map(|r| r.iter().chain(r.iter()).copied()).collect();
+        Tensor::from_vec(rows, (t, 2 * half), &Device::Cpu).unwrap()
+    };
+    let (cos, sin) = (full(&tab.cos), full(&tab.sin));
+    let generic = |x: &[Tensor]| {
+        let x = x[0].transpose(1, 2).unwrap().contiguous().unwrap();
+        let (x1, x2) = (x.narrow(3, 0, half).unwrap(), x.narrow(3, half, half).unwrap());
+        let rotated = Tensor::cat(&[&x2.neg().unwrap(), &x1], 3).unwrap();
+        (x.broadcast_mul(&cos).unwrap() + rotated.broadcast_mul(&sin).unwrap()).unwrap()
+    };
+    check_fused(|x| rope_to_heads(&x[0], &tab).unwrap(), generic, &[rand_tensor(&[b, t, h, 2 * half], 41)]);
+}
+
+/// Scores of two groups of three query heads stacked along the rows (group * t, t): row r is at position r % t.
+#[test]
+fn causal_softmax_matches_scale_mask_and_softmax() {
+    let t = 5;
+    let mask: Vec<f64> =
+        (0..3 * t).flat_map(|r| (0..t).map(move |j| if j <= r % t { 0.0 } else { f64::NEG_INFINITY })).collect();
+    let mask = Tensor::from_vec(mask, (3 * t, t), &Device::Cpu).unwrap();
+    let generic = |x: &[Tensor]| softmax_last_dim(&(&x[0] * 0.35).unwrap().broadcast_add(&mask).unwrap()).unwrap();
+    check_fused(|x| causal_softmax(&x[0], 0.35).unwrap(), generic, &[rand_tensor(&[2, 2, 3 * t, t], 51)]);
+}
