@@ -875,7 +875,10 @@ tokenizer_source: base
         let text = "merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1}\nselect_topk: 0.5\ndype: float16\n";
         std::fs::write(&cfg, text).unwrap();
         let e = load(&cfg, false).unwrap_err().to_string();
-        assert!(e.contains("unknown key 'select_topk'") && e.contains("--lenient"), "{e}");
+        assert!(
+            e.contains("unknown key 'select_topk'") && e.contains(&format!("({}: warn and go on)", Arg::Lenient)),
+            "{e}"
+        );
         let loaded = load(&cfg, true).unwrap();
         assert_eq!(loaded.warnings.len(), 2, "{:?}", loaded.warnings);
         assert!(loaded.warnings[0].starts_with(&format!("warning: {}: unknown key 'select_topk'", cfg.display())));
@@ -911,7 +914,8 @@ tokenizer_source: base
         std::fs::write(&cfg, text).unwrap();
         let e = load(&cfg, false).unwrap_err().to_string();
         assert!(
-            e.contains("unknown parameter 'nomalize' for ties in parameters (accepted: ") && e.contains("--lenient"),
+            e.contains("unknown parameter 'nomalize' for ties in parameters (accepted: ")
+                && e.contains(&format!("({}: warn and go on)", Arg::Lenient)),
             "{e}"
         );
         let loaded = load(&cfg, true).unwrap();
@@ -944,7 +948,7 @@ tokenizer_source: base
         assert_eq!(m[1].parameters["weight"], Setting::num(0.7));
         assert_eq!(m[0].parameters["density"], Setting::num(0.5));
         let f = Flags { models: vec!["a".into()], ..Flags::new(method("ties")) };
-        assert!(f.into_config().unwrap_err().to_string().contains("--base"));
+        assert!(f.into_config().unwrap_err().to_string().contains(&format!("needs {}", Arg::Base)));
         let f = Flags {
             models: vec!["a".into(), "b".into()],
             per_model: vec![("weight".into(), vec![0.3, 0.7, 1.0])],
