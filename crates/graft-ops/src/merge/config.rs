@@ -306,6 +306,14 @@ impl Parser<'_> {
         }
     }
 
+    fn nonempty_sequence<'v>(&self, v: &'v Yaml, what: &str) -> Result<&'v [Yaml]> {
+        let list = self.sequence(v, what)?;
+        if list.is_empty() {
+            return Err(self.err(format!("'{what}' is empty")));
+        }
+        Ok(list)
+    }
+
     fn sequence<'v>(&self, v: &'v Yaml, what: &str) -> Result<&'v [Yaml]> {
         match v {
             Yaml::Sequence(s) => Ok(s),
@@ -446,10 +454,7 @@ impl Parser<'_> {
     }
 
     fn models(&self, v: &Yaml, at: &str) -> Result<Vec<ModelEntry>> {
-        let list = self.sequence(v, at)?;
-        if list.is_empty() {
-            return Err(self.err(format!("'{at}' is empty")));
-        }
+        let list = self.nonempty_sequence(v, at)?;
         list.iter()
             .enumerate()
             .map(|(i, e)| {
@@ -466,10 +471,7 @@ impl Parser<'_> {
     }
 
     fn slices(&self, v: &Yaml, at: &str) -> Result<Vec<SliceDef>> {
-        let list = self.sequence(v, at)?;
-        if list.is_empty() {
-            return Err(self.err(format!("'{at}' is empty")));
-        }
+        let list = self.nonempty_sequence(v, at)?;
         list.iter()
             .enumerate()
             .map(|(i, e)| {
