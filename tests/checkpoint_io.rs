@@ -257,6 +257,40 @@ fn refuses_to_overwrite_inputs_and_existing_outputs_without_force() {
 }
 
 #[test]
+fn a_large_output_written_around_the_page_cache_holds_every_byte() {
+    // Over 64 MiB a shard is written with O_DIRECT (checkpoint::shard_file): aligned buffers, the last one padded
+    // and cut back. A header of odd length puts every tensor off the block boundaries; written whole, then copied by
+    // `convert` at 1 and 3 threads, the bytes must come back exactly.
+    let tmp = tempfile::tempdir().unwrap();
+    let n = (70 << 20) / 4 + 777;
+    let value = |i: usize| (i as f32).sin() * 1.0e-2 + (i % 4099) as f32;
+    let large: Vec<f32> = (0..n).map(value).collect();
+    let input = tmp.path().join("big.safetensors");
+    let decls = vec![
+        TensorDecl::new("a_bias_with_a_long_name_for_an_odd_header", Dtype::F32, vec![3]),
+        TensorDecl::new("b.weight", Dtype::F32, vec![n]),
+    ];
+    let want: Vec<u8> = large.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let mut w = CheckpointWriter::create(&input, decls, WriterOptions::default()).unwrap();
+    w.write_f32("a_bias_with_a_long_name_for_an_odd_header", &[1.0, 2.0, 3.0]).unwrap();
+    // In pieces that are not multiples of the block either.
+    for piece in want.chunks(4_000_003) {
+        w.write_data(piece).unwrap();
+    }
+    w.finish().unwrap();
+    let back = Checkpoint::open(&input).unwrap();
+    assert!(back.tensor("b.weight").unwrap().data == want.as_slice());
+    let small: Vec<u8> = [1.0f32, 2.0, 3.0].iter().flat_map(|x| x.to_le_bytes()).collect();
+    assert_eq!(back.tensor("a_bias_with_a_long_name_for_an_odd_header").unwrap().data, small.as_slice());
+    for threads in [1, 3] {
+        let out = tmp.path().join(format!("copy{threads}.safetensors"));
+        let exec = Executor::new(Some(threads)).unwrap().quiet();
+        convert(&back, &out, None, WriterOptions::default(), &exec).unwrap();
+        assert!(std::fs::read(&out).unwrap() == std::fs::read(&input).unwrap(), "{threads} threads");
+    }
+}
+
+#[test]
 fn written_files_are_readable_by_others() {
     use std::os::unix::fs::PermissionsExt;
     let tmp = tempfile::tempdir().unwrap();

@@ -1,6 +1,6 @@
-//! Everything about checkpoint files: reading (memory-mapped, validated), dtype conversion, and the one streaming
-//! writer, and the commit protocol that makes every output whole or absent (`commit`). Nothing outside this module
-//! opens a safetensors file.
+//! Everything about checkpoint files: reading (memory-mapped, validated), dtype conversion, the one streaming
+//! writer and the way its shards reach the disk (`shard_file`), and the commit protocol that makes every output whole
+//! or absent (`commit`). Nothing outside this module opens a safetensors file.
 
 pub mod commit;
 pub mod dtype;
@@ -8,6 +8,7 @@ pub mod guard;
 pub mod header;
 pub mod hf_config;
 pub mod reader;
+pub mod shard_file;
 pub mod writer;
 
 pub use commit::write_atomic;

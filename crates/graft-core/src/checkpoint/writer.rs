@@ -13,12 +13,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::commit;
 use super::dtype::{self, Dtype};
 use super::reader::{INDEX_NAME, SINGLE_NAME};
+use super::shard_file::{ShardFile, DIRECT_FROM_BYTES};
 use crate::error::{Arg, Error, Result};
 
 /// Hugging Face's default `max_shard_size` ("5GB", decimal).
@@ -107,45 +108,11 @@ struct ShardPlan {
     data_bytes: u64,
 }
 
-/// Pieces of at least this many bytes are written to the file directly instead of through its buffer.
-const DIRECT_WRITE_BYTES: usize = 1 << 20;
-
-/// Bytes of a shard handed to the kernel between two writeback starts (`Open::start_writeback`).
-const WRITEBACK_BYTES: u64 = 16 << 20;
-
 struct Open {
     shard: usize,
     /// The file as the user will see it, for messages.
     shown: PathBuf,
-    file: BufWriter<File>,
-    /// Bytes written to the shard so far (header included), whether still in `file`'s buffer or not.
-    written: u64,
-    /// Offset up to which the disk write of the shard has been started.
-    submitted: u64,
-}
-
-impl Open {
-    /// Starts the disk write of what the kernel holds of the shard past `submitted`, once that is `WRITEBACK_BYTES`
-    /// or more, without waiting for it. Otherwise every byte waits in the page cache for `sync_all` at the end,
-    /// which then writes the whole shard while nothing else runs (0.3 s per GB here, 40% of the time `cp` and
-    /// `sync` take to copy a file); started as the data arrives, the disk writes while the merge computes, and the
-    /// final sync finds little left. Only advice: the commit protocol's `sync_all` still makes the file durable.
-    fn start_writeback(&mut self) {
-        let in_kernel = self.written - self.file.buffer().len() as u64;
-        if in_kernel - self.submitted < WRITEBACK_BYTES {
-            return;
-        }
-        #[cfg(target_os = "linux")]
-        {
-            use std::os::fd::AsRawFd;
-            let fd = self.file.get_ref().as_raw_fd();
-            let (from, len) = (self.submitted as i64, (in_kernel - self.submitted) as i64);
-            // SAFETY: a plain syscall on a file descriptor this writer owns; it reads no memory of ours. A failure
-            // (a file system without writeback control) is ignored: `sync_all` reports real write errors.
-            let _ = unsafe { libc::sync_file_range(fd, from as _, len as _, libc::SYNC_FILE_RANGE_WRITE) };
-        }
-        self.submitted = in_kernel;
-    }
+    file: ShardFile,
 }
 
 /// Where the output is committed, after following symlinks.
@@ -571,17 +538,7 @@ impl CheckpointWriter {
             self.ensure_open()?;
             let take = (self.remaining.min(bytes.len() as u64)) as usize;
             let open = self.open.as_mut().unwrap();
-            let piece = &bytes[..take];
-            let written = if piece.len() >= DIRECT_WRITE_BYTES {
-                // Large pieces (executor chunks, whole mapped tensors) skip the buffer: copying them into it first
-                // was a second user-space copy of every output byte (memmove was 4% of a linear merge's profile).
-                open.file.flush().and_then(|()| open.file.get_mut().write_all(piece))
-            } else {
-                open.file.write_all(piece)
-            };
-            written.map_err(|e| Error::io(&open.shown, e))?;
-            open.written += take as u64;
-            open.start_writeback();
+            open.file.write_all(&bytes[..take]).map_err(|e| Error::io(&open.shown, e))?;
             self.remaining -= take as u64;
             bytes = &bytes[take..];
             if self.remaining == 0 {
@@ -634,17 +591,16 @@ impl CheckpointWriter {
             }
         };
         self.opened = shard + 1;
-        let mut file = BufWriter::with_capacity(8 << 20, f);
+        let size = self.headers[shard].len() as u64 + self.shards[shard].data_bytes;
+        let mut file = ShardFile::new(f, size >= DIRECT_FROM_BYTES);
         file.write_all(&self.headers[shard]).map_err(|e| Error::io(&shown, e))?;
-        let written = self.headers[shard].len() as u64;
-        self.open = Some(Open { shard, shown, file, written, submitted: 0 });
+        self.open = Some(Open { shard, shown, file });
         Ok(())
     }
 
     fn close_open(&mut self) -> Result<()> {
         if let Some(open) = self.open.take() {
-            let f = open.file.into_inner().map_err(|e| Error::io(&open.shown, e.into_error()))?;
-            f.sync_all().map_err(|e| Error::io(&open.shown, e))?;
+            open.file.finish().map_err(|e| Error::io(&open.shown, e))?;
         }
         Ok(())
     }
