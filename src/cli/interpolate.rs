@@ -125,8 +125,7 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
         "points": points_json,
     });
     let manifest_path = dir.join("interpolation.json");
-    std::fs::write(&manifest_path, serde_json::to_string_pretty(&manifest).unwrap() + "\n")
-        .map_err(|e| Error::io(&manifest_path, e))?;
+    crate::files::write_atomic(&manifest_path, (serde_json::to_string_pretty(&manifest).unwrap() + "\n").as_bytes())?;
     if args.json {
         emit(&(manifest.to_string() + "\n"))
     } else {

@@ -131,7 +131,7 @@ pub struct Args {
     snr_select: Option<String>,
     /// SNRs to rank by: `base` (the reference model), `avg` (mean over the experts) or a `graft snr` selection file.
     #[arg(long, default_value = "base", value_name = "base|avg|FILE")]
-    snr_from: String,
+    snr_from: SnrSource,
     /// Interpolation weight of each merged layer: `fixed` (the configured weights/t) or `snr` (snr_B / (snr_A + snr_B)).
     #[arg(long, value_enum, default_value = "fixed")]
     alpha: AlphaArg,
@@ -517,7 +517,7 @@ fn run_stages(a: &Args, stages: &Stages, intermediates: &Path, global: &Global) 
     let prepare = |k: usize| -> Result<(PathBuf, PathBuf, String)> {
         let stage = &stages.stages[k];
         let config_file = intermediates.join(format!("{}.yml", stage.stem()));
-        std::fs::write(&config_file, &stage.yaml).map_err(|e| Error::io(&config_file, e))?;
+        crate::files::write_atomic(&config_file, stage.yaml.as_bytes())?;
         // The inputs as the stage will read them; a config that does not load is reported when the stage runs.
         let inputs = config::load(&config_file, a.lenient).map(|l| l.config.model_paths()).unwrap_or_default();
         let stamp = multi::stamp(&stage.yaml, &options, &inputs);
@@ -570,7 +570,7 @@ fn run_stages(a: &Args, stages: &Stages, intermediates: &Path, global: &Global) 
                 other => Error::invalid(format!("{at}: {other}")),
             }
         })?;
-        std::fs::write(&stamp_file, &stamp).map_err(|e| Error::io(&stamp_file, e))?;
+        crate::files::write_atomic(&stamp_file, stamp.as_bytes())?;
     }
     Ok(())
 }
@@ -579,10 +579,10 @@ fn run_one(a: &Args, global: &Global) -> Result<()> {
     let select = match &a.snr_select {
         Some(s) => Some(SelectOptions {
             top_p: select::parse_top_p(s)?,
-            from: SnrSource::parse(&a.snr_from),
+            from: a.snr_from.clone(),
             alpha: if a.alpha == AlphaArg::Snr { Alpha::Snr } else { Alpha::Fixed },
         }),
-        None if a.alpha == AlphaArg::Snr || a.snr_from != "base" => {
+        None if a.alpha == AlphaArg::Snr || a.snr_from != SnrSource::Base => {
             return Err(Error::usage("--alpha and --snr-from need --snr-select"))
         }
         None => None,

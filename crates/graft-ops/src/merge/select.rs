@@ -42,11 +42,30 @@ pub enum SnrSource {
 }
 
 impl SnrSource {
+    /// `base`, `avg`, or any other text as the path of a selection file (as `--snr-from` takes it).
     pub fn parse(s: &str) -> SnrSource {
         match s {
             "base" => SnrSource::Base,
             "avg" => SnrSource::Avg,
             path => SnrSource::File(PathBuf::from(path)),
+        }
+    }
+}
+
+impl std::str::FromStr for SnrSource {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> std::result::Result<SnrSource, Self::Err> {
+        Ok(SnrSource::parse(s))
+    }
+}
+
+/// The text `parse` reads back: `base`, `avg` or the file's path.
+impl std::fmt::Display for SnrSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SnrSource::Base => f.write_str("base"),
+            SnrSource::Avg => f.write_str("avg"),
+            SnrSource::File(p) => write!(f, "{}", p.display()),
         }
     }
 }

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use super::plan::{Freeze, LlmPlan, Plan};
 use super::runner::Step;
+use graft_ops::merge::select::SnrSource;
 
 /// The directory of one seed's artefacts.
 pub fn seed_dir(rundir: &Path, seed: u64) -> PathBuf {
@@ -103,8 +104,8 @@ pub fn phase_one(plan: &Plan, rundir: &Path) -> Vec<Step> {
 pub struct MergeSpec {
     pub method: String,
     pub top_p: f64,
-    /// "base" or "avg": whose SNR ranks the layers.
-    pub snr_from: &'static str,
+    /// Whose SNR ranks the layers: the base's, or the experts' average.
+    pub snr_from: SnrSource,
     /// Merge the aligned experts (false: the naive merge of the unaligned ones).
     pub aligned: bool,
 }
@@ -112,7 +113,7 @@ pub struct MergeSpec {
 impl MergeSpec {
     pub fn id(&self) -> String {
         let mut id = format!("{}-p{}", self.method, self.top_p);
-        if self.snr_from == "avg" {
+        if self.snr_from == SnrSource::Avg {
             id.push_str("-snravg");
         }
         if !self.aligned {
@@ -126,7 +127,7 @@ impl MergeSpec {
         let p =
             if self.top_p >= 1.0 { "all layers".to_string() } else { format!("top-{}%", (self.top_p * 100.0).round()) };
         let mut l = format!("{} {p}", self.method);
-        if self.snr_from == "avg" {
+        if self.snr_from == SnrSource::Avg {
             l.push_str(" (SNR avg)");
         }
         if !self.aligned {
@@ -142,17 +143,22 @@ pub fn merges(plan: &Plan, alignment_changed: bool) -> Vec<MergeSpec> {
     let mut v = Vec::new();
     for m in &plan.methods {
         for &p in &plan.top_p {
-            v.push(MergeSpec { method: m.clone(), top_p: p, snr_from: "base", aligned: plan.align });
+            v.push(MergeSpec { method: m.clone(), top_p: p, snr_from: SnrSource::Base, aligned: plan.align });
         }
     }
     if plan.snr_average_variant {
         for &p in plan.top_p.iter().filter(|p| **p < 1.0) {
-            v.push(MergeSpec { method: plan.methods[0].clone(), top_p: p, snr_from: "avg", aligned: plan.align });
+            v.push(MergeSpec {
+                method: plan.methods[0].clone(),
+                top_p: p,
+                snr_from: SnrSource::Avg,
+                aligned: plan.align,
+            });
         }
     }
     if plan.align && alignment_changed {
         for &p in &plan.top_p {
-            v.push(MergeSpec { method: plan.methods[0].clone(), top_p: p, snr_from: "base", aligned: false });
+            v.push(MergeSpec { method: plan.methods[0].clone(), top_p: p, snr_from: SnrSource::Base, aligned: false });
         }
     }
     v
@@ -222,7 +228,7 @@ pub fn phase_two(plan: &Plan, rundir: &Path, seed: u64, merges: &[MergeSpec]) ->
         let mut args = vec![s("merge")];
         args.extend(merge_method_args(&m.method));
         args.extend([path(&dir.join(a)), path(&dir.join(b)), s("--base"), path(&base)]);
-        args.extend([s("--snr-select"), format!("top-p={}", m.top_p), s("--snr-from"), s(m.snr_from)]);
+        args.extend([s("--snr-select"), format!("top-p={}", m.top_p), s("--snr-from"), m.snr_from.to_string()]);
         args.extend([
             s("--alpha"),
             s("snr"),
@@ -264,7 +270,7 @@ pub fn phase_two(plan: &Plan, rundir: &Path, seed: u64, merges: &[MergeSpec]) ->
         let config = [
             ("method", m.method.clone()),
             ("top_p", s(m.top_p)),
-            ("snr_from", s(m.snr_from)),
+            ("snr_from", m.snr_from.to_string()),
             ("aligned", s(m.aligned)),
         ];
         for &f in &plan.freeze {
@@ -326,7 +332,7 @@ pub fn llm_models(plan: &LlmPlan) -> Vec<LlmModel> {
     ];
     for m in &plan.methods {
         for &p in &plan.top_p {
-            let spec = MergeSpec { method: m.clone(), top_p: p, snr_from: "base", aligned: true };
+            let spec = MergeSpec { method: m.clone(), top_p: p, snr_from: SnrSource::Base, aligned: true };
             v.push(LlmModel { id: format!("merge-{}", spec.id()), label: spec.label(), merge: Some(spec) });
         }
     }
