@@ -46,7 +46,10 @@ type Counts = Vec<(u16, usize)>;
 
 /// Pass one over one chunk of one series.
 struct HighPass {
-    hist: Vec<u32>,
+    /// The high-bits histogram's non-empty buckets, ascending: (bucket, count). Kept per chunk until the tensor's
+    /// ranks are found, so sparse: task vectors fill a few thousand of the 65,536 buckets, and a dense copy per chunk
+    /// held 256 KiB each (32 MB for a 64-chunk embedding and two task vectors).
+    hist: Vec<(u16, u32)>,
     /// Keys with nonzero low 16 bits (up to a cap; per-chunk bookkeeping only).
     odd: Vec<u32>,
     overflow: bool,
@@ -95,8 +98,8 @@ pub fn locate(
         for p in parts {
             for (j, pj) in p.iter().enumerate() {
                 if let Some(pj) = pj {
-                    for (t, &c) in hist[j].iter_mut().zip(&pj.hist) {
-                        *t += c as u64;
+                    for &(bucket, c) in &pj.hist {
+                        hist[j][bucket as usize] += c as u64;
                     }
                     overflow[j] |= pj.overflow;
                 }
@@ -170,7 +173,11 @@ pub fn locate(
                     .map(|p| {
                         let pj = p[j].as_ref().expect("pass one ran for this series");
                         let odd: Vec<u16> = pj.odd.iter().filter(|&&k| k >> 16 == bucket).map(|&k| k as u16).collect();
-                        let zeros = pj.hist[bucket as usize] as usize - odd.len();
+                        let in_bucket = pj
+                            .hist
+                            .binary_search_by_key(&(bucket as u16), |&(b, _)| b)
+                            .map_or(0, |i| pj.hist[i].1 as usize);
+                        let zeros = in_bucket - odd.len();
                         let mut c = counts(odd.into_iter());
                         if zeros > 0 {
                             c.insert(0, (0, zeros));
@@ -250,13 +257,19 @@ fn count_high(v: &[f32], spread: &mut [u32], p: &mut HighPass, odd_cap: Option<u
     }
 }
 
-/// The histogram of 2^16 buckets that the `SPREAD` interleaved copies in `spread` add up to.
-fn fold_spread(spread: &[u32]) -> Vec<u32> {
-    let mut hist = spread[..1 << 16].to_vec();
-    for copy in spread.chunks_exact(1 << 16).skip(1) {
-        hist.iter_mut().zip(copy).for_each(|(h, &c)| *h += c);
+/// The non-empty buckets, ascending, of the histogram that the `SPREAD` interleaved copies in `spread` add up to.
+fn fold_spread(spread: &[u32]) -> Vec<(u16, u32)> {
+    let (h01, h23) = spread.split_at(2 << 16);
+    let (h0, h1) = h01.split_at(1 << 16);
+    let (h2, h3) = h23.split_at(1 << 16);
+    let mut sparse = Vec::new();
+    for (b, (((a, b1), c), d)) in h0.iter().zip(h1).zip(h2).zip(h3).enumerate() {
+        let n = a + b1 + c + d;
+        if n != 0 {
+            sparse.push((b as u16, n));
+        }
     }
-    hist
+    sparse
 }
 
 /// (value, count) pairs of `values`, ascending by value.
@@ -319,7 +332,9 @@ mod tests {
             let mut spread = vec![0u32; SPREAD << 16];
             let mut p = HighPass { hist: Vec::new(), odd: Vec::new(), overflow: false };
             count_high(&v, &mut spread, &mut p, Some(cap));
-            assert_eq!(fold_spread(&spread), plain);
+            let mut folded = vec![0u32; 1 << 16];
+            fold_spread(&spread).into_iter().for_each(|(b, c)| folded[b as usize] = c);
+            assert_eq!(folded, plain);
             assert_eq!(p.odd, odd[..cap]);
             assert_eq!(p.overflow, cap < odd.len());
         }
