@@ -54,7 +54,14 @@ impl ShardFile {
     /// Writes `file` (new and empty) direct when `direct` asks for it and the file system allows it, else buffered.
     pub fn new(file: File, direct: bool) -> ShardFile {
         let sink = match direct && set_direct(&file, true) {
-            true => Sink::Direct(Direct::new(file)),
+            true => match Direct::new(file) {
+                Ok(d) => Sink::Direct(d),
+                // No thread to write with: the same file, buffered.
+                Err(file) => {
+                    set_direct(&file, false);
+                    Sink::Buffered(Buffered::new(file))
+                }
+            },
             false => Sink::Buffered(Buffered::new(file)),
         };
         ShardFile { sink }
@@ -212,12 +219,13 @@ struct Direct {
 }
 
 impl Direct {
-    fn new(file: File) -> Direct {
+    /// Starts the I/O thread; gives the file back if no thread can be started.
+    fn new(file: File) -> std::result::Result<Direct, File> {
         let file = std::sync::Arc::new(file);
         let (jobs, jobs_rx) = sync_channel::<Job>(STAGING_BUFFERS);
         let (done_tx, done) = sync_channel::<Aligned>(STAGING_BUFFERS);
         let io_file = file.clone();
-        let thread = std::thread::spawn(move || -> io::Result<()> {
+        let spawned = std::thread::Builder::new().name("graft-output-io".into()).spawn(move || -> io::Result<()> {
             let mut direct = true;
             for job in jobs_rx {
                 let Job { mut buf, len, offset } = job;
@@ -227,7 +235,12 @@ impl Direct {
             }
             Ok(())
         });
-        Direct {
+        let thread = match spawned {
+            Ok(t) => t,
+            // The closure, and its handle on the file, were dropped with the failed spawn.
+            Err(_) => return Err(std::sync::Arc::try_unwrap(file).expect("the only handle left")),
+        };
+        Ok(Direct {
             file,
             current: Aligned::new(),
             filled: 0,
@@ -236,7 +249,7 @@ impl Direct {
             jobs: Some(jobs),
             done,
             thread: Some(thread),
-        }
+        })
     }
 
     fn write_all(&mut self, mut bytes: &[u8]) -> io::Result<()> {
