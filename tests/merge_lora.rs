@@ -157,8 +157,21 @@ fn a_missing_adapter_is_a_usage_error() {
 fn selection_merge(d: &Path, base: &str, a: &str, name: &str) -> (Vec<(String, Vec<u8>)>, serde_json::Value) {
     let out = d.join(name);
     let args = [
-        "merge", "--method", "linear", "--base", base, a, &s(&fixture("llama/ft_b")), "--snr-select", "top-p=0.5",
-        "--snr-from", "avg", "--alpha", "snr", "-o", &s(&out),
+        "merge",
+        "--method",
+        "linear",
+        "--base",
+        base,
+        a,
+        &s(&fixture("llama/ft_b")),
+        "--snr-select",
+        "top-p=0.5",
+        "--snr-from",
+        "avg",
+        "--alpha",
+        "snr",
+        "-o",
+        &s(&out),
     ];
     let o = graft(&args);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -217,9 +230,8 @@ fn widen(dtype: &str, b: &[u8]) -> Vec<f32> {
 fn chunked_model(dir: &Path, dtype: &'static str, seed: u64, adapt: Option<&[(Vec<f32>, Vec<f32>)]>) {
     std::fs::create_dir_all(dir).unwrap();
     let mut tensors = Vec::new();
-    for (m, (name, shape)) in [("model.layers.0.mlp.big.weight", BIG), ("model.layers.0.attn.small.weight", SMALL)]
-        .into_iter()
-        .enumerate()
+    for (m, (name, shape)) in
+        [("model.layers.0.mlp.big.weight", BIG), ("model.layers.0.attn.small.weight", SMALL)].into_iter().enumerate()
     {
         let (out, inp) = (shape[0], shape[1]);
         let w = widen(dtype, &narrow(dtype, &values(seed * 10 + m as u64, out * inp)));
@@ -248,9 +260,8 @@ fn chunked_adapter(dir: &Path) -> Vec<(Vec<f32>, Vec<f32>)> {
     std::fs::create_dir_all(dir).unwrap();
     let mut tensors = Vec::new();
     let mut ab = Vec::new();
-    for (m, (module, [out, inp])) in [("model.layers.0.mlp.big", BIG), ("model.layers.0.attn.small", SMALL)]
-        .into_iter()
-        .enumerate()
+    for (m, (module, [out, inp])) in
+        [("model.layers.0.mlp.big", BIG), ("model.layers.0.attn.small", SMALL)].into_iter().enumerate()
     {
         let (a, b) = (values(100 + m as u64, RANK * inp), values(200 + m as u64, out * RANK));
         tensors.push(f32t(leak(format!("base_model.model.{module}.lora_A.weight")), &[RANK, inp], &a));
@@ -329,9 +340,7 @@ fn no_temporary_directory_appears_beside_the_output() {
         }
     };
     assert!(status.success());
-    let unexpected: Vec<&String> = seen
-        .iter()
-        .filter(|n| !before.contains(n) && n.as_str() != "out" && !n.starts_with(".out.graft-"))
-        .collect();
+    let unexpected: Vec<&String> =
+        seen.iter().filter(|n| !before.contains(n) && n.as_str() != "out" && !n.starts_with(".out.graft-")).collect();
     assert!(unexpected.is_empty(), "beside the output: {unexpected:?}");
 }

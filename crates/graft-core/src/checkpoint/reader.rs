@@ -606,13 +606,22 @@ impl Checkpoint {
     /// and so byte copies and page release, stay the original's. Errors when the tensor is missing, not a float, or
     /// not of the update's 2-D shape.
     pub fn set_update(&mut self, name: &str, update: LowRankUpdate) -> Result<()> {
-        let i = *self.by_name.get(name).ok_or_else(|| Error::tensor(&self.path, name, "no such tensor in this checkpoint"))?;
+        let i = *self
+            .by_name
+            .get(name)
+            .ok_or_else(|| Error::tensor(&self.path, name, "no such tensor in this checkpoint"))?;
         let t = &self.tensors[i];
         if !t.dtype.is_float() || t.shape != update.shape() {
             return Err(Error::tensor(
                 &self.path,
                 name,
-                format!("is {} {:?}; the update from {} is for a float {:?}", t.dtype, t.shape, update.origin().display(), update.shape()),
+                format!(
+                    "is {} {:?}; the update from {} is for a float {:?}",
+                    t.dtype,
+                    t.shape,
+                    update.origin().display(),
+                    update.shape()
+                ),
             ));
         }
         self.updates.insert(i, update);

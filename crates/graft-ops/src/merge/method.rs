@@ -403,8 +403,14 @@ mod tests {
     }
 
     fn inputs<'a>(data: [&'a [u8]; 2], shape: &'a [usize], arithmetic: Arithmetic) -> TensorInputs<'a> {
-        let view =
-            |data: &'a [u8], name: &'a str| TensorView { name, dtype: Dtype::BF16, shape, data, file: Path::new(name), update: None };
+        let view = |data: &'a [u8], name: &'a str| TensorView {
+            name,
+            dtype: Dtype::BF16,
+            shape,
+            data,
+            file: Path::new(name),
+            update: None,
+        };
         let views = vec![view(data[0], "x"), view(data[1], "base")];
         TensorInputs { name: "t".into(), shape: shape.to_vec(), views, base: Some(1), arithmetic, pages: Vec::new() }
     }
