@@ -344,3 +344,39 @@ fn no_temporary_directory_appears_beside_the_output() {
         seen.iter().filter(|n| !before.contains(n) && n.as_str() != "out" && !n.starts_with(".out.graft-")).collect();
     assert!(unexpected.is_empty(), "beside the output: {unexpected:?}");
 }
+
+#[test]
+fn an_adapter_that_overflows_the_weights_dtype_is_an_error_naming_the_weight() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let [out, inp] = SMALL;
+    let w = vec![0.5f32; out * inp];
+    let model = |name: &str| {
+        std::fs::create_dir_all(d.join(name)).unwrap();
+        let t = T { name: "proj.weight", dtype: "F16", shape: SMALL.to_vec(), data: narrow("F16", &w) };
+        write_st(&d.join(name).join("model.safetensors"), &[t]);
+    };
+    model("a");
+    model("b");
+    // Every element of B @ A is 4 * 300 * 300 = 360000, past f16's largest finite value (65504).
+    let ad = d.join("adapter");
+    std::fs::create_dir_all(&ad).unwrap();
+    write_st(
+        &ad.join("adapter_model.safetensors"),
+        &[
+            f32t("base_model.model.proj.lora_A.weight", &[RANK, inp], &vec![300.0; RANK * inp]),
+            f32t("base_model.model.proj.lora_B.weight", &[out, RANK], &vec![300.0; out * RANK]),
+        ],
+    );
+    std::fs::write(ad.join("adapter_config.json"), r#"{"peft_type": "LORA", "r": 4, "lora_alpha": 4}"#).unwrap();
+    let adapted = format!("{}+{}", s(&d.join("a")), s(&ad));
+    let o = graft(&["merge", "--method", "linear", &adapted, &s(&d.join("b")), "-o", &s(&d.join("out"))]);
+    let e = String::from_utf8(o.stderr).unwrap();
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert_eq!(e.trim_end().lines().count(), 1, "{e}");
+    let whole = format!("{} of {} values are NaN or infinite", out * inp, out * inp);
+    for part in [&s(&d.join("a").join("model.safetensors")), "'proj.weight'", &whole, "LoRA"] {
+        assert!(e.contains(part), "{part}: {e}");
+    }
+    assert!(!d.join("out").exists());
+}
