@@ -41,7 +41,7 @@ impl LowRankUpdate {
     /// The update of a `[rows, cols]` weight by `scale * B @ A`; None when `a` is not `rank x cols` or `b` not
     /// `rows x rank` for one rank.
     pub fn new(rows: usize, cols: usize, a: Vec<f32>, b: Vec<f32>, scale: f64, origin: &Path) -> Option<Self> {
-        let rank = if rows == 0 { a.len().checked_div(cols)? } else { b.len() / rows };
+        let rank = b.len().checked_div(rows).or_else(|| a.len().checked_div(cols))?;
         (a.len() == rank * cols && b.len() == rows * rank).then(|| LowRankUpdate {
             rows,
             cols,
