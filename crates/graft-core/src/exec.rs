@@ -7,7 +7,8 @@
 //! count, which is what makes every result bit-identical whatever `--threads` says.
 //!
 //! The read side is the executor's too. An output that is an input tensor written as it is (`Produce::Input`) is
-//! copied byte for byte when the dtypes match and converted through `checkpoint::dtype` chunk by chunk otherwise.
+//! copied byte for byte when the dtypes match and converted through `checkpoint::dtype` chunk by chunk otherwise
+//! (always for a view that applies a low-rank update: its stored bytes are not its values).
 //! Every input an output reads (a `Read`) has its mapped pages released once used: chunk by chunk for inputs the
 //! size of the output, and whole once the output tensor is done. Without that every page ever read stays mapped and
 //! counts towards resident memory, and a command passing a model through would hold the whole model. Kernels still
@@ -80,7 +81,8 @@ pub enum Produce<'a> {
     Owned(Vec<u8>),
     /// The whole tensor as f32; the executor narrows it to the declared dtype.
     F32(Vec<f32>),
-    /// An input tensor written as it is: its bytes when its dtype is the declared one, otherwise its values converted
+    /// An input tensor written as it is: its bytes when its dtype is the declared one (and the view applies no update),
+    /// otherwise its values converted
     /// (float to float only, round to nearest even when narrowing). Its pages are released once written.
     Input(Read<'a>),
     /// An elementwise computation, called per chunk, and the inputs it reads, released as described in the header.
@@ -432,7 +434,8 @@ fn check_input(d: &TensorDecl, read: &Read) -> Result<bool> {
             format!("{} elements, but output tensor '{}' is declared with {}", t.numel(), d.name, d.numel()),
         ));
     }
-    if t.dtype == d.dtype {
+    // A view with an update reads other values than its stored bytes: it is converted, never copied.
+    if t.dtype == d.dtype && t.is_stored() {
         return Ok(true);
     }
     if !(t.dtype.is_float() && d.dtype.is_float()) {

@@ -7,12 +7,14 @@ pub mod dtype;
 pub mod guard;
 pub mod header;
 pub mod hf_config;
+pub mod low_rank;
 pub mod reader;
 pub mod shard_file;
 pub mod writer;
 
 pub use commit::write_atomic;
 pub use dtype::Dtype;
+pub use low_rank::LowRankUpdate;
 pub use reader::{is_gguf_path, Checkpoint, TensorInfo, TensorView, INDEX_NAME, SINGLE_NAME};
 pub use writer::{CheckpointWriter, TensorDecl, WriterOptions, Written, CARRIED_FILES, DEFAULT_MAX_SHARD_SIZE};
 

@@ -11,6 +11,9 @@
 //! checkpoint is dropped, because views borrow it. `release` drops the mapped pages of the stored (quantised) bytes
 //! only. `dir()` of a GGUF is a private directory with the `config.json` and tokenizer files convert would write
 //! (`gguf::side`).
+//!
+//! A tensor may be given a low-rank update (`set_update`, a LoRA adapter's `B @ A`): its views then read the updated
+//! values range by range (`super::low_rank`), while their `data` stays the stored bytes, which page release acts on.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -22,19 +25,24 @@ use memmap2::Mmap;
 
 use super::dtype::{self, Dtype};
 use super::header;
+use super::low_rank::LowRankUpdate;
 use crate::error::{Arg, Error, Result};
 
 pub const INDEX_NAME: &str = "model.safetensors.index.json";
 pub const SINGLE_NAME: &str = "model.safetensors";
 
-/// A zero-copy view of one tensor inside a memory-mapped file.
+/// A zero-copy view of one tensor inside a memory-mapped file, possibly with a low-rank update applied on read.
 #[derive(Clone, Copy, Debug)]
 pub struct TensorView<'a> {
     pub name: &'a str,
     pub dtype: Dtype,
     pub shape: &'a [usize],
+    /// The stored bytes. For a view with an `update` these are the weight before the update: what page release acts
+    /// on, never the values read (those come from the reading methods).
     pub data: &'a [u8],
     pub file: &'a Path,
+    /// A low-rank update every read applies (`super::low_rank`); None for a tensor read as stored.
+    pub update: Option<&'a LowRankUpdate>,
 }
 
 impl<'a> TensorView<'a> {
@@ -46,24 +54,54 @@ impl<'a> TensorView<'a> {
         self.dtype.is_float()
     }
 
+    /// Whether the stored bytes are the values read (no update): byte copies and fast paths on the stored bits
+    /// need that.
+    pub fn is_stored(&self) -> bool {
+        self.update.is_none()
+    }
+
     /// The whole tensor widened to f32. Errors for non-float dtypes, naming file and tensor.
     pub fn to_f32(&self) -> Result<Vec<f32>> {
         self.check_float()?;
-        Ok(dtype::to_f32_vec(self.dtype, self.data))
+        if self.update.is_none() {
+            return Ok(dtype::to_f32_vec(self.dtype, self.data));
+        }
+        let mut out = vec![0f32; self.numel()];
+        for (c, o) in out.chunks_mut(dtype::CONVERT_CHUNK).enumerate() {
+            let start = c * dtype::CONVERT_CHUNK;
+            self.read_counting(start..start + o.len(), o);
+        }
+        Ok(out)
     }
 
     /// Elements `range` widened to f32 into `out` (`out.len() == range.len()`).
     pub fn read_f32_range(&self, range: std::ops::Range<usize>, out: &mut [f32]) -> Result<()> {
         self.check_float()?;
-        let s = self.dtype.size();
         if range.end > self.numel() || out.len() != range.len() {
             return Err(Error::tensor(self.file, self.name, format!("element range {range:?} outside the tensor")));
         }
         // Counting non-finite values in the same blocks as the conversion keeps the check free of an extra pass.
-        if dtype::to_f32_counting(self.dtype, &self.data[range.start * s..range.end * s], out) > 0 {
+        if self.read_counting(range, out) > 0 {
             self.nonfinite_found()?;
         }
         Ok(())
+    }
+
+    /// Elements `range` (within the tensor) as f32 into `out`, returning how many are NaN or infinite. With an
+    /// update: `W`'s elements widened, the update added (`LowRankUpdate::add_to`), then rounded to the stored dtype
+    /// and widened again, as storing the updated weight and reading it would.
+    fn read_counting(&self, range: std::ops::Range<usize>, out: &mut [f32]) -> usize {
+        let s = self.dtype.size();
+        let stored = &self.data[range.start * s..range.end * s];
+        let Some(update) = self.update else { return dtype::to_f32_counting(self.dtype, stored, out) };
+        dtype::to_f32(self.dtype, stored, out);
+        update.add_to(range, out);
+        if self.dtype == Dtype::F32 {
+            return dtype::count_nonfinite(out);
+        }
+        let mut narrowed = Vec::with_capacity(stored.len());
+        dtype::from_f32(self.dtype, out, &mut narrowed);
+        dtype::to_f32_counting(self.dtype, &narrowed, out)
     }
 
     /// Called when a read found non-finite values: counts them over the whole tensor once, then errors or (with the
@@ -71,15 +109,19 @@ impl<'a> TensorView<'a> {
     pub fn nonfinite_found(&self) -> Result<()> {
         let mut count = 0usize;
         let mut buf = vec![0f32; dtype::CONVERT_CHUNK];
-        let width = self.dtype.size();
-        for bytes in self.data.chunks(dtype::CONVERT_CHUNK * width) {
-            let out = &mut buf[..bytes.len() / width];
-            count += dtype::to_f32_counting(self.dtype, bytes, out);
+        let n = self.numel();
+        for start in (0..n).step_by(dtype::CONVERT_CHUNK) {
+            let end = (start + dtype::CONVERT_CHUNK).min(n);
+            count += self.read_counting(start..end, &mut buf[..end - start]);
         }
         let what = format!(
-            "{count} of {} values are NaN or infinite{}",
+            "{count} of {} values are NaN or infinite{}{}",
             self.numel(),
-            if self.dtype == Dtype::F64 { " (in f32, which graft computes in)" } else { "" }
+            if self.dtype == Dtype::F64 { " (in f32, which graft computes in)" } else { "" },
+            match self.update {
+                Some(u) => format!(" with the LoRA update from {} applied", u.origin().display()),
+                None => String::new(),
+            }
         );
         if !super::guard::allow_nonfinite() {
             return Err(Error::tensor(
@@ -96,6 +138,9 @@ impl<'a> TensorView<'a> {
     /// For float tensors copied as stored bytes (no widening to scan on the way): counts non-finite values in the
     /// stored bits and applies the same policy as a widening read.
     pub fn check_stored_finite(&self) -> Result<()> {
+        if self.update.is_some() {
+            return Err(Error::tensor(self.file, self.name, "internal: a copy of stored bytes of an updated tensor"));
+        }
         if self.is_float() && dtype::count_nonfinite_stored(self.dtype, self.data) > 0 {
             return self.nonfinite_found();
         }
@@ -157,6 +202,8 @@ pub struct Checkpoint {
     metadata: BTreeMap<String, String>,
     /// For a GGUF file: how each tensor is made from it (parallel to `tensors`) and its side-file directory.
     gguf: Option<GgufTensors>,
+    /// Low-rank updates applied when tensors are read (index into `tensors` -> update; `set_update`).
+    updates: HashMap<usize, LowRankUpdate>,
 }
 
 /// Whether `path` names a GGUF file (by its extension, as llama.cpp names them).
@@ -281,6 +328,7 @@ impl Checkpoint {
             by_name: HashMap::new(),
             metadata: BTreeMap::new(),
             gguf: None,
+            updates: HashMap::new(),
         };
         let mut slots = Vec::with_capacity(mapped.len());
         // Looked up by name: a GGUF tensor that becomes configuration (`rope_freqs`) has no mapped entry.
@@ -383,6 +431,7 @@ impl Checkpoint {
             by_name: HashMap::new(),
             metadata: BTreeMap::new(),
             gguf: None,
+            updates: HashMap::new(),
         };
         for (si, file) in files.iter().enumerate() {
             let f = match dir {
@@ -550,7 +599,38 @@ impl Checkpoint {
                 }
             }
         };
-        TensorView { name: &t.name, dtype: t.dtype, shape: &t.shape, data, file: &s.path }
+        TensorView { name: &t.name, dtype: t.dtype, shape: &t.shape, data, file: &s.path, update: self.updates.get(&i) }
+    }
+
+    /// From now on, tensor `name` reads as itself with `update` applied (see `super::low_rank`); its stored bytes,
+    /// and so byte copies and page release, stay the original's. Errors when the tensor is missing, not a float, or
+    /// not of the update's 2-D shape.
+    pub fn set_update(&mut self, name: &str, update: LowRankUpdate) -> Result<()> {
+        let i = *self
+            .by_name
+            .get(name)
+            .ok_or_else(|| Error::tensor(&self.path, name, "no such tensor in this checkpoint"))?;
+        let t = &self.tensors[i];
+        if !t.dtype.is_float() || t.shape != update.shape() {
+            return Err(Error::tensor(
+                &self.path,
+                name,
+                format!(
+                    "is {} {:?}; the update from {} is for a float {:?}",
+                    t.dtype,
+                    t.shape,
+                    update.origin().display(),
+                    update.shape()
+                ),
+            ));
+        }
+        self.updates.insert(i, update);
+        Ok(())
+    }
+
+    /// Whether tensor `name` is read with an update applied.
+    pub fn has_update(&self, name: &str) -> bool {
+        self.by_name.get(name).is_some_and(|i| self.updates.contains_key(i))
     }
 
     /// Drops this process's mapping of tensor `name`'s pages once a streaming pass is done with it (see

@@ -391,8 +391,8 @@ mod tests {
             (r.iter().flat_map(|v| v.to_le_bytes()).collect(), m.iter().flat_map(|v| v.to_le_bytes()).collect());
         let shape = [n, rest];
         let file = std::path::Path::new("t");
-        let rv = TensorView { name: "t", dtype: Dtype::F32, shape: &shape, data: &rb, file };
-        let mv = TensorView { name: "t", dtype: Dtype::F32, shape: &shape, data: &mb, file };
+        let rv = TensorView { name: "t", dtype: Dtype::F32, shape: &shape, data: &rb, file, update: None };
+        let mv = TensorView { name: "t", dtype: Dtype::F32, shape: &shape, data: &mb, file, update: None };
         assert!(n > tile(n));
         let run = |threads: usize| {
             let exec = Executor::new(Some(threads)).unwrap();
@@ -426,8 +426,8 @@ mod tests {
             let rb: Vec<u8> = r.iter().flat_map(|v| v.to_le_bytes()).collect();
             let mb: Vec<u8> = m.iter().flat_map(|v| v.to_le_bytes()).collect();
             let file = std::path::Path::new("t");
-            let rv = TensorView { name: "t", dtype: Dtype::F32, shape: &shape, data: &rb, file };
-            let mv = TensorView { name: "t", dtype: Dtype::F32, shape: &shape, data: &mb, file };
+            let rv = TensorView { name: "t", dtype: Dtype::F32, shape: &shape, data: &rb, file, update: None };
+            let mv = TensorView { name: "t", dtype: Dtype::F32, shape: &shape, data: &mb, file, update: None };
             let n = shape[axis] / block;
             let mut acc = vec![0f64; n * n];
             Term::new(&shape, axis, block, maps.clone()).accumulate(&rv, &mv, n, &mut acc).unwrap();

@@ -251,6 +251,7 @@ mod tests {
                     shape: &shape,
                     data: &fbytes,
                     file: std::path::Path::new("t"),
+                    update: None,
                 };
                 for r in [0..n, 1..n - 1, n / 3..n / 2 + 1] {
                     let want: Vec<f32> = got[r.clone()].iter().map(|&v| v as f32).collect();

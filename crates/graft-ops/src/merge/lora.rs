@@ -2,18 +2,18 @@
 //! (`adapter_config.json` + `adapter_model.safetensors`); the merge reads the model with the adapter applied,
 //! `W + s * B @ A` with `s = lora_alpha / r`, or `lora_alpha / sqrt(r)` with `use_rslora`.
 //!
-//! `split` tells such a reference from a path (a path that exists wins; otherwise the last `+` splits it).
-//! `prepare` computes each adapted weight once (products accumulated in f64, the sum rounded once to f32, then to the
-//! weight's stored dtype) into a temporary safetensors file beside the output; the plan reads those tensors in place
-//! of the originals (`super::plan::build_with`), so the adapter reaches every method like a baked-in model.
+//! `split` tells such a reference from a path (a path that exists wins; otherwise the last `+` splits it). `open`
+//! opens the model and gives each adapted weight its update (`checkpoint::low_rank`): the checkpoint then reads
+//! those weights with the adapter applied, range by range as they are streamed (products accumulated in f64, the
+//! sum rounded once to f32, then to the weight's stored dtype), so every method, the SNR selection and every copy see
+//! the adapted model like a baked-in one, with no adapted copy on disk or in memory.
 //! Adapters with what this formula does not cover (DoRA, `fan_in_fan_out`, per-module rank or alpha patterns,
 //! embedding LoRA, `modules_to_save` tensors) are refused naming the file and key.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use crate::checkpoint::dtype::from_f32_vec;
-use crate::checkpoint::{Checkpoint, Dtype};
+use crate::checkpoint::{Checkpoint, LowRankUpdate};
 use crate::error::{Error, Result};
 use crate::hub::{self, CacheEnv};
 
@@ -40,11 +40,20 @@ pub fn resolve(reference: &str, rel_dir: Option<&Path>, env: &CacheEnv, what: &s
     }
 }
 
-/// Opens a model reference: the model's checkpoint, and its adapter if it names one.
-pub fn open(reference: &Path) -> Result<(Checkpoint, Option<Adapter>)> {
+/// Opens a model reference: the model's checkpoint, reading its adapted weights with the adapter applied if the
+/// reference names one.
+pub fn open(reference: &Path) -> Result<Checkpoint> {
     match split(reference) {
-        Some((model, adapter)) => Ok((Checkpoint::open(&model)?, Some(Adapter::open(&adapter)?))),
-        None => Ok((Checkpoint::open(reference)?, None)),
+        Some((model, adapter)) => {
+            let mut ck = Checkpoint::open(&model)?;
+            let adapter = Adapter::open(&adapter)?;
+            for name in adapter.targets.keys() {
+                let update = adapter.update(&ck, name)?;
+                ck.set_update(name, update)?;
+            }
+            Ok(ck)
+        }
+        None => Checkpoint::open(reference),
     }
 }
 
@@ -141,8 +150,8 @@ impl Adapter {
         Ok(Adapter { dir: dir.to_path_buf(), scale, targets, tensors })
     }
 
-    /// `W + scale * B @ A` for target `name` of `model`, in `W`'s dtype.
-    pub fn apply(&self, model: &Checkpoint, name: &str) -> Result<(Dtype, Vec<usize>, Vec<u8>)> {
+    /// The update `scale * B @ A` of target `name` of `model`, checked against the weight.
+    pub fn update(&self, model: &Checkpoint, name: &str) -> Result<LowRankUpdate> {
         let (a_name, b_name) = &self.targets[name];
         let file = self.dir.join("adapter_model.safetensors");
         let w = model.info(name).ok_or_else(|| {
@@ -161,48 +170,10 @@ impl Adapter {
                 format!("A is {:?} and B is {:?}, which do not fit '{name}' {:?}", a.shape, b.shape, w.shape),
             ));
         }
-        let (dtype, shape) = (w.dtype, w.shape.clone());
-        if !dtype.is_float() {
-            return Err(Error::tensor(model.path(), name, format!("is {dtype}; LoRA adapts float weights")));
+        if !w.dtype.is_float() {
+            return Err(Error::tensor(model.path(), name, format!("is {}; LoRA adapts float weights", w.dtype)));
         }
-        let wv = model.tensor(name)?.to_f32()?;
-        let (av, bv) = (a.to_f32()?, b.to_f32()?);
-        let mut out_values = vec![0f32; out * inp];
-        let mut row = vec![0f64; inp];
-        for i in 0..out {
-            row.iter_mut().for_each(|x| *x = 0.0);
-            for k in 0..rank {
-                let bik = bv[i * rank + k] as f64;
-                for (x, &akj) in row.iter_mut().zip(&av[k * inp..(k + 1) * inp]) {
-                    *x += bik * akj as f64;
-                }
-            }
-            for j in 0..inp {
-                out_values[i * inp + j] = (wv[i * inp + j] as f64 + self.scale * row[j]) as f32;
-            }
-        }
-        Ok((dtype, shape, from_f32_vec(dtype, &out_values)))
+        LowRankUpdate::new(out, inp, a.to_f32()?, b.to_f32()?, self.scale, &file)
+            .ok_or_else(|| Error::tensor(&file, a_name, "internal: the factors do not fit the weight"))
     }
-}
-
-/// The adapted weights of every model with an adapter (`adapters[i]` goes with `models[i]`), written beside `out`.
-pub fn prepare(
-    models: &[Checkpoint],
-    adapters: &[Option<Adapter>],
-    out: &Path,
-) -> Result<super::substitute::Substitutes> {
-    let mut subs = super::substitute::Substitutes::default();
-    for (m, adapter) in adapters.iter().enumerate() {
-        let Some(adapter) = adapter else { continue };
-        let mut tensors = Vec::new();
-        for name in adapter.targets.keys() {
-            let (dtype, shape, bytes) = adapter.apply(&models[m], name)?;
-            tensors.push((name.clone(), dtype, shape, bytes));
-        }
-        if tensors.is_empty() {
-            continue;
-        }
-        subs.add(m, tensors, out, "lora")?;
-    }
-    Ok(subs)
 }

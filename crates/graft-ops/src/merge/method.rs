@@ -190,15 +190,21 @@ impl<'a> TensorInputs<'a> {
         Ok(())
     }
 
+    /// Whether input `i`'s values are its stored bf16 bits (a bf16 tensor without a low-rank update, whose stored
+    /// bytes are not its values): what the subtraction from stored bits (`read_difference`) needs.
+    pub fn stored_bf16(&self, i: usize) -> bool {
+        self.views[i].dtype == Dtype::BF16 && self.views[i].is_stored()
+    }
+
     /// Elements `range` of input `i` minus those of input `base`, as reading both and subtracting computes them
-    /// (each input rounded to the working dtype, then the difference, in mergekit mode). Two bf16 inputs in f32
-    /// arithmetic are subtracted straight from their stored bits in one pass (`dtype::bf16_difference_counting`),
+    /// (each input rounded to the working dtype, then the difference, in mergekit mode). Two stored bf16 inputs in
+    /// f32 arithmetic are subtracted straight from their stored bits in one pass (`dtype::bf16_difference_counting`),
     /// without widening either into a buffer first: a task vector is what TIES's rank pass and every
     /// task-arithmetic merge read most.
     pub fn read_difference(&self, i: usize, base: usize, range: Range<usize>) -> Result<Buf> {
         let (x, b) = (&self.views[i], &self.views[base]);
         let fits = range.end <= x.numel() && range.end <= b.numel() && range.start <= range.end;
-        if self.arithmetic == Arithmetic::F32 && x.dtype == Dtype::BF16 && b.dtype == Dtype::BF16 && fits {
+        if self.arithmetic == Arithmetic::F32 && self.stored_bf16(i) && self.stored_bf16(base) && fits {
             let mut out = Buf::scratch(range.len());
             let bytes = range.start * 2..range.end * 2;
             let (xs, bs) = (&x.data[bytes.clone()], &b.data[bytes]);
@@ -354,7 +360,7 @@ pub(crate) mod testing {
         let data: Vec<Vec<u8>> = inputs.iter().map(|v| bytes(v)).collect();
         let views: Vec<TensorView> = data
             .iter()
-            .map(|d| TensorView { name: "t", dtype: Dtype::F32, shape, data: d, file: Path::new("test") })
+            .map(|d| TensorView { name: "t", dtype: Dtype::F32, shape, data: d, file: Path::new("test"), update: None })
             .collect();
         let exec = Executor::new(Some(threads.max(1)))?.quiet();
         let mut ctx = Ctx { exec: &exec, seed, global: None };
@@ -397,8 +403,14 @@ mod tests {
     }
 
     fn inputs<'a>(data: [&'a [u8]; 2], shape: &'a [usize], arithmetic: Arithmetic) -> TensorInputs<'a> {
-        let view =
-            |data: &'a [u8], name: &'a str| TensorView { name, dtype: Dtype::BF16, shape, data, file: Path::new(name) };
+        let view = |data: &'a [u8], name: &'a str| TensorView {
+            name,
+            dtype: Dtype::BF16,
+            shape,
+            data,
+            file: Path::new(name),
+            update: None,
+        };
         let views = vec![view(data[0], "x"), view(data[1], "base")];
         TensorInputs { name: "t".into(), shape: shape.to_vec(), views, base: Some(1), arithmetic, pages: Vec::new() }
     }

@@ -68,28 +68,28 @@ pub fn run(request: &Request, exec: &Executor) -> Result<Outcome> {
     let mut cfg = request.config.clone();
     cfg.copy_mismatched = request.select.is_some();
     let out = &request.output;
-    let (mut models, adapters): (Vec<Checkpoint>, Vec<_>) =
-        cfg.model_paths().iter().map(|p| lora::open(p)).collect::<Result<Vec<_>>>()?.into_iter().unzip();
-    // LoRA adapters are applied and a built vocabulary remaps embedding rows before the plan, so every method and
-    // the SNR selection see the result; the new tensors are checkpoints appended to `models`.
-    let mut adapted = lora::prepare(&models, &adapters, out)?;
+    // Models with a LoRA adapter read their adapted weights with it applied (`lora::open`), so every method, the SNR
+    // selection and every copy see the adapted model. A built vocabulary remaps embedding rows before the plan: the
+    // remapped tensors are checkpoints appended to `models`, read in place of the originals.
+    let mut models: Vec<Checkpoint> = cfg.model_paths().iter().map(|p| lora::open(p)).collect::<Result<_>>()?;
     let paths = cfg.model_paths();
     let label = |p: &Path| cfg.label(p);
     let mut remap = (cfg.tokenizer.as_ref())
         .map(|spec| vocab::prepare(spec, &paths, &label, cfg.base_model.as_ref(), cfg.dtype, &models, out))
         .transpose()?;
     let mut substitutes = BTreeMap::new();
-    for s in std::iter::once(&mut adapted).chain(remap.as_mut().map(|r| &mut r.substitutes)) {
+    if let Some(r) = remap.as_mut() {
         let first = models.len();
-        models.append(&mut s.checkpoints);
-        for ((m, tensor), &i) in &s.map {
-            if substitutes.insert((*m, tensor.clone()), first + i).is_some() {
+        models.append(&mut r.substitutes.checkpoints);
+        for ((m, tensor), &i) in &r.substitutes.map {
+            if models[*m].has_update(tensor) {
                 return Err(Error::usage(format!(
                     "{}: its LoRA adapter changes '{tensor}', whose rows the tokenizer settings remap; graft does not \
                      do both (bake the adapter in first)",
                     cfg.label(&paths[*m])
                 )));
             }
+            substitutes.insert((*m, tensor.clone()), first + i);
         }
     }
     let mut plan = plan::build_with(&cfg, &models, &substitutes)?;

@@ -1,8 +1,8 @@
 //! Tensors that stand in for some of the merged models' own: rows of a vocabulary remapped to the output tokenizer
-//! (`super::vocab`), weights with a LoRA adapter baked in (`super::lora`). Each batch is written as a small
-//! safetensors file in a temporary directory beside the output, opened like any input, and the plan reads it in
-//! place of the original (`super::plan::build_with`). Owns that temporary directory: dropping the substitutes
-//! removes it.
+//! (`super::vocab`). Each batch is written as a small safetensors file in a temporary directory beside the output,
+//! opened like any input, and the plan reads it in place of the original (`super::plan::build_with`). Owns that
+//! temporary directory: dropping the substitutes removes it. (LoRA adapters need no substitutes: the model's
+//! checkpoint applies them as it is read, `super::lora`.)
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -12,9 +12,8 @@ use crate::checkpoint::commit::TempDir;
 use crate::checkpoint::{Checkpoint, Dtype};
 use crate::error::{Error, Result};
 
-/// Tensors that replace inputs' originals in the plan (`super::plan::build_with`): remapped vocabulary rows here,
-/// adapted weights in `super::lora`. Their files live in a temporary directory beside the output until this is
-/// dropped.
+/// Tensors that replace inputs' originals in the plan (`super::plan::build_with`): remapped vocabulary rows. Their
+/// files live in a temporary directory beside the output until this is dropped.
 #[derive(Default)]
 pub struct Substitutes {
     /// (model index, tensor name) -> index into `checkpoints`.

@@ -19,7 +19,6 @@ use super::method::{Arithmetic, BaseRole, Contract, Ctx, Kernel, MergeMethod, Te
 use super::params::{Default, Kind, ParamDef, Scope, TensorParams};
 use super::scratch::Buf;
 use super::sparsify::{self, Cursor, Draws, Lines, RankWindow};
-use crate::checkpoint::Dtype;
 use crate::error::{Error, Result};
 use crate::exec::CHUNK_ELEMS;
 
@@ -154,7 +153,7 @@ impl GtaKernel<'_> {
     /// Whether task vectors are subtracted from the stored bf16 bits (`TensorInputs::read_difference`): then a
     /// base already widened for the range saves nothing, and a pass that needs only task vectors reads no base.
     fn fused_delta(&self) -> bool {
-        let bf16 = |i: usize| self.inputs.views[i].dtype == Dtype::BF16;
+        let bf16 = |i: usize| self.inputs.stored_bf16(i);
         self.ar == Arithmetic::F32 && bf16(self.base) && self.series.iter().all(|s| bf16(s.input))
     }
 

@@ -353,6 +353,7 @@ mod tests {
                     shape: &shape,
                     data: d,
                     file: std::path::Path::new("t"),
+                    update: None,
                 })
                 .collect(),
             base: Some(0),
