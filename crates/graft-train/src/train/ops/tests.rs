@@ -255,3 +255,115 @@ fn causal_softmax_matches_scale_mask_and_softmax() {
     let generic = |x: &[Tensor]| softmax_last_dim(&(&x[0] * 0.35).unwrap().broadcast_add(&mask).unwrap()).unwrap();
     check_fused(|x| causal_softmax(&x[0], 0.35).unwrap(), generic, &[rand_tensor(&[2, 2, 3 * t, t], 51)]);
 }
+
+/// `log softmax(x W^T)[row, target]` the unfused way: candle's product, log-softmax and gather.
+fn head_reference(x: &Tensor, w: &Tensor, targets: &Tensor) -> Tensor {
+    let lp = candle_nn::ops::log_softmax(&x.matmul(&w.t().unwrap()).unwrap(), 1).unwrap();
+    lp.gather(&targets.unsqueeze(1).unwrap(), 1).unwrap().squeeze(1).unwrap()
+}
+
+fn seeded_targets(rows: usize, vocab: usize, seed: u64) -> Tensor {
+    let mut r = crate::rng::Rng::new(seed);
+    let t: Vec<u32> = (0..rows).map(|_| r.below(vocab) as u32).collect();
+    Tensor::from_vec(t, rows, &Device::Cpu).unwrap()
+}
+
+/// Small blocks: 11 rows in chunks of 4 (the last one short), 37 tokens in blocks of 8 (the last one short), the
+/// first and last tokens among the targets.
+#[test]
+fn head_logprobs_match_product_log_softmax_and_gather() {
+    let mut t = seeded_targets(11, 37, 61).to_vec1::<u32>().unwrap();
+    (t[0], t[10]) = (0, 36);
+    let targets = Tensor::from_vec(t, 11, &Device::Cpu).unwrap();
+    let blocks = head::Blocks { rows: 4, vocab: 8 };
+    let inputs = [rand_tensor(&[11, 6], 62), (rand_tensor(&[37, 6], 63) * 2.0).unwrap()];
+    check_fused(
+        |t| head::head_logprobs_blocked(&t[0], &t[1], &targets, blocks).unwrap(),
+        |t| head_reference(&t[0], &t[1], &targets),
+        &inputs,
+    );
+}
+
+/// The default chunk and block sizes: 300 rows (two chunks) over 4,500 tokens (three blocks, the last one short).
+#[test]
+fn head_logprobs_match_the_reference_with_the_default_blocks() {
+    let targets = seeded_targets(300, 4500, 64);
+    let inputs = [rand_tensor(&[300, 8], 65), rand_tensor(&[4500, 8], 66)];
+    compare(
+        |t| head_logprobs(&t[0], &t[1], &targets).unwrap(),
+        |t| head_reference(&t[0], &t[1], &targets),
+        &inputs,
+        1e-12,
+    );
+}
+
+/// A tied head: the embedding is both the table the rows come from and the head; its gradient sums both uses.
+#[test]
+fn tied_head_gradient_sums_the_embedding_and_head_uses() {
+    let emb = Var::from_tensor(&rand_tensor(&[37, 6], 67)).unwrap();
+    let ids = seeded_targets(11, 37, 68);
+    let targets = seeded_targets(11, 37, 69);
+    let scale = rand_tensor(&[6], 70);
+    let blocks = head::Blocks { rows: 4, vocab: 8 };
+    let rows = |e: &Tensor| e.index_select(&ids, 0).unwrap().broadcast_mul(&scale).unwrap().tanh().unwrap();
+    let weights = rand_tensor(&[11], 71);
+    let ours = head::head_logprobs_blocked(&rows(&emb), &emb, &targets, blocks).unwrap();
+    let reference = head_reference(&rows(&emb), &emb, &targets);
+    assert!(max_abs_diff(&ours, &reference) < 1e-12);
+    let go = (ours * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+    let gr = (reference * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+    let d = max_abs_diff(go.get(&emb).unwrap(), gr.get(&emb).unwrap());
+    assert!(d < 1e-12, "the tied embedding's gradient differs by {d}");
+    // Finite differences on the embedding through both of its uses.
+    finite_differences(
+        |t| head::head_logprobs_blocked(&rows(&t[0]), &t[0], &targets, blocks).unwrap(),
+        &[emb.as_tensor().clone()],
+    );
+}
+
+/// A frozen head differentiates the rows alone; rows from frozen layers differentiate the head alone.
+#[test]
+fn frozen_head_or_rows_get_no_gradient() {
+    let x = Var::from_tensor(&rand_tensor(&[11, 6], 72)).unwrap();
+    let w = Var::from_tensor(&rand_tensor(&[37, 6], 73)).unwrap();
+    let targets = seeded_targets(11, 37, 74);
+    let blocks = head::Blocks { rows: 4, vocab: 8 };
+    let reference = head_reference(&x, &w, &targets).sum_all().unwrap().backward().unwrap();
+
+    let frozen_w = w.as_tensor().detach();
+    let g =
+        head::head_logprobs_blocked(&x, &frozen_w, &targets, blocks).unwrap().sum_all().unwrap().backward().unwrap();
+    assert!(max_abs_diff(g.get(&x).unwrap(), reference.get(&x).unwrap()) < 1e-12);
+    assert_eq!(g.get_ids().count(), 1, "only the rows' gradient is kept");
+
+    let frozen_x = x.as_tensor().detach();
+    let g =
+        head::head_logprobs_blocked(&frozen_x, &w, &targets, blocks).unwrap().sum_all().unwrap().backward().unwrap();
+    assert!(max_abs_diff(g.get(&w).unwrap(), reference.get(&w).unwrap()) < 1e-12);
+    assert_eq!(g.get_ids().count(), 1, "only the head's gradient is kept");
+}
+
+/// f32, the default blocks, several chunks and blocks: the values and both gradients are the same bits whatever the
+/// number of threads that runs the blocks.
+#[test]
+fn head_logprobs_are_bit_identical_for_any_thread_count() {
+    let x = Var::from_tensor(&rand_tensor(&[300, 16], 75).to_dtype(candle_core::DType::F32).unwrap()).unwrap();
+    let w = Var::from_tensor(&rand_tensor(&[5000, 16], 76).to_dtype(candle_core::DType::F32).unwrap()).unwrap();
+    let targets = seeded_targets(300, 5000, 77);
+    let weights = rand_tensor(&[300], 78).to_dtype(candle_core::DType::F32).unwrap();
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| {
+            let lp = head_logprobs(&x, &w, &targets).unwrap();
+            let g = (&lp * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+            let bits = |t: &Tensor| {
+                t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            };
+            (bits(&lp), bits(g.get(&x).unwrap()), bits(g.get(&w).unwrap()))
+        })
+    };
+    let one = run(1);
+    for threads in [2, 3] {
+        assert!(one == run(threads), "{threads} threads differ from 1");
+    }
+}
