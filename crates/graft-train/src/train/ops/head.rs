@@ -93,7 +93,7 @@ struct HeadLogprob {
     lse: Mutex<Option<RowLse>>,
     /// The gradients for an upstream gradient of one per row (rows', head's), filled by the forward pass and taken
     /// by the backward pass.
-    unit_grads: Mutex<Option<(Option<Tensor>, Option<Tensor>)>>,
+    unit_grads: Mutex<Option<(Option<CpuStorage>, Option<CpuStorage>)>>,
 }
 
 fn poisoned() -> candle_core::Error {
@@ -316,6 +316,25 @@ fn backward<T: WithDType + Exp>(
     (dx, dw)
 }
 
+/// `unit` (rows of `width`) with row r multiplied by `g(r)` in the working precision, in place (no second buffer of
+/// the head's size), as a tensor of `like`'s shape and device.
+fn scaled_rows(unit: CpuStorage, width: usize, g: impl Fn(usize) -> f64 + Sync, like: &Tensor) -> CResult<Tensor> {
+    fn scale<T: WithDType>(mut v: Vec<T>, width: usize, g: &(impl Fn(usize) -> f64 + Sync)) -> Vec<T> {
+        v.par_chunks_mut(width).enumerate().for_each(|(r, row)| {
+            let c = T::from_f64(g(r));
+            for x in row {
+                *x *= c;
+            }
+        });
+        v
+    }
+    match unit {
+        CpuStorage::F32(v) => Tensor::from_vec(scale(v, width, &g), like.shape(), like.device()),
+        CpuStorage::F64(v) => Tensor::from_vec(scale(v, width, &g), like.shape(), like.device()),
+        _ => Err(unsupported("graft-head-logprobs")),
+    }
+}
+
 impl CustomOp3 for HeadLogprob {
     fn name(&self) -> &'static str {
         "graft-head-logprobs"
@@ -339,11 +358,9 @@ impl CustomOp3 for HeadLogprob {
             let x = contiguous::<T>(xs, xl, self.name())?;
             let w = contiguous::<T>(ws, wl, self.name())?;
             let f = forward(x, w, targets, hidden, self.blocks, self.want);
-            let cpu = candle_core::Device::Cpu;
-            let unit_dx = f.unit_dx.map(|v| Tensor::from_vec(v, (rows, hidden), &cpu)).transpose()?;
-            let unit_dw = f.unit_dw.map(|v| Tensor::from_vec(v, (vocab, hidden), &cpu)).transpose()?;
+            let unit = (f.unit_dx.map(T::to_cpu_storage_owned), f.unit_dw.map(T::to_cpu_storage_owned));
             *self.lse.lock().map_err(|_| poisoned())? = Some(f.lse);
-            *self.unit_grads.lock().map_err(|_| poisoned())? = Some((unit_dx, unit_dw));
+            *self.unit_grads.lock().map_err(|_| poisoned())? = Some(unit);
             Ok((T::to_cpu_storage_owned(f.logprobs), Shape::from(rows)))
         })
     }
@@ -368,12 +385,14 @@ impl CustomOp3 for HeadLogprob {
             let g = grad.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?;
             let uniform = g.first().is_none_or(|&g0| g.iter().all(|&v| v == g0));
             if (!want.x || unit_dx.is_some()) && (!want.w || (unit_dw.is_some() && uniform)) {
+                let hidden = x.dim(1)?;
                 let dx = match unit_dx.filter(|_| want.x) {
-                    Some(u) => Some(u.to_dtype(x.dtype())?.broadcast_mul(&grad.unsqueeze(1)?)?),
+                    Some(u) => Some(scaled_rows(u, hidden, |r| g[r], x)?),
                     None => None,
                 };
+                let g0 = g.first().copied().unwrap_or(0.0);
                 let dw = match unit_dw.filter(|_| want.w) {
-                    Some(u) => Some(u.affine(g.first().copied().unwrap_or(0.0), 0.0)?),
+                    Some(u) => Some(scaled_rows(u, hidden, |_| g0, w)?),
                     None => None,
                 };
                 return Ok((dx, dw, None));
