@@ -10,7 +10,8 @@
 //!
 //! On the CPU the layer runs on graft's fused kernels (`ops::decoder`: RMSNorm, SwiGLU, rotary embedding into head
 //! order, scaled causal softmax), grouped-query attention without copying the shared key/value heads, and the head
-//! only on the positions that predict a token; other devices take the same functions from candle's generic ops.
+//! only on the positions that predict a token, fused with the target log-probabilities (`ops::head_logprobs`: no
+//! rows x vocabulary logits, nor their gradient); other devices take the same functions from candle's generic ops.
 //!
 //! Parameters live in a `ParamStore`, so the same model serves evaluation now and selective fine-tuning later: a
 //! frozen parameter enters the forward pass detached.
@@ -439,14 +440,26 @@ impl Llama {
         }
     }
 
+    /// The head's matrix (vocab, hidden): its own or the embedding (tied), tracked when it trains.
+    fn head_weight(&self) -> Tensor {
+        match &self.head {
+            Some(head) => head.weight.t(),
+            None => self.embed.t(),
+        }
+    }
+
     /// Log-likelihood of each next token: (batch, time - 1) values `log p(ids[t+1] | ids[..=t])`, from the
-    /// logits in one fused pass per position (sums in f64).
+    /// logits in one fused pass per position (sums in f64); on the CPU the head and that pass are one blocked op.
     pub fn next_token_logprobs(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
         let (b, t) = ids.dims2()?;
         // The last position predicts nothing: the head runs on the other rows only.
         let x = self.hidden(ids)?.narrow(1, 0, t - 1)?.contiguous()?.reshape((b * (t - 1), self.config.hidden_size))?;
         let targets = ids.narrow(1, 1, t - 1)?.contiguous()?.flatten_all()?;
         let rows = b * (t - 1);
+        if ops::fused_available(&x) {
+            // The head and the log-softmax in blocks: the logits never exist whole, with a graph or without.
+            return ops::head_logprobs(&x, &self.head_weight(), &targets)?.reshape((b, t - 1));
+        }
         if x.track_op() || rows <= HEAD_ROWS {
             return ops::target_logprobs(&self.head(&x)?, &targets)?.reshape((b, t - 1));
         }

@@ -5,7 +5,7 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
-use super::{contiguous, dot_f64, from_f64_vec, fused_available, sum_f64, unsupported, CResult};
+use super::{contiguous, dot_f64, from_f64_vec, fused_available, matmul, sum_f64, unsupported, CResult};
 
 /// 1x1 convolution of `x` (N, Cin, H, W) with `w` (Cout, Cin, 1, 1) and bias `b` (Cout): one matrix product per
 /// sample, bias added in the same pass, and a backward pass that sums the bias gradient per channel directly.
@@ -30,51 +30,6 @@ pub fn pointwise_conv(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result
 }
 
 pub(super) struct PointwiseConv;
-
-/// `dst (m x n) = [dst +] lhs (m x k) * rhs (k x n)`, row-major with explicit row strides, single-threaded (the
-/// callers parallelise over samples, which keeps every result independent of the thread count).
-#[allow(clippy::too_many_arguments)]
-fn matmul<T: WithDType>(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [T],
-    accumulate: bool,
-    lhs: &[T],
-    lhs_transposed: bool,
-    rhs: &[T],
-    rhs_transposed: bool,
-) {
-    // Strides (column, row) of a row-major matrix, or of the transpose of one.
-    let (lcs, lrs) = if lhs_transposed { (m as isize, 1) } else { (1, k as isize) };
-    let (rcs, rrs) = if rhs_transposed { (k as isize, 1) } else { (1, n as isize) };
-    assert!(dst.len() >= m * n && lhs.len() >= m * k && rhs.len() >= k * n);
-    // SAFETY: the slices hold the m x n, m x k and k x n matrices the strides describe (checked above); gemm reads
-    // lhs/rhs and writes dst only within those bounds, and dst does not alias the inputs (distinct borrows).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.as_ptr(),
-            lcs,
-            lrs,
-            rhs.as_ptr(),
-            rcs,
-            rrs,
-            T::from_f64(1.0),
-            T::from_f64(1.0),
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
-}
 
 impl CustomOp3 for PointwiseConv {
     fn name(&self) -> &'static str {

@@ -13,7 +13,8 @@
 //! tracked input (candle's own backward pass would compute and keep the frozen operands' gradients too).
 //!
 //! The pieces: `activation` (ReLU, softmax), `decoder` (a llama decoder layer's RMSNorm, SwiGLU, rotary embedding
-//! and causal softmax), `conv` (pointwise and depthwise convolution), `batchnorm` (training-mode
+//! and causal softmax), `head` (a language model's head and target log-probabilities in blocks), `logprob` (the
+//! target log-probability of given logits), `conv` (pointwise and depthwise convolution), `batchnorm` (training-mode
 //! BatchNorm and the fixed affine map), `pool` (max pooling), `separable` (the separable convolution as one graph
 //! node, built from `conv` and `batchnorm`). The shared helpers below (dtype dispatch, lane reductions) are theirs.
 
@@ -125,11 +126,57 @@ fn sum_f64<T: WithDType>(a: &[T]) -> f64 {
     total
 }
 
+/// `dst (m x n) = [dst +] lhs (m x k) * rhs (k x n)`, row-major with explicit row strides, single-threaded (the
+/// callers parallelise over samples or blocks, which keeps every result independent of the thread count).
+#[allow(clippy::too_many_arguments)]
+fn matmul<T: WithDType>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [T],
+    accumulate: bool,
+    lhs: &[T],
+    lhs_transposed: bool,
+    rhs: &[T],
+    rhs_transposed: bool,
+) {
+    // Strides (column, row) of a row-major matrix, or of the transpose of one.
+    let (lcs, lrs) = if lhs_transposed { (m as isize, 1) } else { (1, k as isize) };
+    let (rcs, rrs) = if rhs_transposed { (k as isize, 1) } else { (1, n as isize) };
+    assert!(dst.len() >= m * n && lhs.len() >= m * k && rhs.len() >= k * n);
+    // SAFETY: the slices hold the m x n, m x k and k x n matrices the strides describe (checked above); gemm reads
+    // lhs/rhs and writes dst only within those bounds, and dst does not alias the inputs (distinct borrows).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lcs,
+            lrs,
+            rhs.as_ptr(),
+            rcs,
+            rrs,
+            T::from_f64(1.0),
+            T::from_f64(1.0),
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
 mod activation;
 mod batchnorm;
 mod conv;
 mod decoder;
 mod frozen;
+mod head;
 mod logprob;
 mod pool;
 mod separable;
@@ -141,6 +188,7 @@ pub use batchnorm::{batch_norm_train, channel_affine_const, BatchStats};
 pub use conv::{depthwise_conv, pointwise_conv};
 pub use decoder::{causal_softmax, rms_norm, rope_to_heads, swiglu, RopeTables};
 pub use frozen::{frozen_linear, frozen_scale, frozen_shift, linear_of_constant_input};
+pub use head::head_logprobs;
 pub use logprob::target_logprobs;
 pub use pool::max_pool;
 pub use separable::{sep_conv_train, SepConvParams};

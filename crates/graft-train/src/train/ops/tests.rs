@@ -255,3 +255,179 @@ fn causal_softmax_matches_scale_mask_and_softmax() {
     let generic = |x: &[Tensor]| softmax_last_dim(&(&x[0] * 0.35).unwrap().broadcast_add(&mask).unwrap()).unwrap();
     check_fused(|x| causal_softmax(&x[0], 0.35).unwrap(), generic, &[rand_tensor(&[2, 2, 3 * t, t], 51)]);
 }
+
+/// `log softmax(x W^T)[row, target]` the unfused way: candle's product, log-softmax and gather.
+fn head_reference(x: &Tensor, w: &Tensor, targets: &Tensor) -> Tensor {
+    let lp = candle_nn::ops::log_softmax(&x.matmul(&w.t().unwrap()).unwrap(), 1).unwrap();
+    lp.gather(&targets.unsqueeze(1).unwrap(), 1).unwrap().squeeze(1).unwrap()
+}
+
+fn seeded_targets(rows: usize, vocab: usize, seed: u64) -> Tensor {
+    let mut r = crate::rng::Rng::new(seed);
+    let t: Vec<u32> = (0..rows).map(|_| r.below(vocab) as u32).collect();
+    Tensor::from_vec(t, rows, &Device::Cpu).unwrap()
+}
+
+/// Small blocks: 11 rows in chunks of 4 (the last one short), 37 tokens in blocks of 8 (the last one short), the
+/// first and last tokens among the targets.
+#[test]
+fn head_logprobs_match_product_log_softmax_and_gather() {
+    let mut t = seeded_targets(11, 37, 61).to_vec1::<u32>().unwrap();
+    (t[0], t[10]) = (0, 36);
+    let targets = Tensor::from_vec(t, 11, &Device::Cpu).unwrap();
+    let blocks = head::Blocks { rows: 4, vocab: 8 };
+    let inputs = [rand_tensor(&[11, 6], 62), (rand_tensor(&[37, 6], 63) * 2.0).unwrap()];
+    check_fused(
+        |t| head::head_logprobs_blocked(&t[0], &t[1], &targets, blocks).unwrap(),
+        |t| head_reference(&t[0], &t[1], &targets),
+        &inputs,
+    );
+}
+
+/// The default chunk and block sizes: 300 rows (three chunks) over 4,500 tokens (three blocks, the last one short).
+#[test]
+fn head_logprobs_match_the_reference_with_the_default_blocks() {
+    let targets = seeded_targets(300, 4500, 64);
+    let inputs = [rand_tensor(&[300, 8], 65), rand_tensor(&[4500, 8], 66)];
+    compare(
+        |t| head_logprobs(&t[0], &t[1], &targets).unwrap(),
+        |t| head_reference(&t[0], &t[1], &targets),
+        &inputs,
+        1e-12,
+    );
+}
+
+/// A tied head: the embedding is both the table the rows come from and the head; its gradient sums both uses.
+#[test]
+fn tied_head_gradient_sums_the_embedding_and_head_uses() {
+    let emb = Var::from_tensor(&rand_tensor(&[37, 6], 67)).unwrap();
+    let ids = seeded_targets(11, 37, 68);
+    let targets = seeded_targets(11, 37, 69);
+    let scale = rand_tensor(&[6], 70);
+    let blocks = head::Blocks { rows: 4, vocab: 8 };
+    let rows = |e: &Tensor| e.index_select(&ids, 0).unwrap().broadcast_mul(&scale).unwrap().tanh().unwrap();
+    let weights = rand_tensor(&[11], 71);
+    let ours = head::head_logprobs_blocked(&rows(&emb), &emb, &targets, blocks).unwrap();
+    let reference = head_reference(&rows(&emb), &emb, &targets);
+    assert!(max_abs_diff(&ours, &reference) < 1e-12);
+    let go = (ours * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+    let gr = (reference * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+    let d = max_abs_diff(go.get(&emb).unwrap(), gr.get(&emb).unwrap());
+    assert!(d < 1e-12, "the tied embedding's gradient differs by {d}");
+    // A mean loss: the forward pass's gradient of the head, added to the lookup's.
+    let go = head::head_logprobs_blocked(&rows(&emb), &emb, &targets, blocks).unwrap().mean_all().unwrap();
+    let gr = head_reference(&rows(&emb), &emb, &targets).mean_all().unwrap();
+    let (go, gr) = (go.backward().unwrap(), gr.backward().unwrap());
+    let d = max_abs_diff(go.get(&emb).unwrap(), gr.get(&emb).unwrap());
+    assert!(d < 1e-12, "the tied embedding's gradient under a mean loss differs by {d}");
+    // Finite differences on the embedding through both of its uses.
+    finite_differences(
+        |t| head::head_logprobs_blocked(&rows(&t[0]), &t[0], &targets, blocks).unwrap(),
+        &[emb.as_tensor().clone()],
+    );
+}
+
+/// A frozen head differentiates the rows alone; rows from frozen layers differentiate the head alone.
+#[test]
+fn frozen_head_or_rows_get_no_gradient() {
+    let x = Var::from_tensor(&rand_tensor(&[11, 6], 72)).unwrap();
+    let w = Var::from_tensor(&rand_tensor(&[37, 6], 73)).unwrap();
+    let targets = seeded_targets(11, 37, 74);
+    let blocks = head::Blocks { rows: 4, vocab: 8 };
+    // Upstream gradients equal for every row (the forward pass's gradients serve) and different per row (the
+    // backward pass computes them again); a loss with no constant operand of its own in the first case.
+    let per_row = rand_tensor(&[11], 79);
+    let loss = |lp: Tensor, uniform: bool| match uniform {
+        true => lp.sum_all().unwrap(),
+        false => (lp * &per_row).unwrap().sum_all().unwrap(),
+    };
+    for uniform in [true, false] {
+        let reference = loss(head_reference(&x, &w, &targets), uniform).backward().unwrap();
+
+        let frozen_w = w.as_tensor().detach();
+        let g =
+            loss(head::head_logprobs_blocked(&x, &frozen_w, &targets, blocks).unwrap(), uniform).backward().unwrap();
+        assert!(max_abs_diff(g.get(&x).unwrap(), reference.get(&x).unwrap()) < 1e-12);
+        assert!(g.get(&w).is_none(), "the frozen head got a gradient");
+        if uniform {
+            assert_eq!(g.get_ids().count(), 1, "only the rows' gradient is kept");
+        }
+
+        let frozen_x = x.as_tensor().detach();
+        let g =
+            loss(head::head_logprobs_blocked(&frozen_x, &w, &targets, blocks).unwrap(), uniform).backward().unwrap();
+        assert!(max_abs_diff(g.get(&w).unwrap(), reference.get(&w).unwrap()) < 1e-12);
+        assert!(g.get(&frozen_x).is_none() && g.get(&x).is_none(), "the constant rows got a gradient");
+        if uniform {
+            assert_eq!(g.get_ids().count(), 1, "only the head's gradient is kept");
+        }
+    }
+}
+
+/// A training loss (the mean NLL: the same upstream gradient for every row), where the forward pass's gradients
+/// serve: both gradients against the unfused composition, and by central differences in f64.
+#[test]
+fn head_gradients_for_a_mean_loss_match_the_reference_and_finite_differences() {
+    let targets = seeded_targets(11, 37, 80);
+    let blocks = head::Blocks { rows: 4, vocab: 8 };
+    let x0 = rand_tensor(&[11, 6], 81);
+    let w0 = (rand_tensor(&[37, 6], 82) * 2.0).unwrap();
+    let mean_nll = |lp: Tensor| (lp.sum_all().unwrap().neg().unwrap() / 11.0).unwrap();
+    let (x, w) = (Var::from_tensor(&x0).unwrap(), Var::from_tensor(&w0).unwrap());
+    let ours = mean_nll(head::head_logprobs_blocked(&x, &w, &targets, blocks).unwrap()).backward().unwrap();
+    let reference = mean_nll(head_reference(&x, &w, &targets)).backward().unwrap();
+    for (name, v) in [("rows", &x), ("head", &w)] {
+        let d = max_abs_diff(ours.get(v).unwrap(), reference.get(v).unwrap());
+        assert!(d < 1e-12, "the {name}' gradient differs by {d}");
+    }
+    let loss_at = |x: &Tensor, w: &Tensor| {
+        mean_nll(head::head_logprobs_blocked(x, w, &targets, blocks).unwrap()).to_scalar::<f64>().unwrap()
+    };
+    let h = 1e-6;
+    for (which, base) in [(0, &x0), (1, &w0)] {
+        let g = ours.get(if which == 0 { &x } else { &w }).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let values = base.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        for k in [0, 7, values.len() / 2, values.len() - 1] {
+            let at = |delta: f64| {
+                let mut v = values.clone();
+                v[k] += delta;
+                let t = Tensor::from_vec(v, base.shape(), &Device::Cpu).unwrap();
+                if which == 0 {
+                    loss_at(&t, &w0)
+                } else {
+                    loss_at(&x0, &t)
+                }
+            };
+            let numeric = (at(h) - at(-h)) / (2.0 * h);
+            assert!((numeric - g[k]).abs() <= 1e-6 * g[k].abs().max(1e-2), "input {which}[{k}]: {} vs {numeric}", g[k]);
+        }
+    }
+}
+
+/// f32, the default blocks, several chunks and blocks: the values and both gradients are the same bits whatever the
+/// number of threads that runs the blocks.
+#[test]
+fn head_logprobs_are_bit_identical_for_any_thread_count() {
+    let x = Var::from_tensor(&rand_tensor(&[300, 16], 75).to_dtype(candle_core::DType::F32).unwrap()).unwrap();
+    let w = Var::from_tensor(&rand_tensor(&[5000, 16], 76).to_dtype(candle_core::DType::F32).unwrap()).unwrap();
+    let targets = seeded_targets(300, 5000, 77);
+    let weights = rand_tensor(&[300], 78).to_dtype(candle_core::DType::F32).unwrap();
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| {
+            let bits = |t: &Tensor| {
+                t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            };
+            // Per-row upstream gradients (the backward pass computes the gradients) and a sum (the forward pass does).
+            let lp = head_logprobs(&x, &w, &targets).unwrap();
+            let g = (&lp * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+            let per_row = (bits(&lp), bits(g.get(&x).unwrap()), bits(g.get(&w).unwrap()));
+            let g = head_logprobs(&x, &w, &targets).unwrap().sum_all().unwrap().backward().unwrap();
+            (per_row, bits(g.get(&x).unwrap()), bits(g.get(&w).unwrap()))
+        })
+    };
+    let one = run(1);
+    for threads in [2, 3] {
+        assert!(one == run(threads), "{threads} threads differ from 1");
+    }
+}
