@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use super::train::DataArgs;
 use super::{emit, table, Global};
 use crate::error::Result;
-use crate::train::models::Pooling;
+use crate::train::models::{Arch, Pooling};
 use crate::train::{self, ArchOptions, DeviceKind, EvalOptions, Split};
 
 #[derive(clap::Args, Debug)]
@@ -20,8 +20,8 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = Split::Test)]
     split: Split,
     /// Expected architecture (checked against the checkpoint's).
-    #[arg(long)]
-    arch: Option<String>,
+    #[arg(long, value_parser = super::train::arch_parser())]
+    arch: Option<&'static dyn Arch>,
     /// bert pooling override.
     #[arg(long, value_enum)]
     pooling: Option<Pooling>,
@@ -48,7 +48,7 @@ pub fn run(a: Args, global: &Global) -> Result<()> {
     }
     let opts = EvalOptions {
         checkpoint: a.checkpoint.clone(),
-        arch: ArchOptions { arch: a.arch.clone(), pooling: a.pooling, ..Default::default() },
+        arch: ArchOptions { arch: a.arch, pooling: a.pooling, ..Default::default() },
         data: a.data.options()?,
         split: a.split,
         batch: a.batch.max(1),

@@ -7,16 +7,16 @@ use super::{emit, Global, OutputArgs};
 use crate::error::{Error, Result};
 use crate::train::data::subset::parse_classes;
 use crate::train::freeze::FreezePolicy;
-use crate::train::models::{BnStats, Pooling};
+use crate::train::models::{self, Arch, BnStats, Pooling, Task};
 use crate::train::trainer::TrainConfig;
 use crate::train::{self, ArchOptions, DataOptions, DeviceKind, TrainOptions};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Architecture for a fresh model: mlp, sepcnn, resnet20 (bert needs --init). With --init/--transfer-body the
+    /// Architecture for a fresh model (bert and llama start from --init). With --init/--transfer-body the
     /// checkpoint's own architecture is used and this only checks it.
-    #[arg(long)]
-    arch: Option<String>,
+    #[arg(long, value_parser = arch_parser())]
+    arch: Option<&'static dyn Arch>,
     #[command(flatten)]
     data: DataArgs,
     /// Start from every tensor of this checkpoint.
@@ -155,7 +155,7 @@ impl DataArgs {
 }
 
 pub fn run(a: Args, global: &Global) -> Result<()> {
-    let causal_lm = a.arch.as_deref() == Some("llama")
+    let causal_lm = a.arch.is_some_and(|arch| arch.task() == Task::CausalLm)
         || a.init.as_deref().is_some_and(train::lm_eval::is_causal_lm)
         || a.transfer_body.as_deref().is_some_and(train::lm_eval::is_causal_lm);
     let (epochs, lr, batch) = match causal_lm {
@@ -183,7 +183,7 @@ pub fn run(a: Args, global: &Global) -> Result<()> {
         OutputArgs { output: a.output.clone().unwrap_or_default(), max_shard_size: a.max_shard_size, force: a.force };
     let opts = TrainOptions {
         arch: ArchOptions {
-            arch: a.arch.clone(),
+            arch: a.arch,
             hidden: a.hidden.clone(),
             width: a.width,
             depths: a.depths.clone(),
@@ -362,6 +362,13 @@ fn run_lm(a: Args, global: &Global, freeze: FreezePolicy, epochs: usize, lr: f64
         s.push_str(&format!("wrote {}\n", p.display()));
     }
     emit(&s)
+}
+
+/// `--arch NAME`: an entry of the architecture registry, whose names and help lines are the possible values.
+pub fn arch_parser() -> impl clap::builder::TypedValueParser<Value = &'static dyn Arch> {
+    use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+    PossibleValuesParser::new(models::ARCHS.iter().map(|a| PossibleValue::new(a.name()).help(a.about())))
+        .map(|name| models::lookup(&name).expect("clap accepts registry names only"))
 }
 
 fn parse_tag(s: &str) -> std::result::Result<(String, String), String> {

@@ -62,7 +62,10 @@ pub struct LmEvalOutcome {
 
 /// Whether `ck` is a causal LM graft can evaluate by perplexity (its directory's `config.json` says llama family).
 pub fn is_causal_lm(checkpoint: &Path) -> bool {
-    read_config(checkpoint).ok().flatten().is_some_and(|(v, _)| LlamaConfig::is_llama_family(&v))
+    read_config(checkpoint)
+        .ok()
+        .flatten()
+        .is_some_and(|(v, _)| super::models::reading_config(&v, super::models::Task::CausalLm).is_some())
 }
 
 /// The directory holding a checkpoint's `config.json` and tokenizer: the checkpoint's own, or a file's parent; for a

@@ -31,36 +31,9 @@ use crate::checkpoint::{Checkpoint, WriterOptions};
 use crate::error::{Arg, Error, Result};
 use data::{Normalize, Samples, SplitOptions, Splits};
 use freeze::{FreezePolicy, FreezeSummary};
-use models::{ArchSpec, BnStats, Model, Pooling};
+pub use models::ArchOptions;
+use models::{ArchSpec, BnStats, Model, Task};
 use trainer::{EpochRecord, TrainConfig, TrainReport};
-
-/// How to build a model from `--arch` and its options when no checkpoint says.
-#[derive(Clone, Debug)]
-pub struct ArchOptions {
-    pub arch: Option<String>,
-    /// mlp hidden sizes.
-    pub hidden: Vec<usize>,
-    /// sepcnn/resnet20 width multiplier.
-    pub width: f64,
-    /// sepcnn stage depths.
-    pub depths: Vec<usize>,
-    /// bert pooling and head hidden size (also override a checkpoint's).
-    pub pooling: Option<Pooling>,
-    pub head_hidden: Option<usize>,
-}
-
-impl Default for ArchOptions {
-    fn default() -> Self {
-        ArchOptions {
-            arch: None,
-            hidden: vec![256, 128],
-            width: 1.0,
-            depths: models::sepcnn::DEFAULT_DEPTHS.to_vec(),
-            pooling: None,
-            head_hidden: None,
-        }
-    }
-}
 
 #[derive(Clone, Debug)]
 pub struct DataOptions {
@@ -212,17 +185,18 @@ fn resolve_arch(
         Some(ck) => checkpoint_io::arch_of(ck)?,
         None => None,
     };
-    let mut spec = match (from_ck, &opts.arch) {
-        (Some(s), Some(a)) if s.name() != a => {
+    let mut spec = match (from_ck, opts.arch) {
+        (Some(s), Some(a)) if s.name() != a.name() => {
             return Err(Error::usage(format!(
-                "{} {a} but {} holds a {} model",
+                "{} {} but {} holds a {} model",
                 Arg::Arch,
+                a.name(),
                 ck.unwrap().path().display(),
                 s.name()
             )))
         }
         (Some(s), _) => s,
-        (None, Some(a)) => fresh_arch(a, opts, sample_shape, classes)?,
+        (None, Some(a)) => a.fresh(opts, sample_shape, classes)?,
         (None, None) => {
             return Err(Error::usage(match ck {
                 Some(ck) => format!(
@@ -232,26 +206,23 @@ fn resolve_arch(
                     Arg::Arch
                 ),
                 None => format!(
-                    "pass {} (mlp, sepcnn, resnet20, bert) or {}/{} CHECKPOINT",
+                    "pass {} ({}) or {}/{} CHECKPOINT",
                     Arg::Arch,
+                    models::ARCHS
+                        .iter()
+                        .filter(|a| a.task() == Task::Classifier)
+                        .map(|a| a.name())
+                        .collect::<Vec<_>>()
+                        .join(", "),
                     Arg::Init,
                     Arg::TransferBody
                 ),
             }))
         }
     };
-    if let ArchSpec::Bert { pooling, head_hidden, .. } = &mut spec {
-        if let Some(p) = opts.pooling {
-            *pooling = p;
-        }
-        if let Some(h) = opts.head_hidden {
-            *head_hidden = h;
-        }
-    }
+    spec.override_from(opts);
     if spec.num_classes() != classes {
-        if transfer
-            || matches!(spec, ArchSpec::Bert { .. }) && ck.is_some_and(|c| c.get("classifier.out.weight").is_none())
-        {
+        if transfer || ck.is_some_and(|c| lacks_head(&spec, c)) {
             spec = spec.with_num_classes(classes);
         } else {
             return Err(Error::usage(format!(
@@ -264,27 +235,9 @@ fn resolve_arch(
     Ok(spec)
 }
 
-fn fresh_arch(name: &str, o: &ArchOptions, shape: &[usize], classes: usize) -> Result<ArchSpec> {
-    let channels = if shape.len() == 3 { shape[0] } else { 1 };
-    Ok(match name {
-        "mlp" => {
-            let mut sizes = vec![shape.iter().product::<usize>().max(1)];
-            sizes.extend(&o.hidden);
-            sizes.push(classes);
-            ArchSpec::Mlp { sizes }
-        }
-        "sepcnn" => models::sepcnn::spec(channels, o.width, &o.depths, classes),
-        "resnet20" => models::resnet20::spec(channels, o.width, classes),
-        "bert" => {
-            return Err(Error::usage(format!(
-                "{} bert needs a pretrained checkpoint: pass {} or {} DIR",
-                Arg::Arch,
-                Arg::Init,
-                Arg::TransferBody
-            )))
-        }
-        other => return Err(Error::usage(format!("{} '{other}': expected mlp, sepcnn, resnet20 or bert", Arg::Arch))),
-    })
+/// Whether `ck` is a pretrained body without the head `spec`'s architecture trains on it (a Hugging Face encoder).
+fn lacks_head(spec: &ArchSpec, ck: &Checkpoint) -> bool {
+    spec.as_spec().head_tensor().is_some_and(|t| ck.get(t).is_none())
 }
 
 /// Builds the model for `spec` and loads `ck` into it (all tensors, or all but the head for a transfer).
@@ -300,8 +253,7 @@ pub fn build_model(
     let model = models::build(spec, store)?;
     if let Some(ck) = ck {
         // A pretrained encoder without graft's head gets a fresh head, as does every transfer.
-        let fresh_head =
-            transfer || (matches!(spec, ArchSpec::Bert { .. }) && ck.get("classifier.out.weight").is_none());
+        let fresh_head = transfer || lacks_head(spec, ck);
         let m = &*model;
         checkpoint_io::load(m.store(), ck, &|n| fresh_head && m.is_head(n))?;
     }
@@ -369,10 +321,7 @@ pub fn run_train(o: &TrainOptions) -> Result<TrainOutcome> {
     };
     let setup_peak = meter.peak();
     // Zero-shot accuracy means something only when the checkpoint brought its own head.
-    let head_loaded = o.init.is_some()
-        && ck
-            .as_ref()
-            .is_some_and(|c| c.get("classifier.out.weight").is_some() || !matches!(spec, ArchSpec::Bert { .. }));
+    let head_loaded = o.init.is_some() && ck.as_ref().is_some_and(|c| !lacks_head(&spec, c));
     let zero_shot = if head_loaded && !test_p.is_empty() {
         Some(trainer::evaluate(&*model, &test_p, &norm, o.train.eval_batch)?.accuracy)
     } else {
@@ -436,7 +385,7 @@ pub fn run_train(o: &TrainOptions) -> Result<TrainOutcome> {
         let mut meta = BTreeMap::new();
         meta.insert("graft.train".to_string(), serde_json::json!({ "run_id": id, "config": config }).to_string());
         let mut wopts = o.writer.clone();
-        if wopts.carry_from.is_none() && matches!(spec, ArchSpec::Bert { .. }) {
+        if wopts.carry_from.is_none() && spec.as_spec().reads_text() {
             wopts.carry_from = tok_dir.clone();
         }
         wopts.inputs.extend(ck.as_ref().map(|c| c.files()).unwrap_or_default());
