@@ -20,7 +20,7 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = Split::Test)]
     split: Split,
     /// Expected architecture (checked against the checkpoint's).
-    #[arg(long, value_parser = super::train::arch_parser())]
+    #[arg(long, value_parser = super::arch_arg())]
     arch: Option<&'static dyn Arch>,
     /// bert pooling override.
     #[arg(long, value_enum)]

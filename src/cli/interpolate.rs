@@ -38,8 +38,8 @@ pub struct Args {
     json: bool,
     /// Evaluate every point on this data (as `graft eval --data` takes it): test-split metrics per lambda, in the
     /// manifest and, with --results, as `kind: interpolate` results lines for `graft report`'s loss-barrier charts.
-    #[arg(long, value_name = "DATA")]
-    eval_data: Option<String>,
+    #[arg(long, value_name = "DATA", value_parser = super::data_arg)]
+    eval_data: Option<crate::train::data::DataSpec>,
     /// Seed of the data split used by --eval-data (use the models' training seed).
     #[arg(long, default_value_t = 0)]
     seed: u64,

@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use super::{emit, Global, OutputArgs};
 use crate::error::{Error, Result};
 use crate::train::data::subset::parse_classes;
+use crate::train::data::{DataSpec, NormalizeSpec};
 use crate::train::freeze::FreezePolicy;
-use crate::train::models::{self, Arch, BnStats, Pooling, Task};
+use crate::train::models::{Arch, BnStats, Pooling, Task};
 use crate::train::trainer::TrainConfig;
 use crate::train::{self, ArchOptions, DataOptions, DeviceKind, TrainOptions};
 
@@ -15,7 +16,7 @@ use crate::train::{self, ArchOptions, DataOptions, DeviceKind, TrainOptions};
 pub struct Args {
     /// Architecture for a fresh model (bert and llama start from --init). With --init/--transfer-body the
     /// checkpoint's own architecture is used and this only checks it.
-    #[arg(long, value_parser = arch_parser())]
+    #[arg(long, value_parser = super::arch_arg())]
     arch: Option<&'static dyn Arch>,
     #[command(flatten)]
     data: DataArgs,
@@ -26,8 +27,8 @@ pub struct Args {
     #[arg(long)]
     transfer_body: Option<PathBuf>,
     /// Which parameters train: none (all train), all-but-head, selected:FILE, regex:FILE (see docs/train.md).
-    #[arg(long, default_value = "none")]
-    freeze: String,
+    #[arg(long, default_value = "none", value_parser = |s: &str| FreezePolicy::parse(s).map_err(|e| e.to_string()))]
+    freeze: FreezePolicy,
     /// Train only the last N encoder layers and the head (transformers).
     #[arg(long, conflicts_with = "freeze")]
     train_last_layers: Option<usize>,
@@ -114,8 +115,8 @@ enum BnStatsArg {
 #[derive(clap::Args, Debug, Clone)]
 pub struct DataArgs {
     /// Data: FORMAT:PATH or PATH (idx, sprite, arrays, spam, tsv; see docs/data.md).
-    #[arg(long)]
-    data: String,
+    #[arg(long, value_parser = super::data_arg)]
+    data: DataSpec,
     /// Keep these classes, renumbered 0.. in the given order (e.g. 0,1,8,9).
     #[arg(long)]
     classes: Option<String>,
@@ -126,8 +127,8 @@ pub struct DataArgs {
     #[arg(long, default_value_t = 0.2)]
     test_fraction: f64,
     /// none, auto (training-split statistics), MEAN,STD or M1,M2,..:S1,S2,.. (default 0.5,0.5 for pixels).
-    #[arg(long)]
-    normalize: Option<String>,
+    #[arg(long, value_parser = |s: &str| NormalizeSpec::parse(s).map_err(|e| e.to_string()))]
+    normalize: Option<NormalizeSpec>,
     /// Use at most this many training samples.
     #[arg(long)]
     limit: Option<usize>,
@@ -170,7 +171,7 @@ pub fn run(a: Args, global: &Global) -> Result<()> {
     }
     let freeze = match a.train_last_layers {
         Some(n) => FreezePolicy::LastLayers(n),
-        None => FreezePolicy::parse(&a.freeze)?,
+        None => a.freeze.clone(),
     };
     if causal_lm {
         return run_lm(a, global, freeze, epochs, lr, batch);
@@ -362,13 +363,6 @@ fn run_lm(a: Args, global: &Global, freeze: FreezePolicy, epochs: usize, lr: f64
         s.push_str(&format!("wrote {}\n", p.display()));
     }
     emit(&s)
-}
-
-/// `--arch NAME`: an entry of the architecture registry, whose names and help lines are the possible values.
-pub fn arch_parser() -> impl clap::builder::TypedValueParser<Value = &'static dyn Arch> {
-    use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
-    PossibleValuesParser::new(models::ARCHS.iter().map(|a| PossibleValue::new(a.name()).help(a.about())))
-        .map(|name| models::lookup(&name).expect("clap accepts registry names only"))
 }
 
 fn parse_tag(s: &str) -> std::result::Result<(String, String), String> {

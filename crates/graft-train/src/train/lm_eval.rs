@@ -17,6 +17,7 @@ use candle_core::{DType, Tensor};
 use serde::Serialize;
 use serde_json::json;
 
+use super::data::{DataSpec, Format};
 use super::models::llama::{Llama, LlamaConfig, WORKING_DTYPE};
 use super::params::ParamStore;
 use super::{checkpoint_io, results, tokenize, trainer, DeviceKind};
@@ -29,7 +30,7 @@ const LOGIT_BUDGET: usize = 8 << 20;
 pub struct LmEvalOptions {
     pub checkpoint: PathBuf,
     /// The `--data` value (`text:PATH` or `PATH`).
-    pub data: String,
+    pub data: DataSpec,
     /// A tokenizer.json (or its directory) other than the checkpoint's.
     pub tokenizer: Option<PathBuf>,
     pub max_len: usize,
@@ -103,8 +104,11 @@ pub fn load_llama(checkpoint: &Path, device: &candle_core::Device) -> Result<Lla
 }
 
 /// The documents of a text source, in order.
-pub fn read_documents(spec: &str) -> Result<Vec<String>> {
-    let path = PathBuf::from(spec.strip_prefix("text:").unwrap_or(spec));
+pub fn read_documents(spec: &DataSpec) -> Result<Vec<String>> {
+    if spec.format.is_some_and(|f| f != Format::Text) {
+        return Err(Error::usage(format!("{spec}: a causal LM reads plain text: text:PATH or PATH ({})", Arg::Data)));
+    }
+    let path = spec.path.clone();
     if !path.exists() {
         return Err(Error::usage(format!("{}: no such file or directory ({})", path.display(), Arg::Data)));
     }
@@ -215,7 +219,7 @@ pub fn run(o: &LmEvalOptions) -> Result<LmEvalOutcome> {
     let outcome = LmEvalOutcome {
         checkpoint: o.checkpoint.clone(),
         arch: model.config.model_type.clone(),
-        data: o.data.clone(),
+        data: o.data.to_string(),
         documents: docs.len(),
         tokens: ids.len(),
         windows: wins.len(),

@@ -21,6 +21,7 @@ use serde_json::json;
 use super::freeze::{self, FreezePolicy, FreezeSummary};
 use super::lm_eval::{self, config_dir};
 use super::memory::MemoryMeter;
+use super::data::DataSpec;
 use super::models::llama::Llama;
 use super::optim::{AdamW, AdamWConfig};
 use super::{results, tokenize, trainer, DeviceKind};
@@ -34,7 +35,7 @@ const TRAIN_LOGIT_BUDGET: usize = 64 << 20; // 256 MiB of f32 logits
 
 pub struct LmTrainOptions {
     pub init: PathBuf,
-    pub data: String,
+    pub data: DataSpec,
     pub tokenizer: Option<PathBuf>,
     pub max_len: usize,
     pub val_fraction: f64,
@@ -267,7 +268,7 @@ pub fn run(o: &LmTrainOptions) -> Result<LmTrainOutcome> {
     let outcome = LmTrainOutcome {
         run_id: run_id.clone(),
         init: o.init.clone(),
-        data: o.data.clone(),
+        data: o.data.to_string(),
         sequences: SequenceCounts { train: train.len(), val: val.len(), max_len: o.max_len, tokens: ids.len() },
         freeze: fsum,
         perplexity_before: before.exp(),

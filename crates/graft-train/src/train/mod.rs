@@ -29,7 +29,7 @@ use serde::Serialize;
 
 use crate::checkpoint::{Checkpoint, WriterOptions};
 use crate::error::{Arg, Error, Result};
-use data::{Normalize, Samples, SplitOptions, Splits};
+use data::{DataSpec, Normalize, NormalizeSpec, Samples, SplitOptions, Splits};
 use freeze::{FreezePolicy, FreezeSummary};
 pub use models::ArchOptions;
 use models::{ArchSpec, BnStats, Model, Task};
@@ -37,12 +37,12 @@ use trainer::{EpochRecord, TrainConfig, TrainReport};
 
 #[derive(Clone, Debug)]
 pub struct DataOptions {
-    pub spec: String,
+    pub spec: DataSpec,
     pub classes: Option<Vec<u32>>,
     pub val_fraction: f64,
     pub test_fraction: f64,
     /// None: 0.5,0.5 for pixel data (the reference's Normalize(0.5, 0.5)), none for float data.
-    pub normalize: Option<String>,
+    pub normalize: Option<NormalizeSpec>,
     pub limit: Option<usize>,
     pub tokenizer: Option<PathBuf>,
     pub max_len: usize,
@@ -163,13 +163,15 @@ pub fn load_data(opts: &DataOptions, seed: u64, tokenizer_dir: Option<&Path>) ->
     Ok((data::subset::split(src, &split)?, format))
 }
 
-fn normalisation(opts: &DataOptions, splits: &Splits) -> Result<Normalize> {
+fn normalisation(opts: &DataOptions, splits: &Splits) -> Normalize {
     let pixel = matches!(&splits.train.data.samples, Samples::Dense { features: data::Features::U8(_), .. });
-    let spec = opts.normalize.clone().unwrap_or_else(|| if pixel { "0.5,0.5".into() } else { "none".into() });
-    Ok(match Normalize::parse(&spec)? {
-        Some(n) => n,
-        None => Normalize::fit(&splits.train),
-    })
+    // Pixels get the reference study's Normalize(0.5, 0.5); float features stay as they are.
+    let pixel_default = Normalize { mean: vec![0.5], std: vec![0.5] };
+    let spec = opts.normalize.clone().unwrap_or(NormalizeSpec::Fixed(if pixel { pixel_default } else { Normalize::none() }));
+    match spec {
+        NormalizeSpec::Fixed(n) => n,
+        NormalizeSpec::Auto => Normalize::fit(&splits.train),
+    }
 }
 
 /// The architecture for a run: from the checkpoint when there is one (head resized for `--transfer-body`), else
@@ -297,7 +299,7 @@ pub fn run_train(o: &TrainOptions) -> Result<TrainOutcome> {
     for bn in model.batchnorms() {
         *bn.frozen_stats.lock().unwrap() = o.bn_stats;
     }
-    let norm = normalisation(&o.data, &splits)?;
+    let norm = normalisation(&o.data, &splits);
 
     // Feature extraction: a frozen BERT encoder's pooled outputs are computed once.
     let feature_mode = model.as_bert().is_some_and(|b| b.encoder_frozen());
@@ -404,7 +406,7 @@ pub fn run_train(o: &TrainOptions) -> Result<TrainOutcome> {
     Ok(TrainOutcome {
         run_id: id,
         arch: spec.to_json(),
-        data: o.data.spec.clone(),
+        data: o.data.spec.to_string(),
         classes: splits.class_names.clone(),
         samples,
         freeze: fsum,
@@ -452,7 +454,7 @@ pub fn run_eval(o: &EvalOptions) -> Result<EvalOutcome> {
     let spec = resolve_arch(&o.arch, Some(&ck), false, &shape, splits.classes())?;
     spec.check_input(&shape)?;
     let model = build_model(&spec, Some(&ck), false, DType::F32, &dev, o.seed)?;
-    let norm = normalisation(&o.data, &splits)?;
+    let norm = normalisation(&o.data, &splits);
     let part = match o.split {
         Split::Test => &splits.test,
         Split::Val => &splits.val,
@@ -477,7 +479,7 @@ pub fn run_eval(o: &EvalOptions) -> Result<EvalOutcome> {
     Ok(EvalOutcome {
         checkpoint: o.checkpoint.clone(),
         arch: spec.to_json(),
-        data: o.data.spec.clone(),
+        data: o.data.spec.to_string(),
         split: o.split,
         classes: splits.class_names.clone(),
         metrics: m,
