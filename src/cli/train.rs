@@ -4,13 +4,14 @@
 use std::path::PathBuf;
 
 use super::{emit, Global, OutputArgs};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::train::data::subset::parse_classes;
 use crate::train::data::{DataSpec, NormalizeSpec};
 use crate::train::freeze::FreezePolicy;
-use crate::train::models::{Arch, BnStats, Pooling, Task};
-use crate::train::trainer::TrainConfig;
-use crate::train::{self, ArchOptions, DataOptions, DeviceKind, TrainOptions};
+use crate::train::lm_train::LmTrainOutcome;
+use crate::train::models::{Arch, BnStats, Pooling};
+use crate::train::request::{TrainPlan, TrainRequest, TrainResult};
+use crate::train::{ArchOptions, DataOptions, DeviceKind, TrainOutcome};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -156,33 +157,9 @@ impl DataArgs {
 }
 
 pub fn run(a: Args, global: &Global) -> Result<()> {
-    let causal_lm = a.arch.is_some_and(|arch| arch.task() == Task::CausalLm)
-        || a.init.as_deref().is_some_and(train::lm_eval::is_causal_lm)
-        || a.transfer_body.as_deref().is_some_and(train::lm_eval::is_causal_lm);
-    let (epochs, lr, batch) = match causal_lm {
-        true => (a.epochs.unwrap_or(1), a.lr.unwrap_or(1e-4), a.batch.unwrap_or(8)),
-        false => (a.epochs.unwrap_or(5), a.lr.unwrap_or(1e-3), a.batch.unwrap_or(128)),
-    };
-    if batch == 0 || a.eval_batch == 0 {
-        return Err(Error::usage("--batch and --eval-batch must be at least 1"));
-    }
-    if !(lr > 0.0 && lr.is_finite()) {
-        return Err(Error::usage("--lr must be positive"));
-    }
-    let freeze = match a.train_last_layers {
-        Some(n) => FreezePolicy::LastLayers(n),
-        None => a.freeze.clone(),
-    };
-    if causal_lm {
-        return run_lm(a, global, freeze, epochs, lr, batch);
-    }
-    let bn_stats = match a.bn_stats {
-        BnStatsArg::Freeze => BnStats::Freeze,
-        BnStatsArg::Update => BnStats::Update,
-    };
     let out =
         OutputArgs { output: a.output.clone().unwrap_or_default(), max_shard_size: a.max_shard_size, force: a.force };
-    let opts = TrainOptions {
+    let request = TrainRequest {
         arch: ArchOptions {
             arch: a.arch,
             hidden: a.hidden.clone(),
@@ -194,41 +171,57 @@ pub fn run(a: Args, global: &Global) -> Result<()> {
         data: a.data.options()?,
         init: a.init.clone(),
         transfer_body: a.transfer_body.clone(),
-        freeze,
-        bn_stats,
-        train: TrainConfig {
-            epochs,
-            lr,
-            batch,
-            eval_batch: a.eval_batch,
-            seed: a.seed,
-            weight_decay: a.weight_decay,
-            best_epoch: a.best_epoch,
-            time_with_eval: a.time_with_eval,
-            progress: !a.quiet,
+        freeze: match a.train_last_layers {
+            Some(n) => FreezePolicy::LastLayers(n),
+            None => a.freeze.clone(),
         },
+        bn_stats: match a.bn_stats {
+            BnStatsArg::Freeze => BnStats::Freeze,
+            BnStatsArg::Update => BnStats::Update,
+        },
+        epochs: a.epochs,
+        lr: a.lr,
+        batch: a.batch,
+        eval_batch: a.eval_batch,
+        weight_decay: a.weight_decay,
+        seed: a.seed,
+        best_epoch: a.best_epoch,
+        time_with_eval: a.time_with_eval,
+        progress: !a.quiet,
         device: a.device,
         output: a.output.clone(),
         writer: out.writer_options(Vec::new()),
+        threads: global.threads,
         results: a.results.clone(),
         experiment: a.experiment.clone(),
         baseline: a.baseline,
         tags: a.tags.clone(),
     };
-    if !a.quiet {
-        eprintln!(
-            "graft train: freeze {}, BatchNorm statistics of frozen layers: {}",
-            opts.freeze.describe(),
-            match bn_stats {
-                BnStats::Freeze => "frozen (running statistics used and kept)",
-                BnStats::Update => "updated (batch statistics, running averages move)",
-            }
-        );
+    let plan = request.validate(request.task())?;
+    if let TrainPlan::Classifier(opts) = &plan {
+        if !a.quiet {
+            eprintln!(
+                "graft train: freeze {}, BatchNorm statistics of frozen layers: {}",
+                opts.freeze.describe(),
+                match opts.bn_stats {
+                    BnStats::Freeze => "frozen (running statistics used and kept)",
+                    BnStats::Update => "updated (batch statistics, running averages move)",
+                }
+            );
+        }
     }
-    let outcome = super::with_threads(global, || train::run_train(&opts))?;
+    let result = super::with_threads(global, || plan.run())?;
     if a.json {
-        return emit(&(serde_json::to_string(&outcome).unwrap() + "\n"));
+        return emit(&(serde_json::to_string(&result).unwrap() + "\n"));
     }
+    match result {
+        TrainResult::Classifier(outcome) => emit(&classifier_summary(&outcome, a.time_with_eval)),
+        TrainResult::CausalLm(outcome) => emit(&causal_lm_summary(&outcome)),
+    }
+}
+
+/// The classifier run's summary: samples, freezing, epochs, test metrics, time and memory.
+fn classifier_summary(outcome: &TrainOutcome, time_with_eval: bool) -> String {
     let r = &outcome.report;
     let mut s = String::new();
     use std::fmt::Write;
@@ -288,7 +281,7 @@ pub fn run(a: Args, global: &Global) -> Result<()> {
         r.feature_s,
         r.train_s,
         r.eval_time_s,
-        if opts.train.time_with_eval { "included" } else { "excluded" },
+        if time_with_eval { "included" } else { "excluded" },
         r.samples_per_s,
     );
     let _ = writeln!(
@@ -300,42 +293,11 @@ pub fn run(a: Args, global: &Global) -> Result<()> {
     if let Some(o) = &outcome.output {
         let _ = writeln!(s, "wrote {}", o.display());
     }
-    emit(&s)
+    s
 }
 
-/// A llama-family causal LM: fine-tuning on text (see `train::lm_train`).
-fn run_lm(a: Args, global: &Global, freeze: FreezePolicy, epochs: usize, lr: f64, batch: usize) -> Result<()> {
-    let Some(init) = a.init.clone() else {
-        return Err(Error::usage("a causal LM is fine-tuned from a checkpoint: pass --init DIR"));
-    };
-    let data = a.data.options()?;
-    let out =
-        OutputArgs { output: a.output.clone().unwrap_or_default(), max_shard_size: a.max_shard_size, force: a.force };
-    let opts = train::lm_train::LmTrainOptions {
-        init,
-        data: data.spec,
-        tokenizer: data.tokenizer,
-        max_len: data.max_len,
-        val_fraction: data.val_fraction,
-        freeze,
-        epochs,
-        batch,
-        lr,
-        weight_decay: a.weight_decay,
-        seed: a.seed,
-        device: a.device,
-        output: a.output.clone(),
-        writer: out.writer_options(Vec::new()),
-        threads: global.threads,
-        results: a.results.clone(),
-        experiment: a.experiment.clone(),
-        tags: a.tags.clone(),
-        progress: !a.quiet,
-    };
-    let o = super::with_threads(global, || train::lm_train::run(&opts))?;
-    if a.json {
-        return emit(&(serde_json::to_string(&o).unwrap() + "\n"));
-    }
+/// A llama-family causal LM's fine-tuning (see `train::lm_train`).
+fn causal_lm_summary(o: &LmTrainOutcome) -> String {
     let f = &o.freeze;
     let mut s = format!(
         "run {}  {} on {}: {} train / {} validation sequences of <= {} tokens\n\
@@ -362,7 +324,7 @@ fn run_lm(a: Args, global: &Global, freeze: FreezePolicy, epochs: usize, lr: f64
     if let Some(p) = &o.output {
         s.push_str(&format!("wrote {}\n", p.display()));
     }
-    emit(&s)
+    s
 }
 
 fn parse_tag(s: &str) -> std::result::Result<(String, String), String> {

@@ -27,6 +27,7 @@ use crate::error::{Arg, Error, Result};
 /// Logit elements one forward pass may hold (windows are batched up to this, 8 Mi f32 = 32 MiB: larger batches only add memory traffic on the logits).
 const LOGIT_BUDGET: usize = 8 << 20;
 
+#[derive(Clone, Debug)]
 pub struct LmEvalOptions {
     pub checkpoint: PathBuf,
     /// The `--data` value (`text:PATH` or `PATH`).

@@ -18,10 +18,10 @@ use candle_core::{DType, Tensor};
 use serde::Serialize;
 use serde_json::json;
 
+use super::data::DataSpec;
 use super::freeze::{self, FreezePolicy, FreezeSummary};
 use super::lm_eval::{self, config_dir};
 use super::memory::MemoryMeter;
-use super::data::DataSpec;
 use super::models::llama::Llama;
 use super::optim::{AdamW, AdamWConfig};
 use super::{results, tokenize, trainer, DeviceKind};
@@ -33,6 +33,7 @@ use crate::rng::Rng;
 /// Logit elements one micro-batch may hold while training (the log-softmax and its gradient triple it).
 const TRAIN_LOGIT_BUDGET: usize = 64 << 20; // 256 MiB of f32 logits
 
+#[derive(Clone, Debug)]
 pub struct LmTrainOptions {
     pub init: PathBuf,
     pub data: DataSpec,

@@ -17,6 +17,7 @@ pub mod models;
 pub mod ops;
 pub mod optim;
 pub mod params;
+pub mod request;
 pub mod results;
 pub mod tokenize;
 pub mod trainer;
@@ -167,7 +168,8 @@ fn normalisation(opts: &DataOptions, splits: &Splits) -> Normalize {
     let pixel = matches!(&splits.train.data.samples, Samples::Dense { features: data::Features::U8(_), .. });
     // Pixels get the reference study's Normalize(0.5, 0.5); float features stay as they are.
     let pixel_default = Normalize { mean: vec![0.5], std: vec![0.5] };
-    let spec = opts.normalize.clone().unwrap_or(NormalizeSpec::Fixed(if pixel { pixel_default } else { Normalize::none() }));
+    let spec =
+        opts.normalize.clone().unwrap_or(NormalizeSpec::Fixed(if pixel { pixel_default } else { Normalize::none() }));
     match spec {
         NormalizeSpec::Fixed(n) => n,
         NormalizeSpec::Auto => Normalize::fit(&splits.train),

@@ -214,7 +214,19 @@ impl BertClassifier {
         let out = Linear::new(st, "classifier.out", *head_hidden, *num_classes, true)?;
         let heads = c.num_attention_heads;
         let pooling = *pooling;
-        Ok(BertClassifier { spec: spec.into(), store, word, position, token_type, emb_ln, layers, heads, pooling, dense, out })
+        Ok(BertClassifier {
+            spec: spec.into(),
+            store,
+            word,
+            position,
+            token_type,
+            emb_ln,
+            layers,
+            heads,
+            pooling,
+            dense,
+            out,
+        })
     }
 
     /// The pooled last hidden states (N, hidden) of token ids (N, L) with attention mask (N, L) of 0/1.

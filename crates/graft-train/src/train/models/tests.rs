@@ -75,14 +75,13 @@ fn mlp_gradients_match_finite_differences() {
 
 #[test]
 fn sepcnn_gradients_match_finite_differences() {
-    let spec =
-        ArchSpec::Sepcnn(sepcnn::SepcnnSpec {
-            in_channels: 2,
-            widths: vec![2, 3],
-            depths: vec![1, 1],
-            fc: vec![4, 3],
-            num_classes: 3,
-        });
+    let spec = ArchSpec::Sepcnn(sepcnn::SepcnnSpec {
+        in_channels: 2,
+        widths: vec![2, 3],
+        depths: vec![1, 1],
+        fc: vec![4, 3],
+        num_classes: 3,
+    });
     let m = model(&spec, DType::F64, 3);
     let x = Input::Dense(normal(&[4, 2, 4, 4], 4));
     let y = Tensor::new(&[0u32, 1, 2, 1], &Device::Cpu).unwrap();
@@ -92,7 +91,8 @@ fn sepcnn_gradients_match_finite_differences() {
 
 #[test]
 fn resnet20_gradients_match_finite_differences() {
-    let spec = ArchSpec::Resnet20(resnet20::Resnet20Spec { in_channels: 3, widths: vec![2, 4, 6], blocks: 1, num_classes: 3 });
+    let spec =
+        ArchSpec::Resnet20(resnet20::Resnet20Spec { in_channels: 3, widths: vec![2, 4, 6], blocks: 1, num_classes: 3 });
     let m = model(&spec, DType::F64, 5);
     let x = Input::Dense(normal(&[3, 3, 8, 8], 6));
     let y = Tensor::new(&[0u32, 1, 2], &Device::Cpu).unwrap();
