@@ -1,5 +1,6 @@
 //! `graft eval CKPT --data D`: accuracy, weighted and macro F1, loss and confusion matrix of any classifier graft
-//! produces, or the perplexity of a llama-family causal LM on text, as a table or JSON.
+//! produces, or the perplexity of a llama-family causal LM on text, as a table or JSON. The arguments become a
+//! `train::request::EvalRequest`; this file prints what it returns.
 
 use std::fmt::Write;
 use std::path::PathBuf;

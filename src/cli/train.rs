@@ -1,5 +1,7 @@
 //! `graft train`: fine-tune (or train from scratch) a model on local data with a freezing policy, write the
-//! checkpoint and a results line.
+//! checkpoint and a results line. The arguments become a `train::request::TrainRequest` (values typed by their
+//! parsers: the architecture registry, `DataSpec`, `NormalizeSpec`, `FreezePolicy`); the library validates and
+//! runs it; this file prints the summary.
 
 use std::path::PathBuf;
 

@@ -1,8 +1,10 @@
 //! Fine-tuning and evaluation with candle: the only place graft runs networks.
 //!
-//! `run_train` turns a checkpoint (or a fresh model) plus local data into a trained checkpoint and a results line;
-//! `run_eval` measures any checkpoint graft produces. The pieces: `models` (mlp, sepcnn, resnet20, bert, names as
-//! the PyTorch originals), `params` (the ordered tensor store), `checkpoint_io` (store <-> graft checkpoints),
+//! `request` is the entry of `graft train` and `graft eval` (typed, validated before any I/O), which hands a
+//! classifier to `run_train` / `run_eval` here and a causal LM to `lm_train` / `lm_eval`. `run_train` turns a
+//! checkpoint (or a fresh model) plus local data into a trained checkpoint and a results line; `run_eval` measures
+//! any classifier graft produces. The pieces: `models` (the architecture registry and one file per architecture:
+//! mlp, sepcnn, resnet20, bert, llama; names as the PyTorch originals), `params` (the ordered tensor store), `checkpoint_io` (store <-> graft checkpoints),
 //! `data` (formats, subsets, splits, batches), `freeze` (which parameters train), `ops` (fused CPU kernels),
 //! `optim` (fused AdamW), `trainer` (the loop), `metrics` (sklearn's definitions), `results` (JSONL lines).
 

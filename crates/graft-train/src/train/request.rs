@@ -55,15 +55,15 @@ pub struct TrainRequest {
 /// A validated training request, its defaults settled for its task.
 #[derive(Clone, Debug)]
 pub enum TrainPlan {
-    Classifier(TrainOptions),
-    CausalLm(LmTrainOptions),
+    Classifier(Box<TrainOptions>),
+    CausalLm(Box<LmTrainOptions>),
 }
 
 #[derive(Clone, Debug, Serialize)]
 #[serde(untagged)]
 pub enum TrainResult {
-    Classifier(TrainOutcome),
-    CausalLm(LmTrainOutcome),
+    Classifier(Box<TrainOutcome>),
+    CausalLm(Box<LmTrainOutcome>),
 }
 
 impl TrainRequest {
@@ -107,7 +107,7 @@ impl TrainRequest {
                         Arg::Init
                     )));
                 };
-                TrainPlan::CausalLm(LmTrainOptions {
+                TrainPlan::CausalLm(Box::new(LmTrainOptions {
                     init,
                     data: self.data.spec.clone(),
                     tokenizer: self.data.tokenizer.clone(),
@@ -127,9 +127,9 @@ impl TrainRequest {
                     experiment: self.experiment.clone(),
                     tags: self.tags.clone(),
                     progress: self.progress,
-                })
+                }))
             }
-            Task::Classifier => TrainPlan::Classifier(TrainOptions {
+            Task::Classifier => TrainPlan::Classifier(Box::new(TrainOptions {
                 arch: self.arch.clone(),
                 data: self.data.clone(),
                 init: self.init.clone(),
@@ -154,7 +154,7 @@ impl TrainRequest {
                 experiment: self.experiment.clone(),
                 baseline: self.baseline,
                 tags: self.tags.clone(),
-            }),
+            })),
         })
     }
 }
@@ -162,8 +162,8 @@ impl TrainRequest {
 impl TrainPlan {
     pub fn run(&self) -> Result<TrainResult> {
         Ok(match self {
-            TrainPlan::Classifier(o) => TrainResult::Classifier(super::run_train(o)?),
-            TrainPlan::CausalLm(o) => TrainResult::CausalLm(lm_train::run(o)?),
+            TrainPlan::Classifier(o) => TrainResult::Classifier(Box::new(super::run_train(o)?)),
+            TrainPlan::CausalLm(o) => TrainResult::CausalLm(Box::new(lm_train::run(o)?)),
         })
     }
 }
@@ -186,7 +186,7 @@ pub struct EvalRequest {
 
 #[derive(Clone, Debug)]
 pub enum EvalPlan {
-    Classifier(EvalOptions),
+    Classifier(Box<EvalOptions>),
     CausalLm(LmEvalOptions),
 }
 
@@ -223,7 +223,7 @@ impl EvalRequest {
                 results: self.results.clone(),
                 experiment: self.experiment.clone(),
             }),
-            Task::Classifier => EvalPlan::Classifier(EvalOptions {
+            Task::Classifier => EvalPlan::Classifier(Box::new(EvalOptions {
                 checkpoint: self.checkpoint.clone(),
                 arch: self.arch.clone(),
                 data: self.data.clone(),
@@ -233,7 +233,7 @@ impl EvalRequest {
                 device: self.device,
                 results: self.results.clone(),
                 experiment: self.experiment.clone(),
-            }),
+            })),
         })
     }
 }
