@@ -490,7 +490,7 @@ impl crate::train::freeze::FreezeTarget for Llama {
         &self.store
     }
     fn arch_name(&self) -> &'static str {
-        "llama"
+        LlamaArch.name()
     }
     /// The separate output projection is the head; a tied model has none of its own.
     fn is_head(&self, name: &str) -> bool {
