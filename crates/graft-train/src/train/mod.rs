@@ -305,8 +305,8 @@ pub fn run_train(o: &TrainOptions) -> Result<TrainOutcome> {
     }
     let norm = normalisation(&o.data, &splits);
 
-    // Feature extraction: a frozen BERT encoder's pooled outputs are computed once.
-    let feature_mode = model.as_bert().is_some_and(|b| b.encoder_frozen());
+    // Feature extraction: a frozen encoder's pooled outputs are computed once.
+    let feature_mode = model.feature_body().is_some_and(|b| b.frozen());
     // Its time is part of what the policy costs: `feature_train_s` (the training split's pass) counts toward
     // samples/s, `feature_s` (every split) toward `time_s`.
     let (mut feature_s, mut feature_train_s) = (0.0, 0.0);

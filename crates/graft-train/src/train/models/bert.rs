@@ -11,7 +11,7 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::layers::{Ctx, Linear};
-use super::{Arch, ArchOptions, ArchSpec, Input, Model, Pooling, Spec};
+use super::{Arch, ArchOptions, ArchSpec, FeatureBody, Input, Model, Pooling, Spec};
 use crate::error::{Arg, Error, Result};
 use crate::train::ops;
 use crate::train::params::{Init, Param, ParamStore};
@@ -279,6 +279,15 @@ impl BertClassifier {
     }
 }
 
+impl FeatureBody for BertClassifier {
+    fn pooled(&self, ids: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+        self.encode(ids, mask)
+    }
+    fn frozen(&self) -> bool {
+        self.encoder_frozen()
+    }
+}
+
 impl Model for BertClassifier {
     fn spec(&self) -> &ArchSpec {
         &self.spec
@@ -302,7 +311,7 @@ impl Model for BertClassifier {
     fn encoder_layers(&self) -> usize {
         self.layers.len()
     }
-    fn as_bert(&self) -> Option<&BertClassifier> {
+    fn feature_body(&self) -> Option<&dyn FeatureBody> {
         Some(self)
     }
 }

@@ -256,6 +256,15 @@ impl ArchSpec {
     }
 }
 
+/// A body (an encoder) whose pooled outputs a classifier head reads: when the body is frozen its outputs are a fixed
+/// function of the inputs, computed once (feature extraction) instead of every epoch.
+pub trait FeatureBody {
+    /// The pooled outputs (N, features) of token ids (N, L) with their attention mask (N, L) of 0/1.
+    fn pooled(&self, ids: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor>;
+    /// Whether every body parameter is frozen.
+    fn frozen(&self) -> bool;
+}
+
 /// A network: its parameter store, its forward pass and which of its tensors form the classification head.
 pub trait Model: Send {
     fn spec(&self) -> &ArchSpec;
@@ -279,8 +288,8 @@ pub trait Model: Send {
     fn encoder_layers(&self) -> usize {
         0
     }
-    /// The BERT classifier behind this model, for feature extraction.
-    fn as_bert(&self) -> Option<&bert::BertClassifier> {
+    /// The body whose pooled outputs the head reads, for feature extraction (bert's encoder).
+    fn feature_body(&self) -> Option<&dyn FeatureBody> {
         None
     }
 }
