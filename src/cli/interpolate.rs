@@ -78,16 +78,7 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
             let opts = crate::train::EvalOptions {
                 checkpoint: p.path.clone(),
                 arch: Default::default(),
-                data: crate::train::DataOptions {
-                    spec: data.clone(),
-                    classes: None,
-                    val_fraction: 0.1,
-                    test_fraction: 0.2,
-                    normalize: None,
-                    limit: None,
-                    tokenizer: None,
-                    max_len: 128,
-                },
+                data: crate::train::DataOptions::new(data.clone()),
                 split: crate::train::Split::Test,
                 batch: 512,
                 seed: args.seed,

@@ -124,10 +124,10 @@ pub struct DataArgs {
     #[arg(long)]
     classes: Option<String>,
     /// Fraction of the training pool held out for validation (seeded).
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = DataOptions::VAL_FRACTION)]
     val_fraction: f64,
     /// Fraction of the training pool held out for testing when the data has no test set (seeded).
-    #[arg(long, default_value_t = 0.2)]
+    #[arg(long, default_value_t = DataOptions::TEST_FRACTION)]
     test_fraction: f64,
     /// none, auto (training-split statistics), MEAN,STD or M1,M2,..:S1,S2,.. (default 0.5,0.5 for pixels).
     #[arg(long, value_parser = |s: &str| NormalizeSpec::parse(s).map_err(|e| e.to_string()))]
@@ -139,7 +139,7 @@ pub struct DataArgs {
     #[arg(long)]
     tokenizer: Option<PathBuf>,
     /// Maximum tokens per text, special tokens included.
-    #[arg(long, default_value_t = 128, value_parser = super::batch_arg)]
+    #[arg(long, default_value_t = DataOptions::MAX_LEN, value_parser = super::batch_arg)]
     max_len: usize,
 }
 

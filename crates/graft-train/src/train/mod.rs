@@ -51,6 +51,26 @@ pub struct DataOptions {
     pub max_len: usize,
 }
 
+impl DataOptions {
+    pub const VAL_FRACTION: f64 = 0.1;
+    pub const TEST_FRACTION: f64 = 0.2;
+    pub const MAX_LEN: usize = 128;
+
+    /// `spec` with every other option at its default (the defaults `graft train` and `graft eval` show).
+    pub fn new(spec: DataSpec) -> DataOptions {
+        DataOptions {
+            spec,
+            classes: None,
+            val_fraction: Self::VAL_FRACTION,
+            test_fraction: Self::TEST_FRACTION,
+            normalize: None,
+            limit: None,
+            tokenizer: None,
+            max_len: Self::MAX_LEN,
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct TrainOptions {
     pub arch: ArchOptions,

@@ -256,16 +256,7 @@ mod tests {
     fn request() -> TrainRequest {
         TrainRequest {
             arch: ArchOptions { arch: lookup("mlp"), ..Default::default() },
-            data: DataOptions {
-                spec: DataSpec::parse("/nonexistent/data"),
-                classes: None,
-                val_fraction: 0.1,
-                test_fraction: 0.2,
-                normalize: None,
-                limit: None,
-                tokenizer: None,
-                max_len: 128,
-            },
+            data: DataOptions::new(DataSpec::parse("/nonexistent/data")),
             init: None,
             transfer_body: None,
             freeze: FreezePolicy::None,
