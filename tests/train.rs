@@ -502,3 +502,22 @@ fn a_taken_output_is_refused_before_training() {
     assert!(err.contains("already holds a checkpoint") && err.contains("--force"), "{err}");
     assert_eq!(std::fs::read(out.join("model.safetensors")).unwrap(), before);
 }
+
+/// `--arch` takes exactly the registry's names, and `--help` shows each with its registry help line.
+#[test]
+fn arch_values_and_help_come_from_the_registry() {
+    use graft::train::models::ARCHS;
+    let help = run(&["train", "--help"]);
+    for a in ARCHS {
+        assert!(help.contains(&format!("- {}:", a.name())), "{} missing from --help:\n{help}", a.name());
+        assert!(help.contains(a.about()), "{}'s help line missing from --help", a.name());
+    }
+    let out = graft().args(["train", "--arch", "gpt2", "--data", "/nonexistent/x"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let names: Vec<&str> = ARCHS.iter().map(|a| a.name()).collect();
+    assert!(err.contains(&format!("[possible values: {}]", names.join(", "))), "{err}");
+    // A named causal LM needs its checkpoint: refused before the (missing) data is looked at.
+    let err = fails(&["train", "--arch", "llama", "--data", "/nonexistent/x"]);
+    assert!(err.contains("pass --init DIR"), "{err}");
+}

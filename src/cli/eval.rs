@@ -1,5 +1,6 @@
 //! `graft eval CKPT --data D`: accuracy, weighted and macro F1, loss and confusion matrix of any classifier graft
-//! produces, or the perplexity of a llama-family causal LM on text, as a table or JSON.
+//! produces, or the perplexity of a llama-family causal LM on text, as a table or JSON. The arguments become a
+//! `train::request::EvalRequest`; this file prints what it returns.
 
 use std::fmt::Write;
 use std::path::PathBuf;
@@ -7,8 +8,10 @@ use std::path::PathBuf;
 use super::train::DataArgs;
 use super::{emit, table, Global};
 use crate::error::Result;
-use crate::train::models::Pooling;
-use crate::train::{self, ArchOptions, DeviceKind, EvalOptions, Split};
+use crate::train::lm_eval::LmEvalOutcome;
+use crate::train::models::{Arch, Pooling};
+use crate::train::request::{EvalRequest, EvalResult};
+use crate::train::{ArchOptions, DeviceKind, EvalOutcome, Split};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -20,8 +23,8 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = Split::Test)]
     split: Split,
     /// Expected architecture (checked against the checkpoint's).
-    #[arg(long)]
-    arch: Option<String>,
+    #[arg(long, value_parser = super::arch_arg())]
+    arch: Option<&'static dyn Arch>,
     /// bert pooling override.
     #[arg(long, value_enum)]
     pooling: Option<Pooling>,
@@ -43,24 +46,30 @@ pub struct Args {
 }
 
 pub fn run(a: Args, global: &Global) -> Result<()> {
-    if train::lm_eval::is_causal_lm(&a.checkpoint) {
-        return run_lm(a, global);
-    }
-    let opts = EvalOptions {
+    let request = EvalRequest {
         checkpoint: a.checkpoint.clone(),
-        arch: ArchOptions { arch: a.arch.clone(), pooling: a.pooling, ..Default::default() },
+        arch: ArchOptions { arch: a.arch, pooling: a.pooling, ..Default::default() },
         data: a.data.options()?,
         split: a.split,
-        batch: a.batch.max(1),
+        batch: a.batch,
         seed: a.seed,
         device: a.device,
         results: a.results.clone(),
         experiment: a.experiment.clone(),
     };
-    let out = super::with_threads(global, || train::run_eval(&opts))?;
+    let plan = request.validate(request.task())?;
+    let result = super::with_threads(global, || plan.run())?;
     if a.json {
-        return emit(&(serde_json::to_string(&out).unwrap() + "\n"));
+        return emit(&(serde_json::to_string(&result).unwrap() + "\n"));
     }
+    match result {
+        EvalResult::Classifier(out) => emit(&classifier_table(&out)),
+        EvalResult::CausalLm(out) => emit(&causal_lm_line(&out)),
+    }
+}
+
+/// The classifier's metrics and its confusion matrix with per-class precision, recall and F1.
+fn classifier_table(out: &EvalOutcome) -> String {
     let m = &out.metrics;
     let mut s = String::new();
     let _ = writeln!(
@@ -98,27 +107,12 @@ pub fn run(a: Args, global: &Global) -> Result<()> {
         t.add_row(cells);
     }
     let _ = writeln!(s, "{t}");
-    emit(&s)
+    s
 }
 
-/// A causal LM: perplexity on text (`--data text:PATH`, `--max-len` tokens per window).
-fn run_lm(a: Args, global: &Global) -> Result<()> {
-    let data = a.data.options()?;
-    let opts = train::lm_eval::LmEvalOptions {
-        checkpoint: a.checkpoint.clone(),
-        data: data.spec.clone(),
-        tokenizer: data.tokenizer.clone(),
-        max_len: data.max_len,
-        batch: a.batch.max(1),
-        device: a.device,
-        results: a.results.clone(),
-        experiment: a.experiment.clone(),
-    };
-    let out = super::with_threads(global, || train::lm_eval::run(&opts))?;
-    if a.json {
-        return emit(&(serde_json::to_string(&out).unwrap() + "\n"));
-    }
-    emit(&format!(
+/// A causal LM's perplexity on text (`--data text:PATH`, `--max-len` tokens per window).
+fn causal_lm_line(out: &LmEvalOutcome) -> String {
+    format!(
         "{}  ({} on {}: {} documents, {} tokens, {} windows of <= {})\nperplexity {:.4}  nll {:.6}  {:.0} tokens/s\n",
         out.checkpoint.display(),
         out.arch,
@@ -130,5 +124,5 @@ fn run_lm(a: Args, global: &Global) -> Result<()> {
         out.perplexity,
         out.nll,
         out.tokens_per_s
-    ))
+    )
 }

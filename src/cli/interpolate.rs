@@ -38,8 +38,8 @@ pub struct Args {
     json: bool,
     /// Evaluate every point on this data (as `graft eval --data` takes it): test-split metrics per lambda, in the
     /// manifest and, with --results, as `kind: interpolate` results lines for `graft report`'s loss-barrier charts.
-    #[arg(long, value_name = "DATA")]
-    eval_data: Option<String>,
+    #[arg(long, value_name = "DATA", value_parser = super::data_arg)]
+    eval_data: Option<crate::train::data::DataSpec>,
     /// Seed of the data split used by --eval-data (use the models' training seed).
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -78,16 +78,7 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
             let opts = crate::train::EvalOptions {
                 checkpoint: p.path.clone(),
                 arch: Default::default(),
-                data: crate::train::DataOptions {
-                    spec: data.clone(),
-                    classes: None,
-                    val_fraction: 0.1,
-                    test_fraction: 0.2,
-                    normalize: None,
-                    limit: None,
-                    tokenizer: None,
-                    max_len: 128,
-                },
+                data: crate::train::DataOptions::new(data.clone()),
                 split: crate::train::Split::Test,
                 batch: 512,
                 seed: args.seed,

@@ -88,12 +88,14 @@ pub fn flag_of(arg: Arg) -> &'static str {
         Arg::AllowNonfinite => "--allow-nonfinite",
         Arg::Arch => "--arch",
         Arg::Base => "--base",
+        Arg::Batch => "--batch",
         Arg::Classes => "--classes",
         Arg::Compat => "--compat",
         Arg::Data => "--data",
         Arg::Device => "--device",
         Arg::Dpi => "--dpi",
         Arg::Dtype => "--dtype",
+        Arg::EvalBatch => "--eval-batch",
         Arg::Executor => "--executor",
         Arg::Finetuned => "--finetuned",
         Arg::Force => "--force",
@@ -285,6 +287,19 @@ pub(crate) fn batch_arg(s: &str) -> std::result::Result<usize, String> {
 
 pub(crate) fn parse_shard_size_arg(s: &str) -> std::result::Result<u64, String> {
     parse_shard_size(s)
+}
+
+/// `--arch NAME`: an entry of the architecture registry, whose names and help lines are the possible values.
+pub(crate) fn arch_arg() -> impl clap::builder::TypedValueParser<Value = &'static dyn crate::train::models::Arch> {
+    use crate::train::models;
+    use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+    PossibleValuesParser::new(models::ARCHS.iter().map(|a| PossibleValue::new(a.name()).help(a.about())))
+        .map(|name| models::lookup(&name).expect("clap accepts registry names only"))
+}
+
+/// `--data FORMAT:PATH` or `PATH`, parsed once (it cannot fail: the path is checked when the data is read).
+pub(crate) fn data_arg(s: &str) -> std::result::Result<crate::train::data::DataSpec, String> {
+    Ok(crate::train::data::DataSpec::parse(s))
 }
 
 fn parse_shard_size(s: &str) -> std::result::Result<u64, String> {

@@ -1,22 +1,26 @@
 //! `graft train`: fine-tune (or train from scratch) a model on local data with a freezing policy, write the
-//! checkpoint and a results line.
+//! checkpoint and a results line. The arguments become a `train::request::TrainRequest` (values typed by their
+//! parsers: the architecture registry, `DataSpec`, `NormalizeSpec`, `FreezePolicy`); the library validates and
+//! runs it; this file prints the summary.
 
 use std::path::PathBuf;
 
 use super::{emit, Global, OutputArgs};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::train::data::subset::parse_classes;
+use crate::train::data::{DataSpec, NormalizeSpec};
 use crate::train::freeze::FreezePolicy;
-use crate::train::models::{BnStats, Pooling};
-use crate::train::trainer::TrainConfig;
-use crate::train::{self, ArchOptions, DataOptions, DeviceKind, TrainOptions};
+use crate::train::lm_train::LmTrainOutcome;
+use crate::train::models::{Arch, BnStats, Pooling};
+use crate::train::request::{TrainPlan, TrainRequest, TrainResult};
+use crate::train::{ArchOptions, DataOptions, DeviceKind, TrainOutcome};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Architecture for a fresh model: mlp, sepcnn, resnet20 (bert needs --init). With --init/--transfer-body the
+    /// Architecture for a fresh model (bert and llama start from --init). With --init/--transfer-body the
     /// checkpoint's own architecture is used and this only checks it.
-    #[arg(long)]
-    arch: Option<String>,
+    #[arg(long, value_parser = super::arch_arg())]
+    arch: Option<&'static dyn Arch>,
     #[command(flatten)]
     data: DataArgs,
     /// Start from every tensor of this checkpoint.
@@ -26,8 +30,8 @@ pub struct Args {
     #[arg(long)]
     transfer_body: Option<PathBuf>,
     /// Which parameters train: none (all train), all-but-head, selected:FILE, regex:FILE (see docs/train.md).
-    #[arg(long, default_value = "none")]
-    freeze: String,
+    #[arg(long, default_value = "none", value_parser = |s: &str| FreezePolicy::parse(s).map_err(|e| e.to_string()))]
+    freeze: FreezePolicy,
     /// Train only the last N encoder layers and the head (transformers).
     #[arg(long, conflicts_with = "freeze")]
     train_last_layers: Option<usize>,
@@ -114,20 +118,20 @@ enum BnStatsArg {
 #[derive(clap::Args, Debug, Clone)]
 pub struct DataArgs {
     /// Data: FORMAT:PATH or PATH (idx, sprite, arrays, spam, tsv; see docs/data.md).
-    #[arg(long)]
-    data: String,
+    #[arg(long, value_parser = super::data_arg)]
+    data: DataSpec,
     /// Keep these classes, renumbered 0.. in the given order (e.g. 0,1,8,9).
     #[arg(long)]
     classes: Option<String>,
     /// Fraction of the training pool held out for validation (seeded).
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = DataOptions::VAL_FRACTION)]
     val_fraction: f64,
     /// Fraction of the training pool held out for testing when the data has no test set (seeded).
-    #[arg(long, default_value_t = 0.2)]
+    #[arg(long, default_value_t = DataOptions::TEST_FRACTION)]
     test_fraction: f64,
     /// none, auto (training-split statistics), MEAN,STD or M1,M2,..:S1,S2,.. (default 0.5,0.5 for pixels).
-    #[arg(long)]
-    normalize: Option<String>,
+    #[arg(long, value_parser = |s: &str| NormalizeSpec::parse(s).map_err(|e| e.to_string()))]
+    normalize: Option<NormalizeSpec>,
     /// Use at most this many training samples.
     #[arg(long)]
     limit: Option<usize>,
@@ -135,7 +139,7 @@ pub struct DataArgs {
     #[arg(long)]
     tokenizer: Option<PathBuf>,
     /// Maximum tokens per text, special tokens included.
-    #[arg(long, default_value_t = 128, value_parser = super::batch_arg)]
+    #[arg(long, default_value_t = DataOptions::MAX_LEN, value_parser = super::batch_arg)]
     max_len: usize,
 }
 
@@ -155,35 +159,11 @@ impl DataArgs {
 }
 
 pub fn run(a: Args, global: &Global) -> Result<()> {
-    let causal_lm = a.arch.as_deref() == Some("llama")
-        || a.init.as_deref().is_some_and(train::lm_eval::is_causal_lm)
-        || a.transfer_body.as_deref().is_some_and(train::lm_eval::is_causal_lm);
-    let (epochs, lr, batch) = match causal_lm {
-        true => (a.epochs.unwrap_or(1), a.lr.unwrap_or(1e-4), a.batch.unwrap_or(8)),
-        false => (a.epochs.unwrap_or(5), a.lr.unwrap_or(1e-3), a.batch.unwrap_or(128)),
-    };
-    if batch == 0 || a.eval_batch == 0 {
-        return Err(Error::usage("--batch and --eval-batch must be at least 1"));
-    }
-    if !(lr > 0.0 && lr.is_finite()) {
-        return Err(Error::usage("--lr must be positive"));
-    }
-    let freeze = match a.train_last_layers {
-        Some(n) => FreezePolicy::LastLayers(n),
-        None => FreezePolicy::parse(&a.freeze)?,
-    };
-    if causal_lm {
-        return run_lm(a, global, freeze, epochs, lr, batch);
-    }
-    let bn_stats = match a.bn_stats {
-        BnStatsArg::Freeze => BnStats::Freeze,
-        BnStatsArg::Update => BnStats::Update,
-    };
     let out =
         OutputArgs { output: a.output.clone().unwrap_or_default(), max_shard_size: a.max_shard_size, force: a.force };
-    let opts = TrainOptions {
+    let request = TrainRequest {
         arch: ArchOptions {
-            arch: a.arch.clone(),
+            arch: a.arch,
             hidden: a.hidden.clone(),
             width: a.width,
             depths: a.depths.clone(),
@@ -193,41 +173,57 @@ pub fn run(a: Args, global: &Global) -> Result<()> {
         data: a.data.options()?,
         init: a.init.clone(),
         transfer_body: a.transfer_body.clone(),
-        freeze,
-        bn_stats,
-        train: TrainConfig {
-            epochs,
-            lr,
-            batch,
-            eval_batch: a.eval_batch,
-            seed: a.seed,
-            weight_decay: a.weight_decay,
-            best_epoch: a.best_epoch,
-            time_with_eval: a.time_with_eval,
-            progress: !a.quiet,
+        freeze: match a.train_last_layers {
+            Some(n) => FreezePolicy::LastLayers(n),
+            None => a.freeze.clone(),
         },
+        bn_stats: match a.bn_stats {
+            BnStatsArg::Freeze => BnStats::Freeze,
+            BnStatsArg::Update => BnStats::Update,
+        },
+        epochs: a.epochs,
+        lr: a.lr,
+        batch: a.batch,
+        eval_batch: a.eval_batch,
+        weight_decay: a.weight_decay,
+        seed: a.seed,
+        best_epoch: a.best_epoch,
+        time_with_eval: a.time_with_eval,
+        progress: !a.quiet,
         device: a.device,
         output: a.output.clone(),
         writer: out.writer_options(Vec::new()),
+        threads: global.threads,
         results: a.results.clone(),
         experiment: a.experiment.clone(),
         baseline: a.baseline,
         tags: a.tags.clone(),
     };
-    if !a.quiet {
-        eprintln!(
-            "graft train: freeze {}, BatchNorm statistics of frozen layers: {}",
-            opts.freeze.describe(),
-            match bn_stats {
-                BnStats::Freeze => "frozen (running statistics used and kept)",
-                BnStats::Update => "updated (batch statistics, running averages move)",
-            }
-        );
+    let plan = request.validate(request.task())?;
+    if let TrainPlan::Classifier(opts) = &plan {
+        if !a.quiet {
+            eprintln!(
+                "graft train: freeze {}, BatchNorm statistics of frozen layers: {}",
+                opts.freeze.describe(),
+                match opts.bn_stats {
+                    BnStats::Freeze => "frozen (running statistics used and kept)",
+                    BnStats::Update => "updated (batch statistics, running averages move)",
+                }
+            );
+        }
     }
-    let outcome = super::with_threads(global, || train::run_train(&opts))?;
+    let result = super::with_threads(global, || plan.run())?;
     if a.json {
-        return emit(&(serde_json::to_string(&outcome).unwrap() + "\n"));
+        return emit(&(serde_json::to_string(&result).unwrap() + "\n"));
     }
+    match result {
+        TrainResult::Classifier(outcome) => emit(&classifier_summary(&outcome, a.time_with_eval)),
+        TrainResult::CausalLm(outcome) => emit(&causal_lm_summary(&outcome)),
+    }
+}
+
+/// The classifier run's summary: samples, freezing, epochs, test metrics, time and memory.
+fn classifier_summary(outcome: &TrainOutcome, time_with_eval: bool) -> String {
     let r = &outcome.report;
     let mut s = String::new();
     use std::fmt::Write;
@@ -287,7 +283,7 @@ pub fn run(a: Args, global: &Global) -> Result<()> {
         r.feature_s,
         r.train_s,
         r.eval_time_s,
-        if opts.train.time_with_eval { "included" } else { "excluded" },
+        if time_with_eval { "included" } else { "excluded" },
         r.samples_per_s,
     );
     let _ = writeln!(
@@ -299,42 +295,11 @@ pub fn run(a: Args, global: &Global) -> Result<()> {
     if let Some(o) = &outcome.output {
         let _ = writeln!(s, "wrote {}", o.display());
     }
-    emit(&s)
+    s
 }
 
-/// A llama-family causal LM: fine-tuning on text (see `train::lm_train`).
-fn run_lm(a: Args, global: &Global, freeze: FreezePolicy, epochs: usize, lr: f64, batch: usize) -> Result<()> {
-    let Some(init) = a.init.clone() else {
-        return Err(Error::usage("a causal LM is fine-tuned from a checkpoint: pass --init DIR"));
-    };
-    let data = a.data.options()?;
-    let out =
-        OutputArgs { output: a.output.clone().unwrap_or_default(), max_shard_size: a.max_shard_size, force: a.force };
-    let opts = train::lm_train::LmTrainOptions {
-        init,
-        data: data.spec,
-        tokenizer: data.tokenizer,
-        max_len: data.max_len,
-        val_fraction: data.val_fraction,
-        freeze,
-        epochs,
-        batch,
-        lr,
-        weight_decay: a.weight_decay,
-        seed: a.seed,
-        device: a.device,
-        output: a.output.clone(),
-        writer: out.writer_options(Vec::new()),
-        threads: global.threads,
-        results: a.results.clone(),
-        experiment: a.experiment.clone(),
-        tags: a.tags.clone(),
-        progress: !a.quiet,
-    };
-    let o = super::with_threads(global, || train::lm_train::run(&opts))?;
-    if a.json {
-        return emit(&(serde_json::to_string(&o).unwrap() + "\n"));
-    }
+/// A llama-family causal LM's fine-tuning (see `train::lm_train`).
+fn causal_lm_summary(o: &LmTrainOutcome) -> String {
     let f = &o.freeze;
     let mut s = format!(
         "run {}  {} on {}: {} train / {} validation sequences of <= {} tokens\n\
@@ -361,7 +326,7 @@ fn run_lm(a: Args, global: &Global, freeze: FreezePolicy, epochs: usize, lr: f64
     if let Some(p) = &o.output {
         s.push_str(&format!("wrote {}\n", p.display()));
     }
-    emit(&s)
+    s
 }
 
 fn parse_tag(s: &str) -> std::result::Result<(String, String), String> {

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 
 use candle_core::{DType, Tensor};
 
-use super::models::ArchSpec;
+use super::models::{self, ArchSpec};
 use super::params::{ParamStore, Slot};
 use crate::checkpoint::{Checkpoint, CheckpointWriter, Dtype, TensorDecl, TensorView, WriterOptions, Written};
 use crate::error::{Error, Result};
@@ -111,11 +111,7 @@ pub fn save(
     let mut w = CheckpointWriter::create(out, decls, opts)?;
     if out.extension().is_none_or(|x| x != "safetensors") {
         let mut config = spec.to_json();
-        if let ArchSpec::Bert { .. } = spec {
-            // Hugging Face tools read the same file: keep it a valid BERT config.
-            config["model_type"] = "bert".into();
-            config["architectures"] = serde_json::json!(["BertModel"]);
-        }
+        spec.as_spec().foreign_config(&mut config);
         // Committed with the weights, in the same step.
         w.add_file("config.json", (serde_json::to_string_pretty(&config).unwrap() + "\n").into_bytes())?;
     }
@@ -158,7 +154,7 @@ pub fn arch_of(ck: &Checkpoint) -> Result<Option<ArchSpec>> {
     let Some(dir) = ck.dir() else { return Ok(None) };
     let path = dir.join("config.json");
     let Some(v) = crate::checkpoint::hf_config::read(&path)?.map(serde_json::Value::Object) else { return Ok(None) };
-    if v.get("graft_arch").is_none() && v.get("model_type").and_then(|m| m.as_str()) != Some("bert") {
+    if v.get("graft_arch").is_none() && models::reading_config(&v, models::Task::Classifier).is_none() {
         return Ok(None);
     }
     ArchSpec::from_json(&v).map(Some).map_err(|e| Error::format(&path, e))

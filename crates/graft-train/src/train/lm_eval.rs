@@ -17,6 +17,7 @@ use candle_core::{DType, Tensor};
 use serde::Serialize;
 use serde_json::json;
 
+use super::data::{DataSpec, Format};
 use super::models::llama::{Llama, LlamaConfig, WORKING_DTYPE};
 use super::params::ParamStore;
 use super::{checkpoint_io, results, tokenize, trainer, DeviceKind};
@@ -26,10 +27,11 @@ use crate::error::{Arg, Error, Result};
 /// Logit elements one forward pass may hold (windows are batched up to this, 8 Mi f32 = 32 MiB: larger batches only add memory traffic on the logits).
 const LOGIT_BUDGET: usize = 8 << 20;
 
+#[derive(Clone, Debug)]
 pub struct LmEvalOptions {
     pub checkpoint: PathBuf,
     /// The `--data` value (`text:PATH` or `PATH`).
-    pub data: String,
+    pub data: DataSpec,
     /// A tokenizer.json (or its directory) other than the checkpoint's.
     pub tokenizer: Option<PathBuf>,
     pub max_len: usize,
@@ -62,7 +64,10 @@ pub struct LmEvalOutcome {
 
 /// Whether `ck` is a causal LM graft can evaluate by perplexity (its directory's `config.json` says llama family).
 pub fn is_causal_lm(checkpoint: &Path) -> bool {
-    read_config(checkpoint).ok().flatten().is_some_and(|(v, _)| LlamaConfig::is_llama_family(&v))
+    read_config(checkpoint)
+        .ok()
+        .flatten()
+        .is_some_and(|(v, _)| super::models::reading_config(&v, super::models::Task::CausalLm).is_some())
 }
 
 /// The directory holding a checkpoint's `config.json` and tokenizer: the checkpoint's own, or a file's parent; for a
@@ -100,8 +105,11 @@ pub fn load_llama(checkpoint: &Path, device: &candle_core::Device) -> Result<Lla
 }
 
 /// The documents of a text source, in order.
-pub fn read_documents(spec: &str) -> Result<Vec<String>> {
-    let path = PathBuf::from(spec.strip_prefix("text:").unwrap_or(spec));
+pub fn read_documents(spec: &DataSpec) -> Result<Vec<String>> {
+    if spec.format.is_some_and(|f| f != Format::Text) {
+        return Err(Error::usage(format!("{spec}: a causal LM reads plain text: text:PATH or PATH ({})", Arg::Data)));
+    }
+    let path = spec.path.clone();
     if !path.exists() {
         return Err(Error::usage(format!("{}: no such file or directory ({})", path.display(), Arg::Data)));
     }
@@ -212,7 +220,7 @@ pub fn run(o: &LmEvalOptions) -> Result<LmEvalOutcome> {
     let outcome = LmEvalOutcome {
         checkpoint: o.checkpoint.clone(),
         arch: model.config.model_type.clone(),
-        data: o.data.clone(),
+        data: o.data.to_string(),
         documents: docs.len(),
         tokens: ids.len(),
         windows: wins.len(),

@@ -18,6 +18,7 @@ use candle_core::{DType, Tensor};
 use serde::Serialize;
 use serde_json::json;
 
+use super::data::DataSpec;
 use super::freeze::{self, FreezePolicy, FreezeSummary};
 use super::lm_eval::{self, config_dir};
 use super::memory::MemoryMeter;
@@ -32,9 +33,10 @@ use crate::rng::Rng;
 /// Logit elements one micro-batch may hold while training (the log-softmax and its gradient triple it).
 const TRAIN_LOGIT_BUDGET: usize = 64 << 20; // 256 MiB of f32 logits
 
+#[derive(Clone, Debug)]
 pub struct LmTrainOptions {
     pub init: PathBuf,
-    pub data: String,
+    pub data: DataSpec,
     pub tokenizer: Option<PathBuf>,
     pub max_len: usize,
     pub val_fraction: f64,
@@ -267,7 +269,7 @@ pub fn run(o: &LmTrainOptions) -> Result<LmTrainOutcome> {
     let outcome = LmTrainOutcome {
         run_id: run_id.clone(),
         init: o.init.clone(),
-        data: o.data.clone(),
+        data: o.data.to_string(),
         sequences: SequenceCounts { train: train.len(), val: val.len(), max_len: o.max_len, tokens: ids.len() },
         freeze: fsum,
         perplexity_before: before.exp(),

@@ -1,8 +1,10 @@
 //! Fine-tuning and evaluation with candle: the only place graft runs networks.
 //!
-//! `run_train` turns a checkpoint (or a fresh model) plus local data into a trained checkpoint and a results line;
-//! `run_eval` measures any checkpoint graft produces. The pieces: `models` (mlp, sepcnn, resnet20, bert, names as
-//! the PyTorch originals), `params` (the ordered tensor store), `checkpoint_io` (store <-> graft checkpoints),
+//! `request` is the entry of `graft train` and `graft eval` (typed, validated before any I/O), which hands a
+//! classifier to `run_train` / `run_eval` here and a causal LM to `lm_train` / `lm_eval`. `run_train` turns a
+//! checkpoint (or a fresh model) plus local data into a trained checkpoint and a results line; `run_eval` measures
+//! any classifier graft produces. The pieces: `models` (the architecture registry and one file per architecture:
+//! mlp, sepcnn, resnet20, bert, llama; names as the PyTorch originals), `params` (the ordered tensor store), `checkpoint_io` (store <-> graft checkpoints),
 //! `data` (formats, subsets, splits, batches), `freeze` (which parameters train), `ops` (fused CPU kernels),
 //! `optim` (fused AdamW), `trainer` (the loop), `metrics` (sklearn's definitions), `results` (JSONL lines).
 
@@ -17,6 +19,7 @@ pub mod models;
 pub mod ops;
 pub mod optim;
 pub mod params;
+pub mod request;
 pub mod results;
 pub mod tokenize;
 pub mod trainer;
@@ -29,50 +32,43 @@ use serde::Serialize;
 
 use crate::checkpoint::{Checkpoint, WriterOptions};
 use crate::error::{Arg, Error, Result};
-use data::{Normalize, Samples, SplitOptions, Splits};
+use data::{DataSpec, Normalize, NormalizeSpec, Samples, SplitOptions, Splits};
 use freeze::{FreezePolicy, FreezeSummary};
-use models::{ArchSpec, BnStats, Model, Pooling};
+pub use models::ArchOptions;
+use models::{ArchSpec, BnStats, Model, Task};
 use trainer::{EpochRecord, TrainConfig, TrainReport};
-
-/// How to build a model from `--arch` and its options when no checkpoint says.
-#[derive(Clone, Debug)]
-pub struct ArchOptions {
-    pub arch: Option<String>,
-    /// mlp hidden sizes.
-    pub hidden: Vec<usize>,
-    /// sepcnn/resnet20 width multiplier.
-    pub width: f64,
-    /// sepcnn stage depths.
-    pub depths: Vec<usize>,
-    /// bert pooling and head hidden size (also override a checkpoint's).
-    pub pooling: Option<Pooling>,
-    pub head_hidden: Option<usize>,
-}
-
-impl Default for ArchOptions {
-    fn default() -> Self {
-        ArchOptions {
-            arch: None,
-            hidden: vec![256, 128],
-            width: 1.0,
-            depths: models::sepcnn::DEFAULT_DEPTHS.to_vec(),
-            pooling: None,
-            head_hidden: None,
-        }
-    }
-}
 
 #[derive(Clone, Debug)]
 pub struct DataOptions {
-    pub spec: String,
+    pub spec: DataSpec,
     pub classes: Option<Vec<u32>>,
     pub val_fraction: f64,
     pub test_fraction: f64,
     /// None: 0.5,0.5 for pixel data (the reference's Normalize(0.5, 0.5)), none for float data.
-    pub normalize: Option<String>,
+    pub normalize: Option<NormalizeSpec>,
     pub limit: Option<usize>,
     pub tokenizer: Option<PathBuf>,
     pub max_len: usize,
+}
+
+impl DataOptions {
+    pub const VAL_FRACTION: f64 = 0.1;
+    pub const TEST_FRACTION: f64 = 0.2;
+    pub const MAX_LEN: usize = 128;
+
+    /// `spec` with every other option at its default (the defaults `graft train` and `graft eval` show).
+    pub fn new(spec: DataSpec) -> DataOptions {
+        DataOptions {
+            spec,
+            classes: None,
+            val_fraction: Self::VAL_FRACTION,
+            test_fraction: Self::TEST_FRACTION,
+            normalize: None,
+            limit: None,
+            tokenizer: None,
+            max_len: Self::MAX_LEN,
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -190,13 +186,16 @@ pub fn load_data(opts: &DataOptions, seed: u64, tokenizer_dir: Option<&Path>) ->
     Ok((data::subset::split(src, &split)?, format))
 }
 
-fn normalisation(opts: &DataOptions, splits: &Splits) -> Result<Normalize> {
+fn normalisation(opts: &DataOptions, splits: &Splits) -> Normalize {
     let pixel = matches!(&splits.train.data.samples, Samples::Dense { features: data::Features::U8(_), .. });
-    let spec = opts.normalize.clone().unwrap_or_else(|| if pixel { "0.5,0.5".into() } else { "none".into() });
-    Ok(match Normalize::parse(&spec)? {
-        Some(n) => n,
-        None => Normalize::fit(&splits.train),
-    })
+    // Pixels get the reference study's Normalize(0.5, 0.5); float features stay as they are.
+    let pixel_default = Normalize { mean: vec![0.5], std: vec![0.5] };
+    let spec =
+        opts.normalize.clone().unwrap_or(NormalizeSpec::Fixed(if pixel { pixel_default } else { Normalize::none() }));
+    match spec {
+        NormalizeSpec::Fixed(n) => n,
+        NormalizeSpec::Auto => Normalize::fit(&splits.train),
+    }
 }
 
 /// The architecture for a run: from the checkpoint when there is one (head resized for `--transfer-body`), else
@@ -212,17 +211,18 @@ fn resolve_arch(
         Some(ck) => checkpoint_io::arch_of(ck)?,
         None => None,
     };
-    let mut spec = match (from_ck, &opts.arch) {
-        (Some(s), Some(a)) if s.name() != a => {
+    let mut spec = match (from_ck, opts.arch) {
+        (Some(s), Some(a)) if s.name() != a.name() => {
             return Err(Error::usage(format!(
-                "{} {a} but {} holds a {} model",
+                "{} {} but {} holds a {} model",
                 Arg::Arch,
+                a.name(),
                 ck.unwrap().path().display(),
                 s.name()
             )))
         }
         (Some(s), _) => s,
-        (None, Some(a)) => fresh_arch(a, opts, sample_shape, classes)?,
+        (None, Some(a)) => a.fresh(opts, sample_shape, classes)?,
         (None, None) => {
             return Err(Error::usage(match ck {
                 Some(ck) => format!(
@@ -232,26 +232,23 @@ fn resolve_arch(
                     Arg::Arch
                 ),
                 None => format!(
-                    "pass {} (mlp, sepcnn, resnet20, bert) or {}/{} CHECKPOINT",
+                    "pass {} ({}) or {}/{} CHECKPOINT",
                     Arg::Arch,
+                    models::ARCHS
+                        .iter()
+                        .filter(|a| a.task() == Task::Classifier)
+                        .map(|a| a.name())
+                        .collect::<Vec<_>>()
+                        .join(", "),
                     Arg::Init,
                     Arg::TransferBody
                 ),
             }))
         }
     };
-    if let ArchSpec::Bert { pooling, head_hidden, .. } = &mut spec {
-        if let Some(p) = opts.pooling {
-            *pooling = p;
-        }
-        if let Some(h) = opts.head_hidden {
-            *head_hidden = h;
-        }
-    }
+    spec.override_from(opts);
     if spec.num_classes() != classes {
-        if transfer
-            || matches!(spec, ArchSpec::Bert { .. }) && ck.is_some_and(|c| c.get("classifier.out.weight").is_none())
-        {
+        if transfer || ck.is_some_and(|c| lacks_head(&spec, c)) {
             spec = spec.with_num_classes(classes);
         } else {
             return Err(Error::usage(format!(
@@ -264,27 +261,9 @@ fn resolve_arch(
     Ok(spec)
 }
 
-fn fresh_arch(name: &str, o: &ArchOptions, shape: &[usize], classes: usize) -> Result<ArchSpec> {
-    let channels = if shape.len() == 3 { shape[0] } else { 1 };
-    Ok(match name {
-        "mlp" => {
-            let mut sizes = vec![shape.iter().product::<usize>().max(1)];
-            sizes.extend(&o.hidden);
-            sizes.push(classes);
-            ArchSpec::Mlp { sizes }
-        }
-        "sepcnn" => models::sepcnn::spec(channels, o.width, &o.depths, classes),
-        "resnet20" => models::resnet20::spec(channels, o.width, classes),
-        "bert" => {
-            return Err(Error::usage(format!(
-                "{} bert needs a pretrained checkpoint: pass {} or {} DIR",
-                Arg::Arch,
-                Arg::Init,
-                Arg::TransferBody
-            )))
-        }
-        other => return Err(Error::usage(format!("{} '{other}': expected mlp, sepcnn, resnet20 or bert", Arg::Arch))),
-    })
+/// Whether `ck` is a pretrained body without the head `spec`'s architecture trains on it (a Hugging Face encoder).
+fn lacks_head(spec: &ArchSpec, ck: &Checkpoint) -> bool {
+    spec.as_spec().head_tensor().is_some_and(|t| ck.get(t).is_none())
 }
 
 /// Builds the model for `spec` and loads `ck` into it (all tensors, or all but the head for a transfer).
@@ -300,8 +279,7 @@ pub fn build_model(
     let model = models::build(spec, store)?;
     if let Some(ck) = ck {
         // A pretrained encoder without graft's head gets a fresh head, as does every transfer.
-        let fresh_head =
-            transfer || (matches!(spec, ArchSpec::Bert { .. }) && ck.get("classifier.out.weight").is_none());
+        let fresh_head = transfer || lacks_head(spec, ck);
         let m = &*model;
         checkpoint_io::load(m.store(), ck, &|n| fresh_head && m.is_head(n))?;
     }
@@ -345,10 +323,10 @@ pub fn run_train(o: &TrainOptions) -> Result<TrainOutcome> {
     for bn in model.batchnorms() {
         *bn.frozen_stats.lock().unwrap() = o.bn_stats;
     }
-    let norm = normalisation(&o.data, &splits)?;
+    let norm = normalisation(&o.data, &splits);
 
-    // Feature extraction: a frozen BERT encoder's pooled outputs are computed once.
-    let feature_mode = model.as_bert().is_some_and(|b| b.encoder_frozen());
+    // Feature extraction: a frozen encoder's pooled outputs are computed once.
+    let feature_mode = model.feature_body().is_some_and(|b| b.frozen());
     // Its time is part of what the policy costs: `feature_train_s` (the training split's pass) counts toward
     // samples/s, `feature_s` (every split) toward `time_s`.
     let (mut feature_s, mut feature_train_s) = (0.0, 0.0);
@@ -369,10 +347,7 @@ pub fn run_train(o: &TrainOptions) -> Result<TrainOutcome> {
     };
     let setup_peak = meter.peak();
     // Zero-shot accuracy means something only when the checkpoint brought its own head.
-    let head_loaded = o.init.is_some()
-        && ck
-            .as_ref()
-            .is_some_and(|c| c.get("classifier.out.weight").is_some() || !matches!(spec, ArchSpec::Bert { .. }));
+    let head_loaded = o.init.is_some() && ck.as_ref().is_some_and(|c| !lacks_head(&spec, c));
     let zero_shot = if head_loaded && !test_p.is_empty() {
         Some(trainer::evaluate(&*model, &test_p, &norm, o.train.eval_batch)?.accuracy)
     } else {
@@ -436,7 +411,7 @@ pub fn run_train(o: &TrainOptions) -> Result<TrainOutcome> {
         let mut meta = BTreeMap::new();
         meta.insert("graft.train".to_string(), serde_json::json!({ "run_id": id, "config": config }).to_string());
         let mut wopts = o.writer.clone();
-        if wopts.carry_from.is_none() && matches!(spec, ArchSpec::Bert { .. }) {
+        if wopts.carry_from.is_none() && spec.as_spec().reads_text() {
             wopts.carry_from = tok_dir.clone();
         }
         wopts.inputs.extend(ck.as_ref().map(|c| c.files()).unwrap_or_default());
@@ -455,7 +430,7 @@ pub fn run_train(o: &TrainOptions) -> Result<TrainOutcome> {
     Ok(TrainOutcome {
         run_id: id,
         arch: spec.to_json(),
-        data: o.data.spec.clone(),
+        data: o.data.spec.to_string(),
         classes: splits.class_names.clone(),
         samples,
         freeze: fsum,
@@ -503,7 +478,7 @@ pub fn run_eval(o: &EvalOptions) -> Result<EvalOutcome> {
     let spec = resolve_arch(&o.arch, Some(&ck), false, &shape, splits.classes())?;
     spec.check_input(&shape)?;
     let model = build_model(&spec, Some(&ck), false, DType::F32, &dev, o.seed)?;
-    let norm = normalisation(&o.data, &splits)?;
+    let norm = normalisation(&o.data, &splits);
     let part = match o.split {
         Split::Test => &splits.test,
         Split::Val => &splits.val,
@@ -528,7 +503,7 @@ pub fn run_eval(o: &EvalOptions) -> Result<EvalOutcome> {
     Ok(EvalOutcome {
         checkpoint: o.checkpoint.clone(),
         arch: spec.to_json(),
-        data: o.data.spec.clone(),
+        data: o.data.spec.to_string(),
         split: o.split,
         classes: splits.class_names.clone(),
         metrics: m,

@@ -276,14 +276,18 @@ fn evaluate_tracked(model: &dyn Model, part: &Part, norm: &Normalize, batch: usi
 /// Feature extraction: the pooled encoder outputs of every sample of `part`, as a dense part (the encoder is
 /// frozen and has no train-mode behaviour, so they are the same every epoch).
 pub fn extract_features(model: &dyn Model, part: &Part, batch: usize) -> Result<Part> {
-    let bert = model.as_bert().ok_or_else(|| Error::invalid("feature extraction needs a bert model"))?;
+    let body = model.feature_body().ok_or_else(|| {
+        Error::invalid(format!("feature extraction: the {} model has no pooled body", model.spec().name()))
+    })?;
     let (dt, dev) = dtype_of(model);
     let mut feats: Vec<f32> = Vec::new();
     let mut width = 0;
     for b in part.indices.chunks(batch.max(1)) {
         let (x, _) = data::batch(&part.data, b, &Normalize::none(), dt, &dev).map_err(ce)?;
-        let BatchInput::Tokens { ids, mask } = x else { return Err(Error::invalid("bert needs token inputs")) };
-        let f = bert.encode(&ids, &mask).and_then(|f| f.to_dtype(DType::F32)).map_err(ce)?;
+        let BatchInput::Tokens { ids, mask } = x else {
+            return Err(Error::invalid("feature extraction needs token inputs"));
+        };
+        let f = body.pooled(&ids, &mask).and_then(|f| f.to_dtype(DType::F32)).map_err(ce)?;
         width = f.dim(1).map_err(ce)?;
         feats.extend(f.flatten_all().and_then(|f| f.to_vec1::<f32>()).map_err(ce)?);
     }

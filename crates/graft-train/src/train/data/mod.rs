@@ -18,7 +18,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Arg, Error, Result};
-pub use subset::{Normalize, SplitOptions, Splits};
+pub use subset::{Normalize, NormalizeSpec, SplitOptions, Splits};
 
 /// Per-sample features.
 #[derive(Clone, Debug)]
@@ -76,34 +76,100 @@ pub struct Source {
     pub path: PathBuf,
 }
 
-/// Reads `spec` (`FORMAT:PATH` or a path).
-pub fn open(spec: &str) -> Result<Source> {
-    let (format, path) = match spec.split_once(':') {
-        Some((f, p)) if ["idx", "sprite", "arrays", "text", "spam", "tsv"].contains(&f) => (Some(f), PathBuf::from(p)),
-        _ => (None, PathBuf::from(spec)),
-    };
+/// A format `--data FORMAT:PATH` names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Idx,
+    Sprite,
+    Arrays,
+    /// Labelled texts (`label<TAB>text` lines) as `tsv` reads them; for a causal LM, plain text.
+    Text,
+    Spam,
+    Tsv,
+}
+
+impl Format {
+    pub const ALL: [Format; 6] = [Format::Idx, Format::Sprite, Format::Arrays, Format::Text, Format::Spam, Format::Tsv];
+
+    /// The prefix in `FORMAT:PATH`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Idx => "idx",
+            Format::Sprite => "sprite",
+            Format::Arrays => "arrays",
+            Format::Text => "text",
+            Format::Spam => "spam",
+            Format::Tsv => "tsv",
+        }
+    }
+}
+
+/// `--data`: `FORMAT:PATH`, or a bare path whose format is recognised from what it holds. A prefix that names no
+/// format is part of the path. It displays as it was written (results lines and summaries show it so).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DataSpec {
+    pub format: Option<Format>,
+    pub path: PathBuf,
+}
+
+impl DataSpec {
+    /// Never fails: text that starts with no format name is a path.
+    pub fn parse(spec: &str) -> DataSpec {
+        let named = spec.split_once(':').and_then(|(f, p)| Some((Format::ALL.into_iter().find(|x| x.name() == f)?, p)));
+        match named {
+            Some((format, path)) => DataSpec { format: Some(format), path: PathBuf::from(path) },
+            None => DataSpec { format: None, path: PathBuf::from(spec) },
+        }
+    }
+}
+
+impl std::str::FromStr for DataSpec {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> std::result::Result<DataSpec, Self::Err> {
+        Ok(DataSpec::parse(s))
+    }
+}
+
+impl std::fmt::Display for DataSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.format {
+            Some(format) => write!(f, "{}:{}", format.name(), self.path.display()),
+            None => write!(f, "{}", self.path.display()),
+        }
+    }
+}
+
+impl serde::Serialize for DataSpec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Reads the data `spec` names.
+pub fn open(spec: &DataSpec) -> Result<Source> {
+    let path = spec.path.clone();
     if !path.exists() {
         return Err(Error::usage(format!("{}: no such file or directory ({})", path.display(), Arg::Data)));
     }
-    let format = match format {
+    let format = match spec.format {
         Some(f) => f,
         None => detect(&path)?,
     };
     let (train, test, name) = match format {
-        "idx" => {
+        Format::Idx => {
             let (a, b) = idx::read_dir(&path)?;
             (a, b, "idx")
         }
-        "sprite" => {
+        Format::Sprite => {
             let (a, b) = sprite::read_dir(&path)?;
             (a, Some(b), "sprite")
         }
-        "arrays" => {
+        Format::Arrays => {
             let (a, b) = arrays::read_dir(&path)?;
             (a, b, "arrays")
         }
-        "spam" => (text::read_spam_folders(&path)?, None, "spam"),
-        _ => {
+        Format::Spam => (text::read_spam_folders(&path)?, None, "spam"),
+        Format::Text | Format::Tsv => {
             let (a, b) = text::read_tsv(&path)?;
             (a, b, "tsv")
         }
@@ -111,9 +177,9 @@ pub fn open(spec: &str) -> Result<Source> {
     Ok(Source { train, test, format: name, path })
 }
 
-fn detect(path: &Path) -> Result<&'static str> {
+fn detect(path: &Path) -> Result<Format> {
     if path.is_file() {
-        return Ok("tsv");
+        return Ok(Format::Tsv);
     }
     let names: Vec<String> = std::fs::read_dir(path)
         .map_err(|e| Error::io(path, e))?
@@ -121,15 +187,15 @@ fn detect(path: &Path) -> Result<&'static str> {
         .map(|e| e.file_name().to_string_lossy().to_string())
         .collect();
     if names.iter().any(|n| n.contains("idx") && n.contains("ubyte")) {
-        Ok("idx")
+        Ok(Format::Idx)
     } else if names.iter().any(|n| n == sprite::IMAGES) {
-        Ok("sprite")
+        Ok(Format::Sprite)
     } else if names.iter().any(|n| n == arrays::META) {
-        Ok("arrays")
+        Ok(Format::Arrays)
     } else if names.iter().any(|n| n.contains("ham") || n.contains("spam")) {
-        Ok("spam")
+        Ok(Format::Spam)
     } else if names.iter().any(|n| n.ends_with(".tsv") || n.ends_with(".txt")) {
-        Ok("tsv")
+        Ok(Format::Tsv)
     } else {
         Err(Error::usage(format!(
             "{}: cannot tell the data format (no IDX files, {}, {}, ham/spam folders or .tsv files); \
@@ -215,4 +281,32 @@ pub fn batch(
         Samples::Text(_) => candle_core::bail!("texts must be tokenised before batching"),
     };
     Ok((x, y))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A known prefix is the format and the rest the path; any other text is a path; each displays as written.
+    #[test]
+    fn data_spec_parses_once_and_displays_as_written() {
+        let cases = [
+            ("idx:/d/mnist", Some(Format::Idx), "/d/mnist"),
+            ("text:a:b.txt", Some(Format::Text), "a:b.txt"),
+            ("tsv:x.tsv", Some(Format::Tsv), "x.tsv"),
+            ("spam:", Some(Format::Spam), ""),
+            ("/plain/path", None, "/plain/path"),
+            ("csv:x.csv", None, "csv:x.csv"),
+            ("C:/data", None, "C:/data"),
+        ];
+        for (text, format, path) in cases {
+            let spec = DataSpec::parse(text);
+            assert_eq!((spec.format, spec.path.to_str().unwrap()), (format, path), "{text}");
+            assert_eq!(spec.to_string(), text);
+            assert_eq!(serde_json::to_value(&spec).unwrap(), serde_json::json!(text));
+        }
+        for f in Format::ALL {
+            assert_eq!(DataSpec::parse(&format!("{}:p", f.name())).format, Some(f));
+        }
+    }
 }

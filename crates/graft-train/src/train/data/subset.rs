@@ -17,6 +17,20 @@ pub struct Normalize {
     pub std: Vec<f32>,
 }
 
+/// `--normalize`: statistics given on the command line, or `auto` (fitted to the training split).
+#[derive(Clone, Debug, PartialEq)]
+pub enum NormalizeSpec {
+    Fixed(Normalize),
+    Auto,
+}
+
+impl NormalizeSpec {
+    /// `none`, `auto`, `M,S` or `M1,M2,..:S1,S2,..` (see `Normalize::parse`).
+    pub fn parse(s: &str) -> Result<NormalizeSpec> {
+        Ok(Normalize::parse(s)?.map_or(NormalizeSpec::Auto, NormalizeSpec::Fixed))
+    }
+}
+
 impl Normalize {
     pub fn none() -> Self {
         Normalize { mean: vec![0.0], std: vec![1.0] }

@@ -11,8 +11,8 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::layers::{Ctx, Linear};
-use super::{ArchSpec, Input, Model, Pooling};
-use crate::error::{Error, Result};
+use super::{Arch, ArchOptions, ArchSpec, FeatureBody, Input, Model, Pooling, Spec};
+use crate::error::{Arg, Error, Result};
 use crate::train::ops;
 use crate::train::params::{Init, Param, ParamStore};
 
@@ -41,6 +41,85 @@ pub struct BertConfig {
     pub layer_norm_eps: f64,
     #[serde(default = "default_act")]
     pub hidden_act: String,
+}
+
+/// The `bert` architecture: a pretrained encoder (graft's own output or a Hugging Face BERT directory) with a head.
+#[derive(Debug)]
+pub struct BertArch;
+
+impl Arch for BertArch {
+    fn name(&self) -> &'static str {
+        "bert"
+    }
+    fn about(&self) -> &'static str {
+        "BERT encoder with pooling and a classifier head, from a pretrained checkpoint; --pooling, --head-hidden"
+    }
+    fn fresh(&self, _options: &ArchOptions, _sample_shape: &[usize], _classes: usize) -> Result<ArchSpec> {
+        Err(Error::usage(format!(
+            "{} bert needs a pretrained checkpoint: pass {} or {} DIR",
+            Arg::Arch,
+            Arg::Init,
+            Arg::TransferBody
+        )))
+    }
+    fn reads_config(&self, config: &serde_json::Value) -> bool {
+        config.get("model_type").and_then(|m| m.as_str()) == Some("bert")
+    }
+    /// A Hugging Face BERT config gets graft's default head: mean pooling, 32 hidden units, 2 classes.
+    fn spec_from_config(&self, config: &serde_json::Value) -> std::result::Result<ArchSpec, String> {
+        let config: BertConfig = serde_json::from_value(config.clone()).map_err(|e| e.to_string())?;
+        Ok(BertSpec { config, pooling: Pooling::Mean, head_hidden: 32, num_classes: 2 }.into())
+    }
+}
+
+/// A BERT encoder with a pooling and a small classifier head (Linear-ReLU-Linear).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BertSpec {
+    #[serde(flatten)]
+    pub config: BertConfig,
+    pub pooling: Pooling,
+    pub head_hidden: usize,
+    pub num_classes: usize,
+}
+
+/// The head's output layer: a checkpoint without it is a pretrained encoder.
+const HEAD_OUT: &str = "classifier.out.weight";
+
+impl Spec for BertSpec {
+    fn arch(&self) -> &'static dyn Arch {
+        &BertArch
+    }
+    fn num_classes(&self) -> usize {
+        self.num_classes
+    }
+    fn set_num_classes(&mut self, n: usize) {
+        self.num_classes = n
+    }
+    fn unfit_input(&self, sample_shape: &[usize]) -> Option<String> {
+        (!sample_shape.is_empty()).then(|| "text".to_string())
+    }
+    fn build(&self, store: ParamStore) -> Result<Box<dyn Model>> {
+        Ok(Box::new(BertClassifier::new(self.clone(), store)?))
+    }
+    fn override_from(&mut self, options: &ArchOptions) {
+        if let Some(p) = options.pooling {
+            self.pooling = p;
+        }
+        if let Some(h) = options.head_hidden {
+            self.head_hidden = h;
+        }
+    }
+    fn head_tensor(&self) -> Option<&'static str> {
+        Some(HEAD_OUT)
+    }
+    fn reads_text(&self) -> bool {
+        true
+    }
+    /// Hugging Face tools read the same file: keep it a valid BERT config.
+    fn foreign_config(&self, config: &mut serde_json::Value) {
+        config["model_type"] = "bert".into();
+        config["architectures"] = serde_json::json!(["BertModel"]);
+    }
 }
 
 struct LayerNorm {
@@ -93,8 +172,8 @@ pub struct BertClassifier {
 }
 
 impl BertClassifier {
-    pub fn new(spec: ArchSpec, mut store: ParamStore) -> Result<Self> {
-        let ArchSpec::Bert { config: c, pooling, head_hidden, num_classes } = &spec else { unreachable!() };
+    pub fn new(spec: BertSpec, mut store: ParamStore) -> Result<Self> {
+        let BertSpec { config: c, pooling, head_hidden, num_classes } = &spec;
         if c.hidden_size % c.num_attention_heads.max(1) != 0 || c.num_attention_heads == 0 {
             return Err(Error::usage(format!(
                 "bert: hidden size {} is not a multiple of {} heads",
@@ -135,7 +214,19 @@ impl BertClassifier {
         let out = Linear::new(st, "classifier.out", *head_hidden, *num_classes, true)?;
         let heads = c.num_attention_heads;
         let pooling = *pooling;
-        Ok(BertClassifier { spec, store, word, position, token_type, emb_ln, layers, heads, pooling, dense, out })
+        Ok(BertClassifier {
+            spec: spec.into(),
+            store,
+            word,
+            position,
+            token_type,
+            emb_ln,
+            layers,
+            heads,
+            pooling,
+            dense,
+            out,
+        })
     }
 
     /// The pooled last hidden states (N, hidden) of token ids (N, L) with attention mask (N, L) of 0/1.
@@ -188,6 +279,15 @@ impl BertClassifier {
     }
 }
 
+impl FeatureBody for BertClassifier {
+    fn pooled(&self, ids: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+        self.encode(ids, mask)
+    }
+    fn frozen(&self) -> bool {
+        self.encoder_frozen()
+    }
+}
+
 impl Model for BertClassifier {
     fn spec(&self) -> &ArchSpec {
         &self.spec
@@ -211,7 +311,7 @@ impl Model for BertClassifier {
     fn encoder_layers(&self) -> usize {
         self.layers.len()
     }
-    fn as_bert(&self) -> Option<&BertClassifier> {
+    fn feature_body(&self) -> Option<&dyn FeatureBody> {
         Some(self)
     }
 }

@@ -22,6 +22,7 @@ use candle_core::{DType, Device, Tensor, D};
 use serde::Deserialize;
 
 use super::layers::Linear;
+use super::{Arch, ArchOptions, ArchSpec, Task};
 use crate::error::{Arg, Error, Result};
 use crate::train::ops;
 use crate::train::params::{Init, Param, ParamStore};
@@ -34,6 +35,29 @@ fn default_eps() -> f64 {
 }
 fn default_max_positions() -> usize {
     2048
+}
+
+/// The `llama` architecture: causal LMs fine-tuned from their Hugging Face checkpoint, whose `config.json` is their
+/// spec (`LlamaConfig`), so they have no `graft_arch` form.
+#[derive(Debug)]
+pub struct LlamaArch;
+
+impl Arch for LlamaArch {
+    fn name(&self) -> &'static str {
+        "llama"
+    }
+    fn about(&self) -> &'static str {
+        "llama-family causal LM (Llama, Mistral, SmolLM2, Qwen2), fine-tuned from --init"
+    }
+    fn task(&self) -> Task {
+        Task::CausalLm
+    }
+    fn fresh(&self, _options: &ArchOptions, _sample_shape: &[usize], _classes: usize) -> Result<ArchSpec> {
+        Err(Error::usage(format!("a causal LM is fine-tuned from a checkpoint: pass {} DIR", Arg::Init)))
+    }
+    fn reads_config(&self, config: &serde_json::Value) -> bool {
+        LlamaConfig::is_llama_family(config)
+    }
 }
 
 /// The fields of a Hugging Face llama-family `config.json` the forward pass needs.
@@ -479,7 +503,7 @@ impl crate::train::freeze::FreezeTarget for Llama {
         &self.store
     }
     fn arch_name(&self) -> &'static str {
-        "llama"
+        LlamaArch.name()
     }
     /// The separate output projection is the head; a tied model has none of its own.
     fn is_head(&self, name: &str) -> bool {

@@ -1,8 +1,16 @@
-//! The trainable networks and their architecture descriptions.
+//! The trainable networks and the registry of their architectures.
 //!
-//! An architecture is an `ArchSpec`, serialised as the `graft_arch`-tagged JSON that the fixtures' `config.json`
-//! carries and that graft writes into its outputs (`config.json` and the `graft.arch` metadata key), so any
-//! checkpoint graft produces can be rebuilt without flags. Parameter names equal the PyTorch originals'.
+//! An architecture is one file here: a spec (its hyper-parameters, a serde struct) that implements `Spec`, a unit
+//! struct that implements `Arch` (its `--arch` name, help line, task, how a fresh spec is built from the options and
+//! the data, which foreign `config.json` it reads) and a network that implements `Model`. The registry is the one
+//! `architectures!` line per architecture below: it declares the `ArchSpec` variant and the `ARCHS` entry, and every
+//! `--arch` value, help text and lookup comes from `ARCHS`. A causal LM (llama) is an `Arch` without a `Spec`: its
+//! spec is the Hugging Face `config.json` it is fine-tuned from (`lm_train`, `lm_eval`).
+//!
+//! A spec is serialised as the `graft_arch`-tagged JSON that the fixtures' `config.json` carries and that graft
+//! writes into its outputs (`config.json` and the `graft.arch` metadata key), so any checkpoint graft produces can be
+//! rebuilt without flags: the tag is the variant's name in lower case, then the spec's fields in declaration order.
+//! Parameter names equal the PyTorch originals'.
 
 pub mod bert;
 pub mod layers;
@@ -36,99 +44,225 @@ pub enum Pooling {
     Max,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "graft_arch", rename_all = "lowercase")]
-pub enum ArchSpec {
-    /// Fully connected ReLU network: `sizes` = input, hidden..., classes.
-    Mlp { sizes: Vec<usize> },
-    /// The reference study's separable-conv residual network.
-    Sepcnn { in_channels: usize, widths: Vec<usize>, depths: Vec<usize>, fc: Vec<usize>, num_classes: usize },
-    /// CIFAR-style ResNet-20 (3 stages of `blocks` basic blocks, option-A shortcuts).
-    Resnet20 { in_channels: usize, widths: Vec<usize>, blocks: usize, num_classes: usize },
-    /// A BERT encoder with a pooling and a small classifier head (Linear-ReLU-Linear).
-    Bert {
-        #[serde(flatten)]
-        config: bert::BertConfig,
-        pooling: Pooling,
-        head_hidden: usize,
-        num_classes: usize,
-    },
+/// What a model learns, which decides the trainer and the evaluation that serve it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Task {
+    /// Labelled samples to classes: `train::run_train`, `train::run_eval`.
+    Classifier,
+    /// Next-token prediction on text: `lm_train`, `lm_eval` (perplexity).
+    CausalLm,
+}
+
+/// How to build a model from `--arch` and its options when no checkpoint says.
+#[derive(Clone, Debug)]
+pub struct ArchOptions {
+    pub arch: Option<&'static dyn Arch>,
+    /// mlp hidden sizes.
+    pub hidden: Vec<usize>,
+    /// sepcnn/resnet20 width multiplier.
+    pub width: f64,
+    /// sepcnn stage depths.
+    pub depths: Vec<usize>,
+    /// bert pooling and head hidden size (also override a checkpoint's).
+    pub pooling: Option<Pooling>,
+    pub head_hidden: Option<usize>,
+}
+
+impl Default for ArchOptions {
+    fn default() -> Self {
+        ArchOptions {
+            arch: None,
+            hidden: vec![256, 128],
+            width: 1.0,
+            depths: sepcnn::DEFAULT_DEPTHS.to_vec(),
+            pooling: None,
+            head_hidden: None,
+        }
+    }
+}
+
+/// A trainable architecture, as `--arch NAME` selects it and as a checkpoint's `config.json` reveals it.
+///
+/// Adding one takes a file `models/<name>.rs` with
+/// - a unit struct implementing this trait: `name` (the `--arch` value; for a classifier also the `graft_arch` tag,
+///   so the `ArchSpec` variant is this name capitalised), `about` (its `--arch` help line), `task`, `fresh`, and for
+///   an architecture that loads foreign checkpoints `reads_config` and `spec_from_config`;
+/// - for a classifier, its spec struct implementing `Spec` (classes, the input it takes, building the network,
+///   head and text facts) and the network implementing `Model` (forward pass, head prefixes, encoder layers: what
+///   freezing needs);
+///
+/// and one line in `architectures!` below. Nothing else names architectures: `registry_lists_each_architecture_once`
+/// checks that the registry and the serialised tags agree.
+pub trait Arch: Sync + std::fmt::Debug {
+    /// The `--arch` value.
+    fn name(&self) -> &'static str;
+    /// One line for `--arch`'s help.
+    fn about(&self) -> &'static str;
+    fn task(&self) -> Task {
+        Task::Classifier
+    }
+    /// The spec of a fresh (seeded, untrained) model for samples of `sample_shape` (empty for text) in `classes`
+    /// classes; an error (naming the flags to pass) for an architecture that only starts from a checkpoint.
+    fn fresh(&self, options: &ArchOptions, sample_shape: &[usize], classes: usize) -> Result<ArchSpec>;
+    /// Whether a foreign (Hugging Face) `config.json`, one without `graft_arch`, describes this architecture.
+    fn reads_config(&self, _config: &serde_json::Value) -> bool {
+        false
+    }
+    /// The spec of a foreign `config.json` this architecture reads: the pretrained body with graft's default head.
+    fn spec_from_config(&self, config: &serde_json::Value) -> std::result::Result<ArchSpec, String> {
+        let _ = config;
+        Err(format!("{} has no graft spec to read from a config.json", self.name()))
+    }
+}
+
+/// The hyper-parameters of one classifier architecture: the payload of its `ArchSpec` variant.
+pub trait Spec: Send + Sync {
+    /// The registry entry this spec belongs to.
+    fn arch(&self) -> &'static dyn Arch;
+    fn num_classes(&self) -> usize;
+    fn set_num_classes(&mut self, n: usize);
+    /// What the model expects (as "the model expects ...") when samples of `sample_shape` do not fit it.
+    fn unfit_input(&self, sample_shape: &[usize]) -> Option<String>;
+    /// A freshly initialised (seeded) network with this spec, its parameters in `store`.
+    fn build(&self, store: ParamStore) -> Result<Box<dyn Model>>;
+    /// Applies the options that override a checkpoint's own spec (bert's pooling and head size).
+    fn override_from(&mut self, _options: &ArchOptions) {}
+    /// A tensor of the architecture's own head, for an architecture whose checkpoints may come without one (a
+    /// pretrained encoder): such a checkpoint gets a fresh head sized to the data.
+    fn head_tensor(&self) -> Option<&'static str> {
+        None
+    }
+    /// Whether the model reads text: its checkpoints carry the tokenizer files they were trained with.
+    fn reads_text(&self) -> bool {
+        false
+    }
+    /// Adds what other tools need to read the `config.json` graft writes (bert: `model_type`, `architectures`).
+    fn foreign_config(&self, _config: &mut serde_json::Value) {}
+}
+
+/// Declares the registry: `Variant(spec type)` per classifier (the variant's lower-case name is its `graft_arch`
+/// tag), then the architectures without a graft spec. Order is the order of help texts and messages.
+macro_rules! architectures {
+    ($($variant:ident($spec:ty) = $arch:expr),* $(,)? ; $($other:expr),* $(,)?) => {
+        #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+        #[serde(tag = "graft_arch", rename_all = "lowercase")]
+        pub enum ArchSpec {
+            $($variant($spec)),*
+        }
+
+        impl ArchSpec {
+            /// The spec's behaviour (the one dispatch over the variants).
+            pub fn as_spec(&self) -> &dyn Spec {
+                match self {
+                    $(ArchSpec::$variant(s) => s),*
+                }
+            }
+
+            fn as_spec_mut(&mut self) -> &mut dyn Spec {
+                match self {
+                    $(ArchSpec::$variant(s) => s),*
+                }
+            }
+        }
+
+        $(impl From<$spec> for ArchSpec {
+            fn from(s: $spec) -> ArchSpec {
+                ArchSpec::$variant(s)
+            }
+        })*
+
+        /// Every trainable architecture, in the order help texts and messages list them.
+        pub static ARCHS: &[&dyn Arch] = &[$(&$arch,)* $(&$other,)*];
+    };
+}
+
+architectures! {
+    Mlp(mlp::MlpSpec) = mlp::MlpArch,
+    Sepcnn(sepcnn::SepcnnSpec) = sepcnn::SepcnnArch,
+    Resnet20(resnet20::Resnet20Spec) = resnet20::Resnet20Arch,
+    Bert(bert::BertSpec) = bert::BertArch;
+    llama::LlamaArch,
+}
+
+/// The architecture called `name`.
+pub fn lookup(name: &str) -> Option<&'static dyn Arch> {
+    ARCHS.iter().copied().find(|a| a.name() == name)
+}
+
+/// The names of the architectures for `task` as prose: "a, b, c or d".
+pub fn names_of(task: Task) -> String {
+    let names: Vec<&str> = ARCHS.iter().filter(|a| a.task() == task).map(|a| a.name()).collect();
+    match names.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
+        _ => names.join(""),
+    }
+}
+
+/// The architecture of `task` whose foreign `config.json` this is.
+pub fn reading_config(config: &serde_json::Value, task: Task) -> Option<&'static dyn Arch> {
+    ARCHS.iter().copied().find(|a| a.task() == task && a.reads_config(config))
 }
 
 impl ArchSpec {
+    pub fn arch(&self) -> &'static dyn Arch {
+        self.as_spec().arch()
+    }
+
     pub fn name(&self) -> &'static str {
-        match self {
-            ArchSpec::Mlp { .. } => "mlp",
-            ArchSpec::Sepcnn { .. } => "sepcnn",
-            ArchSpec::Resnet20 { .. } => "resnet20",
-            ArchSpec::Bert { .. } => "bert",
-        }
+        self.arch().name()
     }
 
     pub fn num_classes(&self) -> usize {
-        match self {
-            ArchSpec::Mlp { sizes } => *sizes.last().unwrap_or(&0),
-            ArchSpec::Sepcnn { num_classes, .. }
-            | ArchSpec::Resnet20 { num_classes, .. }
-            | ArchSpec::Bert { num_classes, .. } => *num_classes,
-        }
+        self.as_spec().num_classes()
     }
 
     /// The same body with a head for `n` classes.
     pub fn with_num_classes(&self, n: usize) -> ArchSpec {
         let mut s = self.clone();
-        match &mut s {
-            ArchSpec::Mlp { sizes } => {
-                if let Some(l) = sizes.last_mut() {
-                    *l = n
-                }
-            }
-            ArchSpec::Sepcnn { num_classes, .. }
-            | ArchSpec::Resnet20 { num_classes, .. }
-            | ArchSpec::Bert { num_classes, .. } => *num_classes = n,
-        }
+        s.as_spec_mut().set_num_classes(n);
         s
+    }
+
+    /// Applies the options that override a checkpoint's own spec.
+    pub fn override_from(&mut self, options: &ArchOptions) {
+        self.as_spec_mut().override_from(options)
     }
 
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::to_value(self).expect("architecture serialises")
     }
 
-    /// Reads an architecture from JSON: graft's own (`graft_arch`), or a Hugging Face BERT config
-    /// (`model_type: bert`), which gets graft's default head.
+    /// Reads an architecture from JSON: graft's own (`graft_arch`), or a foreign config one of the registry's
+    /// classifiers reads (a Hugging Face BERT config, `model_type: bert`), which gets graft's default head.
     pub fn from_json(v: &serde_json::Value) -> std::result::Result<ArchSpec, String> {
         if v.get("graft_arch").is_some() {
             return serde_json::from_value(v.clone()).map_err(|e| e.to_string());
         }
-        if v.get("model_type").and_then(|m| m.as_str()) == Some("bert") {
-            let config: bert::BertConfig = serde_json::from_value(v.clone()).map_err(|e| e.to_string())?;
-            return Ok(ArchSpec::Bert { config, pooling: Pooling::Mean, head_hidden: 32, num_classes: 2 });
+        match reading_config(v, Task::Classifier) {
+            Some(arch) => arch.spec_from_config(v),
+            None => Err("no \"graft_arch\" field and not a BERT config".into()),
         }
-        Err("no \"graft_arch\" field and not a BERT config".into())
     }
 
     /// Checks that data with `sample_shape` (per sample; empty for text) fits this architecture.
     pub fn check_input(&self, sample_shape: &[usize]) -> Result<()> {
-        let numel: usize = sample_shape.iter().product();
-        let bad = |want: String| {
-            Err(Error::usage(format!(
+        match self.as_spec().unfit_input(sample_shape) {
+            Some(want) => Err(Error::usage(format!(
                 "the data's samples have shape {sample_shape:?} but the {} model expects {want}",
                 self.name()
-            )))
-        };
-        match self {
-            ArchSpec::Mlp { sizes } if sample_shape.is_empty() || sizes[0] != numel => {
-                bad(format!("{} input features", sizes[0]))
-            }
-            ArchSpec::Sepcnn { in_channels, .. } | ArchSpec::Resnet20 { in_channels, .. }
-                if sample_shape.len() != 3 || sample_shape[0] != *in_channels =>
-            {
-                bad(format!("images of shape ({in_channels}, H, W)"))
-            }
-            ArchSpec::Bert { .. } if !sample_shape.is_empty() => bad("text".into()),
-            _ => Ok(()),
+            ))),
+            None => Ok(()),
         }
     }
+}
+
+/// A body (an encoder) whose pooled outputs a classifier head reads: when the body is frozen its outputs are a fixed
+/// function of the inputs, computed once (feature extraction) instead of every epoch.
+pub trait FeatureBody {
+    /// The pooled outputs (N, features) of token ids (N, L) with their attention mask (N, L) of 0/1.
+    fn pooled(&self, ids: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor>;
+    /// Whether every body parameter is frozen.
+    fn frozen(&self) -> bool;
 }
 
 /// A network: its parameter store, its forward pass and which of its tensors form the classification head.
@@ -154,20 +288,15 @@ pub trait Model: Send {
     fn encoder_layers(&self) -> usize {
         0
     }
-    /// The BERT classifier behind this model, for feature extraction.
-    fn as_bert(&self) -> Option<&bert::BertClassifier> {
+    /// The body whose pooled outputs the head reads, for feature extraction (bert's encoder).
+    fn feature_body(&self) -> Option<&dyn FeatureBody> {
         None
     }
 }
 
 /// Builds a freshly initialised model (seeded) for `spec`.
 pub fn build(spec: &ArchSpec, store: ParamStore) -> Result<Box<dyn Model>> {
-    Ok(match spec {
-        ArchSpec::Mlp { .. } => Box::new(mlp::Mlp::new(spec.clone(), store)?),
-        ArchSpec::Sepcnn { .. } => Box::new(sepcnn::SepCnn::new(spec.clone(), store)?),
-        ArchSpec::Resnet20 { .. } => Box::new(resnet20::ResNet20::new(spec.clone(), store)?),
-        ArchSpec::Bert { .. } => Box::new(bert::BertClassifier::new(spec.clone(), store)?),
-    })
+    spec.as_spec().build(store)
 }
 
 /// `round(base * width)`, at least 1: the width multiplier rule for every architecture.

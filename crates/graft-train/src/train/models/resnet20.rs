@@ -5,20 +5,67 @@
 //! Linear head.
 
 use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
 
 use super::layers::{BatchNorm, Conv2d, Ctx, Linear};
-use super::{scaled, ArchSpec, Input, Model};
+use super::{scaled, Arch, ArchOptions, ArchSpec, Input, Model, Spec};
 use crate::error::{Error, Result};
 use crate::train::ops;
 use crate::train::params::ParamStore;
 
+/// The `resnet20` architecture.
+#[derive(Debug)]
+pub struct Resnet20Arch;
+
+impl Arch for Resnet20Arch {
+    fn name(&self) -> &'static str {
+        "resnet20"
+    }
+    fn about(&self) -> &'static str {
+        "CIFAR-style ResNet-20; --width"
+    }
+    fn fresh(&self, options: &ArchOptions, sample_shape: &[usize], classes: usize) -> Result<ArchSpec> {
+        let channels = if sample_shape.len() == 3 { sample_shape[0] } else { 1 };
+        Ok(spec(channels, options.width, classes))
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Resnet20Spec {
+    pub in_channels: usize,
+    pub widths: Vec<usize>,
+    pub blocks: usize,
+    pub num_classes: usize,
+}
+
+impl Spec for Resnet20Spec {
+    fn arch(&self) -> &'static dyn Arch {
+        &Resnet20Arch
+    }
+    fn num_classes(&self) -> usize {
+        self.num_classes
+    }
+    fn set_num_classes(&mut self, n: usize) {
+        self.num_classes = n
+    }
+    fn unfit_input(&self, sample_shape: &[usize]) -> Option<String> {
+        let c = self.in_channels;
+        (sample_shape.len() != 3 || sample_shape[0] != c).then(|| format!("images of shape ({c}, H, W)"))
+    }
+    fn build(&self, store: ParamStore) -> Result<Box<dyn Model>> {
+        Ok(Box::new(ResNet20::new(self.clone(), store)?))
+    }
+}
+
+/// ResNet-20 at `width` (16/32/64 channels scaled), 3 blocks per stage.
 pub fn spec(in_channels: usize, width: f64, num_classes: usize) -> ArchSpec {
-    ArchSpec::Resnet20 {
+    Resnet20Spec {
         in_channels,
         widths: [16, 32, 64].iter().map(|&c| scaled(c, width)).collect(),
         blocks: 3,
         num_classes,
     }
+    .into()
 }
 
 struct Block {
@@ -41,8 +88,8 @@ pub struct ResNet20 {
 }
 
 impl ResNet20 {
-    pub fn new(spec: ArchSpec, mut store: ParamStore) -> Result<Self> {
-        let ArchSpec::Resnet20 { in_channels, widths, blocks, num_classes } = &spec else { unreachable!() };
+    pub fn new(spec: Resnet20Spec, mut store: ParamStore) -> Result<Self> {
+        let Resnet20Spec { in_channels, widths, blocks, num_classes } = &spec;
         if widths.len() != 3 || widths.contains(&0) || *blocks == 0 {
             return Err(Error::usage(format!("resnet20: needs 3 positive widths and blocks > 0, got {widths:?}")));
         }
@@ -67,7 +114,7 @@ impl ResNet20 {
             }
         }
         let linear = Linear::new(st, "linear", prev, *num_classes, true)?;
-        Ok(ResNet20 { spec, store, conv1, bn1, blocks: all, linear })
+        Ok(ResNet20 { spec: spec.into(), store, conv1, bn1, blocks: all, linear })
     }
 }
 

@@ -7,9 +7,10 @@
 //! the study (10 classes).
 
 use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
 
 use super::layers::{dropout, BatchNorm, Ctx, Linear, SepConv};
-use super::{scaled, ArchSpec, Input, Model};
+use super::{scaled, Arch, ArchOptions, ArchSpec, Input, Model, Spec};
 use crate::error::{Error, Result};
 use crate::train::ops;
 use crate::train::params::ParamStore;
@@ -19,15 +20,61 @@ pub const DEFAULT_DEPTHS: [usize; 3] = [3, 4, 3];
 pub const DEFAULT_FC: [usize; 4] = [512, 256, 128, 64];
 const HEAD_DROPOUT: f64 = 0.4;
 
+/// The `sepcnn` architecture.
+#[derive(Debug)]
+pub struct SepcnnArch;
+
+impl Arch for SepcnnArch {
+    fn name(&self) -> &'static str {
+        "sepcnn"
+    }
+    fn about(&self) -> &'static str {
+        "the reference study's separable-conv residual network; --width, --depths"
+    }
+    fn fresh(&self, options: &ArchOptions, sample_shape: &[usize], classes: usize) -> Result<ArchSpec> {
+        let channels = if sample_shape.len() == 3 { sample_shape[0] } else { 1 };
+        Ok(spec(channels, options.width, &options.depths, classes))
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SepcnnSpec {
+    pub in_channels: usize,
+    pub widths: Vec<usize>,
+    pub depths: Vec<usize>,
+    pub fc: Vec<usize>,
+    pub num_classes: usize,
+}
+
+impl Spec for SepcnnSpec {
+    fn arch(&self) -> &'static dyn Arch {
+        &SepcnnArch
+    }
+    fn num_classes(&self) -> usize {
+        self.num_classes
+    }
+    fn set_num_classes(&mut self, n: usize) {
+        self.num_classes = n
+    }
+    fn unfit_input(&self, sample_shape: &[usize]) -> Option<String> {
+        let c = self.in_channels;
+        (sample_shape.len() != 3 || sample_shape[0] != c).then(|| format!("images of shape ({c}, H, W)"))
+    }
+    fn build(&self, store: ParamStore) -> Result<Box<dyn Model>> {
+        Ok(Box::new(SepCnn::new(self.clone(), store)?))
+    }
+}
+
 /// The study's network at `width` (channels and head sizes scaled) with the given stage depths.
 pub fn spec(in_channels: usize, width: f64, depths: &[usize], num_classes: usize) -> ArchSpec {
-    ArchSpec::Sepcnn {
+    SepcnnSpec {
         in_channels,
         widths: DEFAULT_WIDTHS.iter().map(|&c| scaled(c, width)).collect(),
         depths: depths.to_vec(),
         fc: DEFAULT_FC.iter().map(|&c| scaled(c, width)).collect(),
         num_classes,
     }
+    .into()
 }
 
 struct Block {
@@ -51,8 +98,8 @@ pub struct SepCnn {
 }
 
 impl SepCnn {
-    pub fn new(spec: ArchSpec, mut store: ParamStore) -> Result<Self> {
-        let ArchSpec::Sepcnn { in_channels, widths, depths, fc, num_classes } = &spec else { unreachable!() };
+    pub fn new(spec: SepcnnSpec, mut store: ParamStore) -> Result<Self> {
+        let SepcnnSpec { in_channels, widths, depths, fc, num_classes } = &spec;
         if widths.is_empty() || widths.len() != depths.len() || widths.contains(&0) || fc.contains(&0) {
             return Err(Error::usage(format!(
                 "sepcnn: widths {widths:?} and depths {depths:?} must be non-empty, positive and of equal length"
@@ -84,7 +131,7 @@ impl SepCnn {
             prev = h;
         }
         let classifier = Linear::new(st, "classifier", prev, *num_classes, true)?;
-        Ok(SepCnn { spec, store, stem, stages, head, classifier })
+        Ok(SepCnn { spec: spec.into(), store, stem, stages, head, classifier })
     }
 }
 

@@ -67,7 +67,7 @@ fn check_gradients(m: &dyn Model, x: &Input, y: &Tensor, train: bool) {
 
 #[test]
 fn mlp_gradients_match_finite_differences() {
-    let m = model(&ArchSpec::Mlp { sizes: vec![6, 5, 4, 3] }, DType::F64, 1);
+    let m = model(&ArchSpec::Mlp(mlp::MlpSpec { sizes: vec![6, 5, 4, 3] }), DType::F64, 1);
     let x = Input::Dense(normal(&[4, 6], 2));
     let y = Tensor::new(&[0u32, 1, 2, 1], &Device::Cpu).unwrap();
     check_gradients(&*m, &x, &y, true);
@@ -75,8 +75,13 @@ fn mlp_gradients_match_finite_differences() {
 
 #[test]
 fn sepcnn_gradients_match_finite_differences() {
-    let spec =
-        ArchSpec::Sepcnn { in_channels: 2, widths: vec![2, 3], depths: vec![1, 1], fc: vec![4, 3], num_classes: 3 };
+    let spec = ArchSpec::Sepcnn(sepcnn::SepcnnSpec {
+        in_channels: 2,
+        widths: vec![2, 3],
+        depths: vec![1, 1],
+        fc: vec![4, 3],
+        num_classes: 3,
+    });
     let m = model(&spec, DType::F64, 3);
     let x = Input::Dense(normal(&[4, 2, 4, 4], 4));
     let y = Tensor::new(&[0u32, 1, 2, 1], &Device::Cpu).unwrap();
@@ -86,7 +91,8 @@ fn sepcnn_gradients_match_finite_differences() {
 
 #[test]
 fn resnet20_gradients_match_finite_differences() {
-    let spec = ArchSpec::Resnet20 { in_channels: 3, widths: vec![2, 4, 6], blocks: 1, num_classes: 3 };
+    let spec =
+        ArchSpec::Resnet20(resnet20::Resnet20Spec { in_channels: 3, widths: vec![2, 4, 6], blocks: 1, num_classes: 3 });
     let m = model(&spec, DType::F64, 5);
     let x = Input::Dense(normal(&[3, 3, 8, 8], 6));
     let y = Tensor::new(&[0u32, 1, 2], &Device::Cpu).unwrap();
@@ -94,7 +100,7 @@ fn resnet20_gradients_match_finite_differences() {
 }
 
 fn tiny_bert(pooling: Pooling) -> ArchSpec {
-    ArchSpec::Bert {
+    ArchSpec::Bert(bert::BertSpec {
         config: bert::BertConfig {
             vocab_size: 20,
             hidden_size: 8,
@@ -109,7 +115,7 @@ fn tiny_bert(pooling: Pooling) -> ArchSpec {
         pooling,
         head_hidden: 5,
         num_classes: 2,
-    }
+    })
 }
 
 #[test]
@@ -253,7 +259,7 @@ fn sepcnn_fixture_forward_matches_plain_loops() {
         }
         (*c, oh, ow, o)
     };
-    let ArchSpec::Sepcnn { widths, depths, fc, .. } = m.spec().clone() else { unreachable!() };
+    let ArchSpec::Sepcnn(sepcnn::SepcnnSpec { widths, depths, fc, .. }) = m.spec().clone() else { unreachable!() };
     let mut want = Vec::new();
     for s in 0..n {
         let mut cur: Map = (3, h, w, xv[s * 3 * h * w..(s + 1) * 3 * h * w].to_vec());
@@ -348,4 +354,69 @@ fn fused_separable_conv_equals_separate_operations() {
             assert!(same, "{dtype:?} {name}: fused {a:?} vs separate {b:?}");
         }
     }
+}
+
+/// The registry is the one list of architectures: names unique, each found by its name, each classifier's
+/// `graft_arch` tag equal to its `--arch` name, and messages listing them in registry order.
+#[test]
+fn registry_lists_each_architecture_once() {
+    let names: Vec<&str> = ARCHS.iter().map(|a| a.name()).collect();
+    assert_eq!(names, ["mlp", "sepcnn", "resnet20", "bert", "llama"]);
+    for a in ARCHS {
+        assert_eq!(lookup(a.name()).map(|b| b.name()), Some(a.name()));
+    }
+    assert!(lookup("gpt2").is_none());
+    assert_eq!(names_of(Task::Classifier), "mlp, sepcnn, resnet20 or bert");
+    assert_eq!(names_of(Task::CausalLm), "llama");
+    let opts = ArchOptions::default();
+    let mut specs: Vec<ArchSpec> = ARCHS
+        .iter()
+        .filter(|a| a.task() == Task::Classifier)
+        .filter_map(|a| a.fresh(&opts, &[3, 8, 8], 4).ok())
+        .collect();
+    specs.push(tiny_bert(Pooling::Cls));
+    assert_eq!(specs.len(), 4, "mlp, sepcnn and resnet20 build fresh; bert needs a checkpoint");
+    for spec in specs {
+        let json = spec.to_json();
+        assert_eq!(json["graft_arch"], spec.name());
+        assert_eq!(lookup(spec.name()).map(|a| a.task()), Some(Task::Classifier));
+        assert_eq!(spec.num_classes(), if spec.name() == "bert" { 2 } else { 4 });
+        assert_eq!(spec.with_num_classes(7).num_classes(), 7);
+        assert_eq!(ArchSpec::from_json(&json).unwrap(), spec, "{json}");
+    }
+    let llama = lookup("llama").unwrap();
+    assert_eq!(llama.task(), Task::CausalLm);
+    assert!(llama.reads_config(&serde_json::json!({ "model_type": "qwen2" })));
+    assert!(reading_config(&serde_json::json!({ "model_type": "bert" }), Task::CausalLm).is_none());
+    let err = llama.fresh(&opts, &[], 2).err().unwrap().to_string();
+    assert!(err.contains("fine-tuned from a checkpoint"), "{err}");
+}
+
+/// The `graft_arch` JSON is the checkpoints' format: every fixture's `config.json` (written by
+/// tools/gen_fixtures.rs) reads and writes back byte for byte, and a Hugging Face BERT config gets the spec the
+/// enum of struct variants wrote before the registry (hand-derived: the tag, BertConfig's fields in declaration
+/// order, then pooling, head_hidden, num_classes).
+#[test]
+fn fixture_specs_serialise_byte_for_byte() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures");
+    for family in ["mlp", "sepcnn"] {
+        for model in ["base", "ft_a", "ft_b", "indep"] {
+            let path = root.join(family).join(model).join("config.json");
+            let text = std::fs::read_to_string(&path).unwrap();
+            let spec = ArchSpec::from_json(&serde_json::from_str(&text).unwrap()).unwrap();
+            assert_eq!(spec.name(), family);
+            assert_eq!(serde_json::to_string_pretty(&spec.to_json()).unwrap() + "\n", text, "{}", path.display());
+        }
+    }
+    let text = std::fs::read_to_string(root.join("bert/base/config.json")).unwrap();
+    let spec = ArchSpec::from_json(&serde_json::from_str(&text).unwrap()).unwrap();
+    assert_eq!(
+        spec.to_json().to_string(),
+        r#"{"graft_arch":"bert","vocab_size":96,"hidden_size":32,"num_hidden_layers":2,"num_attention_heads":4,"#
+            .to_string()
+            + r#""intermediate_size":64,"max_position_embeddings":40,"type_vocab_size":2,"layer_norm_eps":1e-12,"#
+            + r#""hidden_act":"gelu","pooling":"mean","head_hidden":32,"num_classes":2}"#
+    );
+    let resnet = resnet20::spec(3, 0.5, 10).to_json().to_string();
+    assert_eq!(resnet, r#"{"graft_arch":"resnet20","in_channels":3,"widths":[8,16,32],"blocks":3,"num_classes":10}"#);
 }
