@@ -1,4 +1,5 @@
-//! Allocator settings for the whole process, and the byte counter behind graft's training-memory figure.
+//! Allocator settings for the whole process (huge pages for large allocations), and the byte counter behind graft's
+//! training-memory figure.
 //!
 //! `CountingAllocator` (the global allocator of every binary linking graft) wraps the system allocator and keeps the
 //! bytes live now and their high-water mark since the last `reset_peak`. `graft train` reads them around the training
@@ -52,12 +53,41 @@ impl CountingAllocator {
     }
 }
 
-// SAFETY: every call is forwarded unchanged to the system allocator; the counters only observe sizes.
+/// Allocations of at least this many bytes (glibc's mmap threshold as `tune_allocator` sets it: each one is a fresh
+/// mapping, faulted in page by page when first written) are asked to be backed by transparent huge pages.
+const HUGE_PAGES_FROM: usize = 32 << 20;
+
+/// Asks the kernel to back `[p, p + len)` with transparent huge pages (where it is set to `madvise`, the common
+/// default). A fresh mapping is otherwise faulted in 4 KiB at a time, and each fault zeroes its page: for a
+/// training step, whose gradients and optimiser state of the embedding are such mappings (113 MB each for SmolLM2),
+/// that was a third of the CPU time as system time; with 2 MiB pages the faults are 512 times fewer (SmolLM2 full
+/// fine-tuning: 7.4-9.5 s of system time became 5.1-5.8 s, tokens/s up 10-28%, interleaved runs). Only advice: a
+/// kernel without huge pages ignores it, and the values are the same either way.
+fn advise_huge_pages(p: *mut u8, len: usize) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let start = (p as usize).next_multiple_of(HUGE);
+        let end = (p as usize + len) / HUGE * HUGE;
+        if end > start {
+            // SAFETY: advice on whole pages inside an allocation this process owns; it changes no contents.
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (p, len);
+}
+
+// SAFETY: every call is forwarded unchanged to the system allocator; the counters only observe sizes, and the
+// huge-page advice changes no contents.
 unsafe impl GlobalAlloc for CountingAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         let p = System.alloc(layout);
         if !p.is_null() {
             Self::grew(layout.size());
+            if layout.size() >= HUGE_PAGES_FROM {
+                advise_huge_pages(p, layout.size());
+            }
         }
         p
     }
@@ -66,6 +96,9 @@ unsafe impl GlobalAlloc for CountingAllocator {
         let p = System.alloc_zeroed(layout);
         if !p.is_null() {
             Self::grew(layout.size());
+            if layout.size() >= HUGE_PAGES_FROM {
+                advise_huge_pages(p, layout.size());
+            }
         }
         p
     }
