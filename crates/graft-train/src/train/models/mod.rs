@@ -240,7 +240,10 @@ impl ArchSpec {
         }
         match reading_config(v, Task::Classifier) {
             Some(arch) => arch.spec_from_config(v),
-            None => Err("no \"graft_arch\" field and not a BERT config".into()),
+            None => Err(format!(
+                "no \"graft_arch\" field, and not a config.json any of {} reads (a Hugging Face BERT config is)",
+                names_of(Task::Classifier)
+            )),
         }
     }
 
