@@ -140,6 +140,11 @@ pub trait Spec: Send + Sync {
     fn foreign_config(&self, _config: &mut serde_json::Value) {}
 }
 
+/// `Spec::unfit_input` of the convolutional networks: samples must be images of `channels` channels, (C, H, W).
+pub fn unfit_image(channels: usize, sample_shape: &[usize]) -> Option<String> {
+    (sample_shape.len() != 3 || sample_shape[0] != channels).then(|| format!("images of shape ({channels}, H, W)"))
+}
+
 /// Declares the registry: `Variant(spec type)` per classifier (the variant's lower-case name is its `graft_arch`
 /// tag), then the architectures without a graft spec. Order is the order of help texts and messages.
 macro_rules! architectures {

@@ -8,7 +8,7 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::layers::{BatchNorm, Conv2d, Ctx, Linear};
-use super::{scaled, Arch, ArchOptions, ArchSpec, Input, Model, Spec};
+use super::{scaled, unfit_image, Arch, ArchOptions, ArchSpec, Input, Model, Spec};
 use crate::error::{Error, Result};
 use crate::train::ops;
 use crate::train::params::ParamStore;
@@ -49,8 +49,7 @@ impl Spec for Resnet20Spec {
         self.num_classes = n
     }
     fn unfit_input(&self, sample_shape: &[usize]) -> Option<String> {
-        let c = self.in_channels;
-        (sample_shape.len() != 3 || sample_shape[0] != c).then(|| format!("images of shape ({c}, H, W)"))
+        unfit_image(self.in_channels, sample_shape)
     }
     fn build(&self, store: ParamStore) -> Result<Box<dyn Model>> {
         Ok(Box::new(ResNet20::new(self.clone(), store)?))

@@ -10,7 +10,7 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::layers::{dropout, BatchNorm, Ctx, Linear, SepConv};
-use super::{scaled, Arch, ArchOptions, ArchSpec, Input, Model, Spec};
+use super::{scaled, unfit_image, Arch, ArchOptions, ArchSpec, Input, Model, Spec};
 use crate::error::{Error, Result};
 use crate::train::ops;
 use crate::train::params::ParamStore;
@@ -57,8 +57,7 @@ impl Spec for SepcnnSpec {
         self.num_classes = n
     }
     fn unfit_input(&self, sample_shape: &[usize]) -> Option<String> {
-        let c = self.in_channels;
-        (sample_shape.len() != 3 || sample_shape[0] != c).then(|| format!("images of shape ({c}, H, W)"))
+        unfit_image(self.in_channels, sample_shape)
     }
     fn build(&self, store: ParamStore) -> Result<Box<dyn Model>> {
         Ok(Box::new(SepCnn::new(self.clone(), store)?))
