@@ -53,9 +53,12 @@ impl CountingAllocator {
     }
 }
 
-/// Allocations of at least this many bytes (glibc's mmap threshold as `tune_allocator` sets it: each one is a fresh
-/// mapping, faulted in page by page when first written) are asked to be backed by transparent huge pages.
-const HUGE_PAGES_FROM: usize = 32 << 20;
+/// Allocations of at least this many bytes are asked to be backed by transparent huge pages, on the whole 2 MiB
+/// pages inside them. Those of 32 MiB and more are fresh mappings (glibc's mmap threshold as `tune_allocator` sets
+/// it); smaller ones come from the heap, which a training step grows by gigabytes the first time (activations,
+/// gradients), page by page: advising them too took SmolLM2's full fine-tuning from 1.15 M page faults to 0.77 M.
+/// An allocation too small to hold an aligned huge page costs no system call.
+const HUGE_PAGES_FROM: usize = 2 << 20;
 
 /// Asks the kernel to back `[p, p + len)` with transparent huge pages (where it is set to `madvise`, the common
 /// default). A fresh mapping is otherwise faulted in 4 KiB at a time, and each fault zeroes its page: for a

@@ -98,7 +98,7 @@ pub fn load_llama(checkpoint: &Path, device: &candle_core::Device) -> Result<Lla
     })?;
     let config = LlamaConfig::from_json(&v, &path.display().to_string())?;
     let ck = Checkpoint::open(checkpoint)?;
-    let model = Llama::new(config, ParamStore::new(WORKING_DTYPE, device.clone(), 0))?;
+    let model = Llama::new(config, ParamStore::for_loading(WORKING_DTYPE, device.clone()))?;
     // A tied model registers no head, so a checkpoint's redundant `lm_head.weight` is merely unused.
     checkpoint_io::load(model.store(), &ck, &|_| false)?;
     Ok(model)

@@ -7,6 +7,7 @@
 //! update runs as candle tensor ops.
 
 use std::cell::RefCell;
+use std::mem::MaybeUninit;
 
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, InplaceOp2, Layout, Tensor, Var};
@@ -52,13 +53,12 @@ impl AdamW {
     pub fn new(store: &ParamStore, cfg: AdamWConfig) -> candle_core::Result<Self> {
         let mut slots = Vec::new();
         for (_, p) in store.params().filter(|(_, p)| p.trainable()) {
-            let n = p.var.elem_count();
             let moments = if !p.var.device().is_cpu() || super::ops::generic_forced() {
                 Moments::Device(p.var.zeros_like()?, p.var.zeros_like()?)
             } else if p.var.dtype() == candle_core::DType::F64 {
-                Moments::F64(vec![0.0; n], vec![0.0; n])
+                Moments::F64(Vec::new(), Vec::new())
             } else {
-                Moments::F32(vec![0.0; n], vec![0.0; n])
+                Moments::F32(Vec::new(), Vec::new())
             };
             slots.push(Slot { var: p.var.clone(), moments });
         }
@@ -132,13 +132,48 @@ struct FusedAdamW<'a> {
 /// Elements per parallel task: large enough that scheduling costs nothing, small enough to split big matrices.
 const GRAIN: usize = 1 << 14;
 
+/// A first moment as the first update sees it: zero, written before it is read.
+fn zeroed<T: From<f32>>(x: &mut MaybeUninit<T>) -> &mut T {
+    x.write(T::from(0.0))
+}
+
+/// A moment of an earlier update.
+fn held<T>(x: &mut T) -> &mut T {
+    x
+}
+
+/// The update of one parameter. The CPU moments start empty and are written, not read, by the first update: the
+/// moments of a large model are its largest fresh allocation, and zero-filled memory that is read before it is
+/// written costs two page faults per page (the shared zero page, then a private copy) instead of one. The first
+/// update still computes `b1 * 0 + (1 - b1) * g`, so its bits are those of an update from zeroed moments.
 macro_rules! adamw_kernel {
     ($t:ty, $p:expr, $g:expr, $m:expr, $v:expr, $s:expr) => {{
+        let (m, v) = ($m, $v);
+        if m.is_empty() {
+            let n = $g.len();
+            m.reserve_exact(n);
+            v.reserve_exact(n);
+            let (new_m, new_v) = (&mut m.spare_capacity_mut()[..n], &mut v.spare_capacity_mut()[..n]);
+            adamw_loop!($t, $p, $g, new_m, new_v, $s, zeroed);
+            // SAFETY: the loop above wrote every one of the first n elements of both (the chunks cover the slice).
+            unsafe {
+                m.set_len(n);
+                v.set_len(n);
+            }
+        } else {
+            adamw_loop!($t, $p, $g, &mut m[..], &mut v[..], $s, held);
+        }
+    }};
+}
+
+macro_rules! adamw_loop {
+    ($t:ty, $p:expr, $g:expr, $m:expr, $v:expr, $s:expr, $init:expr) => {{
         let s = $s;
         let (decay, b1, b2, eps) = (s.decay as $t, s.b1 as $t, s.b2 as $t, s.eps as $t);
         let (c1, c2) = ((1.0 - s.b1) as $t, (1.0 - s.b2) as $t);
         let (step_size, inv_bc2) = (s.step_size as $t, (1.0 / s.bc2_sqrt) as $t);
         let _ = s.lr;
+        let init = $init;
         $p.par_chunks_mut(GRAIN)
             .zip($g.par_chunks(GRAIN))
             .zip($m.par_chunks_mut(GRAIN).zip($v.par_chunks_mut(GRAIN)))
@@ -146,6 +181,7 @@ macro_rules! adamw_kernel {
                 // Zipped iterators carry no bounds checks, so the loop compiles to vector instructions (the
                 // arithmetic per element, and so the result, is the same as an indexed loop's).
                 for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                    let (m, v) = (init(m), init(v));
                     let mi = b1 * *m + c1 * g;
                     let vi = b2 * *v + c2 * g * g;
                     *m = mi;
