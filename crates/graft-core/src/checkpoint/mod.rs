@@ -5,12 +5,12 @@
 pub mod commit;
 pub mod dtype;
 pub mod guard;
-pub mod header;
+pub(crate) mod header;
 pub mod hf_config;
-pub mod low_rank;
-pub mod reader;
-pub mod shard_file;
-pub mod writer;
+pub(crate) mod low_rank;
+pub(crate) mod reader;
+pub(crate) mod shard_file;
+pub(crate) mod writer;
 
 pub use commit::write_atomic;
 pub use dtype::Dtype;

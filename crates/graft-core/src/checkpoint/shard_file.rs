@@ -68,6 +68,7 @@ impl ShardFile {
     }
 
     /// Whether the bytes go around the page cache.
+    #[cfg(test)]
     pub fn is_direct(&self) -> bool {
         matches!(self.sink, Sink::Direct(_))
     }

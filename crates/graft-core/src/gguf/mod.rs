@@ -8,7 +8,7 @@
 
 pub mod rope;
 pub mod side;
-pub mod tokenizer;
+pub(crate) mod tokenizer;
 
 use std::collections::BTreeMap;
 use std::fs::File;

@@ -4,11 +4,11 @@
 //! line per model. Steps run locally (`run`, `run_llm`: child processes, one after another) or as Slurm jobs
 //! (`run_slurm`, with `slurm`); `status` shows where a run directory's steps stand.
 
-pub mod collect;
-pub mod plan;
+pub(crate) mod collect;
+pub(crate) mod plan;
 pub mod runner;
 pub mod slurm;
-pub mod steps;
+pub(crate) mod steps;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

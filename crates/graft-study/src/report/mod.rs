@@ -8,14 +8,14 @@
 //! the same renderer, and the SNR scans a study keeps next to its results file onto the page.
 
 pub mod bootstrap;
-pub mod format;
-pub mod html;
-pub mod plots;
+pub(crate) mod format;
+pub(crate) mod html;
+pub(crate) mod plots;
 pub mod render;
-pub mod results;
+pub(crate) mod results;
 pub mod snr_plot;
-pub mod summary;
-pub mod table;
+pub(crate) mod summary;
+pub(crate) mod table;
 
 use std::path::{Path, PathBuf};
 

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-pub use graft_core::results::{Kind, Line, FRACTION_METRICS, NON_NEGATIVE_METRICS};
+pub use graft_core::results::{Kind, Line};
 
 /// Where a line came from: renders as `FILE:LINE` (1-based line numbers, as editors count).
 #[derive(Clone, Debug, PartialEq, Eq)]

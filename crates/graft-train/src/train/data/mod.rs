@@ -6,11 +6,11 @@
 //! Dense samples keep their source type (u8 pixels stay u8, a quarter of the f32 size) and are scaled and
 //! normalised when a batch is assembled.
 
-pub mod arrays;
+mod arrays;
 pub mod idx;
-pub mod sprite;
+mod sprite;
 pub mod subset;
-pub mod text;
+mod text;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

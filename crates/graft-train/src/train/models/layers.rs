@@ -31,7 +31,6 @@ impl Ctx {
 
 #[derive(Clone, Debug)]
 pub struct Linear {
-    pub name: String,
     pub weight: Param,
     pub bias: Option<Param>,
 }
@@ -42,7 +41,7 @@ impl Linear {
         let bound = 1.0 / (inp.max(1) as f64).sqrt();
         let weight = store.param(&format!("{name}.weight"), &[out, inp], Init::Uniform(bound))?;
         let bias = if bias { Some(store.param(&format!("{name}.bias"), &[out], Init::Uniform(bound))?) } else { None };
-        Ok(Linear { name: name.to_string(), weight, bias })
+        Ok(Linear { weight, bias })
     }
 
     /// `x @ W^T + b` over the last axis of `x` (any leading axes).

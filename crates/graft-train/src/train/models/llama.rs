@@ -297,7 +297,7 @@ const FILLED_BY_CHECKPOINT: Init = Init::Const(0.0);
 fn linear(store: &mut ParamStore, name: &str, inp: usize, out: usize, bias: bool) -> Result<Linear> {
     let weight = store.param(&format!("{name}.weight"), &[out, inp], FILLED_BY_CHECKPOINT)?;
     let bias = if bias { Some(store.param(&format!("{name}.bias"), &[out], FILLED_BY_CHECKPOINT)?) } else { None };
-    Ok(Linear { name: name.to_string(), weight, bias })
+    Ok(Linear { weight, bias })
 }
 
 impl Llama {

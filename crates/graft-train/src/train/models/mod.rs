@@ -12,12 +12,12 @@
 //! rebuilt without flags: the tag is the variant's name in lower case, then the spec's fields in declaration order.
 //! Parameter names equal the PyTorch originals'.
 
-pub mod bert;
-pub mod layers;
+mod bert;
+mod layers;
 pub mod llama;
-pub mod mlp;
-pub mod resnet20;
-pub mod sepcnn;
+mod mlp;
+mod resnet20;
+mod sepcnn;
 
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
