@@ -13,7 +13,7 @@ use crate::train::freeze::FreezePolicy;
 use crate::train::lm_train::LmTrainOutcome;
 use crate::train::models::{Arch, BnStats, Pooling};
 use crate::train::request::{TrainPlan, TrainRequest, TrainResult};
-use crate::train::{ArchOptions, DataOptions, DeviceKind, TrainOutcome};
+use crate::train::{ArchOptions, DataOptions, DeviceKind, RunRecord, TrainOutcome};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -191,13 +191,15 @@ pub fn run(a: Args, global: &Global) -> Result<()> {
         time_with_eval: a.time_with_eval,
         progress: !a.quiet,
         device: a.device,
-        output: a.output.clone(),
-        writer: out.writer_options(Vec::new()),
+        record: RunRecord {
+            output: a.output.clone(),
+            writer: out.writer_options(Vec::new()),
+            results: a.results.clone(),
+            experiment: a.experiment.clone(),
+            tags: a.tags.clone(),
+        },
         threads: global.threads,
-        results: a.results.clone(),
-        experiment: a.experiment.clone(),
         baseline: a.baseline,
-        tags: a.tags.clone(),
     };
     let plan = request.validate(request.task())?;
     if let TrainPlan::Classifier(opts) = &plan {

@@ -24,7 +24,7 @@ use super::lm_eval::{self, config_dir};
 use super::memory::MemoryMeter;
 use super::models::llama::Llama;
 use super::optim::{AdamW, AdamWConfig};
-use super::{results, tokenize, trainer, DeviceKind};
+use super::{results, tokenize, trainer, DeviceKind, RunRecord};
 use crate::checkpoint::{Checkpoint, CheckpointWriter, TensorDecl, WriterOptions};
 use crate::error::{Arg, Error, Result};
 use crate::exec::{Executor, Produce};
@@ -48,12 +48,9 @@ pub struct LmTrainOptions {
     pub weight_decay: f64,
     pub seed: u64,
     pub device: DeviceKind,
-    pub output: Option<PathBuf>,
-    pub writer: WriterOptions,
+    pub record: RunRecord,
+    /// Threads of the output writer (None: all cores).
     pub threads: Option<usize>,
-    pub results: Option<PathBuf>,
-    pub experiment: Option<String>,
-    pub tags: Vec<(String, String)>,
     pub progress: bool,
 }
 
@@ -160,8 +157,8 @@ fn step(model: &Llama, opt: &mut AdamW, seqs: &[&[u32]]) -> Result<f64> {
 
 pub fn run(o: &LmTrainOptions) -> Result<LmTrainOutcome> {
     crate::alloc::tune_allocator();
-    if let Some(out) = &o.output {
-        CheckpointWriter::check_destination_free(out, &o.writer)?;
+    if let Some(out) = &o.record.output {
+        CheckpointWriter::check_destination_free(out, &o.record.writer)?;
     }
     if !(0.0..1.0).contains(&o.val_fraction) || o.val_fraction == 0.0 {
         return Err(Error::usage(format!("{} {}: expected a fraction in (0, 1)", Arg::ValFraction, o.val_fraction)));
@@ -252,8 +249,8 @@ pub fn run(o: &LmTrainOptions) -> Result<LmTrainOutcome> {
     }
     let training_memory = meter.measures().then(|| meter.peak().saturating_sub(live_before_model));
     let trained_tokens: usize = train.iter().map(|s| s.len()).sum::<usize>() * o.epochs;
-    let output = match &o.output {
-        Some(out) => Some(write_output(&model, &o.init, out, o.writer.clone(), o.threads)?),
+    let output = match &o.record.output {
+        Some(out) => Some(write_output(&model, &o.init, out, o.record.writer.clone(), o.threads)?),
         None => None,
     };
     let config = json!({
@@ -262,7 +259,7 @@ pub fn run(o: &LmTrainOptions) -> Result<LmTrainOutcome> {
         "batch": o.batch, "max_len": o.max_len,
     });
     let mut config = config;
-    for (k, v) in &o.tags {
+    for (k, v) in &o.record.tags {
         config[k] = json!(v);
     }
     let run_id = super::run_id(&config, o.seed);
@@ -284,9 +281,12 @@ pub fn run(o: &LmTrainOptions) -> Result<LmTrainOutcome> {
         peak_rss_bytes: trainer::peak_rss_bytes(),
         output,
     };
-    if let Some(path) = &o.results {
-        let experiment =
-            o.experiment.clone().unwrap_or_else(|| format!("{} / {}", model.config.model_type, outcome.freeze.policy));
+    if let Some(path) = &o.record.results {
+        let experiment = o
+            .record
+            .experiment
+            .clone()
+            .unwrap_or_else(|| format!("{} / {}", model.config.model_type, outcome.freeze.policy));
         let mut line = results::Line::new(results::Kind::Train, run_id.as_str(), experiment, o.seed as i64, &config);
         let m = &mut line.metrics;
         m.set("perplexity", outcome.perplexity).set("perplexity_before", outcome.perplexity_before);

@@ -81,11 +81,21 @@ pub struct TrainOptions {
     pub bn_stats: BnStats,
     pub train: TrainConfig,
     pub device: DeviceKind,
+    pub record: RunRecord,
+    pub baseline: bool,
+}
+
+/// Where a training run leaves what it made, for classifiers and causal LMs alike: the trained checkpoint and the
+/// results line.
+#[derive(Clone, Debug)]
+pub struct RunRecord {
+    /// The trained checkpoint's destination (none: nothing is written).
     pub output: Option<PathBuf>,
     pub writer: WriterOptions,
+    /// The results file the run appends its line to.
     pub results: Option<PathBuf>,
+    /// The line's experiment name (none: one made from the model and the freeze policy).
     pub experiment: Option<String>,
-    pub baseline: bool,
     /// Extra `key=value` entries for the results line's config (numbers when they parse as one), so reports can
     /// plot metrics against parameters the trainer does not know (method, top-p of a merge).
     pub tags: Vec<(String, String)>,
@@ -293,8 +303,8 @@ pub(crate) fn run_id(config: &serde_json::Value, seed: u64) -> String {
 
 pub fn run_train(o: &TrainOptions) -> Result<TrainOutcome> {
     crate::alloc::tune_allocator();
-    if let Some(out) = &o.output {
-        crate::checkpoint::CheckpointWriter::check_destination_free(out, &o.writer)?;
+    if let Some(out) = &o.record.output {
+        crate::checkpoint::CheckpointWriter::check_destination_free(out, &o.record.writer)?;
     }
     let dev = o.device.open()?;
     if o.init.is_some() && o.transfer_body.is_some() {
@@ -398,7 +408,7 @@ pub fn run_train(o: &TrainOptions) -> Result<TrainOutcome> {
         "trainable_params": fsum.trainable_params,
     });
     let mut config = config;
-    for (k, v) in &o.tags {
+    for (k, v) in &o.record.tags {
         let value = v
             .parse::<f64>()
             .ok()
@@ -407,18 +417,18 @@ pub fn run_train(o: &TrainOptions) -> Result<TrainOutcome> {
         config[k.as_str()] = value;
     }
     let id = run_id(&config, o.train.seed);
-    if let Some(out) = &o.output {
+    if let Some(out) = &o.record.output {
         let mut meta = BTreeMap::new();
         meta.insert("graft.train".to_string(), serde_json::json!({ "run_id": id, "config": config }).to_string());
-        let mut wopts = o.writer.clone();
+        let mut wopts = o.record.writer.clone();
         if wopts.carry_from.is_none() && spec.as_spec().reads_text() {
             wopts.carry_from = tok_dir.clone();
         }
         wopts.inputs.extend(ck.as_ref().map(|c| c.files()).unwrap_or_default());
         checkpoint_io::save(model.store(), &spec, out, wopts, meta)?;
     }
-    if let Some(path) = &o.results {
-        let experiment = o.experiment.clone().unwrap_or_else(|| format!("{} / {}", spec.name(), fsum.policy));
+    if let Some(path) = &o.record.results {
+        let experiment = o.record.experiment.clone().unwrap_or_else(|| format!("{} / {}", spec.name(), fsum.policy));
         let line =
             results::train_line(&id, &experiment, o.train.seed, &config, &test, &report, peak, zero_shot, o.baseline);
         line.append(path)?;
@@ -440,7 +450,7 @@ pub fn run_train(o: &TrainOptions) -> Result<TrainOutcome> {
         report,
         test,
         peak_memory_bytes: peak,
-        output: o.output.clone(),
+        output: o.record.output.clone(),
     })
 }
 

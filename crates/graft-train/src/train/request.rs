@@ -15,8 +15,7 @@ use super::lm_eval::{self, LmEvalOptions, LmEvalOutcome};
 use super::lm_train::{self, LmTrainOptions, LmTrainOutcome};
 use super::models::{ArchOptions, BnStats, Task};
 use super::trainer::TrainConfig;
-use super::{DataOptions, DeviceKind, EvalOptions, EvalOutcome, Split, TrainOptions, TrainOutcome};
-use crate::checkpoint::WriterOptions;
+use super::{DataOptions, DeviceKind, EvalOptions, EvalOutcome, RunRecord, Split, TrainOptions, TrainOutcome};
 use crate::error::{Arg, Error, Result};
 
 /// `graft train`: fine-tune (or train from scratch) a classifier or a causal LM.
@@ -42,14 +41,10 @@ pub struct TrainRequest {
     /// Per-epoch lines (and the causal LM's progress) on stderr.
     pub progress: bool,
     pub device: DeviceKind,
-    pub output: Option<PathBuf>,
-    pub writer: WriterOptions,
+    pub record: RunRecord,
     /// Threads of the causal LM's output writer (None: all cores).
     pub threads: Option<usize>,
-    pub results: Option<PathBuf>,
-    pub experiment: Option<String>,
     pub baseline: bool,
-    pub tags: Vec<(String, String)>,
 }
 
 /// A validated training request, its defaults settled for its task.
@@ -120,12 +115,8 @@ impl TrainRequest {
                     weight_decay: self.weight_decay,
                     seed: self.seed,
                     device: self.device,
-                    output: self.output.clone(),
-                    writer: self.writer.clone(),
+                    record: self.record.clone(),
                     threads: self.threads,
-                    results: self.results.clone(),
-                    experiment: self.experiment.clone(),
-                    tags: self.tags.clone(),
                     progress: self.progress,
                 }))
             }
@@ -148,12 +139,8 @@ impl TrainRequest {
                     progress: self.progress,
                 },
                 device: self.device,
-                output: self.output.clone(),
-                writer: self.writer.clone(),
-                results: self.results.clone(),
-                experiment: self.experiment.clone(),
+                record: self.record.clone(),
                 baseline: self.baseline,
-                tags: self.tags.clone(),
             })),
         })
     }
@@ -271,19 +258,21 @@ mod tests {
             time_with_eval: false,
             progress: false,
             device: DeviceKind::Cpu,
-            output: None,
-            writer: WriterOptions {
-                max_shard_size: crate::checkpoint::DEFAULT_MAX_SHARD_SIZE,
-                metadata: Default::default(),
-                carry_from: None,
-                inputs: Vec::new(),
-                overwrite: false,
+            record: RunRecord {
+                output: None,
+                writer: crate::checkpoint::WriterOptions {
+                    max_shard_size: crate::checkpoint::DEFAULT_MAX_SHARD_SIZE,
+                    metadata: Default::default(),
+                    carry_from: None,
+                    inputs: Vec::new(),
+                    overwrite: false,
+                },
+                results: None,
+                experiment: None,
+                tags: Vec::new(),
             },
             threads: None,
-            results: None,
-            experiment: None,
             baseline: false,
-            tags: Vec::new(),
         }
     }
 
