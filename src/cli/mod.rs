@@ -350,39 +350,26 @@ fn recorded_args(args: impl Iterator<Item = String>) -> Vec<String> {
     out
 }
 
-/// Writes to stdout; a closed pipe (`graft ... | head`) ends the program quietly instead of panicking.
-/// Runs `each` on every item of a batch (checkpoints, models). With several items a failing one must not hide the
-/// others: its error is printed on stderr (and, with `json`, as a `{key: name, "error": ...}` line on stdout) and
-/// the batch goes on; the result then counts the failures ("N of M {failed}"). A single item's error is returned
-/// as it is.
+/// `shard::run_batch` with the command line's report of each failure: with `json`, a `{key: name, "error": ...}`
+/// line on stdout, and the error on stderr.
 pub fn run_batch<T>(
     items: &[T],
     json: bool,
     key: &str,
     failed: &str,
     name: impl Fn(&T) -> String,
-    mut each: impl FnMut(&T) -> Result<()>,
+    each: impl FnMut(&T) -> Result<()>,
 ) -> Result<()> {
-    let mut failures = 0usize;
-    for item in items {
-        match each(item) {
-            Ok(()) => {}
-            Err(e) if items.len() > 1 => {
-                failures += 1;
-                if json {
-                    emit(&(serde_json::json!({ key: name(item), "error": e.to_string() }).to_string() + "\n"))?;
-                }
-                eprintln!("graft: error: {}", crate::error::bounded(&e.to_string()));
-            }
-            Err(e) => return Err(e),
+    crate::shard::run_batch(items, failed, each, |item, e| {
+        if json {
+            emit(&(serde_json::json!({ key: name(item), "error": e.to_string() }).to_string() + "\n"))?;
         }
-    }
-    match failures {
-        0 => Ok(()),
-        n => Err(Error::invalid(format!("{n} of {} {failed}", items.len()))),
-    }
+        eprintln!("graft: error: {}", crate::error::bounded(&e.to_string()));
+        Ok(())
+    })
 }
 
+/// Writes to stdout; a closed pipe (`graft ... | head`) ends the program quietly instead of panicking.
 pub fn emit(text: &str) -> Result<()> {
     let mut out = std::io::stdout().lock();
     match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
