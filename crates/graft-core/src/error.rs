@@ -99,6 +99,7 @@ args! {
     Dtype => "dtype",
     EvalBatch => "eval_batch",
     Executor => "executor",
+    Filter => "filter",
     Finetuned => "finetuned",
     Force => "force",
     Freeze => "freeze",
@@ -111,19 +112,29 @@ args! {
     Normalize => "normalize",
     Resamples => "resamples",
     Resume => "resume",
+    SelectionJson => "selection_json",
     Shard => "shard",
     ShardCount => "shard_count",
     SnrFrom => "snr_from",
     SnrSelect => "snr_select",
+    SpectrumJson => "spectrum_json",
     Spec => "spec",
     Steps => "steps",
     TestFraction => "test_fraction",
     TiesVariant => "ties_variant",
+    TopPercent => "top_percent",
     Tokenizer => "tokenizer",
     TrainLastLayers => "train_last_layers",
     TransferBody => "transfer_body",
+    UnfrozenYaml => "unfrozen_yaml",
     ValFraction => "val_fraction",
     Vector => "vector",
+}
+
+/// Compiles a user-supplied regular expression given as `arg`, naming the argument in the error.
+pub fn parse_regex(arg: Arg, pattern: &str) -> Result<regex::Regex> {
+    regex::Regex::new(pattern)
+        .map_err(|e| Error::usage(format!("{arg} '{pattern}' is not a valid regular expression: {e}")))
 }
 
 static ARG_NAMING: OnceLock<fn(Arg) -> &'static str> = OnceLock::new();
