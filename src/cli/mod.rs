@@ -307,6 +307,11 @@ pub(crate) fn data_arg(s: &str) -> std::result::Result<crate::train::data::DataS
     Ok(crate::train::data::DataSpec::parse(s))
 }
 
+/// `--classes 0,1,8,9`: distinct class indices, parsed once into the list the data options take.
+pub(crate) fn classes_arg(s: &str) -> std::result::Result<Vec<u32>, String> {
+    crate::train::data::subset::parse_classes(s)
+}
+
 fn parse_shard_size(s: &str) -> std::result::Result<u64, String> {
     parse_size(s).ok_or_else(|| format!("'{s}' is not a size (examples: 5GB, 500MB, 2GiB, 1000000)"))
 }
