@@ -96,6 +96,7 @@ pub fn flag_of(arg: Arg) -> &'static str {
         Arg::Dpi => "--dpi",
         Arg::Dtype => "--dtype",
         Arg::EvalBatch => "--eval-batch",
+        Arg::Exclude => "--exclude",
         Arg::Executor => "--executor",
         Arg::Filter => "--filter",
         Arg::Finetuned => "--finetuned",
@@ -108,6 +109,7 @@ pub fn flag_of(arg: Arg) -> &'static str {
         Arg::Method => "--method",
         Arg::NoCopyTokenizer => "--no-copy-tokenizer",
         Arg::Normalize => "--normalize",
+        Arg::Only => "--only",
         Arg::Resamples => "--resamples",
         Arg::Resume => "--resume",
         Arg::SelectionJson => "--selection-json",
@@ -387,12 +389,6 @@ pub fn emit(text: &str) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
         Err(e) => Err(Error::io("<stdout>", e)),
     }
-}
-
-/// Compiles a user-supplied regular expression, naming the flag in the error.
-pub fn regex_arg(flag: &str, pattern: &str) -> Result<regex::Regex> {
-    regex::Regex::new(pattern)
-        .map_err(|e| Error::usage(format!("{flag} '{pattern}' is not a valid regular expression: {e}")))
 }
 
 /// A table in graft's one text style.
