@@ -4,7 +4,9 @@
 //! in `merge::plan`, YAML configs, SNR-selective top-p merging), `snr` (Spectrum's per-matrix signal-to-noise ratio
 //! and rankings), `align` (Git Re-Basin weight matching), `taskvec` (task vectors, task arithmetic, consistency),
 //! `interpolate` (checkpoints along a straight path), `inspect` (what a checkpoint holds) and `hub` (Hugging Face ids
-//! resolved from the local cache). Nothing here trains, evaluates or draws.
+//! resolved from the local cache). Nothing here trains, evaluates or draws. Commands with logic beyond one call are
+//! typed requests with one entry point each, checked before any file is read and printing nothing (`merge::request`,
+//! `snr::zoo`, `taskvec::compare`, `taskvec::diff`, `inspect`). The `gguf` feature lets `inspect` describe GGUF files.
 //!
 //! ```
 //! use graft_ops::merge::slerp::coefficients;
