@@ -1,13 +1,14 @@
-//! `graft diff FINETUNED --base BASE -o TV`: writes the task vector of a fine-tuned model (see `taskvec::diff`).
+//! `graft diff FINETUNED --base BASE -o TV`: writes the task vector of a fine-tuned model. The flags become a
+//! `taskvec::diff::Request`, carried out by `diff::run`; this file prints its report.
 
 use std::fmt::Write;
 use std::path::PathBuf;
 
 use super::{emit, human_bytes, human_count, Global, OutputArgs};
-use crate::checkpoint::{Checkpoint, Dtype};
+use crate::checkpoint::Dtype;
 use crate::error::{Error, Result};
 use crate::exec::Executor;
-use crate::taskvec::diff::{diff, DiffOptions, DiffReport};
+use crate::taskvec::diff::{self, DiffOptions, DiffReport, Request};
 use crate::taskvec::matching::Skipped;
 use crate::taskvec::name_list;
 
@@ -40,19 +41,20 @@ pub struct Args {
 }
 
 pub fn run(args: Args, global: &Global) -> Result<()> {
-    let dtype = float_dtype("--dtype", &args.dtype)?;
-    let ft = Checkpoint::open(&args.finetuned)?;
-    let base = Checkpoint::open(&args.base)?;
-    let exec = Executor::new(global.threads)?;
-    let mut inputs = ft.files();
-    inputs.extend(base.files());
-    let opts = DiffOptions {
-        dtype,
-        keep_nonfloat: args.keep_nonfloat,
-        keep_equal: args.keep_equal,
-        allow_missing: args.allow_missing,
+    let request = Request {
+        finetuned: args.finetuned.clone(),
+        base: args.base.clone(),
+        output: args.output.output.clone(),
+        writer: args.output.writer_options(Vec::new()),
+        options: DiffOptions {
+            dtype: float_dtype("--dtype", &args.dtype)?,
+            keep_nonfloat: args.keep_nonfloat,
+            keep_equal: args.keep_equal,
+            allow_missing: args.allow_missing,
+        },
     };
-    let report = diff(&ft, &base, &opts, &exec, &args.output.output, args.output.writer_options(inputs))?;
+    let exec = Executor::new(global.threads)?;
+    let report = diff::run(&request, &exec)?;
     warn_skipped(&report.skipped_mismatched);
     if args.json {
         emit(&(serde_json::to_string(&report).unwrap() + "\n"))

@@ -1,16 +1,15 @@
 //! `graft inspect PATH...`: tensors, per-type summary, totals and metadata of each checkpoint, as tables or JSON lines;
 //! for a GGUF file, its tensors with their quantisation types, per-type totals and its metadata. A quoted glob
 //! (`'zoo/*'`) is expanded by graft; `--resume FILE` records each checkpoint's JSON line and skips those already
-//! there; `--shard K/N` does one part of the sorted path list (`crate::shard`; `graft gather` joins the shards'
-//! results files).
+//! there; `--shard K/N` does one part of the sorted path list (`graft gather` joins the shards' results files). The
+//! loop over paths is `inspect::run`; this file maps the flags to its request and prints what it describes.
 
 use std::fmt::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use super::{emit, human_bytes, human_count, regex_arg, table, Global};
-use crate::checkpoint::Checkpoint;
-use crate::error::Result;
-use crate::inspect::{report, Report};
+use super::{emit, human_bytes, human_count, table, Global};
+use crate::error::{Error, Result};
+use crate::inspect::{self, Description, Report, Request};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -36,33 +35,42 @@ pub struct Args {
 }
 
 pub fn run(args: Args, _global: &Global) -> Result<()> {
-    let filter = args.filter.as_deref().map(|f| regex_arg("--filter", f)).transpose()?;
-    let paths = crate::shard::expand_globs(&args.paths)?;
-    // A line names its checkpoint by the path as given ("path"), which is what the shard's manifest lists.
-    let item = |p: &String| serde_json::Value::String(p.clone());
-    let shard = args.shard.resolve()?;
-    let paths = crate::shard::select(&paths, shard, args.resume.as_deref(), "path", item, "inspect", "checkpoints")?;
-    if paths.is_empty() {
-        return Ok(());
+    let request = Request {
+        paths: args.paths.clone(),
+        filter: args.filter.clone(),
+        resume: args.resume.clone(),
+        shard: args.shard.clone(),
+    };
+    inspect::run(&request, &mut Printer { args: &args })
+}
+
+/// Each description as a table, or as its JSON line.
+struct Printer<'a> {
+    args: &'a Args,
+}
+
+impl inspect::Sink for Printer<'_> {
+    fn skipped(&mut self, path: &str) {
+        eprintln!("graft: inspect: {path}: already in the resume file, skipped");
     }
-    let mut results = args.resume.as_deref().map(|f| crate::shard::Results::open(f, "path")).transpose()?;
-    super::run_batch(&paths, args.json, "path", "checkpoints could not be read", String::clone, |path| {
-        if results.as_ref().is_some_and(|r| r.contains(path)) {
-            eprintln!("graft: inspect: {path}: already in the resume file, skipped");
-            return Ok(());
+
+    fn described(&mut self, _path: &str, description: &Description, line: &str) -> Result<()> {
+        if self.args.json {
+            return emit(line);
         }
-        let (line, text) = if crate::checkpoint::is_gguf_path(Path::new(path)) {
-            let g = crate::gguf::GgufFile::open(path)?.summary();
-            (serde_json::to_string(&g).unwrap() + "\n", render_gguf(&g, args.summary))
-        } else {
-            let r = report(&Checkpoint::open(path)?, filter.as_ref());
-            (serde_json::to_string(&r).unwrap() + "\n", render(&r, args.summary))
-        };
-        if let Some(r) = results.as_mut() {
-            r.append(path, &line)?;
+        emit(&match description {
+            Description::Checkpoint(r) => render(r, self.args.summary),
+            Description::Gguf(g) => render_gguf(g, self.args.summary),
+        })
+    }
+
+    fn failed(&mut self, path: &str, e: &Error) -> Result<()> {
+        if self.args.json {
+            emit(&(serde_json::json!({ "path": path, "error": e.to_string() }).to_string() + "\n"))?;
         }
-        emit(if args.json { &line } else { &text })
-    })
+        eprintln!("graft: error: {}", crate::error::bounded(&e.to_string()));
+        Ok(())
+    }
 }
 
 fn render(r: &Report, summary_only: bool) -> String {

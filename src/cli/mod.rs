@@ -96,7 +96,9 @@ pub fn flag_of(arg: Arg) -> &'static str {
         Arg::Dpi => "--dpi",
         Arg::Dtype => "--dtype",
         Arg::EvalBatch => "--eval-batch",
+        Arg::Exclude => "--exclude",
         Arg::Executor => "--executor",
+        Arg::Filter => "--filter",
         Arg::Finetuned => "--finetuned",
         Arg::Force => "--force",
         Arg::Freeze => "--freeze",
@@ -107,19 +109,24 @@ pub fn flag_of(arg: Arg) -> &'static str {
         Arg::Method => "--method",
         Arg::NoCopyTokenizer => "--no-copy-tokenizer",
         Arg::Normalize => "--normalize",
+        Arg::Only => "--only",
         Arg::Resamples => "--resamples",
         Arg::Resume => "--resume",
+        Arg::SelectionJson => "--selection-json",
         Arg::Shard => "--shard",
         Arg::ShardCount => "--shard-count",
         Arg::SnrFrom => "--snr-from",
         Arg::SnrSelect => "--snr-select",
+        Arg::SpectrumJson => "--spectrum-json",
         Arg::Spec => "--spec",
         Arg::Steps => "--steps",
         Arg::TestFraction => "--test-fraction",
         Arg::TiesVariant => "--ties-variant",
+        Arg::TopPercent => "--top-percent",
         Arg::Tokenizer => "--tokenizer",
         Arg::TrainLastLayers => "--train-last-layers",
         Arg::TransferBody => "--transfer-body",
+        Arg::UnfrozenYaml => "--unfrozen-yaml",
         Arg::ValFraction => "--val-fraction",
         Arg::Vector => "--vector",
     }
@@ -302,6 +309,11 @@ pub(crate) fn data_arg(s: &str) -> std::result::Result<crate::train::data::DataS
     Ok(crate::train::data::DataSpec::parse(s))
 }
 
+/// `--classes 0,1,8,9`: distinct class indices, parsed once into the list the data options take.
+pub(crate) fn classes_arg(s: &str) -> std::result::Result<Vec<u32>, String> {
+    crate::train::data::subset::parse_classes(s)
+}
+
 fn parse_shard_size(s: &str) -> std::result::Result<u64, String> {
     parse_size(s).ok_or_else(|| format!("'{s}' is not a size (examples: 5GB, 500MB, 2GiB, 1000000)"))
 }
@@ -350,39 +362,26 @@ fn recorded_args(args: impl Iterator<Item = String>) -> Vec<String> {
     out
 }
 
-/// Writes to stdout; a closed pipe (`graft ... | head`) ends the program quietly instead of panicking.
-/// Runs `each` on every item of a batch (checkpoints, models). With several items a failing one must not hide the
-/// others: its error is printed on stderr (and, with `json`, as a `{key: name, "error": ...}` line on stdout) and
-/// the batch goes on; the result then counts the failures ("N of M {failed}"). A single item's error is returned
-/// as it is.
+/// `shard::run_batch` with the command line's report of each failure: with `json`, a `{key: name, "error": ...}`
+/// line on stdout, and the error on stderr.
 pub fn run_batch<T>(
     items: &[T],
     json: bool,
     key: &str,
     failed: &str,
     name: impl Fn(&T) -> String,
-    mut each: impl FnMut(&T) -> Result<()>,
+    each: impl FnMut(&T) -> Result<()>,
 ) -> Result<()> {
-    let mut failures = 0usize;
-    for item in items {
-        match each(item) {
-            Ok(()) => {}
-            Err(e) if items.len() > 1 => {
-                failures += 1;
-                if json {
-                    emit(&(serde_json::json!({ key: name(item), "error": e.to_string() }).to_string() + "\n"))?;
-                }
-                eprintln!("graft: error: {}", crate::error::bounded(&e.to_string()));
-            }
-            Err(e) => return Err(e),
+    crate::shard::run_batch(items, failed, each, |item, e| {
+        if json {
+            emit(&(serde_json::json!({ key: name(item), "error": e.to_string() }).to_string() + "\n"))?;
         }
-    }
-    match failures {
-        0 => Ok(()),
-        n => Err(Error::invalid(format!("{n} of {} {failed}", items.len()))),
-    }
+        eprintln!("graft: error: {}", crate::error::bounded(&e.to_string()));
+        Ok(())
+    })
 }
 
+/// Writes to stdout; a closed pipe (`graft ... | head`) ends the program quietly instead of panicking.
 pub fn emit(text: &str) -> Result<()> {
     let mut out = std::io::stdout().lock();
     match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
@@ -390,12 +389,6 @@ pub fn emit(text: &str) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
         Err(e) => Err(Error::io("<stdout>", e)),
     }
-}
-
-/// Compiles a user-supplied regular expression, naming the flag in the error.
-pub fn regex_arg(flag: &str, pattern: &str) -> Result<regex::Regex> {
-    regex::Regex::new(pattern)
-        .map_err(|e| Error::usage(format!("{flag} '{pattern}' is not a valid regular expression: {e}")))
 }
 
 /// A table in graft's one text style.

@@ -4,23 +4,20 @@
 //! Over a zoo (`'zoo/*'`, expanded by graft), `--jsonl` or `--resume FILE` give one JSON line per pair of models
 //! instead of one report: the work item of a zoo is a pair, since a pair's numbers need its two models and nothing
 //! else, while a model's own numbers (its norm) come with every pair it is in. Pairs split over processes with
-//! `--shard K/N` (`crate::shard`; `graft gather` joins the shards' results files).
+//! `--shard K/N` (`graft gather` joins the shards' results files). The flags become a `taskvec::compare::Request`,
+//! carried out by `compare::run`; this file prints its reports and a zoo's pairs.
 
 use std::fmt::Write;
 use std::path::PathBuf;
 
-use serde::Serialize;
-
 use super::diff::warn_skipped;
-use super::{emit, human_count, regex_arg, table, Global};
-use crate::checkpoint::Checkpoint;
+use super::{emit, human_count, table, Global};
 use crate::error::{Error, Result};
 use crate::exec::Executor;
-use crate::taskvec::consistency::{consistency, ConsistencyOptions, ConsistencyReport, ConsistencyStats, Selection};
+use crate::taskvec::compare::{self, Outcome, Request, Task};
+use crate::taskvec::consistency::{ConsistencyReport, ConsistencyStats};
 use crate::taskvec::name_list;
-use crate::taskvec::similarity::{
-    similarity, similarity_pairs, GroupBy, GroupStats, SimilarityOptions, SimilarityReport,
-};
+use crate::taskvec::similarity::{GroupBy, GroupStats, SimilarityReport};
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 enum By {
@@ -85,114 +82,73 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
         By::Layer => GroupBy::Layer,
         By::Type => GroupBy::Type,
     };
-    let exclude = args.exclude.as_deref().map(|e| regex_arg("--exclude", e)).transpose()?;
-    let base = Checkpoint::open(&args.base)?;
-    let exec = Executor::new(global.threads)?;
-    if let Some(merged) = &args.merged {
-        let [a, b] = <[PathBuf; 2]>::try_from(args.experts.clone())
+    let shard = &args.shard;
+    let task = if let Some(merged) = &args.merged {
+        let experts = <[PathBuf; 2]>::try_from(args.experts.clone())
             .map_err(|_| Error::usage("--experts takes exactly two checkpoints"))?;
-        let selection = match (&args.only, args.only_merged) {
-            (Some(r), _) => Selection::Only(regex_arg("--only", r)?),
-            (None, true) => Selection::OnlyMerged,
-            (None, false) => Selection::None,
-        };
-        let (m, a, b) = (Checkpoint::open(merged)?, Checkpoint::open(&a)?, Checkpoint::open(&b)?);
-        let opts = ConsistencyOptions { selection, exclude, by, allow_missing: args.allow_missing };
-        let r = consistency(&base, &m, &a, &b, &opts, &exec)?;
-        warn_skipped(&r.skipped_mismatched);
-        return if args.json {
-            emit(&(serde_json::to_string(&r).unwrap() + "\n"))
-        } else {
-            emit(&render_consistency(&r))
-        };
-    }
-    let shard = args.shard.resolve()?;
-    let names = crate::shard::expand_globs(&args.models)?;
-    if args.jsonl || args.resume.is_some() || shard.is_some() {
-        let opts = SimilarityOptions { by, exclude, allow_missing: args.allow_missing };
-        return run_pairs(&args, names, shard, &base, &opts, &exec);
-    }
-    let mut models = Vec::new();
-    for p in &names {
-        models.push(Checkpoint::open(p)?);
-    }
-    let refs: Vec<&Checkpoint> = models.iter().collect();
-    let opts = SimilarityOptions { by, exclude, allow_missing: args.allow_missing };
-    let r = similarity(&base, &refs, &opts, &exec)?;
-    warn_skipped(&r.skipped_mismatched);
-    if args.json {
-        emit(&(serde_json::to_string(&r).unwrap() + "\n"))
+        Task::Consistency { merged: merged.clone(), experts, only: args.only.clone(), only_merged: args.only_merged }
+    } else if args.jsonl || args.resume.is_some() || shard.shard.is_some() || shard.shard_count.is_some() {
+        if args.json {
+            return Err(Error::usage("--shard splits a zoo's pairs (--jsonl or --resume FILE), not one --json report"));
+        }
+        Task::Pairs { models: args.models.clone(), resume: args.resume.clone(), shard: shard.clone() }
     } else {
-        emit(&render_similarity(&r))
+        Task::Report { models: args.models.clone() }
+    };
+    let request =
+        Request { base: args.base.clone(), by, exclude: args.exclude.clone(), allow_missing: args.allow_missing, task };
+    request.validate()?;
+    let exec = Executor::new(global.threads)?;
+    let mut pairs = Pairs { jsonl: args.jsonl, table: table(&["model a", "model b", "cosine", "sign agreement"]) };
+    match compare::run(&request, &exec, &mut pairs)? {
+        Outcome::Consistency(r) => {
+            warn_skipped(&r.skipped_mismatched);
+            if args.json {
+                emit(&(serde_json::to_string(&r).unwrap() + "\n"))
+            } else {
+                emit(&render_consistency(&r))
+            }
+        }
+        Outcome::Report(r) => {
+            warn_skipped(&r.skipped_mismatched);
+            if args.json {
+                emit(&(serde_json::to_string(&r).unwrap() + "\n"))
+            } else {
+                emit(&render_similarity(&r))
+            }
+        }
+        Outcome::Pairs { compared } => {
+            if !args.jsonl && compared > 0 {
+                emit(&format!("{}\n", pairs.table))?;
+            }
+            Ok(())
+        }
     }
 }
 
-/// One pair's line: the report of the two models, keyed by their canonical paths.
-#[derive(Serialize)]
-struct PairLine<'a> {
-    pair: [String; 2],
-    #[serde(flatten)]
-    report: &'a SimilarityReport,
+/// A zoo's pairs: each pair's JSON line as it is recorded (`--jsonl`), or a table row printed at the end.
+struct Pairs {
+    jsonl: bool,
+    table: comfy_table::Table,
 }
 
-/// The pairwise lines of a zoo: the pairs of the sorted model list (this shard's, less those the results file has),
-/// computed in one pass over the models they need.
-fn run_pairs(
-    args: &Args,
-    mut names: Vec<String>,
-    shard: Option<crate::shard::Shard>,
-    base: &Checkpoint,
-    opts: &SimilarityOptions,
-    exec: &Executor,
-) -> Result<()> {
-    if args.json || args.merged.is_some() {
-        return Err(Error::usage("--shard splits a zoo's pairs (--jsonl or --resume FILE), not one --json report"));
-    }
-    names.sort();
-    names.dedup();
-    if names.len() < 2 {
-        return Err(Error::usage(format!("a zoo's pairs need at least two models; {} given", names.len())));
-    }
-    let canonical: Vec<String> = names.iter().map(|m| crate::shard::canonical(m)).collect();
-    let key = |&(a, b): &(usize, usize)| serde_json::json!([canonical[a], canonical[b]]);
-    let all: Vec<(usize, usize)> = (0..names.len()).flat_map(|a| (a + 1..names.len()).map(move |b| (a, b))).collect();
-    let mine = crate::shard::select(&all, shard, args.resume.as_deref(), "pair", key, "similarity", "pairs")?;
-    let mut results = args.resume.as_deref().map(|f| crate::shard::Results::open(f, "pair")).transpose()?;
-    let todo: Vec<(usize, usize)> = mine
-        .into_iter()
-        .filter(|p| !results.as_ref().is_some_and(|r| r.contains(&crate::shard::key_text(&key(p)))))
-        .collect();
-    // Every model is opened (the zoo's tensors that pair with the base decide what every pair compares); only the
-    // models of `todo` are read.
-    let mut models = Vec::new();
-    for p in &names {
-        models.push(Checkpoint::open(p)?);
-    }
-    let refs: Vec<&Checkpoint> = models.iter().collect();
-    let reports = if todo.is_empty() { Vec::new() } else { similarity_pairs(base, &refs, &todo, opts, exec)? };
-    if let Some(r) = reports.first() {
-        warn_skipped(&r.skipped_mismatched);
-    }
-    let skipped = if results.is_some() { " (the rest are in the results file)" } else { "" };
-    eprintln!("graft: similarity: {} pairs compared{skipped}", reports.len());
-    let mut table_rows = table(&["model a", "model b", "cosine", "sign agreement"]);
-    for (&(a, b), report) in todo.iter().zip(&reports) {
-        let pair = [canonical[a].clone(), canonical[b].clone()];
-        let line = serde_json::to_string(&PairLine { pair, report }).expect("plain structs") + "\n";
-        if let Some(r) = results.as_mut() {
-            r.append(&crate::shard::key_text(&key(&(a, b))), &line)?;
+impl compare::PairSink for Pairs {
+    fn compared(&mut self, reports: &[SimilarityReport], resumed: bool) {
+        if let Some(r) = reports.first() {
+            warn_skipped(&r.skipped_mismatched);
         }
-        if args.jsonl {
-            emit(&line)?;
-        } else {
-            let t = &report.total.pairs[0];
-            table_rows.add_row(vec![names[a].clone(), names[b].clone(), num(t.cosine), num(t.sign_agreement)]);
+        let skipped = if resumed { " (the rest are in the results file)" } else { "" };
+        eprintln!("graft: similarity: {} pairs compared{skipped}", reports.len());
+    }
+
+    fn pair(&mut self, [a, b]: [&str; 2], report: &SimilarityReport, line: &str) -> Result<()> {
+        if self.jsonl {
+            return emit(line);
         }
+        let t = &report.total.pairs[0];
+        self.table.add_row(vec![a.to_string(), b.to_string(), num(t.cosine), num(t.sign_agreement)]);
+        Ok(())
     }
-    if !args.jsonl && !reports.is_empty() {
-        emit(&format!("{table_rows}\n"))?;
-    }
-    Ok(())
 }
 
 fn num(v: Option<f64>) -> String {

@@ -7,7 +7,6 @@ use std::path::PathBuf;
 
 use super::{emit, Global, OutputArgs};
 use crate::error::Result;
-use crate::train::data::subset::parse_classes;
 use crate::train::data::{DataSpec, NormalizeSpec};
 use crate::train::freeze::FreezePolicy;
 use crate::train::lm_train::LmTrainOutcome;
@@ -121,8 +120,9 @@ pub struct DataArgs {
     #[arg(long, value_parser = super::data_arg)]
     data: DataSpec,
     /// Keep these classes, renumbered 0.. in the given order (e.g. 0,1,8,9).
-    #[arg(long)]
-    classes: Option<String>,
+    // The full path keeps clap from reading `Option<Vec<_>>` as a flag given several times: one value, one list.
+    #[arg(long, value_parser = super::classes_arg)]
+    classes: Option<::std::vec::Vec<u32>>,
     /// Fraction of the training pool held out for validation (seeded).
     #[arg(long, default_value_t = DataOptions::VAL_FRACTION)]
     val_fraction: f64,
@@ -147,7 +147,7 @@ impl DataArgs {
     pub fn options(&self) -> Result<DataOptions> {
         Ok(DataOptions {
             spec: self.data.clone(),
-            classes: self.classes.as_deref().map(parse_classes).transpose()?,
+            classes: self.classes.clone(),
             val_fraction: self.val_fraction,
             test_fraction: self.test_fraction,
             normalize: self.normalize.clone(),

@@ -98,7 +98,9 @@ args! {
     Dpi => "dpi",
     Dtype => "dtype",
     EvalBatch => "eval_batch",
+    Exclude => "exclude",
     Executor => "executor",
+    Filter => "filter",
     Finetuned => "finetuned",
     Force => "force",
     Freeze => "freeze",
@@ -109,21 +111,32 @@ args! {
     Method => "method",
     NoCopyTokenizer => "no_copy_tokenizer",
     Normalize => "normalize",
+    Only => "only",
     Resamples => "resamples",
     Resume => "resume",
+    SelectionJson => "selection_json",
     Shard => "shard",
     ShardCount => "shard_count",
     SnrFrom => "snr_from",
     SnrSelect => "snr_select",
+    SpectrumJson => "spectrum_json",
     Spec => "spec",
     Steps => "steps",
     TestFraction => "test_fraction",
     TiesVariant => "ties_variant",
+    TopPercent => "top_percent",
     Tokenizer => "tokenizer",
     TrainLastLayers => "train_last_layers",
     TransferBody => "transfer_body",
+    UnfrozenYaml => "unfrozen_yaml",
     ValFraction => "val_fraction",
     Vector => "vector",
+}
+
+/// Compiles a user-supplied regular expression given as `arg`, naming the argument in the error.
+pub fn parse_regex(arg: Arg, pattern: &str) -> Result<regex::Regex> {
+    regex::Regex::new(pattern)
+        .map_err(|e| Error::usage(format!("{arg} '{pattern}' is not a valid regular expression: {e}")))
 }
 
 static ARG_NAMING: OnceLock<fn(Arg) -> &'static str> = OnceLock::new();

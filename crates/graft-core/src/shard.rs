@@ -1,8 +1,9 @@
 //! Sharded batch work: which part of a work list one process of N does (`--shard K/N`, or from the environment a
 //! Slurm job array or a Kubernetes indexed Job sets), the manifest each shard writes beside its results file, and
 //! gathering shard results files back into the one file a single process would have written. Also what every batch
-//! command shares about its work list: quoted globs expanded by graft (`expand_globs`) and the keyed results file that
-//! `--resume FILE` appends to and skips from (`Results`).
+//! command shares about its work list: quoted globs expanded by graft (`expand_globs`), the keyed results file that
+//! `--resume FILE` appends to and skips from (`Results`), and the loop in which one failing item does not stop the
+//! others (`run_batch`; it prints nothing: the caller reports each failure).
 //!
 //! The partition is round-robin over the work list in sorted order (item i goes to shard i mod N): it depends only on
 //! the list and N, so N processes started anywhere cover the list exactly once, and neighbouring items (often of
@@ -162,6 +163,33 @@ pub fn select<T: Ord + Clone>(
     let mine = partition(&all, shard);
     eprintln!("graft: {command}: shard {shard}: {} of {} {what}", mine.len(), all.len());
     Ok(mine)
+}
+
+/// Runs `each` on every item of a batch (checkpoints, models, configs). With several items a failing one must not
+/// hide the others: its error goes to `failed` (the caller reports it: a line on stderr, a JSON line) and the batch
+/// goes on; the result then counts the failures ("N of M {what_failed}"). A single item's error is returned as it
+/// is. An error from `failed` itself (a closed output) ends the batch with that error.
+pub fn run_batch<T>(
+    items: &[T],
+    what_failed: &str,
+    mut each: impl FnMut(&T) -> Result<()>,
+    mut failed: impl FnMut(&T, &Error) -> Result<()>,
+) -> Result<()> {
+    let mut failures = 0usize;
+    for item in items {
+        match each(item) {
+            Ok(()) => {}
+            Err(e) if items.len() > 1 => {
+                failures += 1;
+                failed(item, &e)?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    match failures {
+        0 => Ok(()),
+        n => Err(Error::invalid(format!("{n} of {} {what_failed}", items.len()))),
+    }
 }
 
 /// Whether item `position` of the sorted work list belongs to `shard`.
@@ -520,6 +548,54 @@ mod tests {
 
     fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
         move |k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+    }
+
+    #[test]
+    fn a_batch_goes_on_past_failures_and_counts_them() {
+        let items = [1, 2, 3, 4];
+        let mut done = Vec::new();
+        let mut reported = Vec::new();
+        let e = run_batch(
+            &items,
+            "items failed",
+            |&i| {
+                done.push(i);
+                if i % 2 == 0 {
+                    Err(Error::invalid(format!("item {i} is even")))
+                } else {
+                    Ok(())
+                }
+            },
+            |&i, e| {
+                reported.push((i, e.to_string()));
+                Ok(())
+            },
+        )
+        .unwrap_err();
+        assert_eq!(done, items, "every item runs");
+        assert_eq!(reported, [(2, "item 2 is even".to_string()), (4, "item 4 is even".to_string())]);
+        assert_eq!(e.to_string(), "2 of 4 items failed");
+        assert_eq!(e.exit_code(), 1);
+    }
+
+    #[test]
+    fn a_single_item_batch_returns_its_own_error_and_a_failing_report_ends_the_batch() {
+        let never = |_: &u8, _: &Error| -> Result<()> { panic!("a single item is not reported") };
+        let e = run_batch(&[7u8], "failed", |_| Err(Error::usage("bad seven")), never).unwrap_err();
+        assert_eq!((e.to_string(), e.exit_code()), ("bad seven".to_string(), 2));
+        assert!(run_batch(&[1u8, 2], "failed", |_| Ok(()), never).is_ok());
+        let mut ran = 0;
+        let e = run_batch(
+            &[1u8, 2, 3],
+            "failed",
+            |_| {
+                ran += 1;
+                Err(Error::invalid("x"))
+            },
+            |_, _| Err(Error::invalid("stdout closed")),
+        )
+        .unwrap_err();
+        assert_eq!((e.to_string(), ran), ("stdout closed".to_string(), 1));
     }
 
     #[test]

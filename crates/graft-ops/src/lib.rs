@@ -4,7 +4,9 @@
 //! in `merge::plan`, YAML configs, SNR-selective top-p merging), `snr` (Spectrum's per-matrix signal-to-noise ratio
 //! and rankings), `align` (Git Re-Basin weight matching), `taskvec` (task vectors, task arithmetic, consistency),
 //! `interpolate` (checkpoints along a straight path), `inspect` (what a checkpoint holds) and `hub` (Hugging Face ids
-//! resolved from the local cache). Nothing here trains, evaluates or draws.
+//! resolved from the local cache). Nothing here trains, evaluates or draws. Commands with logic beyond one call are
+//! typed requests with one entry point each, checked before any file is read and printing nothing (`merge::request`,
+//! `snr::zoo`, `taskvec::compare`, `taskvec::diff`, `inspect`). The `gguf` feature lets `inspect` describe GGUF files.
 //!
 //! ```
 //! use graft_ops::merge::slerp::coefficients;
@@ -16,7 +18,7 @@
 //! ```
 
 // graft-core's modules under the names this crate's code has always used (`crate::checkpoint`, `crate::exec`...).
-use graft_core::{checkpoint, error, exec, files, names, rng};
+use graft_core::{checkpoint, error, exec, files, names, rng, shard};
 
 pub mod align;
 pub mod hub;

@@ -301,9 +301,10 @@ impl CheckpointWriter {
         if !self.opts.overwrite {
             return Err(Error::usage(format!(
                 "{}: {} holds a sharded checkpoint ({INDEX_NAME}); a {SINGLE_NAME} beside it would be a second \
-                 checkpoint in one directory; pass --force to replace the sharded checkpoint",
+                 checkpoint in one directory; pass {} to replace the sharded checkpoint",
                 self.out.display(),
-                self.dest.shown_dir.display()
+                self.dest.shown_dir.display(),
+                Arg::Force
             )));
         }
         // Replace the sharded checkpoint as a whole: the directory is swapped, its config files kept.

@@ -95,6 +95,13 @@ fn yaml_scalar(s: &str) -> String {
     }
 }
 
+/// Spectrum's file-name slug of a model (what `{model}` in an output path becomes): `/` and `_` become `-`.
+pub fn model_slug(model: &str) -> String {
+    let trimmed = model.trim_end_matches('/');
+    let s = trimmed.replace(['/', '_', '\\'], "-");
+    s.trim_start_matches(['.', '-']).to_string()
+}
+
 /// graft's selection file.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SelectionFile {

@@ -7,13 +7,15 @@
 //! rest (1 if none); snr = signal / noise; the reported value is snr / S[0].
 //!
 //! Owns: the formula (`matrix_snr`), the scan of a checkpoint (`scan`), ranking and selection per layer type
-//! (`rank_and_select`), and the Spectrum JSON / axolotl YAML / selection file formats (`formats`). The singular
-//! values themselves come from `svals`.
+//! (`rank_and_select`), the Spectrum JSON / axolotl YAML / selection file formats (`formats`), and the scan of a
+//! model or a zoo as one typed request (`zoo`: globs, shards, resume files, per-model files). The singular values
+//! themselves come from `svals`.
 
 pub mod formats;
 mod rank;
 pub mod svals;
 pub mod symeig;
+pub mod zoo;
 
 use regex::Regex;
 use serde::{Deserialize, Serialize};

@@ -25,7 +25,7 @@ use super::matching::{pair_all, Skipped};
 use super::similarity::{cosine, group, reduce_tensors, select, GroupBy, Partial};
 use super::{name_list, MERGED_TENSORS};
 use crate::checkpoint::Checkpoint;
-use crate::error::{Error, Result};
+use crate::error::{Arg, Error, Result};
 use crate::exec::{Executor, Read};
 
 /// The sums behind both cosines over a set of elements, with `xa = M - B`, `ya = A - B`, `xb = M - A` and
@@ -156,7 +156,8 @@ pub fn merged_tensors(merged: &Checkpoint) -> Result<Vec<String>> {
             merged.path(),
             format!(
                 "no '{MERGED_TENSORS}' entry in the metadata (graft merge records the merged tensors there); \
-                 select tensors with --only REGEX instead"
+                 select tensors with {} REGEX instead",
+                Arg::Only
             ),
         )
     })?;

@@ -5,15 +5,18 @@
 //! carried with the fine-tuned model's bytes on request. Tensors whose delta is zero everywhere are left out unless
 //! kept on request: `graft apply` treats a tensor missing from a vector as a zero delta, so leaving them out changes
 //! nothing but the file size. The output records which models it came from under `TASK_VECTOR_OF`.
+//!
+//! `Request` is the whole command as a typed request (checked without opening a file by `validate`), and `run` its
+//! one entry point: open both models, protect them from being overwritten, write the vector.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
 use super::matching::{pair, Coverage, Skipped};
 use super::{canonical_display, delta_range, TASK_VECTOR_OF};
 use crate::checkpoint::{Checkpoint, CheckpointWriter, Dtype, TensorDecl, WriterOptions};
-use crate::error::{Error, Result};
+use crate::error::{Arg, Error, Result};
 use crate::exec::{chunk_ranges, Executor, Produce, Read};
 
 #[derive(Clone, Debug)]
@@ -61,6 +64,39 @@ pub struct DiffReport {
 enum Entry {
     Delta(String),
     Carry(String),
+}
+
+/// One `diff`: the task vector of `finetuned` against `base`, written to `output`.
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub finetuned: PathBuf,
+    pub base: PathBuf,
+    pub output: PathBuf,
+    /// Shard size, metadata and overwrite policy; both models' files are added to `inputs`.
+    pub writer: WriterOptions,
+    pub options: DiffOptions,
+}
+
+impl Request {
+    /// The checks that need no file: the written dtype is a float type.
+    pub fn validate(&self) -> Result<()> {
+        let dtype = self.options.dtype;
+        if !dtype.is_float() {
+            return Err(Error::usage(format!("{} {dtype}: a task vector needs a float dtype", Arg::Dtype)));
+        }
+        Ok(())
+    }
+}
+
+/// Carries out one diff (see the module header).
+pub fn run(request: &Request, exec: &Executor) -> Result<DiffReport> {
+    request.validate()?;
+    let ft = Checkpoint::open(&request.finetuned)?;
+    let base = Checkpoint::open(&request.base)?;
+    let mut writer = request.writer.clone();
+    writer.inputs.extend(ft.files());
+    writer.inputs.extend(base.files());
+    diff(&ft, &base, &request.options, exec, &request.output, writer)
 }
 
 /// Writes the task vector of `ft` against `base` to `out`.
@@ -156,4 +192,29 @@ pub fn delta_is_zero(ft: &Checkpoint, base: &Checkpoint, name: &str) -> Result<b
         }
     }
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_non_float_dtype_is_refused_before_either_model_is_opened() {
+        let mut request = Request {
+            finetuned: "/nonexistent/graft-diff/ft".into(),
+            base: "/nonexistent/graft-diff/base".into(),
+            output: "/nonexistent/graft-diff/tv".into(),
+            writer: WriterOptions::default(),
+            options: DiffOptions { dtype: Dtype::I64, ..DiffOptions::default() },
+        };
+        let exec = Executor::new(Some(1)).unwrap();
+        for e in [request.validate().unwrap_err(), run(&request, &exec).unwrap_err()] {
+            assert!(matches!(e, Error::Usage(_)), "{e}");
+            assert_eq!(e.to_string(), "dtype I64: a task vector needs a float dtype");
+        }
+        request.options.dtype = Dtype::BF16;
+        request.validate().unwrap();
+        let e = run(&request, &exec).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/graft-diff/ft"), "the first file opened is the model: {e}");
+    }
 }

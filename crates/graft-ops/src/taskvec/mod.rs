@@ -8,10 +8,11 @@
 //! sums and reductions run in f64, and results are narrowed with round-to-nearest-even.
 //!
 //! - `matching`: pairing the tensors of two checkpoints by name, shape and kind (float or not).
-//! - `diff`: writing a task vector checkpoint.
+//! - `diff`: writing a task vector checkpoint (and `diff` as a typed request).
 //! - `apply`: task arithmetic onto a base (and the rounding bound of diff-then-apply).
 //! - `similarity`: norms, zero fractions, cosine and sign agreement between task vectors, whole-model or grouped.
 //! - `consistency`: cos(dM - dB, dA - dB) and cos(dM - dA, dB - dA) for a merge M of experts A and B.
+//! - `compare`: `graft similarity` as a typed request and its one entry point (reports, a zoo's pairs, consistency).
 
 use std::ops::Range;
 use std::path::Path;
@@ -20,6 +21,7 @@ use crate::checkpoint::{TensorView, INDEX_NAME, SINGLE_NAME};
 use crate::error::Result;
 
 pub mod apply;
+pub mod compare;
 pub mod consistency;
 pub mod diff;
 pub mod matching;

@@ -141,22 +141,16 @@ impl Splits {
     }
 }
 
-/// Parses `0,1,8,9`.
-pub fn parse_classes(s: &str) -> Result<Vec<u32>> {
+/// Parses a class list, `0,1,8,9`: distinct class indices (an empty list is an empty index). The error is the reason alone; the front
+/// end names the argument (the command line's `--classes` value parser).
+pub fn parse_classes(s: &str) -> std::result::Result<Vec<u32>, String> {
     let v: Vec<u32> = s
         .split(',')
-        .map(|x| {
-            x.trim()
-                .parse::<u32>()
-                .map_err(|_| Error::usage(format!("{} '{s}': '{x}' is not a class index", Arg::Classes)))
-        })
-        .collect::<Result<_>>()?;
+        .map(|x| x.trim().parse::<u32>().map_err(|_| format!("'{x}' is not a class index")))
+        .collect::<std::result::Result<_, _>>()?;
     let mut seen = std::collections::BTreeSet::new();
     if let Some(d) = v.iter().find(|c| !seen.insert(**c)) {
-        return Err(Error::usage(format!("{} '{s}': class {d} is listed twice", Arg::Classes)));
-    }
-    if v.is_empty() {
-        return Err(Error::usage(format!("{} needs at least one class", Arg::Classes)));
+        return Err(format!("class {d} is listed twice"));
     }
     Ok(v)
 }
@@ -234,6 +228,16 @@ pub fn split(mut src: Source, opts: &SplitOptions) -> Result<Splits> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn class_lists_are_distinct_indices() {
+        assert_eq!(parse_classes("0,1,8,9"), Ok(vec![0, 1, 8, 9]));
+        assert_eq!(parse_classes(" 3 , 1"), Ok(vec![3, 1]), "order is kept: it is the new numbering");
+        assert_eq!(parse_classes("0,1,0"), Err("class 0 is listed twice".to_string()));
+        assert_eq!(parse_classes("0,x"), Err("'x' is not a class index".to_string()));
+        assert_eq!(parse_classes(""), Err("'' is not a class index".to_string()));
+        assert_eq!(parse_classes("-1"), Err("'-1' is not a class index".to_string()));
+    }
 
     fn source(labels: Vec<u32>) -> Source {
         let n = labels.len();
