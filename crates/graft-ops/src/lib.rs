@@ -16,7 +16,7 @@
 //! ```
 
 // graft-core's modules under the names this crate's code has always used (`crate::checkpoint`, `crate::exec`...).
-use graft_core::{checkpoint, error, exec, files, names, rng};
+use graft_core::{checkpoint, error, exec, files, names, rng, shard};
 
 pub mod align;
 pub mod hub;

@@ -1,23 +1,27 @@
-//! One merge as a typed request, and the library's single entry point that carries it out (`run`): open the models
-//! (with their LoRA adapters), remap vocabulary rows, plan, select by SNR, lay out the output's side files, and
-//! stream the plan through the executor to the writer. Everything that can be checked without reading a model is
-//! checked first (`Request::validate`), so a bad combination of options fails before any file is opened.
+//! Merges as typed requests. `Request` is one merge, and `run` carries it out: open the models (with their LoRA
+//! adapters), remap vocabulary rows, plan, select by SNR, lay out the output's side files, and stream the plan
+//! through the executor to the writer. Everything that can be checked without reading a model is checked first
+//! (`Request::validate`), so a bad combination of options fails before any file is opened.
 //!
-//! The command line builds a `Request` from flags or a YAML config and prints the `Outcome`; batch and multi-stage
-//! runs call `run` once per merge.
+//! `Job` is what a front end asks for: a merge's options once (`Options`) and what to run with them (`Work`): one
+//! merge of a config built from flags, a YAML config file (one merge, or the stages of a multi-document config,
+//! `super::stages`), or a batch of config files (`super::batch`). `Job::validate` checks it without I/O; `run_job`
+//! carries out one config or one file, reporting what happens as `Event`s (the front end prints them), and a
+//! batch runs its configs one by one through `batch::Batch`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use super::config::MergeConfig;
+use super::config::{self, MergeConfig};
 use super::execute::{self, RunOptions, Summary};
 use super::plan::{self, Plan};
-use super::select::{self, Alpha, SelectOptions, SelectionReport};
-use super::{lora, output, vocab};
+use super::select::{self, Alpha, SelectOptions, SelectionReport, SnrSource};
+use super::{chat_template, lora, multi, output, vocab};
 use crate::checkpoint::{Checkpoint, WriterOptions};
 use crate::error::{Arg, Error, Result};
 use crate::exec::Executor;
+use crate::shard::Shard;
 
 /// Everything one merge needs.
 pub struct Request {
@@ -125,4 +129,376 @@ pub fn run(request: &Request, exec: &Executor) -> Result<Outcome> {
         files: written.files.clone(),
         seconds: started.elapsed().as_secs_f64(),
     }))
+}
+
+/// Where the tensors that are not merged come from, overriding a config file's choice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reference {
+    /// The base model.
+    Base,
+    /// The first model.
+    First,
+}
+
+/// The options of every merge of a job: each config of a batch and each stage of a multi-document config gets the
+/// same ones.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub run: RunOptions,
+    pub select: Option<SelectOptions>,
+    /// Shard size, metadata and overwrite policy of every output.
+    pub writer: WriterOptions,
+    pub copy_tokenizer: bool,
+    /// Plan only; write nothing.
+    pub dry_run: bool,
+    /// The chat template written with the tokenizer, as mergekit spells it (`auto`, a name, or Jinja text),
+    /// overriding a config's `chat_template`.
+    pub chat_template: Option<String>,
+    /// Run the TIES paper's variant of the configured method (`ties` becomes `ties_paper`).
+    pub ties_paper: bool,
+    /// Config files: keys mergekit would ignore are warnings, not errors.
+    pub lenient: bool,
+    /// Config files: where unmerged tensors come from, overriding the file (a config built by the caller already
+    /// says it).
+    pub reference: Option<Reference>,
+}
+
+/// What a job merges.
+#[derive(Clone, Debug)]
+pub enum Work {
+    /// One merge of a config the caller built (from flags).
+    Config(Box<MergeConfig>),
+    /// A mergekit YAML config file: one merge, or a multi-document config's stages.
+    File(PathBuf),
+    /// Config files or quoted globs of them, each config merged into `<output>/<config name>`. `resume`: the
+    /// results file that records each merged output and whose configs are skipped; `shard`: this process's part.
+    Batch { configs: Vec<String>, shard: Option<Shard>, resume: Option<PathBuf> },
+}
+
+/// A merge job: what to merge, with which options, to where.
+#[derive(Clone, Debug)]
+pub struct Job {
+    pub work: Work,
+    pub options: Options,
+    /// The output checkpoint (a batch: the directory of the outputs).
+    pub output: PathBuf,
+    /// A multi-document config: where its named stages are written (default: `<output>.stages`).
+    pub intermediate_dir: Option<PathBuf>,
+}
+
+/// One stage of a multi-document config as a dry run lists it.
+#[derive(Clone, Debug)]
+pub struct PlannedStage {
+    /// How messages name the stage (`stage 'NAME' (document K)`).
+    pub label: String,
+    pub output: PathBuf,
+    /// The stems of the stages it reads.
+    pub reads: Vec<String>,
+}
+
+/// What a job reports while it runs.
+#[derive(Debug)]
+pub enum Event {
+    /// A line for the user (a config's warnings, a skipped stage or config).
+    Note(String),
+    /// One merge done (or planned, on a dry run).
+    Merged(Outcome),
+    /// A dry run of a multi-document config: its stages in the order they would run.
+    Stages(Vec<PlannedStage>),
+}
+
+impl std::fmt::Debug for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Outcome::Planned { plan, .. } => write!(f, "Planned({} tensors)", plan.tensors.len()),
+            Outcome::Written(s) => write!(f, "Written({})", s.output.display()),
+        }
+    }
+}
+
+impl Options {
+    /// The checks that need no file.
+    pub fn validate(&self) -> Result<()> {
+        self.chat_template().map(|_| ())
+    }
+
+    fn chat_template(&self) -> Result<Option<chat_template::ChatTemplate>> {
+        (self.chat_template.as_deref())
+            .map(|t| {
+                // The parser names the config key; an option is named as the front end shows it.
+                chat_template::parse(t).map_err(|e| {
+                    let why = e.strip_prefix("chat_template ").unwrap_or(&e);
+                    Error::usage(format!("{} {why}", Arg::ChatTemplate))
+                })
+            })
+            .transpose()
+    }
+
+    /// The options as a multi-document stage's stamp records them: those that change what a merge writes.
+    pub fn stamp(&self) -> String {
+        let select = self.select.as_ref();
+        format!(
+            "seed={} compat={} ties_variant={} reference={:?} snr_select={:?} snr_from={} alpha={:?} \
+             no_copy_tokenizer={} chat_template={:?} lenient={} allow_nonfinite={} max_shard_size={}",
+            self.run.seed,
+            if self.run.compat { "Some(Mergekit)" } else { "None" },
+            if self.ties_paper { "Paper" } else { "Mergekit" },
+            self.reference,
+            select.map(|s| format!("top-p={}", s.top_p)),
+            select.map_or(SnrSource::Base, |s| s.from.clone()),
+            select.map_or(Alpha::Fixed, |s| s.alpha),
+            !self.copy_tokenizer,
+            self.chat_template,
+            self.lenient,
+            crate::checkpoint::guard::allow_nonfinite(),
+            self.writer.max_shard_size
+        )
+    }
+
+    /// `cfg` with the options a config cannot set itself applied: the chat template and the TIES variant.
+    pub fn apply(&self, mut cfg: MergeConfig) -> Result<MergeConfig> {
+        if let Some(t) = self.chat_template()? {
+            cfg.chat_template = Some(t);
+        }
+        if self.ties_paper {
+            cfg.method = super::variant(cfg.method, "paper")
+                .ok_or_else(|| Error::usage(format!("{} applies to {} ties only", Arg::TiesVariant, Arg::Method)))?;
+        }
+        Ok(cfg)
+    }
+
+    /// The merge config of a single-document config file, its warnings reported as notes.
+    pub(super) fn load(&self, file: &Path, report: &mut dyn FnMut(Event) -> Result<()>) -> Result<MergeConfig> {
+        let loaded = config::load(file, self.lenient)?;
+        for w in loaded.warnings {
+            report(Event::Note(w))?;
+        }
+        let mut cfg = loaded.config;
+        if let Some(r) = self.reference {
+            cfg.reference = match r {
+                Reference::Base => cfg.base_model.clone(),
+                Reference::First => cfg.model_paths().first().cloned(),
+            };
+        }
+        self.apply(cfg)
+    }
+
+    /// The one-merge request of `config` into `output`.
+    pub(super) fn request(&self, config: MergeConfig, output: PathBuf) -> Request {
+        Request {
+            config,
+            run: self.run.clone(),
+            select: self.select.clone(),
+            output,
+            writer: self.writer.clone(),
+            copy_tokenizer: self.copy_tokenizer,
+            dry_run: self.dry_run,
+        }
+    }
+
+    /// Carries out one merge of `config` into `output`.
+    pub(super) fn merge(
+        &self,
+        config: MergeConfig,
+        output: PathBuf,
+        exec: &Executor,
+        report: &mut dyn FnMut(Event) -> Result<()>,
+    ) -> Result<()> {
+        let request = self.request(config, output);
+        request.validate()?;
+        report(Event::Merged(run(&request, exec)?))
+    }
+}
+
+impl Job {
+    /// The checks that need no file: option combinations the work cannot honour.
+    pub fn validate(&self) -> Result<()> {
+        self.options.validate()?;
+        match &self.work {
+            Work::Config(cfg) => {
+                if self.intermediate_dir.is_some() {
+                    return Err(Error::usage(format!(
+                        "{} applies to multi-document configs only",
+                        Arg::IntermediateDir
+                    )));
+                }
+                self.options.request(self.options.apply((**cfg).clone())?, self.output.clone()).validate()
+            }
+            Work::File(_) => Ok(()),
+            Work::Batch { .. } if self.intermediate_dir.is_some() => Err(Error::usage(format!(
+                "{} applies to one multi-document config; in a batch each config's stages go to OUT/<config \
+                 name>.stages",
+                Arg::IntermediateDir
+            ))),
+            Work::Batch { .. } => Ok(()),
+        }
+    }
+}
+
+/// Carries out a job's config or config file (a batch runs through `batch::Batch`, config by config), reporting
+/// each merge as it is done.
+pub fn run_job(job: &Job, exec: &Executor, report: &mut dyn FnMut(Event) -> Result<()>) -> Result<()> {
+    job.validate()?;
+    match &job.work {
+        Work::Config(cfg) => job.options.merge(job.options.apply((**cfg).clone())?, job.output.clone(), exec, report),
+        Work::File(file) => {
+            let intermediates = job.intermediate_dir.clone();
+            run_file(file, &job.options, &job.output, intermediates, exec, report)
+        }
+        Work::Batch { .. } => {
+            Err(Error::invalid("a batch of configs runs through merge::batch::Batch, one config at a time"))
+        }
+    }
+}
+
+/// One config file into `output`: a single-document config as one merge, a multi-document one stage by stage.
+pub(super) fn run_file(
+    file: &Path,
+    options: &Options,
+    output: &Path,
+    intermediate_dir: Option<PathBuf>,
+    exec: &Executor,
+    report: &mut dyn FnMut(Event) -> Result<()>,
+) -> Result<()> {
+    let text = std::fs::read_to_string(file).map_err(|e| Error::io(file, e))?;
+    let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
+    let given = intermediate_dir.is_some();
+    let intermediates = intermediate_dir.unwrap_or_else(|| multi::default_intermediates(output));
+    if let Some(stages) = multi::split(&text, file, &dir, &intermediates)? {
+        return super::stages::run(file, &stages, &intermediates, options, output, exec, report);
+    }
+    if given {
+        return Err(Error::usage(format!("{} applies to multi-document configs only", Arg::IntermediateDir)));
+    }
+    options.merge(options.load(file, report)?, output.to_path_buf(), exec, report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::merge::config::Flags;
+
+    /// Paths no test creates: a check that opened one would fail with an I/O error instead of its own.
+    const MISSING: &str = "/nonexistent/graft-request-test";
+
+    fn options() -> Options {
+        Options {
+            run: RunOptions::default(),
+            select: None,
+            writer: WriterOptions::default(),
+            copy_tokenizer: true,
+            dry_run: false,
+            chat_template: None,
+            ties_paper: false,
+            lenient: false,
+            reference: None,
+        }
+    }
+
+    fn flags_config(method: &str) -> MergeConfig {
+        let missing = |name: &str| PathBuf::from(MISSING).join(name);
+        Flags {
+            models: vec![missing("a"), missing("b")],
+            base: Some(missing("base")),
+            ..Flags::new(super::super::method(method).unwrap())
+        }
+        .into_config()
+        .unwrap()
+    }
+
+    fn job(work: Work, options: Options) -> Job {
+        Job { work, options, output: PathBuf::from(MISSING).join("out"), intermediate_dir: None }
+    }
+
+    fn refusal(j: &Job) -> String {
+        let e = j.validate().unwrap_err();
+        assert!(matches!(e, Error::Usage(_)), "a usage error, not {e:?}");
+        e.to_string()
+    }
+
+    #[test]
+    fn a_job_is_refused_before_any_file_is_read() {
+        let file = || Work::File(PathBuf::from(MISSING).join("config.yml"));
+        let batch = || Work::Batch { configs: vec![format!("{MISSING}/*.yml")], shard: None, resume: None };
+        let config = |m: &str| Work::Config(Box::new(flags_config(m)));
+
+        let bad_template = Options { chat_template: Some("nosuch".into()), ..options() };
+        for work in [file(), batch(), config("linear")] {
+            let e = refusal(&job(work, bad_template.clone()));
+            assert!(e.contains("chat_template 'nosuch' is neither 'auto', a named template"), "{e}");
+        }
+        let short_jinja = Options { chat_template: Some("{{ x }}".into()), ..options() };
+        assert!(refusal(&job(file(), short_jinja)).contains("is not a Jinja template"));
+
+        let paper = Options { ties_paper: true, ..options() };
+        assert!(refusal(&job(config("linear"), paper.clone())).contains("ties_variant applies to method ties only"));
+        assert!(job(config("ties"), paper.clone()).validate().is_ok());
+        let compat_paper = Options { run: RunOptions { seed: 0, compat: true }, ..paper };
+        assert!(refusal(&job(config("ties"), compat_paper)).contains("does not combine with --ties-variant paper"));
+
+        let snr_alpha = Options {
+            select: Some(SelectOptions { top_p: 0.5, from: SnrSource::Base, alpha: Alpha::Snr }),
+            ..options()
+        };
+        assert!(
+            refusal(&job(config("model_stock"), snr_alpha.clone())).contains("alpha snr does not apply to model_stock")
+        );
+        assert!(job(config("slerp"), snr_alpha).validate().is_ok());
+
+        let staged = |work| Job { intermediate_dir: Some(PathBuf::from(MISSING)), ..job(work, options()) };
+        assert!(refusal(&staged(config("linear"))).contains("intermediate_dir applies to multi-document configs only"));
+        assert!(refusal(&staged(batch())).contains("intermediate_dir applies to one multi-document config"));
+        // Whether a file is a multi-document config is known only once it is read.
+        assert!(staged(file()).validate().is_ok());
+        assert!(job(file(), options()).validate().is_ok() && job(batch(), options()).validate().is_ok());
+    }
+
+    #[test]
+    fn running_a_refused_job_reads_nothing() {
+        let exec = Executor::new(Some(1)).unwrap();
+        let bad = Options { chat_template: Some("nosuch".into()), ..options() };
+        let mut events = Vec::new();
+        let e = run_job(&job(Work::File(PathBuf::from(MISSING).join("c.yml")), bad), &exec, &mut |ev| {
+            events.push(format!("{ev:?}"));
+            Ok(())
+        })
+        .unwrap_err();
+        assert!(matches!(e, Error::Usage(_)) && e.to_string().contains("nosuch"), "{e}");
+        assert!(events.is_empty());
+        // The same job with good options gets as far as reading the file.
+        let e = run_job(&job(Work::File(PathBuf::from(MISSING).join("c.yml")), options()), &exec, &mut |_| Ok(()))
+            .unwrap_err();
+        assert!(matches!(e, Error::Io { .. }), "{e:?}");
+    }
+
+    #[test]
+    fn stamps_spell_the_options_as_earlier_versions_wrote_them() {
+        // Stage stamps written before the options were typed must still match, or every stage would re-run.
+        let o = Options {
+            run: RunOptions { seed: 7, compat: true },
+            select: Some(SelectOptions { top_p: 0.5, from: SnrSource::Avg, alpha: Alpha::Snr }),
+            writer: WriterOptions { max_shard_size: 1000, ..WriterOptions::default() },
+            copy_tokenizer: false,
+            chat_template: Some("chatml".into()),
+            ties_paper: true,
+            lenient: true,
+            reference: Some(Reference::First),
+            ..options()
+        };
+        assert_eq!(
+            o.stamp(),
+            "seed=7 compat=Some(Mergekit) ties_variant=Paper reference=Some(First) snr_select=Some(\"top-p=0.5\") \
+             snr_from=avg alpha=Snr no_copy_tokenizer=true chat_template=Some(\"chatml\") lenient=true \
+             allow_nonfinite=false max_shard_size=1000"
+        );
+        let plain = Options {
+            writer: WriterOptions { max_shard_size: 5_000_000_000, ..WriterOptions::default() },
+            ..options()
+        };
+        assert_eq!(
+            plain.stamp(),
+            "seed=0 compat=None ties_variant=Mergekit reference=None snr_select=None snr_from=base alpha=Fixed \
+             no_copy_tokenizer=false chat_template=None lenient=false allow_nonfinite=false max_shard_size=5000000000"
+        );
+    }
 }
