@@ -1,6 +1,6 @@
 //! `graft merge`: merge models with a mergekit method, from flags or a mergekit YAML config (docs/merge.md). The
 //! flags become one `merge::request::Job` (a merge's options, and what to run: the models given, one config file,
-//! or a batch of configs), which the library validates and runs (`request::run_job`, `batch::Batch`: multi-document
+//! or a batch of configs), which the library validates and runs (`job::run_job`, `batch::Batch`: multi-document
 //! configs stage by stage, batches config by config, each merged into `OUT/<config name>`); this file prints what
 //! it reports. A failing config of a batch does not stop the others (`super::run_batch`).
 
@@ -14,10 +14,11 @@ use crate::exec::Executor;
 use crate::merge::batch::{self, Batch};
 use crate::merge::config::{Flags, Inputs, MergeConfig};
 use crate::merge::execute::RunOptions;
+use crate::merge::job::{self, Job, Work};
 use crate::merge::method::AlphaTarget;
 use crate::merge::params::{Kind, Scalar, Setting};
 use crate::merge::plan::{Op, Plan};
-use crate::merge::request::{self, Event, Job, Options, Outcome, Work};
+use crate::merge::request::{self, Event, Options, Outcome};
 use crate::merge::select::{self, Alpha, SelectOptions, SelectionReport, SnrSource};
 use crate::merge::MergeMethod;
 
@@ -344,7 +345,7 @@ fn options(a: &Args) -> Result<Options> {
 }
 
 /// The job the command line asks for: a batch of configs, one config file, or one merge of the given models.
-fn job(a: &Args) -> Result<Job> {
+fn build_job(a: &Args) -> Result<Job> {
     let options = options(a)?;
     let batch_options = a.resume.is_some() || a.shard.shard.is_some() || a.shard.shard_count.is_some();
     let work = if batch::is_batch(&a.inputs, batch_options) {
@@ -367,7 +368,7 @@ fn job(a: &Args) -> Result<Job> {
 }
 
 pub fn run(a: Args, global: &Global) -> Result<()> {
-    let job = job(&a)?;
+    let job = build_job(&a)?;
     job.validate()?;
     let exec = Executor::new(global.threads)?;
     let mut print = |event: Event| print_event(&a, event);
@@ -378,7 +379,7 @@ pub fn run(a: Args, global: &Global) -> Result<()> {
             batch.merge(c, &exec, &mut print)
         });
     }
-    request::run_job(&job, &exec, &mut print)
+    job::run_job(&job, &exec, &mut print)
 }
 
 fn print_event(a: &Args, event: Event) -> Result<()> {
@@ -595,7 +596,7 @@ mod tests {
             assert!(e.contains(want), "{argv:?}: {e}");
         }
         let a = args(&["--method", "linear", "--ties-variant", "paper", x, "-o", "unused"]);
-        let e = job(&a).and_then(|j| j.validate()).unwrap_err().to_string();
+        let e = build_job(&a).and_then(|j| j.validate()).unwrap_err().to_string();
         assert!(e.contains("ties_variant applies to method ties only"), "{e}");
         let a = args(&["--method", "ties", "--ties-variant", "paper", "--base", b, x, "-o", "unused"]);
         assert_eq!(options(&a).unwrap().apply(build_config(&a).unwrap()).unwrap().method.name(), "ties_paper");

@@ -9,7 +9,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use super::request::{self, Event, Job, Options, Work};
+use super::job::{Job, Work};
+use super::request::{Event, Options};
 use crate::checkpoint::Checkpoint;
 use crate::error::{Arg, Error, Result};
 use crate::exec::Executor;
@@ -135,7 +136,7 @@ impl Batch {
             return report(Event::Note(format!("graft: merge: {config}: already in the results file, skipped")));
         }
         let out = self.dir.join(name_of(config));
-        request::run_file(Path::new(config), &self.options, &out, None, exec, report)?;
+        super::stages::run_file(Path::new(config), &self.options, &out, None, exec, report)?;
         if let (Some(r), false) = (self.results.as_mut(), self.options.dry_run) {
             let line = serde_json::to_string(&batch_line(key.clone(), &out)?).expect("plain struct");
             r.append(&key, &(line + "\n"))?;

@@ -6,8 +6,9 @@
 //! (which inputs feed which output tensor), `select` (SNR top-p selection), `vocab` (output vocabularies, row
 //! remapping), `lora` (`model+adapter` inputs), `multi` (multi-document configs: stages, order, stamps), `stages`
 //! (running them), `batch` (batches of configs: globs, shards, results files), `execute` (streaming the plan through
-//! the executor and writer), `request` (a merge job as a typed request, validated before any I/O, and the entry
-//! points that carry it out: `request::run` for one merge, `request::run_job` for a job).
+//! the executor and writer), `request` (one merge as a typed request, validated before any I/O, and `request::run`
+//! that carries it out; the options every merge of a job shares), `job` (what a front end asks for: one config, a
+//! config file or a batch, validated before any I/O, and `job::run_job`).
 //!
 //! Adding a merge method is its file plus one line here:
 //! 1. `merge/<name>.rs`: a unit struct implementing `MergeMethod` (`name`, `about`, `params`, `contract`, `prepare`
@@ -29,6 +30,7 @@ pub mod config;
 pub mod dare;
 pub mod della;
 pub mod execute;
+pub mod job;
 pub mod karcher;
 pub mod linear;
 pub mod lora;

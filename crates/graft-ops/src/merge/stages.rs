@@ -2,14 +2,38 @@
 //! `<intermediates>/<stage>.yml` and merged, as one single-document merge with the job's options, into
 //! `<intermediates>/<stage>` (the output stage into the output path), in dependency order. A stage whose output is
 //! complete and whose stamp matches is skipped; an existing output is replaced only with the writer's overwrite
-//! (`--force`), and the refusal comes before any stage runs. A dry run lists the stages instead.
+//! (`--force`), and the refusal comes before any stage runs. A dry run lists the stages instead. `run_file` is the
+//! entry for a config file of either kind.
 
 use std::path::{Path, PathBuf};
 
 use super::multi::{self, Stages};
 use super::request::{Event, Options, PlannedStage};
-use crate::error::{Error, Result};
+use crate::error::{Arg, Error, Result};
 use crate::exec::Executor;
+
+/// One config file into `output`: a single-document config as one merge, a multi-document one stage by stage
+/// (`intermediate_dir`: where its named stages go, default `<output>.stages`).
+pub fn run_file(
+    file: &Path,
+    options: &Options,
+    output: &Path,
+    intermediate_dir: Option<PathBuf>,
+    exec: &Executor,
+    report: &mut dyn FnMut(Event) -> Result<()>,
+) -> Result<()> {
+    let text = std::fs::read_to_string(file).map_err(|e| Error::io(file, e))?;
+    let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
+    let given = intermediate_dir.is_some();
+    let intermediates = intermediate_dir.unwrap_or_else(|| multi::default_intermediates(output));
+    if let Some(stages) = multi::split(&text, file, &dir, &intermediates)? {
+        return run(file, &stages, &intermediates, options, output, exec, report);
+    }
+    if given {
+        return Err(Error::usage(format!("{} applies to multi-document configs only", Arg::IntermediateDir)));
+    }
+    options.merge(options.load(file, report)?, output.to_path_buf(), exec, report)
+}
 
 /// Runs the stages of `file` (see the module header); `output` is where the output stage is written.
 pub fn run(
@@ -73,7 +97,7 @@ pub fn run(
                     "{file}: {} exists and {} is out of date; pass {} to replace it",
                     output.display(),
                     stages.stages[k].label(),
-                    crate::error::Arg::Force
+                    Arg::Force
                 )));
             }
         }
