@@ -109,6 +109,7 @@ pub fn flag_of(arg: Arg) -> &'static str {
         Arg::Method => "--method",
         Arg::NoCopyTokenizer => "--no-copy-tokenizer",
         Arg::Normalize => "--normalize",
+        Arg::Output => "--output",
         Arg::Resamples => "--resamples",
         Arg::Resume => "--resume",
         Arg::Shard => "--shard",

@@ -111,6 +111,7 @@ args! {
     Method => "method",
     NoCopyTokenizer => "no_copy_tokenizer",
     Normalize => "normalize",
+    Output => "output",
     Resamples => "resamples",
     Resume => "resume",
     Shard => "shard",
