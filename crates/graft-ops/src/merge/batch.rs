@@ -144,3 +144,56 @@ impl Batch {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::WriterOptions;
+    use crate::merge::execute::RunOptions;
+
+    fn job(configs: &[&str], output: PathBuf) -> Job {
+        Job {
+            work: Work::Batch { configs: configs.iter().map(|c| c.to_string()).collect(), shard: None, resume: None },
+            options: Options {
+                run: RunOptions::default(),
+                select: None,
+                writer: WriterOptions::default(),
+                copy_tokenizer: true,
+                dry_run: false,
+                chat_template: None,
+                ties_paper: false,
+                lenient: false,
+                reference: None,
+            },
+            output,
+            intermediate_dir: None,
+        }
+    }
+
+    #[test]
+    fn a_bad_work_list_is_refused_before_the_output_directory_is_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        for (configs, want) in [
+            (&["/x/a.yml", "/y/a.yaml"][..], "/x/a.yml and /y/a.yaml would both be merged into"),
+            (&["/x/a.yml", "/x/model.safetensors"][..], "/x/model.safetensors is not a YAML config"),
+        ] {
+            let e = Batch::prepare(&job(configs, out.clone())).err().expect("refused");
+            assert!(matches!(e, Error::Usage(_)) && e.to_string().contains(want), "{e}");
+            assert!(!out.exists());
+        }
+        let batch = Batch::prepare(&job(&["/x/b.yml", "/x/a.yml", "/x/b.yml"], out.clone())).unwrap();
+        assert_eq!(batch.configs(), ["/x/a.yml", "/x/b.yml"], "sorted, without repeats");
+        assert!(out.is_dir());
+    }
+
+    #[test]
+    fn inputs_are_a_batch_when_several_configs_a_glob_or_batch_options() {
+        let p = |s: &[&str]| s.iter().map(PathBuf::from).collect::<Vec<_>>();
+        assert!(!is_batch(&p(&["/nonexistent/c.yml"]), false));
+        assert!(is_batch(&p(&["/nonexistent/c.yml"]), true));
+        assert!(is_batch(&p(&["/nonexistent/a.yml", "/nonexistent/b.yaml"]), false));
+        assert!(is_batch(&p(&["/nonexistent/*.yml"]), false));
+        assert!(!is_batch(&p(&["/nonexistent/a", "/nonexistent/b"]), false), "models to merge");
+    }
+}
