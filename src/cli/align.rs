@@ -1,12 +1,14 @@
 //! `graft align REF MODEL -o OUT`: Git Re-Basin weight matching; `--print-spec MODEL` shows the permutation spec;
-//! `--cycle A B C ...` reports cycle consistency.
+//! `--cycle A B C ...` reports cycle consistency. The flags become an `align::request::Request`, which the library
+//! validates and carries out; this file prints the outcome.
 
 use std::fmt::Write;
 use std::path::PathBuf;
 
 use super::{emit, parse_shard_size, table, Global, OutputArgs};
+use crate::align::request::{self, Outcome, Request, Task};
 use crate::align::{self, builtin, Arch, Options};
-use crate::checkpoint::{Checkpoint, DEFAULT_MAX_SHARD_SIZE};
+use crate::checkpoint::DEFAULT_MAX_SHARD_SIZE;
 use crate::error::{Error, Result};
 use crate::exec::Executor;
 
@@ -53,67 +55,64 @@ pub struct Args {
 }
 
 pub fn run(args: Args, global: &Global) -> Result<()> {
-    if args.max_iter == 0 {
-        return Err(Error::usage("--max-iter must be at least 1"));
-    }
-    let opts = Options { seed: args.seed, max_iter: args.max_iter };
-    let bopts = builtin::Options { permute_residual: args.permute_residual };
-    if args.print_spec {
+    let task = if args.print_spec {
         let [model] = args.checkpoints.as_slice() else {
             return Err(Error::usage("--print-spec takes one checkpoint"));
         };
-        let ck = Checkpoint::open(model)?;
-        let (spec, label) = align::choose_spec(&ck, args.spec.as_deref(), args.arch, bopts)?;
-        spec.resolve(&ck)?;
-        let text = if args.json {
-            spec.to_json()
-        } else {
-            let residual = if args.permute_residual { ", --permute-residual" } else { "" };
-            spec.to_yaml(&[
-                format!("graft permutation spec ({label}{residual}) for {}", model.display()),
-                "groups: name -> units; tensors: one entry per axis: null, a group, or {group, block}".into(),
-            ])
+        Task::PrintSpec { model: model.clone() }
+    } else if args.cycle {
+        Task::Cycle { checkpoints: args.checkpoints.clone() }
+    } else {
+        let [reference, model] = args.checkpoints.as_slice() else {
+            return Err(Error::usage(
+                "align takes two checkpoints: REF MODEL (or --print-spec MODEL, --cycle A B ...)",
+            ));
         };
-        return emit(&text);
-    }
-    let exec = Executor::new(global.threads)?;
-    if args.cycle {
-        if args.checkpoints.len() < 2 {
-            return Err(Error::usage("--cycle takes the reference and at least one model"));
+        let Some(output) = args.output.clone() else {
+            return Err(Error::usage("align needs -o OUTPUT for the aligned model"));
+        };
+        let out = OutputArgs { output: output.clone(), max_shard_size: args.max_shard_size, force: args.force };
+        Task::Align {
+            reference: reference.clone(),
+            model: model.clone(),
+            output,
+            writer: out.writer_options(Vec::new()),
         }
-        let cks: Vec<(String, Checkpoint)> = args
-            .checkpoints
-            .iter()
-            .map(|p| Ok((p.display().to_string(), Checkpoint::open(p)?)))
-            .collect::<Result<_>>()?;
-        let (spec, label) = align::choose_spec(&cks[0].1, args.spec.as_deref(), args.arch, bopts)?;
-        let spec = spec.resolve(&cks[0].1)?;
-        let report = align::cycle(&cks, &spec, opts, &exec)?;
-        if args.json {
+    };
+    let request = Request {
+        task,
+        arch: args.arch,
+        spec: args.spec.clone(),
+        builtin: builtin::Options { permute_residual: args.permute_residual },
+        matching: Options { seed: args.seed, max_iter: args.max_iter },
+    };
+    request.validate()?;
+    let (report, written, label) = match request::run(&request, &Executor::new(global.threads)?)? {
+        Outcome::Spec { spec, label } => {
+            let text = if args.json {
+                spec.to_json()
+            } else {
+                let residual = if args.permute_residual { ", --permute-residual" } else { "" };
+                spec.to_yaml(&[
+                    format!("graft permutation spec ({label}{residual}) for {}", args.checkpoints[0].display()),
+                    "groups: name -> units; tensors: one entry per axis: null, a group, or {group, block}".into(),
+                ])
+            };
+            return emit(&text);
+        }
+        Outcome::Cycle { report, label } if args.json => {
             let mut v = serde_json::to_value(&report).unwrap();
             v["spec"] = label.into();
             v["seed"] = args.seed.into();
             return emit(&(v.to_string() + "\n"));
         }
-        return emit(&render_cycle(&report));
-    }
-    let [reference, model] = args.checkpoints.as_slice() else {
-        return Err(Error::usage("align takes two checkpoints: REF MODEL (or --print-spec MODEL, --cycle A B ...)"));
+        Outcome::Cycle { report, .. } => return emit(&render_cycle(&report)),
+        Outcome::Aligned { report, written, label } => (report, written, label),
     };
-    let Some(output) = args.output.clone() else {
-        return Err(Error::usage("align needs -o OUTPUT for the aligned model"));
-    };
-    let (r, m) = (Checkpoint::open(reference)?, Checkpoint::open(model)?);
-    let (spec, label) = align::choose_spec(&m, args.spec.as_deref(), args.arch, bopts)?;
-    let spec = spec.resolve(&m)?;
-    let out = OutputArgs { output: output.clone(), max_shard_size: args.max_shard_size, force: args.force };
-    let mut inputs = r.files();
-    inputs.extend(m.files());
-    let (_, report, written) = align::align_and_write(&r, &m, &spec, opts, &output, out.writer_options(inputs), &exec)?;
     if args.json {
         let mut v = serde_json::json!({
-            "reference": reference.display().to_string(),
-            "model": model.display().to_string(),
+            "reference": args.checkpoints[0].display().to_string(),
+            "model": args.checkpoints[1].display().to_string(),
             "output": written.path.display().to_string(),
             "spec": label,
             "seed": args.seed,

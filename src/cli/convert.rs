@@ -1,11 +1,12 @@
 //! `graft convert IN -o OUT`: re-shard a checkpoint and/or change the dtype of its float tensors; a `.gguf` input
-//! becomes a Hugging Face checkpoint (`docs/gguf.md`).
+//! becomes a Hugging Face checkpoint (`docs/gguf.md`). The library's `convert::Request` does the work; this file
+//! parses the flags and prints what was written.
 
 use std::path::PathBuf;
 
 use super::{emit, Global, OutputArgs};
-use crate::checkpoint::{Checkpoint, Dtype};
-use crate::convert::{convert, convert_gguf};
+use crate::checkpoint::Dtype;
+use crate::convert;
 use crate::error::{Error, Result};
 use crate::exec::Executor;
 
@@ -39,26 +40,15 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
             _ => Err(Error::usage(format!("--dtype '{d}' is not a float dtype (bf16, f16, f32, f64)"))),
         })
         .transpose()?;
-    if crate::checkpoint::is_gguf_path(&args.input) {
-        // A GGUF file becomes a Hugging Face checkpoint: nothing to carry, the config is rebuilt from its metadata.
-        let g = crate::gguf::GgufFile::open(&args.input)?;
-        let opts = args.output.writer_options(vec![args.input.clone()]);
-        let exec = Executor::new(global.threads)?;
-        let written = convert_gguf(&g, &args.output.output, dtype, opts, &exec)?;
-        return report_written(&written, args.json);
-    }
-    let ck = Checkpoint::open(&args.input)?;
-    let mut opts = args.output.writer_options(ck.files());
-    // Converting keeps the model what it was: its metadata is preserved, with graft's provenance added.
-    for (k, v) in ck.metadata() {
-        opts.metadata.entry(k.clone()).or_insert_with(|| v.clone());
-    }
-    let is_dir_output = args.output.output.extension().is_none_or(|e| e != "safetensors");
-    if !args.no_carry && is_dir_output {
-        opts.carry_from = ck.dir().map(|d| d.to_path_buf());
-    }
-    let exec = Executor::new(global.threads)?;
-    let written = convert(&ck, &args.output.output, dtype, opts, &exec)?;
+    let request = convert::Request {
+        input: args.input.clone(),
+        output: args.output.output.clone(),
+        dtype,
+        carry: !args.no_carry,
+        writer: args.output.writer_options(Vec::new()),
+    };
+    request.validate()?;
+    let written = convert::run(&request, &Executor::new(global.threads)?)?;
     report_written(&written, args.json)
 }
 

@@ -1,17 +1,15 @@
 //! `graft interpolate A B --steps N -o DIR`: writes the checkpoints `(1 - l) A + l B`, `l = 0, 1/(N-1), ..., 1`, as
-//! `DIR/step-000` ... and a manifest `DIR/interpolation.json`.
-//!
-//! Evaluation extension point: `--eval` (evaluating each point for a loss-barrier curve) belongs to the trainer's
-//! `graft eval`, a separate issue. It plugs in after `write_point` returns: evaluate `point.path`, add the metrics to
-//! that point's record in the manifest and the JSON output. Until then this command writes checkpoints only.
+//! `DIR/step-000` ... and a manifest `DIR/interpolation.json`; with `--eval-data`, evaluates every point on the way
+//! (`train::path`, one library call). This file builds the request and prints the outcome.
 
 use std::path::PathBuf;
 
 use super::{emit, parse_shard_size, Global, OutputArgs};
-use crate::checkpoint::{Checkpoint, DEFAULT_MAX_SHARD_SIZE};
-use crate::error::{Error, Result};
+use crate::checkpoint::DEFAULT_MAX_SHARD_SIZE;
+use crate::error::Result;
 use crate::exec::Executor;
-use crate::interpolate::{check_compatible, lambdas, write_point, Point};
+use crate::interpolate;
+use crate::train::path::{self, PathEval, PathRequest};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -49,86 +47,32 @@ pub struct Args {
 }
 
 pub fn run(args: Args, global: &Global) -> Result<()> {
-    let ls = lambdas(args.steps)?;
-    let (a, b) = (Checkpoint::open(&args.a)?, Checkpoint::open(&args.b)?);
-    check_compatible(&a, &b)?;
     let out = OutputArgs { output: args.output.clone(), max_shard_size: args.max_shard_size, force: args.force };
-    let dir = &out.output;
-    if dir.extension().is_some_and(|e| e == "safetensors") {
-        return Err(Error::usage("interpolate writes one checkpoint per step: give a directory as -o"));
-    }
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let exec = Executor::new(global.threads)?;
-    let mut inputs = a.files();
-    inputs.extend(b.files());
-    let mut points = Vec::new();
-    for (index, &lambda) in ls.iter().enumerate() {
-        let path = dir.join(format!("step-{index:03}"));
-        let mut opts = out.writer_options(inputs.clone());
-        opts.carry_from = a.dir().map(|d| d.to_path_buf());
-        write_point(&a, &b, lambda, &path, opts, &exec)?;
-        points.push(Point { index, lambda, path });
-    }
-    let mut metrics: Vec<Option<serde_json::Value>> = vec![None; points.len()];
-    if let Some(data) = &args.eval_data {
-        let experiment = format!("interpolate {} -> {}", args.a.display(), args.b.display());
-        let config =
-            serde_json::json!({ "a": args.a.display().to_string(), "b": args.b.display().to_string(), "data": data });
-        for (p, m) in points.iter().zip(metrics.iter_mut()) {
-            let opts = crate::train::EvalOptions {
-                checkpoint: p.path.clone(),
-                arch: Default::default(),
-                data: crate::train::DataOptions::new(data.clone()),
-                split: crate::train::Split::Test,
-                batch: 512,
-                seed: args.seed,
-                device: crate::train::DeviceKind::Cpu,
-                results: None,
-                experiment: None,
-            };
-            let out = super::with_threads(global, || crate::train::run_eval(&opts))?;
-            if let Some(r) = &args.results {
-                let line =
-                    crate::train::results::interpolate_line(&experiment, args.seed, p.lambda, &config, &out.metrics);
-                line.append(r)?;
-            }
-            *m = Some(serde_json::json!({
-                "accuracy": out.metrics.accuracy, "f1_weighted": out.metrics.f1_weighted,
-                "f1_macro": out.metrics.f1_macro, "loss": out.metrics.loss,
-            }));
-        }
-    }
-    let points_json: Vec<serde_json::Value> = points
-        .iter()
-        .zip(&metrics)
-        .map(|(p, m)| {
-            let mut v = serde_json::to_value(p).unwrap();
-            if let Some(m) = m {
-                v["metrics"] = m.clone();
-            }
-            v
-        })
-        .collect();
-    let manifest = serde_json::json!({
-        "a": args.a.display().to_string(),
-        "b": args.b.display().to_string(),
-        "steps": args.steps,
-        "points": points_json,
-    });
-    let manifest_path = dir.join("interpolation.json");
-    crate::files::write_atomic(&manifest_path, (serde_json::to_string_pretty(&manifest).unwrap() + "\n").as_bytes())?;
+    let request = PathRequest {
+        path: interpolate::Request {
+            a: args.a.clone(),
+            b: args.b.clone(),
+            steps: args.steps,
+            output: args.output.clone(),
+            writer: out.writer_options(Vec::new()),
+        },
+        eval: args.eval_data.clone().map(|data| PathEval { data, seed: args.seed, results: args.results.clone() }),
+    };
+    request.validate()?;
+    // The thread settings reach candle's evaluation as well as the executor's writes.
+    let outcome = super::with_threads(global, || path::run(&request, &Executor::new(global.threads)?))?;
     if args.json {
-        emit(&(manifest.to_string() + "\n"))
+        emit(&(outcome.manifest.to_string() + "\n"))
     } else {
         let mut s = String::new();
-        for (p, m) in points.iter().zip(&metrics) {
+        for (p, m) in outcome.points.iter().zip(&outcome.metrics) {
             let acc = m
                 .as_ref()
                 .map(|m| format!("  accuracy {:.4}", m["accuracy"].as_f64().unwrap_or(f64::NAN)))
                 .unwrap_or_default();
             s.push_str(&format!("{:>4}  lambda {:.4}  {}{acc}\n", p.index, p.lambda, p.path.display()));
         }
-        s.push_str(&format!("wrote {} checkpoints and {}\n", points.len(), manifest_path.display()));
+        s.push_str(&format!("wrote {} checkpoints and {}\n", outcome.points.len(), outcome.manifest_path.display()));
         emit(&s)
     }
 }

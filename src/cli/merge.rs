@@ -1,23 +1,24 @@
-//! `graft merge`: merge models with a mergekit method, from flags or a mergekit YAML config (docs/merge.md); a
-//! multi-document config (mergekit-multi) runs as one single-document merge per stage (`crate::merge::multi`).
-//! Several configs (or a quoted glob of them) are a batch: each merges into `OUT/<config name>`, `--resume FILE`
-//! records a line per output, and `--shard K/N` splits the configs over processes (`crate::shard`). A
-//! multi-document config is one item of such a batch: its stages read each other's outputs, so they stay together.
+//! `graft merge`: merge models with a mergekit method, from flags or a mergekit YAML config (docs/merge.md). The
+//! flags become one `merge::request::Job` (a merge's options, and what to run: the models given, one config file,
+//! or a batch of configs), which the library validates and runs (`job::run_job`, `batch::Batch`: multi-document
+//! configs stage by stage, batches config by config, each merged into `OUT/<config name>`); this file prints what
+//! it reports. A failing config of a batch does not stop the others (`super::run_batch`).
 
 use std::fmt::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use super::{emit, table, Global, OutputArgs};
-use crate::checkpoint::{Checkpoint, Dtype};
+use crate::checkpoint::Dtype;
 use crate::error::{Error, Result};
 use crate::exec::Executor;
-use crate::merge::config::{self, Flags, Inputs, MergeConfig};
+use crate::merge::batch::{self, Batch};
+use crate::merge::config::{Flags, Inputs, MergeConfig};
 use crate::merge::execute::RunOptions;
+use crate::merge::job::{self, Job, Work};
 use crate::merge::method::AlphaTarget;
-use crate::merge::multi::{self, Stages};
 use crate::merge::params::{Kind, Scalar, Setting};
 use crate::merge::plan::{Op, Plan};
-use crate::merge::request::{Outcome, Request};
+use crate::merge::request::{self, Event, Options, Outcome};
 use crate::merge::select::{self, Alpha, SelectOptions, SelectionReport, SnrSource};
 use crate::merge::MergeMethod;
 
@@ -177,14 +178,6 @@ fn dtype_arg(flag: &str, s: &Option<String>) -> Result<Option<Dtype>> {
         .transpose()
 }
 
-fn is_yaml(path: &Path) -> bool {
-    path.extension().is_some_and(|e| e == "yml" || e == "yaml")
-}
-
-fn is_config(inputs: &[PathBuf]) -> bool {
-    inputs.len() == 1 && is_yaml(&inputs[0])
-}
-
 /// A parameter given by a dedicated flag: shared (one setting) or per model (one value, or one per model).
 enum Given {
     Shared(Setting),
@@ -260,322 +253,70 @@ fn apply_param_args(a: &Args, cfg: &mut MergeConfig) -> Result<()> {
     Ok(())
 }
 
-fn build_config(a: &Args) -> Result<MergeConfig> {
-    let mut cfg = if is_config(&a.inputs) {
-        let mut set_by_flags = vec![("--method", a.method.is_some())];
-        set_by_flags.extend(param_flags(a).into_iter().map(|(flag, _, given)| (flag, given.is_some())));
-        set_by_flags.extend([
-            ("--param", !a.params.is_empty()),
-            ("--model-param", !a.model_params.is_empty()),
-            ("--dtype", a.dtype.is_some()),
-            ("--out-dtype", a.out_dtype.is_some()),
-        ]);
-        if let Some((flag, _)) = set_by_flags.iter().find(|(_, set)| *set) {
-            return Err(Error::usage(format!("{flag} cannot be combined with a YAML config; set it in the config")));
-        }
-        let loaded = config::load(&a.inputs[0], a.lenient)?;
-        for w in &loaded.warnings {
-            eprintln!("{w}");
-        }
-        let mut cfg = loaded.config;
-        if let Some(r) = a.reference {
-            cfg.reference = match r {
-                Reference::Base => cfg.base_model.clone(),
-                Reference::First => cfg.model_paths().first().cloned(),
-            };
-        }
-        if let Some(b) = &a.base {
-            return Err(Error::usage(format!("--base {} cannot be combined with a YAML config", b.display())));
-        }
-        cfg
-    } else {
-        let name = a.method.as_deref().ok_or_else(|| Error::usage("give --method (or a YAML config)"))?;
-        let method = crate::merge::method(name)?;
-        let mut shared: Vec<(String, Setting)> = Vec::new();
-        let mut per_model: Vec<(String, Vec<f64>)> = Vec::new();
-        for (_, param, given) in param_flags(a) {
-            match given {
-                Some(Given::Shared(s)) => shared.push((param.to_string(), s)),
-                Some(Given::PerModel(v)) => per_model.push((param.to_string(), v)),
-                None => {}
-            }
-        }
-        // Flags weigh every model 1 unless told otherwise (the per-model weight `--alpha snr` sets, when the method
-        // has one); `--model-param` may then change single models' weights.
-        if let Some(AlphaTarget::PerInput(w)) = method.snr_alpha() {
-            let top_level = a.params.iter().any(|p| p.split_once('=').is_some_and(|(n, _)| n == w));
-            if !top_level && !per_model.iter().any(|(n, _)| n == w) {
-                per_model.push((w.to_string(), vec![1.0]));
-            }
-        }
-        let env = crate::hub::CacheEnv::from_env();
-        let resolve = |p: &PathBuf, what: &str| crate::merge::lora::resolve(&p.to_string_lossy(), None, &env, what);
-        let models = a.inputs.iter().map(|p| resolve(p, "model argument")).collect::<Result<Vec<_>>>()?;
-        let base = a.base.as_ref().map(|b| resolve(b, "--base")).transpose()?;
-        let written = a.inputs.iter().zip(&models).chain(a.base.iter().zip(&base));
-        let labels = written.filter(|(w, r)| w != r).map(|(w, r)| (r.clone(), w.display().to_string())).collect();
-        let mut cfg = Flags {
-            models,
-            base,
-            shared,
-            per_model,
-            dtype: dtype_arg("--dtype", &a.dtype)?,
-            out_dtype: dtype_arg("--out-dtype", &a.out_dtype)?,
-            reference_first: a.reference == Some(Reference::First),
-            ..Flags::new(method)
-        }
-        .into_config()?;
-        cfg.labels = labels;
-        apply_param_args(a, &mut cfg)?;
-        cfg
-    };
-    if let Some(t) = &a.chat_template {
-        cfg.chat_template = Some(crate::merge::chat_template::parse(t).map_err(|e| Error::usage(format!("--{e}")))?);
+/// Flags that set what a YAML config sets itself: refused with a config (or a batch of them).
+fn refuse_config_flags(a: &Args) -> Result<()> {
+    let mut set_by_flags = vec![("--method", a.method.is_some())];
+    set_by_flags.extend(param_flags(a).into_iter().map(|(flag, _, given)| (flag, given.is_some())));
+    set_by_flags.extend([
+        ("--param", !a.params.is_empty()),
+        ("--model-param", !a.model_params.is_empty()),
+        ("--dtype", a.dtype.is_some()),
+        ("--out-dtype", a.out_dtype.is_some()),
+    ]);
+    if let Some((flag, _)) = set_by_flags.iter().find(|(_, set)| *set) {
+        return Err(Error::usage(format!("{flag} cannot be combined with a YAML config; set it in the config")));
     }
-    if a.ties_variant == TiesVariant::Paper {
-        cfg.method = crate::merge::variant(cfg.method, "paper")
-            .ok_or_else(|| Error::usage("--ties-variant applies to --method ties only"))?;
-    }
-    Ok(cfg)
-}
-
-pub fn run(a: Args, global: &Global) -> Result<()> {
-    if let Some(configs) = config_batch(&a)? {
-        return run_configs(&a, configs, global);
-    }
-    if is_config(&a.inputs) {
-        let file = &a.inputs[0];
-        let text = std::fs::read_to_string(file).map_err(|e| Error::io(file, e))?;
-        let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
-        let intermediates =
-            a.intermediate_dir.clone().unwrap_or_else(|| multi::default_intermediates(&a.output.output));
-        if let Some(stages) = multi::split(&text, file, &dir, &intermediates)? {
-            return run_stages(&a, &stages, &intermediates, global);
-        }
-    }
-    if a.intermediate_dir.is_some() {
-        return Err(Error::usage("--intermediate-dir applies to multi-document configs only"));
-    }
-    run_one(&a, global)
-}
-
-/// The configs of a batch, sorted, when the inputs are several configs, a quoted glob, or any config with `--shard`
-/// or `--resume`; `None` for one merge.
-fn config_batch(a: &Args) -> Result<Option<Vec<String>>> {
-    let given: Vec<String> = a.inputs.iter().map(|p| p.to_string_lossy().into_owned()).collect();
-    let globbed = given.iter().any(|g| !Path::new(g).exists() && g.contains(['*', '?', '[']));
-    let batch_flags = a.resume.is_some() || a.shard.shard.is_some() || a.shard.shard_count.is_some();
-    let several_configs = a.inputs.len() > 1 && a.inputs.iter().all(|p| is_yaml(p));
-    if !globbed && !batch_flags && !several_configs {
-        return Ok(None);
-    }
-    let mut configs = crate::shard::expand_globs(&given)?;
-    if let Some(c) = configs.iter().find(|c| !is_yaml(Path::new(c))) {
-        return Err(Error::usage(format!(
-            "{c} is not a YAML config: several configs, a glob, --shard and --resume are for batches of mergekit \
-             configs, one merge each"
-        )));
-    }
-    configs.sort();
-    configs.dedup();
-    Ok(Some(configs))
-}
-
-/// One merged output of a batch, as its results line records it.
-#[derive(serde::Serialize)]
-struct BatchLine {
-    /// The config's canonical path (the line's key).
-    config: String,
-    output: String,
-    method: Option<String>,
-    tensors: usize,
-    params: u64,
-    /// The output directory's files and their sizes, by name.
-    files: std::collections::BTreeMap<String, u64>,
-}
-
-/// Describes a batch's output as written (read back from the disk, not from the merge's own account).
-fn batch_line(config: String, out: &Path) -> Result<BatchLine> {
-    let ck = Checkpoint::open(out)?;
-    let method = ck
-        .metadata()
-        .get("graft.merge")
-        .and_then(|m| serde_json::from_str::<serde_json::Value>(m).ok())
-        .and_then(|m| m.get("method").and_then(|x| x.as_str()).map(str::to_string));
-    let mut files = std::collections::BTreeMap::new();
-    for entry in std::fs::read_dir(out).map_err(|e| Error::io(out, e))? {
-        let entry = entry.map_err(|e| Error::io(out, e))?;
-        let meta = entry.metadata().map_err(|e| Error::io(entry.path(), e))?;
-        if meta.is_file() {
-            files.insert(entry.file_name().to_string_lossy().into_owned(), meta.len());
-        }
-    }
-    Ok(BatchLine {
-        config,
-        output: out.display().to_string(),
-        method,
-        tensors: ck.infos().len(),
-        params: ck.infos().iter().map(|t| t.numel() as u64).sum(),
-        files,
-    })
-}
-
-/// A batch of configs: this shard's, each merged (as one merge of its own) into `OUT/<config name>`, skipping those
-/// the results file records. A failing config does not stop the others; the batch then fails naming how many.
-fn run_configs(a: &Args, configs: Vec<String>, global: &Global) -> Result<()> {
-    if a.intermediate_dir.is_some() {
-        return Err(Error::usage(
-            "--intermediate-dir applies to one multi-document config; in a batch each config's stages go to \
-             OUT/<config name>.stages",
-        ));
-    }
-    let name_of = |c: &str| Path::new(c).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    let mut by_name: std::collections::BTreeMap<String, &String> = Default::default();
-    for c in &configs {
-        if let Some(other) = by_name.insert(name_of(c), c) {
-            return Err(Error::usage(format!(
-                "{other} and {c} would both be merged into {}; rename one",
-                a.output.output.join(name_of(c)).display()
-            )));
-        }
-    }
-    let canonical = |c: &String| crate::shard::canonical(c);
-    let item = |c: &String| serde_json::Value::String(canonical(c));
-    let shard = a.shard.resolve()?;
-    let mine = crate::shard::select(&configs, shard, a.resume.as_deref(), "config", item, "merge", "configs")?;
-    if mine.is_empty() {
-        return Ok(());
-    }
-    let dir = &a.output.output;
-    if !a.dry_run {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    }
-    let mut results = a.resume.as_deref().map(|f| crate::shard::Results::open(f, "config")).transpose()?;
-    super::run_batch(&mine, a.json, "config", "configs could not be merged", String::clone, |config| {
-        let key = canonical(config);
-        if results.as_ref().is_some_and(|r| r.contains(&key)) {
-            eprintln!("graft: merge: {config}: already in the results file, skipped");
-            return Ok(());
-        }
-        let mut one = a.clone();
-        one.inputs = vec![PathBuf::from(config)];
-        one.output.output = dir.join(name_of(config));
-        one.resume = None;
-        one.shard = Default::default();
-        run(one.clone(), global)?;
-        if let (Some(r), false) = (results.as_mut(), a.dry_run) {
-            let line = serde_json::to_string(&batch_line(key.clone(), &one.output.output)?).expect("plain struct");
-            r.append(&key, &(line + "\n"))?;
-        }
-        Ok(())
-    })
-}
-
-/// The options that change what a stage writes, as its stamp records them.
-fn stamp_options(a: &Args) -> String {
-    format!(
-        "seed={} compat={:?} ties_variant={:?} reference={:?} snr_select={:?} snr_from={} alpha={:?} \
-         no_copy_tokenizer={} chat_template={:?} lenient={} allow_nonfinite={} max_shard_size={}",
-        a.seed,
-        a.compat,
-        a.ties_variant,
-        a.reference,
-        a.snr_select,
-        a.snr_from,
-        a.alpha,
-        a.no_copy_tokenizer,
-        a.chat_template,
-        a.lenient,
-        a.values.allow_nonfinite,
-        a.output.max_shard_size
-    )
-}
-
-/// Runs a multi-document config: each stage's config is written to `<intermediates>/<stage>.yml` and merged into
-/// `<intermediates>/<stage>` (the output stage into the output path), in dependency order, skipping current stages.
-fn run_stages(a: &Args, stages: &Stages, intermediates: &Path, global: &Global) -> Result<()> {
-    let file = a.inputs[0].display().to_string();
-    let out_of = |k: usize| -> PathBuf {
-        if k == stages.output {
-            a.output.output.clone()
-        } else {
-            intermediates.join(stages.stages[k].stem())
-        }
-    };
-    if a.dry_run {
-        let mut text = String::new();
-        for (k, s) in stages.stages.iter().enumerate() {
-            let reads: Vec<&str> = s.needs.iter().map(|&j| stages.stages[j].stem()).collect();
-            let reads = if reads.is_empty() { String::new() } else { format!(", reads {}", reads.join(", ")) };
-            let _ = writeln!(text, "{}/{} {} -> {}{reads}", k + 1, stages.stages.len(), s.label(), out_of(k).display());
-        }
-        return emit(&text);
-    }
-    std::fs::create_dir_all(intermediates).map_err(|e| Error::io(intermediates, e))?;
-    let options = stamp_options(a);
-    // Writes stage k's config file and returns it, its stamp file and the stamp it would write now.
-    let prepare = |k: usize| -> Result<(PathBuf, PathBuf, String)> {
-        let stage = &stages.stages[k];
-        let config_file = intermediates.join(format!("{}.yml", stage.stem()));
-        crate::files::write_atomic(&config_file, stage.yaml.as_bytes())?;
-        // The inputs as the stage will read them; a config that does not load is reported when the stage runs.
-        let inputs = config::load(&config_file, a.lenient).map(|l| l.config.model_paths()).unwrap_or_default();
-        let stamp = multi::stamp(&stage.yaml, &options, &inputs);
-        Ok((config_file, intermediates.join(format!("{}.stamp.json", stage.stem())), stamp))
-    };
-    // An existing output is replaced only with --force: refuse before any stage runs if the output or a stage it
-    // reads is out of date.
-    if !a.output.force && a.output.output.exists() {
-        let mut chain = vec![stages.output];
-        let mut i = 0;
-        while i < chain.len() {
-            for &j in &stages.stages[chain[i]].needs {
-                if !chain.contains(&j) {
-                    chain.push(j);
-                }
-            }
-            i += 1;
-        }
-        chain.sort_unstable();
-        for k in chain {
-            let (_, stamp_file, stamp) = prepare(k)?;
-            if !multi::is_current(&out_of(k), &stamp_file, &stamp) {
-                return Err(Error::usage(format!(
-                    "{file}: {} exists and {} is out of date; pass --force to replace it",
-                    a.output.output.display(),
-                    stages.stages[k].label()
-                )));
-            }
-        }
-    }
-    for (k, stage) in stages.stages.iter().enumerate() {
-        let out = out_of(k);
-        let (config_file, stamp_file, stamp) = prepare(k)?;
-        if multi::is_current(&out, &stamp_file, &stamp) {
-            eprintln!("{file}: {} is up to date: {} (skipped)", stage.label(), out.display());
-            continue;
-        }
-        let _ = std::fs::remove_file(&stamp_file);
-        let mut one = a.clone();
-        one.inputs = vec![config_file];
-        one.output.output = out;
-        one.intermediate_dir = None;
-        // Intermediates are graft's own files; the output is replaced only with --force, as for any merge.
-        one.output.force |= k != stages.output;
-        run_one(&one, global).map_err(|e| {
-            let at = format!("{file}: {}", stage.label());
-            match e {
-                Error::Usage(m) => Error::usage(format!("{at}: {m}")),
-                Error::Invalid(m) => Error::invalid(format!("{at}: {m}")),
-                other => Error::invalid(format!("{at}: {other}")),
-            }
-        })?;
-        crate::files::write_atomic(&stamp_file, stamp.as_bytes())?;
+    if let Some(b) = &a.base {
+        return Err(Error::usage(format!("--base {} cannot be combined with a YAML config", b.display())));
     }
     Ok(())
 }
 
-fn run_one(a: &Args, global: &Global) -> Result<()> {
+/// The merge config the flags describe (models given on the command line, not a YAML config).
+fn build_config(a: &Args) -> Result<MergeConfig> {
+    let name = a.method.as_deref().ok_or_else(|| Error::usage("give --method (or a YAML config)"))?;
+    let method = crate::merge::method(name)?;
+    let mut shared: Vec<(String, Setting)> = Vec::new();
+    let mut per_model: Vec<(String, Vec<f64>)> = Vec::new();
+    for (_, param, given) in param_flags(a) {
+        match given {
+            Some(Given::Shared(s)) => shared.push((param.to_string(), s)),
+            Some(Given::PerModel(v)) => per_model.push((param.to_string(), v)),
+            None => {}
+        }
+    }
+    // Flags weigh every model 1 unless told otherwise (the per-model weight `--alpha snr` sets, when the method
+    // has one); `--model-param` may then change single models' weights.
+    if let Some(AlphaTarget::PerInput(w)) = method.snr_alpha() {
+        let top_level = a.params.iter().any(|p| p.split_once('=').is_some_and(|(n, _)| n == w));
+        if !top_level && !per_model.iter().any(|(n, _)| n == w) {
+            per_model.push((w.to_string(), vec![1.0]));
+        }
+    }
+    let env = crate::hub::CacheEnv::from_env();
+    let resolve = |p: &PathBuf, what: &str| crate::merge::lora::resolve(&p.to_string_lossy(), None, &env, what);
+    let models = a.inputs.iter().map(|p| resolve(p, "model argument")).collect::<Result<Vec<_>>>()?;
+    let base = a.base.as_ref().map(|b| resolve(b, "--base")).transpose()?;
+    let written = a.inputs.iter().zip(&models).chain(a.base.iter().zip(&base));
+    let labels = written.filter(|(w, r)| w != r).map(|(w, r)| (r.clone(), w.display().to_string())).collect();
+    let mut cfg = Flags {
+        models,
+        base,
+        shared,
+        per_model,
+        dtype: dtype_arg("--dtype", &a.dtype)?,
+        out_dtype: dtype_arg("--out-dtype", &a.out_dtype)?,
+        reference_first: a.reference == Some(Reference::First),
+        ..Flags::new(method)
+    }
+    .into_config()?;
+    cfg.labels = labels;
+    apply_param_args(a, &mut cfg)?;
+    Ok(cfg)
+}
+
+/// The options every merge of the run gets.
+fn options(a: &Args) -> Result<Options> {
     let select = match &a.snr_select {
         Some(s) => Some(SelectOptions {
             top_p: select::parse_top_p(s)?,
@@ -587,34 +328,90 @@ fn run_one(a: &Args, global: &Global) -> Result<()> {
         }
         None => None,
     };
-    let request = Request {
-        config: build_config(a)?,
+    Ok(Options {
         run: RunOptions { seed: a.seed, compat: a.compat == Some(Compat::Mergekit) },
         select,
-        output: a.output.output.clone(),
         writer: a.output.writer_options(Vec::new()),
         copy_tokenizer: !a.no_copy_tokenizer,
         dry_run: a.dry_run,
+        chat_template: a.chat_template.clone(),
+        ties_paper: a.ties_variant == TiesVariant::Paper,
+        lenient: a.lenient,
+        reference: a.reference.map(|r| match r {
+            Reference::Base => request::Reference::Base,
+            Reference::First => request::Reference::First,
+        }),
+    })
+}
+
+/// The job the command line asks for: a batch of configs, one config file, or one merge of the given models.
+fn build_job(a: &Args) -> Result<Job> {
+    let options = options(a)?;
+    let batch_options = a.resume.is_some() || a.shard.shard.is_some() || a.shard.shard_count.is_some();
+    let work = if batch::is_batch(&a.inputs, batch_options) {
+        // An input that is not a config is the batch's own error, named by the library.
+        if a.inputs.iter().all(|p| batch::is_config_file(p)) {
+            refuse_config_flags(a)?;
+        }
+        Work::Batch {
+            configs: a.inputs.iter().map(|p| p.to_string_lossy().into_owned()).collect(),
+            shard: a.shard.resolve()?,
+            resume: a.resume.clone(),
+        }
+    } else if a.inputs.len() == 1 && batch::is_config_file(&a.inputs[0]) {
+        refuse_config_flags(a)?;
+        Work::File(a.inputs[0].clone())
+    } else {
+        Work::Config(Box::new(build_config(a)?))
     };
-    request.validate()?;
+    Ok(Job { work, options, output: a.output.output.clone(), intermediate_dir: a.intermediate_dir.clone() })
+}
+
+pub fn run(a: Args, global: &Global) -> Result<()> {
+    let job = build_job(&a)?;
+    job.validate()?;
     let exec = Executor::new(global.threads)?;
-    match crate::merge::request::run(&request, &exec)? {
-        Outcome::Planned { plan, selection } if a.json => {
+    let mut print = |event: Event| print_event(&a, event);
+    if let Work::Batch { .. } = job.work {
+        let mut batch = Batch::prepare(&job)?;
+        let configs = batch.configs().to_vec();
+        return super::run_batch(&configs, a.json, "config", "configs could not be merged", String::clone, |c| {
+            batch.merge(c, &exec, &mut print)
+        });
+    }
+    job::run_job(&job, &exec, &mut print)
+}
+
+fn print_event(a: &Args, event: Event) -> Result<()> {
+    match event {
+        Event::Note(line) => {
+            eprintln!("{line}");
+            Ok(())
+        }
+        Event::Stages(stages) => {
+            let mut text = String::new();
+            for (k, s) in stages.iter().enumerate() {
+                let reads = if s.reads.is_empty() { String::new() } else { format!(", reads {}", s.reads.join(", ")) };
+                let _ = writeln!(text, "{}/{} {} -> {}{reads}", k + 1, stages.len(), s.label, s.output.display());
+            }
+            emit(&text)
+        }
+        Event::Merged(Outcome::Planned { plan, selection }) if a.json => {
             let mut v = serde_json::to_value(&plan).unwrap();
             if let Some(s) = &selection {
                 v["selection"] = serde_json::to_value(s).unwrap();
             }
             emit(&(v.to_string() + "\n"))
         }
-        Outcome::Planned { plan, selection } => {
+        Event::Merged(Outcome::Planned { plan, selection }) => {
             let mut text = render_plan(&plan);
             if let Some(s) = &selection {
                 text.push_str(&render_selection(s));
             }
             emit(&text)
         }
-        Outcome::Written(summary) if a.json => emit(&(serde_json::to_string(&summary).unwrap() + "\n")),
-        Outcome::Written(summary) => emit(&format!(
+        Event::Merged(Outcome::Written(summary)) if a.json => emit(&(serde_json::to_string(&summary).unwrap() + "\n")),
+        Event::Merged(Outcome::Written(summary)) => emit(&format!(
             "{}: {} tensors ({} merged with {}, {} copied), {} in {:.2}s\n",
             summary.output.display(),
             summary.tensors,
@@ -716,6 +513,7 @@ fn render_selection(s: &SelectionReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::checkpoint::Checkpoint;
     use clap::Parser;
 
     #[derive(Parser)]
@@ -798,8 +596,9 @@ mod tests {
             assert!(e.contains(want), "{argv:?}: {e}");
         }
         let a = args(&["--method", "linear", "--ties-variant", "paper", x, "-o", "unused"]);
-        assert!(build_config(&a).unwrap_err().to_string().contains("--ties-variant applies to --method ties only"));
+        let e = build_job(&a).and_then(|j| j.validate()).unwrap_err().to_string();
+        assert!(e.contains("ties_variant applies to method ties only"), "{e}");
         let a = args(&["--method", "ties", "--ties-variant", "paper", "--base", b, x, "-o", "unused"]);
-        assert_eq!(build_config(&a).unwrap().method.name(), "ties_paper");
+        assert_eq!(options(&a).unwrap().apply(build_config(&a).unwrap()).unwrap().method.name(), "ties_paper");
     }
 }

@@ -1,10 +1,75 @@
 //! Re-writing a checkpoint: re-sharding, changing the dtype of float tensors, renaming nothing; and turning a GGUF
 //! file into a Hugging Face checkpoint (`convert_gguf`, renaming and un-permuting through `gguf`). The simplest user
 //! of the pipeline (open -> plan -> stream -> write), and the round trip that proves reader and writer agree.
+//!
+//! `graft convert` is a typed `Request`: `validate` checks it without opening a file, `run` picks the GGUF or the
+//! safetensors path, keeps the input's metadata, and carries its side files into a directory output.
+
+use std::path::PathBuf;
 
 use crate::checkpoint::{hf_config, Checkpoint, CheckpointWriter, Dtype, TensorDecl, WriterOptions, Written};
-use crate::error::Result;
+use crate::error::{Arg, Error, Result};
 use crate::exec::{Executor, Produce};
+
+/// One conversion.
+#[derive(Clone, Debug)]
+pub struct Request {
+    /// A checkpoint (file, index file or directory), or a `.gguf` file.
+    pub input: PathBuf,
+    /// A directory (Hugging Face layout) or a single `.safetensors` file.
+    pub output: PathBuf,
+    /// Store float tensors as this float dtype; other tensors keep theirs. GGUF: default f32 for quantised tensors.
+    pub dtype: Option<Dtype>,
+    /// Copy config.json, tokenizer and generation files from the input directory (into a directory output).
+    pub carry: bool,
+    /// Shard size, metadata and overwrite policy; the input's files are added to `inputs`.
+    pub writer: WriterOptions,
+}
+
+impl Request {
+    /// The checks that need no file.
+    pub fn validate(&self) -> Result<()> {
+        match self.dtype {
+            Some(d) if !d.is_float() => {
+                Err(Error::usage(format!("{} '{d}' is not a float dtype (bf16, f16, f32, f64)", Arg::Dtype)))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Carries out a conversion (see the module header).
+pub fn run(request: &Request, exec: &Executor) -> Result<Written> {
+    request.validate()?;
+    let mut opts = request.writer.clone();
+    if crate::checkpoint::is_gguf_path(&request.input) {
+        // A GGUF file becomes a Hugging Face checkpoint: nothing to carry, the config is rebuilt from its metadata.
+        opts.inputs.push(request.input.clone());
+        return from_gguf(request, opts, exec);
+    }
+    let ck = Checkpoint::open(&request.input)?;
+    opts.inputs.extend(ck.files());
+    // Converting keeps the model what it was: its metadata is preserved, with the caller's entries added.
+    for (k, v) in ck.metadata() {
+        opts.metadata.entry(k.clone()).or_insert_with(|| v.clone());
+    }
+    let is_dir_output = request.output.extension().is_none_or(|e| e != "safetensors");
+    if request.carry && is_dir_output {
+        opts.carry_from = ck.dir().map(|d| d.to_path_buf());
+    }
+    convert(&ck, &request.output, request.dtype, opts, exec)
+}
+
+#[cfg(feature = "gguf")]
+fn from_gguf(request: &Request, opts: WriterOptions, exec: &Executor) -> Result<Written> {
+    let g = crate::gguf::GgufFile::open(&request.input)?;
+    convert_gguf(&g, &request.output, request.dtype, opts, exec)
+}
+
+#[cfg(not(feature = "gguf"))]
+fn from_gguf(request: &Request, _: WriterOptions, _: &Executor) -> Result<Written> {
+    Err(Error::format(&request.input, "reading GGUF needs graft-core's `gguf` feature, which this build leaves out"))
+}
 
 /// Plans `ck`'s tensors in storage order; float tensors take `dtype` when given, others keep theirs.
 pub fn plan(ck: &Checkpoint, dtype: Option<Dtype>) -> Vec<TensorDecl> {
@@ -83,4 +148,33 @@ pub fn convert_gguf(
         }
         Ok(Produce::F32(crate::checkpoint::dtype::to_f32_vec(stored, &bytes)))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(input: &str, dtype: Option<Dtype>) -> Request {
+        Request {
+            input: PathBuf::from("/nonexistent/graft-convert-test").join(input),
+            output: PathBuf::from("/nonexistent/graft-convert-test/out"),
+            dtype,
+            carry: true,
+            writer: WriterOptions::default(),
+        }
+    }
+
+    #[test]
+    fn a_non_float_dtype_is_refused_before_the_input_is_opened() {
+        let exec = Executor::new(Some(1)).unwrap();
+        for input in ["model.safetensors", "model.gguf"] {
+            let e = run(&request(input, Some(Dtype::I32)), &exec).unwrap_err();
+            assert!(matches!(e, Error::Usage(_)) && e.to_string().contains("is not a float dtype"), "{e:?}");
+            for dtype in [None, Some(Dtype::BF16)] {
+                assert!(request(input, dtype).validate().is_ok());
+                let e = run(&request(input, dtype), &exec).unwrap_err();
+                assert!(!matches!(e, Error::Usage(_)), "a valid request opens its input: {e:?}");
+            }
+        }
+    }
 }

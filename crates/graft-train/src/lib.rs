@@ -1,8 +1,9 @@
-//! graft-train: training and evaluation on candle, over graft-core's checkpoint reader and writer.
+//! graft-train: training and evaluation on candle, over graft-core's checkpoint reader and writer (and graft-ops,
+//! whose interpolation paths `train::path` evaluates).
 //!
 //! `train` holds the models (mlp, sepcnn, resnet20, bert, llama-family causal LMs), the datasets, selective freezing
-//! from SNR selections, AdamW, the classifier and causal-LM trainers, evaluation (accuracy, F1, perplexity), memory
-//! metering and the results lines of training runs. The `cuda` feature turns on candle's CUDA backend.
+//! from SNR selections, AdamW, the classifier and causal-LM trainers, evaluation (accuracy, F1, perplexity; along an
+//! interpolation path too), memory metering and the results lines of training runs. The `cuda` feature turns on candle's CUDA backend.
 //!
 //! ```
 //! use graft_train::train::metrics::compute;

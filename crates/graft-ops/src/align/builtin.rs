@@ -131,9 +131,10 @@ impl Builder {
             let more = if uncovered.len() > 1 { format!(" (and {} more)", uncovered.len() - 1) } else { String::new() };
             return Err(Error::usage(format!(
                 "{}: the built-in '{}' spec does not know how to permute tensor '{first}'{more}; write a spec \
-                 file (see docs/align.md) and pass it with --spec",
+                 file (see docs/align.md) and pass it with {}",
                 ck.path().display(),
-                arch.name()
+                arch.name(),
+                Arg::Spec
             )));
         }
         let mut used = vec![false; self.groups.len()];

@@ -6,6 +6,7 @@
 //! - `matching`: weight matching, the coordinate-ascent search over groups.
 //! - `lap`: the exact linear assignment solver it calls.
 //! - `permute`: permutations, gathers and the streamed write of a permuted checkpoint.
+//! - `request`: `graft align` as a typed request (align, cycle check or spec), validated before any file is opened.
 //!
 //! This file ties them together: choosing a spec, aligning and writing, and the cycle-consistency check.
 
@@ -13,6 +14,7 @@ pub mod builtin;
 pub mod lap;
 pub mod matching;
 pub mod permute;
+pub mod request;
 pub mod spec;
 
 use std::path::Path;

@@ -4,9 +4,11 @@
 //! method, `scratch` (per-thread buffers and cache blocks), `rank` (the radix select behind every rank-based trim),
 //! `sparsify` (trim/keep masks), `params` (per-tensor parameter resolution), `config` (mergekit YAML and flags), `plan`
 //! (which inputs feed which output tensor), `select` (SNR top-p selection), `vocab` (output vocabularies, row
-//! remapping), `lora` (`model+adapter` inputs), `multi` (multi-document configs: stages, order, stamps), `execute`
-//! (streaming the plan through the executor and writer), `request` (one merge as a typed request and the one entry
-//! point, `request::run`, that carries it out).
+//! remapping), `lora` (`model+adapter` inputs), `multi` (multi-document configs: stages, order, stamps), `stages`
+//! (running them), `batch` (batches of configs: globs, shards, results files), `execute` (streaming the plan through
+//! the executor and writer), `request` (one merge as a typed request, validated before any I/O, and `request::run`
+//! that carries it out; the options every merge of a job shares), `job` (what a front end asks for: one config, a
+//! config file or a batch, validated before any I/O, and `job::run_job`).
 //!
 //! Adding a merge method is its file plus one line here:
 //! 1. `merge/<name>.rs`: a unit struct implementing `MergeMethod` (`name`, `about`, `params`, `contract`, `prepare`
@@ -21,12 +23,14 @@
 //! as TIES paper), `compat_conflict`, `recorded_as` (metadata name of a variant).
 
 pub mod arcee_fusion;
+pub mod batch;
 pub mod breadcrumbs;
 pub mod chat_template;
 pub mod config;
 pub mod dare;
 pub mod della;
 pub mod execute;
+pub mod job;
 pub mod karcher;
 pub mod linear;
 pub mod lora;
@@ -48,6 +52,7 @@ pub mod scratch;
 pub mod select;
 pub mod slerp;
 pub mod sparsify;
+pub mod stages;
 pub mod substitute;
 pub mod task_arithmetic;
 pub mod ties;

@@ -11,7 +11,7 @@
 //! model each file's name, size and modification time. A re-run stage rewrites its files, so the stages that read it
 //! see new modification times and run again too.
 //!
-//! This module splits and orders the stages and computes stamps; `crate::cli::merge` runs each stage as one
+//! This module splits and orders the stages and computes stamps; `super::stages` runs each stage as one
 //! single-document merge.
 
 use std::collections::BTreeSet;

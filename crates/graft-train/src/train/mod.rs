@@ -6,7 +6,8 @@
 //! any classifier graft produces. The pieces: `models` (the architecture registry and one file per architecture:
 //! mlp, sepcnn, resnet20, bert, llama; names as the PyTorch originals), `params` (the ordered tensor store), `checkpoint_io` (store <-> graft checkpoints),
 //! `data` (formats, subsets, splits, batches), `freeze` (which parameters train), `ops` (fused CPU kernels),
-//! `optim` (fused AdamW), `trainer` (the loop), `metrics` (sklearn's definitions), `results` (JSONL lines).
+//! `optim` (fused AdamW), `trainer` (the loop), `metrics` (sklearn's definitions), `results` (JSONL lines), `path`
+//! (evaluation along an interpolation path: one call writes, evaluates and records every point).
 
 pub mod checkpoint_io;
 pub mod data;
@@ -19,6 +20,7 @@ pub mod models;
 mod ops;
 mod optim;
 pub mod params;
+pub mod path;
 pub mod request;
 pub mod results;
 pub mod tokenize;
