@@ -1,15 +1,15 @@
 //! `graft apply BASE --vector TV[:LAMBDA]... [--finetuned FT[:LAMBDA]...] -o OUT`: task arithmetic (see
-//! `taskvec::apply`).
+//! `taskvec::apply`). The flags become one `taskvec::apply::Request`, validated before any file is opened; this file
+//! prints its report.
 
 use std::fmt::Write;
 use std::path::PathBuf;
 
 use super::diff::{float_dtype, warn_skipped};
 use super::{emit, human_bytes, Global, OutputArgs};
-use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::exec::Executor;
-use crate::taskvec::apply::{apply, ApplyOptions, ApplyReport, Term, TermKind};
+use crate::taskvec::apply::{self, ApplyOptions, ApplyReport, Request, TermKind, TermSpec};
 use crate::taskvec::name_list;
 
 #[derive(clap::Args, Debug)]
@@ -56,38 +56,27 @@ pub fn parse_term(flag: &str, s: &str) -> Result<(PathBuf, f64)> {
 }
 
 pub fn run(args: Args, global: &Global) -> Result<()> {
-    if args.vectors.is_empty() && args.finetuned.is_empty() {
-        return Err(Error::usage(
-            "nothing to apply: give at least one --vector TV[:LAMBDA] or --finetuned FT[:LAMBDA]",
-        ));
-    }
-    let dtype = args.dtype.as_deref().map(|d| float_dtype("--dtype", d)).transpose()?;
-    let mut specs = Vec::new();
+    let mut terms = Vec::new();
     for v in &args.vectors {
-        specs.push((parse_term("--vector", v)?, TermKind::Vector));
+        let (path, lambda) = parse_term("--vector", v)?;
+        terms.push(TermSpec { path, kind: TermKind::Vector, lambda });
     }
     for f in &args.finetuned {
-        specs.push((parse_term("--finetuned", f)?, TermKind::Finetuned));
+        let (path, lambda) = parse_term("--finetuned", f)?;
+        terms.push(TermSpec { path, kind: TermKind::Finetuned, lambda });
     }
-    let base = Checkpoint::open(&args.base)?;
-    let mut cks = Vec::new();
-    for ((path, _), _) in &specs {
-        cks.push(Checkpoint::open(path)?);
-    }
-    let terms: Vec<Term> =
-        specs.iter().zip(&cks).map(|(((_, lambda), kind), ck)| Term { ck, kind: *kind, lambda: *lambda }).collect();
-    let mut inputs = base.files();
-    for ck in &cks {
-        inputs.extend(ck.files());
-    }
-    let mut wopts = args.output.writer_options(inputs);
-    let single_file = args.output.output.extension().is_some_and(|e| e == "safetensors");
-    if !single_file {
-        wopts.carry_from = base.dir().map(|d| d.to_path_buf());
-    }
-    let exec = Executor::new(global.threads)?;
-    let opts = ApplyOptions { dtype, allow_missing: args.allow_missing };
-    let report = apply(&base, &terms, &opts, &exec, &args.output.output, wopts)?;
+    let request = Request {
+        base: args.base.clone(),
+        terms,
+        output: args.output.output.clone(),
+        writer: args.output.writer_options(Vec::new()),
+        options: ApplyOptions {
+            dtype: args.dtype.as_deref().map(|d| float_dtype("--dtype", d)).transpose()?,
+            allow_missing: args.allow_missing,
+        },
+    };
+    request.validate()?;
+    let report = apply::run(&request, &Executor::new(global.threads)?)?;
     warn_skipped(&report.skipped_mismatched);
     for w in &report.warnings {
         eprintln!("graft: warning: {w}");

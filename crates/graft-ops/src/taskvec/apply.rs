@@ -30,7 +30,7 @@
 //! A vector written with a narrower `--dtype` adds `ulp_V(tau) / 2` to the first term. The unit tests below check
 //! (4) on adversarial pairs; `tests/taskvec.rs` checks (3) and (4) on the F32 and BF16 fixtures.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
@@ -93,6 +93,64 @@ pub struct ApplyReport {
     pub skipped_mismatched: Vec<Skipped>,
     /// Things the user should know (a vector computed against another base).
     pub warnings: Vec<String>,
+}
+
+/// One term of a request, by path: a task vector or a fine-tuned model, and its weight.
+#[derive(Clone, Debug)]
+pub struct TermSpec {
+    pub path: PathBuf,
+    pub kind: TermKind,
+    pub lambda: f64,
+}
+
+/// `graft apply` as a typed request: the base, the terms in order, and where the result goes.
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub base: PathBuf,
+    pub terms: Vec<TermSpec>,
+    pub output: PathBuf,
+    /// Shard size, metadata and overwrite policy; the base's and every term's files are added to `inputs`, and a
+    /// directory output carries the base's side files (config, tokenizer).
+    pub writer: WriterOptions,
+    pub options: ApplyOptions,
+}
+
+impl Request {
+    /// The checks that need no file: at least one term, finite weights, a float output dtype.
+    pub fn validate(&self) -> Result<()> {
+        if self.terms.is_empty() {
+            return Err(Error::usage(format!(
+                "nothing to apply: give at least one {} or {}",
+                Arg::Vector,
+                Arg::Finetuned
+            )));
+        }
+        if let Some(t) = self.terms.iter().find(|t| !t.lambda.is_finite()) {
+            return Err(Error::usage(format!("{}: lambda {} is not a finite number", t.path.display(), t.lambda)));
+        }
+        if let Some(d) = self.options.dtype.filter(|d| !d.is_float()) {
+            return Err(Error::usage(format!("{} must be a float type, not {d}", Arg::Dtype)));
+        }
+        Ok(())
+    }
+}
+
+/// Carries out one request: opens the base and the terms, protects them as inputs, and writes the sum.
+pub fn run(request: &Request, exec: &Executor) -> Result<ApplyReport> {
+    request.validate()?;
+    let base = Checkpoint::open(&request.base)?;
+    let checkpoints = request.terms.iter().map(|t| Checkpoint::open(&t.path)).collect::<Result<Vec<_>>>()?;
+    let terms: Vec<Term> =
+        request.terms.iter().zip(&checkpoints).map(|(t, ck)| Term { ck, kind: t.kind, lambda: t.lambda }).collect();
+    let mut writer = request.writer.clone();
+    writer.inputs.extend(base.files());
+    for ck in &checkpoints {
+        writer.inputs.extend(ck.files());
+    }
+    if request.output.extension().is_none_or(|e| e != "safetensors") {
+        writer.carry_from = base.dir().map(Path::to_path_buf);
+    }
+    apply(&base, &terms, &request.options, exec, &request.output, writer)
 }
 
 /// `theta[i] = fl32(base[i] + sum_k lambda_k * deltas_k[i])`, the sum taken in f64 in the order of `terms`.
@@ -258,6 +316,37 @@ mod tests {
     use super::*;
     use crate::checkpoint::dtype::{from_f32_vec, to_f32_vec};
     use crate::rng::Rng;
+
+    /// Each refusal comes from `validate`, before any of the (missing) files is opened; a request that passes goes
+    /// on to open the base and fails there.
+    #[test]
+    fn requests_are_refused_before_any_file_is_opened() {
+        let term = |lambda| TermSpec { path: "/nonexistent/graft-apply/tv".into(), kind: TermKind::Vector, lambda };
+        let good = Request {
+            base: "/nonexistent/graft-apply/base".into(),
+            terms: vec![term(0.5)],
+            output: "/nonexistent/graft-apply/out".into(),
+            writer: WriterOptions::default(),
+            options: ApplyOptions::default(),
+        };
+        let exec = Executor::new(Some(1)).unwrap();
+        let refused = [
+            (Request { terms: Vec::new(), ..good.clone() }, "nothing to apply"),
+            (Request { terms: vec![term(0.5), term(f64::NAN)], ..good.clone() }, "lambda NaN is not a finite number"),
+            (
+                Request { options: ApplyOptions { dtype: Some(Dtype::I32), allow_missing: false }, ..good.clone() },
+                "must be a float type, not I32",
+            ),
+        ];
+        for (request, why) in refused {
+            for e in [request.validate().unwrap_err(), run(&request, &exec).unwrap_err()] {
+                assert!(matches!(e, Error::Usage(_)) && e.to_string().contains(why), "{e}");
+            }
+        }
+        good.validate().unwrap();
+        let e = run(&good, &exec).unwrap_err();
+        assert!(!matches!(e, Error::Usage(_)) && e.to_string().contains("/nonexistent/graft-apply/base"), "{e}");
+    }
 
     /// Spacing of a format with `p` significand bits at |x| (normal range of f32, which is all the tests use).
     fn ulp(x: f64, p: i32) -> f64 {
