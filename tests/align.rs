@@ -324,7 +324,8 @@ fn independent_models_gain_and_runs_are_deterministic() {
         // from the files.
         let (rck, ack) =
             (Checkpoint::open(&base).unwrap(), Checkpoint::open(tmp.path().join(format!("{family}-1"))).unwrap());
-        let res = spec(&rck, builtin::detect(&rck).unwrap(), extra.is_some());
+        let res =
+            spec(&rck, builtin::detect(&rck, &graft::train::models::alignment_families()).unwrap(), extra.is_some());
         let mut dot = 0.0;
         for t in &res.tensors {
             let (x, y) = (rck.tensor(&t.name).unwrap(), ack.tensor(&t.name).unwrap());

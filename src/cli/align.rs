@@ -83,6 +83,7 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
         task,
         arch: args.arch,
         spec: args.spec.clone(),
+        families: crate::train::models::alignment_families(),
         builtin: builtin::Options { permute_residual: args.permute_residual },
         matching: Options { seed: args.seed, max_iter: args.max_iter },
     };

@@ -60,14 +60,18 @@ pub fn config(ck: &Checkpoint) -> Result<Option<serde_json::Value>> {
     Ok(crate::checkpoint::hf_config::read(&dir.join("config.json"))?.map(serde_json::Value::Object))
 }
 
-/// The architecture of a checkpoint: from `config.json` (`graft_arch`, `model_type`), else from tensor names.
-pub fn detect(ck: &Checkpoint) -> Result<Arch> {
+/// The built-in spec of each architecture graft trains, by its `graft_arch` name. The trainer's registry holds it
+/// (each architecture names the family that aligns it: `train::models::alignment_families`), so an architecture
+/// added there needs no line here; without it a checkpoint's family is told from `model_type` or tensor names.
+pub type Families = [(&'static str, Arch)];
+
+/// The architecture of a checkpoint: from `config.json` (`graft_arch` looked up in `families`, `model_type`), else
+/// from tensor names.
+pub fn detect(ck: &Checkpoint, families: &Families) -> Result<Arch> {
     if let Some(cfg) = config(ck)? {
         if let Some(a) = cfg.get("graft_arch").and_then(|v| v.as_str()) {
-            match a {
-                "mlp" => return Ok(Arch::Mlp),
-                "sepcnn" | "cnn" | "resnet" | "resnet20" => return Ok(Arch::Cnn),
-                _ => {}
+            if let Some(&(_, family)) = families.iter().find(|(name, _)| *name == a) {
+                return Ok(family);
             }
         }
         match cfg.get("model_type").and_then(|v| v.as_str()) {

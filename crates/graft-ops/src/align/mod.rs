@@ -35,6 +35,7 @@ pub fn choose_spec(
     ck: &Checkpoint,
     file: Option<&Path>,
     arch: Option<Arch>,
+    families: &builtin::Families,
     opts: builtin::Options,
 ) -> Result<(Spec, String)> {
     if let Some(f) = file {
@@ -42,7 +43,7 @@ pub fn choose_spec(
     }
     let arch = match arch {
         Some(a) => a,
-        None => builtin::detect(ck)?,
+        None => builtin::detect(ck, families)?,
     };
     let spec = builtin::infer(arch, ck, opts)?;
     Ok((spec, arch.name().to_string()))

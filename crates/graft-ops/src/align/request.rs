@@ -28,6 +28,8 @@ pub struct Request {
     pub arch: Option<Arch>,
     /// A spec file instead of a built-in.
     pub spec: Option<PathBuf>,
+    /// The built-in spec of each trained architecture, by `graft_arch` name, for detection (`builtin::Families`).
+    pub families: Vec<(&'static str, Arch)>,
     pub builtin: builtin::Options,
     pub matching: Options,
 }
@@ -68,7 +70,7 @@ impl Request {
     }
 
     fn choose_spec(&self, ck: &Checkpoint) -> Result<(Spec, String)> {
-        super::choose_spec(ck, self.spec.as_deref(), self.arch, self.builtin)
+        super::choose_spec(ck, self.spec.as_deref(), self.arch, &self.families, self.builtin)
     }
 }
 
@@ -118,6 +120,7 @@ mod tests {
             task,
             arch: None,
             spec: None,
+            families: Vec::new(),
             builtin: builtin::Options { permute_residual: false },
             matching: Options { seed: 0, max_iter: 100 },
         }

@@ -54,6 +54,9 @@ impl Arch for BertArch {
     fn about(&self) -> &'static str {
         "BERT encoder with pooling and a classifier head, from a pretrained checkpoint; --pooling, --head-hidden"
     }
+    fn alignment(&self) -> Option<super::AlignFamily> {
+        Some(super::AlignFamily::Bert)
+    }
     fn fresh(&self, _options: &ArchOptions, _sample_shape: &[usize], _classes: usize) -> Result<ArchSpec> {
         Err(Error::usage(format!(
             "{} bert needs a pretrained checkpoint: pass {} or {} DIR",

@@ -49,6 +49,9 @@ impl Arch for LlamaArch {
     fn about(&self) -> &'static str {
         "llama-family causal LM (Llama, Mistral, SmolLM2, Qwen2), fine-tuned from --init"
     }
+    fn alignment(&self) -> Option<super::AlignFamily> {
+        Some(super::AlignFamily::Llama)
+    }
     fn task(&self) -> Task {
         Task::CausalLm
     }

@@ -21,6 +21,9 @@ impl Arch for MlpArch {
     fn about(&self) -> &'static str {
         "fully connected ReLU network; hidden sizes from --hidden"
     }
+    fn alignment(&self) -> Option<super::AlignFamily> {
+        Some(super::AlignFamily::Mlp)
+    }
     /// Input features = the sample's elements, then `--hidden`, then one output per class.
     fn fresh(&self, options: &ArchOptions, sample_shape: &[usize], classes: usize) -> Result<ArchSpec> {
         let mut sizes = vec![sample_shape.iter().product::<usize>().max(1)];

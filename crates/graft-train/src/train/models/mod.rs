@@ -24,6 +24,8 @@ use serde::{Deserialize, Serialize};
 
 use super::params::ParamStore;
 use crate::error::{Error, Result};
+/// The families of `graft align`'s built-in permutation specs.
+pub use graft_ops::align::builtin::Arch as AlignFamily;
 pub use layers::{BatchNorm, BnStats, Ctx};
 
 /// What a model consumes: dense inputs (images, feature vectors) or token ids with their attention mask.
@@ -104,6 +106,10 @@ pub trait Arch: Sync + std::fmt::Debug {
     /// The spec of a fresh (seeded, untrained) model for samples of `sample_shape` (empty for text) in `classes`
     /// classes; an error (naming the flags to pass) for an architecture that only starts from a checkpoint.
     fn fresh(&self, options: &ArchOptions, sample_shape: &[usize], classes: usize) -> Result<ArchSpec>;
+    /// The built-in permutation spec that aligns this architecture's checkpoints (`graft align`), if any.
+    fn alignment(&self) -> Option<AlignFamily> {
+        None
+    }
     /// Whether a foreign (Hugging Face) `config.json`, one without `graft_arch`, describes this architecture.
     fn reads_config(&self, _config: &serde_json::Value) -> bool {
         false
@@ -187,6 +193,12 @@ architectures! {
     Resnet20(resnet20::Resnet20Spec) = resnet20::Resnet20Arch,
     Bert(bert::BertSpec) = bert::BertArch;
     llama::LlamaArch,
+}
+
+/// Each registered architecture that `graft align` has a built-in spec for, by name: what alignment reads a
+/// checkpoint's `graft_arch` with.
+pub fn alignment_families() -> Vec<(&'static str, AlignFamily)> {
+    ARCHS.iter().filter_map(|a| a.alignment().map(|f| (a.name(), f))).collect()
 }
 
 /// The architecture called `name`.

@@ -24,6 +24,9 @@ impl Arch for Resnet20Arch {
     fn about(&self) -> &'static str {
         "CIFAR-style ResNet-20; --width"
     }
+    fn alignment(&self) -> Option<super::AlignFamily> {
+        Some(super::AlignFamily::Cnn)
+    }
     fn fresh(&self, options: &ArchOptions, sample_shape: &[usize], classes: usize) -> Result<ArchSpec> {
         let channels = if sample_shape.len() == 3 { sample_shape[0] } else { 1 };
         Ok(spec(channels, options.width, classes))

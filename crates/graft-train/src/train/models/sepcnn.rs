@@ -31,6 +31,9 @@ impl Arch for SepcnnArch {
     fn about(&self) -> &'static str {
         "the reference study's separable-conv residual network; --width, --depths"
     }
+    fn alignment(&self) -> Option<super::AlignFamily> {
+        Some(super::AlignFamily::Cnn)
+    }
     fn fresh(&self, options: &ArchOptions, sample_shape: &[usize], classes: usize) -> Result<ArchSpec> {
         let channels = if sample_shape.len() == 3 { sample_shape[0] } else { 1 };
         Ok(spec(channels, options.width, &options.depths, classes))

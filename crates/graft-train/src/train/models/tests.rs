@@ -356,6 +356,18 @@ fn fused_separable_conv_equals_separate_operations() {
     }
 }
 
+/// Alignment reads a trained checkpoint's family from the registry: the convolutional nets align with the `cnn`
+/// spec (channels followed through convolutions and BatchNorm), the others with the spec of their own name
+/// (docs/align.md).
+#[test]
+fn every_architecture_names_the_spec_that_aligns_it() {
+    let families: Vec<(&str, &str)> = alignment_families().into_iter().map(|(a, f)| (a, f.name())).collect();
+    assert_eq!(
+        families,
+        [("mlp", "mlp"), ("sepcnn", "cnn"), ("resnet20", "cnn"), ("bert", "bert"), ("llama", "llama")]
+    );
+}
+
 /// The registry is the one list of architectures: names unique, each found by its name, each classifier's
 /// `graft_arch` tag equal to its `--arch` name, and messages listing them in registry order.
 #[test]
