@@ -87,8 +87,9 @@ impl Default for ArchOptions {
 ///
 /// Adding one takes a file `models/<name>.rs` with
 /// - a unit struct implementing this trait: `name` (the `--arch` value; for a classifier also the `graft_arch` tag,
-///   so the `ArchSpec` variant is this name capitalised), `about` (its `--arch` help line), `task`, `fresh`, and for
-///   an architecture that loads foreign checkpoints `reads_config` and `spec_from_config`;
+///   so the `ArchSpec` variant is this name capitalised), `about` (its `--arch` help line), `task`, `fresh`,
+///   `alignment` (the built-in permutation spec `graft align` uses for it), and for an architecture that loads
+///   foreign checkpoints `reads_config` and `spec_from_config`;
 /// - for a classifier, its spec struct implementing `Spec` (classes, the input it takes, building the network,
 ///   head and text facts) and the network implementing `Model` (forward pass, head prefixes, encoder layers: what
 ///   freezing needs);
