@@ -6,7 +6,9 @@
 //! `interpolate` (checkpoints along a straight path), `inspect` (what a checkpoint holds) and `hub` (Hugging Face ids
 //! resolved from the local cache). Nothing here trains, evaluates or draws. Commands with logic beyond one call are
 //! typed requests with one entry point each, checked before any file is read and printing nothing (`merge::request`,
-//! `snr::zoo`, `taskvec::compare`, `taskvec::diff`, `inspect`). The `gguf` feature lets `inspect` describe GGUF files.
+//! `merge::job`, `snr::zoo`, `align::request`, `taskvec::compare`, `taskvec::diff`, `taskvec::apply`, `inspect`,
+//! `interpolate`). The `gguf` feature lets `inspect` describe GGUF files. Modules that only serve these (the method
+//! files but slerp's, scratch buffers, rank selection, the planner's internals) are private to the crate.
 //!
 //! ```
 //! use graft_ops::merge::slerp::coefficients;

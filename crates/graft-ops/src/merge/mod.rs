@@ -22,41 +22,41 @@
 //! `snr_alpha` (what `--alpha snr` sets), `copies_unchanged` (passthrough), `global_pass` (whole-model statistics,
 //! as TIES paper), `compat_conflict`, `recorded_as` (metadata name of a variant).
 
-pub mod arcee_fusion;
+pub(crate) mod arcee_fusion;
 pub mod batch;
-pub mod breadcrumbs;
-pub mod chat_template;
+pub(crate) mod breadcrumbs;
+pub(crate) mod chat_template;
 pub mod config;
-pub mod dare;
-pub mod della;
+pub(crate) mod dare;
+pub(crate) mod della;
 pub mod execute;
 pub mod job;
-pub mod karcher;
-pub mod linear;
+pub(crate) mod karcher;
+pub(crate) mod linear;
 pub mod lora;
 pub mod method;
-pub mod model_stock;
-pub mod multi;
-pub mod multislerp;
-pub mod nearswap;
-pub mod nuslerp;
-pub mod output;
+pub(crate) mod model_stock;
+pub(crate) mod multi;
+pub(crate) mod multislerp;
+pub(crate) mod nearswap;
+pub(crate) mod nuslerp;
+pub(crate) mod output;
 pub mod params;
-pub mod passthrough;
+pub(crate) mod passthrough;
 pub mod plan;
-pub mod ram;
-pub mod rank;
+pub(crate) mod ram;
+pub(crate) mod rank;
 pub mod request;
-pub mod sce;
-pub mod scratch;
+pub(crate) mod sce;
+pub(crate) mod scratch;
 pub mod select;
 pub mod slerp;
-pub mod sparsify;
-pub mod stages;
-pub mod substitute;
-pub mod task_arithmetic;
-pub mod ties;
-pub mod vocab;
+pub(crate) mod sparsify;
+pub(crate) mod stages;
+pub(crate) mod substitute;
+pub(crate) mod task_arithmetic;
+pub(crate) mod ties;
+pub(crate) mod vocab;
 
 pub use method::{Arithmetic, MergeMethod};
 

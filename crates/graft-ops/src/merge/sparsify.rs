@@ -184,15 +184,6 @@ impl RankWindow {
         cur.seen_lo = seen_lo;
         cur.seen_hi = seen_hi;
     }
-
-    /// The number of elements kept.
-    pub fn kept(&self, n: usize) -> usize {
-        match self.window {
-            Window::All => n,
-            Window::Nothing => 0,
-            Window::Bounded { .. } => self.hi - self.lo,
-        }
-    }
 }
 
 /// The window of TIES's magnitude trim: the `k = max(1, int(density * n))` largest magnitudes (None: keep all).

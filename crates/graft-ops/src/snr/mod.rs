@@ -14,7 +14,7 @@
 pub mod formats;
 mod rank;
 pub mod svals;
-pub mod symeig;
+pub(crate) mod symeig;
 pub mod zoo;
 
 use regex::Regex;
