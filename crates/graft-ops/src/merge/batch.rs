@@ -148,23 +148,11 @@ impl Batch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::checkpoint::WriterOptions;
-    use crate::merge::execute::RunOptions;
 
     fn job(configs: &[&str], output: PathBuf) -> Job {
         Job {
             work: Work::Batch { configs: configs.iter().map(|c| c.to_string()).collect(), shard: None, resume: None },
-            options: Options {
-                run: RunOptions::default(),
-                select: None,
-                writer: WriterOptions::default(),
-                copy_tokenizer: true,
-                dry_run: false,
-                chat_template: None,
-                ties_paper: false,
-                lenient: false,
-                reference: None,
-            },
+            options: Options::default(),
             output,
             intermediate_dir: None,
         }

@@ -81,27 +81,12 @@ pub fn run_job(job: &Job, exec: &Executor, report: &mut dyn FnMut(Event) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::checkpoint::WriterOptions;
     use crate::merge::config::Flags;
     use crate::merge::execute::RunOptions;
     use crate::merge::select::{Alpha, SelectOptions, SnrSource};
 
     /// Paths no test creates: a check that opened one would fail with an I/O error instead of its own.
     const MISSING: &str = "/nonexistent/graft-request-test";
-
-    fn options() -> Options {
-        Options {
-            run: RunOptions::default(),
-            select: None,
-            writer: WriterOptions::default(),
-            copy_tokenizer: true,
-            dry_run: false,
-            chat_template: None,
-            ties_paper: false,
-            lenient: false,
-            reference: None,
-        }
-    }
 
     fn flags_config(method: &str) -> MergeConfig {
         let missing = |name: &str| PathBuf::from(MISSING).join(name);
@@ -130,15 +115,15 @@ mod tests {
         let batch = || Work::Batch { configs: vec![format!("{MISSING}/*.yml")], shard: None, resume: None };
         let config = |m: &str| Work::Config(Box::new(flags_config(m)));
 
-        let bad_template = Options { chat_template: Some("nosuch".into()), ..options() };
+        let bad_template = Options { chat_template: Some("nosuch".into()), ..Options::default() };
         for work in [file(), batch(), config("linear")] {
             let e = refusal(&job(work, bad_template.clone()));
             assert!(e.contains("chat_template 'nosuch' is neither 'auto', a named template"), "{e}");
         }
-        let short_jinja = Options { chat_template: Some("{{ x }}".into()), ..options() };
+        let short_jinja = Options { chat_template: Some("{{ x }}".into()), ..Options::default() };
         assert!(refusal(&job(file(), short_jinja)).contains("is not a Jinja template"));
 
-        let paper = Options { ties_paper: true, ..options() };
+        let paper = Options { ties_paper: true, ..Options::default() };
         assert!(refusal(&job(config("linear"), paper.clone())).contains("ties_variant applies to method ties only"));
         assert!(job(config("ties"), paper.clone()).validate().is_ok());
         let compat_paper = Options { run: RunOptions { seed: 0, compat: true }, ..paper };
@@ -146,25 +131,27 @@ mod tests {
 
         let snr_alpha = Options {
             select: Some(SelectOptions { top_p: 0.5, from: SnrSource::Base, alpha: Alpha::Snr }),
-            ..options()
+            ..Options::default()
         };
         assert!(
             refusal(&job(config("model_stock"), snr_alpha.clone())).contains("alpha snr does not apply to model_stock")
         );
         assert!(job(config("slerp"), snr_alpha).validate().is_ok());
 
-        let staged = |work| Job { intermediate_dir: Some(PathBuf::from(MISSING)), ..job(work, options()) };
+        let staged = |work| Job { intermediate_dir: Some(PathBuf::from(MISSING)), ..job(work, Options::default()) };
         assert!(refusal(&staged(config("linear"))).contains("intermediate_dir applies to multi-document configs only"));
         assert!(refusal(&staged(batch())).contains("intermediate_dir applies to one multi-document config"));
         // Whether a file is a multi-document config is known only once it is read.
         assert!(staged(file()).validate().is_ok());
-        assert!(job(file(), options()).validate().is_ok() && job(batch(), options()).validate().is_ok());
+        assert!(
+            job(file(), Options::default()).validate().is_ok() && job(batch(), Options::default()).validate().is_ok()
+        );
     }
 
     #[test]
     fn running_a_refused_job_reads_nothing() {
         let exec = Executor::new(Some(1)).unwrap();
-        let bad = Options { chat_template: Some("nosuch".into()), ..options() };
+        let bad = Options { chat_template: Some("nosuch".into()), ..Options::default() };
         let mut events = Vec::new();
         let e = run_job(&job(Work::File(PathBuf::from(MISSING).join("c.yml")), bad), &exec, &mut |ev| {
             events.push(format!("{ev:?}"));
@@ -174,8 +161,9 @@ mod tests {
         assert!(matches!(e, Error::Usage(_)) && e.to_string().contains("nosuch"), "{e}");
         assert!(events.is_empty());
         // The same job with good options gets as far as reading the file.
-        let e = run_job(&job(Work::File(PathBuf::from(MISSING).join("c.yml")), options()), &exec, &mut |_| Ok(()))
-            .unwrap_err();
+        let e =
+            run_job(&job(Work::File(PathBuf::from(MISSING).join("c.yml")), Options::default()), &exec, &mut |_| Ok(()))
+                .unwrap_err();
         assert!(matches!(e, Error::Io { .. }), "{e:?}");
     }
 }

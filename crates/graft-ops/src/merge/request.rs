@@ -159,6 +159,23 @@ pub struct Options {
     pub reference: Option<Reference>,
 }
 
+/// The command's defaults: a plain merge that copies the tokenizer, as `graft merge` without options.
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            run: RunOptions::default(),
+            select: None,
+            writer: WriterOptions::default(),
+            copy_tokenizer: true,
+            dry_run: false,
+            chat_template: None,
+            ties_paper: false,
+            lenient: false,
+            reference: None,
+        }
+    }
+}
+
 /// One stage of a multi-document config as a dry run lists it.
 #[derive(Clone, Debug)]
 pub struct PlannedStage {
@@ -287,20 +304,6 @@ impl Options {
 mod tests {
     use super::*;
 
-    fn options() -> Options {
-        Options {
-            run: RunOptions::default(),
-            select: None,
-            writer: WriterOptions::default(),
-            copy_tokenizer: true,
-            dry_run: false,
-            chat_template: None,
-            ties_paper: false,
-            lenient: false,
-            reference: None,
-        }
-    }
-
     #[test]
     fn stamps_spell_the_options_as_earlier_versions_wrote_them() {
         // Stage stamps written before the options were typed must still match, or every stage would re-run.
@@ -313,7 +316,7 @@ mod tests {
             ties_paper: true,
             lenient: true,
             reference: Some(Reference::First),
-            ..options()
+            ..Options::default()
         };
         assert_eq!(
             o.stamp(),
@@ -323,7 +326,7 @@ mod tests {
         );
         let plain = Options {
             writer: WriterOptions { max_shard_size: 5_000_000_000, ..WriterOptions::default() },
-            ..options()
+            ..Options::default()
         };
         assert_eq!(
             plain.stamp(),
