@@ -15,7 +15,7 @@ use super::lm_eval::{self, LmEvalOptions, LmEvalOutcome};
 use super::lm_train::{self, LmTrainOptions, LmTrainOutcome};
 use super::models::{ArchOptions, BnStats, Task};
 use super::trainer::TrainConfig;
-use super::{DataOptions, DeviceKind, EvalOptions, EvalOutcome, RunRecord, Split, TrainOptions, TrainOutcome};
+use super::{DataOptions, DeviceKind, EvalOptions, EvalOutcome, RunRecord, TrainOptions, TrainOutcome};
 use crate::error::{Arg, Error, Result};
 
 /// `graft train`: fine-tune (or train from scratch) a classifier or a causal LM.
@@ -155,21 +155,10 @@ impl TrainPlan {
     }
 }
 
-/// `graft eval`: measure a classifier (accuracy, F1, loss) or a causal LM (perplexity).
-#[derive(Clone, Debug)]
-pub struct EvalRequest {
-    pub checkpoint: PathBuf,
-    /// The expected architecture (checked against the checkpoint's) and bert's pooling override.
-    pub arch: ArchOptions,
-    pub data: DataOptions,
-    pub split: Split,
-    pub batch: usize,
-    /// Seed of the validation/test split (as given to `graft train`).
-    pub seed: u64,
-    pub device: DeviceKind,
-    pub results: Option<PathBuf>,
-    pub experiment: Option<String>,
-}
+/// `graft eval`: measure a classifier (accuracy, F1, loss) or a causal LM (perplexity). The request has exactly the
+/// classifier evaluation's options (checkpoint, expected architecture, data, split, batch, seed, device, results), so
+/// it is that struct; `validate` settles which evaluation runs.
+pub type EvalRequest = EvalOptions;
 
 #[derive(Clone, Debug)]
 pub enum EvalPlan {
@@ -210,17 +199,7 @@ impl EvalRequest {
                 results: self.results.clone(),
                 experiment: self.experiment.clone(),
             }),
-            Task::Classifier => EvalPlan::Classifier(Box::new(EvalOptions {
-                checkpoint: self.checkpoint.clone(),
-                arch: self.arch.clone(),
-                data: self.data.clone(),
-                split: self.split,
-                batch: self.batch,
-                seed: self.seed,
-                device: self.device,
-                results: self.results.clone(),
-                experiment: self.experiment.clone(),
-            })),
+            Task::Classifier => EvalPlan::Classifier(Box::new(self.clone())),
         })
     }
 }
